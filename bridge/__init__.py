@@ -1,0 +1,3 @@
+"""batmon bridge: self-hosted, MQTT-first battery-monitor service."""
+
+__version__ = "0.1.0"

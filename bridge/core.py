@@ -1,0 +1,443 @@
+"""The bridge core: the in-memory registry of users, batmons and alarms, the
+ownership and credential rules, and the one ingest path both doors call.
+
+Memory holds current values and credentials so a reading costs no SELECT;
+the store is the durable copy, written before memory changes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from bridge.errors import Conflict, NotFound, WrongToken
+from bridge.events import BatmonChanged, BatmonDeleted, EventBus, ReadingAccepted, StatusChanged
+from bridge.models import AddAlarm, AddBatmon, EditAlarm, EditBatmon, Reading
+from bridge.security import hash_api_key, new_api_key, new_device_token, same_secret
+from bridge.store.db import Store
+
+Status = Literal["Online", "Offline"]
+FLAGS = {"alerts": "notification_enabled", "whatsapp": "whatsapp_enabled", "sms": "sms_enabled"}
+
+
+@dataclass
+class User:
+    """A person with an api key (stored hashed) and notification targets."""
+
+    id: int
+    email: str
+    api_key_hash: str
+
+
+@dataclass
+class Alarm:
+    """A threshold on one metric of one batmon, with its trigger state."""
+
+    id: int
+    batmon_id: int
+    name: str
+    metric: str
+    condition: str
+    threshold: float
+    repeat_delay: int
+    enabled: bool
+    triggered: bool = False
+    trigger_time: float | None = None
+    akn: float | None = None
+    last_notice: float | None = None
+    update_time: float = 0.0
+
+    def to_api(self) -> dict[str, Any]:
+        """The seed's alarm object plus alarm_metric."""
+        return {
+            "alarm_id": self.id,
+            "device_id": self.batmon_id,
+            "alarm_name": self.name,
+            "alarm_enabled": self.enabled,
+            "alarm_threshold_value": self.threshold,
+            "alarm_condition": self.condition,
+            "alarm_trigger_time": _epoch(self.trigger_time),
+            "alarm_repeat_delay": self.repeat_delay,
+            "alarm_akn": _epoch(self.akn),
+            "update_time": int(self.update_time),
+            "alarm_triggered": self.triggered,
+            "alarm_metric": self.metric,
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Alarm:
+        return cls(**{**row, "enabled": bool(row["enabled"]), "triggered": bool(row["triggered"])})
+
+
+@dataclass
+class Batmon:
+    """A battery monitor: its settings, current values and last announced status."""
+
+    id: int
+    user_id: int
+    name: str
+    type: str
+    token: str
+    update_period: int
+    created: float
+    voltage: float = 0.0
+    current: float = 0.0
+    power: float = 0.0
+    soc: float = 0.0
+    details: str = "{}"
+    last_reading: float | None = None
+    # The status last announced (events, MQTT, notices); the API computes it afresh.
+    status: Status = "Offline"
+    notification_enabled: bool = True
+    whatsapp_enabled: bool = False
+    sms_enabled: bool = False
+    voltage_units: str = ""
+    current_units: str = ""
+    power_units: str = ""
+    soc_units: str = ""
+    alarms: dict[int, Alarm] = field(default_factory=dict)
+
+    def status_at(self, now: float) -> Status:
+        """Online while the latest reading is younger than update_period."""
+        if self.last_reading is not None and now - self.last_reading < self.update_period:
+            return "Online"
+        return "Offline"
+
+    @property
+    def deadline(self) -> float | None:
+        """When the batmon goes Offline without another reading."""
+        return None if self.last_reading is None else self.last_reading + self.update_period
+
+    @property
+    def last_modified(self) -> int:
+        """Epoch seconds of the latest reading, else of creation."""
+        return int(self.last_reading if self.last_reading is not None else self.created)
+
+    def to_api(self, now: float) -> dict[str, Any]:
+        """The batmon object of the seed's list/status examples."""
+        return {
+            "batmon_id": self.id,
+            "batmon_name": self.name,
+            "batmon_type": self.type,
+            "batmon_status": self.status_at(now),
+            "batmon_voltage": self.voltage,
+            "batmon_current": self.current,
+            "batmon_power": self.power,
+            "batmon_soc": self.soc,
+            "batmon_details": self.details,
+            "update_period": self.update_period,
+            "last_modified": self.last_modified,
+            "batmon_token": self.token,
+            "notification_enabled": self.notification_enabled,
+            "alarms": [a.to_api() for a in self.alarms.values()],
+            "whatsapp_enabled": self.whatsapp_enabled,
+            "sms_enabled": self.sms_enabled,
+            "voltage_units": self.voltage_units,
+            "current_units": self.current_units,
+            "power_units": self.power_units,
+            "soc_units": self.soc_units,
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Batmon:
+        values = {k: v for k, v in row.items() if k in cls.__dataclass_fields__}
+        for flag in FLAGS.values():
+            values[flag] = bool(values[flag])
+        return cls(**values)
+
+
+class Core:
+    """Owns every rule about users, batmons, readings and alarms; emits events."""
+
+    def __init__(self, store: Store, bus: EventBus, clock: Callable[[], float] = time.time):
+        self.store = store
+        self.bus = bus
+        self.clock = clock
+        self.batmons: dict[int, Batmon] = {}
+        self.alarms: dict[int, Alarm] = {}
+        self._users_by_key: dict[str, User] = {}
+        self._users_by_id: dict[int, User] = {}
+
+    def load(self) -> Core:
+        """Fill the registry from the store (at start)."""
+        for row in self.store.users():
+            self._remember_user(row)
+        for row in self.store.batmons():
+            batmon = Batmon.from_row(row)
+            self.batmons[batmon.id] = batmon
+        for row in self.store.alarms():
+            alarm = Alarm.from_row(row)
+            if alarm.batmon_id in self.batmons:
+                self.alarms[alarm.id] = alarm
+                self.batmons[alarm.batmon_id].alarms[alarm.id] = alarm
+        return self
+
+    # -- users ---------------------------------------------------------------
+    def create_user(self, email: str) -> tuple[User, str]:
+        """Make a user and return it with its api key (the only time it is shown)."""
+        api_key = new_api_key()
+        try:
+            user_id = self.store.add_user(email, hash_api_key(api_key), self.clock())
+        except sqlite3.IntegrityError:
+            raise Conflict(f"a user with email {email} exists already") from None
+        user = self._remember_user({"id": user_id, "email": email, "api_key_hash": hash_api_key(api_key)})
+        return user, api_key
+
+    def user_for_api_key(self, api_key: str) -> User | None:
+        """The user this api key belongs to, or None."""
+        key_hash = hash_api_key(api_key)
+        user = self._users_by_key.get(key_hash)
+        if user is None:
+            # Made by another process (`batmon user add` while serving)?
+            row = self.store.user_by_key_hash(key_hash)
+            user = self._remember_user(row) if row else None
+        return user
+
+    def user_by_id(self, user_id: int) -> User | None:
+        """A user by id (session cookies carry the id)."""
+        user = self._users_by_id.get(user_id)
+        if user is None:
+            row = self.store.user_by_id(user_id)
+            user = self._remember_user(row) if row else None
+        return user
+
+    def user_has_data(self) -> bool:
+        """True once any user exists (``serve`` creates admin@localhost otherwise)."""
+        return bool(self._users_by_id) or bool(self.store.users())
+
+    def _remember_user(self, row: dict[str, Any]) -> User:
+        user = User(id=row["id"], email=row["email"], api_key_hash=row["api_key_hash"])
+        self._users_by_key[user.api_key_hash] = user
+        self._users_by_id[user.id] = user
+        return user
+
+    # -- credentials (also the embedded broker's CredentialCheck) -------------
+    def check_device(self, batmon_id: int, token: str) -> bool:
+        """True when ``token`` is this batmon's token (constant-time compare)."""
+        batmon = self.batmons.get(batmon_id)
+        return batmon is not None and same_secret(token, batmon.token)
+
+    def check_user(self, email: str, api_key: str) -> int | None:
+        """The user id for an email + api key pair, else None."""
+        user = self.user_for_api_key(api_key)
+        return user.id if user is not None and user.email == email.lower() else None
+
+    def owns(self, user_id: int, batmon_id: int) -> bool:
+        """True when the batmon exists and belongs to the user."""
+        batmon = self.batmons.get(batmon_id)
+        return batmon is not None and batmon.user_id == user_id
+
+    def device(self, batmon_id: int, token: str) -> Batmon:
+        """The batmon a device names with id + token; 404 unknown, 403 wrong token."""
+        batmon = self.batmons.get(batmon_id)
+        if batmon is None:
+            raise NotFound(f"batmon_id {batmon_id} does not exist.")
+        if not same_secret(token, batmon.token):
+            raise WrongToken(f"batmon_token does not match batmon_id {batmon_id}.")
+        return batmon
+
+    def owned(self, user: User, batmon_id: int, token: str | None = None) -> Batmon:
+        """A batmon of ``user``; others' batmons do not exist for them (404).
+
+        A token given alongside must match (a guard against a mistyped id).
+        """
+        batmon = self.batmons.get(batmon_id)
+        if batmon is None or batmon.user_id != user.id:
+            raise NotFound(f"batmon_id {batmon_id} does not exist.")
+        if token is not None and not same_secret(token, batmon.token):
+            raise WrongToken(f"batmon_token does not match batmon_id {batmon_id}.")
+        return batmon
+
+    # -- batmons -------------------------------------------------------------
+    def batmons_of(self, user: User) -> list[Batmon]:
+        """The user's batmons, oldest first."""
+        return [b for b in self.batmons.values() if b.user_id == user.id]
+
+    def add_batmon(self, user: User, spec: AddBatmon) -> Batmon:
+        """Create a batmon for ``user``; a token is generated when none is given."""
+        batmon = Batmon(
+            id=self.store.new_id("batmons"),
+            user_id=user.id,
+            name=spec.batmon_name,
+            type=spec.batmon_type,
+            token=spec.batmon_token or new_device_token(),
+            update_period=spec.update_period,
+            created=self.clock(),
+        )
+        row = {k: getattr(batmon, k) for k in Batmon.__dataclass_fields__ if k != "alarms"}
+        self.store.add_batmon(row)
+        self.batmons[batmon.id] = batmon
+        self.bus.emit(BatmonChanged(batmon, created=True))
+        return batmon
+
+    def edit_batmon(self, batmon: Batmon, edit: EditBatmon) -> None:
+        """Apply the fields given; a new token retires the old one at once."""
+        names = {"batmon_name": "name", "batmon_type": "type", "batmon_token": "token"}
+        changes = {names.get(k, k): v for k, v in edit.changes().items()}
+        if not changes:
+            return
+        old_token = batmon.token if changes.get("token", batmon.token) != batmon.token else None
+        self.store.update_batmon(batmon.id, changes)
+        for name, value in changes.items():
+            setattr(batmon, name, value)
+        self.bus.emit(BatmonChanged(batmon, old_token=old_token))
+
+    def set_flag(self, batmon: Batmon, flag: str, enabled: bool) -> None:
+        """Enable or disable alerts, WhatsApp or SMS notices for a batmon."""
+        column = FLAGS[flag]
+        self.store.update_batmon(batmon.id, {column: int(enabled)})
+        setattr(batmon, column, enabled)
+
+    def delete_batmon(self, batmon: Batmon) -> None:
+        """Delete a batmon with its history and alarms; its id is never reused."""
+        self.store.delete_batmon(batmon.id)
+        del self.batmons[batmon.id]
+        for alarm_id in batmon.alarms:
+            self.alarms.pop(alarm_id, None)
+        self.bus.emit(BatmonDeleted(batmon))
+
+    # -- readings ------------------------------------------------------------
+    async def ingest_readings(self, batmon: Batmon, readings: Iterable[Reading]) -> None:
+        """The one ingest path of HTTP and MQTT: persist, update memory, emit events.
+
+        Returns once the readings are committed. Readings are applied in time
+        order; one older than the latest goes into history only.
+        """
+        now = self.clock()
+        ordered = sorted(((r.ts if r.ts is not None else now, r.values()) for r in readings),
+                         key=lambda item: item[0])  # fmt: skip
+        latest = batmon.last_reading
+        current: dict[str, Any] = {}
+        flags: list[bool] = []
+        for ts, values in ordered:
+            is_current = latest is None or ts >= latest
+            if is_current:
+                current.update(values)
+                latest = ts
+            flags.append(is_current)
+        status_change: StatusChanged | None = None
+        if current:
+            current["last_reading"] = latest
+            new_status: Status = (
+                "Online" if latest is not None and now - latest < batmon.update_period
+                else "Offline"
+            )  # fmt: skip
+            if new_status != batmon.status:
+                current["status"] = new_status
+                status_change = StatusChanged(
+                    batmon, new_status, batmon.status, now,
+                    first_reading=batmon.last_reading is None,
+                )  # fmt: skip
+        self.store.record_readings(batmon.id, ordered, current)
+        for name, value in current.items():
+            setattr(batmon, name, value)
+        for (ts, values), is_current in zip(ordered, flags, strict=True):
+            self.bus.emit(ReadingAccepted(batmon, values, ts, is_current))
+        if status_change is not None:
+            self.bus.emit(status_change)
+
+    def expire_if_due(self, batmon_id: int) -> bool:
+        """Announce Offline if the batmon's deadline has passed; True if it changed."""
+        batmon = self.batmons.get(batmon_id)
+        now = self.clock()
+        if batmon is None or batmon.status != "Online" or batmon.status_at(now) == "Online":
+            return False
+        self.store.update_batmon(batmon.id, {"status": "Offline"})
+        batmon.status = "Offline"
+        self.bus.emit(StatusChanged(batmon, "Offline", "Online", now))
+        return True
+
+    def history(self, batmons: Iterable[Batmon], min_ts: float, max_ts: float | None
+                ) -> list[dict[str, Any]]:  # fmt: skip
+        """History per batmon; both ends inclusive at whole-second precision."""
+        upper = int(max_ts if max_ts is not None else self.clock()) + 1
+        result = []
+        for batmon in batmons:
+            rows = list(self.store.history(batmon.id, min_ts, upper))
+            result.append({
+                "batmon_id": batmon.id,
+                "batmon_name": batmon.name,
+                "batmon_type": batmon.type,
+                "min_time": int(rows[0]["ts"]) if rows else None,
+                "max_time": int(rows[-1]["ts"]) if rows else None,
+                "data": [
+                    {
+                        "batmon_voltage": row["voltage"],
+                        "batmon_current": row["current"],
+                        "batmon_power": row["power"],
+                        "batmon_soc": row["soc"],
+                        "batmon_details": row["details"],
+                        "update_time": _utc_text(row["ts"]),
+                    }
+                    for row in rows
+                ],
+            })  # fmt: skip
+        return result
+
+    # -- alarms --------------------------------------------------------------
+    def owned_alarm(self, user: User, alarm_id: int) -> Alarm:
+        """An alarm on one of ``user``'s batmons, else 404."""
+        alarm = self.alarms.get(alarm_id)
+        if alarm is None or not self.owns(user.id, alarm.batmon_id):
+            raise NotFound(f"alarm_id {alarm_id} does not exist.")
+        return alarm
+
+    def add_alarm(self, batmon: Batmon, spec: AddAlarm) -> Alarm:
+        """Create an alarm on ``batmon``; it is evaluated from the next reading on."""
+        alarm = Alarm(
+            id=self.store.new_id("alarms"),
+            batmon_id=batmon.id,
+            name=spec.alarm_name,
+            metric=spec.alarm_metric,
+            condition=spec.alarm_condition,
+            threshold=spec.alarm_threshold_value,
+            repeat_delay=spec.alarm_repeat_delay,
+            enabled=spec.alarm_enabled,
+            update_time=self.clock(),
+        )
+        self.store.add_alarm({k: getattr(alarm, k) for k in Alarm.__dataclass_fields__})
+        self.alarms[alarm.id] = alarm
+        batmon.alarms[alarm.id] = alarm
+        return alarm
+
+    def edit_alarm(self, alarm: Alarm, edit: EditAlarm) -> None:
+        """Apply the fields given."""
+        names = {
+            "alarm_name": "name", "alarm_metric": "metric", "alarm_condition": "condition",
+            "alarm_threshold_value": "threshold", "alarm_repeat_delay": "repeat_delay",
+            "alarm_enabled": "enabled",
+        }  # fmt: skip
+        changes = {names[k]: v for k, v in edit.changes().items()}
+        if changes:
+            changes["update_time"] = self.clock()
+            self.update_alarm_state(alarm, changes)
+
+    def update_alarm_state(self, alarm: Alarm, changes: dict[str, Any]) -> None:
+        """Persist then apply alarm changes (also used by the alarm evaluator)."""
+        self.store.update_alarm(alarm.id, changes)
+        for name, value in changes.items():
+            setattr(alarm, name, value)
+
+    def ack_alarm(self, alarm: Alarm) -> None:
+        """Acknowledge: no repeated notices until the alarm clears and triggers again."""
+        self.update_alarm_state(alarm, {"akn": self.clock()})
+
+    def delete_alarm(self, alarm: Alarm) -> None:
+        """Delete an alarm; its id is never reused."""
+        self.store.delete_alarm(alarm.id)
+        self.alarms.pop(alarm.id, None)
+        batmon = self.batmons.get(alarm.batmon_id)
+        if batmon is not None:
+            batmon.alarms.pop(alarm.id, None)
+
+
+def _epoch(ts: float | None) -> int | None:
+    return None if ts is None else int(ts)
+
+
+def _utc_text(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S")

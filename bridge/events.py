@@ -1,0 +1,96 @@
+"""The event bus: the core emits, extensions (watchdog, alarms, notifier, MQTT
+state, discovery) react, so a feature is a new subscriber, not an edit of the core.
+
+Handlers run synchronously in the emitter's thread (the event loop) and must not
+block; anything slow (network, Apprise) goes on the extension's own task.
+A failing handler is logged and never breaks ingestion or other handlers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+if TYPE_CHECKING:
+    from bridge.core import Alarm, Batmon
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReadingAccepted:
+    """A reading was persisted; ``current`` is False for a back-filled older one."""
+
+    batmon: Batmon
+    values: dict[str, Any]
+    ts: float
+    current: bool
+
+
+@dataclass(frozen=True)
+class StatusChanged:
+    """A batmon went Online or Offline; ``first_reading`` marks its very first reading."""
+
+    batmon: Batmon
+    status: Literal["Online", "Offline"]
+    previous: Literal["Online", "Offline"]
+    at: float
+    first_reading: bool = False
+
+
+@dataclass(frozen=True)
+class AlarmChanged:
+    """An alarm triggered, repeated its notice, or cleared."""
+
+    batmon: Batmon
+    alarm: Alarm
+    kind: Literal["triggered", "repeated", "cleared"]
+    value: float
+    at: float
+
+
+@dataclass(frozen=True)
+class BatmonChanged:
+    """A batmon was created or edited (name, units, update_period, token...)."""
+
+    batmon: Batmon
+    created: bool = False
+    old_token: str | None = None
+
+
+@dataclass(frozen=True)
+class BatmonDeleted:
+    """A batmon is gone; subscribers clean up what they published for it."""
+
+    batmon: Batmon
+
+
+E = TypeVar("E")
+
+
+class EventBus:
+    """Typed publish/subscribe within one process."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[type, list[Callable[[Any], None]]] = defaultdict(list)
+
+    def subscribe(self, event_type: type[E], handler: Callable[[E], None]) -> None:
+        """Call ``handler`` for every event of ``event_type``."""
+        self._handlers[event_type].append(handler)
+
+    def unsubscribe(self, event_type: type[E], handler: Callable[[E], None]) -> None:
+        """Stop calling ``handler``; unknown handlers are ignored."""
+        handlers = self._handlers.get(event_type, [])
+        if handler in handlers:
+            handlers.remove(handler)
+
+    def emit(self, event: object) -> None:
+        """Deliver ``event`` to its subscribers, isolating their failures."""
+        for handler in list(self._handlers.get(type(event), ())):
+            try:
+                handler(event)
+            except Exception:
+                log.exception("handler %r failed on %s", handler, type(event).__name__)

@@ -1,0 +1,278 @@
+"""Validation of everything that comes from outside: one pydantic model per input.
+
+HTTP and MQTT both validate with these models, so a rule (soc within 0..100,
+token charset, details normalisation) exists exactly once.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BeforeValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+MAX_SAFE_ID = 2**53 - 1
+MAX_DETAILS_BYTES = 16 * 1024
+MAX_FUTURE_SKEW_S = 60
+MAX_BATCH_READINGS = 1000
+READING_FIELDS = ("voltage", "current", "power", "soc", "details")
+
+# Tokens become MQTT topic levels, so the wildcard and separator characters
+# are excluded, as are whitespace and control characters.
+_TOKEN_PATTERN = r"^[^/+#\s\x00-\x1f\x7f]+$"
+
+
+
+def _no_bool(value: Any) -> Any:
+    # pydantic's lax mode turns true into 1; an id or a number is never a boolean.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+def _token_chars(value: str) -> str:
+    if not re.fullmatch(_TOKEN_PATTERN, value):
+        raise ValueError("must not contain '/', '+', '#', whitespace or control characters")
+    return value
+
+
+NotBool = BeforeValidator(_no_bool)
+BatmonId = Annotated[int, Field(ge=1, le=MAX_SAFE_ID), NotBool]
+AlarmId = Annotated[int, Field(ge=1, le=MAX_SAFE_ID), NotBool]
+Token = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_token_chars)]
+Name = Annotated[str, Field(min_length=1, max_length=100)]
+Units = Annotated[str, Field(max_length=16)]
+UpdatePeriod = Annotated[int, Field(ge=1, le=31_536_000)]
+Finite = Annotated[float, Field(allow_inf_nan=False), NotBool]
+Soc = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False), NotBool]
+EpochSeconds = Annotated[float, Field(ge=0, le=MAX_SAFE_ID, allow_inf_nan=False), NotBool]
+
+
+class InputModel(BaseModel):
+    """Base for outside input: unknown fields ignored, numbers may come as strings."""
+
+    model_config = ConfigDict(extra="ignore", coerce_numbers_to_str=True, populate_by_name=True)
+
+
+def normalise_details(value: Any) -> str:
+    """Turn details (object, JSON text or Python-literal dict text) into JSON text.
+
+    The seed sends ``"{'key': 25}"``, so Python-style dict text is accepted too.
+    """
+    if isinstance(value, str):
+        if len(value.encode()) > MAX_DETAILS_BYTES:
+            raise ValueError(f"must be at most {MAX_DETAILS_BYTES} bytes")
+        text = value.strip() or "{}"
+        try:
+            value = json.loads(text, parse_constant=_reject_constant)
+        except ValueError:
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                raise ValueError("must be a JSON object (or a dict literal)") from None
+    if not isinstance(value, dict):
+        raise ValueError("must be a JSON object")
+    try:
+        normalised = json.dumps(value, allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        raise ValueError("must hold only JSON values (finite numbers, strings, lists, objects)")
+    if len(normalised.encode()) > MAX_DETAILS_BYTES:
+        raise ValueError(f"must be at most {MAX_DETAILS_BYTES} bytes")
+    return normalised
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _alias(name: str) -> Any:
+    """Accept both ``batmon_voltage`` and ``voltage``; errors name the long form."""
+    return Field(None, validation_alias=AliasChoices(f"batmon_{name}", name))
+
+
+class Reading(InputModel):
+    """One reading as a device sends it; every field optional but not all absent."""
+
+    batmon_voltage: Finite | None = _alias("voltage")
+    batmon_current: Finite | None = _alias("current")
+    batmon_power: Finite | None = _alias("power")
+    batmon_soc: Soc | None = _alias("soc")
+    batmon_details: str | None = _alias("details")
+    ts: EpochSeconds | None = Field(
+        None, description="epoch seconds of a reading buffered on the device"
+    )
+
+    @field_validator("batmon_details", mode="before")
+    @classmethod
+    def _details(cls, value: Any) -> str | None:
+        return None if value is None else normalise_details(value)
+
+    @model_validator(mode="after")
+    def _at_least_one_value(self) -> Reading:
+        if all(getattr(self, f"batmon_{name}") is None for name in READING_FIELDS):
+            raise ValueError(
+                "An update must carry at least one of batmon_voltage, batmon_current,"
+                " batmon_power, batmon_soc, batmon_details"
+            )
+        if self.ts is not None and self.ts > time.time() + MAX_FUTURE_SKEW_S:
+            raise ValueError(f"ts must not be more than {MAX_FUTURE_SKEW_S} s in the future")
+        return self
+
+    def values(self) -> dict[str, float | str]:
+        """The reading fields that were given, by short name."""
+        return {k: v for k in READING_FIELDS if (v := getattr(self, f"batmon_{k}")) is not None}
+
+
+class DeviceRef(InputModel):
+    """A batmon named by id, with an optional token (a guard against a mistyped id)."""
+
+    batmon_id: BatmonId
+    batmon_token: Token | None = None
+
+
+class UpdateRequest(Reading):
+    """POST /interface/update/batmon: a reading plus the batmon it belongs to."""
+
+    batmon_id: BatmonId
+    batmon_token: Token | None = None
+
+
+class AddBatmon(InputModel):
+    """POST /interface/add/batmon."""
+
+    batmon_name: Name
+    batmon_type: Name = "generic"
+    batmon_token: Token | None = None
+    update_period: UpdatePeriod = 300
+
+
+class EditBatmon(InputModel):
+    """POST /interface/edit/batmon: only the fields given change."""
+
+    batmon_id: BatmonId
+    batmon_name: Name | None = None
+    batmon_type: Name | None = None
+    batmon_token: Token | None = None
+    update_period: UpdatePeriod | None = None
+    voltage_units: Units | None = None
+    current_units: Units | None = None
+    power_units: Units | None = None
+    soc_units: Units | None = None
+
+    def changes(self) -> dict[str, Any]:
+        """The batmon fields to change, by batmon field name."""
+        return {
+            k: v
+            for k, v in self.model_dump(exclude={"batmon_id"}).items()
+            if v is not None and k in self.model_fields_set
+        }
+
+
+class HistoryQuery(InputModel):
+    """GET /interface/batmon/history; the range is inclusive at both ends."""
+
+    min_epoch_tm_sec: EpochSeconds
+    max_epoch_tm_sec: EpochSeconds | None = None
+    batmon_id: BatmonId | None = None
+    batmon_token: Token | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> HistoryQuery:
+        if self.max_epoch_tm_sec is not None and self.max_epoch_tm_sec < self.min_epoch_tm_sec:
+            raise ValueError("max_epoch_tm_sec must not be before min_epoch_tm_sec")
+        return self
+
+
+class Login(InputModel):
+    """POST /interface/login."""
+
+    api_key: Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class NoFields(InputModel):
+    """Endpoints that take nothing but authentication."""
+
+
+AlarmMetric = Literal["voltage", "current", "power", "soc"]
+AlarmCondition = Literal[">", ">=", "<", "<=", "==", "!="]
+RepeatDelay = Annotated[int, Field(ge=0, le=86_400)]
+
+
+class AddAlarm(InputModel):
+    """POST /interface/batmon/alarm/add."""
+
+    batmon_id: BatmonId
+    batmon_token: Token | None = None
+    alarm_name: Name
+    alarm_metric: AlarmMetric
+    alarm_condition: AlarmCondition
+    alarm_threshold_value: Finite
+    alarm_repeat_delay: RepeatDelay = 300
+    alarm_enabled: bool = True
+
+
+class EditAlarm(InputModel):
+    """POST /interface/batmon/alarm/edit: only the fields given change."""
+
+    alarm_id: AlarmId
+    alarm_name: Name | None = None
+    alarm_metric: AlarmMetric | None = None
+    alarm_condition: AlarmCondition | None = None
+    alarm_threshold_value: Finite | None = None
+    alarm_repeat_delay: RepeatDelay | None = None
+    alarm_enabled: bool | None = None
+
+    def changes(self) -> dict[str, Any]:
+        """The alarm fields to change."""
+        return {
+            k: v
+            for k, v in self.model_dump(exclude={"alarm_id"}).items()
+            if v is not None and k in self.model_fields_set
+        }
+
+
+class AlarmRef(InputModel):
+    """An alarm named by id (delete, ack)."""
+
+    alarm_id: AlarmId
+
+
+def _email_check(value: str) -> str:
+    if not re.fullmatch(r"[^@\s]+@[^@\s]+", value):
+        raise ValueError("must be an email address like name@example.org")
+    return value.lower()
+
+
+class NewUser(InputModel):
+    """`batmon user add EMAIL`."""
+
+    email: Annotated[str, Field(min_length=3, max_length=254)]
+
+    _check = field_validator("email")(_email_check)
+
+
+def describe_error(exc: ValidationError) -> str:
+    """One sentence naming the first bad field and what is wrong with it."""
+    err = exc.errors(include_url=False)[0]
+    field = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "body"
+    message = err["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    if err["type"] == "missing":
+        return f"{field} is required."
+    if field == "body":
+        return message.rstrip(".") + "."
+    return f"{field}: {message[:1].lower() + message[1:]}."

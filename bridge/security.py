@@ -1,0 +1,27 @@
+"""Secrets: generation, hashing and constant-time comparison, in one place."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+
+
+def new_device_token() -> str:
+    """A random batmon token, safe as an MQTT topic level (URL-safe base64)."""
+    return secrets.token_urlsafe(16)
+
+
+def new_api_key() -> str:
+    """A random api key; shown once, stored only as its hash."""
+    return secrets.token_urlsafe(32)
+
+
+def hash_api_key(api_key: str) -> str:
+    """SHA-256 of the key: keys are 256-bit random, so a slow KDF buys nothing."""
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def same_secret(given: str, expected: str) -> bool:
+    """Compare two secrets in constant time."""
+    return hmac.compare_digest(given.encode(), expected.encode())

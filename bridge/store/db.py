@@ -1,0 +1,213 @@
+"""Named queries over the SQLite file: the only place batmon SQL is written.
+
+The core keeps current values and credentials in memory; this module is their
+durable copy, so the hot ingest path is one INSERT plus one UPDATE, no SELECT.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+
+from bridge.store.schema import migrate
+
+DB_FILENAME = "batmon.sqlite3"
+MAX_ID = 2**53 - 1
+
+# Column names a caller may change through update_batmon / update_alarm; anything
+# else is a programming error, never a column name built from input.
+BATMON_COLUMNS = frozenset(
+    {
+        "name", "type", "token", "update_period", "voltage", "current", "power", "soc",
+        "details", "last_reading", "status", "notification_enabled", "whatsapp_enabled",
+        "sms_enabled", "voltage_units", "current_units", "power_units", "soc_units",
+    }
+)  # fmt: skip
+ALARM_COLUMNS = frozenset(
+    {
+        "name", "metric", "condition", "threshold", "repeat_delay", "enabled", "triggered",
+        "trigger_time", "akn", "last_notice", "update_time",
+    }
+)  # fmt: skip
+USER_TARGET_COLUMNS = frozenset({"email_url", "whatsapp_url", "sms_url"})
+
+
+class Store:
+    """One SQLite database in WAL mode; every method is one named query or transaction."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        """Open (creating and migrating as needed) the database file at ``path``."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # One connection shared by the event loop and, in tests, Starlette's
+        # portal thread; sqlite3 serialises access to it.
+        conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
+        db = Database(conn, execute_plugins=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives a killed process; only a power cut can lose
+        # the last commits. The group-committing writer can afford FULL later.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        migrate(db)
+        return cls(db)
+
+    def close(self) -> None:
+        """Checkpoint and close the file."""
+        self.db.close()
+
+    # -- ids ----------------------------------------------------------------
+    def new_id(self, table: str) -> int:
+        """A random id below 2^53 that no batmon or alarm has ever had."""
+        while True:
+            candidate = secrets.randbelow(MAX_ID) + 1
+            if not self.db.execute(
+                f"SELECT 1 FROM {table} WHERE id = ? UNION ALL "  # noqa: S608 - table is ours
+                "SELECT 1 FROM retired_ids WHERE id = ?",
+                (candidate, candidate),
+            ).fetchone():
+                return candidate
+
+    # -- users ----------------------------------------------------------------
+    def add_user(self, email: str, api_key_hash: str, created: float) -> int:
+        """Insert a user; raises sqlite3.IntegrityError if the email exists."""
+        with self.db.atomic():
+            cur = self.db.execute(
+                "INSERT INTO users (email, api_key_hash, created) VALUES (?, ?, ?)",
+                (email, api_key_hash, created),
+            )
+        return int(cur.lastrowid or 0)
+
+    def users(self) -> list[dict[str, Any]]:
+        """Every user, oldest first."""
+        return list(self.db.query("SELECT * FROM users ORDER BY id"))
+
+    def user_by_key_hash(self, api_key_hash: str) -> dict[str, Any] | None:
+        """The user holding this api key hash (for keys made by another process)."""
+        return next(self.db.query("SELECT * FROM users WHERE api_key_hash = ?", [api_key_hash]), None)
+
+    def user_by_email(self, email: str) -> dict[str, Any] | None:
+        """The user with this email."""
+        return next(self.db.query("SELECT * FROM users WHERE email = ?", [email]), None)
+
+    def user_by_id(self, user_id: int) -> dict[str, Any] | None:
+        """The user with this id."""
+        return next(self.db.query("SELECT * FROM users WHERE id = ?", [user_id]), None)
+
+    def set_user_targets(self, user_id: int, targets: dict[str, str]) -> None:
+        """Set notification target URLs (email_url, whatsapp_url, sms_url)."""
+        _check_columns(targets, USER_TARGET_COLUMNS)
+        if targets:
+            with self.db.atomic():
+                self.db["users"].update(user_id, targets)
+
+    # -- batmons -----------------------------------------------------------------
+    def add_batmon(self, row: dict[str, Any]) -> None:
+        """Insert a batmon row (its id already chosen by new_id)."""
+        with self.db.atomic():
+            self.db["batmons"].insert(row)
+
+    def batmons(self) -> list[dict[str, Any]]:
+        """Every batmon, oldest first, for loading the in-memory registry."""
+        return list(self.db.query("SELECT * FROM batmons ORDER BY created, rowid"))
+
+    def update_batmon(self, batmon_id: int, changes: dict[str, Any]) -> None:
+        """Change some columns of one batmon."""
+        _check_columns(changes, BATMON_COLUMNS)
+        if changes:
+            with self.db.atomic():
+                self.db["batmons"].update(batmon_id, changes)
+
+    def delete_batmon(self, batmon_id: int) -> None:
+        """Delete a batmon with its readings and alarms; retire the ids for good."""
+        with self.db.atomic():
+            alarm_ids = [r[0] for r in self.db.execute(
+                "SELECT id FROM alarms WHERE batmon_id = ?", (batmon_id,)
+            )]  # fmt: skip
+            self.db.conn.executemany(
+                "INSERT OR IGNORE INTO retired_ids (id) VALUES (?)",
+                [(i,) for i in [batmon_id, *alarm_ids]],
+            )
+            self.db.execute("DELETE FROM readings WHERE batmon_id = ?", (batmon_id,))
+            self.db.execute("DELETE FROM alarms WHERE batmon_id = ?", (batmon_id,))
+            self.db.execute("DELETE FROM batmons WHERE id = ?", (batmon_id,))
+
+    # -- readings ----------------------------------------------------------------
+    def record_readings(self, batmon_id: int, rows: Iterable[tuple[float, dict[str, Any]]],
+                        current: dict[str, Any] | None) -> None:
+        """Append history rows and, when given, the batmon's new current values, atomically."""
+        with self.db.atomic():
+            self.db.conn.executemany(
+                "INSERT INTO readings (batmon_id, ts, voltage, current, power, soc, details)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (batmon_id, ts, v.get("voltage"), v.get("current"), v.get("power"),
+                     v.get("soc"), v.get("details"))
+                    for ts, v in rows
+                ],
+            )  # fmt: skip
+            if current:
+                _check_columns(current, BATMON_COLUMNS)
+                assignments = ", ".join(f"{column} = ?" for column in current)
+                self.db.execute(
+                    f"UPDATE batmons SET {assignments} WHERE id = ?",  # noqa: S608 - checked
+                    (*current.values(), batmon_id),
+                )
+
+    def history(self, batmon_id: int, min_ts: float, max_ts: float) -> Iterator[dict[str, Any]]:
+        """Readings of one batmon with min_ts <= ts < max_ts, in time order."""
+        return self.db.query(
+            "SELECT ts, voltage, current, power, soc, details FROM readings"
+            " WHERE batmon_id = ? AND ts >= ? AND ts < ? ORDER BY ts, id",
+            [batmon_id, min_ts, max_ts],
+        )
+
+    def reading_count(self, batmon_id: int) -> int:
+        """How many history rows a batmon has."""
+        return int(self.db.execute(
+            "SELECT count(*) FROM readings WHERE batmon_id = ?", (batmon_id,)
+        ).fetchone()[0])  # fmt: skip
+
+    # -- alarms --------------------------------------------------------------------
+    def add_alarm(self, row: dict[str, Any]) -> None:
+        """Insert an alarm row (its id already chosen by new_id)."""
+        with self.db.atomic():
+            self.db["alarms"].insert(row)
+
+    def alarms(self) -> list[dict[str, Any]]:
+        """Every alarm, oldest first, for loading the in-memory registry."""
+        return list(self.db.query("SELECT * FROM alarms ORDER BY update_time, rowid"))
+
+    def update_alarm(self, alarm_id: int, changes: dict[str, Any]) -> None:
+        """Change some columns of one alarm."""
+        _check_columns(changes, ALARM_COLUMNS)
+        if changes:
+            with self.db.atomic():
+                self.db["alarms"].update(alarm_id, changes)
+
+    def delete_alarm(self, alarm_id: int) -> None:
+        """Delete an alarm; its id is never handed out again."""
+        with self.db.atomic():
+            self.db.execute("INSERT OR IGNORE INTO retired_ids (id) VALUES (?)", (alarm_id,))
+            self.db.execute("DELETE FROM alarms WHERE id = ?", (alarm_id,))
+
+    # -- health --------------------------------------------------------------------
+    def ping(self) -> bool:
+        """True when the database answers a query."""
+        try:
+            return self.db.execute("SELECT 1").fetchone() == (1,)
+        except sqlite3.Error:
+            return False
+
+
+def _check_columns(changes: dict[str, Any], allowed: frozenset[str]) -> None:
+    unknown = set(changes) - allowed
+    if unknown:
+        raise ValueError(f"not a changeable column: {sorted(unknown)}")

@@ -1,0 +1,102 @@
+"""The SQLite schema and its migrations.
+
+Each migration is a list of SQL statements applied once, in order, and recorded
+in ``schema_version``; a database made by an older release is brought forward on
+open, and a newer one is refused rather than misread.
+"""
+
+from __future__ import annotations
+
+from sqlite_utils import Database
+
+MIGRATIONS: list[list[str]] = [
+    # 1: users, batmons, readings history, alarms.
+    [
+        """CREATE TABLE users (
+            id INTEGER PRIMARY KEY,
+            email TEXT NOT NULL UNIQUE,
+            api_key_hash TEXT NOT NULL UNIQUE,
+            created REAL NOT NULL,
+            email_url TEXT NOT NULL DEFAULT '',
+            whatsapp_url TEXT NOT NULL DEFAULT '',
+            sms_url TEXT NOT NULL DEFAULT ''
+        )""",
+        """CREATE TABLE batmons (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id),
+            name TEXT NOT NULL,
+            type TEXT NOT NULL,
+            token TEXT NOT NULL,
+            update_period INTEGER NOT NULL,
+            voltage REAL NOT NULL DEFAULT 0,
+            current REAL NOT NULL DEFAULT 0,
+            power REAL NOT NULL DEFAULT 0,
+            soc REAL NOT NULL DEFAULT 0,
+            details TEXT NOT NULL DEFAULT '{}',
+            created REAL NOT NULL,
+            last_reading REAL,
+            status TEXT NOT NULL DEFAULT 'Offline',
+            notification_enabled INTEGER NOT NULL DEFAULT 1,
+            whatsapp_enabled INTEGER NOT NULL DEFAULT 0,
+            sms_enabled INTEGER NOT NULL DEFAULT 0,
+            voltage_units TEXT NOT NULL DEFAULT '',
+            current_units TEXT NOT NULL DEFAULT '',
+            power_units TEXT NOT NULL DEFAULT '',
+            soc_units TEXT NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX batmons_user ON batmons(user_id)",
+        """CREATE TABLE readings (
+            id INTEGER PRIMARY KEY,
+            batmon_id INTEGER NOT NULL,
+            ts REAL NOT NULL,
+            voltage REAL,
+            current REAL,
+            power REAL,
+            soc REAL,
+            details TEXT
+        )""",
+        "CREATE INDEX readings_batmon_ts ON readings(batmon_id, ts)",
+        """CREATE TABLE alarms (
+            id INTEGER PRIMARY KEY,
+            batmon_id INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            metric TEXT NOT NULL,
+            condition TEXT NOT NULL,
+            threshold REAL NOT NULL,
+            repeat_delay INTEGER NOT NULL,
+            enabled INTEGER NOT NULL,
+            triggered INTEGER NOT NULL DEFAULT 0,
+            trigger_time REAL,
+            akn REAL,
+            last_notice REAL,
+            update_time REAL NOT NULL
+        )""",
+        "CREATE INDEX alarms_batmon ON alarms(batmon_id)",
+        # Ids are never reused: a deleted batmon's or alarm's id stays here.
+        "CREATE TABLE retired_ids (id INTEGER PRIMARY KEY)",
+    ],
+]
+
+LATEST = len(MIGRATIONS)
+
+
+class SchemaTooNewError(RuntimeError):
+    """The database was written by a newer release than this one."""
+
+
+def migrate(db: Database) -> int:
+    """Bring the database to the latest schema; return the version it is at."""
+    conn = db.conn
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+    row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+    current = row[0] or 0
+    if current > LATEST:
+        raise SchemaTooNewError(
+            f"database schema version {current} is newer than this release knows ({LATEST})"
+        )
+    for version in range(current + 1, LATEST + 1):
+        with db.atomic():
+            for statement in MIGRATIONS[version - 1]:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+    return LATEST

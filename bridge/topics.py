@@ -1,0 +1,64 @@
+"""Every MQTT topic string the project uses, in one place.
+
+Topics are built from a base topic (default ``batmon``) and a Home Assistant
+discovery prefix (default ``homeassistant``) so one broker can host several
+bridges or test runs side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names for one bridge; parse and build, never hand-format elsewhere."""
+
+    base: str = "batmon"
+    discovery_prefix: str = "homeassistant"
+
+    # -- device -> bridge -------------------------------------------------
+    def update(self, batmon_id: int, token: str) -> str:
+        return f"{self.base}/{batmon_id}/{token}/update"
+
+    def error(self, batmon_id: int, token: str) -> str:
+        return f"{self.base}/{batmon_id}/{token}/error"
+
+    @property
+    def update_filter(self) -> str:
+        """Subscription filter that matches every device's update topic."""
+        return f"{self.base}/+/+/update"
+
+    def shared_update_filter(self, group: str = "batmon") -> str:
+        """Shared subscription so several bridges process each reading once."""
+        return f"$share/{group}/{self.update_filter}"
+
+    def parse_update(self, topic: str) -> tuple[str, str] | None:
+        """Return (batmon_id text, token) for an update topic, else None.
+
+        The id is returned as text: validating it is the models' job.
+        """
+        parts = topic.split("/")
+        base_parts = self.base.split("/")
+        n = len(base_parts)
+        if len(parts) != n + 3 or parts[:n] != base_parts or parts[n + 2] != "update":
+            return None
+        return parts[n], parts[n + 1]
+
+    # -- bridge -> everyone -----------------------------------------------
+    def state(self, batmon_id: int) -> str:
+        return f"{self.base}/{batmon_id}/state"
+
+    def availability(self, batmon_id: int) -> str:
+        return f"{self.base}/{batmon_id}/availability"
+
+    @property
+    def bridge_state(self) -> str:
+        return f"{self.base}/bridge/state"
+
+    def discovery(self, batmon_id: int) -> str:
+        return f"{self.discovery_prefix}/device/batmon_{batmon_id}/config"
+
+    @property
+    def homeassistant_status(self) -> str:
+        return f"{self.discovery_prefix}/status"
