@@ -15,8 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     AliasChoices,
-    BeforeValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -88,7 +88,9 @@ def normalise_details(value: Any) -> str:
     try:
         normalised = json.dumps(value, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError, RecursionError):
-        raise ValueError("must hold only JSON values (finite numbers, strings, lists, objects)")
+        raise ValueError(
+            "must hold only JSON values (finite numbers, strings, lists, objects)"
+        ) from None
     if len(normalised.encode()) > MAX_DETAILS_BYTES:
         raise ValueError(f"must be at most {MAX_DETAILS_BYTES} bytes")
     return normalised

@@ -69,7 +69,7 @@ class Store:
         while True:
             candidate = secrets.randbelow(MAX_ID) + 1
             if not self.db.execute(
-                f"SELECT 1 FROM {table} WHERE id = ? UNION ALL "  # noqa: S608 - table is ours
+                f"SELECT 1 FROM {table} WHERE id = ? UNION ALL "
                 "SELECT 1 FROM retired_ids WHERE id = ?",
                 (candidate, candidate),
             ).fetchone():
@@ -157,7 +157,7 @@ class Store:
                 _check_columns(current, BATMON_COLUMNS)
                 assignments = ", ".join(f"{column} = ?" for column in current)
                 self.db.execute(
-                    f"UPDATE batmons SET {assignments} WHERE id = ?",  # noqa: S608 - checked
+                    f"UPDATE batmons SET {assignments} WHERE id = ?",
                     (*current.values(), batmon_id),
                 )
 

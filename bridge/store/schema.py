@@ -75,6 +75,36 @@ MIGRATIONS: list[list[str]] = [
         # Ids are never reused: a deleted batmon's or alarm's id stays here.
         "CREATE TABLE retired_ids (id INTEGER PRIMARY KEY)",
     ],
+    # 2: the notification outbox (one row per notice and channel) and its attempts.
+    [
+        """CREATE TABLE outbox (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL,
+            batmon_id INTEGER NOT NULL,
+            channel TEXT NOT NULL CHECK (channel IN ('email', 'whatsapp', 'sms')),
+            kind TEXT NOT NULL,
+            title TEXT NOT NULL,
+            body TEXT NOT NULL,
+            state TEXT NOT NULL
+                CHECK (state IN ('queued', 'sending', 'sent', 'failed', 'skipped')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_attempt_at REAL NOT NULL,
+            last_error TEXT NOT NULL DEFAULT '',
+            target TEXT NOT NULL DEFAULT '',
+            created REAL NOT NULL,
+            sent_at REAL
+        )""",
+        "CREATE INDEX outbox_due ON outbox(state, next_attempt_at)",
+        "CREATE INDEX outbox_batmon ON outbox(batmon_id, id)",
+        """CREATE TABLE outbox_attempts (
+            id INTEGER PRIMARY KEY,
+            outbox_id INTEGER NOT NULL REFERENCES outbox(id) ON DELETE CASCADE,
+            at REAL NOT NULL,
+            outcome TEXT NOT NULL,
+            error TEXT NOT NULL DEFAULT ''
+        )""",
+        "CREATE INDEX outbox_attempts_notice ON outbox_attempts(outbox_id)",
+    ],
 ]
 
 LATEST = len(MIGRATIONS)

@@ -1,0 +1,224 @@
+"""The `batmon` command: serve, user add/list/notify, simulate.
+
+Every failure is one line on stderr: exit 2 for bad usage, 1 at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from pydantic import ValidationError
+
+from bridge.config import ServeOptions
+from bridge.errors import BatmonError
+from bridge.models import describe_error
+
+ENV_PREFIX = "BATMON_"
+SERVE_OPTIONS = ("data_dir", "host", "http_port", "mqtt_port", "mqtt_url", "broker_config",
+                 "base_topic", "discovery_prefix", "discovery")  # fmt: skip
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, not the whole usage text."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="batmon", description="Self-hosted battery monitor bridge.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    serve = commands.add_parser("serve", help="run broker + bridge + HTTP API")
+    serve.add_argument("--data-dir", help="folder of the SQLite file (default ./batmon-data)")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--http-port", help="HTTP port, 0 picks a free one (default 8080)")
+    serve.add_argument("--mqtt-port", help="embedded broker port, 0 picks one (default 1883)")
+    serve.add_argument("--mqtt-url", help="use this broker, e.g. mqtt://user:pass@host:1883")
+    serve.add_argument("--broker-config", help="embedded broker config (default broker.yaml)")
+    serve.add_argument("--base-topic", help="MQTT topic prefix (default batmon)")
+    serve.add_argument("--discovery-prefix", help="Home Assistant prefix (homeassistant)")
+    serve.add_argument("--no-discovery", dest="discovery", action="store_const", const=False,
+                       help="do not publish Home Assistant discovery")  # fmt: skip
+
+    user = commands.add_parser("user", help="manage users")
+    user_commands = user.add_subparsers(dest="user_command", required=True, parser_class=Parser)
+    add = user_commands.add_parser("add", help="create a user; prints its api_key")
+    add.add_argument("email")
+    listing = user_commands.add_parser("list", help="list users")
+    notify = user_commands.add_parser("notify", help="set a user's Apprise target URLs")
+    notify.add_argument("email")
+    notify.add_argument("--email", dest="email_url", help="Apprise URL for email notices")
+    notify.add_argument("--whatsapp", dest="whatsapp_url", help="Apprise URL for WhatsApp")
+    notify.add_argument("--sms", dest="sms_url", help="Apprise URL for SMS")
+    for sub in (add, listing, notify):
+        sub.add_argument("--data-dir", help="folder of the SQLite file (default ./batmon-data)")
+
+    sim = commands.add_parser("simulate", help="publish plausible readings over MQTT")
+    sim.add_argument("--mqtt-url", default=os.environ.get("BATMON_MQTT_URL"),
+                     help="broker to publish to (default mqtt://127.0.0.1:1883)")  # fmt: skip
+    sim.add_argument("--base-topic", default=os.environ.get("BATMON_BASE_TOPIC", "batmon"))
+    sim.add_argument("--device", action="append", default=[], metavar="ID:TOKEN",
+                     help="a batmon to simulate (repeatable)")  # fmt: skip
+    sim.add_argument("--api-url", help="create --count batmons through this HTTP API first")
+    sim.add_argument("--api-key", default=os.environ.get("BATMON_API_KEY"))
+    sim.add_argument("--count", type=int, default=1, help="batmons to create (with --api-url)")
+    sim.add_argument("--interval", type=float, default=5.0, help="seconds between readings")
+    sim.add_argument("--readings", type=int, default=None, help="stop after this many rounds")
+    return parser
+
+
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    """Flags over BATMON_<NAME> environment variables over defaults, validated."""
+    values: dict[str, Any] = {}
+    for name in SERVE_OPTIONS:
+        env = os.environ.get(ENV_PREFIX + name.upper())
+        if env is not None:
+            values[name] = env
+        flag = getattr(args, name, None)
+        if flag is not None:
+            values[name] = flag
+    try:
+        return ServeOptions.model_validate(values)
+    except ValidationError as exc:
+        name, sep, problem = describe_error(exc).partition(": ")
+        text = f"--{name.replace('_', '-')}: {problem}" if sep else name
+        fail(f"batmon serve: {text}", code=2)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """One line on stderr and the exit code; never a traceback."""
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def data_dir_of(args: argparse.Namespace) -> Path:
+    value = args.data_dir or os.environ.get("BATMON_DATA_DIR") or "batmon-data"
+    return Path(value)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `batmon` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("amqtt", "transitions", "uvicorn.error", "apprise"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        if args.command == "serve":
+            asyncio.run(run_serve(serve_options(args)))
+        elif args.command == "user":
+            run_user(args)
+        elif args.command == "simulate":
+            asyncio.run(run_simulate(args))
+    except KeyboardInterrupt:
+        pass
+
+
+async def run_serve(options: ServeOptions) -> None:
+    """Start the service, print where it listens, run until SIGINT/SIGTERM."""
+    from bridge.service import Service, ServiceError
+
+    service = Service(options)
+    try:
+        await service.start()
+    except ServiceError as exc:
+        fail(f"batmon serve: {exc}")
+    broker = "embedded broker" if service.broker is not None else "external broker"
+    print(f"HTTP  {service.http_url}", flush=True)
+    print(f"MQTT  mqtt://{service.mqtt_host}:{service.mqtt_port} ({broker})", flush=True)
+    print(f"data  {options.database_path}", flush=True)
+    if service.admin_api_key:
+        print(f"created user admin@localhost; api_key (shown once): {service.admin_api_key}",
+              flush=True)  # fmt: skip
+    print("ready (Ctrl-C stops)", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await service.stop()
+
+
+def run_user(args: argparse.Namespace) -> None:
+    """`batmon user add|list|notify` on the data folder's database."""
+    from bridge.core import Core
+    from bridge.events import EventBus
+    from bridge.models import NewUser
+    from bridge.store.db import Store
+
+    data_dir = data_dir_of(args)
+    try:
+        store = Store.open(data_dir / "batmon.sqlite3")
+    except OSError as exc:
+        fail(f"batmon user: cannot use data folder {data_dir}: {exc.strerror}")
+    core = Core(store, EventBus()).load()
+    try:
+        if args.user_command == "add":
+            email = NewUser.model_validate({"email": args.email}).email
+            _, api_key = core.create_user(email)
+            print(api_key)
+        elif args.user_command == "list":
+            for row in store.users():
+                print(row["email"])
+        elif args.user_command == "notify":
+            set_user_targets(core, args)
+    except ValidationError as exc:
+        fail(f"batmon user {args.user_command}: {describe_error(exc)}", code=2)
+    except BatmonError as exc:
+        fail(f"batmon user {args.user_command}: {exc.message}")
+    finally:
+        store.close()
+
+
+def set_user_targets(core: Any, args: argparse.Namespace) -> None:
+    """Validate and store the Apprise URLs given, then print the masked result."""
+    from bridge.notifier import NotificationTargets, set_targets, targets_view
+
+    row = core.store.user_by_email(args.email.lower())
+    if row is None:
+        fail(f"batmon user notify: no user with email {args.email}")
+    given = {k: v for k in ("email_url", "whatsapp_url", "sms_url")
+             if (v := getattr(args, k)) is not None}  # fmt: skip
+    targets = NotificationTargets.model_validate(given)
+    set_targets(core, row["id"], targets.model_dump(exclude_unset=True))
+    for channel, url in targets_view(core, row["id"]).items():
+        print(f"{channel}: {url or '-'}")
+
+
+async def run_simulate(args: argparse.Namespace) -> None:
+    """Publish readings for given devices, or for new batmons made through the API."""
+    from bridge.simulate import create_batmons, simulate
+
+    devices: list[tuple[int, str]] = []
+    for spec in args.device:
+        batmon_id, _, token = spec.partition(":")
+        if not batmon_id.isdigit() or not token:
+            fail(f"batmon simulate: --device {spec!r} is not ID:TOKEN", code=2)
+        devices.append((int(batmon_id), token))
+    if args.api_url:
+        if not args.api_key:
+            fail("batmon simulate: --api-url needs --api-key (or BATMON_API_KEY)", code=2)
+        devices += await create_batmons(args.api_url, args.api_key, args.count)
+    if not devices:
+        fail("batmon simulate: give --device ID:TOKEN or --api-url with --api-key", code=2)
+    from bridge.mqtt_bridge import parse_mqtt_url
+
+    try:
+        host, port, _, _ = parse_mqtt_url(args.mqtt_url or "mqtt://127.0.0.1:1883")
+    except ValueError as exc:
+        fail(f"batmon simulate: --mqtt-url {exc}", code=2)
+    print(f"simulating {len(devices)} batmon(s) on mqtt://{host}:{port}", flush=True)
+    await simulate(host=host, port=port, devices=devices, interval=args.interval,
+                   count=args.readings, base_topic=args.base_topic)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

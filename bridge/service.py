@@ -1,0 +1,199 @@
+"""`batmon serve` as an object: store, core, extensions, broker, MQTT bridge and
+HTTP server started in order and stopped in reverse, on one event loop.
+
+Tests start a `Service` in-process on free ports; the CLI runs the same thing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+from pathlib import Path
+from typing import Any, Protocol
+
+import uvicorn
+
+from bridge.config import ServeOptions
+from bridge.core import Core
+from bridge.events import EventBus
+from bridge.store.db import Store
+from bridge.topics import Topics
+
+log = logging.getLogger(__name__)
+
+ADMIN_EMAIL = "admin@localhost"
+
+
+class ServiceError(RuntimeError):
+    """A runtime failure to start (busy port, unreadable data folder): one clear line."""
+
+
+class Extension(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+def session_secret(data_dir: Path) -> bytes:
+    """The cookie-signing secret: made once per data folder, readable by us only."""
+    path = data_dir / "session.key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+    return path.read_bytes()
+
+
+def bind_socket(host: str, port: int, what: str) -> socket.socket:
+    """Bind a listening TCP socket ourselves, so a busy port is a clear error."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ServiceError(f"cannot resolve {what} host {host!r}: {exc.strerror or exc}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ServiceError(f"cannot listen for {what} on {host}:{port}: {exc.strerror}") from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class Service:
+    """Everything `batmon serve` runs, with the addresses it actually bound."""
+
+    def __init__(self, options: ServeOptions) -> None:
+        self.options = options
+        self.topics = Topics(options.base_topic, options.discovery_prefix)
+        self.store: Store | None = None
+        self.core: Core | None = None
+        self.admin_api_key: str | None = None
+        self.http_port: int | None = None
+        self.mqtt_host: str | None = None
+        self.mqtt_port: int | None = None
+        self.broker: Any = None
+        self.mqtt: Any = None
+        self.notifier: Any = None
+        self._extensions: list[Extension] = []
+        self._server: uvicorn.Server | None = None
+        self._server_task: asyncio.Task[None] | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.options.host}:{self.http_port}"
+
+    async def start(self) -> None:
+        """Start every part; raises ServiceError (after cleaning up) if one fails."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
+        # Imported here so `batmon user ...` does not pay for amqtt/paho/apprise.
+        from bridge.alarms import AlarmEvaluator
+        from bridge.broker import EmbeddedBroker
+        from bridge.mqtt_bridge import MqttBridge, parse_mqtt_url
+        from bridge.notifier import Notifier
+        from bridge.watchdog import OfflineWatchdog
+        from http_api.app import create_app
+
+        opts = self.options
+        try:
+            opts.data_dir.mkdir(parents=True, exist_ok=True)
+            self.store = Store.open(opts.database_path)
+            secret = session_secret(opts.data_dir)
+        except OSError as exc:
+            raise ServiceError(f"cannot use data folder {opts.data_dir}: {exc.strerror}") from None
+        bus = EventBus()
+        self.core = core = Core(self.store, bus).load()
+        if not core.user_has_data():
+            _, self.admin_api_key = core.create_user(ADMIN_EMAIL)
+
+        # Extensions subscribe before anything can produce events.
+        self.notifier = Notifier(core)
+        for extension in (AlarmEvaluator(core), self.notifier, OfflineWatchdog(core)):
+            await _start_extension(extension)
+            self._extensions.append(extension)
+
+        bridge_user, bridge_password = "batmon-bridge", secrets.token_urlsafe(24)
+        if opts.mqtt_url:
+            host, port, username, password = parse_mqtt_url(opts.mqtt_url)
+        else:
+            self.broker = EmbeddedBroker(
+                host=opts.host, port=opts.mqtt_port, config_path=opts.broker_config,
+                credentials=core, topics=self.topics,
+                bridge_username=bridge_user, bridge_password=bridge_password,
+            )  # fmt: skip
+            try:
+                await self.broker.start()
+            except Exception as exc:
+                self.broker = None
+                raise ServiceError(str(exc)) from None
+            host, port, username, password = opts.host, self.broker.port, bridge_user, bridge_password
+        self.mqtt_host, self.mqtt_port = host, port
+        self.mqtt = MqttBridge(
+            core, self.topics, host=host, port=port, username=username, password=password,
+            discovery=opts.discovery,
+        )  # fmt: skip
+        try:
+            await self.mqtt.start()
+        except Exception as exc:
+            raise ServiceError(str(exc)) from None
+
+        sock = bind_socket(opts.host, opts.http_port, "HTTP")
+        self.http_port = sock.getsockname()[1]
+        app = create_app(core, session_secret=secret, health=self.health)
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+        self._server = uvicorn.Server(config)
+        # Signals are ours (the CLI stops the whole service), not uvicorn's.
+        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._server_task = asyncio.create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started:
+            if self._server_task.done():
+                raise ServiceError("the HTTP server stopped while starting")
+            await asyncio.sleep(0.01)
+
+    def health(self) -> dict[str, Any]:
+        """MQTT and notification state for /healthz."""
+        info: dict[str, Any] = {
+            "mqtt": "connected" if self.mqtt is not None and self.mqtt.connected else "disconnected",
+            "broker": "embedded" if self.broker is not None else "external",
+        }
+        if self.mqtt is not None:
+            info["mqtt_stats"] = self.mqtt.stats
+        return info
+
+    async def stop(self) -> None:
+        """Stop in reverse order; safe to call on a half-started service."""
+        if self._server is not None and self._server_task is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(Exception):
+                await self._server_task
+        if self.mqtt is not None:
+            with contextlib.suppress(Exception):
+                await self.mqtt.stop()
+        if self.broker is not None:
+            with contextlib.suppress(Exception):
+                await self.broker.stop()
+        for extension in reversed(self._extensions):
+            with contextlib.suppress(Exception):
+                await extension.stop()
+        self._extensions.clear()
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+
+async def _start_extension(extension: Any) -> None:
+    result = extension.start()
+    if asyncio.iscoroutine(result):
+        await result

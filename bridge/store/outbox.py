@@ -1,0 +1,147 @@
+"""Named queries over the notification outbox: one row per notice and channel.
+
+A notice is committed here before any send is tried, so a restart loses none.
+Rows move ``queued -> sending -> sent | queued (retry) | failed``; a channel
+without a target is written ``skipped`` so the user can see why nothing came.
+
+Delivery is at-least-once: a row is claimed (``sending``) before the send and
+marked ``sent`` after it, so a process killed between the service accepting
+the notice and that commit sends it again after restart. A send that times out
+on our side but lands later is retried too. Both windows are seconds wide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Literal
+
+from bridge.store.db import Store
+
+Channel = Literal["email", "whatsapp", "sms"]
+CHANNELS: tuple[Channel, ...] = ("email", "whatsapp", "sms")
+MAX_ERROR_CHARS = 500
+
+
+class Outbox:
+    """The durable queue of notices; every method is one query or transaction."""
+
+    def __init__(self, store: Store) -> None:
+        self.db = store.db
+
+    def enqueue(self, notices: Iterable[dict[str, Any]]) -> list[int]:
+        """Insert notices atomically (keys: user_id, batmon_id, channel, kind, title,
+        body, state, created); return their ids."""
+        ids = []
+        with self.db.atomic():
+            for notice in notices:
+                cur = self.db.execute(
+                    "INSERT INTO outbox (user_id, batmon_id, channel, kind, title, body, state,"
+                    " last_error, next_attempt_at, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        notice["user_id"], notice["batmon_id"], notice["channel"],
+                        notice["kind"], notice["title"], notice["body"], notice["state"],
+                        notice.get("last_error", ""), notice["created"], notice["created"],
+                    ),
+                )  # fmt: skip
+                ids.append(int(cur.lastrowid or 0))
+        return ids
+
+    def due(self, now: float, limit: int) -> list[dict[str, Any]]:
+        """Queued notices whose next attempt is due, oldest due first."""
+        return list(self.db.query(
+            "SELECT * FROM outbox WHERE state = 'queued' AND next_attempt_at <= ?"
+            " ORDER BY next_attempt_at, id LIMIT ?",
+            [now, limit],
+        ))  # fmt: skip
+
+    def next_due_at(self) -> float | None:
+        """When the earliest queued notice is due, or None when none is queued."""
+        row = self.db.execute(
+            "SELECT min(next_attempt_at) FROM outbox WHERE state = 'queued'"
+        ).fetchone()
+        return None if row[0] is None else float(row[0])
+
+    def claim(self, notice_id: int) -> bool:
+        """Mark a queued notice ``sending`` and count the attempt; False if taken."""
+        with self.db.atomic():
+            cur = self.db.execute(
+                "UPDATE outbox SET state = 'sending', attempts = attempts + 1"
+                " WHERE id = ? AND state = 'queued'",
+                (notice_id,),
+            )
+        return cur.rowcount == 1
+
+    def mark_sent(self, notice_id: int, now: float, target: str) -> None:
+        """Record a delivery; ``target`` is the masked URL it went to."""
+        self._finish(notice_id, now, "sent", "", sent_at=now, target=target)
+
+    def mark_retry(self, notice_id: int, now: float, next_attempt_at: float, error: str,
+                   target: str = "") -> None:  # fmt: skip
+        """Record a failed attempt and put the notice back in the queue."""
+        self._finish(notice_id, now, "queued", error, next_attempt_at=next_attempt_at,
+                     target=target)  # fmt: skip
+
+    def mark_failed(self, notice_id: int, now: float, error: str, target: str = "") -> None:
+        """Record a failed attempt after which no more are made."""
+        self._finish(notice_id, now, "failed", error, target=target)
+
+    def mark_skipped(self, notice_id: int, now: float, reason: str) -> None:
+        """Record that the notice had nowhere to go (no target for its channel)."""
+        self._finish(notice_id, now, "skipped", reason, attempt=False)
+
+    def requeue_interrupted(self) -> int:
+        """Put notices left ``sending`` by a stopped or killed process back in the queue."""
+        with self.db.atomic():
+            cur = self.db.execute("UPDATE outbox SET state = 'queued' WHERE state = 'sending'")
+        return cur.rowcount
+
+    def latest_for_batmon(self, batmon_id: int, limit: int) -> list[dict[str, Any]]:
+        """The batmon's most recent notices, newest first."""
+        return list(self.db.query(
+            "SELECT * FROM outbox WHERE batmon_id = ? ORDER BY id DESC LIMIT ?",
+            [batmon_id, limit],
+        ))  # fmt: skip
+
+    def attempts(self, notice_id: int) -> list[dict[str, Any]]:
+        """Every recorded attempt of one notice, oldest first."""
+        return list(self.db.query(
+            "SELECT at, outcome, error FROM outbox_attempts WHERE outbox_id = ? ORDER BY id",
+            [notice_id],
+        ))  # fmt: skip
+
+    def count_by_state(self) -> dict[str, int]:
+        """How many notices are in each state (health and benchmarks)."""
+        rows = self.db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall()
+        return {state: int(count) for state, count in rows}
+
+    def prune(self, before: float) -> int:
+        """Delete finished notices created before ``before``; queued ones stay."""
+        with self.db.atomic():
+            self.db.execute(
+                "DELETE FROM outbox_attempts WHERE outbox_id IN (SELECT id FROM outbox"
+                " WHERE state IN ('sent', 'failed', 'skipped') AND created < ?)",
+                (before,),
+            )
+            cur = self.db.execute(
+                "DELETE FROM outbox WHERE state IN ('sent', 'failed', 'skipped') AND created < ?",
+                (before,),
+            )
+        return cur.rowcount
+
+    def _finish(self, notice_id: int, now: float, state: str, error: str, *,
+                attempt: bool = True, **columns: Any) -> None:  # fmt: skip
+        """Set the outcome columns and log the attempt in one transaction."""
+        error = error[:MAX_ERROR_CHARS]
+        assignments = "".join(f", {name} = ?" for name in columns)
+        with self.db.atomic():
+            self.db.execute(
+                f"UPDATE outbox SET state = ?, last_error = ?{assignments}"  # columns: ours
+                " WHERE id = ?",
+                (state, error, *columns.values(), notice_id),
+            )
+            if attempt:
+                self.db.execute(
+                    "INSERT INTO outbox_attempts (outbox_id, at, outcome, error)"
+                    " VALUES (?, ?, ?, ?)",
+                    (notice_id, now, "sent" if state == "sent" else "error", error),
+                )

@@ -1,0 +1,143 @@
+"""The Starlette application: wraps each route-table handler with parsing,
+authentication, validation and the one mapping of errors to ``{"error": ...}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from bridge.core import Core, User
+from bridge.errors import BatmonError, NotAuthenticated, WrongToken
+from bridge.models import Login, describe_error
+from http_api.auth import Sessions, authenticate
+from http_api.handlers import Call
+from http_api.openapi import build_openapi
+from http_api.params import request_fields
+from http_api.ratelimit import FailureLimiter
+from http_api.routes import ENDPOINTS, Endpoint
+
+log = logging.getLogger(__name__)
+
+HealthProbe = Callable[[], dict[str, Any]]
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    """The one error shape: ``{"error": "<sentence>"}``."""
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class Api:
+    """Holds what every request needs: the core, the session signer, the limiter."""
+
+    def __init__(self, core: Core, sessions: Sessions, limiter: FailureLimiter,
+                 health: HealthProbe | None) -> None:  # fmt: skip
+        self.core = core
+        self.sessions = sessions
+        self.limiter = limiter
+        self.health = health
+
+    async def run(self, request: Request, work: Callable[[dict[str, Any], User | None], Any],
+                  ) -> Response:  # fmt: skip
+        """Parse, authenticate, run ``work``, and map any refusal to its error."""
+        client = request.client.host if request.client else "?"
+        if self.limiter.blocked(client):
+            return error_response(429, "Too many failed authentications; try again in a minute.")
+        key_user: User | None = None
+        try:
+            fields = await request_fields(request)
+            user, by_key = authenticate(self.core, self.sessions, request, fields)
+            key_user = user if by_key else None
+            result = await work(fields, user)
+            response: Response = JSONResponse({"success": result})
+        except ValidationError as exc:
+            response = error_response(400, describe_error(exc))
+        except BatmonError as exc:
+            if isinstance(exc, NotAuthenticated | WrongToken):
+                self.limiter.record_failure(client)
+            response = error_response(exc.status, exc.message)
+        if key_user is not None:
+            self.sessions.set_cookie(response, key_user, secure=request.url.scheme == "https")
+        return response
+
+    def route(self, endpoint: Endpoint) -> Route:
+        """A Starlette route for one entry of the route table."""
+
+        async def work(fields: dict[str, Any], user: User | None) -> Any:
+            call = Call(self.core, user)
+            if not endpoint.device_access:
+                call.owner()  # 401 before any validation detail reaches a stranger
+            return await endpoint.handler(call, endpoint.model.model_validate(fields))
+
+        async def handle(request: Request) -> Response:
+            return await self.run(request, work)
+
+        return Route(endpoint.path, handle, methods=list(endpoint.methods),
+                     name=endpoint.handler.__name__)  # fmt: skip
+
+    async def login(self, request: Request) -> Response:
+        async def work(fields: dict[str, Any], user: User | None) -> str:
+            Login.model_validate(fields)  # names api_key when it is missing
+            if user is None:
+                raise NotAuthenticated("api_key is not valid.")
+            return "success"
+
+        return await self.run(request, work)
+
+    async def logout(self, request: Request) -> Response:
+        response = JSONResponse({"success": "success"})
+        Sessions.clear_cookie(response)
+        return response
+
+    async def healthz(self, request: Request) -> Response:
+        database = "ok" if self.core.store.ping() else "error"
+        extra = self.health() if self.health else {}
+        healthy = database == "ok"
+        body = {"status": "ok" if healthy else "error", "database": database, **extra}
+        return JSONResponse(body, status_code=200 if healthy else 503)
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(build_openapi())
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    messages = {404: f"No endpoint at {request.url.path}.",
+                405: f"{request.method} is not allowed on {request.url.path}."}  # fmt: skip
+    response = error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)))
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    # The traceback goes to our log, never to the client.
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "Internal error; it has been logged.")
+
+
+def create_app(core: Core, *, session_secret: bytes, health: HealthProbe | None = None,
+               limiter: FailureLimiter | None = None) -> Starlette:  # fmt: skip
+    """The HTTP facade over ``core``; it never touches SQL or MQTT itself."""
+    api = Api(core, Sessions(session_secret), limiter or FailureLimiter(), health)
+    routes = [api.route(e) for e in ENDPOINTS]
+    routes += [
+        Route("/interface/login", api.login, methods=["POST"]),
+        Route("/interface/logout", api.logout, methods=["POST"]),
+        Route("/healthz", api.healthz, methods=["GET"]),
+        Route("/openapi.json", api.openapi, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+    )
+    app.state.api = api
+    return app

@@ -1,0 +1,124 @@
+"""Endpoint handlers: each parses nothing and knows no HTTP, it takes the
+validated model, asks the core, and returns the ``success`` payload.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bridge.core import Batmon, Core, User
+from bridge.errors import NotAuthenticated
+from bridge.models import (
+    AddAlarm,
+    AddBatmon,
+    AlarmRef,
+    DeviceRef,
+    EditAlarm,
+    EditBatmon,
+    HistoryQuery,
+    NoFields,
+    UpdateRequest,
+)
+
+
+@dataclass
+class Call:
+    """One request's caller, as the handlers need it."""
+
+    core: Core
+    user: User | None
+
+    def owner(self) -> User:
+        """The authenticated user, else 401."""
+        if self.user is None:
+            raise NotAuthenticated(
+                "Authentication required: give api_key (or log in to get a session cookie)."
+            )
+        return self.user
+
+    def owned_batmon(self, batmon_id: int, token: str | None) -> Batmon:
+        """An owner-only batmon; a token given must match it."""
+        return self.core.owned(self.owner(), batmon_id, token)
+
+    def device_or_owned_batmon(self, batmon_id: int, token: str | None) -> Batmon:
+        """A batmon reached by its device token, else by its owner."""
+        if token is not None:
+            return self.core.device(batmon_id, token)
+        return self.core.owned(self.owner(), batmon_id)
+
+
+async def add_batmon(call: Call, data: AddBatmon) -> dict[str, Any]:
+    batmon = call.core.add_batmon(call.owner(), data)
+    return {"batmon_id": batmon.id, "batmon_token": batmon.token}
+
+
+async def count_batmons(call: Call, data: NoFields) -> dict[str, Any]:
+    return {"batmons": len(call.core.batmons_of(call.owner()))}
+
+
+async def list_batmons(call: Call, data: NoFields) -> list[dict[str, Any]]:
+    now = call.core.clock()
+    return [b.to_api(now) for b in call.core.batmons_of(call.owner())]
+
+
+async def batmon_status(call: Call, data: DeviceRef) -> dict[str, Any]:
+    batmon = call.device_or_owned_batmon(data.batmon_id, data.batmon_token)
+    return batmon.to_api(call.core.clock())
+
+
+async def update_batmon(call: Call, data: UpdateRequest) -> str:
+    batmon = call.device_or_owned_batmon(data.batmon_id, data.batmon_token)
+    await call.core.ingest_readings(batmon, [data])
+    return "success"
+
+
+async def batmon_history(call: Call, data: HistoryQuery) -> list[dict[str, Any]]:
+    if data.batmon_id is not None:
+        batmons = [call.device_or_owned_batmon(data.batmon_id, data.batmon_token)]
+    else:
+        batmons = call.core.batmons_of(call.owner())
+    return call.core.history(batmons, data.min_epoch_tm_sec, data.max_epoch_tm_sec)
+
+
+async def edit_batmon(call: Call, data: EditBatmon) -> str:
+    # In edit, batmon_token is the new token, not a guard.
+    batmon = call.owned_batmon(data.batmon_id, None)
+    call.core.edit_batmon(batmon, data)
+    return "success"
+
+
+async def delete_batmon(call: Call, data: DeviceRef) -> str:
+    call.core.delete_batmon(call.owned_batmon(data.batmon_id, data.batmon_token))
+    return "success"
+
+
+def flag_setter(flag: str, enabled: bool):
+    """A handler for one of the enable/disable endpoints."""
+
+    async def set_flag(call: Call, data: DeviceRef) -> str:
+        call.core.set_flag(call.owned_batmon(data.batmon_id, data.batmon_token), flag, enabled)
+        return "success"
+
+    set_flag.__name__ = f"{'enable' if enabled else 'disable'}_{flag}"
+    return set_flag
+
+
+async def add_alarm(call: Call, data: AddAlarm) -> dict[str, Any]:
+    alarm = call.core.add_alarm(call.owned_batmon(data.batmon_id, data.batmon_token), data)
+    return {"alarm_id": alarm.id}
+
+
+async def edit_alarm(call: Call, data: EditAlarm) -> str:
+    call.core.edit_alarm(call.core.owned_alarm(call.owner(), data.alarm_id), data)
+    return "success"
+
+
+async def delete_alarm(call: Call, data: AlarmRef) -> str:
+    call.core.delete_alarm(call.core.owned_alarm(call.owner(), data.alarm_id))
+    return "success"
+
+
+async def ack_alarm(call: Call, data: AlarmRef) -> str:
+    call.core.ack_alarm(call.core.owned_alarm(call.owner(), data.alarm_id))
+    return "success"

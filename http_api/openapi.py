@@ -1,0 +1,107 @@
+"""The OpenAPI 3 document, generated from the route table and the very pydantic
+models that validate requests, so the document cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic.json_schema import models_json_schema
+
+from bridge import __version__
+from bridge.models import Login
+from http_api.routes import ENDPOINTS
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_SECURITY = [{"apiKeyQuery": []}, {"apiKeyHeader": []}, {"bearer": []}, {"session": []}]
+
+
+def _success(schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "description": "success",
+        "content": {"application/json": {"schema": {
+            "type": "object", "required": ["success"],
+            "properties": {"success": schema or {}},
+        }}},
+    }  # fmt: skip
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {400: "invalid input", 401: "not authenticated", 403: "wrong batmon_token",
+            404: "unknown batmon or alarm", 405: "method not allowed",
+            413: "body over 64 KiB", 429: "too many failed authentications"}  # fmt: skip
+    return {
+        str(c): {"description": text[c], "content": {"application/json": {"schema": _ERROR}}}
+        for c in codes
+    }
+
+
+def _operation(summary: str, model_name: str, properties: dict[str, Any], required: list[str],
+               method: str, secured: bool) -> dict[str, Any]:  # fmt: skip
+    op: dict[str, Any] = {
+        "summary": summary,
+        "operationId": f"{method}_{model_name}_{summary.lower().replace(' ', '_')}",
+        "responses": {"200": _success(), **_errors(400, 401, 403, 404, 405, 413, 429)},
+    }
+    if secured:
+        op["security"] = _SECURITY
+    if method == "get":
+        op["parameters"] = [
+            {"name": name, "in": "query", "required": name in required, "schema": schema}
+            for name, schema in properties.items()
+        ]
+    else:
+        ref = {"$ref": f"#/components/schemas/{model_name}"}
+        op["requestBody"] = {"required": bool(required), "content": {
+            "application/json": {"schema": ref},
+            "application/x-www-form-urlencoded": {"schema": ref},
+            "multipart/form-data": {"schema": ref},
+        }}  # fmt: skip
+    return op
+
+
+def build_openapi() -> dict[str, Any]:
+    """The whole document for every endpoint of the route table and the extras."""
+    models = {e.model for e in ENDPOINTS} | {Login}
+    _, top = models_json_schema(
+        [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
+    )
+    schemas: dict[str, Any] = top.get("$defs", {})
+    schemas["Error"] = {"type": "object", "required": ["error"],
+                        "properties": {"error": {"type": "string"}}}  # fmt: skip
+    paths: dict[str, Any] = {}
+    for e in ENDPOINTS:
+        schema = schemas[e.model.__name__]
+        props, required = schema.get("properties", {}), schema.get("required", [])
+        paths[e.path] = {
+            m.lower(): _operation(e.summary, e.model.__name__, props, required, m.lower(), True)
+            for m in e.methods
+        }
+    login = schemas["Login"]
+    paths["/interface/login"] = {"post": _operation(
+        "Log in with an api_key (sets the session cookie)", "Login",
+        login["properties"], login["required"], "post", False)}  # fmt: skip
+    paths["/interface/logout"] = {"post": {"summary": "Log out (clears the session cookie)",
+                                           "operationId": "logout",
+                                           "responses": {"200": _success()}}}  # fmt: skip
+    paths["/healthz"] = {"get": {"summary": "Health: database and MQTT state",
+                                 "operationId": "healthz",
+                                 "responses": {"200": {"description": "healthy"},
+                                               "503": {"description": "unhealthy"}}}}  # fmt: skip
+    paths["/openapi.json"] = {"get": {"summary": "This document", "operationId": "openapi",
+                                      "responses": {"200": {"description": "OpenAPI 3"}}}}  # fmt: skip
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "batmon bridge API", "version": __version__,
+                 "description": "The documented Batmon API, self-hosted."},
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "apiKeyQuery": {"type": "apiKey", "in": "query", "name": "api_key"},
+                "apiKeyHeader": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "session": {"type": "apiKey", "in": "cookie", "name": "batmon_session"},
+            },
+        },
+    }

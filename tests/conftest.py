@@ -1,0 +1,114 @@
+"""Shared fixtures: real SQLite files in tmp_path, the real app, real servers."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from starlette.testclient import TestClient
+
+from bridge.core import Core, User
+from bridge.events import EventBus
+from bridge.store.db import Store
+from http_api.app import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Api:
+    """The HTTP app over a real SQLite file, with one user to call it as."""
+
+    client: TestClient
+    core: Core
+    api_key: str
+    user: User
+
+    def new_user(self, email: str) -> str:
+        """Another user's api key."""
+        return self.core.create_user(email)[1]
+
+    def add_batmon(self, **fields: object) -> tuple[int, str]:
+        body = {"batmon_name": "Test batmon", "batmon_type": "BMV", **fields}
+        r = self.client.post("/interface/add/batmon", json=body, headers=self.auth)
+        assert r.status_code == 200, r.text
+        success = r.json()["success"]
+        return success["batmon_id"], success["batmon_token"]
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"X-API-Key": self.api_key}
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[Api]:
+    store = Store.open(tmp_path / "batmon.sqlite3")
+    core = Core(store, EventBus()).load()
+    user, key = core.create_user("owner@example.org")
+    app = create_app(core, session_secret=b"s" * 32)
+    with TestClient(app) as client:
+        yield Api(client, core, key, user)
+    store.close()
+
+
+@dataclass
+class ServeProcess:
+    """A real `batmon serve` subprocess on free ports; lines it printed are parsed."""
+
+    data_dir: Path
+    args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[str] | None = None
+    http_url: str = ""
+    mqtt_url: str = ""
+    admin_key: str | None = None
+    output: list[str] = field(default_factory=list)
+
+    def start(self, timeout: float = 30) -> ServeProcess:
+        cmd = [sys.executable, "-m", "bridge.cli", "serve", "--data-dir", str(self.data_dir),
+               "--http-port", "0", "--mqtt-port", "0", *self.args]  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"serve exited: {self.proc.stderr.read()}")  # type: ignore[union-attr]
+            self.output.append(line)
+            if m := re.match(r"HTTP\s+(\S+)", line):
+                self.http_url = m.group(1)
+            elif m := re.match(r"MQTT\s+(\S+)", line):
+                self.mqtt_url = m.group(1)
+            elif m := re.search(r"api_key \(shown once\): (\S+)", line):
+                self.admin_key = m.group(1)
+            elif line.startswith("ready"):
+                return self
+        raise AssertionError("serve did not become ready in time")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[ServeProcess]:
+    process = ServeProcess(tmp_path / "data")
+    yield process
+    if process.proc is not None:
+        process.stop(signal.SIGKILL)
