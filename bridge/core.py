@@ -412,9 +412,13 @@ class Core:
             "alarm_enabled": "enabled",
         }  # fmt: skip
         changes = {names[k]: v for k, v in edit.changes().items()}
-        if changes:
-            changes["update_time"] = self.clock()
-            self.update_alarm_state(alarm, changes)
+        if not changes:
+            return
+        if changes.get("enabled") is False or changes.get("metric", alarm.metric) != alarm.metric:
+            # A disabled or re-aimed alarm starts afresh, not stuck "triggered".
+            changes.update(triggered=False, trigger_time=None, akn=None, last_notice=None)
+        changes["update_time"] = self.clock()
+        self.update_alarm_state(alarm, changes)
 
     def update_alarm_state(self, alarm: Alarm, changes: dict[str, Any]) -> None:
         """Persist then apply alarm changes (also used by the alarm evaluator)."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.core import Batmon, Core, User
-from bridge.errors import NotAuthenticated
+from bridge.errors import InvalidInput, NotAuthenticated
 from bridge.models import (
     AddAlarm,
     AddBatmon,
@@ -20,6 +20,7 @@ from bridge.models import (
     NoFields,
     UpdateRequest,
 )
+from bridge.notifier import NotificationTargets, notices_view, set_targets, targets_view
 
 
 @dataclass
@@ -122,3 +123,22 @@ async def delete_alarm(call: Call, data: AlarmRef) -> str:
 async def ack_alarm(call: Call, data: AlarmRef) -> str:
     call.core.ack_alarm(call.core.owned_alarm(call.owner(), data.alarm_id))
     return "success"
+
+
+async def user_notifications(call: Call, data: NotificationTargets) -> dict[str, str]:
+    user = call.owner()
+    if changes := data.changes():
+        set_targets(call.core, user.id, changes)
+    return targets_view(call.core, user.id)
+
+
+async def show_user_notifications(call: Call, data: NotificationTargets) -> dict[str, str]:
+    # A GET must not change anything (a link followed cross-site carries the cookie).
+    if data.changes():
+        raise InvalidInput("Notification targets are changed with POST, not GET.")
+    return targets_view(call.core, call.owner().id)
+
+
+async def batmon_notifications(call: Call, data: DeviceRef) -> list[dict[str, Any]]:
+    batmon = call.owned_batmon(data.batmon_id, data.batmon_token)
+    return notices_view(call.core, batmon.id)

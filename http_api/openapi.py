@@ -73,10 +73,10 @@ def build_openapi() -> dict[str, Any]:
     for e in ENDPOINTS:
         schema = schemas[e.model.__name__]
         props, required = schema.get("properties", {}), schema.get("required", [])
-        paths[e.path] = {
+        paths.setdefault(e.path, {}).update({
             m.lower(): _operation(e.summary, e.model.__name__, props, required, m.lower(), True)
             for m in e.methods
-        }
+        })  # fmt: skip
     login = schemas["Login"]
     paths["/interface/login"] = {"post": _operation(
         "Log in with an api_key (sets the session cookie)", "Login",

@@ -24,6 +24,7 @@ from bridge.models import (
     NoFields,
     UpdateRequest,
 )
+from bridge.notifier import NotificationTargets
 from http_api import handlers as h
 
 READ = ("GET", "POST")
@@ -66,4 +67,10 @@ ENDPOINTS: list[Endpoint] = [
              "Delete an alarm"),
     Endpoint("/interface/batmon/alarm/ack", WRITE, AlarmRef, h.ack_alarm,
              "Acknowledge an alarm"),
+    Endpoint("/interface/user/notifications", WRITE, NotificationTargets,
+             h.user_notifications, "Set your notification targets"),
+    Endpoint("/interface/user/notifications", ("GET",), NotificationTargets,
+             h.show_user_notifications, "Your notification targets, secrets masked"),
+    Endpoint("/interface/batmon/notifications", READ, DeviceRef, h.batmon_notifications,
+             "A batmon's latest notices and their delivery state"),
 ]  # fmt: skip

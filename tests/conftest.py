@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
+from bridge.alarms import AlarmEvaluator
 from bridge.core import Core, User
 from bridge.events import EventBus
 from bridge.store.db import Store
@@ -52,6 +53,7 @@ class Api:
 def api(tmp_path: Path) -> Iterator[Api]:
     store = Store.open(tmp_path / "batmon.sqlite3")
     core = Core(store, EventBus()).load()
+    AlarmEvaluator(core).start()  # alarms react to readings as in `batmon serve`
     user, key = core.create_user("owner@example.org")
     app = create_app(core, session_secret=b"s" * 32)
     with TestClient(app) as client:
@@ -65,24 +67,30 @@ class ServeProcess:
 
     data_dir: Path
     args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen[str] | None = None
     http_url: str = ""
     mqtt_url: str = ""
     admin_key: str | None = None
     output: list[str] = field(default_factory=list)
+    log_path: Path = Path("/dev/null")
 
     def start(self, timeout: float = 30) -> ServeProcess:
         cmd = [sys.executable, "-m", "bridge.cli", "serve", "--data-dir", str(self.data_dir),
                "--http-port", "0", "--mqtt-port", "0", *self.args]  # fmt: skip
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        # stderr (the log) goes to a file: a pipe nobody reads would block the server.
+        self.log_path = self.data_dir.parent / f"serve-{time.monotonic_ns()}.log"
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log,
+                                         text=True, env=env)  # fmt: skip
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
-                raise AssertionError(f"serve exited: {self.proc.stderr.read()}")  # type: ignore[union-attr]
+                raise AssertionError(f"serve exited: {self.log_path.read_text()}")
             self.output.append(line)
             if m := re.match(r"HTTP\s+(\S+)", line):
                 self.http_url = m.group(1)

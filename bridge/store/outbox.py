@@ -29,8 +29,10 @@ class Outbox:
         self.db = store.db
 
     def enqueue(self, notices: Iterable[dict[str, Any]]) -> list[int]:
-        """Insert notices atomically (keys: user_id, batmon_id, channel, kind, title,
-        body, state, created); return their ids."""
+        """Insert notices in one transaction; return their ids.
+
+        Keys: user_id, batmon_id, channel, kind, title, body, state, created, last_error.
+        """
         ids = []
         with self.db.atomic():
             for notice in notices:

@@ -1,0 +1,447 @@
+"""Notices for status changes and alarms, fanned out through Apprise via a durable outbox.
+
+Event handlers only write outbox rows (one fast SQLite insert) and wake the worker,
+so ingestion never waits on the network. The worker sends due rows concurrently
+(bounded, each with a timeout), and retries failures with exponential back-off.
+
+Target URLs are read from the user's row when a notice is sent, not copied into the
+outbox: a user who fixes or removes a target while notices wait in the queue is
+obeyed at once, and the secrets in the URLs live in one table only. The outbox keeps
+the masked URL a notice went to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, unquote, urlsplit
+
+import apprise
+from pydantic import field_validator
+
+from bridge.errors import InvalidInput, NotFound
+from bridge.events import AlarmChanged, StatusChanged
+from bridge.models import InputModel
+from bridge.store.outbox import CHANNELS, Channel, Outbox
+
+if TYPE_CHECKING:
+    from bridge.core import Batmon, Core
+
+log = logging.getLogger(__name__)
+
+TARGET_COLUMNS: dict[Channel, str] = {ch: f"{ch}_url" for ch in CHANNELS}
+MAX_URL_CHARS = 2048
+RETENTION_S = 30 * 86400  # finished notices are kept this long for the user to read
+IDLE_WAIT_S = 60.0  # a safety net: the worker looks at the queue at least this often
+DEFAULT_UNITS = {"voltage": "V", "current": "A", "power": "W", "soc": "%"}
+NOTIFY_TYPES = {
+    "offline": apprise.NotifyType.WARNING,
+    "online": apprise.NotifyType.SUCCESS,
+    "triggered": apprise.NotifyType.WARNING,
+    "repeated": apprise.NotifyType.WARNING,
+    "cleared": apprise.NotifyType.SUCCESS,
+}
+# Query parameters whose values are secrets even where Apprise's privacy URL shows
+# them: custom headers (+), payload fields (:, -) and anything named like a key.
+_SECRET_PARAM = re.compile(r"^[+:\-]|pass|secret|token|key|auth|sid|sig|pwd|cred", re.I)
+_URL_WORDS = re.compile(r"[^/:@?&=#,+%\s]{4,}")
+
+
+# -- target URLs ----------------------------------------------------------------
+def validate_target_url(url: str) -> str:
+    """Return ``url`` if Apprise can load it ("" removes a target); ValueError otherwise.
+
+    The message never repeats the URL: it may hold a password or token.
+    """
+    url = url.strip()
+    if not url:
+        return ""
+    if len(url) > MAX_URL_CHARS:
+        raise ValueError(f"must be at most {MAX_URL_CHARS} characters")
+    if re.search(r"[\s\x00-\x1f\x7f]", url):
+        raise ValueError("must not contain whitespace or control characters")
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        raise ValueError("must be an Apprise URL such as mailto://user:password@example.com")
+    if scheme.lower() not in apprise.NotificationManager():
+        raise ValueError(f"uses {scheme!r}, which is not an Apprise service this server knows")
+    if apprise.Apprise.instantiate(url) is None:
+        raise ValueError(f"is not a {scheme}:// URL that Apprise can load; check its parts")
+    return url
+
+
+def mask_url(url: str) -> str:
+    """The URL with its secrets masked, for showing and logging.
+
+    Apprise's privacy URL masks passwords and tokens; on top of that only query
+    parameters the user wrote are kept, and secret-looking ones are starred.
+    """
+    if not url:
+        return ""
+    plugin = apprise.Apprise.instantiate(url)
+    if plugin is None:
+        return "****"
+    private = plugin.url(privacy=True)
+    head, _, query = private.partition("?")
+    given = {name for name, _ in _query_pairs(urlsplit(url).query)}
+    kept = [
+        f"{quote(name, safe='+:-_.')}={'****' if _SECRET_PARAM.search(name) else quote(value)}"
+        for name, value in _query_pairs(query)
+        if name in given
+    ]
+    return head + ("?" + "&".join(kept) if kept else "")
+
+
+def _query_pairs(query: str) -> list[tuple[str, str]]:
+    """Split a query string keeping '+' literal (Apprise uses it for header names)."""
+    pairs = []
+    for part in query.split("&"):
+        if part:
+            name, _, value = part.partition("=")
+            pairs.append((unquote(name), unquote(value)))
+    return pairs
+
+
+def scrub(text: str, url: str) -> str:
+    """Remove from ``text`` every part of ``url`` that its masked form hides."""
+    masked = mask_url(url)
+    for word in set(_URL_WORDS.findall(url)) | set(_URL_WORDS.findall(unquote(url))):
+        if word not in masked:
+            text = text.replace(word, "****")
+    return text
+
+
+class NotificationTargets(InputModel):
+    """GET/POST /interface/user/notifications: a field not given keeps its value."""
+
+    email_url: str | None = None
+    whatsapp_url: str | None = None
+    sms_url: str | None = None
+
+    @field_validator("email_url", "whatsapp_url", "sms_url")
+    @classmethod
+    def _loadable(cls, value: str | None) -> str | None:
+        return None if value is None else validate_target_url(value)
+
+    def changes(self) -> dict[str, str]:
+        """The targets to set, by column name ("" removes one)."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+def set_targets(core: Core, user_id: int, targets: dict[str, str]) -> None:
+    """Validate and store a user's target URLs; keys are email_url, whatsapp_url, sms_url."""
+    if core.store.user_by_id(user_id) is None:
+        raise NotFound(f"user {user_id} does not exist.")
+    cleaned = {}
+    for name, url in targets.items():
+        if name not in TARGET_COLUMNS.values():
+            raise InvalidInput(f"{name} is not a notification target (email_url, whatsapp_url"
+                               " or sms_url).")  # fmt: skip
+        if url is None:
+            continue
+        try:
+            cleaned[name] = validate_target_url(url)
+        except ValueError as exc:
+            raise InvalidInput(f"{name}: {exc}.") from None
+    core.store.set_user_targets(user_id, cleaned)
+    log.info("user %s notification targets set: %s", user_id,
+             {name: mask_url(url) for name, url in cleaned.items()})  # fmt: skip
+
+
+def targets_view(core: Core, user_id: int) -> dict[str, str]:
+    """The user's target URLs with secrets masked ("" where none is set)."""
+    row = core.store.user_by_id(user_id)
+    if row is None:
+        raise NotFound(f"user {user_id} does not exist.")
+    return {column: mask_url(row[column]) for column in TARGET_COLUMNS.values()}
+
+
+def notices_view(core: Core, batmon_id: int, limit: int = 50) -> list[dict[str, Any]]:
+    """The batmon's latest notices, newest first, times as epoch seconds."""
+    return [
+        {
+            "channel": row["channel"],
+            "kind": row["kind"],
+            "title": row["title"],
+            "body": row["body"],
+            "state": row["state"],
+            "attempts": row["attempts"],
+            "created": int(row["created"]),
+            "sent_at": None if row["sent_at"] is None else int(row["sent_at"]),
+            "last_error": row["last_error"],
+            "target": row["target"],
+        }
+        for row in Outbox(core.store).latest_for_batmon(batmon_id, limit)
+    ]
+
+
+# -- notice text ------------------------------------------------------------------
+def _utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _who(batmon: Batmon) -> str:
+    return f"batmon '{batmon.name}' (id {batmon.id})"
+
+
+def _upper_first(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _quantity(batmon: Batmon, metric: str, value: float) -> str:
+    unit = getattr(batmon, f"{metric}_units", "") or DEFAULT_UNITS.get(metric, "")
+    return f"{value:g}{'' if unit in ('', '%') else ' '}{unit}"
+
+
+def status_text(event: StatusChanged) -> tuple[str, str]:
+    """Title and body of an Online/Offline notice."""
+    b = event.batmon
+    who = _upper_first(_who(b))
+    if event.status == "Offline":
+        last = _utc(b.last_reading) if b.last_reading is not None else "never"
+        return (
+            f"{who} is Offline",
+            f"{who} went Offline at {_utc(event.at)}: no reading within its"
+            f" update period of {b.update_period} s. Last reading: {last}.",
+        )
+    return (
+        f"{who} is back Online",
+        f"{who} is Online again at {_utc(event.at)}: a reading arrived"
+        " after it had been Offline.",
+    )
+
+
+def alarm_text(event: AlarmChanged) -> tuple[str, str]:
+    """Title and body of an alarm triggered/repeated/cleared notice."""
+    b, a = event.batmon, event.alarm
+    value = _quantity(b, a.metric, event.value)
+    condition = f"{a.metric} {a.condition} {_quantity(b, a.metric, a.threshold)}"
+    subject = f"Alarm '{a.name}' (id {a.id}) on {_who(b)}"
+    reading = f"{a.metric} {value}"
+    if event.kind == "triggered":
+        title = f"Alarm '{a.name}' triggered on {_who(b)}: {reading}"
+        body = f"{subject} triggered at {_utc(event.at)}: {a.metric} is {value} ({condition})."
+    elif event.kind == "repeated":
+        since = _utc(a.trigger_time) if a.trigger_time is not None else "earlier"
+        title = f"Alarm '{a.name}' still active on {_who(b)}: {reading}"
+        body = (
+            f"{subject} is still active at {_utc(event.at)} (triggered at {since}): {a.metric}"
+            f" is {value} ({condition}). Acknowledge the alarm to stop these reminders."
+        )
+    else:
+        title = f"Alarm '{a.name}' cleared on {_who(b)}: {reading}"
+        body = (
+            f"{subject} cleared at {_utc(event.at)}: {a.metric} is {value}, so {condition}"
+            " no longer holds."
+        )
+    return title, body
+
+
+# -- the notifier -------------------------------------------------------------------
+class Notifier:
+    """Queues notices on events and delivers them from the outbox with Apprise."""
+
+    def __init__(self, core: Core, *, retry_base_s: float = 30.0,
+                 give_up_after_s: float = 86400.0, max_attempts: int = 12,
+                 send_timeout_s: float = 20.0, concurrency: int = 8) -> None:  # fmt: skip
+        self.core = core
+        self.outbox = Outbox(core.store)
+        self.retry_base_s = retry_base_s
+        self.give_up_after_s = give_up_after_s
+        self.max_attempts = max_attempts
+        self.send_timeout_s = send_timeout_s
+        self.concurrency = concurrency
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Requeue notices a stopped or killed process left in flight, then serve."""
+        self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        requeued = self.outbox.requeue_interrupted()
+        if requeued:
+            log.info("requeued %d notices left in flight by the previous run", requeued)
+        self.outbox.prune(self.core.clock() - RETENTION_S)
+        self.core.bus.subscribe(StatusChanged, self.on_status)
+        self.core.bus.subscribe(AlarmChanged, self.on_alarm)
+        self._task = asyncio.create_task(self._run(), name="notifier")
+
+    async def stop(self) -> None:
+        """Stop sending; notices in flight stay 'sending' and are resent on next start."""
+        self.core.bus.unsubscribe(StatusChanged, self.on_status)
+        self.core.bus.unsubscribe(AlarmChanged, self.on_alarm)
+        tasks = [t for t in (self._task, *self._inflight) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = None
+
+    # -- event handlers (synchronous: a fast insert, then a wake-up) ------------------
+    def on_status(self, event: StatusChanged) -> None:
+        """Queue Offline notices, and Online ones after an Offline spell (not the first reading)."""
+        if event.first_reading or event.status == event.previous:
+            return
+        title, body = status_text(event)
+        self.enqueue(event.batmon, event.status.lower(), title, body)
+
+    def on_alarm(self, event: AlarmChanged) -> None:
+        """Queue an alarm triggered/repeated/cleared notice."""
+        title, body = alarm_text(event)
+        self.enqueue(event.batmon, event.kind, title, body)
+
+    def enqueue(self, batmon: Batmon, kind: str, title: str, body: str) -> None:
+        """Write one row per channel the batmon's flags allow; wake the worker."""
+        if not batmon.notification_enabled:
+            return
+        user = self.core.store.user_by_id(batmon.user_id) or {}
+        now = self.core.clock()
+        notices = []
+        for channel in self._channels(batmon):
+            has_target = bool(user.get(TARGET_COLUMNS[channel]))
+            notices.append({
+                "user_id": batmon.user_id, "batmon_id": batmon.id, "channel": channel,
+                "kind": kind, "title": title, "body": body, "created": now,
+                "state": "queued" if has_target else "skipped",
+                "last_error": "" if has_target else _no_target(channel),
+            })  # fmt: skip
+        self.outbox.enqueue(notices)
+        if any(n["state"] == "queued" for n in notices):
+            self._wake_worker()
+
+    @staticmethod
+    def _channels(batmon: Batmon) -> list[Channel]:
+        channels: list[Channel] = ["email"]
+        if batmon.whatsapp_enabled:
+            channels.append("whatsapp")
+        if batmon.sms_enabled:
+            channels.append("sms")
+        return channels
+
+    def _wake_worker(self) -> None:
+        """Set the wake-up event from the loop's thread, whichever thread emitted."""
+        if self._loop is None or self._wake is None:
+            return
+        try:
+            same_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            same_loop = False
+        if same_loop:
+            self._wake.set()
+        elif not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    # -- the worker -------------------------------------------------------------------
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            self._wake.clear()
+            try:
+                self._dispatch_due()
+            except Exception:
+                log.exception("notifier could not read the outbox; trying again shortly")
+                await asyncio.sleep(1.0)
+            await self._wait()
+
+    def _dispatch_due(self) -> None:
+        """Start a send task for each due notice, up to the concurrency bound."""
+        free = self.concurrency - len(self._inflight)
+        if free <= 0:
+            return
+        now = self.core.clock()
+        for row in self.outbox.due(now, free):
+            target = self._target(row)
+            if not target:
+                self.outbox.mark_skipped(row["id"], now, _no_target(row["channel"]))
+            elif self.outbox.claim(row["id"]):
+                task = asyncio.create_task(self._deliver(row, target))
+                self._inflight.add(task)
+                task.add_done_callback(self._delivered)
+
+    def _delivered(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The row stays 'sending' and is requeued at the next start.
+            log.error("recording a notice's outcome failed: %r", task.exception())
+        if self._wake is not None:
+            self._wake.set()  # a slot is free
+
+    async def _wait(self) -> None:
+        """Sleep until the next notice is due, a new one is queued, or a slot frees."""
+        assert self._wake is not None
+        timeout = IDLE_WAIT_S
+        if len(self._inflight) < self.concurrency:
+            next_at = self.outbox.next_due_at()
+            if next_at is not None:
+                timeout = min(timeout, max(0.0, next_at - self.core.clock()))
+        # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel (stop())
+        # that lands just as the event is set, and the worker would never end.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
+
+    def _target(self, row: dict[str, Any]) -> str:
+        """The user's current URL for the notice's channel ("" when none)."""
+        user = self.core.store.user_by_id(row["user_id"])
+        return str(user[TARGET_COLUMNS[row["channel"]]]) if user else ""
+
+    async def _deliver(self, row: dict[str, Any], target: str) -> None:
+        """One attempt at one notice; records the outcome and schedules any retry."""
+        masked = mask_url(target)
+        error = await self._attempt(row, target)
+        now = self.core.clock()
+        attempts = row["attempts"] + 1  # claim() counted this attempt
+        if not error:
+            self.outbox.mark_sent(row["id"], now, masked)
+            log.info("notice %s (%s) sent to %s", row["id"], row["channel"], masked)
+            return
+        next_at = now + self.retry_base_s * 2 ** (attempts - 1)
+        if attempts >= self.max_attempts or next_at - row["created"] > self.give_up_after_s:
+            self.outbox.mark_failed(row["id"], now, error, masked)
+            log.warning("notice %s (%s) to %s failed for good after %d attempts: %s",
+                        row["id"], row["channel"], masked, attempts, error)  # fmt: skip
+        else:
+            self.outbox.mark_retry(row["id"], now, next_at, error, masked)
+            log.info("notice %s (%s) to %s failed (%s); retry in %.0f s",
+                     row["id"], row["channel"], masked, error, next_at - now)  # fmt: skip
+
+    async def _attempt(self, row: dict[str, Any], target: str) -> str:
+        """Send once within send_timeout_s; "" on success, else a secret-free reason."""
+        try:
+            async with asyncio.timeout(self.send_timeout_s):
+                return await self._send(row, target)
+        except TimeoutError:
+            return f"no answer within {self.send_timeout_s:g} s"
+        except Exception as exc:  # a plugin bug must not kill the worker
+            return f"sending failed: {type(exc).__name__}"
+
+    @staticmethod
+    async def _send(row: dict[str, Any], target: str) -> str:
+        notifier = apprise.Apprise()
+        if not notifier.add(target):
+            return "the target URL no longer loads in Apprise"
+        result = await notifier.async_notify(
+            body=row["body"], title=row["title"], notify_type=NOTIFY_TYPES.get(row["kind"],
+            apprise.NotifyType.INFO),
+        )  # fmt: skip
+        try:
+            return "" if result else scrub(_describe(result), target)
+        finally:
+            result.close()
+
+
+def _describe(result: apprise.AppriseResult) -> str:
+    """Apprise's first warning for a failed send, else its status name."""
+    for entry in result.logs():
+        if entry.level in ("WARNING", "ERROR", "CRITICAL"):
+            return f"{result.status.name}: {entry.message}"
+    return result.status.name
+
+
+def _no_target(channel: str) -> str:
+    return f"no {channel} target is set for the owner (batmon user notify --{channel} URL)"
