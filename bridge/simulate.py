@@ -1,0 +1,165 @@
+"""Simulated devices: plausible battery readings published over MQTT, for demos and
+for trying a broker, the bridge and Home Assistant without hardware.
+
+Each device is its own MQTT 3.1.1 client logging in as a real device would on the
+embedded broker (username = batmon_id, password = token) and publishes QoS 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.reasoncodes import ReasonCode
+
+from bridge.mqtt_bridge import MqttConnectError, new_client
+from bridge.topics import Topics
+
+CONNECT_TIMEOUT_S = 10.0
+PUBLISH_TIMEOUT_S = 10.0
+HTTP_TIMEOUT_S = 10.0
+
+
+class SimulateError(Exception):
+    """The HTTP API would not create the batmons to simulate."""
+
+
+@dataclass
+class SimulatedBattery:
+    """A 12 V lead-acid-like battery: current drifts, soc integrates it, V follows both."""
+
+    capacity_ah: float = 100.0
+    soc: float = 75.0
+    current: float = 0.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def step(self, dt: float) -> dict[str, Any]:
+        """Advance ``dt`` seconds and return the reading a device would send."""
+        # Random walk between 20 A of discharge and 10 A of charge.
+        self.current = min(10.0, max(-20.0, self.current + self.rng.gauss(0.0, 1.0)))
+        self.soc = min(100.0, max(0.0, self.soc + self.current * dt / 3600 / self.capacity_ah * 100))
+        # Open-circuit voltage rises with soc (11.8-12.9 V); charging lifts and
+        # discharging sags it through ~30 mOhm of internal resistance.
+        voltage = round(11.8 + 1.1 * self.soc / 100 + 0.03 * self.current, 3)
+        current = round(self.current, 3)
+        return {
+            "batmon_voltage": voltage,
+            "batmon_current": current,
+            "batmon_power": round(voltage * current, 3),
+            "batmon_soc": round(self.soc, 2),
+            "batmon_details": {"temperature": round(22 + self.rng.uniform(-0.5, 0.5), 1)},
+        }
+
+
+async def simulate(
+    *,
+    host: str,
+    port: int,
+    devices: list[tuple[int, str]],
+    interval: float,
+    count: int | None,
+    base_topic: str = "batmon",
+    username_mode: Literal["device", "none"] = "device",
+) -> None:
+    """Publish a reading from each (batmon_id, token) every ``interval`` seconds.
+
+    ``count`` readings per device, or until cancelled when None. ``username_mode``
+    "device" logs in as the device (embedded broker), "none" connects anonymously.
+    Raises MqttConnectError when a device cannot connect.
+    """
+    topics = Topics(base=base_topic)
+    clients = []
+    try:
+        for batmon_id, token in devices:
+            client = new_client(f"batmon-sim-{batmon_id}", clean_session=True)
+            if username_mode == "device":
+                client.username_pw_set(str(batmon_id), token)
+            clients.append(client)
+            await _connect(client, host, port, batmon_id)
+        batteries = [SimulatedBattery(soc=random.uniform(40, 95)) for _ in devices]
+        pending: list[mqtt.MQTTMessageInfo] = []
+        sent = 0
+        last = time.monotonic()
+        while count is None or sent < count:
+            now = time.monotonic()
+            for client, battery, (batmon_id, token) in zip(clients, batteries, devices, strict=True):
+                payload = json.dumps(battery.step(now - last if sent else interval))
+                pending.append(client.publish(topics.update(batmon_id, token), payload, qos=1))
+            last = now
+            sent += 1
+            # Forget what the broker has acknowledged, so a long run holds no history.
+            pending = [info for info in pending if not info.is_published()]
+            if count is None or sent < count:
+                await asyncio.sleep(interval)
+        for info in pending:
+            await asyncio.to_thread(info.wait_for_publish, PUBLISH_TIMEOUT_S)
+    finally:
+        for client in clients:
+            client.disconnect()
+            await asyncio.to_thread(client.loop_stop)
+
+
+async def _connect(client: mqtt.Client, host: str, port: int, batmon_id: int) -> None:
+    """Connect and start the network thread; the client reconnects by itself later."""
+    loop = asyncio.get_running_loop()
+    connected: asyncio.Future[ReasonCode] = loop.create_future()
+
+    def on_connect(client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
+                   properties: Any) -> None:  # fmt: skip
+        if not connected.done():
+            loop.call_soon_threadsafe(
+                lambda: connected.done() or connected.set_result(reason)
+            )  # fmt: skip
+
+    client.on_connect = on_connect
+    client.connect_async(host, port, keepalive=30)
+    client.loop_start()
+    try:
+        reason = await asyncio.wait_for(connected, CONNECT_TIMEOUT_S)
+    except TimeoutError:
+        raise MqttConnectError(
+            f"device {batmon_id} could not connect to the MQTT broker at {host}:{port}"
+            f" within {CONNECT_TIMEOUT_S:g} s"
+        ) from None
+    if reason.is_failure:
+        with contextlib.suppress(Exception):
+            client.disconnect()
+        raise MqttConnectError(f"the MQTT broker at {host}:{port} refused device {batmon_id}: {reason}")
+
+
+async def create_batmons(api_url: str, api_key: str, count: int) -> list[tuple[int, str]]:
+    """Create ``count`` batmons through the HTTP API; return their (batmon_id, token)."""
+    devices = []
+    for n in range(1, count + 1):
+        body = {"batmon_name": f"Simulated battery {n}", "batmon_type": "simulator"}
+        success = await asyncio.to_thread(_post, api_url, "/interface/add/batmon", api_key, body)
+        devices.append((int(success["batmon_id"]), str(success["batmon_token"])))
+    return devices
+
+
+def _post(api_url: str, path: str, api_key: str, body: dict[str, Any]) -> Any:
+    request = urllib.request.Request(
+        api_url.rstrip("/") + path,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "X-API-Key": api_key},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_S) as response:
+            return json.load(response)["success"]
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.load(exc).get("error", exc.reason)
+        except ValueError:
+            message = exc.reason
+        raise SimulateError(f"{api_url} answered {exc.code}: {message}") from None
+    except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
+        raise SimulateError(f"could not create a batmon through {api_url}: {exc}") from None
