@@ -23,7 +23,8 @@ from bridge.models import describe_error
 
 ENV_PREFIX = "BATMON_"
 SERVE_OPTIONS = ("data_dir", "host", "http_port", "mqtt_port", "mqtt_url", "broker_config",
-                 "base_topic", "discovery_prefix", "discovery")  # fmt: skip
+                 "base_topic", "discovery_prefix", "discovery", "notify_retry_s",
+                 "notify_give_up_s")  # fmt: skip
 
 
 class Parser(argparse.ArgumentParser):
@@ -48,6 +49,8 @@ def build_parser() -> Parser:
     serve.add_argument("--discovery-prefix", help="Home Assistant prefix (homeassistant)")
     serve.add_argument("--no-discovery", dest="discovery", action="store_const", const=False,
                        help="do not publish Home Assistant discovery")  # fmt: skip
+    serve.add_argument("--notify-retry-s", help="first retry delay of a failed notice, doubling (30)")
+    serve.add_argument("--notify-give-up-s", help="stop retrying a notice after this long (86400)")
 
     user = commands.add_parser("user", help="manage users")
     user_commands = user.add_subparsers(dest="user_command", required=True, parser_class=Parser)
@@ -188,36 +191,42 @@ def set_user_targets(core: Any, args: argparse.Namespace) -> None:
     given = {k: v for k in ("email_url", "whatsapp_url", "sms_url")
              if (v := getattr(args, k)) is not None}  # fmt: skip
     targets = NotificationTargets.model_validate(given)
-    set_targets(core, row["id"], targets.model_dump(exclude_unset=True))
+    set_targets(core, row["id"], targets.changes())
     for channel, url in targets_view(core, row["id"]).items():
         print(f"{channel}: {url or '-'}")
 
 
 async def run_simulate(args: argparse.Namespace) -> None:
     """Publish readings for given devices, or for new batmons made through the API."""
-    from bridge.simulate import create_batmons, simulate
+    from bridge.mqtt_bridge import MqttConnectError, parse_mqtt_url
+    from bridge.simulate import SimulateError, create_batmons, simulate
 
+    try:
+        host, port, _, _ = parse_mqtt_url(args.mqtt_url or "mqtt://127.0.0.1:1883")
+    except ValueError as exc:
+        fail(f"batmon simulate: --mqtt-url {exc}", code=2)
+    if args.count < 1 or args.interval <= 0:
+        fail("batmon simulate: --count must be at least 1 and --interval above 0", code=2)
     devices: list[tuple[int, str]] = []
     for spec in args.device:
         batmon_id, _, token = spec.partition(":")
         if not batmon_id.isdigit() or not token:
             fail(f"batmon simulate: --device {spec!r} is not ID:TOKEN", code=2)
         devices.append((int(batmon_id), token))
-    if args.api_url:
-        if not args.api_key:
-            fail("batmon simulate: --api-url needs --api-key (or BATMON_API_KEY)", code=2)
-        devices += await create_batmons(args.api_url, args.api_key, args.count)
-    if not devices:
+    if args.api_url and not args.api_key:
+        fail("batmon simulate: --api-url needs --api-key (or BATMON_API_KEY)", code=2)
+    if not devices and not args.api_url:
         fail("batmon simulate: give --device ID:TOKEN or --api-url with --api-key", code=2)
-    from bridge.mqtt_bridge import parse_mqtt_url
-
     try:
-        host, port, _, _ = parse_mqtt_url(args.mqtt_url or "mqtt://127.0.0.1:1883")
-    except ValueError as exc:
-        fail(f"batmon simulate: --mqtt-url {exc}", code=2)
-    print(f"simulating {len(devices)} batmon(s) on mqtt://{host}:{port}", flush=True)
-    await simulate(host=host, port=port, devices=devices, interval=args.interval,
-                   count=args.readings, base_topic=args.base_topic)  # fmt: skip
+        if args.api_url:
+            devices += await create_batmons(args.api_url, args.api_key, args.count)
+        print(f"simulating {len(devices)} batmon(s) on mqtt://{host}:{port}", flush=True)
+        for batmon_id, token in devices:
+            print(f"  batmon_id {batmon_id} token {token}", flush=True)
+        await simulate(host=host, port=port, devices=devices, interval=args.interval,
+                       count=args.readings, base_topic=args.base_topic)  # fmt: skip
+    except (SimulateError, MqttConnectError, OSError) as exc:
+        fail(f"batmon simulate: {exc}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ class ServeOptions(BaseModel):
     base_topic: str = "batmon"
     discovery_prefix: str = "homeassistant"
     discovery: bool = True
+    notify_retry_s: Annotated[float, Field(gt=0, le=86_400)] = 30.0
+    notify_give_up_s: Annotated[float, Field(gt=0, le=30 * 86_400)] = 86_400.0
 
     @field_validator("base_topic", "discovery_prefix")
     @classmethod

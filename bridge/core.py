@@ -281,10 +281,19 @@ class Core:
         if not changes:
             return
         old_token = batmon.token if changes.get("token", batmon.token) != batmon.token else None
+        now = self.clock()
+        previous = batmon.status
+        if "update_period" in changes and batmon.last_reading is not None:
+            # A longer period can make an Offline batmon Online again (a shorter
+            # one is the watchdog's to notice); announce it like any change.
+            online = now - batmon.last_reading < changes["update_period"]
+            changes["status"] = "Online" if online else previous
         self.store.update_batmon(batmon.id, changes)
         for name, value in changes.items():
             setattr(batmon, name, value)
         self.bus.emit(BatmonChanged(batmon, old_token=old_token))
+        if batmon.status != previous:
+            self.bus.emit(StatusChanged(batmon, batmon.status, previous, now))
 
     def set_flag(self, batmon: Batmon, flag: str, enabled: bool) -> None:
         """Enable or disable alerts, WhatsApp or SMS notices for a batmon."""

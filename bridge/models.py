@@ -101,7 +101,7 @@ def _reject_constant(name: str) -> float:
 
 
 def _alias(name: str) -> Any:
-    """Accept both ``batmon_voltage`` and ``voltage``; errors name the long form."""
+    """Accept both ``batmon_voltage`` and ``voltage``; errors name the key the client sent."""
     return Field(None, validation_alias=AliasChoices(f"batmon_{name}", name))
 
 

@@ -53,8 +53,10 @@ def bind_socket(host: str, port: int, what: str) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise ServiceError(f"cannot resolve {what} host {host!r}: {exc.strerror or exc}") from None
-    family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, kind, proto, _, address = infos[0]
+    # proto must be IPPROTO_TCP: asyncio sets TCP_NODELAY on accepted sockets only
+    # then, and without it every keep-alive response waits ~40 ms (Nagle + delayed ACK).
+    sock = socket.socket(family, kind, proto or socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)
@@ -99,11 +101,6 @@ class Service:
 
     async def _start(self) -> None:
         # Imported here so `batmon user ...` does not pay for amqtt/paho/apprise.
-        from bridge.alarms import AlarmEvaluator
-        from bridge.broker import EmbeddedBroker
-        from bridge.mqtt_bridge import MqttBridge, parse_mqtt_url
-        from bridge.notifier import Notifier
-        from bridge.watchdog import OfflineWatchdog
         from http_api.app import create_app
 
         opts = self.options
@@ -113,20 +110,44 @@ class Service:
             secret = session_secret(opts.data_dir)
         except OSError as exc:
             raise ServiceError(f"cannot use data folder {opts.data_dir}: {exc.strerror}") from None
-        bus = EventBus()
-        self.core = core = Core(self.store, bus).load()
+        # Bind HTTP first: a busy port is then one clear error before anything starts.
+        sock = bind_socket(opts.host, opts.http_port, "HTTP")
+        self.http_port = sock.getsockname()[1]
+        try:
+            await self._start_parts()
+        except BaseException:
+            sock.close()
+            raise
+        app = create_app(self.core, session_secret=secret, health=self.health)
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+        self._server = uvicorn.Server(config)
+        # Signals are ours (the CLI stops the whole service), not uvicorn's.
+        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._server_task = asyncio.create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started:
+            if self._server_task.done():
+                raise ServiceError("the HTTP server stopped while starting")
+            await asyncio.sleep(0.01)
+
+    async def _start_parts(self) -> None:
+        from bridge.alarms import AlarmEvaluator
+        from bridge.broker import EmbeddedBroker
+        from bridge.mqtt_bridge import MqttBridge, parse_mqtt_url
+        from bridge.notifier import Notifier
+        from bridge.watchdog import OfflineWatchdog
+
+        opts = self.options
+        assert self.store is not None
+        self.core = core = Core(self.store, EventBus()).load()
         if not core.user_has_data():
             _, self.admin_api_key = core.create_user(ADMIN_EMAIL)
-
-        # Extensions subscribe before anything can produce events.
-        self.notifier = Notifier(core)
-        for extension in (AlarmEvaluator(core), self.notifier, OfflineWatchdog(core)):
-            await _start_extension(extension)
-            self._extensions.append(extension)
 
         bridge_user, bridge_password = "batmon-bridge", secrets.token_urlsafe(24)
         if opts.mqtt_url:
             host, port, username, password = parse_mqtt_url(opts.mqtt_url)
+            # A stable id keeps the broker's session: readings sent while we were
+            # away are delivered when we come back.
+            client_id = "batmon-bridge"
         else:
             self.broker = EmbeddedBroker(
                 host=opts.host, port=opts.mqtt_port, config_path=opts.broker_config,
@@ -139,28 +160,27 @@ class Service:
                 self.broker = None
                 raise ServiceError(str(exc)) from None
             host, port, username, password = opts.host, self.broker.port, bridge_user, bridge_password
+            # The in-process broker has no session to keep across our restarts, and a
+            # fixed id could be taken over by a clean-session CONNECT: a fresh one.
+            client_id = f"batmon-bridge-{secrets.token_hex(6)}"
         self.mqtt_host, self.mqtt_port = host, port
+
+        # Extensions subscribe before anything can produce events; the notifier
+        # before the watchdog, which may announce Offline batmons at once.
+        self.notifier = Notifier(core, retry_base_s=opts.notify_retry_s,
+                                 give_up_after_s=opts.notify_give_up_s)  # fmt: skip
+        for extension in (AlarmEvaluator(core), self.notifier, OfflineWatchdog(core)):
+            await _start_extension(extension)
+            self._extensions.append(extension)
+
         self.mqtt = MqttBridge(
             core, self.topics, host=host, port=port, username=username, password=password,
-            discovery=opts.discovery,
+            client_id=client_id, discovery=opts.discovery,
         )  # fmt: skip
         try:
             await self.mqtt.start()
         except Exception as exc:
             raise ServiceError(str(exc)) from None
-
-        sock = bind_socket(opts.host, opts.http_port, "HTTP")
-        self.http_port = sock.getsockname()[1]
-        app = create_app(core, session_secret=secret, health=self.health)
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
-        self._server = uvicorn.Server(config)
-        # Signals are ours (the CLI stops the whole service), not uvicorn's.
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        self._server_task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        while not self._server.started:
-            if self._server_task.done():
-                raise ServiceError("the HTTP server stopped while starting")
-            await asyncio.sleep(0.01)
 
     def health(self) -> dict[str, Any]:
         """MQTT and notification state for /healthz."""

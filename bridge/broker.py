@@ -1,0 +1,516 @@
+"""Embedded MQTT broker (amqtt) for ``batmon serve``, with our own auth and topic ACL.
+
+amqtt's packaged AnonymousAuthPlugin admits any client that sends a username, so the
+only auth/ACL plugin loaded is :class:`BatmonAccessPlugin`, fed with live objects (the
+core's :class:`CredentialCheck`, the :class:`~bridge.topics.Topics`, the bridge's own
+credential) through its amqtt ``Config`` dataclass: no globals, so two brokers can run
+in one process. ``_BatmonBroker`` closes amqtt 0.12.1 flaws that let clients see or send
+what the ACL forbids (see its methods).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import yaml
+from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.broker import Broker, Server
+from amqtt.contexts import Action, BaseContext
+from amqtt.errors import BrokerError, PluginError, PluginLoadError
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import Session
+from dacite import DaciteError
+
+from bridge.topics import Topics
+
+log = logging.getLogger(__name__)
+
+PLUGIN_PATH = "bridge.broker.BatmonAccessPlugin"
+"""Dotted path amqtt imports our plugin from (listed in broker.yaml)."""
+
+_PRINCIPAL_KEY = "batmon.principal"
+"""Key of the Principal in ``Session.attributes`` (amqtt's slot for plugin data)."""
+_WILL_KEY = "batmon.will"
+"""Key of the last will vetted at the session's last accepted CONNECT."""
+
+# What amqtt raises for a config it cannot use (dacite validates it, plugins load from it).
+_CONFIG_ERRORS = (DaciteError, PluginError, PluginLoadError, BrokerError, ValueError, TypeError)
+# Deprecated entry-point plugin sections: ignored once 'plugins' is set, dropped so they
+# cannot mislead a reader nor trigger amqtt's deprecation warnings.
+_LEGACY_KEYS = ("auth", "topic-check", "topic_check", "sys_interval")
+# Plugins amqtt ships that must not run here: anonymous/file auth and ACLs (ours replace
+# them), $SYS stats (a periodic task nobody reads) and the loggers (the packet logger logs
+# CONNECT packets, passwords included, at DEBUG).
+_FORBIDDEN_PLUGIN_PREFIXES = (
+    "amqtt.plugins.authentication.",
+    "amqtt.plugins.topic_checking.",
+    "amqtt.plugins.sys.",
+    "amqtt.plugins.logging_amqtt.",
+)
+
+
+class CredentialCheck(Protocol):
+    """What the broker needs from the core to decide who may connect and see what."""
+
+    def check_device(self, batmon_id: int, token: str) -> bool:
+        """True if ``token`` is the batmon's token (constant-time, in memory)."""
+        ...
+
+    def check_user(self, email: str, api_key: str) -> int | None:
+        """The user's id if ``api_key`` belongs to ``email``, else None."""
+        ...
+
+    def owns(self, user_id: int, batmon_id: int) -> bool:
+        """True if the user owns the batmon (asked at subscribe and delivery time)."""
+        ...
+
+
+class BrokerStartError(Exception):
+    """The embedded broker could not start (bad config, address in use...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a session authenticated as; stored on the amqtt session at CONNECT."""
+
+    kind: Literal["bridge", "device", "user"]
+    ident: int = 0
+    """batmon_id for a device, user_id for a user, 0 for the bridge."""
+    publish: frozenset[str] = field(default=frozenset(), repr=False)
+    """Exact topics a device or user may publish to (a device's carry its token: keep out
+    of logs)."""
+    subscribe: frozenset[str] = field(default=frozenset(), repr=False)
+    """Exact topics a device may subscribe to and receive."""
+
+
+class AccessPolicy:
+    """Authentication and topic rules of one embedded broker, shared with its plugin."""
+
+    def __init__(
+        self,
+        *,
+        credentials: CredentialCheck,
+        topics: Topics,
+        bridge_username: str,
+        bridge_password: str,
+    ) -> None:
+        if not bridge_username or not bridge_password:
+            raise ValueError("the bridge credential must not be empty")
+        self._credentials = credentials
+        self._topics = topics
+        self._bridge_username = bridge_username.encode()
+        self._bridge_password = bridge_password.encode()
+        base, prefix = topics.base, topics.discovery_prefix
+        # The only wildcard filters a user may hold: Home Assistant's discovery
+        # subscriptions (homeassistant/components/mqtt/discovery.py subscribes to exactly
+        # these two; the releases that used '{prefix}/#' long predate the device-based
+        # discovery we publish, so they could not read our configs anyway) and a dashboard
+        # following all its batmons. Each message they match is vetted at delivery.
+        self._user_wildcards = frozenset(
+            {
+                f"{prefix}/+/+/config",
+                f"{prefix}/+/+/+/config",
+                f"{base}/+/state",
+                f"{base}/+/availability",
+            }
+        )
+
+    def __repr__(self) -> str:  # keep the bridge password out of any config dump
+        return f"AccessPolicy(topics={self._topics!r})"
+
+    # -- CONNECT ------------------------------------------------------------
+    def authenticate(self, username: str | None, password: str | None) -> Principal | None:
+        """The principal for these credentials, or None to refuse the connection."""
+        if not username or not password:
+            return None
+        # Both compares always run: no timing hint about which half was wrong.
+        user_ok = hmac.compare_digest(username.encode(), self._bridge_username)
+        pass_ok = hmac.compare_digest(password.encode(), self._bridge_password)
+        if user_ok and pass_ok:
+            return Principal("bridge")
+        batmon_id = _parse_decimal_id(username)
+        if batmon_id is not None:
+            if not self._credentials.check_device(batmon_id, password):
+                return None
+            t = self._topics
+            return Principal(
+                "device",
+                batmon_id,
+                publish=frozenset({t.update(batmon_id, password)}),
+                subscribe=frozenset(
+                    {t.error(batmon_id, password), t.state(batmon_id), t.availability(batmon_id)}
+                ),
+            )
+        user_id = self._credentials.check_user(username, password)
+        if user_id is None:
+            return None
+        # Home Assistant's birth message and last will: what makes the bridge re-send discovery.
+        return Principal("user", user_id, publish=frozenset({self._topics.homeassistant_status}))
+
+    # -- PUBLISH / SUBSCRIBE / delivery ---------------------------------------
+    def may_publish(self, principal: Principal, topic: str) -> bool:
+        """Devices publish only their own update topic; users only Home Assistant's status."""
+        if principal.kind == "bridge":
+            return True
+        return topic in principal.publish
+
+    def may_subscribe(self, principal: Principal, topic_filter: str) -> bool:
+        """Exact own topics; for users also the few wildcards whose deliveries are vetted."""
+        if principal.kind == "bridge":
+            return True
+        if principal.kind == "user" and topic_filter in self._user_wildcards:
+            return True  # what it matches is filtered per message by may_receive
+        if "+" in topic_filter or "#" in topic_filter:
+            return False
+        return self.may_receive(principal, topic_filter)
+
+    def may_receive(self, principal: Principal, topic: str) -> bool:
+        """Whether a message on this concrete topic may be delivered to the principal.
+
+        Asked for every delivery, live or retained, whatever filter matched it: a wildcard
+        also matches other users' batmons and other integrations' discovery topics, and
+        ownership can change while subscribed.
+        """
+        if principal.kind == "bridge":
+            return True
+        if principal.kind == "device":
+            return topic in principal.subscribe
+        if topic == self._topics.bridge_state:
+            return True
+        batmon_id = self._user_topic_batmon(topic)
+        return batmon_id is not None and self._credentials.owns(principal.ident, batmon_id)
+
+    def _user_topic_batmon(self, topic: str) -> int | None:
+        """The batmon a state/availability/discovery topic belongs to, else None."""
+        t = self._topics
+        for head in (t.base + "/", t.discovery_prefix + "/device/batmon_"):
+            if not topic.startswith(head):
+                continue
+            batmon_id = _parse_decimal_id(topic[len(head) :].split("/", 1)[0])
+            # Rebuild with topics.py so only its exact spellings pass.
+            if batmon_id is not None and topic in (
+                t.state(batmon_id),
+                t.availability(batmon_id),
+                t.discovery(batmon_id),
+            ):
+                return batmon_id
+        return None
+
+
+def _parse_decimal_id(text: str) -> int | None:
+    """A positive id written canonically ("12", not "012" or "+12"), else None."""
+    if not text.isascii() or not text.isdigit() or text.startswith("0"):
+        return None
+    return int(text)
+
+
+class BatmonAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
+    """amqtt auth + topic plugin enforcing an :class:`AccessPolicy` (SPEC section 5)."""
+
+    @dataclass
+    class Config:
+        """Filled in by EmbeddedBroker; a broker.yaml used without it fails closed."""
+
+        policy: AccessPolicy | None = None
+
+    def __init__(self, context: BaseContext) -> None:
+        super().__init__(context)
+        policy = self.config.policy
+        if not isinstance(policy, AccessPolicy):
+            raise TypeError("BatmonAccessPlugin needs a policy: start it via EmbeddedBroker")
+        self._policy: AccessPolicy = policy
+
+    async def authenticate(self, *, session: Session) -> bool:
+        """Refuse anonymous and wrong credentials; pin the principal on the session."""
+        try:
+            principal = self._policy.authenticate(session.username, session.password)
+        except Exception:  # a bug in the checker must not let anyone in nor kill the broker
+            log.exception("credential check failed for client %r", session.client_id)
+            return False
+        if principal is None:
+            log.debug("refused CONNECT of client %r", session.client_id)
+            return False
+        previous = session.attributes.get(_PRINCIPAL_KEY)
+        if previous is not None and (previous.kind, previous.ident) != (
+            principal.kind,
+            principal.ident,
+        ):
+            # amqtt resumes a persistent session by client id alone: without this, anyone
+            # could take over another client's subscriptions and queued messages.
+            log.warning(
+                "refused client %r: its persistent session belongs to another principal",
+                session.client_id,
+            )
+            return False
+        if session.will_flag and not self._policy.may_publish(principal, session.will_topic or ""):
+            # amqtt broadcasts (and retains) a last will without asking the topic plugins, so
+            # drop it here, like any refused PUBLISH (many clients set a will by default:
+            # refusing the CONNECT would lock them out). Home Assistant's default will, on
+            # '{prefix}/status', is a user's allowed topic and is kept.
+            log.debug("dropped the last will of client %r: topic not allowed", session.client_id)
+            session.will_flag = False
+            session.will_topic = session.will_message = None
+        session.attributes[_PRINCIPAL_KEY] = principal
+        session.attributes[_WILL_KEY] = (
+            session.will_flag,
+            session.will_topic,
+            session.will_message,
+            session.will_qos,
+            session.will_retain,
+        )
+        return True
+
+    async def topic_filtering(
+        self,
+        *,
+        session: Session | None = None,
+        topic: str | None = None,
+        action: Action | None = None,
+    ) -> bool:
+        """Apply the policy to PUBLISH, SUBSCRIBE and delivery (RECEIVE) of a topic."""
+        if session is None or not topic:
+            return False
+        principal = session.attributes.get(_PRINCIPAL_KEY)
+        if not isinstance(principal, Principal):
+            return False
+        try:
+            if action == Action.PUBLISH:
+                allowed = self._policy.may_publish(principal, topic)
+            elif action == Action.SUBSCRIBE:
+                allowed = self._policy.may_subscribe(principal, topic)
+            elif action == Action.RECEIVE:
+                # Asked with the concrete topic of each delivery, whatever filter matched
+                # (_BatmonBroker routes retained and queued messages through it too).
+                allowed = self._policy.may_receive(principal, topic)
+            else:
+                allowed = False
+        except Exception:
+            log.exception("topic check failed for client %r", session.client_id)
+            return False
+        if not allowed:
+            log.debug("refused %s for client %r (%r)", action, session.client_id, principal)
+        return allowed
+
+
+class _BatmonBroker(Broker):
+    """amqtt's Broker with 0.12.1 flaws closed that matter once clients are untrusted."""
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        """Replay retained messages for a filter this session holds, each one vetted."""
+        # On every CONNECT amqtt replays retained messages for *all clients'* filters to
+        # the new client, and it never asks the topic plugins about a replayed message:
+        # only replay filters this session holds, and only messages it may RECEIVE (a
+        # user's wildcard also matches other users' retained state and discovery).
+        topic_filter, qos = subscription
+        holders = self._subscriptions.get(topic_filter, ())
+        if not any(s.client_id == session.client_id for s, _qos in holders):
+            return
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        tasks = []
+        for topic, retained in list(self._retained_messages.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            if not await self._topic_filtering(session, topic=topic, action=Action.RECEIVE):
+                continue
+            tasks.append(
+                asyncio.ensure_future(
+                    handler.mqtt_publish(
+                        retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
+                    )
+                )
+            )
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        """Deliver what was queued for a persistent session only if still allowed now."""
+        # Queued messages passed RECEIVE when queued; ownership may have changed since.
+        queued = []
+        while not session.retained_messages.empty():
+            queued.append(session.retained_messages.get_nowait())
+        for message in queued:
+            if await self._topic_filtering(session, topic=message.topic, action=Action.RECEIVE):
+                session.retained_messages.put_nowait(message)
+        await super()._publish_session_retained_messages(session)
+
+    async def _handle_disconnect(
+        self,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        disconnect_waiter: asyncio.Future[Any],
+    ) -> None:
+        """Fire only the last will our plugin vetted at the last accepted CONNECT."""
+        # amqtt copies a new CONNECT's will onto a persistent session before authenticating
+        # it, and a refused CONNECT then takes the live connection over, firing that will:
+        # anyone knowing a client id could publish anywhere without a password.
+        (
+            client_session.will_flag,
+            client_session.will_topic,
+            client_session.will_message,
+            client_session.will_qos,
+            client_session.will_retain,
+        ) = client_session.attributes.get(_WILL_KEY) or (False, None, None, None, None)
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+
+    async def _handle_client_session(
+        self,
+        reader: ReaderAdapter,
+        writer: WriterAdapter,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        server: Server,
+        listener_name: str,
+    ) -> None:
+        """Run amqtt's session handling, then release what it leaves behind."""
+        try:
+            await super()._handle_client_session(
+                reader, writer, client_session, handler, server, listener_name
+            )
+        finally:
+            # A refused CONNECT returns with the session still "connected", so the session
+            # monitor never drops it: one leaked session per failed login. Finish the job
+            # unless another connection has taken the session over meanwhile.
+            owner = self._sessions.get(client_session.client_id or "", (None, None))[1]
+            if owner is handler and client_session.transitions.is_connected():
+                await self._stop_handler(handler)
+                client_session.transitions.disconnect()
+
+
+class EmbeddedBroker:
+    """The in-process amqtt broker `batmon serve` runs: config, plugin wiring, lifecycle."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        config_path: Path,
+        credentials: CredentialCheck,
+        topics: Topics,
+        bridge_username: str,
+        bridge_password: str,
+    ) -> None:
+        self._host = host
+        self._requested_port = port
+        self._config_path = config_path
+        self._credentials = credentials
+        self._topics = topics
+        self._bridge_username = bridge_username
+        self._bridge_password = bridge_password
+        self._broker: Broker | None = None
+        self._port: int | None = None
+
+    @property
+    def port(self) -> int:
+        """The port actually listened on (differs from the requested one for port 0)."""
+        if self._port is None:
+            raise RuntimeError("the embedded broker is not running")
+        return self._port
+
+    def _load_config(self) -> dict[str, Any]:
+        """broker.yaml with our bind address and our access plugin as the only ACL."""
+        where = self._config_path
+        try:
+            raw = yaml.safe_load(where.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise BrokerStartError(f"cannot read broker config {where}: {exc}") from None
+        listeners = raw.get("listeners", {}) if isinstance(raw, dict) else None
+        default = listeners.get("default", {}) if isinstance(listeners, dict) else None
+        plugins = (raw.get("plugins") or {}) if isinstance(raw, dict) else None
+        if isinstance(plugins, list):  # amqtt also accepts a list of names / one-key maps
+            plugins = {
+                name: cfg
+                for item in plugins
+                for name, cfg in (item.items() if isinstance(item, dict) else [(item, {})])
+            }
+        if not (isinstance(default, dict) and isinstance(plugins, dict)):
+            raise BrokerStartError(
+                f"broker config {where}: expected mappings 'listeners.default' and 'plugins'"
+            )
+        policy = AccessPolicy(
+            credentials=self._credentials,
+            topics=self._topics,
+            bridge_username=self._bridge_username,
+            bridge_password=self._bridge_password,
+        )
+        others = {
+            name: cfg
+            for name, cfg in plugins.items()
+            if name != PLUGIN_PATH and not str(name).startswith(_FORBIDDEN_PLUGIN_PREFIXES)
+        }
+        config = {k: v for k, v in raw.items() if k not in _LEGACY_KEYS}
+        config["listeners"] = {
+            **listeners,
+            "default": {"type": "tcp", **default, "bind": f"{self._host}:{self._requested_port}"},
+        }
+        config["plugins"] = {PLUGIN_PATH: {"policy": policy}, **others}
+        return config
+
+    async def start(self) -> None:
+        """Load the config and listen; raises BrokerStartError naming host:port on failure."""
+        if self._broker is not None:
+            raise RuntimeError("the embedded broker is already running")
+        config = self._load_config()
+        where = f"{self._host}:{self._requested_port}"
+        _quiet_amqtt_logging()
+        try:
+            broker = _BatmonBroker(config)
+        except _CONFIG_ERRORS as exc:
+            raise BrokerStartError(f"invalid broker config {self._config_path}: {exc}") from None
+        startup_filter = _DropStartupTraceback()
+        amqtt_log = logging.getLogger("amqtt.broker")
+        amqtt_log.addFilter(startup_filter)
+        try:
+            await broker.start()
+        except BrokerError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno:
+                reason = os.strerror(cause.errno)
+            else:
+                reason = str(cause or exc)
+            raise BrokerStartError(f"cannot start MQTT broker on {where}: {reason}") from None
+        finally:
+            amqtt_log.removeFilter(startup_filter)
+        self._broker = broker
+        self._port = _bound_port(broker)
+        log.info("embedded MQTT broker listening on %s:%d", self._host, self._port)
+
+    async def stop(self) -> None:
+        """Disconnect every client and close the listener; a no-op if not running."""
+        broker, self._broker = self._broker, None
+        self._port = None
+        if broker is not None:
+            await broker.shutdown()
+
+
+def _bound_port(broker: Broker) -> int:
+    """Read the port from the listening socket: the only truth when port 0 was asked."""
+    # amqtt has no public accessor for its listeners' servers (0.12).
+    server = broker._servers["default"].instance
+    return int(server.sockets[0].getsockname()[1])
+
+
+class _DropStartupTraceback(logging.Filter):
+    """amqtt logs a full traceback when it cannot bind; we raise BrokerStartError instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Broker startup failed"
+
+
+def _quiet_amqtt_logging() -> None:
+    """amqtt logs every connection at INFO; keep it to warnings unless configured."""
+    for name in ("amqtt", "transitions"):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)

@@ -1,0 +1,722 @@
+"""Contract of the embedded broker (SPEC section 5): who may connect, publish, subscribe.
+
+A real amqtt broker runs on a free port in a background event loop; real paho 2.x
+clients speak MQTT 3.1.1 to it. What amqtt 0.12 does with a refusal, asserted below:
+CONNECT -> CONNACK "not authorized" (paho: 135); SUBSCRIBE -> SUBACK 0x80 for that
+filter; PUBLISH -> acknowledged (QoS 1 PUBACK) and silently dropped, connection kept.
+Absence is proven with a marker: a later allowed message on the same path arrives,
+the refused one never arrived before it (amqtt delivers in order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import queue
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from amqtt.contexts import BaseContext
+from amqtt.session import Session
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bridge.broker import (
+    AccessPolicy,
+    BatmonAccessPlugin,
+    BrokerStartError,
+    EmbeddedBroker,
+)
+from bridge.topics import Topics
+
+BROKER_YAML = Path(__file__).resolve().parents[1] / "broker.yaml"
+TOPICS = Topics()
+WAIT = 2.0  # seconds: every wait in this file is bounded by this
+NOT_AUTHORIZED = 135  # paho's reason code for an MQTT 3.1.1 CONNACK return code 5
+SUBACK_FAILURE = 0x80
+
+ALICE, ALICE_KEY, ALICE_ID = "alice@example.org", "key-alice", 1
+BOB, BOB_KEY, BOB_ID = "bob@example.org", "key-bob", 2
+
+# What Home Assistant subscribes to for MQTT discovery (homeassistant/components/mqtt/
+# discovery.py: f"{discovery_topic}/+/+/config" and f"{discovery_topic}/+/+/+/config").
+HA_DISCOVERY_FILTERS = ("homeassistant/+/+/config", "homeassistant/+/+/+/config")
+ALL_STATE, ALL_AVAILABILITY = "batmon/+/state", "batmon/+/availability"
+
+
+@dataclass
+class FakeCredentials:
+    """Test data standing in for the core's in-memory registry (a CredentialCheck)."""
+
+    tokens: dict[int, str] = field(default_factory=lambda: {5: "tok-five", 6: "tok-six", 7: "tok-seven"})
+    users: dict[str, tuple[str, int]] = field(
+        default_factory=lambda: {ALICE: (ALICE_KEY, ALICE_ID), BOB: (BOB_KEY, BOB_ID)}
+    )
+    owner: dict[int, int] = field(default_factory=lambda: {5: ALICE_ID, 6: BOB_ID, 7: ALICE_ID})
+
+    def check_device(self, batmon_id: int, token: str) -> bool:
+        return self.tokens.get(batmon_id) == token
+
+    def check_user(self, email: str, api_key: str) -> int | None:
+        key, user_id = self.users.get(email, ("", 0))
+        return user_id if key and key == api_key else None
+
+    def owns(self, user_id: int, batmon_id: int) -> bool:
+        return self.owner.get(batmon_id) == user_id
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread: the broker lives there, tests stay sync."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 5.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        async def cancel_leftovers() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        self.run(cancel_leftovers())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self.loop.close()
+
+
+@dataclass
+class Running:
+    broker: EmbeddedBroker
+    credentials: FakeCredentials
+    bridge_username: str
+    bridge_password: str
+
+
+def make_broker(credentials: FakeCredentials, port: int = 0) -> Running:
+    username, password = f"bridge-{secrets.token_hex(4)}", secrets.token_urlsafe(24)
+    broker = EmbeddedBroker(
+        host="127.0.0.1",
+        port=port,
+        config_path=BROKER_YAML,
+        credentials=credentials,
+        topics=TOPICS,
+        bridge_username=username,
+        bridge_password=password,
+    )
+    return Running(broker, credentials, username, password)
+
+
+@pytest.fixture(scope="module")
+def loop_thread() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+@pytest.fixture(scope="module")
+def running(loop_thread: LoopThread) -> Iterator[Running]:
+    r = make_broker(FakeCredentials())
+    loop_thread.run(r.broker.start())
+    yield r
+    loop_thread.run(r.broker.stop())
+
+
+class Client:
+    """A paho 2.x MQTT 3.1.1 client with blocking helpers bounded by WAIT."""
+
+    def __init__(
+        self,
+        port: int,
+        client_id: str,
+        username: str | None,
+        password: str | None,
+        clean_session: bool = True,
+    ) -> None:
+        self.received: list[tuple[str, bytes, bool]] = []
+        self._messages: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
+        self._connacks: queue.Queue[Any] = queue.Queue()
+        self._subacks: queue.Queue[tuple[int, list[Any]]] = queue.Queue()
+        self._disconnects: queue.Queue[Any] = queue.Queue()
+        self._port = port
+        self.paho = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=clean_session,
+            reconnect_on_failure=False,  # a refused client must stay refused, not retry
+        )
+        if username is not None:
+            self.paho.username_pw_set(username, password)
+        self.paho.on_connect = lambda _c, _u, _f, rc, _p: self._connacks.put(rc)
+        self.paho.on_subscribe = lambda _c, _u, mid, rcs, _p: self._subacks.put((mid, rcs))
+        self.paho.on_message = lambda _c, _u, m: self._messages.put((m.topic, m.payload, m.retain))
+        self.paho.on_disconnect = lambda _c, _u, _f, rc, _p: self._disconnects.put(rc)
+
+    def connect(self) -> int:
+        """Connect and return the CONNACK reason code value (0 = accepted)."""
+        self.paho.connect("127.0.0.1", self._port, keepalive=30)
+        self.paho.loop_start()
+        return self._connacks.get(timeout=WAIT).value
+
+    def subscribe(self, topic_filter: str, qos: int = 0) -> int:
+        """Subscribe and return the SUBACK code for the filter (0x80 = refused)."""
+        _, mid = self.paho.subscribe(topic_filter, qos)
+        while True:
+            got_mid, codes = self._subacks.get(timeout=WAIT)
+            if got_mid == mid:
+                return codes[0].value
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> bool:
+        """Publish and wait for the broker's acknowledgement (PUBACK for QoS 1)."""
+        info = self.paho.publish(topic, payload, qos=qos, retain=retain)
+        info.wait_for_publish(WAIT)
+        return info.is_published()
+
+    def wait_for(self, topic: str, payload: bytes | None = None) -> tuple[str, bytes, bool]:
+        """The first message on `topic` (with `payload` if given); all seen go to .received."""
+        while True:
+            msg = self._messages.get(timeout=WAIT)
+            self.received.append(msg)
+            if msg[0] == topic and payload in (None, msg[1]):
+                return msg
+
+    def topics_received(self) -> list[str]:
+        return [t for t, _, _ in self.received]
+
+    def close(self) -> None:
+        """Disconnect cleanly and stop the network loop."""
+        if self.paho.is_connected():
+            self.paho.disconnect()
+            # Without this wait loop_stop() can end the loop thread before it has sent the
+            # DISCONNECT: the socket then stays open and the broker sees the client online.
+            with contextlib.suppress(queue.Empty):
+                self._disconnects.get(timeout=WAIT)
+        self.paho.loop_stop()
+
+
+@pytest.fixture
+def connect(running: Running) -> Iterator[Callable[..., Client]]:
+    """Factory: connect a client (must succeed unless expect_rc says otherwise)."""
+    made: list[Client] = []
+    ids = itertools.count()
+
+    def factory(
+        username: str | None,
+        password: str | None = None,
+        *,
+        client_id: str | None = None,
+        clean_session: bool = True,
+        expect_rc: int = 0,
+    ) -> Client:
+        cid = client_id or f"test-{secrets.token_hex(3)}-{next(ids)}"
+        c = Client(running.broker.port, cid, username, password, clean_session)
+        made.append(c)
+        assert c.connect() == expect_rc
+        return c
+
+    yield factory
+    for c in made:
+        c.close()
+
+
+@pytest.fixture
+def bridge(running: Running, connect: Callable[..., Client]) -> Client:
+    """The bridge's own client, subscribed like mqtt_bridge: every device update."""
+    c = connect(running.bridge_username, running.bridge_password)
+    assert c.subscribe(TOPICS.update_filter, qos=1) == 1
+    return c
+
+
+def device(connect: Callable[..., Client], batmon_id: int, **kw: Any) -> Client:
+    return connect(str(batmon_id), FakeCredentials().tokens[batmon_id], **kw)
+
+
+# -- CONNECT ---------------------------------------------------------------
+
+
+def test_anonymous_client_is_refused(connect: Callable[..., Client]) -> None:
+    connect(None, expect_rc=NOT_AUTHORIZED)
+
+
+@pytest.mark.parametrize(
+    ("username", "password"),
+    [
+        ("5", "tok-six"),  # another device's token
+        ("5", "tok-fiv"),
+        ("05", "tok-five"),  # the id must be written canonically
+        ("8", "tok-five"),  # unknown batmon
+        (ALICE, BOB_KEY),
+        ("nobody@example.org", ALICE_KEY),
+        ("5", ""),  # username without a password
+        (ALICE, None),
+    ],
+)
+def test_wrong_password_is_refused(
+    connect: Callable[..., Client], username: str, password: str | None
+) -> None:
+    connect(username, password, expect_rc=NOT_AUTHORIZED)
+
+
+def test_wrong_bridge_password_is_refused(running: Running, connect: Callable[..., Client]) -> None:
+    connect(running.bridge_username, running.bridge_password + "x", expect_rc=NOT_AUTHORIZED)
+
+
+# -- devices ---------------------------------------------------------------
+
+
+def test_device_can_publish_its_update_and_bridge_receives_it(
+    bridge: Client, connect: Callable[..., Client]
+) -> None:
+    dev = device(connect, 5)
+    assert dev.publish(TOPICS.update(5, "tok-five"), b'{"voltage": 12.9}')
+    assert bridge.wait_for(TOPICS.update(5, "tok-five"))[1] == b'{"voltage": 12.9}'
+
+
+def test_device_cannot_publish_to_another_devices_topic(
+    running: Running, bridge: Client, connect: Callable[..., Client]
+) -> None:
+    assert bridge.subscribe("batmon/#", qos=1) == 1  # catch spoofed state too
+    dev = device(connect, 5)
+    forbidden = [
+        TOPICS.update(6, "tok-six"),  # even with the other device's real token
+        TOPICS.update(5, "tok-six"),
+        TOPICS.state(5),  # the bridge's topics
+        TOPICS.availability(6),
+        TOPICS.bridge_state,
+    ]
+    for topic in forbidden:
+        # amqtt 0.12 acknowledges a refused QoS 1 PUBLISH and drops it silently.
+        assert dev.publish(topic, b"spoof", retain=True)
+    assert dev.paho.is_connected()
+    marker = TOPICS.update(5, "tok-five")
+    assert dev.publish(marker, b"marker")
+    bridge.wait_for(marker, b"marker")
+    assert [t for t, p, _ in bridge.received if p == b"spoof"] == []
+
+
+def test_device_cannot_subscribe_to_another_devices_state(
+    bridge: Client, connect: Callable[..., Client]
+) -> None:
+    dev = device(connect, 5)
+    assert dev.subscribe(TOPICS.state(6)) == SUBACK_FAILURE
+    assert dev.subscribe(TOPICS.error(6, "tok-six")) == SUBACK_FAILURE
+    assert dev.subscribe(TOPICS.update(5, "tok-five")) == SUBACK_FAILURE  # not even its own
+    assert dev.subscribe(TOPICS.state(5)) == 0
+    assert dev.subscribe(TOPICS.availability(5)) == 0
+    assert dev.subscribe(TOPICS.error(5, "tok-five")) == 0
+    bridge.publish(TOPICS.state(6), b"six")
+    bridge.publish(TOPICS.state(5), b"five")
+    dev.wait_for(TOPICS.state(5), b"five")
+    assert TOPICS.state(6) not in dev.topics_received()
+
+
+@pytest.mark.parametrize(
+    "topic_filter",
+    [
+        "#",
+        "batmon/#",
+        "batmon/5/#",
+        "batmon/5/+",
+        "batmon/5/tok-five/+",
+        # the wildcards a user may hold stay refused to devices
+        ALL_STATE,
+        ALL_AVAILABILITY,
+        *HA_DISCOVERY_FILTERS,
+    ],
+)
+def test_device_wildcard_subscription_is_refused(
+    bridge: Client, connect: Callable[..., Client], topic_filter: str
+) -> None:
+    dev = device(connect, 5)
+    assert dev.subscribe(topic_filter) == SUBACK_FAILURE
+    assert dev.subscribe(TOPICS.state(5)) == 0
+    bridge.publish(TOPICS.state(6), b"six")
+    bridge.publish(TOPICS.state(5), b"five")
+    dev.wait_for(TOPICS.state(5), b"five")
+    assert set(dev.topics_received()) == {TOPICS.state(5)}
+
+
+# -- users -----------------------------------------------------------------
+
+
+def test_user_can_subscribe_to_own_batmon_state_and_gets_retained(
+    bridge: Client, connect: Callable[..., Client]
+) -> None:
+    own = {
+        TOPICS.state(5): b'{"voltage": 12.7, "status": "Online"}',
+        TOPICS.availability(5): b"online",
+        TOPICS.discovery(5): b'{"dev": {}}',
+        TOPICS.bridge_state: b"online",
+    }
+    for topic, payload in own.items():
+        assert bridge.publish(topic, payload, retain=True)
+    user = connect(ALICE, ALICE_KEY)
+    for topic, payload in own.items():
+        assert user.subscribe(topic) == 0
+        assert user.wait_for(topic) == (topic, payload, True)
+
+
+def test_user_is_refused_other_users_batmon(bridge: Client, connect: Callable[..., Client]) -> None:
+    for topic in (TOPICS.state(6), TOPICS.availability(6), TOPICS.discovery(6)):
+        assert bridge.publish(topic, b"bob's", retain=True)
+    user = connect(ALICE, ALICE_KEY)
+    refused = [
+        TOPICS.state(6),
+        TOPICS.availability(6),
+        TOPICS.discovery(6),
+        TOPICS.update(5, "tok-five"),  # a device's topic, token and all
+        TOPICS.error(5, "tok-five"),
+        "batmon/05/state",
+        TOPICS.homeassistant_status,  # a user may publish there, not listen
+        # wildcards other than Home Assistant's discovery and the state/availability ones
+        "#",
+        "+/+/+/config",
+        "batmon/#",
+        "batmon/+/+",
+        "batmon/+/+/update",
+        "batmon/+/+/error",
+        "batmon/5/+",
+        "homeassistant/#",  # pre-2021 Home Assistant discovery: not granted
+        "homeassistant/+/+/+/+/config",
+        "homeassistant/device/+/config",
+        "homeassistant/+/batmon_6/config",
+        "tasmota/discovery/#",  # Home Assistant also asks for other integrations' topics
+    ]
+    for topic_filter in refused:
+        assert user.subscribe(topic_filter) == SUBACK_FAILURE, topic_filter
+    assert user.subscribe(TOPICS.bridge_state) == 0
+    assert bridge.publish(TOPICS.bridge_state, b"marker")
+    user.wait_for(TOPICS.bridge_state, b"marker")
+    assert set(user.topics_received()) == {TOPICS.bridge_state}
+
+
+def test_user_wildcard_discovery_delivers_only_its_own_batmons(
+    bridge: Client, connect: Callable[..., Client]
+) -> None:
+    retained = {
+        TOPICS.discovery(5): b'{"dev": "alice 5"}',
+        TOPICS.discovery(6): b'{"dev": "bob 6"}',
+        TOPICS.discovery(7): b'{"dev": "alice 7"}',
+        # other integrations' discovery on the shared prefix, with and without node_id
+        "homeassistant/sensor/kitchen/config": b'{"other": 1}',
+        "homeassistant/sensor/zigbee/kitchen/config": b'{"other": 2}',
+        "homeassistant/device/batmon_05/config": b'{"bad spelling": 5}',
+        "homeassistant/device/batmon_5/x/config": b'{"too deep": 5}',
+    }
+    for topic, payload in retained.items():
+        assert bridge.publish(topic, payload, retain=True)
+    user = connect(ALICE, ALICE_KEY)
+    for topic_filter in HA_DISCOVERY_FILTERS:
+        assert user.subscribe(topic_filter) == 0
+    # amqtt replays a filter's retained messages after its SUBACK but before it handles
+    # the next SUBSCRIBE: once this SUBACK is in, every replay has been sent.
+    assert user.subscribe(TOPICS.bridge_state) == 0
+    # Live messages through the same wildcards, then a live marker for Alice.
+    assert bridge.publish(TOPICS.discovery(6), b'{"dev": "bob live"}')
+    assert bridge.publish("homeassistant/sensor/kitchen/config", b'{"other": "live"}')
+    assert bridge.publish(TOPICS.discovery(5), b"marker")
+    user.wait_for(TOPICS.discovery(5), b"marker")
+    got = [(t, p) for t, p, _ in user.received if t != TOPICS.bridge_state]
+    assert sorted(got) == sorted(
+        [
+            (TOPICS.discovery(5), b'{"dev": "alice 5"}'),  # retained replay
+            (TOPICS.discovery(7), b'{"dev": "alice 7"}'),
+            (TOPICS.discovery(5), b"marker"),  # live
+        ]
+    )
+
+
+def test_user_wildcard_state_and_availability_deliver_only_its_own_batmons(
+    bridge: Client, connect: Callable[..., Client]
+) -> None:
+    assert bridge.publish(TOPICS.state(6), b"bob retained", retain=True)
+    assert bridge.publish(TOPICS.availability(6), b"bob retained", retain=True)
+    assert bridge.publish(TOPICS.state(5), b"alice retained", retain=True)
+    user = connect(ALICE, ALICE_KEY)
+    assert user.subscribe(ALL_STATE) == 0
+    assert user.subscribe(ALL_AVAILABILITY) == 0
+    assert user.subscribe(TOPICS.bridge_state) == 0  # every replay is in before this SUBACK
+    for topic in (TOPICS.state(6), TOPICS.availability(6), TOPICS.update(5, "tok-five")):
+        assert bridge.publish(topic, b"bob live")
+    assert bridge.publish(TOPICS.availability(7), b"online")
+    assert bridge.publish(TOPICS.state(5), b"marker")
+    user.wait_for(TOPICS.state(5), b"marker")
+    assert [p for t, p, _ in user.received if t == TOPICS.state(5)] == [b"alice retained", b"marker"]
+    assert (TOPICS.availability(7), b"online", False) in user.received
+    assert not [t for t, p, _ in user.received if p.startswith(b"bob")]
+    assert set(user.topics_received()) <= {
+        TOPICS.state(5),
+        TOPICS.availability(5),
+        TOPICS.state(7),
+        TOPICS.availability(7),
+        TOPICS.bridge_state,  # batmon/bridge/state matches batmon/+/state: allowed
+    }
+
+
+def test_user_wildcard_follows_ownership_changes_in_queued_messages(
+    running: Running, loop_thread: LoopThread, bridge: Client, connect: Callable[..., Client]
+) -> None:
+    # A persistent session's messages pass the check when queued; ownership can change
+    # before the client comes back to collect them.
+    client_id = f"dash-{secrets.token_hex(3)}"
+    user = connect(ALICE, ALICE_KEY, client_id=client_id, clean_session=False)
+    assert user.subscribe(ALL_STATE, qos=1) == 1
+    # amqtt handles this SUBSCRIBE only once the QoS 1 replay of retained state above is
+    # acknowledged: leaving earlier would keep the session "connected" up to 5 s longer.
+    assert user.subscribe(TOPICS.bridge_state) == 0
+    user.close()
+
+    def queued_when_away() -> int | None:
+        async def probe() -> int | None:
+            session = running.broker._broker.sessions[client_id][0]
+            return None if session.transitions.is_connected() else session.retained_messages.qsize()
+
+        return loop_thread.run(probe())
+
+    def wait_until(check: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + WAIT
+        while not check():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    wait_until(lambda: queued_when_away() == 0)
+    assert bridge.publish(TOPICS.state(7), b"queued while owned")
+    assert bridge.publish(TOPICS.state(5), b"queued five")
+    wait_until(lambda: queued_when_away() == 2)
+    running.credentials.owner[7] = BOB_ID
+    try:
+        back = connect(ALICE, ALICE_KEY, client_id=client_id, clean_session=False)
+        assert bridge.publish(TOPICS.state(5), b"marker")
+        back.wait_for(TOPICS.state(5), b"marker")
+        assert TOPICS.state(7) not in back.topics_received()
+        assert (TOPICS.state(5), b"queued five") in [(t, p) for t, p, _ in back.received]
+    finally:
+        running.credentials.owner[7] = ALICE_ID
+        connect(ALICE, ALICE_KEY, client_id=client_id)  # clean session: drop it
+
+
+def test_user_can_publish_home_assistant_birth_and_will(
+    running: Running, bridge: Client, connect: Callable[..., Client]
+) -> None:
+    status = TOPICS.homeassistant_status
+    assert bridge.subscribe(status, qos=1) == 1
+    ha = Client(running.broker.port, f"ha-{secrets.token_hex(3)}", ALICE, ALICE_KEY)
+    ha.paho.will_set(status, b"offline")  # Home Assistant's default last will
+    try:
+        assert ha.connect() == 0
+        assert ha.publish(status, b"online", qos=0)  # its default birth message
+        assert bridge.wait_for(status)[1] == b"online"
+        ha.paho.socket().shutdown(socket.SHUT_RDWR)  # gone without DISCONNECT
+        assert bridge.wait_for(status)[1] == b"offline"
+    finally:
+        ha.close()
+
+
+def test_user_cannot_publish_anywhere_else(bridge: Client, connect: Callable[..., Client]) -> None:
+    assert bridge.subscribe("#", qos=1) == 1  # whatever a forged message could reach
+    user = connect(ALICE, ALICE_KEY)
+    forbidden = [
+        TOPICS.update(5, "tok-five"),  # its own batmon's device topic, token and all
+        TOPICS.discovery(5),
+        "homeassistant/device/batmon_99/config",
+        TOPICS.state(5),
+        TOPICS.availability(5),
+        TOPICS.bridge_state,
+        "homeassistant/status/x",
+        "homeassistant",
+    ]
+    for topic in forbidden:
+        assert user.publish(topic, b"forged", retain=True)  # acked, then dropped
+    assert user.paho.is_connected()
+    # amqtt handles one client's PUBLISHes in order: the allowed one is the marker.
+    assert user.publish(TOPICS.homeassistant_status, b"online")
+    bridge.wait_for(TOPICS.homeassistant_status, b"online")
+    assert [t for t, p, _ in bridge.received if p == b"forged"] == []
+
+
+def test_user_stops_receiving_a_batmon_it_no_longer_owns(
+    running: Running, bridge: Client, connect: Callable[..., Client]
+) -> None:
+    user = connect(ALICE, ALICE_KEY)
+    assert user.subscribe(TOPICS.state(7)) == 0
+    assert user.subscribe(TOPICS.bridge_state) == 0
+    bridge.publish(TOPICS.state(7), b"while owned")
+    assert user.wait_for(TOPICS.state(7))[1] == b"while owned"
+    running.credentials.owner[7] = BOB_ID
+    try:
+        bridge.publish(TOPICS.state(7), b"after transfer")
+        bridge.publish(TOPICS.bridge_state, b"marker")
+        user.wait_for(TOPICS.bridge_state, b"marker")
+        assert [p for t, p, _ in user.received if t == TOPICS.state(7)] == [b"while owned"]
+    finally:
+        running.credentials.owner[7] = ALICE_ID
+
+
+def test_retained_messages_do_not_leak_through_other_clients_subscriptions(
+    bridge: Client, connect: Callable[..., Client]
+) -> None:
+    # amqtt 0.12.1 replays, to every new client, retained messages matching *any* client's
+    # filters; EmbeddedBroker limits the replay to the client's own subscriptions.
+    assert bridge.publish(TOPICS.state(6), b"bob's secret", retain=True)
+    assert bridge.publish(TOPICS.state(5), b"alice's", retain=True)
+    bob = connect(BOB, BOB_KEY)
+    assert bob.subscribe(TOPICS.state(6)) == 0
+    bob.wait_for(TOPICS.state(6), b"bob's secret")
+    alice = connect(ALICE, ALICE_KEY)
+    assert alice.subscribe(TOPICS.state(5)) == 0
+    # A live marker: anything replayed at CONNECT or SUBSCRIBE reached alice before it.
+    assert bridge.publish(TOPICS.state(5), b"live marker")
+    alice.wait_for(TOPICS.state(5), b"live marker")
+    assert set(alice.topics_received()) == {TOPICS.state(5)}
+
+
+def test_persistent_session_cannot_be_taken_over_by_another_principal(
+    running: Running, connect: Callable[..., Client]
+) -> None:
+    client_id = f"bridge-session-{secrets.token_hex(3)}"
+    first = connect(
+        running.bridge_username, running.bridge_password, client_id=client_id, clean_session=False
+    )
+    assert first.subscribe(TOPICS.update_filter, qos=1) == 1
+    first.close()
+    connect(ALICE, ALICE_KEY, client_id=client_id, clean_session=False, expect_rc=NOT_AUTHORIZED)
+    # The owner still gets its session back, with what was queued while it was away.
+    dev = device(connect, 5)
+    assert dev.publish(TOPICS.update(5, "tok-five"), b"queued")
+    again = connect(
+        running.bridge_username, running.bridge_password, client_id=client_id, clean_session=False
+    )
+    assert again.wait_for(TOPICS.update(5, "tok-five"))[1] == b"queued"
+
+
+def test_refused_connections_do_not_leave_live_sessions_behind(
+    running: Running, loop_thread: LoopThread, connect: Callable[..., Client]
+) -> None:
+    # amqtt 0.12.1 leaves a refused client's session "connected" forever, so its session
+    # monitor never drops it: one leaked session per failed login.
+    ids = {f"refused-{secrets.token_hex(3)}-{i}" for i in range(5)}
+    for client_id in ids:
+        connect("5", "wrong", client_id=client_id, expect_rc=NOT_AUTHORIZED)
+
+    async def live_refused() -> set[str]:
+        sessions = running.broker._broker.sessions  # amqtt's table; no public view needed
+        return {c for c, (s, _) in sessions.items() if c in ids and s.transitions.is_connected()}
+
+    deadline = time.monotonic() + WAIT
+    while (left := loop_thread.run(live_refused())) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert left == set()
+
+
+def test_refused_client_cannot_plant_a_last_will_on_a_persistent_session(
+    running: Running, bridge: Client, connect: Callable[..., Client]
+) -> None:
+    # amqtt copies a CONNECT's will onto the persistent session of that client id before
+    # authenticating, then fires it when the refused CONNECT takes the connection over.
+    client_id = f"dev5-{secrets.token_hex(3)}"
+    victim = Client(running.broker.port, client_id, "5", "tok-five", clean_session=False)
+    victim.paho.will_set(TOPICS.update(5, "tok-five"), b"vetted will", qos=1)
+    assert victim.connect() == 0
+    attacker = Client(running.broker.port, client_id, None, None, clean_session=False)
+    attacker.paho.will_set(TOPICS.update(5, "tok-five"), b"planted will", qos=1)
+    try:
+        assert attacker.connect() == NOT_AUTHORIZED
+        # The take-over ends the victim's connection abnormally: its own will is the one sent.
+        bridge.wait_for(TOPICS.update(5, "tok-five"), b"vetted will")
+        assert [p for _, p, _ in bridge.received] == [b"vetted will"]
+    finally:
+        attacker.close()
+        victim.close()
+
+
+def test_last_will_outside_own_topics_is_dropped_not_refused() -> None:
+    # Unit level: amqtt broadcasts a will without asking the topic plugins, so the auth
+    # plugin must defuse it at CONNECT; killing a socket to watch it could not prove absence.
+    policy = AccessPolicy(
+        credentials=FakeCredentials(),
+        topics=TOPICS,
+        bridge_username="b",
+        bridge_password="p",
+    )
+    context = BaseContext()
+    context.config = BatmonAccessPlugin.Config(policy=policy)
+    plugin = BatmonAccessPlugin(context)
+
+    def session(username: str, password: str, will_topic: str) -> Session:
+        s = Session()
+        s.client_id, s.username, s.password = "c", username, password
+        s.will_flag, s.will_topic, s.will_message = True, will_topic, b"offline"
+        return s
+
+    def will_kept(username: str, password: str, will_topic: str) -> bool:
+        s = session(username, password, will_topic)
+        assert asyncio.run(plugin.authenticate(session=s))  # connection accepted either way
+        return s.will_flag
+
+    assert not will_kept("5", "tok-five", TOPICS.state(6))  # would spoof retained state
+    assert not will_kept(ALICE, ALICE_KEY, TOPICS.availability(5))
+    assert not will_kept("5", "tok-five", TOPICS.homeassistant_status)  # users' only
+    assert will_kept(ALICE, ALICE_KEY, TOPICS.homeassistant_status)  # HA's default will
+    assert will_kept("5", "tok-five", TOPICS.update(5, "tok-five"))
+    assert will_kept("b", "p", TOPICS.bridge_state)
+
+
+# -- bridge & lifecycle ------------------------------------------------------
+
+
+def test_bridge_client_can_publish_retained_state(bridge: Client, connect: Callable[..., Client]) -> None:
+    assert bridge.publish(TOPICS.state(5), b'{"soc": 80}', retain=True)
+    dev = device(connect, 5)  # subscribes after the fact: gets the retained state
+    assert dev.subscribe(TOPICS.state(5)) == 0
+    assert dev.wait_for(TOPICS.state(5)) == (TOPICS.state(5), b'{"soc": 80}', True)
+    assert dev.subscribe(TOPICS.error(5, "tok-five")) == 0
+    assert bridge.publish(TOPICS.error(5, "tok-five"), b'{"error": "bad"}')
+    assert dev.wait_for(TOPICS.error(5, "tok-five"))[1] == b'{"error": "bad"}'
+
+
+def test_port_zero_picks_a_free_port(running: Running, loop_thread: LoopThread) -> None:
+    assert running.broker.port > 0
+    other = make_broker(FakeCredentials(tokens={}, users={}, owner={}))
+    loop_thread.run(other.broker.start())
+    try:
+        assert other.broker.port not in (0, running.broker.port)
+        # Two brokers in one process, each with its own credentials.
+        mine = Client(other.broker.port, "p0-a", other.bridge_username, other.bridge_password)
+        theirs = Client(other.broker.port, "p0-b", running.bridge_username, running.bridge_password)
+        try:
+            assert mine.connect() == 0
+            assert theirs.connect() == NOT_AUTHORIZED
+        finally:
+            mine.close()
+            theirs.close()
+    finally:
+        loop_thread.run(other.broker.stop())
+    with pytest.raises(RuntimeError):
+        _ = other.broker.port
+
+
+def test_busy_port_raises_clear_error(loop_thread: LoopThread, caplog: pytest.LogCaptureFixture) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = make_broker(FakeCredentials(), port=port)
+        with caplog.at_level(logging.DEBUG, logger="amqtt"), pytest.raises(BrokerStartError) as err:
+            loop_thread.run(r.broker.start())
+    assert str(err.value) == f"cannot start MQTT broker on 127.0.0.1:{port}: Address already in use"
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    assert not [rec for rec in caplog.records if rec.exc_info or rec.levelno >= logging.ERROR]
