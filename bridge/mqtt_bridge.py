@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import re
+import socket
 import urllib.parse
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -395,6 +396,12 @@ class MqttBridge:
             return
         self._connection += 1
         self._counters["connects"] += 1
+        # paho leaves Nagle on: back-to-back small packets (state, availability, acks)
+        # would wait for the broker's delayed ACK, ~40 ms each time.
+        sock = client.socket()
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Retained publishes queued during the outage are stale; on_connected below
         # republishes the current truth, so drop them rather than let them win.
         client.drop_out_messages()

@@ -146,8 +146,9 @@ class Service:
         if opts.mqtt_url:
             host, port, username, password = parse_mqtt_url(opts.mqtt_url)
             # A stable id keeps the broker's session: readings sent while we were
-            # away are delivered when we come back.
-            client_id = "batmon-bridge"
+            # away are delivered when we come back. It names the base topic, so two
+            # bridges sharing a broker under different bases do not evict each other.
+            client_id = "batmon-bridge-" + opts.base_topic.replace("/", "-")
         else:
             self.broker = EmbeddedBroker(
                 host=opts.host, port=opts.mqtt_port, config_path=opts.broker_config,
