@@ -44,7 +44,8 @@ def build_parser() -> Parser:
     serve.add_argument("--http-port", help="HTTP port, 0 picks a free one (default 8080)")
     serve.add_argument("--mqtt-port", help="embedded broker port, 0 picks one (default 1883)")
     serve.add_argument("--mqtt-url", help="use this broker, e.g. mqtt://user:pass@host:1883")
-    serve.add_argument("--broker-config", help="embedded broker config (default broker.yaml)")
+    serve.add_argument("--broker-config",
+                       help="embedded broker config (default ./broker.yaml, else the shipped one)")
     serve.add_argument("--base-topic", help="MQTT topic prefix (default batmon)")
     serve.add_argument("--discovery-prefix", help="Home Assistant prefix (homeassistant)")
     serve.add_argument("--no-discovery", dest="discovery", action="store_const", const=False,
@@ -130,6 +131,10 @@ async def run_serve(options: ServeOptions) -> None:
     from bridge.service import Service, ServiceError
 
     service = Service(options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     try:
         await service.start()
     except ServiceError as exc:
@@ -141,11 +146,8 @@ async def run_serve(options: ServeOptions) -> None:
     if service.admin_api_key:
         print(f"created user admin@localhost; api_key (shown once): {service.admin_api_key}",
               flush=True)  # fmt: skip
+    # Handlers were installed before this line: a stop right after "ready" is clean.
     print("ready (Ctrl-C stops)", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await service.stop()
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bridge.store.db import DB_FILENAME
 
+PACKAGED_BROKER_CONFIG = Path(__file__).with_name("broker.yaml")
 Port = Annotated[int, Field(ge=0, le=65535)]
 
 # A topic prefix: levels of safe characters, no wildcards, no leading '$' or '/'.
@@ -28,7 +29,7 @@ class ServeOptions(BaseModel):
     http_port: Port = 8080
     mqtt_port: Port = 1883
     mqtt_url: str | None = None
-    broker_config: Path = Path("broker.yaml")
+    broker_config: Path | None = None
     base_topic: str = "batmon"
     discovery_prefix: str = "homeassistant"
     discovery: bool = True
@@ -52,6 +53,14 @@ class ServeOptions(BaseModel):
         if not re.match(r"^mqtts?://[^/\s]+", value):
             raise ValueError("must look like mqtt://user:pass@host:1883")
         return value
+
+    @property
+    def broker_config_path(self) -> Path:
+        """The broker config given, else ./broker.yaml, else the one shipped with us."""
+        if self.broker_config is not None:
+            return self.broker_config
+        local = Path("broker.yaml")
+        return local if local.exists() else PACKAGED_BROKER_CONFIG
 
     @property
     def database_path(self) -> Path:

@@ -151,7 +151,7 @@ class Service:
             client_id = "batmon-bridge-" + opts.base_topic.replace("/", "-")
         else:
             self.broker = EmbeddedBroker(
-                host=opts.host, port=opts.mqtt_port, config_path=opts.broker_config,
+                host=opts.host, port=opts.mqtt_port, config_path=opts.broker_config_path,
                 credentials=core, topics=self.topics,
                 bridge_username=bridge_user, bridge_password=bridge_password,
             )  # fmt: skip

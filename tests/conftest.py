@@ -68,6 +68,7 @@ class ServeProcess:
     data_dir: Path
     args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    cwd: Path = ROOT
     proc: subprocess.Popen[str] | None = None
     http_url: str = ""
     mqtt_url: str = ""
@@ -83,7 +84,7 @@ class ServeProcess:
         self.log_path = self.data_dir.parent / f"serve-{time.monotonic_ns()}.log"
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "w") as log:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=log,
+            self.proc = subprocess.Popen(cmd, cwd=self.cwd, stdout=subprocess.PIPE, stderr=log,
                                          text=True, env=env)  # fmt: skip
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None

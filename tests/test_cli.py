@@ -121,3 +121,37 @@ def test_user_added_while_serving_can_call_the_api_at_once(serve: ServeProcess) 
     with httpx.Client(base_url=serve.http_url, timeout=10) as c:
         r = c.get("/interface/batmon/count", headers={"X-API-Key": key})
         assert r.json() == {"success": {"batmons": 0}}
+
+
+def test_serve_outside_the_repo_uses_the_shipped_broker_config(tmp_path: Path) -> None:
+    assert not (tmp_path / "broker.yaml").exists()
+    process = ServeProcess(tmp_path / "data", cwd=tmp_path).start()
+    try:
+        assert process.mqtt_url.startswith("mqtt://127.0.0.1:")
+    finally:
+        assert process.stop() == 0
+
+
+def test_missing_broker_config_given_explicitly_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    r = batmon("serve", "--data-dir", str(tmp_path), "--http-port", "0", "--mqtt-port", "0",
+               "--broker-config", str(tmp_path / "nope.yaml"))  # fmt: skip
+    assert r.returncode == 1 and "nope.yaml" in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+
+
+def test_user_notify_sets_masked_targets_and_refuses_bad_urls(tmp_path: Path) -> None:
+    data = str(tmp_path / "data")
+    batmon("user", "add", "ann@example.org", "--data-dir", data)
+    ok = batmon("user", "notify", "ann@example.org", "--data-dir", data,
+                "--email", "json://ann:hunter22@127.0.0.1:9/", "--sms", "")  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "email_url: json://" in ok.stdout and "hunter22" not in ok.stdout
+    assert "sms_url: -" in ok.stdout
+    bad = batmon("user", "notify", "ann@example.org", "--data-dir", data,
+                 "--whatsapp", "nosuch://x")  # fmt: skip
+    assert bad.returncode == 2 and "whatsapp_url" in bad.stderr
+    assert bad.stderr.strip().count("\n") == 0
+    unknown = batmon("user", "notify", "zed@example.org", "--data-dir", data, "--email", "")
+    assert unknown.returncode == 1 and "zed@example.org" in unknown.stderr
+    again = batmon("user", "notify", "ann@example.org", "--data-dir", data)
+    assert "email_url: json://" in again.stdout  # a target not given keeps its value
