@@ -22,6 +22,7 @@ from bridge.store.db import Store
 
 Status = Literal["Online", "Offline"]
 FLAGS = {"alerts": "notification_enabled", "whatsapp": "whatsapp_enabled", "sms": "sms_enabled"}
+DEFAULT_UNITS = {"voltage": "V", "current": "A", "power": "W", "soc": "%"}
 
 
 @dataclass
@@ -106,6 +107,10 @@ class Batmon:
         if self.last_reading is not None and now - self.last_reading < self.update_period:
             return "Online"
         return "Offline"
+
+    def unit(self, metric: str) -> str:
+        """The unit a metric is shown in: the batmon's own, else V, A, W or %."""
+        return getattr(self, f"{metric}_units", "") or DEFAULT_UNITS.get(metric, "")
 
     @property
     def deadline(self) -> float | None:

@@ -23,13 +23,13 @@ if TYPE_CHECKING:
 
 ORIGIN_NAME = "batmon-bridge"
 MANUFACTURER = "batmon"
-# (metric, component name, device_class, default unit); the key in ``cmps`` and the
-# unique_id suffix is the metric, so entity ids survive renames and unit edits.
+# (metric, component name, device_class); the key in ``cmps`` and the unique_id
+# suffix is the metric, so entity ids survive renames and unit edits.
 SENSORS = (
-    ("voltage", "Voltage", "voltage", "V"),
-    ("current", "Current", "current", "A"),
-    ("power", "Power", "power", "W"),
-    ("soc", "Battery", "battery", "%"),
+    ("voltage", "Voltage", "voltage"),
+    ("current", "Current", "current"),
+    ("power", "Power", "power"),
+    ("soc", "Battery", "battery"),
 )
 
 
@@ -59,12 +59,12 @@ def discovery_payload(batmon: Batmon, topics: Topics) -> dict[str, Any]:
             "name": name,
             "device_class": device_class,
             "state_class": "measurement",
-            "unit_of_measurement": getattr(batmon, f"{metric}_units") or default_unit,
+            "unit_of_measurement": batmon.unit(metric),
             "value_template": f"{{{{ value_json.batmon_{metric} }}}}",
             "unique_id": f"batmon_{batmon.id}_{metric}",
             "expire_after": expire_after(batmon.update_period),
         }
-        for metric, name, device_class, default_unit in SENSORS
+        for metric, name, device_class in SENSORS
     }
     return {
         "dev": {

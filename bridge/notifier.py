@@ -37,7 +37,6 @@ TARGET_COLUMNS: dict[Channel, str] = {ch: f"{ch}_url" for ch in CHANNELS}
 MAX_URL_CHARS = 2048
 RETENTION_S = 30 * 86400  # finished notices are kept this long for the user to read
 IDLE_WAIT_S = 60.0  # a safety net: the worker looks at the queue at least this often
-DEFAULT_UNITS = {"voltage": "V", "current": "A", "power": "W", "soc": "%"}
 NOTIFY_TYPES = {
     "offline": apprise.NotifyType.WARNING,
     "online": apprise.NotifyType.SUCCESS,
@@ -193,7 +192,7 @@ def _upper_first(text: str) -> str:
 
 
 def _quantity(batmon: Batmon, metric: str, value: float) -> str:
-    unit = getattr(batmon, f"{metric}_units", "") or DEFAULT_UNITS.get(metric, "")
+    unit = batmon.unit(metric)
     return f"{value:g}{'' if unit in ('', '%') else ' '}{unit}"
 
 
