@@ -1,4 +1,4 @@
-"""Shared fixtures: real SQLite files in tmp_path, the real app, real servers."""
+"""Shared fixtures: real SQLite files in tmp_path, the real app, real servers, real brokers."""
 
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ from bridge.core import Core, User
 from bridge.events import EventBus
 from bridge.store.db import Store
 from http_api.app import create_app
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.support import ROOT, Env, make_env
 
 
 @dataclass
@@ -121,3 +120,10 @@ def serve(tmp_path: Path) -> Iterator[ServeProcess]:
     yield process
     if process.proc is not None:
         process.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[Env]:
+    """A core on tmp SQLite, its loop thread, and the shared Mosquitto under this test's topics."""
+    with make_env(tmp_path) as env:
+        yield env

@@ -14,21 +14,7 @@ from bridge.core import Alarm, Batmon, Core
 from bridge.events import AlarmChanged, EventBus
 from bridge.models import AddAlarm, AddBatmon, Reading
 from bridge.store.db import Store
-
-T0 = 1_700_000_000.0
-
-
-class Clock:
-    """A clock the test moves by hand, so repeat delays need no sleeping."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.support import T0, Clock
 
 
 @pytest.fixture

@@ -17,9 +17,8 @@ import logging
 import queue
 import secrets
 import socket
-import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from bridge.broker import (
     EmbeddedBroker,
 )
 from bridge.topics import Topics
+from tests.support import LoopThread, wait_until
 
 BROKER_YAML = Path(__file__).resolve().parents[1] / "broker.yaml"
 TOPICS = Topics()
@@ -72,30 +72,6 @@ class FakeCredentials:
 
     def owns(self, user_id: int, batmon_id: int) -> bool:
         return self.owner.get(batmon_id) == user_id
-
-
-class LoopThread:
-    """An asyncio loop in a daemon thread: the broker lives there, tests stay sync."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 5.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        async def cancel_leftovers() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        self.run(cancel_leftovers())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
-        self.loop.close()
 
 
 @dataclass
@@ -487,16 +463,10 @@ def test_user_wildcard_follows_ownership_changes_in_queued_messages(
 
         return loop_thread.run(probe())
 
-    def wait_until(check: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + WAIT
-        while not check():
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-
-    wait_until(lambda: queued_when_away() == 0)
+    wait_until(lambda: queued_when_away() == 0, WAIT, "the session away with nothing queued")
     assert bridge.publish(TOPICS.state(7), b"queued while owned")
     assert bridge.publish(TOPICS.state(5), b"queued five")
-    wait_until(lambda: queued_when_away() == 2)
+    wait_until(lambda: queued_when_away() == 2, WAIT, "both messages queued")
     running.credentials.owner[7] = BOB_ID
     try:
         back = connect(ALICE, ALICE_KEY, client_id=client_id, clean_session=False)

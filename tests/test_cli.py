@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx2 as httpx
 import pytest
 
-from tests.conftest import ROOT, ServeProcess
-
-
-def batmon(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bridge.cli", *args], cwd=ROOT, text=True,
-                          capture_output=True, timeout=60, env={**os.environ, **(env or {})})
+from tests.conftest import ServeProcess
+from tests.support import batmon
 
 
 def test_user_add_prints_the_api_key_alone_and_list_shows_users(tmp_path: Path) -> None:

@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
-
-import pytest
 
 from bridge.core import Batmon
 from bridge.discovery import HomeAssistantDiscovery, discovery_payload
 from bridge.models import EditBatmon
 from bridge.mqtt_bridge import state_payload
 from bridge.topics import Topics
-from tests.test_mqtt_bridge import Env, make_env, payload_json, retained, wait_until
+from tests.support import Env, payload_json, retained, wait_until
 
 TOPICS = Topics(base="batmon", discovery_prefix="homeassistant")
 
@@ -95,12 +91,6 @@ def test_home_assistant_online_resends_every_config_and_offline_does_not() -> No
 
 
 # -- on a real broker -------------------------------------------------------------
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
-    with make_env(tmp_path) as env:
-        yield env
-
-
 def test_config_is_retained_on_the_discovery_topic(env: Env) -> None:
     batmon = env.add_batmon()
     env.bridge()

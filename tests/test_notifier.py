@@ -34,24 +34,9 @@ from bridge.notifier import (
 )
 from bridge.store.db import Store
 from bridge.store.outbox import Outbox
-from tests.support import Sink
+from tests.support import ROOT, T0, Clock, Sink, free_port
 
-REPO = Path(__file__).resolve().parents[1]
-T0 = 1_700_000_000.0
 WAIT_S = 5.0
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
@@ -59,13 +44,6 @@ def sink() -> Iterator[Sink]:
     s = Sink()
     yield s
     s.close()
-
-
-def closed_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    s = Sink()
-    s.close()
-    return s.port
 
 
 MakeCore = Callable[..., Core]
@@ -257,7 +235,7 @@ def test_channel_without_a_target_is_recorded_as_skipped(tmp_path, sink, make_co
 
 def test_target_removed_while_queued_skips_the_notice(tmp_path, make_core):
     core = make_core(tmp_path / "b.sqlite3")
-    batmon = add_batmon(core, f"json://127.0.0.1:{closed_port()}/")
+    batmon = add_batmon(core, f"json://127.0.0.1:{free_port()}/")
     add_alarm(core, batmon)
 
     async def scenario() -> None:
@@ -274,7 +252,7 @@ def test_target_removed_while_queued_skips_the_notice(tmp_path, make_core):
 # -- durability and retries -----------------------------------------------------------------
 def test_sink_down_keeps_notice_queued_with_attempts_then_delivers(tmp_path, caplog, make_core):
     caplog.set_level(logging.DEBUG)
-    port = closed_port()
+    port = free_port()
     core = make_core(tmp_path / "b.sqlite3")
     batmon = add_batmon(core, f"json://alice:s3cretpass@127.0.0.1:{port}/")
     add_alarm(core, batmon)
@@ -314,7 +292,7 @@ def test_sink_down_keeps_notice_queued_with_attempts_then_delivers(tmp_path, cap
 
 def test_notice_fails_for_good_after_max_attempts(tmp_path, make_core):
     core = make_core(tmp_path / "b.sqlite3")
-    batmon = add_batmon(core, f"json://127.0.0.1:{closed_port()}/")
+    batmon = add_batmon(core, f"json://127.0.0.1:{free_port()}/")
     add_alarm(core, batmon)
 
     async def scenario() -> None:
@@ -328,7 +306,7 @@ def test_notice_fails_for_good_after_max_attempts(tmp_path, make_core):
 
 def test_notice_gives_up_after_the_give_up_delay(tmp_path, make_core):
     core = make_core(tmp_path / "b.sqlite3")
-    batmon = add_batmon(core, f"json://127.0.0.1:{closed_port()}/")
+    batmon = add_batmon(core, f"json://127.0.0.1:{free_port()}/")
     add_alarm(core, batmon)
 
     async def scenario() -> None:
@@ -401,7 +379,7 @@ def test_notice_in_flight_when_the_process_is_killed_is_sent_after_restart(tmp_p
     batmon = add_batmon(core, sink.url("?rto=30"))
     add_alarm(core, batmon)
     core.store.close()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     child = subprocess.Popen([sys.executable, "-c", KILLED_PROCESS, str(path), str(batmon.id)],
                              env=env, cwd=tmp_path)  # fmt: skip
     try:

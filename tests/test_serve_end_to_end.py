@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.conftest import ServeProcess
-from tests.support import Sink
+from tests.support import Sink, batmon
 
 
 def mqtt_port(serve: ServeProcess) -> int:
@@ -125,8 +125,6 @@ def test_device_over_embedded_broker_and_users_scoped_subscriptions(serve: Serve
 
 
 def _add_user(serve: ServeProcess, email: str) -> str:
-    from tests.test_cli import batmon
-
     return batmon("user", "add", email, "--data-dir", str(serve.data_dir)).stdout.strip()
 
 

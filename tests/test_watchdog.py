@@ -48,6 +48,12 @@ def offline_times(seen: list[tuple[float, StatusChanged]], batmon: Batmon) -> li
     return [t for t, e in seen if e.batmon.id == batmon.id and e.status == "Offline"]
 
 
+def offline_delay(seen: list[tuple[float, StatusChanged]], batmon: Batmon) -> float:
+    """Seconds from the batmon's last reading to the first time it went Offline."""
+    assert batmon.last_reading is not None
+    return offline_times(seen, batmon)[0] - batmon.last_reading
+
+
 async def until(predicate: Callable[[], Any], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -116,8 +122,7 @@ def test_readings_before_the_deadline_push_it_back(core: Core) -> None:
         await until(lambda: offline_times(seen, batmon), 4, "Offline")
 
     run_with_watchdog(core, scenario)
-    assert batmon.last_reading is not None
-    assert 2.0 <= offline_times(seen, batmon)[0] - batmon.last_reading <= 3.0
+    assert 2.0 <= offline_delay(seen, batmon) <= 3.0
 
 
 def test_a_back_filled_older_reading_does_not_move_the_deadline(core: Core) -> None:
@@ -133,8 +138,7 @@ def test_a_back_filled_older_reading_does_not_move_the_deadline(core: Core) -> N
         await until(lambda: offline_times(seen, batmon), 3, "Offline")
 
     run_with_watchdog(core, scenario)
-    assert batmon.last_reading is not None
-    assert 1.0 <= offline_times(seen, batmon)[0] - batmon.last_reading <= 2.0
+    assert 1.0 <= offline_delay(seen, batmon) <= 2.0
 
 
 def test_shortening_update_period_wakes_the_watchdog_early(core: Core) -> None:
@@ -148,8 +152,7 @@ def test_shortening_update_period_wakes_the_watchdog_early(core: Core) -> None:
         await until(lambda: offline_times(seen, batmon), 3, "Offline")
 
     run_with_watchdog(core, scenario)
-    assert batmon.last_reading is not None
-    assert 1.0 <= offline_times(seen, batmon)[0] - batmon.last_reading <= 2.0
+    assert 1.0 <= offline_delay(seen, batmon) <= 2.0
 
 
 def test_overdue_online_batmons_expire_as_soon_as_it_starts(tmp_path: Path) -> None:
@@ -164,16 +167,11 @@ def test_overdue_online_batmons_expire_as_soon_as_it_starts(tmp_path: Path) -> N
     core = Core(store, EventBus(), clock=lambda: now[0]).load()
     seen = record_status(core)
 
-    async def main() -> None:
-        watchdog = OfflineWatchdog(core)
-        await watchdog.start()
-        try:
-            assert [(e.batmon.id, e.status) for _, e in seen] == [(overdue.id, "Offline")]
-            assert watchdog.armed == 1  # `fresh` is still due later
-        finally:
-            await watchdog.stop()
+    async def scenario(watchdog: OfflineWatchdog) -> None:
+        assert [(e.batmon.id, e.status) for _, e in seen] == [(overdue.id, "Offline")]
+        assert watchdog.armed == 1  # `fresh` is still due later
 
-    asyncio.run(main())
+    run_with_watchdog(core, scenario)
     assert core.batmons[overdue.id].status == "Offline"
     assert core.batmons[fresh.id].status == "Online"
     store.close()
@@ -230,8 +228,7 @@ def test_readings_ingested_on_another_thread_still_arm_it(core: Core) -> None:
         await until(lambda: offline_times(seen, batmon), 3, "Offline")
 
     run_with_watchdog(core, scenario)
-    assert batmon.last_reading is not None
-    assert 1.0 <= offline_times(seen, batmon)[0] - batmon.last_reading <= 2.0
+    assert 1.0 <= offline_delay(seen, batmon) <= 2.0
 
 
 def test_after_stop_nothing_changes(core: Core) -> None:
