@@ -185,7 +185,8 @@ def run_user(args: argparse.Namespace) -> None:
 
 def set_user_targets(core: Any, args: argparse.Namespace) -> None:
     """Validate and store the Apprise URLs given, then print the masked result."""
-    from bridge.notifier import NotificationTargets, set_targets, targets_view
+    from bridge.models import NotificationTargets
+    from bridge.notifier import set_targets, targets_view
 
     row = core.store.user_by_email(args.email.lower())
     if row is None:
@@ -193,14 +194,15 @@ def set_user_targets(core: Any, args: argparse.Namespace) -> None:
     given = {k: v for k in ("email_url", "whatsapp_url", "sms_url")
              if (v := getattr(args, k)) is not None}  # fmt: skip
     targets = NotificationTargets.model_validate(given)
-    set_targets(core, row["id"], targets.changes())
+    set_targets(core, row["id"], targets)
     for channel, url in targets_view(core, row["id"]).items():
         print(f"{channel}: {url or '-'}")
 
 
 async def run_simulate(args: argparse.Namespace) -> None:
     """Publish readings for given devices, or for new batmons made through the API."""
-    from bridge.mqtt_bridge import MqttConnectError, parse_mqtt_url
+    from bridge.config import parse_mqtt_url
+    from bridge.mqtt_bridge import MqttConnectError
     from bridge.simulate import SimulateError, create_batmons, simulate
 
     try:

@@ -5,6 +5,7 @@ defaults, validated by one pydantic model so a bad value is one clear line.
 from __future__ import annotations
 
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bridge.store.db import DB_FILENAME
 
+DEFAULT_MQTT_PORT = 1883
 PACKAGED_BROKER_CONFIG = Path(__file__).with_name("broker.yaml")
 Port = Annotated[int, Field(ge=0, le=65535)]
 
@@ -50,8 +52,7 @@ class ServeOptions(BaseModel):
     def _mqtt_url(cls, value: str | None) -> str | None:
         if value in (None, ""):
             return None
-        if not re.match(r"^mqtts?://[^/\s]+", value):
-            raise ValueError("must look like mqtt://user:pass@host:1883")
+        parse_mqtt_url(value)
         return value
 
     @property
@@ -66,3 +67,34 @@ class ServeOptions(BaseModel):
     def database_path(self) -> Path:
         """The SQLite file inside the data folder."""
         return self.data_dir / DB_FILENAME
+
+
+def parse_mqtt_url(url: str) -> tuple[str, int, str | None, str | None]:
+    """Split ``mqtt://user:pass@host:port`` into (host, port, username, password).
+
+    Errors never echo the URL, which may hold a password.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        raise ValueError(
+            "the MQTT URL is malformed or its port is not a number between 1 and 65535"
+        ) from None
+    if parts.scheme != "mqtt":
+        shown = f"{parts.scheme}://" if parts.scheme else "no scheme"
+        raise ValueError(
+            f"the MQTT URL must look like mqtt://user:pass@host:1883 (got {shown};"
+            " TLS and websockets are not supported)"
+        )
+    if not parts.hostname:
+        raise ValueError("the MQTT URL must name a host, like mqtt://user:pass@host:1883")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("the MQTT URL must not have a path, query or fragment")
+    if port == 0:
+        raise ValueError("the MQTT URL's port must be between 1 and 65535")
+    username = urllib.parse.unquote(parts.username) if parts.username else None
+    password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+    if password is not None and username is None:
+        raise ValueError("the MQTT URL has a password but no username")
+    return parts.hostname, port or DEFAULT_MQTT_PORT, username, password

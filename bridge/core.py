@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from bridge.errors import Conflict, NotFound, WrongToken
+from bridge.errors import Conflict, InvalidInput, NotFound, WrongToken
 from bridge.events import BatmonChanged, BatmonDeleted, EventBus, ReadingAccepted, StatusChanged
 from bridge.models import AddAlarm, AddBatmon, EditAlarm, EditBatmon, Reading
 from bridge.security import hash_api_key, new_api_key, new_device_token, same_secret
@@ -158,10 +158,13 @@ class Batmon:
 class Core:
     """Owns every rule about users, batmons, readings and alarms; emits events."""
 
-    def __init__(self, store: Store, bus: EventBus, clock: Callable[[], float] = time.time):
+    def __init__(self, store: Store, bus: EventBus, clock: Callable[[], float] = time.time,
+                 max_history_rows: int = 100_000) -> None:  # fmt: skip
         self.store = store
         self.bus = bus
         self.clock = clock
+        # One history answer is built in memory: past this, the caller narrows the range.
+        self.max_history_rows = max_history_rows
         self.batmons: dict[int, Batmon] = {}
         self.alarms: dict[int, Alarm] = {}
         self._users_by_key: dict[str, User] = {}
@@ -369,6 +372,13 @@ class Core:
                 ) -> list[dict[str, Any]]:  # fmt: skip
         """History per batmon; both ends inclusive at whole-second precision."""
         upper = int(max_ts if max_ts is not None else self.clock()) + 1
+        batmons = list(batmons)
+        total = sum(self.store.history_count(b.id, min_ts, upper) for b in batmons)
+        if total > self.max_history_rows:
+            raise InvalidInput(
+                f"The range holds {total} readings, more than the {self.max_history_rows} one"
+                " answer can carry; narrow min_epoch_tm_sec/max_epoch_tm_sec or give a batmon_id."
+            )
         result = []
         for batmon in batmons:
             rows = list(self.store.history(batmon.id, min_ts, upper))

@@ -43,3 +43,9 @@ class Conflict(BatmonError):
     """The thing to create exists already (409)."""
 
     status = 409
+
+
+class PayloadTooLarge(BatmonError):
+    """A body or payload over its size limit (413)."""
+
+    status = 413

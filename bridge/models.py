@@ -24,10 +24,13 @@ from pydantic import (
     model_validator,
 )
 
+from bridge.errors import InvalidInput
+
 MAX_SAFE_ID = 2**53 - 1
 MAX_DETAILS_BYTES = 16 * 1024
 MAX_FUTURE_SKEW_S = 60
 MAX_BATCH_READINGS = 1000
+MAX_PAYLOAD_BYTES = 64 * 1024  # an MQTT update, as an HTTP body
 READING_FIELDS = ("voltage", "current", "power", "soc", "details")
 
 # Tokens become MQTT topic levels, so the wildcard and separator characters
@@ -77,7 +80,7 @@ def normalise_details(value: Any) -> str:
             raise ValueError(f"must be at most {MAX_DETAILS_BYTES} bytes")
         text = value.strip() or "{}"
         try:
-            value = json.loads(text, parse_constant=_reject_constant)
+            value = parse_json_text(text)
         except ValueError:
             try:
                 value = ast.literal_eval(text)
@@ -98,6 +101,24 @@ def normalise_details(value: Any) -> str:
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not allowed")
+
+
+def parse_json_text(text: str | bytes) -> Any:
+    """JSON as devices send it: NaN and Infinity are refused (ValueError), as is
+    nesting deep enough to exhaust the parser (RecursionError becomes ValueError)."""
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def parse_batmon_id(text: str) -> int | None:
+    """A batmon id written canonically in a topic or username ("12", not "012",
+    "+12" or "1_2"), within 1..2^53-1; else None."""
+    if not text.isascii() or not text.isdigit() or text.startswith("0") or len(text) > 16:
+        return None
+    value = int(text)
+    return value if value <= MAX_SAFE_ID else None
 
 
 def _alias(name: str) -> Any:
@@ -258,6 +279,50 @@ def _email_check(value: str) -> str:
     return value.lower()
 
 
+MAX_URL_CHARS = 2048
+
+
+def validate_target_url(url: str) -> str:
+    """Return ``url`` if Apprise can load it ("" removes a target); ValueError otherwise.
+
+    The message never repeats the URL: it may hold a password or token.
+    """
+    url = url.strip()
+    if not url:
+        return ""
+    if len(url) > MAX_URL_CHARS:
+        raise ValueError(f"must be at most {MAX_URL_CHARS} characters")
+    if re.search(r"[\s\x00-\x1f\x7f]", url):
+        raise ValueError("must not contain whitespace or control characters")
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        raise ValueError("must be an Apprise URL such as mailto://user:password@example.com")
+    import apprise  # here: only this rule needs it, and it is slow to import
+
+    if scheme.lower() not in apprise.NotificationManager():
+        raise ValueError(f"uses {scheme!r}, which is not an Apprise service this server knows")
+    if apprise.Apprise.instantiate(url) is None:
+        raise ValueError(f"is not a {scheme}:// URL that Apprise can load; check its parts")
+    return url
+
+
+class NotificationTargets(InputModel):
+    """GET/POST /interface/user/notifications: a field not given keeps its value."""
+
+    email_url: str | None = None
+    whatsapp_url: str | None = None
+    sms_url: str | None = None
+
+    @field_validator("email_url", "whatsapp_url", "sms_url")
+    @classmethod
+    def _loadable(cls, value: str | None) -> str | None:
+        return None if value is None else validate_target_url(value)
+
+    def changes(self) -> dict[str, str]:
+        """The targets to set, by column name ("" removes one)."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
 class NewUser(InputModel):
     """`batmon user add EMAIL`."""
 
@@ -278,3 +343,50 @@ def describe_error(exc: ValidationError) -> str:
     if field == "body":
         return message.rstrip(".") + "."
     return f"{field}: {message[:1].lower() + message[1:]}."
+
+
+# -- MQTT update payloads ------------------------------------------------------
+def readings_from_payload(payload: bytes) -> list[Reading]:
+    """Validate an update payload: one reading object, or an array of them each with ts.
+
+    Raises InvalidInput with a one-sentence message for the device's error topic.
+    """
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise InvalidInput(f"payload must be at most {MAX_PAYLOAD_BYTES} bytes.")
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("payload must be UTF-8 text.") from None
+    if not text.strip():
+        raise InvalidInput("payload is empty: send a JSON object of reading fields.")
+    try:
+        data = parse_json_text(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"payload is not valid JSON: {exc.msg} at position {exc.pos}.") from None
+    except ValueError as exc:  # NaN / Infinity, or nested too deeply
+        raise InvalidInput(f"payload is not valid JSON: {exc}.") from None
+    if isinstance(data, dict):
+        return [_reading(data)]
+    if not isinstance(data, list):
+        raise InvalidInput("payload must be a JSON object or an array of objects.")
+    if not data:
+        raise InvalidInput("payload array must hold at least one reading.")
+    if len(data) > MAX_BATCH_READINGS:
+        raise InvalidInput(f"payload array must hold at most {MAX_BATCH_READINGS} readings.")
+    readings = []
+    for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise InvalidInput(f"readings[{i}] must be a JSON object.")
+        reading = _reading(item, f"readings[{i}]: ")
+        if reading.ts is None:
+            # Without ts the readings of one array would all share the arrival time.
+            raise InvalidInput(f"readings[{i}]: ts is required in an array of readings.")
+        readings.append(reading)
+    return readings
+
+
+def _reading(data: dict[str, Any], where: str = "") -> Reading:
+    try:
+        return Reading.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInput(where + describe_error(exc)) from None

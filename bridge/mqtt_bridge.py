@@ -18,9 +18,7 @@ import contextlib
 import hashlib
 import json
 import logging
-import re
 import socket
-import urllib.parse
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,19 +27,16 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
-from pydantic import ValidationError
 
 from bridge.core import Batmon, Core
 from bridge.discovery import HomeAssistantDiscovery
-from bridge.errors import BatmonError, InvalidInput, NotFound, WrongToken
+from bridge.errors import BatmonError, NotFound, WrongToken
 from bridge.events import BatmonChanged, BatmonDeleted, ReadingAccepted, StatusChanged
-from bridge.models import MAX_BATCH_READINGS, MAX_SAFE_ID, Reading, describe_error
+from bridge.models import parse_batmon_id, readings_from_payload
 from bridge.topics import Topics
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 1883
-MAX_PAYLOAD_BYTES = 64 * 1024
 # QoS 0 messages have no broker-side flow control; past this backlog they are dropped
 # rather than letting memory grow (QoS 1 is bounded by the broker's inflight window).
 MAX_BACKLOG = 10_000
@@ -58,37 +53,6 @@ class MqttConnectError(Exception):
     """The broker could not be reached, refused us, or refused our subscription."""
 
 
-def parse_mqtt_url(url: str) -> tuple[str, int, str | None, str | None]:
-    """Split ``mqtt://user:pass@host:port`` into (host, port, username, password).
-
-    Errors never echo the URL, which may hold a password.
-    """
-    try:
-        parts = urllib.parse.urlsplit(url.strip())
-        port = parts.port
-    except ValueError:
-        raise ValueError(
-            "the MQTT URL is malformed or its port is not a number between 1 and 65535"
-        ) from None
-    if parts.scheme != "mqtt":
-        shown = f"{parts.scheme}://" if parts.scheme else "no scheme"
-        raise ValueError(
-            f"the MQTT URL must look like mqtt://user:pass@host:1883 (got {shown};"
-            " TLS and websockets are not supported)"
-        )
-    if not parts.hostname:
-        raise ValueError("the MQTT URL must name a host, like mqtt://user:pass@host:1883")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError("the MQTT URL must not have a path, query or fragment")
-    if port == 0:
-        raise ValueError("the MQTT URL's port must be between 1 and 65535")
-    username = urllib.parse.unquote(parts.username) if parts.username else None
-    password = urllib.parse.unquote(parts.password) if parts.password is not None else None
-    if password is not None and username is None:
-        raise ValueError("the MQTT URL has a password but no username")
-    return parts.hostname, port or DEFAULT_PORT, username, password
-
-
 def new_client(client_id: str, *, clean_session: bool) -> mqtt.Client:
     """A paho client speaking MQTT 3.1.1, the only version amqtt understands."""
     return mqtt.Client(
@@ -97,65 +61,6 @@ def new_client(client_id: str, *, clean_session: bool) -> mqtt.Client:
         clean_session=clean_session,
         protocol=mqtt.MQTTv311,
     )
-
-
-def readings_from_payload(payload: bytes) -> list[Reading]:
-    """Validate an update payload: one reading object, or an array of them each with ts.
-
-    Raises InvalidInput with a one-sentence message for the device's error topic.
-    """
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        raise InvalidInput(f"payload must be at most {MAX_PAYLOAD_BYTES} bytes.")
-    try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidInput("payload must be UTF-8 text.") from None
-    if not text.strip():
-        raise InvalidInput("payload is empty: send a JSON object of reading fields.")
-    try:
-        data = json.loads(text, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(f"payload is not valid JSON: {exc.msg} at position {exc.pos}.") from None
-    except ValueError as exc:  # NaN / Infinity, refused by _reject_constant
-        raise InvalidInput(f"payload is not valid JSON: {exc}.") from None
-    except RecursionError:
-        raise InvalidInput("payload is nested too deeply.") from None
-    if isinstance(data, dict):
-        return [_reading(data)]
-    if not isinstance(data, list):
-        raise InvalidInput("payload must be a JSON object or an array of objects.")
-    if not data:
-        raise InvalidInput("payload array must hold at least one reading.")
-    if len(data) > MAX_BATCH_READINGS:
-        raise InvalidInput(f"payload array must hold at most {MAX_BATCH_READINGS} readings.")
-    readings = []
-    for i, item in enumerate(data):
-        if not isinstance(item, dict):
-            raise InvalidInput(f"readings[{i}] must be a JSON object.")
-        reading = _reading(item, f"readings[{i}]: ")
-        if reading.ts is None:
-            # Without ts the readings of one array would all share the arrival time.
-            raise InvalidInput(f"readings[{i}]: ts is required in an array of readings.")
-        readings.append(reading)
-    return readings
-
-
-def _reading(data: dict[str, Any], where: str = "") -> Reading:
-    try:
-        return Reading.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidInput(where + describe_error(exc)) from None
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not allowed")
-
-
-def _batmon_id(text: str) -> int | None:
-    """A canonically written id ("12", not "012" or "+12"), as the broker's ACL reads it."""
-    if not re.fullmatch(r"[1-9][0-9]{0,15}", text) or int(text) > MAX_SAFE_ID:
-        return None
-    return int(text)
 
 
 def state_payload(batmon: Batmon) -> dict[str, Any]:
@@ -269,6 +174,7 @@ class MqttBridge:
         client_id: str = "batmon-bridge",
         shared: bool = False,
         discovery: bool = True,
+        retain_flag_means_replay: bool = True,
     ) -> None:
         self.core = core
         self.topics = topics
@@ -279,6 +185,11 @@ class MqttBridge:
         self.client_id = client_id
         self.shared = shared
         self.discovery = discovery
+        # A broker following MQTT 3.1.1 sets RETAIN only when replaying a stored
+        # message on subscribe: such an update is old, not a new reading. amqtt also
+        # sets it on messages queued while we were away, so there it means nothing
+        # (and our embedded broker never stores retained updates).
+        self.retain_flag_means_replay = retain_flag_means_replay
         self._client: mqtt.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: asyncio.Queue[_Inbound] | None = None
@@ -311,6 +222,7 @@ class MqttBridge:
             for name in (
                 "received", "accepted", "readings", "rejected", "dropped_bad_topic",
                 "dropped_unknown_batmon", "dropped_wrong_token", "dropped_backlog", "dropped_duplicate",
+                "dropped_retained",
                 "ingest_errors", "connects", "disconnects",
             )
         }  # fmt: skip
@@ -449,6 +361,12 @@ class MqttBridge:
                 self._call_in_loop(self._on_homeassistant_status, bytes(msg.payload))
             return
         self._counters["received"] += 1
+        if msg.retain and self.retain_flag_means_replay:
+            self._counters["dropped_retained"] += 1
+            self._ack(msg.mid, msg.qos, self._connection)
+            # Clear it, or every (re)subscribe would offer the same stale reading.
+            client.publish(topic, b"", qos=1, retain=True)
+            return
         inbox = self._inbox
         if inbox is None or (msg.qos == 0 and inbox.qsize() >= MAX_BACKLOG):
             self._counters["dropped_backlog"] += 1
@@ -520,7 +438,7 @@ class MqttBridge:
             self._counters["dropped_duplicate"] += 1
             return
         ids = self.topics.parse_update(item.topic)
-        batmon_id = _batmon_id(ids[0]) if ids is not None else None
+        batmon_id = parse_batmon_id(ids[0]) if ids is not None else None
         if ids is None or batmon_id is None:
             self._counters["dropped_bad_topic"] += 1
             return

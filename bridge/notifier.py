@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlsplit
 
 import apprise
-from pydantic import field_validator
+from pydantic import ValidationError
 
 from bridge.errors import InvalidInput, NotFound
 from bridge.events import AlarmChanged, StatusChanged
-from bridge.models import InputModel
+from bridge.models import NotificationTargets, describe_error
 from bridge.store.outbox import CHANNELS, Channel, Outbox
 
 if TYPE_CHECKING:
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TARGET_COLUMNS: dict[Channel, str] = {ch: f"{ch}_url" for ch in CHANNELS}
-MAX_URL_CHARS = 2048
 RETENTION_S = 30 * 86400  # finished notices are kept this long for the user to read
 IDLE_WAIT_S = 60.0  # a safety net: the worker looks at the queue at least this often
 NOTIFY_TYPES = {
@@ -51,28 +50,6 @@ _URL_WORDS = re.compile(r"[^/:@?&=#,+%\s]{4,}")
 
 
 # -- target URLs ----------------------------------------------------------------
-def validate_target_url(url: str) -> str:
-    """Return ``url`` if Apprise can load it ("" removes a target); ValueError otherwise.
-
-    The message never repeats the URL: it may hold a password or token.
-    """
-    url = url.strip()
-    if not url:
-        return ""
-    if len(url) > MAX_URL_CHARS:
-        raise ValueError(f"must be at most {MAX_URL_CHARS} characters")
-    if re.search(r"[\s\x00-\x1f\x7f]", url):
-        raise ValueError("must not contain whitespace or control characters")
-    scheme, sep, _ = url.partition("://")
-    if not sep:
-        raise ValueError("must be an Apprise URL such as mailto://user:password@example.com")
-    if scheme.lower() not in apprise.NotificationManager():
-        raise ValueError(f"uses {scheme!r}, which is not an Apprise service this server knows")
-    if apprise.Apprise.instantiate(url) is None:
-        raise ValueError(f"is not a {scheme}:// URL that Apprise can load; check its parts")
-    return url
-
-
 def mask_url(url: str) -> str:
     """The URL with its secrets masked, for showing and logging.
 
@@ -114,38 +91,21 @@ def scrub(text: str, url: str) -> str:
     return text
 
 
-class NotificationTargets(InputModel):
-    """GET/POST /interface/user/notifications: a field not given keeps its value."""
-
-    email_url: str | None = None
-    whatsapp_url: str | None = None
-    sms_url: str | None = None
-
-    @field_validator("email_url", "whatsapp_url", "sms_url")
-    @classmethod
-    def _loadable(cls, value: str | None) -> str | None:
-        return None if value is None else validate_target_url(value)
-
-    def changes(self) -> dict[str, str]:
-        """The targets to set, by column name ("" removes one)."""
-        return {k: v for k, v in self.model_dump().items() if v is not None}
-
-
-def set_targets(core: Core, user_id: int, targets: dict[str, str]) -> None:
-    """Validate and store a user's target URLs; keys are email_url, whatsapp_url, sms_url."""
+def set_targets(core: Core, user_id: int, targets: NotificationTargets | dict[str, str]) -> None:
+    """Store a user's target URLs (email_url, whatsapp_url, sms_url); a dict is
+    validated by the NotificationTargets model first, naming a bad field."""
     if core.store.user_by_id(user_id) is None:
         raise NotFound(f"user {user_id} does not exist.")
-    cleaned = {}
-    for name, url in targets.items():
-        if name not in TARGET_COLUMNS.values():
-            raise InvalidInput(f"{name} is not a notification target (email_url, whatsapp_url"
-                               " or sms_url).")  # fmt: skip
-        if url is None:
-            continue
+    if isinstance(targets, dict):
+        unknown = set(targets) - set(TARGET_COLUMNS.values())
+        if unknown:
+            raise InvalidInput(f"{sorted(unknown)[0]} is not a notification target"
+                               " (email_url, whatsapp_url or sms_url).")  # fmt: skip
         try:
-            cleaned[name] = validate_target_url(url)
-        except ValueError as exc:
-            raise InvalidInput(f"{name}: {exc}.") from None
+            targets = NotificationTargets.model_validate(targets)
+        except ValidationError as exc:
+            raise InvalidInput(describe_error(exc)) from None
+    cleaned = targets.changes()
     core.store.set_user_targets(user_id, cleaned)
     log.info("user %s notification targets set: %s", user_id,
              {name: mask_url(url) for name, url in cleaned.items()})  # fmt: skip

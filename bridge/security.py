@@ -19,9 +19,12 @@ def new_api_key() -> str:
 
 def hash_api_key(api_key: str) -> str:
     """SHA-256 of the key: keys are 256-bit random, so a slow KDF buys nothing."""
-    return hashlib.sha256(api_key.encode()).hexdigest()
+    # surrogatepass: a key from JSON may hold lone surrogates; it just matches nothing.
+    return hashlib.sha256(api_key.encode(errors="surrogatepass")).hexdigest()
 
 
 def same_secret(given: str, expected: str) -> bool:
     """Compare two secrets in constant time."""
-    return hmac.compare_digest(given.encode(), expected.encode())
+    return hmac.compare_digest(
+        given.encode(errors="surrogatepass"), expected.encode(errors="surrogatepass")
+    )

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import uvicorn
 
-from bridge.config import ServeOptions
+from bridge.config import ServeOptions, parse_mqtt_url
 from bridge.core import Core
 from bridge.events import EventBus
 from bridge.store.db import Store
@@ -128,19 +128,20 @@ class Service:
             if self._server_task.done():
                 raise ServiceError("the HTTP server stopped while starting")
             await asyncio.sleep(0.01)
+        # Last, so a start that fails does not make an admin whose key nobody saw.
+        if not self.core.user_has_data():
+            _, self.admin_api_key = self.core.create_user(ADMIN_EMAIL)
 
     async def _start_parts(self) -> None:
         from bridge.alarms import AlarmEvaluator
         from bridge.broker import EmbeddedBroker
-        from bridge.mqtt_bridge import MqttBridge, parse_mqtt_url
+        from bridge.mqtt_bridge import MqttBridge
         from bridge.notifier import Notifier
         from bridge.watchdog import OfflineWatchdog
 
         opts = self.options
         assert self.store is not None
         self.core = core = Core(self.store, EventBus()).load()
-        if not core.user_has_data():
-            _, self.admin_api_key = core.create_user(ADMIN_EMAIL)
 
         bridge_user, bridge_password = "batmon-bridge", secrets.token_urlsafe(24)
         if opts.mqtt_url:
@@ -177,6 +178,7 @@ class Service:
         self.mqtt = MqttBridge(
             core, self.topics, host=host, port=port, username=username, password=password,
             client_id=client_id, discovery=opts.discovery,
+            retain_flag_means_replay=self.broker is None,
         )  # fmt: skip
         try:
             await self.mqtt.start()
@@ -184,7 +186,7 @@ class Service:
             raise ServiceError(str(exc)) from None
 
     def health(self) -> dict[str, Any]:
-        """MQTT and notification state for /healthz."""
+        """MQTT connection state and counters for /healthz."""
         info: dict[str, Any] = {
             "mqtt": "connected" if self.mqtt is not None and self.mqtt.connected else "disconnected",
             "broker": "embedded" if self.broker is not None else "external",

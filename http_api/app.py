@@ -18,11 +18,11 @@ from starlette.routing import Route
 from bridge.core import Core, User
 from bridge.errors import BatmonError, NotAuthenticated, WrongToken
 from bridge.models import Login, describe_error
-from http_api.auth import Sessions, authenticate
+from bridge.ratelimit import FailureLimiter
+from http_api.auth import Sessions, api_key_of, authenticate
 from http_api.handlers import Call
 from http_api.openapi import build_openapi
 from http_api.params import request_fields
-from http_api.ratelimit import FailureLimiter
 from http_api.routes import ENDPOINTS, Endpoint
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,8 @@ class Api:
 
     async def login(self, request: Request) -> Response:
         async def work(fields: dict[str, Any], user: User | None) -> str:
-            Login.model_validate(fields)  # names api_key when it is missing
+            if api_key_of(request, fields) is None:
+                Login.model_validate(fields)  # names api_key when none was given
             if user is None:
                 raise NotAuthenticated("api_key is not valid.")
             return "success"

@@ -61,7 +61,10 @@ def api_key_of(request: Request, fields: dict[str, Any]) -> str | None:
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
     value = fields.get("api_key")
-    return str(value) if value not in (None, "") else None
+    if value in (None, ""):
+        return None
+    # A number or list is not a key; let it fail as one (401), not crash.
+    return value if isinstance(value, str) else repr(value)
 
 
 def authenticate(core: Core, sessions: Sessions, request: Request, fields: dict[str, Any]

@@ -18,9 +18,10 @@ from bridge.models import (
     EditBatmon,
     HistoryQuery,
     NoFields,
+    NotificationTargets,
     UpdateRequest,
 )
-from bridge.notifier import NotificationTargets, notices_view, set_targets, targets_view
+from bridge.notifier import notices_view, set_targets, targets_view
 
 
 @dataclass
@@ -127,8 +128,8 @@ async def ack_alarm(call: Call, data: AlarmRef) -> str:
 
 async def user_notifications(call: Call, data: NotificationTargets) -> dict[str, str]:
     user = call.owner()
-    if changes := data.changes():
-        set_targets(call.core, user.id, changes)
+    if data.changes():
+        set_targets(call.core, user.id, data)
     return targets_view(call.core, user.id)
 
 

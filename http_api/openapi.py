@@ -36,15 +36,15 @@ def _errors(*codes: int) -> dict[str, Any]:
     }
 
 
-def _operation(summary: str, model_name: str, properties: dict[str, Any], required: list[str],
-               method: str, secured: bool) -> dict[str, Any]:  # fmt: skip
+def _operation(summary: str, name: str, model_name: str, properties: dict[str, Any],
+               required: list[str], method: str, security: list[dict[str, list[str]]],
+               ) -> dict[str, Any]:  # fmt: skip
     op: dict[str, Any] = {
         "summary": summary,
-        "operationId": f"{method}_{model_name}_{summary.lower().replace(' ', '_')}",
+        "operationId": f"{name}_{method}",
         "responses": {"200": _success(), **_errors(400, 401, 403, 404, 405, 413, 429)},
+        "security": security,
     }
-    if secured:
-        op["security"] = _SECURITY
     if method == "get":
         op["parameters"] = [
             {"name": name, "in": "query", "required": name in required, "schema": schema}
@@ -73,14 +73,17 @@ def build_openapi() -> dict[str, Any]:
     for e in ENDPOINTS:
         schema = schemas[e.model.__name__]
         props, required = schema.get("properties", {}), schema.get("required", [])
+        # A device reaches its batmon with batmon_id + batmon_token, no key at all.
+        security = [*_SECURITY, {}] if e.device_access else _SECURITY
         paths.setdefault(e.path, {}).update({
-            m.lower(): _operation(e.summary, e.model.__name__, props, required, m.lower(), True)
+            m.lower(): _operation(e.summary, e.handler.__name__, e.model.__name__, props,
+                                  required, m.lower(), security)
             for m in e.methods
         })  # fmt: skip
     login = schemas["Login"]
     paths["/interface/login"] = {"post": _operation(
-        "Log in with an api_key (sets the session cookie)", "Login",
-        login["properties"], login["required"], "post", False)}  # fmt: skip
+        "Log in with an api_key (sets the session cookie)", "login", "Login",
+        login["properties"], login["required"], "post", [{}])}  # fmt: skip
     paths["/interface/logout"] = {"post": {"summary": "Log out (clears the session cookie)",
                                            "operationId": "logout",
                                            "responses": {"200": _success()}}}  # fmt: skip
@@ -91,7 +94,8 @@ def build_openapi() -> dict[str, Any]:
     paths["/openapi.json"] = {"get": {"summary": "This document", "operationId": "openapi",
                                       "responses": {"200": {"description": "OpenAPI 3"}}}}  # fmt: skip
     return {
-        "openapi": "3.0.3",
+        # 3.1: pydantic writes JSON Schema 2020-12 ({"type": "null"} in anyOf).
+        "openapi": "3.1.0",
         "info": {"title": "batmon bridge API", "version": __version__,
                  "description": "The documented Batmon API, self-hosted."},
         "paths": paths,

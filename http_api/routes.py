@@ -22,9 +22,9 @@ from bridge.models import (
     EditBatmon,
     HistoryQuery,
     NoFields,
+    NotificationTargets,
     UpdateRequest,
 )
-from bridge.notifier import NotificationTargets
 from http_api import handlers as h
 
 READ = ("GET", "POST")

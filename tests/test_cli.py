@@ -148,3 +148,19 @@ def test_user_notify_sets_masked_targets_and_refuses_bad_urls(tmp_path: Path) ->
     assert unknown.returncode == 1 and "zed@example.org" in unknown.stderr
     again = batmon("user", "notify", "ann@example.org", "--data-dir", data)
     assert "email_url: json://" in again.stdout  # a target not given keeps its value
+
+
+def test_a_failed_first_start_does_not_swallow_the_admin_key(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        r = batmon("serve", "--data-dir", str(data), "--http-port", "0",
+                   "--mqtt-port", str(busy.getsockname()[1]))  # fmt: skip
+    assert r.returncode == 1 and "api_key" not in r.stdout
+    assert batmon("user", "list", "--data-dir", str(data)).stdout == ""
+    process = ServeProcess(data).start()
+    try:
+        assert process.admin_key, process.output
+    finally:
+        process.stop()

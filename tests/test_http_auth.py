@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from bridge.ratelimit import FailureLimiter
 from http_api.app import create_app
-from http_api.ratelimit import FailureLimiter
 from tests.conftest import Api
 
 
@@ -63,6 +63,21 @@ def test_forged_cookie_is_ignored(api: Api) -> None:
     api.client.cookies.clear()
     api.client.cookies.set("batmon_session", "eyJ1aWQiOjF9.forged.signature")
     assert api.client.get("/interface/batmon/count").status_code == 401
+
+
+@pytest.mark.parametrize("header", ["X-API-Key", "Authorization"])
+def test_login_with_a_header_key_sets_the_cookie(api: Api, header: str) -> None:
+    api.client.cookies.clear()
+    value = api.api_key if header == "X-API-Key" else f"Bearer {api.api_key}"
+    r = api.client.post("/interface/login", headers={header: value})
+    assert r.json() == {"success": "success"} and "batmon_session" in r.cookies
+
+
+def test_api_key_that_is_not_text_is_401_not_500(api: Api) -> None:
+    for body in ('{"api_key": "\\ud800"}', '{"api_key": 12345}', '{"api_key": ["a"]}'):
+        r = api.client.post("/interface/batmon/count", content=body,
+                            headers={"Content-Type": "application/json"})
+        assert r.status_code == 401, body
 
 
 def test_login_and_logout(api: Api) -> None:

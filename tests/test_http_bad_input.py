@@ -33,6 +33,8 @@ UPDATE_CASES = [
     ({"batmon_details": "not json"}, 400, "batmon_details"),
     ({"batmon_details": "x" * 17000}, 400, "batmon_details"),
     ({"batmon_details": 5}, 400, "batmon_details"),
+    ({"batmon_details": "[" * 5000}, 400, "batmon_details"),
+    ({"batmon_details": "{'a': " * 3000}, 400, "batmon_details"),
     ({"batmon_soc": 5, "ts": "soon"}, 400, "ts"),
     ({"batmon_soc": 5, "ts": 9_999_999_999}, 400, "ts"),
     ({"unknown_field": 1}, 400, "batmon_voltage"),
@@ -118,7 +120,7 @@ def test_unknown_ids_are_404(api: Api) -> None:
 
 
 @pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'"text"', b"42", b"null",
-                                  b'{"batmon_id": 1,}'])  # fmt: skip
+                                  b'{"batmon_id": 1,,}', b"[" * 5000])  # fmt: skip
 def test_malformed_or_non_object_json_is_400(api: Api, body: bytes) -> None:
     r = api.client.post("/interface/add/batmon", headers={**api.auth,
                         "Content-Type": "application/json"}, content=body)  # fmt: skip

@@ -17,9 +17,9 @@ from schemathesis import GenerationMode
 from bridge.core import Core
 from bridge.events import EventBus
 from bridge.models import AddBatmon
+from bridge.ratelimit import FailureLimiter
 from bridge.store.db import Store
 from http_api.app import create_app
-from http_api.ratelimit import FailureLimiter
 
 PLAIN_PATHS = {"/healthz", "/openapi.json"}
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import calendar
 import time
 
+from openapi_spec_validator import validate as validate_openapi
+
 from tests.conftest import Api
 
 
@@ -134,7 +136,11 @@ def test_healthz_and_openapi(api: Api) -> None:
     assert health.status_code == 200 and health.json()["status"] == "ok"
     assert health.json()["database"] == "ok"
     doc = api.client.get("/openapi.json").json()
-    assert doc["openapi"].startswith("3.")
+    validate_openapi(doc)  # a real OpenAPI 3.1 document, not just JSON
+    ids = [op["operationId"] for path in doc["paths"].values() for op in path.values()]
+    assert len(ids) == len(set(ids))
+    status_security = doc["paths"]["/interface/batmon/status"]["get"]["security"]
+    assert {} in status_security  # a device needs no api_key
     for path in ("/interface/add/batmon", "/interface/batmon/history", "/interface/login",
                  "/interface/batmon/alarm/add", "/healthz"):
         assert path in doc["paths"], path
@@ -143,3 +149,18 @@ def test_healthz_and_openapi(api: Api) -> None:
     assert add["application/json"]["schema"]["$ref"].endswith("/AddBatmon")
     assert schema["properties"]["batmon_name"]["maxLength"] == 100
     assert schema["required"] == ["batmon_name"]
+
+
+def test_history_too_large_for_one_answer_is_a_400_asking_to_narrow(api: Api) -> None:
+    api.core.max_history_rows = 3
+    batmon_id, token = api.add_batmon()
+    for soc in range(4):
+        api.client.post("/interface/update/batmon",
+                        json={"batmon_id": batmon_id, "batmon_token": token, "soc": soc})
+    r = api.client.get("/interface/batmon/history", headers=api.auth,
+                       params={"min_epoch_tm_sec": 0})
+    assert r.status_code == 400 and "narrow" in r.json()["error"] and "4" in r.json()["error"]
+    now = int(time.time())
+    ok = api.client.get("/interface/batmon/history", headers=api.auth,
+                        params={"min_epoch_tm_sec": now + 10, "batmon_id": batmon_id})
+    assert ok.status_code == 200 and ok.json()["success"][0]["data"] == []

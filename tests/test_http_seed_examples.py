@@ -204,18 +204,22 @@ def test_delete_example_as_params_with_unknown_batmon_state(logged_in: Api) -> N
     assert logged_in.client.get("/interface/batmon/count").json()["success"]["batmons"] == 0
 
 
-def test_delete_example_json_with_trailing_comma_is_a_clear_400(logged_in: Api) -> None:
+def test_delete_example_json_with_its_trailing_comma_is_accepted(logged_in: Api) -> None:
     batmon_id, token = logged_in.add_batmon()
     body = f'{{\n    "batmon_id":{batmon_id},\n    "batmon_token": "{token}",\n}}'
     r = logged_in.client.post("/interface/delete/batmon", content=body,
                               headers={"Content-Type": "application/json"})  # fmt: skip
-    assert r.status_code == 400
-    assert "JSON" in r.json()["error"]
-    assert logged_in.client.get("/interface/batmon/count").json()["success"]["batmons"] == 1
-    fixed = body.replace('",\n}', '"\n}')
-    r = logged_in.client.post("/interface/delete/batmon", content=fixed,
-                              headers={"Content-Type": "application/json"})  # fmt: skip
     assert r.json() == {"success": "success"}
+    assert logged_in.client.get("/interface/batmon/count").json()["success"]["batmons"] == 0
+
+
+def test_a_trailing_comma_anywhere_else_is_still_invalid_json(logged_in: Api) -> None:
+    batmon_id, _ = logged_in.add_batmon()
+    for body in (f'{{"batmon_id": {batmon_id},, }}', f'{{"batmon_id": [{batmon_id},],}}'):
+        r = logged_in.client.post("/interface/delete/batmon", content=body,
+                                  headers={"Content-Type": "application/json"})  # fmt: skip
+        assert r.status_code == 400 and "JSON" in r.json()["error"], body
+    assert logged_in.client.get("/interface/batmon/count").json()["success"]["batmons"] == 1
 
 
 @pytest.mark.parametrize("flag,key", [("alerts", "notification_enabled"),
@@ -235,7 +239,9 @@ def test_enable_disable_examples(logged_in: Api, flag: str, key: str) -> None:
         )
         assert r.json() == {"success": "success"}
         assert current() is expected
-    r = logged_in.client.post(f"/interface/batmon/disable/{flag}",
-                              json={"batmon_id": batmon_id, "batmon_token": token})  # fmt: skip
+    # The seed's JSON body, trailing comma and all.
+    body = f'{{\n    "batmon_id":{batmon_id},\n    "batmon_token": "{token}",\n}}'
+    r = logged_in.client.post(f"/interface/batmon/disable/{flag}", content=body,
+                              headers={"Content-Type": "application/json"})  # fmt: skip
     assert r.json() == {"success": "success"} and current() is False
     assert start is (flag == "alerts")

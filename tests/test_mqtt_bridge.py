@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 
 from bridge import mqtt_bridge
+from bridge.config import parse_mqtt_url
 from bridge.core import Batmon
 from bridge.models import MAX_BATCH_READINGS, Reading
-from bridge.mqtt_bridge import MqttBridge, MqttConnectError, parse_mqtt_url
+from bridge.mqtt_bridge import MqttBridge, MqttConnectError
 from bridge.simulate import SimulatedBattery, simulate
 from bridge.watchdog import OfflineWatchdog
 from tests.support import Env, PrivateMosquitto, free_port, make_env, payload_json, retained, wait_until
@@ -429,3 +430,20 @@ def test_a_redelivered_committed_update_is_not_stored_twice(env: Env) -> None:
     # The retransmission is dropped; a new message with equal values is a new reading.
     assert [r["batmon_voltage"] for r in env.history(batmon)] == [12.5, 12.5]
     assert bridge.stats["dropped_duplicate"] == 1
+
+
+def test_a_retained_update_is_not_replayed_as_a_new_reading(env: Env) -> None:
+    """A device that set RETAIN on an update would otherwise feed the bridge the same
+    old reading on every (re)subscribe: a dead battery coming back Online."""
+    batmon = env.add_batmon()
+    topic = env.topics.update(batmon.id, batmon.token)
+    device = env.probe()
+    device.publish(topic, b'{"voltage": 11.0}', retain=True)
+    device.sync()
+    bridge = env.bridge()
+    live = env.probe()
+    live.publish(topic, b'{"voltage": 12.0}')  # proves the bridge is consuming
+    env.wait_count(batmon, 1)
+    assert [r["batmon_voltage"] for r in env.history(batmon)] == [12.0]
+    assert bridge.stats["dropped_retained"] == 1
+    wait_until(lambda: retained(env.port, topic) is None, what="the stale update cleared")

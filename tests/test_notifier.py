@@ -22,15 +22,20 @@ from bridge.alarms import AlarmEvaluator
 from bridge.core import Alarm, Batmon, Core
 from bridge.errors import InvalidInput
 from bridge.events import AlarmChanged, EventBus
-from bridge.models import AddAlarm, AddBatmon, Reading, describe_error
-from bridge.notifier import (
+from bridge.models import (
+    AddAlarm,
+    AddBatmon,
     NotificationTargets,
+    Reading,
+    describe_error,
+    validate_target_url,
+)
+from bridge.notifier import (
     Notifier,
     mask_url,
     notices_view,
     set_targets,
     targets_view,
-    validate_target_url,
 )
 from bridge.store.db import Store
 from bridge.store.outbox import Outbox

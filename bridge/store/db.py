@@ -14,10 +14,10 @@ from typing import Any
 
 from sqlite_utils import Database
 
+from bridge.models import MAX_SAFE_ID
 from bridge.store.schema import migrate
 
 DB_FILENAME = "batmon.sqlite3"
-MAX_ID = 2**53 - 1
 
 # Column names a caller may change through update_batmon / update_alarm; anything
 # else is a programming error, never a column name built from input.
@@ -67,7 +67,7 @@ class Store:
     def new_id(self, table: str) -> int:
         """A random id below 2^53 that no batmon or alarm has ever had."""
         while True:
-            candidate = secrets.randbelow(MAX_ID) + 1
+            candidate = secrets.randbelow(MAX_SAFE_ID) + 1
             if not self.db.execute(
                 f"SELECT 1 FROM {table} WHERE id = ? UNION ALL "
                 "SELECT 1 FROM retired_ids WHERE id = ?",
@@ -168,6 +168,13 @@ class Store:
             " WHERE batmon_id = ? AND ts >= ? AND ts < ? ORDER BY ts, id",
             [batmon_id, min_ts, max_ts],
         )
+
+    def history_count(self, batmon_id: int, min_ts: float, max_ts: float) -> int:
+        """How many readings history() would return for the same range."""
+        return int(self.db.execute(
+            "SELECT count(*) FROM readings WHERE batmon_id = ? AND ts >= ? AND ts < ?",
+            (batmon_id, min_ts, max_ts),
+        ).fetchone()[0])  # fmt: skip
 
     def reading_count(self, batmon_id: int) -> int:
         """How many history rows a batmon has."""
