@@ -56,6 +56,8 @@ NotBool = BeforeValidator(_no_bool)
 BatmonId = Annotated[int, Field(ge=1, le=MAX_SAFE_ID), NotBool]
 AlarmId = Annotated[int, Field(ge=1, le=MAX_SAFE_ID), NotBool]
 Token = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_token_chars)]
+# A token a user chooses is a device password: too short and it is guessed.
+NewToken = Annotated[str, Field(min_length=8, max_length=128), AfterValidator(_token_chars)]
 Name = Annotated[str, Field(min_length=1, max_length=100)]
 Units = Annotated[str, Field(max_length=16)]
 UpdatePeriod = Annotated[int, Field(ge=1, le=31_536_000)]
@@ -178,7 +180,7 @@ class AddBatmon(InputModel):
 
     batmon_name: Name
     batmon_type: Name = "generic"
-    batmon_token: Token | None = None
+    batmon_token: NewToken | None = None
     update_period: UpdatePeriod = 300
 
 
@@ -188,7 +190,7 @@ class EditBatmon(InputModel):
     batmon_id: BatmonId
     batmon_name: Name | None = None
     batmon_type: Name | None = None
-    batmon_token: Token | None = None
+    batmon_token: NewToken | None = None
     update_period: UpdatePeriod | None = None
     voltage_units: Units | None = None
     current_units: Units | None = None

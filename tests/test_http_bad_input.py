@@ -78,6 +78,7 @@ ADD_CASES = [
     ({"batmon_name": "b", "batmon_token": "a b"}, "batmon_token"),
     ({"batmon_name": "b", "batmon_token": "a\tb"}, "batmon_token"),
     ({"batmon_name": "b", "batmon_token": ""}, "batmon_token"),
+    ({"batmon_name": "b", "batmon_token": "short"}, "batmon_token"),
     ({"batmon_name": ["b"]}, "batmon_name"),
 ]
 
