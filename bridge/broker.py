@@ -5,7 +5,7 @@ only auth/ACL plugin loaded is :class:`BatmonAccessPlugin`, fed with live object
 core's :class:`CredentialCheck`, the :class:`~bridge.topics.Topics`, the bridge's own
 credential) through its amqtt ``Config`` dataclass: no globals, so two brokers can run
 in one process. ``_BatmonBroker`` closes amqtt 0.12.1 flaws that let clients see or send
-what the ACL forbids (see its methods).
+what the ACL forbids, or lose readings the broker has acknowledged (see its methods).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import logging
 import os
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -23,11 +24,14 @@ from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker, Server
 from amqtt.contexts import Action, BaseContext
 from amqtt.errors import BrokerError, PluginError, PluginLoadError
+from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
-from amqtt.session import Session
+from amqtt.session import ApplicationMessage, OutgoingApplicationMessage, Session
 from dacite import DaciteError
 
+from bridge.models import parse_batmon_id
+from bridge.ratelimit import FailureLimiter
 from bridge.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -100,6 +104,7 @@ class AccessPolicy:
         topics: Topics,
         bridge_username: str,
         bridge_password: str,
+        limiter: FailureLimiter | None = None,
     ) -> None:
         if not bridge_username or not bridge_password:
             raise ValueError("the bridge credential must not be empty")
@@ -107,35 +112,50 @@ class AccessPolicy:
         self._topics = topics
         self._bridge_username = bridge_username.encode()
         self._bridge_password = bridge_password.encode()
-        base, prefix = topics.base, topics.discovery_prefix
+        # Failed logins per client address; the default allows 30 a minute.
+        self._limiter = limiter if limiter is not None else FailureLimiter()
         # The only wildcard filters a user may hold: Home Assistant's discovery
         # subscriptions (homeassistant/components/mqtt/discovery.py subscribes to exactly
         # these two; the releases that used '{prefix}/#' long predate the device-based
         # discovery we publish, so they could not read our configs anyway) and a dashboard
         # following all its batmons. Each message they match is vetted at delivery.
         self._user_wildcards = frozenset(
-            {
-                f"{prefix}/+/+/config",
-                f"{prefix}/+/+/+/config",
-                f"{base}/+/state",
-                f"{base}/+/availability",
-            }
+            {*topics.ha_discovery_filters, topics.state_filter, topics.availability_filter}
         )
 
     def __repr__(self) -> str:  # keep the bridge password out of any config dump
         return f"AccessPolicy(topics={self._topics!r})"
 
     # -- CONNECT ------------------------------------------------------------
-    def authenticate(self, username: str | None, password: str | None) -> Principal | None:
-        """The principal for these credentials, or None to refuse the connection."""
+    def authenticate(
+        self, username: str | None, password: str | None, peer: str | None = None
+    ) -> Principal | None:
+        """The principal for these credentials, or None to refuse the connection.
+
+        ``peer`` (the client's IP address) keys the failed-login throttle; without it the
+        username does.
+        """
         if not username or not password:
-            return None
+            return None  # no secret tried: nothing to throttle
         # Both compares always run: no timing hint about which half was wrong.
         user_ok = hmac.compare_digest(username.encode(), self._bridge_username)
         pass_ok = hmac.compare_digest(password.encode(), self._bridge_password)
         if user_ok and pass_ok:
+            # Checked before the throttle: the in-process bridge connects from the same
+            # address as any local client, and its random secret is not guessable anyway.
             return Principal("bridge")
-        batmon_id = _parse_decimal_id(username)
+        key = peer or f"username:{username}"
+        if self._limiter.blocked(key):
+            log.debug("refused CONNECT from %s: too many failed logins", key)
+            return None  # without asking the checker: no guessing through the throttle
+        principal = self._check(username, password)
+        if principal is None:
+            self._limiter.record_failure(key)
+        return principal
+
+    def _check(self, username: str, password: str) -> Principal | None:
+        """A device's or user's principal for these credentials, else None."""
+        batmon_id = parse_batmon_id(username)
         if batmon_id is not None:
             if not self._credentials.check_device(batmon_id, password):
                 return None
@@ -184,31 +204,8 @@ class AccessPolicy:
             return topic in principal.subscribe
         if topic == self._topics.bridge_state:
             return True
-        batmon_id = self._user_topic_batmon(topic)
+        batmon_id = self._topics.batmon_of_user_topic(topic)
         return batmon_id is not None and self._credentials.owns(principal.ident, batmon_id)
-
-    def _user_topic_batmon(self, topic: str) -> int | None:
-        """The batmon a state/availability/discovery topic belongs to, else None."""
-        t = self._topics
-        for head in (t.base + "/", t.discovery_prefix + "/device/batmon_"):
-            if not topic.startswith(head):
-                continue
-            batmon_id = _parse_decimal_id(topic[len(head) :].split("/", 1)[0])
-            # Rebuild with topics.py so only its exact spellings pass.
-            if batmon_id is not None and topic in (
-                t.state(batmon_id),
-                t.availability(batmon_id),
-                t.discovery(batmon_id),
-            ):
-                return batmon_id
-        return None
-
-
-def _parse_decimal_id(text: str) -> int | None:
-    """A positive id written canonically ("12", not "012" or "+12"), else None."""
-    if not text.isascii() or not text.isdigit() or text.startswith("0"):
-        return None
-    return int(text)
 
 
 class BatmonAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
@@ -230,7 +227,9 @@ class BatmonAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
     async def authenticate(self, *, session: Session) -> bool:
         """Refuse anonymous and wrong credentials; pin the principal on the session."""
         try:
-            principal = self._policy.authenticate(session.username, session.password)
+            principal = self._policy.authenticate(
+                session.username, session.password, peer=session.remote_address
+            )
         except Exception:  # a bug in the checker must not let anyone in nor kill the broker
             log.exception("credential check failed for client %r", session.client_id)
             return False
@@ -301,6 +300,135 @@ class BatmonAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
 
 class _BatmonBroker(Broker):
     """amqtt's Broker with 0.12.1 flaws closed that matter once clients are untrusted."""
+
+    def __init__(self, config: dict[str, Any], *, topics: Topics) -> None:
+        super().__init__(config)
+        self._topics = topics
+
+    async def retain_message(
+        self,
+        source_session: Session | None,
+        topic_name: str | None,
+        data: bytes | bytearray | None,
+        qos: int | None = None,
+    ) -> None:
+        """Store retained messages (PUBLISH or last will), except on device update topics."""
+        # A retained reading would be replayed to the bridge as a fresh one on every
+        # (re)subscribe; the message itself is still delivered like any other.
+        if topic_name is not None and self._topics.parse_update(topic_name) is not None:
+            return
+        await super().retain_message(source_session, topic_name, data, qos)
+
+    async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
+        """amqtt's loop for one connection, except that its end loses no acknowledged message."""
+        # amqtt sends PUBACK once an incoming QoS 1 message is queued on the session, not
+        # once it is broadcast. Its loop handled a disconnect before the deliveries of the
+        # same pass, then cancelled the delivery wait: what was still queued never reached
+        # the subscribers. Here deliveries come first and a connection's end flushes the
+        # queue, through the same ACL-checked path.
+        disconnect_waiter = asyncio.ensure_future(handler.wait_disconnect())
+        subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+        unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+        try:
+            while True:
+                waiters = (disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver)
+                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                if wait_deliver in done:
+                    if not await self._handle_message_delivery(client_session, handler, wait_deliver):
+                        # A protocol violation: amqtt ends the connection (our
+                        # _handle_client_session stops it); deliver what came before.
+                        await self._stop_handler(handler)
+                        await self._deliver_acknowledged(client_session, handler, None)
+                        break
+                    wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+                if subscribe_waiter in done:
+                    await self._handle_subscription(client_session, handler, subscribe_waiter)
+                    subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+                if unsubscribe_waiter in done:
+                    await self._handle_unsubscription(client_session, handler, unsubscribe_waiter)
+                    unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+                if disconnect_waiter in done:
+                    # Stop reading first, so nothing more can be queued (and acknowledged).
+                    await self._stop_handler(handler)
+                    await self._deliver_acknowledged(client_session, handler, wait_deliver)
+                    await self._handle_disconnect(client_session, handler, disconnect_waiter)
+                    break
+        finally:
+            waiters = (disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver)
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+
+    async def _deliver_acknowledged(
+        self,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        wait_deliver: asyncio.Future[ApplicationMessage | None] | None,
+    ) -> None:
+        """Broadcast what the client published and we acknowledged but had not yet delivered."""
+        pending: list[ApplicationMessage] = []
+        if wait_deliver is not None:
+            # Cancelled while waiting, it leaves its message in the queue and returns None;
+            # finished already, it holds the oldest pending message.
+            wait_deliver.cancel()
+            taken = (await asyncio.gather(wait_deliver, return_exceptions=True))[0]
+            if isinstance(taken, ApplicationMessage):
+                pending.append(taken)
+        pending += _take_all(client_session.delivered_message_queue)
+        if pending:
+            log.debug("delivering %d message(s) client %r sent before it left",
+                      len(pending), client_session.client_id)  # fmt: skip
+        loop = asyncio.get_running_loop()
+        for message in pending:
+            delivered: asyncio.Future[ApplicationMessage] = loop.create_future()
+            delivered.set_result(message)
+            # The normal path: topic checks, the PUBLISH ACL, broadcast, retain.
+            await self._handle_message_delivery(client_session, handler, delivered)
+
+    async def _run_broadcast(self, running_tasks: deque[asyncio.Task[OutgoingApplicationMessage]]) -> None:
+        """Send one broadcast message to every session whose filter matches it, if allowed."""
+        # amqtt's own walks the live subscription table across awaits (the RECEIVE check):
+        # a SUBSCRIBE to a new filter meanwhile killed the broadcast for everyone (dict
+        # changed size), a session dropped meanwhile made it skip the next subscriber of
+        # that filter. Same logic, over a snapshot.
+        broadcast = await self._broadcast_queue.get()
+        topic = str(broadcast["topic"])
+        for topic_filter, subscriptions in list(self._subscriptions.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            for target_session, sub_qos in list(subscriptions):
+                qos = broadcast.get("qos", sub_qos)
+                if not await self._topic_filtering(target_session, topic=topic, action=Action.RECEIVE):
+                    continue
+                connected = target_session.transitions.state == "connected"
+                # Queued for a persistent session while it is away (QoS 1/2 only).
+                if (
+                    not connected
+                    and not target_session.clean_session
+                    and qos in (QOS_1, QOS_2)
+                    and not target_session.is_anonymous
+                ):
+                    await self._retain_broadcast_message(broadcast, qos, target_session)
+                    continue
+                if not connected:
+                    continue
+                handler = self._get_handler(target_session)
+                if handler:
+                    publish = handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)
+                    running_tasks.append(asyncio.ensure_future(publish))
+
+    async def _delete_session(self, client_id: str) -> None:
+        """Drop a session for a clean-session CONNECT, but not the messages it acknowledged."""
+        # amqtt clears all the old session's queues, the inbound one too: readings already
+        # acknowledged that the old connection's loop, still running on that session
+        # object, had not yet broadcast. Give them back to it.
+        session = self._sessions.get(client_id, (None, None))[0]
+        inbound = _take_all(session.delivered_message_queue) if session is not None else []
+        await super()._delete_session(client_id)
+        if session is not None:
+            for message in inbound:
+                session.delivered_message_queue.put_nowait(message)
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
@@ -373,6 +501,11 @@ class _BatmonBroker(Broker):
         listener_name: str,
     ) -> None:
         """Run amqtt's session handling, then release what it leaves behind."""
+        # amqtt resumes a persistent session with the address of its first connection:
+        # the login throttle must see this connection's.
+        peer = writer.get_peer_info()
+        if peer is not None:
+            client_session.remote_address, client_session.remote_port = peer
         try:
             await super()._handle_client_session(
                 reader, writer, client_session, handler, server, listener_name
@@ -385,6 +518,14 @@ class _BatmonBroker(Broker):
             if owner is handler and client_session.transitions.is_connected():
                 await self._stop_handler(handler)
                 client_session.transitions.disconnect()
+
+
+def _take_all(queue: asyncio.Queue[ApplicationMessage]) -> list[ApplicationMessage]:
+    """Everything in the queue now, oldest first, without waiting."""
+    taken = []
+    while not queue.empty():
+        taken.append(queue.get_nowait())
+    return taken
 
 
 class EmbeddedBroker:
@@ -400,7 +541,9 @@ class EmbeddedBroker:
         topics: Topics,
         bridge_username: str,
         bridge_password: str,
+        limiter: FailureLimiter | None = None,
     ) -> None:
+        """``limiter`` throttles failed logins per client address (default: 30 a minute)."""
         self._host = host
         self._requested_port = port
         self._config_path = config_path
@@ -408,6 +551,7 @@ class EmbeddedBroker:
         self._topics = topics
         self._bridge_username = bridge_username
         self._bridge_password = bridge_password
+        self._limiter = limiter
         self._broker: Broker | None = None
         self._port: int | None = None
 
@@ -443,6 +587,7 @@ class EmbeddedBroker:
             topics=self._topics,
             bridge_username=self._bridge_username,
             bridge_password=self._bridge_password,
+            limiter=self._limiter,
         )
         others = {
             name: cfg
@@ -465,7 +610,7 @@ class EmbeddedBroker:
         where = f"{self._host}:{self._requested_port}"
         _quiet_amqtt_logging()
         try:
-            broker = _BatmonBroker(config)
+            broker = _BatmonBroker(config, topics=self._topics)
         except _CONFIG_ERRORS as exc:
             raise BrokerStartError(f"invalid broker config {self._config_path}: {exc}") from None
         startup_filter = _DropStartupTraceback()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bridge.models import parse_batmon_id
+
 
 @dataclass(frozen=True)
 class Topics:
@@ -62,3 +64,35 @@ class Topics:
     @property
     def homeassistant_status(self) -> str:
         return f"{self.discovery_prefix}/status"
+
+    # -- what users may subscribe to (embedded broker ACL) ------------------
+    @property
+    def ha_discovery_filters(self) -> tuple[str, str]:
+        """The filters Home Assistant subscribes to for MQTT discovery (without and with
+        node_id)."""
+        return (f"{self.discovery_prefix}/+/+/config", f"{self.discovery_prefix}/+/+/+/config")
+
+    @property
+    def state_filter(self) -> str:
+        """Subscription filter that matches every batmon's state topic."""
+        return f"{self.base}/+/state"
+
+    @property
+    def availability_filter(self) -> str:
+        """Subscription filter that matches every batmon's availability topic."""
+        return f"{self.base}/+/availability"
+
+    def batmon_of_user_topic(self, topic: str) -> int | None:
+        """The batmon id of a state, availability or discovery topic spelled exactly as
+        built here (canonical id), else None."""
+        for head in (f"{self.base}/", f"{self.discovery_prefix}/device/batmon_"):
+            if not topic.startswith(head):
+                continue
+            batmon_id = parse_batmon_id(topic[len(head) :].split("/", 1)[0])
+            if batmon_id is not None and topic in (
+                self.state(batmon_id),
+                self.availability(batmon_id),
+                self.discovery(batmon_id),
+            ):
+                return batmon_id
+        return None

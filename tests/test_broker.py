@@ -35,8 +35,10 @@ from bridge.broker import (
     BrokerStartError,
     EmbeddedBroker,
 )
+from bridge.models import MAX_SAFE_ID
+from bridge.ratelimit import FailureLimiter
 from bridge.topics import Topics
-from tests.support import LoopThread, wait_until
+from tests.support import Clock, LoopThread, wait_until
 
 BROKER_YAML = Path(__file__).resolve().parents[1] / "broker.yaml"
 TOPICS = Topics()
@@ -75,6 +77,21 @@ class FakeCredentials:
 
 
 @dataclass
+class CountingCredentials(FakeCredentials):
+    """FakeCredentials that count how often a secret was checked."""
+
+    asked: int = 0
+
+    def check_device(self, batmon_id: int, token: str) -> bool:
+        self.asked += 1
+        return super().check_device(batmon_id, token)
+
+    def check_user(self, email: str, api_key: str) -> int | None:
+        self.asked += 1
+        return super().check_user(email, api_key)
+
+
+@dataclass
 class Running:
     broker: EmbeddedBroker
     credentials: FakeCredentials
@@ -82,7 +99,9 @@ class Running:
     bridge_password: str
 
 
-def make_broker(credentials: FakeCredentials, port: int = 0) -> Running:
+def make_broker(
+    credentials: FakeCredentials, port: int = 0, limiter: FailureLimiter | None = None
+) -> Running:
     username, password = f"bridge-{secrets.token_hex(4)}", secrets.token_urlsafe(24)
     broker = EmbeddedBroker(
         host="127.0.0.1",
@@ -92,6 +111,8 @@ def make_broker(credentials: FakeCredentials, port: int = 0) -> Running:
         topics=TOPICS,
         bridge_username=username,
         bridge_password=password,
+        # Refused logins are what many tests here do; only the throttle tests count them.
+        limiter=limiter or FailureLimiter(max_failures=10**9),
     )
     return Running(broker, credentials, username, password)
 
@@ -251,6 +272,63 @@ def test_wrong_bridge_password_is_refused(running: Running, connect: Callable[..
     connect(running.bridge_username, running.bridge_password + "x", expect_rc=NOT_AUTHORIZED)
 
 
+def test_ids_beyond_the_safe_integer_range_are_refused() -> None:
+    # One rule for canonical ids (bridge.models.parse_batmon_id): 1..2^53-1, no zero padding.
+    big = MAX_SAFE_ID + 1
+    credentials = FakeCredentials(tokens={big: "tok-big", MAX_SAFE_ID: "tok-max"}, owner={big: ALICE_ID})
+    policy = AccessPolicy(credentials=credentials, topics=TOPICS, bridge_username="b", bridge_password="p")
+    assert policy.authenticate(str(big), "tok-big", peer="10.0.0.1") is None
+    device = policy.authenticate(str(MAX_SAFE_ID), "tok-max", peer="10.0.0.1")
+    assert device is not None and device.ident == MAX_SAFE_ID
+    alice = policy.authenticate(ALICE, ALICE_KEY, peer="10.0.0.1")
+    assert alice is not None
+    assert not policy.may_receive(alice, TOPICS.state(big))
+    assert not policy.may_receive(alice, TOPICS.discovery(big))
+
+
+def test_failed_logins_from_one_address_are_throttled(loop_thread: LoopThread) -> None:
+    clock = Clock()
+    limiter = FailureLimiter(max_failures=3, window_s=60, clock=clock)
+    credentials = CountingCredentials()
+    r = make_broker(credentials, limiter=limiter)
+    loop_thread.run(r.broker.start())
+
+    def login(username: str | None, password: str | None) -> int:
+        c = Client(r.broker.port, f"throttle-{secrets.token_hex(3)}", username, password)
+        try:
+            return c.connect()
+        finally:
+            c.close()
+
+    try:
+        assert login("5", "tok-five") == 0  # successes do not count
+        for password in ("guess-1", "guess-2", "guess-3"):
+            assert login("5", password) == NOT_AUTHORIZED
+        asked = credentials.asked
+        # Blocked: the right token and a user's right key are refused unchecked.
+        assert login("5", "tok-five") == NOT_AUTHORIZED
+        assert login(ALICE, ALICE_KEY) == NOT_AUTHORIZED
+        assert credentials.asked == asked
+        assert limiter.blocked("127.0.0.1")  # keyed by the client's address
+        # The in-process bridge shares the address; its random secret is not throttled.
+        assert login(r.bridge_username, r.bridge_password) == 0
+        clock.advance(61)  # the window has passed
+        assert login("5", "tok-five") == 0
+    finally:
+        loop_thread.run(r.broker.stop())
+
+
+def test_default_throttle_is_30_failures_a_minute_per_address() -> None:
+    policy = AccessPolicy(
+        credentials=FakeCredentials(), topics=TOPICS, bridge_username="b", bridge_password="p"
+    )
+    for _ in range(30):
+        assert policy.authenticate("5", "guess", peer="10.0.0.1") is None
+    assert policy.authenticate("5", "tok-five", peer="10.0.0.1") is None
+    assert policy.authenticate("5", "tok-five", peer="10.0.0.2") is not None  # another address
+    assert policy.authenticate("b", "p", peer="10.0.0.1") is not None  # the bridge's own client
+
+
 # -- devices ---------------------------------------------------------------
 
 
@@ -260,6 +338,44 @@ def test_device_can_publish_its_update_and_bridge_receives_it(
     dev = device(connect, 5)
     assert dev.publish(TOPICS.update(5, "tok-five"), b'{"voltage": 12.9}')
     assert bridge.wait_for(TOPICS.update(5, "tok-five"))[1] == b'{"voltage": 12.9}'
+
+
+def test_retained_update_is_delivered_but_never_stored(
+    running: Running, bridge: Client, connect: Callable[..., Client]
+) -> None:
+    # Stored, it would be replayed to the bridge as a fresh reading on every (re)subscribe.
+    update = TOPICS.update(5, "tok-five")
+    dev = device(connect, 5)
+    assert dev.publish(update, b'{"voltage": 12.1}', retain=True)
+    assert bridge.wait_for(update) == (update, b'{"voltage": 12.1}', False)
+    again = connect(running.bridge_username, running.bridge_password)
+    assert again.subscribe(TOPICS.update_filter, qos=1) == 1
+    assert again.subscribe(TOPICS.bridge_state) == 0  # every replay is in before this SUBACK
+    assert dev.publish(update, b"live marker")
+    again.wait_for(update, b"live marker")
+    bridge.wait_for(update, b"live marker")
+    assert [(t, p) for t, p, _ in again.received] == [(update, b"live marker")]
+    assert [p for t, p, _ in bridge.received if t == update] == [b'{"voltage": 12.1}', b"live marker"]
+
+
+def test_retained_last_will_on_the_update_topic_is_delivered_but_never_stored(
+    running: Running, bridge: Client, connect: Callable[..., Client]
+) -> None:
+    update = TOPICS.update(5, "tok-five")
+    dev = Client(running.broker.port, f"dev5-{secrets.token_hex(3)}", "5", "tok-five")
+    dev.paho.will_set(update, b'{"details": "gone"}', qos=1, retain=True)
+    try:
+        assert dev.connect() == 0
+        dev.paho.socket().shutdown(socket.SHUT_RDWR)  # gone without DISCONNECT
+        assert bridge.wait_for(update) == (update, b'{"details": "gone"}', False)
+    finally:
+        dev.close()
+    again = connect(running.bridge_username, running.bridge_password)
+    assert again.subscribe(TOPICS.update_filter, qos=1) == 1
+    assert again.subscribe(TOPICS.bridge_state) == 0
+    assert bridge.publish(TOPICS.bridge_state, b"marker")
+    again.wait_for(TOPICS.bridge_state, b"marker")
+    assert update not in again.topics_received()
 
 
 def test_device_cannot_publish_to_another_devices_topic(
