@@ -26,13 +26,14 @@ def mqtt_port(serve: ServeProcess) -> int:
 class Client:
     """A paho MQTT 3.1.1 client that records messages and CONNACK results."""
 
-    def __init__(self, port: int, username: str, password: str) -> None:
+    def __init__(self, port: int, username: str, password: str, inflight: int = 20) -> None:
         self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
         self.connack: queue.Queue[int] = queue.Queue()
         self.subacks: queue.Queue[list[int]] = queue.Queue()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311,
                                   reconnect_on_failure=False)  # fmt: skip
         self.client.username_pw_set(username, password)
+        self.client.max_inflight_messages_set(inflight)
         self.client.on_connect = lambda c, u, f, rc, p: self.connack.put(rc.value)
         self.client.on_message = lambda c, u, m: self.messages.put(m)
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self.subacks.put([r.value for r in rcs])
@@ -224,3 +225,33 @@ def test_external_mosquitto_mode_uses_the_same_ingest(serve: ServeProcess) -> No
             device.client.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
         device.close()
         state.close()
+
+
+def test_a_burst_then_disconnect_lands_every_acknowledged_reading(serve: ServeProcess) -> None:
+    """A battery device wakes, sends its buffer, waits for the PUBACKs and sleeps:
+    every reading the broker acknowledged must be in the database."""
+    serve.start()
+    admin = {"X-API-Key": serve.admin_key or ""}
+    with httpx.Client(base_url=serve.http_url, timeout=10) as http:
+        added = http.post("/interface/add/batmon", headers=admin,
+                          data={"batmon_name": "Sleepy"}).json()["success"]
+        batmon_id, token = added["batmon_id"], added["batmon_token"]
+        topic = f"batmon/{batmon_id}/{token}/update"
+        sent = 0
+        for _ in range(3):
+            device = Client(mqtt_port(serve), str(batmon_id), token, inflight=200)
+            assert device.accepted
+            infos = [device.client.publish(topic, json.dumps({"soc": (sent + i) % 100}), qos=1)
+                     for i in range(300)]  # fmt: skip
+            for info in infos:
+                info.wait_for_publish(10)
+            sent += len(infos)
+            device.close()
+
+        def landed() -> int:
+            [h] = http.get("/interface/batmon/history", headers=admin, params={
+                "batmon_id": batmon_id, "min_epoch_tm_sec": 0}).json()["success"]  # fmt: skip
+            return len(h["data"])
+
+        wait_for(lambda: landed() >= sent, f"all {sent} readings", timeout=30)
+        assert landed() == sent
