@@ -20,7 +20,8 @@ from bridge.core import Core, User
 from bridge.events import EventBus
 from bridge.store.db import Store
 from http_api.app import create_app
-from tests.support import ROOT, Env, make_env
+from tests.broker_support import FakeCredentials, Running, make_broker
+from tests.support import ROOT, Env, LoopThread, make_env
 
 
 @dataclass
@@ -127,3 +128,22 @@ def env(tmp_path: Path) -> Iterator[Env]:
     """A core on tmp SQLite, its loop thread, and the shared Mosquitto under this test's topics."""
     with make_env(tmp_path) as env:
         yield env
+
+
+# -- the embedded broker, one per test module that asks for it ------------------
+
+@pytest.fixture(scope="module")
+def loop_thread() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+@pytest.fixture(scope="module")
+def running(loop_thread: LoopThread) -> Iterator[Running]:
+    """A started embedded broker with test credentials, for the whole module."""
+    r = make_broker(FakeCredentials())
+    loop_thread.run(r.broker.start())
+    yield r
+    loop_thread.run(r.broker.stop())
+

@@ -11,43 +11,43 @@ the refused one never arrived before it (amqtt delivers in order).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
-import queue
 import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
 from amqtt.contexts import BaseContext
 from amqtt.session import Session
-from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.broker import (
     AccessPolicy,
     BatmonAccessPlugin,
     BrokerStartError,
-    EmbeddedBroker,
 )
 from bridge.models import MAX_SAFE_ID
 from bridge.ratelimit import FailureLimiter
-from bridge.topics import Topics
+from tests.broker_support import (
+    ALICE,
+    ALICE_ID,
+    ALICE_KEY,
+    BOB,
+    BOB_ID,
+    BOB_KEY,
+    NOT_AUTHORIZED,
+    SUBACK_FAILURE,
+    TOPICS,
+    WAIT,
+    Client,
+    CountingCredentials,
+    FakeCredentials,
+    Running,
+    make_broker,
+)
 from tests.support import Clock, LoopThread, wait_until
-
-BROKER_YAML = Path(__file__).resolve().parents[1] / "broker.yaml"
-TOPICS = Topics()
-WAIT = 2.0  # seconds: every wait in this file is bounded by this
-NOT_AUTHORIZED = 135  # paho's reason code for an MQTT 3.1.1 CONNACK return code 5
-SUBACK_FAILURE = 0x80
-
-ALICE, ALICE_KEY, ALICE_ID = "alice@example.org", "key-alice", 1
-BOB, BOB_KEY, BOB_ID = "bob@example.org", "key-bob", 2
 
 # What Home Assistant subscribes to for MQTT discovery (homeassistant/components/mqtt/
 # discovery.py: f"{discovery_topic}/+/+/config" and f"{discovery_topic}/+/+/+/config").
@@ -55,154 +55,6 @@ HA_DISCOVERY_FILTERS = ("homeassistant/+/+/config", "homeassistant/+/+/+/config"
 ALL_STATE, ALL_AVAILABILITY = "batmon/+/state", "batmon/+/availability"
 
 
-@dataclass
-class FakeCredentials:
-    """Test data standing in for the core's in-memory registry (a CredentialCheck)."""
-
-    tokens: dict[int, str] = field(default_factory=lambda: {5: "tok-five", 6: "tok-six", 7: "tok-seven"})
-    users: dict[str, tuple[str, int]] = field(
-        default_factory=lambda: {ALICE: (ALICE_KEY, ALICE_ID), BOB: (BOB_KEY, BOB_ID)}
-    )
-    owner: dict[int, int] = field(default_factory=lambda: {5: ALICE_ID, 6: BOB_ID, 7: ALICE_ID})
-
-    def check_device(self, batmon_id: int, token: str) -> bool:
-        return self.tokens.get(batmon_id) == token
-
-    def check_user(self, email: str, api_key: str) -> int | None:
-        key, user_id = self.users.get(email, ("", 0))
-        return user_id if key and key == api_key else None
-
-    def owns(self, user_id: int, batmon_id: int) -> bool:
-        return self.owner.get(batmon_id) == user_id
-
-
-@dataclass
-class CountingCredentials(FakeCredentials):
-    """FakeCredentials that count how often a secret was checked."""
-
-    asked: int = 0
-
-    def check_device(self, batmon_id: int, token: str) -> bool:
-        self.asked += 1
-        return super().check_device(batmon_id, token)
-
-    def check_user(self, email: str, api_key: str) -> int | None:
-        self.asked += 1
-        return super().check_user(email, api_key)
-
-
-@dataclass
-class Running:
-    broker: EmbeddedBroker
-    credentials: FakeCredentials
-    bridge_username: str
-    bridge_password: str
-
-
-def make_broker(
-    credentials: FakeCredentials, port: int = 0, limiter: FailureLimiter | None = None
-) -> Running:
-    username, password = f"bridge-{secrets.token_hex(4)}", secrets.token_urlsafe(24)
-    broker = EmbeddedBroker(
-        host="127.0.0.1",
-        port=port,
-        config_path=BROKER_YAML,
-        credentials=credentials,
-        topics=TOPICS,
-        bridge_username=username,
-        bridge_password=password,
-        # Refused logins are what many tests here do; only the throttle tests count them.
-        limiter=limiter or FailureLimiter(max_failures=10**9),
-    )
-    return Running(broker, credentials, username, password)
-
-
-@pytest.fixture(scope="module")
-def loop_thread() -> Iterator[LoopThread]:
-    lt = LoopThread()
-    yield lt
-    lt.close()
-
-
-@pytest.fixture(scope="module")
-def running(loop_thread: LoopThread) -> Iterator[Running]:
-    r = make_broker(FakeCredentials())
-    loop_thread.run(r.broker.start())
-    yield r
-    loop_thread.run(r.broker.stop())
-
-
-class Client:
-    """A paho 2.x MQTT 3.1.1 client with blocking helpers bounded by WAIT."""
-
-    def __init__(
-        self,
-        port: int,
-        client_id: str,
-        username: str | None,
-        password: str | None,
-        clean_session: bool = True,
-    ) -> None:
-        self.received: list[tuple[str, bytes, bool]] = []
-        self._messages: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
-        self._connacks: queue.Queue[Any] = queue.Queue()
-        self._subacks: queue.Queue[tuple[int, list[Any]]] = queue.Queue()
-        self._disconnects: queue.Queue[Any] = queue.Queue()
-        self._port = port
-        self.paho = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=mqtt.MQTTv311,
-            clean_session=clean_session,
-            reconnect_on_failure=False,  # a refused client must stay refused, not retry
-        )
-        if username is not None:
-            self.paho.username_pw_set(username, password)
-        self.paho.on_connect = lambda _c, _u, _f, rc, _p: self._connacks.put(rc)
-        self.paho.on_subscribe = lambda _c, _u, mid, rcs, _p: self._subacks.put((mid, rcs))
-        self.paho.on_message = lambda _c, _u, m: self._messages.put((m.topic, m.payload, m.retain))
-        self.paho.on_disconnect = lambda _c, _u, _f, rc, _p: self._disconnects.put(rc)
-
-    def connect(self) -> int:
-        """Connect and return the CONNACK reason code value (0 = accepted)."""
-        self.paho.connect("127.0.0.1", self._port, keepalive=30)
-        self.paho.loop_start()
-        return self._connacks.get(timeout=WAIT).value
-
-    def subscribe(self, topic_filter: str, qos: int = 0) -> int:
-        """Subscribe and return the SUBACK code for the filter (0x80 = refused)."""
-        _, mid = self.paho.subscribe(topic_filter, qos)
-        while True:
-            got_mid, codes = self._subacks.get(timeout=WAIT)
-            if got_mid == mid:
-                return codes[0].value
-
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> bool:
-        """Publish and wait for the broker's acknowledgement (PUBACK for QoS 1)."""
-        info = self.paho.publish(topic, payload, qos=qos, retain=retain)
-        info.wait_for_publish(WAIT)
-        return info.is_published()
-
-    def wait_for(self, topic: str, payload: bytes | None = None) -> tuple[str, bytes, bool]:
-        """The first message on `topic` (with `payload` if given); all seen go to .received."""
-        while True:
-            msg = self._messages.get(timeout=WAIT)
-            self.received.append(msg)
-            if msg[0] == topic and payload in (None, msg[1]):
-                return msg
-
-    def topics_received(self) -> list[str]:
-        return [t for t, _, _ in self.received]
-
-    def close(self) -> None:
-        """Disconnect cleanly and stop the network loop."""
-        if self.paho.is_connected():
-            self.paho.disconnect()
-            # Without this wait loop_stop() can end the loop thread before it has sent the
-            # DISCONNECT: the socket then stays open and the broker sees the client online.
-            with contextlib.suppress(queue.Empty):
-                self._disconnects.get(timeout=WAIT)
-        self.paho.loop_stop()
 
 
 @pytest.fixture

@@ -24,28 +24,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support import LoopThread
-from tests.test_broker import TOPICS, Client, FakeCredentials, Running, make_broker
+from tests.broker_support import TOPICS, Client, FakeCredentials, Running
 
 DEVICE_ID, DEVICE_TOKEN = 5, FakeCredentials().tokens[5]
 UPDATE = TOPICS.update(DEVICE_ID, DEVICE_TOKEN)
 ARRIVAL_TIMEOUT = 20.0  # seconds for every acknowledged message to reach the bridge
 MARKER = b"marker-"
-
-
-@pytest.fixture(scope="module")
-def loop_thread() -> Iterator[LoopThread]:
-    lt = LoopThread()
-    yield lt
-    lt.close()
-
-
-@pytest.fixture(scope="module")
-def running(loop_thread: LoopThread) -> Iterator[Running]:
-    r = make_broker(FakeCredentials())
-    loop_thread.run(r.broker.start())
-    yield r
-    loop_thread.run(r.broker.stop())
 
 
 @pytest.fixture
