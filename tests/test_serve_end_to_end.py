@@ -255,3 +255,58 @@ def test_a_burst_then_disconnect_lands_every_acknowledged_reading(serve: ServePr
 
         wait_for(lambda: landed() >= sent, f"all {sent} readings", timeout=30)
         assert landed() == sent
+
+
+def test_alarm_and_status_notices_in_real_time(serve: ServeProcess) -> None:
+    """Issue 4's scenario on the wall clock: trigger, repeat after the delay, quiet after
+    ack, cleared; then exactly one Offline notice from the watchdog and one Online."""
+    sink = Sink()
+    try:
+        serve.start()
+        admin = {"X-API-Key": serve.admin_key or ""}
+        with httpx.Client(base_url=serve.http_url, timeout=10) as http:
+            http.post("/interface/user/notifications", headers=admin,
+                      json={"email_url": sink.url()})
+            added = http.post("/interface/add/batmon", headers=admin, data={
+                "batmon_name": "Solar shed", "update_period": 3}).json()["success"]  # fmt: skip
+            batmon_id, token = added["batmon_id"], added["batmon_token"]
+            alarm_id = http.post("/interface/batmon/alarm/add", headers=admin, json={
+                "batmon_id": batmon_id, "alarm_name": "High voltage", "alarm_metric": "voltage",
+                "alarm_condition": ">=", "alarm_threshold_value": 10, "alarm_repeat_delay": 1,
+            }).json()["success"]["alarm_id"]  # fmt: skip
+
+            def reading(voltage: float) -> None:
+                r = http.post("/interface/update/batmon", json={
+                    "batmon_id": batmon_id, "batmon_token": token, "voltage": voltage})
+                assert r.status_code == 200
+
+            def titles() -> list[str]:
+                return [p["title"].lower() for p in sink.posts()]
+
+            reading(12)
+            wait_for(lambda: len(titles()) == 1, "the triggered notice")
+            assert "triggered" in titles()[0] and str(batmon_id) in titles()[0]
+            [alarm] = http.get("/interface/batmon/status", headers=admin, params={
+                "batmon_id": batmon_id}).json()["success"]["alarms"]  # fmt: skip
+            assert alarm["alarm_triggered"] is True and alarm["alarm_trigger_time"]
+
+            time.sleep(1.5)  # the repeat delay is the behaviour under test
+            reading(12.5)
+            wait_for(lambda: len(titles()) == 2, "the repeated notice")
+            http.post("/interface/batmon/alarm/ack", headers=admin, json={"alarm_id": alarm_id})
+            time.sleep(1.2)
+            reading(12.2)  # acknowledged: no repeat
+            reading(5)  # clears
+            wait_for(lambda: len(titles()) == 3, "the cleared notice")
+            assert "cleared" in titles()[2]
+
+            # No reading for update_period (3 s): the watchdog's Offline notice, once.
+            wait_for(lambda: len(titles()) == 4, "the offline notice", timeout=8)
+            assert "offline" in titles()[3]
+            time.sleep(1.0)
+            reading(4)
+            wait_for(lambda: len(titles()) == 5, "the online notice")
+            assert "online" in titles()[4]
+            assert sum("offline" in t for t in titles()) == 1
+    finally:
+        sink.close()
