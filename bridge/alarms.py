@@ -10,7 +10,7 @@ import operator
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
-from bridge.events import AlarmChanged, ReadingAccepted
+from bridge.events import NO_SUBSCRIPTION, AlarmChanged, ReadingAccepted, Subscription
 
 if TYPE_CHECKING:
     from bridge.core import Alarm, Batmon, Core
@@ -36,14 +36,15 @@ class AlarmEvaluator:
 
     def __init__(self, core: Core) -> None:
         self.core = core
+        self._subscription: Subscription = NO_SUBSCRIPTION
 
     def start(self) -> None:
         """Evaluate alarms on every accepted reading from now on."""
-        self.core.bus.subscribe(ReadingAccepted, self.on_reading)
+        self._subscription = self.core.bus.subscribe_all({ReadingAccepted: self.on_reading})
 
     def stop(self) -> None:
         """Stop evaluating."""
-        self.core.bus.unsubscribe(ReadingAccepted, self.on_reading)
+        self._subscription.cancel()
 
     def on_reading(self, event: ReadingAccepted) -> None:
         """Evaluate the batmon's enabled alarms whose metric the reading carries.

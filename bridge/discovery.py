@@ -15,7 +15,7 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from bridge.events import BatmonChanged, BatmonDeleted
+from bridge.events import NO_SUBSCRIPTION, BatmonChanged, BatmonDeleted, Subscription
 from bridge.topics import Topics
 
 if TYPE_CHECKING:
@@ -89,18 +89,19 @@ class HomeAssistantDiscovery:
 
     def __init__(self, core: Core, topics: Topics, publish: Callable[[str, str], None]) -> None:
         self.core = core
+        self._subscription: Subscription = NO_SUBSCRIPTION
         self.topics = topics
         self.publish = publish
 
     def start(self) -> None:
         """React to created, edited and deleted batmons."""
-        self.core.bus.subscribe(BatmonChanged, self._on_changed)
-        self.core.bus.subscribe(BatmonDeleted, self._on_deleted)
+        self._subscription = self.core.bus.subscribe_all(
+            {BatmonChanged: self._on_changed, BatmonDeleted: self._on_deleted}
+        )
 
     def stop(self) -> None:
         """Stop reacting to events."""
-        self.core.bus.unsubscribe(BatmonChanged, self._on_changed)
-        self.core.bus.unsubscribe(BatmonDeleted, self._on_deleted)
+        self._subscription.cancel()
 
     def publish_all(self) -> None:
         """Send every batmon's config (after a (re)connect or Home Assistant's birth)."""

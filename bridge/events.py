@@ -69,6 +69,26 @@ class BatmonDeleted:
 
 
 E = TypeVar("E")
+Handlers = dict[type, Callable[[Any], None]]
+
+
+class Subscription:
+    """Handlers subscribed together and cancelled together, so an extension names
+    its events once and cannot forget one when it stops."""
+
+    def __init__(self, bus: EventBus | None, handlers: Handlers) -> None:
+        self._bus = bus
+        self._handlers = handlers
+
+    def cancel(self) -> None:
+        """Unsubscribe every handler; calling it again does nothing."""
+        if self._bus is not None:
+            for event_type, handler in self._handlers.items():
+                self._bus.unsubscribe(event_type, handler)
+        self._handlers = {}
+
+
+NO_SUBSCRIPTION = Subscription(None, {})  # what an extension holds before start()
 
 
 class EventBus:
@@ -86,6 +106,12 @@ class EventBus:
         handlers = self._handlers.get(event_type, [])
         if handler in handlers:
             handlers.remove(handler)
+
+    def subscribe_all(self, handlers: Handlers) -> Subscription:
+        """Subscribe each handler to its event type; cancel them all at once later."""
+        for event_type, handler in handlers.items():
+            self.subscribe(event_type, handler)
+        return Subscription(self, dict(handlers))
 
     def emit(self, event: object) -> None:
         """Deliver ``event`` to its subscribers, isolating their failures."""

@@ -31,7 +31,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 from bridge.core import Batmon, Core
 from bridge.discovery import HomeAssistantDiscovery
 from bridge.errors import BatmonError, NotFound, WrongToken
-from bridge.events import BatmonChanged, BatmonDeleted, ReadingAccepted, StatusChanged
+from bridge.events import (
+    NO_SUBSCRIPTION,
+    BatmonChanged,
+    BatmonDeleted,
+    ReadingAccepted,
+    StatusChanged,
+    Subscription,
+)
 from bridge.models import parse_batmon_id, readings_from_payload
 from bridge.topics import Topics
 
@@ -87,6 +94,7 @@ class StatePublisher:
 
     def __init__(self, core: Core, topics: Topics, publish: RetainedPublish) -> None:
         self.core = core
+        self._subscription: Subscription = NO_SUBSCRIPTION
         self.topics = topics
         self.publish = publish
         # Last state sent per batmon: a batch of N readings emits N events that all
@@ -95,19 +103,16 @@ class StatePublisher:
 
     def start(self) -> None:
         """Subscribe to the core's events."""
-        bus = self.core.bus
-        bus.subscribe(ReadingAccepted, self._on_reading)
-        bus.subscribe(StatusChanged, self._on_status)
-        bus.subscribe(BatmonChanged, self._on_changed)
-        bus.subscribe(BatmonDeleted, self._on_deleted)
+        self._subscription = self.core.bus.subscribe_all({
+            ReadingAccepted: self._on_reading,
+            StatusChanged: self._on_status,
+            BatmonChanged: self._on_changed,
+            BatmonDeleted: self._on_deleted,
+        })  # fmt: skip
 
     def stop(self) -> None:
         """Stop reacting to events."""
-        bus = self.core.bus
-        bus.unsubscribe(ReadingAccepted, self._on_reading)
-        bus.unsubscribe(StatusChanged, self._on_status)
-        bus.unsubscribe(BatmonChanged, self._on_changed)
-        bus.unsubscribe(BatmonDeleted, self._on_deleted)
+        self._subscription.cancel()
 
     def publish_all(self) -> None:
         """Send every batmon's state and availability (after each (re)connect)."""

@@ -24,7 +24,7 @@ import apprise
 from pydantic import ValidationError
 
 from bridge.errors import InvalidInput, NotFound
-from bridge.events import AlarmChanged, StatusChanged
+from bridge.events import NO_SUBSCRIPTION, AlarmChanged, StatusChanged, Subscription
 from bridge.models import NotificationTargets, describe_error
 from bridge.store.outbox import CHANNELS, Channel, Outbox
 
@@ -208,6 +208,7 @@ class Notifier:
                  give_up_after_s: float = 86400.0, max_attempts: int = 12,
                  send_timeout_s: float = 20.0, concurrency: int = 8) -> None:  # fmt: skip
         self.core = core
+        self._subscription: Subscription = NO_SUBSCRIPTION
         self.outbox = Outbox(core.store)
         self.retry_base_s = retry_base_s
         self.give_up_after_s = give_up_after_s
@@ -227,14 +228,14 @@ class Notifier:
         if requeued:
             log.info("requeued %d notices left in flight by the previous run", requeued)
         self.outbox.prune(self.core.clock() - RETENTION_S)
-        self.core.bus.subscribe(StatusChanged, self.on_status)
-        self.core.bus.subscribe(AlarmChanged, self.on_alarm)
+        self._subscription = self.core.bus.subscribe_all(
+            {StatusChanged: self.on_status, AlarmChanged: self.on_alarm}
+        )
         self._task = asyncio.create_task(self._run(), name="notifier")
 
     async def stop(self) -> None:
         """Stop sending; notices in flight stay 'sending' and are resent on next start."""
-        self.core.bus.unsubscribe(StatusChanged, self.on_status)
-        self.core.bus.unsubscribe(AlarmChanged, self.on_alarm)
+        self._subscription.cancel()
         tasks = [t for t in (self._task, *self._inflight) if t is not None]
         for task in tasks:
             task.cancel()

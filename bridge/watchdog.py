@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bridge.core import Core
-from bridge.events import BatmonChanged, ReadingAccepted
+from bridge.events import NO_SUBSCRIPTION, BatmonChanged, ReadingAccepted, Subscription
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class OfflineWatchdog:
 
     def __init__(self, core: Core) -> None:
         self.core = core
+        self._subscription: Subscription = NO_SUBSCRIPTION
         self._heap: list[tuple[float, int]] = []
         # The deadline each batmon has in the heap; an entry that differs is stale.
         self._armed: dict[int, float] = {}
@@ -49,14 +50,14 @@ class OfflineWatchdog:
             if batmon.status == "Online":
                 self._arm(batmon.id)
         self._expire_due()
-        self.core.bus.subscribe(ReadingAccepted, self._on_reading)
-        self.core.bus.subscribe(BatmonChanged, self._on_changed)
+        self._subscription = self.core.bus.subscribe_all(
+            {ReadingAccepted: self._on_reading, BatmonChanged: self._on_changed}
+        )
         self._task = asyncio.create_task(self._run(), name="offline-watchdog")
 
     async def stop(self) -> None:
         """Stop watching; statuses stay as they are."""
-        self.core.bus.unsubscribe(ReadingAccepted, self._on_reading)
-        self.core.bus.unsubscribe(BatmonChanged, self._on_changed)
+        self._subscription.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
