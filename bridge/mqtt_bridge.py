@@ -458,7 +458,7 @@ class MqttBridge:
             return
         try:
             readings = readings_from_payload(item.payload)
-            await self.core.ingest_readings(batmon, readings)
+            await self.core.ingest_readings(batmon, readings, door="mqtt")
         except BatmonError as exc:
             self._counters["rejected"] += 1
             log.debug("rejected update from batmon %s: %s", batmon_id, exc.message)

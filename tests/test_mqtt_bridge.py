@@ -260,7 +260,7 @@ def test_deleting_a_batmon_empties_its_retained_state_and_availability(env: Env)
     env.bridge()
     env.ingest(batmon, voltage=12.0)
     wait_until(lambda: retained(env.port, env.topics.state(batmon.id)), what="state retained")
-    env.loop.call(env.core.delete_batmon, batmon)
+    env.loop.run(env.core.delete_batmon(batmon))
     wait_until(lambda: retained(env.port, env.topics.state(batmon.id)) is None, what="state emptied")
     assert retained(env.port, env.topics.availability(batmon.id)) is None
 
@@ -397,7 +397,7 @@ def test_a_reading_not_yet_committed_when_the_bridge_stops_is_redelivered(env: E
     batmon = env.add_batmon()
     received = threading.Event()
 
-    async def stuck_ingest(batmon: Batmon, readings: Any) -> None:
+    async def stuck_ingest(batmon: Batmon, readings: Any, door: str = "mqtt") -> None:
         received.set()
         await asyncio.Event().wait()  # as if the process died before the commit
 
