@@ -16,6 +16,7 @@ from bridge.models import AddBatmon, Reading
 from bridge.store.db import Store
 from bridge.store.readings import SqliteReadingSink
 from bridge.writer import Overloaded, ReadingWriter, StorageFailed
+from tests.support import FullDisk
 
 
 @pytest.fixture
@@ -69,31 +70,6 @@ def test_an_older_reading_pending_behind_a_newer_one_goes_to_history_only(core: 
     assert seen == [(2_000_000, True), (1_999_000, False)]
     reloaded = Core(core.store, EventBus()).load().batmons[batmon.id]
     assert (reloaded.voltage, reloaded.last_reading) == (13.0, 2_000_000)
-
-
-class FullDisk:
-    """A real SQLite sink whose file may not grow past its current size while ``full``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.full = True
-        self.sinks: list[SqliteReadingSink] = []
-
-    def __call__(self) -> SqliteReadingSink:
-        sink = SqliteReadingSink(self.path)
-        self.sinks.append(sink)
-        self.apply(sink)
-        return sink
-
-    def apply(self, sink: SqliteReadingSink) -> None:
-        conn = sink._conn  # the test's only reach inside: SQLite's own size cap
-        pages = conn.execute("PRAGMA page_count").fetchone()[0]
-        conn.execute(f"PRAGMA max_page_count = {pages if self.full else 2**30}")
-
-    def clear(self) -> None:
-        self.full = False
-        for sink in self.sinks:
-            self.apply(sink)
 
 
 def test_a_failed_commit_is_never_acknowledged_and_ingest_recovers_by_itself(core: Core) -> None:
