@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import socket
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 # QoS 0 messages have no broker-side flow control; past this backlog they are dropped
 # rather than letting memory grow (QoS 1 is bounded by the broker's inflight window).
 MAX_BACKLOG = 10_000
+COALESCE_S = 0.25  # at most one retained state per batmon this often, after readings
 STOP_DRAIN_S = 10.0  # how long a stop waits for submitted updates to commit and be acked
 KEEPALIVE_S = 30
 RECONNECT_MIN_DELAY_S = 1
@@ -89,16 +91,23 @@ def state_payload(batmon: Batmon) -> dict[str, Any]:
 
 
 class StatePublisher:
-    """Keeps each batmon's retained state and availability topics in step with events."""
+    """Keeps each batmon's retained state and availability topics in step with events.
+
+    State after a reading is coalesced: at most one publish per batmon every
+    ``COALESCE_S``, carrying the latest values, so a device sending 100 readings a
+    second costs 4 publishes, not 100. Status changes and edits go out at once.
+    """
 
     def __init__(self, core: Core, topics: Topics, publish: RetainedPublish) -> None:
         self.core = core
         self._subscription: Subscription = NO_SUBSCRIPTION
         self.topics = topics
         self.publish = publish
-        # Last state sent per batmon: a batch of N readings emits N events that all
-        # describe the same (final) memory state, so N-1 publishes are skipped.
-        self._last: dict[int, str] = {}
+        # A digest of the last state sent per batmon (not the payload: memory at 10,000
+        # batmons), so N events describing the same memory state publish once.
+        self._last: dict[int, int] = {}
+        self._sent_at: dict[int, float] = {}
+        self._due: dict[int, asyncio.TimerHandle] = {}
 
     def start(self) -> None:
         """Subscribe to the core's events."""
@@ -110,8 +119,11 @@ class StatePublisher:
         })  # fmt: skip
 
     def stop(self) -> None:
-        """Stop reacting to events."""
+        """Stop reacting to events; pending coalesced publishes are dropped."""
         self._subscription.cancel()
+        for handle in self._due.values():
+            handle.cancel()
+        self._due.clear()
 
     def publish_all(self) -> None:
         """Send every batmon's state and availability (after each (re)connect)."""
@@ -123,8 +135,10 @@ class StatePublisher:
     def publish_state(self, batmon: Batmon) -> None:
         """Send the batmon's state unless it is what was sent last."""
         payload = json.dumps(state_payload(batmon))
-        if self._last.get(batmon.id) != payload:
-            self._last[batmon.id] = payload
+        digest = hash(payload)
+        if self._last.get(batmon.id) != digest:
+            self._last[batmon.id] = digest
+            self._sent_at[batmon.id] = time.monotonic()
             self.publish(self.topics.state(batmon.id), payload)
 
     def publish_availability(self, batmon: Batmon) -> None:
@@ -132,9 +146,24 @@ class StatePublisher:
         payload = "online" if batmon.status == "Online" else "offline"
         self.publish(self.topics.availability(batmon.id), payload)
 
+    def _state_soon(self, batmon: Batmon) -> None:
+        if batmon.id in self._due:
+            return  # the publish already scheduled will carry these values
+        wait = self._sent_at.get(batmon.id, -COALESCE_S) + COALESCE_S - time.monotonic()
+        if wait <= 0:
+            self.publish_state(batmon)
+            return
+        loop = asyncio.get_running_loop()
+        self._due[batmon.id] = loop.call_later(wait, self._flush, batmon)
+
+    def _flush(self, batmon: Batmon) -> None:
+        self._due.pop(batmon.id, None)
+        if self.core.batmons.get(batmon.id) is batmon:
+            self.publish_state(batmon)
+
     def _on_reading(self, event: ReadingAccepted) -> None:
         if event.current:
-            self.publish_state(event.batmon)
+            self._state_soon(event.batmon)
 
     def _on_status(self, event: StatusChanged) -> None:
         self.publish_availability(event.batmon)
@@ -146,9 +175,14 @@ class StatePublisher:
             self.publish_availability(event.batmon)
 
     def _on_deleted(self, event: BatmonDeleted) -> None:
-        self._last.pop(event.batmon.id, None)
-        self.publish(self.topics.state(event.batmon.id), "")
-        self.publish(self.topics.availability(event.batmon.id), "")
+        batmon_id = event.batmon.id
+        self._last.pop(batmon_id, None)
+        self._sent_at.pop(batmon_id, None)
+        handle = self._due.pop(batmon_id, None)
+        if handle is not None:
+            handle.cancel()
+        self.publish(self.topics.state(batmon_id), "")
+        self.publish(self.topics.availability(batmon_id), "")
 
 
 @dataclass(frozen=True)
@@ -181,6 +215,7 @@ class MqttBridge:
         retain_flag_means_replay: bool = True,
         ingest_updates: bool = True,
         door: UpdateDoor | None = None,
+        publish_direct: RetainedPublish | None = None,
     ) -> None:
         self.core = core
         self.topics = topics
@@ -199,6 +234,10 @@ class MqttBridge:
         # False with the embedded broker: it hands updates to the writer itself.
         self.ingest_updates = ingest_updates
         self.door = door if door is not None else UpdateDoor(core, topics, self._publish_error)
+        # With the embedded broker, retained topics are published into it directly:
+        # no loopback round trip per state (the paho client then only listens for
+        # Home Assistant's birth message).
+        self.publish_direct = publish_direct
         # Updates submitted and not yet acknowledged, in arrival order: acks go out
         # in that order, each once its commit is done (the broker's inflight window
         # is used, and a failed commit is never acked).
@@ -299,7 +338,9 @@ class MqttBridge:
         client = self._client
         if client is None:
             return
-        if publish_offline and client.is_connected():
+        if publish_offline and self.publish_direct is not None:
+            self.publish_direct(self.topics.bridge_state, "offline")
+        elif publish_offline and client.is_connected():
             info = client.publish(self.topics.bridge_state, "offline", qos=1, retain=True)
             with contextlib.suppress(ValueError, RuntimeError):
                 await asyncio.to_thread(info.wait_for_publish, 2.0)
@@ -430,6 +471,9 @@ class MqttBridge:
 
     def _publish_retained(self, topic: str, payload: str) -> None:
         """Publish retained with QoS 1 while connected; on reconnect all is re-sent."""
+        if self.publish_direct is not None:
+            self.publish_direct(topic, payload)
+            return
         if payload == "":
             self._pending_clears.add(topic)
         client = self._client

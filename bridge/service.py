@@ -187,11 +187,16 @@ class Service:
             client_id=client_id, discovery=opts.discovery,
             retain_flag_means_replay=self.broker is None,
             ingest_updates=self.broker is None, door=door,
+            publish_direct=self._publish_in_broker if self.broker is not None else None,
         )  # fmt: skip
         try:
             await self.mqtt.start()
         except Exception as exc:
             raise ServiceError(str(exc)) from None
+
+    def _publish_in_broker(self, topic: str, payload: str) -> None:
+        if self.broker is not None:
+            self.broker.publish_soon(topic, payload, retain=True)
 
     def _reply_error_in_broker(self, batmon_id: int, token: str, message: str) -> None:
         if self.broker is not None:
