@@ -26,6 +26,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.core import Batmon, Core
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 # QoS 0 messages have no broker-side flow control; past this backlog they are dropped
 # rather than letting memory grow (QoS 1 is bounded by the broker's inflight window).
 MAX_BACKLOG = 10_000
+YIELD_EVERY = 64  # updates submitted between yields to the event loop
 COALESCE_S = 0.25  # at most one retained state per batmon this often, after readings
 STOP_DRAIN_S = 10.0  # how long a stop waits for submitted updates to commit and be acked
 KEEPALIVE_S = 30
@@ -59,6 +62,23 @@ RetainedPublish = Callable[[str, str], None]
 
 class MqttConnectError(Exception):
     """The broker could not be reached, refused us, or refused our subscription."""
+
+
+class _ProtocolRefused(MqttConnectError):
+    """The broker refused MQTT v5: start again with 3.1.1."""
+
+
+RECEIVE_MAXIMUM = 1_000
+"""Unacked updates an MQTT v5 broker may send us at once: our commit groups can be this
+big. A 3.1.1 session gets the broker's own limit (Mosquitto: max_inflight_messages, 20)."""
+SESSION_EXPIRY_S = 7 * 86_400
+"""How long an external broker keeps our v5 session (and queues readings) while we are away."""
+UNSUPPORTED_PROTOCOL = (1, 0x84)  # CONNACK codes of a broker that speaks no MQTT v5
+
+
+def new_v5_client(client_id: str) -> mqtt.Client:
+    """A paho client speaking MQTT v5, for external brokers (bigger inflight window)."""
+    return mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
 
 
 def new_client(client_id: str, *, clean_session: bool) -> mqtt.Client:
@@ -214,6 +234,7 @@ class MqttBridge:
         discovery: bool = True,
         retain_flag_means_replay: bool = True,
         ingest_updates: bool = True,
+        mqtt5: bool = False,
         door: UpdateDoor | None = None,
         publish_direct: RetainedPublish | None = None,
     ) -> None:
@@ -233,6 +254,9 @@ class MqttBridge:
         self.retain_flag_means_replay = retain_flag_means_replay
         # False with the embedded broker: it hands updates to the writer itself.
         self.ingest_updates = ingest_updates
+        # v5 on external brokers (Receive Maximum lifts the 3.1.1 inflight cap), falling
+        # back to 3.1.1 for a broker that refuses it; amqtt speaks 3.1.1 only.
+        self.mqtt5 = mqtt5
         self.door = door if door is not None else UpdateDoor(core, topics, self._publish_error)
         # With the embedded broker, retained topics are published into it directly:
         # no loopback round trip per state (the paho client then only listens for
@@ -242,6 +266,7 @@ class MqttBridge:
         # in that order, each once its commit is done (the broker's inflight window
         # is used, and a failed commit is never acked).
         self._unacked: deque[tuple[_Inbound, asyncio.Future[None] | None]] = deque()
+        self._handoff: deque[_Inbound] = deque()  # paho's thread -> the loop (deque ops are atomic)
         self._client: mqtt.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: asyncio.Queue[_Inbound] | None = None
@@ -264,6 +289,11 @@ class MqttBridge:
         return self._client is not None and self._client.is_connected()
 
     @property
+    def protocol(self) -> str:
+        """The MQTT protocol version in use: "5" or "3.1.1"."""
+        return "5" if self.mqtt5 else "3.1.1"
+
+    @property
     def stats(self) -> dict[str, Any]:
         """Connection state and message counters, for /healthz."""
         counters = self.door.stats
@@ -275,13 +305,24 @@ class MqttBridge:
 
     async def start(self, timeout: float = 10.0) -> None:
         """Connect, subscribe and publish retained topics; MqttConnectError on failure."""
+        try:
+            await self._start(timeout)
+        except _ProtocolRefused:
+            log.info("the MQTT broker at %s:%s speaks no MQTT v5; using 3.1.1", self.host, self.port)
+            self.mqtt5 = False
+            await self._start(timeout)
+
+    async def _start(self, timeout: float) -> None:
         self._loop = asyncio.get_running_loop()
         self._inbox = asyncio.Queue()
         self._ready = self._loop.create_future()
         self._state = StatePublisher(self.core, self.topics, self._publish_retained)
         if self.discovery:
             self._discovery = HomeAssistantDiscovery(self.core, self.topics, self._publish_retained)
-        client = self._client = new_client(self.client_id, clean_session=False)
+        if self.mqtt5:
+            client = self._client = new_v5_client(self.client_id)
+        else:
+            client = self._client = new_client(self.client_id, clean_session=False)
         if self.username is not None:
             client.username_pw_set(self.username, self.password)
         client.will_set(self.topics.bridge_state, "offline", qos=1, retain=True)
@@ -299,7 +340,14 @@ class MqttBridge:
         if self._discovery is not None:
             self._discovery.start()
         self._consumer = asyncio.create_task(self._consume(), name="mqtt-bridge-consumer")
-        client.connect_async(self.host, self.port, keepalive=KEEPALIVE_S)
+        if self.mqtt5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = SESSION_EXPIRY_S
+            properties.ReceiveMaximum = RECEIVE_MAXIMUM
+            client.connect_async(self.host, self.port, keepalive=KEEPALIVE_S, clean_start=False,
+                                 properties=properties)  # fmt: skip
+        else:
+            client.connect_async(self.host, self.port, keepalive=KEEPALIVE_S)
         client.loop_start()
         try:
             await asyncio.wait_for(self._ready, timeout)
@@ -351,6 +399,10 @@ class MqttBridge:
     # -- paho callbacks (paho's thread) ---------------------------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: mqtt.ConnectFlags,
                     reason: ReasonCode, properties: Any) -> None:  # fmt: skip
+        if reason.is_failure and self.mqtt5 and reason.value in UNSUPPORTED_PROTOCOL:
+            client.disconnect()
+            self._call_in_loop(self._fail_start, _ProtocolRefused(str(reason)))
+            return
         if reason.is_failure:
             self._last_error = f"the broker refused the connection: {reason}"
             log.warning("MQTT broker %s:%s refused the bridge: %s", self.host, self.port, reason)
@@ -430,7 +482,20 @@ class MqttBridge:
             self._counters["dropped_backlog"] += 1
             return
         item = _Inbound(topic, bytes(msg.payload), msg.mid, msg.qos, self._connection, msg.dup)
-        self._call_in_loop(inbox.put_nowait, item)
+        # One wake-up of the loop per burst, not per message: the self-pipe write of
+        # call_soon_threadsafe was ~9 % of the profile at 2,000 messages/s.
+        handoff = self._handoff
+        handoff.append(item)
+        if len(handoff) == 1:
+            self._call_in_loop(self._take_handoff)
+
+    def _take_handoff(self) -> None:
+        """On the loop: move what paho's thread handed over into the inbox, in order."""
+        inbox, handoff = self._inbox, self._handoff
+        while handoff:
+            item = handoff.popleft()
+            if inbox is not None:
+                inbox.put_nowait(item)
 
     def _call_in_loop(self, callback: Callable[..., Any], *args: Any) -> None:
         loop = self._loop
@@ -487,8 +552,14 @@ class MqttBridge:
         order; acks follow in the same order as commits complete.
         """
         assert self._inbox is not None
+        taken = 0
         while True:
             item = await self._inbox.get()
+            taken += 1
+            if taken % YIELD_EVERY == 0:
+                # get() on a non-empty queue never yields: a backlog of 20,000 would
+                # hold the loop (HTTP, the broker, the watchdog) until drained.
+                await asyncio.sleep(0)
             while True:
                 try:
                     future = self.door.submit(item.topic, item.payload, dup=item.dup)

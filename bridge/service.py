@@ -186,7 +186,7 @@ class Service:
             core, self.topics, host=host, port=port, username=username, password=password,
             client_id=client_id, discovery=opts.discovery,
             retain_flag_means_replay=self.broker is None,
-            ingest_updates=self.broker is None, door=door,
+            ingest_updates=self.broker is None, mqtt5=self.broker is None, door=door,
             publish_direct=self._publish_in_broker if self.broker is not None else None,
         )  # fmt: skip
         try:

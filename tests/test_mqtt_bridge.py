@@ -498,3 +498,25 @@ def test_state_after_a_burst_is_coalesced_and_ends_with_the_latest_values(env: E
     states = [m for m in probe.on(env.topics.state(batmon.id)) if m.payload]
     assert len(states) <= elapsed / mqtt_bridge.COALESCE_S + 3, (len(states), elapsed)
     assert len(states) < 100
+
+
+def test_the_bridge_speaks_mqtt5_to_an_external_broker_and_drains_a_backlog(tmp_path: Path) -> None:
+    """Over v5 our Receive Maximum (1,000) sets how many unacked updates the broker may
+    send us; with Mosquitto's default max_queued_messages (1000) a burst measured
+    3,078 of 4,000 delivered over v5 against 1,244 over 3.1.1 before it dropped."""
+    broker = PrivateMosquitto(tmp_path).start()
+    try:
+        with make_env(tmp_path, broker.port) as env:
+            batmon = env.add_batmon()
+            first = env.bridge(mqtt5=True)
+            assert first.protocol == "5"
+            env.loop.run(first.stop())  # the session stays at the broker
+            probe = env.probe()
+            for n in range(500):
+                probe.publish(env.topics.update(batmon.id, batmon.token), json.dumps({"soc": n % 100}))
+            probe.sync()
+            env.bridge(mqtt5=True)
+            env.wait_count(batmon, 500, timeout=30)
+            assert [r["batmon_soc"] for r in env.history(batmon)] == [n % 100 for n in range(500)]
+    finally:
+        broker.stop()
