@@ -34,6 +34,11 @@ MAX_UNACKED_PER_CLIENT = 1_000
 dropped (a well-behaved device waits for PUBACKs: paho's default window is 20)."""
 
 
+RETRY_MIN_S = 0.25
+RETRY_MAX_S = 5.0
+"""Back-off of an update whose commit failed, held until it can be stored."""
+
+
 class UpdateSink(Protocol):
     """Where the broker hands a device's update: the MQTT door (bridge/update_door.py)."""
 
@@ -80,21 +85,23 @@ class UpdateInbox(asyncio.Queue[ApplicationMessage]):
             if self.unacked > MAX_UNACKED_PER_CLIENT:
                 self._drop("too many unacknowledged updates")
                 await asyncio.Future()  # never acked; cancelled when the connection ends
+            payload, dup = bytes(item.data or b""), _dup(item)
+            delay = RETRY_MIN_S
             while True:
                 try:
-                    future = self._sink.submit(item.topic, bytes(item.data or b""), dup=_dup(item))
-                    break
+                    future = self._sink.submit(item.topic, payload, dup=dup)
+                    if future is not None:
+                        await future
+                    return
                 except Overloaded:
                     while not self._sink.has_room():  # stop acking: the device's window fills
                         await asyncio.sleep(0.005)
-            if future is not None:
-                try:
-                    await future
                 except Unavailable:
-                    # Not stored: no PUBACK. Closing the connection makes the device
-                    # send it again when it reconnects.
-                    self._drop("its update could not be stored")
-                    await asyncio.Future()
+                    # Not stored (disk full...): no PUBACK yet. Hold the message and try
+                    # again; the device's window fills, so it stops sending meanwhile,
+                    # and even a device that never reconnects loses nothing.
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX_S)
         finally:
             self.unacked -= 1
 
