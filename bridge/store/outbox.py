@@ -116,6 +116,13 @@ class Outbox:
         rows = self.db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall()
         return {state: int(count) for state, count in rows}
 
+    def count_by_state_and_channel(self) -> dict[tuple[str, str], int]:
+        """How many notices are in each (state, channel): the metrics' notice gauge."""
+        rows = self.db.execute(
+            "SELECT state, channel, count(*) FROM outbox GROUP BY state, channel"
+        ).fetchall()
+        return {(state, channel): int(count) for state, channel, count in rows}
+
     def prune(self, before: float) -> int:
         """Delete finished notices created before ``before``; queued ones stay."""
         with self.db.atomic():
