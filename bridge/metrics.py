@@ -51,7 +51,10 @@ MQTT_REJECTIONS = {
     "dropped_retained": "retained_replay",
     "ingest_errors": "error",
 }
-NOTICE_STATES = ("queued", "sending", "sent", "failed", "skipped")
+# What happened to a notice: queued or skipped when written, then per attempt sent,
+# retry (failed, will be tried again) or failed (given up).
+NOTICE_OUTCOMES = ("queued", "skipped", "sent", "retry", "failed")
+PENDING_STATES = ("queued", "sending")
 ALARM_KINDS = ("triggered", "repeated", "cleared")
 LAG_INTERVAL_S = 0.25  # how often the loop-lag probe wakes up
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -95,15 +98,19 @@ class Metrics:
         self.commit_seconds = Histogram(
             "batmon_commit_seconds", "Time one writer commit took.",
             buckets=COMMIT_SECONDS_BUCKETS, registry=registry)  # fmt: skip
+        self.notices = PromCounter(
+            "batmon_notices", "Notices written to the outbox and the outcome of each attempt.",
+            ["channel", "outcome"], registry=registry)  # fmt: skip
         writer_queue = Gauge("batmon_writer_queue_depth", "Readings waiting for the writer.",
                              registry=registry)  # fmt: skip
         writer_queue.set_function(lambda: self.queue_depth())
-        for door in ("http", "mqtt"):
-            self.readings_accepted.labels(door=door)
-        for kind in ALARM_KINDS:
-            self.alarm_changes.labels(kind=kind)
-        for status in ("online", "offline"):
-            self.status_changes.labels(status=status)
+        # Children made once: labels() costs ~10 us a call, an increment ~1 us.
+        self._accepted = {door: self.readings_accepted.labels(door=door) for door in ("http", "mqtt")}
+        self._alarms = {kind: self.alarm_changes.labels(kind=kind) for kind in ALARM_KINDS}
+        self._status = {s: self.status_changes.labels(status=s.lower()) for s in ("Online", "Offline")}
+        for channel in CHANNELS:
+            for outcome in NOTICE_OUTCOMES:
+                self.notices.labels(channel=channel, outcome=outcome)
         registry.register(_ScrapeTimeCollector(self))
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
@@ -133,6 +140,10 @@ class Metrics:
         """The HTTP facade refused a request; ``reason`` is a short fixed label."""
         self._http_rejections[reason] += 1
 
+    def count_notice(self, channel: str, outcome: str) -> None:
+        """The notifier wrote a notice (queued/skipped) or finished an attempt (sent/retry/failed)."""
+        self.notices.labels(channel=channel, outcome=outcome).inc()
+
     def observe_commit(self, rows: int, seconds: float) -> None:
         """The writer committed ``rows`` readings in ``seconds`` (any thread may call)."""
         self.commit_rows.observe(rows)
@@ -149,14 +160,18 @@ class Metrics:
     # -- event handlers (synchronous, a counter increment each) ------------------------
     def _on_reading(self, event: ReadingAccepted) -> None:
         # `door` is on the event once both doors name themselves; until then "unknown".
-        self.readings_accepted.labels(door=getattr(event, "door", "unknown")).inc()
+        door = getattr(event, "door", "unknown")
+        child = self._accepted.get(door)
+        if child is None:
+            child = self._accepted[door] = self.readings_accepted.labels(door=door)
+        child.inc()
 
     def _on_alarm(self, event: AlarmChanged) -> None:
-        self.alarm_changes.labels(kind=event.kind).inc()
+        self._alarms[event.kind].inc()
 
     def _on_status(self, event: StatusChanged) -> None:
         if event.status != event.previous:
-            self.status_changes.labels(status=event.status.lower()).inc()
+            self._status[event.status].inc()
 
     async def _probe_loop_lag(self) -> None:
         """Sleep a fixed interval and record how much later than asked we woke up:
@@ -228,14 +243,14 @@ class _ScrapeTimeCollector:
     @staticmethod
     def _notices(outbox: Outbox) -> Metric | None:
         try:
-            counts = outbox.count_by_state_and_channel()
+            counts = outbox.pending_by_channel()
         except sqlite3.Error as exc:  # a scrape must not fail for one figure
             log.warning("metrics could not count notices: %s", exc)
             return None
-        family = GaugeMetricFamily("batmon_notices",
-                                   "Notices in the outbox (kept 30 days), by state and channel.",
+        family = GaugeMetricFamily("batmon_notices_pending",
+                                   "Notices waiting to be sent (queued) or being sent (sending).",
                                    labels=["state", "channel"])  # fmt: skip
-        for state in NOTICE_STATES:
+        for state in PENDING_STATES:
             for channel in CHANNELS:
                 family.add_metric([state, channel], counts.get((state, channel), 0))
         return family

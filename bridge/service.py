@@ -189,6 +189,7 @@ class Service:
         # before the watchdog, which may announce Offline batmons at once.
         self.notifier = Notifier(core, retry_base_s=opts.notify_retry_s,
                                  give_up_after_s=opts.notify_give_up_s)  # fmt: skip
+        self.notifier.on_outcome = self.metrics.count_notice
         for extension in (AlarmEvaluator(core), self.notifier, OfflineWatchdog(core)):
             await _start_extension(extension)
             self._extensions.append(extension)

@@ -22,7 +22,7 @@ from bridge.metrics import Metrics
 from bridge.mqtt_bridge import new_client
 from bridge.service import Service
 from bridge.store.db import Store
-from tests.support import LoopThread, Sink, wait_until
+from tests.support import LoopThread, PrivateMosquitto, Probe, Sink, wait_until
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -129,7 +129,7 @@ def test_metrics_is_prometheus_text_with_every_documented_family(running: Runnin
         "batmon_readings_accepted", "batmon_rejections", "batmon_alarm_changes",
         "batmon_alarms_active", "batmon_status_changes", "batmon_batmons", "batmon_mqtt_connected",
         "batmon_mqtt_connects", "batmon_mqtt_disconnects", "batmon_mqtt_messages_received",
-        "batmon_notices", "batmon_event_loop_lag_seconds", "batmon_commit_rows",
+        "batmon_notices", "batmon_notices_pending", "batmon_event_loop_lag_seconds", "batmon_commit_rows",
         "batmon_commit_seconds", "batmon_writer_queue_depth", "process_cpu_seconds",
     }
     assert documented <= names, documented - names
@@ -192,15 +192,17 @@ def test_alarms_status_and_notices_move_their_metrics(running: Running) -> None:
         assert r.status_code == 200, r.text
         before = running.scrape()
         assert value(before, "batmon_batmons", status="offline") == 1
-        assert value(before, "batmon_notices", state="sent", channel="email") == 0
+        assert value(before, "batmon_notices_total", channel="email", outcome="sent") == 0
 
         assert running.update(batmon_id, token, soc=15).status_code == 200
         wait_until(lambda: sink.posts(), timeout=10, what="the triggered notice at the sink")
         after = wait_until(
             lambda: (s := running.scrape())
-            and value(s, "batmon_notices", state="sent", channel="email") == 1 and s,
+            and value(s, "batmon_notices_total", channel="email", outcome="sent") == 1 and s,
             timeout=10, what="the sent notice counted",
         )  # fmt: skip
+        assert value(after, "batmon_notices_total", channel="email", outcome="queued") == 1
+        assert value(after, "batmon_notices_pending", state="queued", channel="email") == 0
         assert value(after, "batmon_alarm_changes_total", kind="triggered") == 1
         assert value(after, "batmon_alarms_active") == 1
         assert value(after, "batmon_batmons", status="online") == 1
@@ -215,10 +217,67 @@ def test_alarms_status_and_notices_move_their_metrics(running: Running) -> None:
         sink.close()
 
 
+def test_notices_without_a_target_or_to_a_dead_one_are_counted(running: Running) -> None:
+    dead = Sink()
+    dead_url = dead.url()
+    dead.close()  # nothing listens there any more: every attempt fails
+    r = running.http.post("/interface/user/notifications", headers=running.admin,
+                          json={"email_url": dead_url})  # fmt: skip
+    assert r.status_code == 200, r.text
+    batmon_id, token = running.add_batmon()
+    running.http.post("/interface/batmon/enable/sms", headers=running.admin,
+                      json={"batmon_id": batmon_id})  # fmt: skip
+    running.http.post("/interface/batmon/alarm/add", headers=running.admin, json={
+        "batmon_id": batmon_id, "alarm_name": "High", "alarm_metric": "voltage",
+        "alarm_condition": ">", "alarm_threshold_value": 10, "alarm_repeat_delay": 3600,
+    })  # fmt: skip
+    assert running.update(batmon_id, token, voltage=14).status_code == 200
+    found = wait_until(
+        lambda: (s := running.scrape())
+        and value(s, "batmon_notices_total", channel="email", outcome="retry") >= 2 and s,
+        timeout=15, what="failed attempts counted as retries",
+    )  # fmt: skip
+    assert value(found, "batmon_notices_total", channel="sms", outcome="skipped") == 1
+    assert value(found, "batmon_notices_total", channel="email", outcome="queued") == 1
+    assert value(found, "batmon_notices_total", channel="email", outcome="sent") == 0
+    pending = (value(found, "batmon_notices_pending", state="queued", channel="email")
+               + value(found, "batmon_notices_pending", state="sending", channel="email"))  # fmt: skip
+    assert pending == 1
+
+
 def test_mqtt_connection_state_is_exposed(running: Running) -> None:
     found = running.scrape()
     assert value(found, "batmon_mqtt_connected") == 1
     assert value(found, "batmon_mqtt_connects_total") >= 1
+
+
+def test_external_broker_counts_wrong_tokens_and_a_lost_connection(tmp_path: Path) -> None:
+    """On an external broker anyone may publish: the bridge itself drops wrong tokens."""
+    broker = PrivateMosquitto(tmp_path).start()
+    r, loop = start_service(tmp_path / "ext", mqtt_url=f"mqtt://127.0.0.1:{broker.port}")
+    try:
+        batmon_id, token = r.add_batmon()
+        device = Probe(broker.port)
+        device.publish(f"batmon/{batmon_id}/not-the-token/update", '{"voltage": 1}')
+        device.publish(f"batmon/{batmon_id}/{token}/update", '{"voltage": 12.1}')
+        device.close()
+        found = wait_until(
+            lambda: (s := r.scrape()) and total(s, "batmon_readings_accepted_total") == 1 and s,
+            timeout=10, what="the good reading counted",
+        )  # fmt: skip
+        assert value(found, "batmon_rejections_total", door="mqtt", reason="wrong_token") == 1
+        assert value(found, "batmon_mqtt_messages_received_total") == 2
+        assert value(found, "batmon_mqtt_connected") == 1
+
+        broker.stop()
+        gone = wait_until(lambda: (s := r.scrape()) and value(s, "batmon_mqtt_connected") == 0 and s,
+                          timeout=10, what="the lost connection shown")  # fmt: skip
+        assert value(gone, "batmon_mqtt_disconnects_total") >= 1
+    finally:
+        r.close()
+        loop.run(r.service.stop(), timeout=30)
+        loop.close()
+        broker.stop()
 
 
 def test_a_blocked_event_loop_shows_as_lag(running: Running) -> None:

@@ -116,10 +116,15 @@ class Outbox:
         rows = self.db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall()
         return {state: int(count) for state, count in rows}
 
-    def count_by_state_and_channel(self) -> dict[tuple[str, str], int]:
-        """How many notices are in each (state, channel): the metrics' notice gauge."""
+    def pending_by_channel(self) -> dict[tuple[str, str], int]:
+        """Notices waiting (``queued``) or in flight (``sending``), by (state, channel).
+
+        Reads only those rows through the state index: a scrape stays cheap however
+        many finished notices the outbox keeps.
+        """
         rows = self.db.execute(
-            "SELECT state, channel, count(*) FROM outbox GROUP BY state, channel"
+            "SELECT state, channel, count(*) FROM outbox WHERE state IN ('queued', 'sending')"
+            " GROUP BY state, channel"
         ).fetchall()
         return {(state, channel): int(count) for state, channel, count in rows}
 
