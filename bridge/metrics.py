@@ -50,6 +50,7 @@ MQTT_REJECTIONS = {
     "dropped_duplicate": "duplicate",
     "dropped_retained": "retained_replay",
     "ingest_errors": "error",
+    "unavailable": "unavailable",  # the writer could not take it (when the bridge counts it apart)
 }
 # What happened to a notice: queued or skipped when written, then per attempt sent,
 # retry (failed, will be tried again) or failed (given up).
@@ -159,12 +160,7 @@ class Metrics:
 
     # -- event handlers (synchronous, a counter increment each) ------------------------
     def _on_reading(self, event: ReadingAccepted) -> None:
-        # `door` is on the event once both doors name themselves; until then "unknown".
-        door = getattr(event, "door", "unknown")
-        child = self._accepted.get(door)
-        if child is None:
-            child = self._accepted[door] = self.readings_accepted.labels(door=door)
-        child.inc()
+        self._accepted[event.door].inc()
 
     def _on_alarm(self, event: AlarmChanged) -> None:
         self._alarms[event.kind].inc()
@@ -194,6 +190,7 @@ class _ScrapeTimeCollector:
         stats = m.mqtt_stats()
         yield from self._batmons(m.core)
         yield self._rejections(m, stats)
+        yield from self._writer(m.core)
         yield from self._mqtt(stats)
         notices = self._notices(m.outbox)
         if notices is not None:
@@ -222,8 +219,20 @@ class _ScrapeTimeCollector:
             family.add_metric(["http", reason], count)
         if stats is not None:
             for key, reason in MQTT_REJECTIONS.items():
-                family.add_metric(["mqtt", reason], stats.get(key, 0))
+                if key in stats:
+                    family.add_metric(["mqtt", reason], stats[key])
         return family
+
+    @staticmethod
+    def _writer(core: Core) -> Iterator[Metric]:
+        stats = core.writer.stats
+        yield CounterMetricFamily("batmon_commit_failures", "Writer commits that failed (nothing acked).",
+                                  value=stats.failed_commits)  # fmt: skip
+        yield CounterMetricFamily("batmon_writer_refused",
+                                  "Submissions refused because the writer's queue was full.",
+                                  value=stats.refused_overloaded)  # fmt: skip
+        yield GaugeMetricFamily("batmon_writer_failing", "1 while the writer's last commit failed.",
+                                value=int(stats.failing))  # fmt: skip
 
     @staticmethod
     def _mqtt(stats: Mapping[str, Any] | None) -> Iterator[Metric]:

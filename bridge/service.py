@@ -156,6 +156,8 @@ class Service:
                                per_batmon=opts.metrics_per_batmon)  # fmt: skip
         await self.metrics.start()
         self._extensions.append(self.metrics)
+        core.writer.on_commit = self.metrics.observe_commit
+        self.metrics.queue_depth = lambda: core.writer.pending_rows
 
         bridge_user, bridge_password = "batmon-bridge", secrets.token_urlsafe(24)
         door: UpdateDoor | None = None

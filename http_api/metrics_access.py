@@ -21,7 +21,8 @@ MetricsRender = Callable[[str], tuple[bytes, str]]
 
 # Why a request was refused, by the status of its error: the `reason` label.
 REJECTION_REASONS = {400: "invalid", 401: "unauthenticated", 403: "wrong_token", 404: "not_found",
-                     409: "conflict", 413: "too_large", 429: "rate_limited"}  # fmt: skip
+                     409: "conflict", 413: "too_large", 429: "rate_limited",
+                     503: "unavailable"}  # fmt: skip
 LOCAL_ONLY = "/metrics is served to loopback clients only (--metrics local)."
 TOKEN_NEEDED = "/metrics needs the metrics token as Authorization: Bearer."
 

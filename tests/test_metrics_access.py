@@ -67,6 +67,14 @@ def test_local_mode_over_a_real_socket_by_default(serve: ServeProcess) -> None:
         assert proxied.status_code == 403
 
 
+def test_local_mode_is_not_blinded_by_a_neighbours_failed_logins(metrics: Metrics) -> None:
+    client = app_client(metrics, "local", ("127.0.0.1", 40000))
+    codes = {client.get("/interface/batmon/count", params={"api_key": f"bad-{n}"}).status_code
+             for n in range(31)}  # fmt: skip
+    assert codes == {401, 429}
+    assert client.get("/metrics").status_code == 200  # nothing to guess here
+
+
 # -- off ---------------------------------------------------------------------------
 
 def test_off_mode_has_no_metrics_endpoint(metrics: Metrics) -> None:
