@@ -26,6 +26,7 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
 )
 from prometheus_client import Counter as PromCounter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -38,6 +39,10 @@ if TYPE_CHECKING:
     from bridge.core import Core
 
 log = logging.getLogger(__name__)
+
+# A `_created` sample beside every counter doubles the text and no query here uses it.
+# (prometheus_client keeps this switch process-wide; the process is ours.)
+disable_created_metrics()
 
 MqttStats = Callable[[], Mapping[str, Any] | None]
 # MqttBridge.stats counters that are refusals of a device's update, by `reason` label.
@@ -267,15 +272,16 @@ class _ScrapeTimeCollector:
     @staticmethod
     def _per_batmon(core: Core) -> Iterator[Metric]:
         batmons = list(core.batmons.values())
-        info = GaugeMetricFamily("batmon_batmon_info", "Name and type of each batmon (always 1).",
+        info = GaugeMetricFamily("batmon_info", "Name and type of each batmon (always 1).",
                                  labels=["batmon_id", "batmon_name", "batmon_type"])  # fmt: skip
-        online = GaugeMetricFamily("batmon_batmon_online", "1 while the batmon is Online.",
+        online = GaugeMetricFamily("batmon_online", "1 while the batmon is Online.",
                                    labels=["batmon_id"])  # fmt: skip
-        last = GaugeMetricFamily("batmon_batmon_last_reading_timestamp_seconds",
+        last = GaugeMetricFamily("batmon_last_reading_timestamp_seconds",
                                  "Epoch time of the batmon's latest reading.",
                                  labels=["batmon_id"])  # fmt: skip
-        values = {metric: GaugeMetricFamily(f"batmon_batmon_{metric}",
-                                            f"The batmon's current {metric} (its own units).",
+        # Named like the API's fields (batmon_voltage...), one series per batmon.
+        values = {metric: GaugeMetricFamily(f"batmon_{metric}",
+                                            f"The batmon's latest {metric} (in its own units).",
                                             labels=["batmon_id"])
                   for metric in ("voltage", "current", "power", "soc")}  # fmt: skip
         for b in batmons:

@@ -137,7 +137,8 @@ def test_metrics_is_prometheus_text_with_every_documented_family(running: Runnin
         "batmon_writer_refused", "batmon_writer_failing", "process_cpu_seconds",
     }
     assert documented <= names, documented - names
-    assert not any(name.startswith("batmon_batmon_voltage") for name in names)  # opt-in only
+    assert "batmon_voltage" not in names  # per-batmon series are opt-in
+    assert not [line for line in r.text.splitlines() if "_created" in line]
 
 
 def test_readings_over_http_and_mqtt_move_the_accepted_counter(running: Running) -> None:
@@ -336,13 +337,14 @@ def test_per_batmon_gauges_only_when_asked(running: Running, running_per_batmon:
         batmon_id, token = r.add_batmon(batmon_name="Van")
         assert r.update(batmon_id, token, voltage=12.7, soc=88).status_code == 200
     plain = running.scrape()
-    assert not [k for k in plain if k[0] == "batmon_batmon_voltage"]
+    assert not [k for k in plain if k[0] in ("batmon_voltage", "batmon_info", "batmon_online")]
     found = running_per_batmon.scrape()
     labels = {"batmon_id": str(batmon_id)}
-    assert value(found, "batmon_batmon_voltage", **labels) == 12.7
-    assert value(found, "batmon_batmon_soc", **labels) == 88
-    assert value(found, "batmon_batmon_online", **labels) == 1
-    assert value(found, "batmon_batmon_info", batmon_name="Van", batmon_type="generic", **labels) == 1
+    assert value(found, "batmon_voltage", **labels) == 12.7
+    assert value(found, "batmon_soc", **labels) == 88
+    assert value(found, "batmon_online", **labels) == 1
+    assert value(found, "batmon_info", batmon_name="Van", batmon_type="generic", **labels) == 1
+    assert value(found, "batmon_last_reading_timestamp_seconds", **labels) > 0
 
 
 # -- the writer's hooks and the registry per Service ---------------------------------
