@@ -54,8 +54,7 @@ MQTT_REJECTIONS = {
     "dropped_backlog": "backlog_full",
     "dropped_duplicate": "duplicate",
     "dropped_retained": "retained_replay",
-    "ingest_errors": "error",
-    "unavailable": "unavailable",  # the writer could not take it (when the bridge counts it apart)
+    "not_stored": "unavailable",  # the writer could not store it: not acked, the broker resends
 }
 # What happened to a notice: queued or skipped when written, then per attempt sent,
 # retry (failed, will be tried again) or failed (given up).
