@@ -68,8 +68,9 @@ COMMIT_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 
 
 
 class Metrics:
-    """The service's metrics: an extension (start/stop) plus hooks for the HTTP facade
-    (``count_http_rejection``) and the writer (``observe_commit``, ``queue_depth``)."""
+    """The service's metrics: an extension (start/stop) plus hooks the service wires to
+    the HTTP facade (``count_http_rejection``), the notifier (``count_notice``) and the
+    writer (``observe_commit``, ``queue_depth``)."""
 
     def __init__(self, core: Core, *, mqtt_stats: MqttStats = lambda: None,
                  per_batmon: bool = False) -> None:  # fmt: skip
@@ -77,7 +78,7 @@ class Metrics:
         self.mqtt_stats = mqtt_stats
         self.per_batmon = per_batmon
         self.outbox = Outbox(core.store)
-        # Set by the writer: how many readings wait for a commit. 0 until it does.
+        # How many readings wait for a commit: the service points it at the writer.
         self.queue_depth: Callable[[], float] = lambda: 0
         self._subscription: Subscription = NO_SUBSCRIPTION
         self._lag_task: asyncio.Task[None] | None = None
