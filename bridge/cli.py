@@ -24,7 +24,7 @@ from bridge.models import describe_error
 ENV_PREFIX = "BATMON_"
 SERVE_OPTIONS = ("data_dir", "host", "http_port", "mqtt_port", "mqtt_url", "broker_config",
                  "base_topic", "discovery_prefix", "discovery", "notify_retry_s",
-                 "notify_give_up_s")  # fmt: skip
+                 "notify_give_up_s", "metrics", "metrics_token", "metrics_per_batmon")  # fmt: skip
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,6 +52,10 @@ def build_parser() -> Parser:
                        help="do not publish Home Assistant discovery")  # fmt: skip
     serve.add_argument("--notify-retry-s", help="first retry delay of a failed notice, doubling (30)")
     serve.add_argument("--notify-give-up-s", help="stop retrying a notice after this long (86400)")
+    serve.add_argument("--metrics", help="who may read /metrics: off, local (loopback, default) or token")
+    serve.add_argument("--metrics-token", help="bearer token for --metrics token (or BATMON_METRICS_TOKEN)")
+    serve.add_argument("--metrics-per-batmon", action="store_const", const=True,
+                       help="also export each batmon's values (one series set per batmon)")
 
     user = commands.add_parser("user", help="manage users")
     user_commands = user.add_subparsers(dest="user_command", required=True, parser_class=Parser)

@@ -85,6 +85,7 @@ class Service:
         self.broker: Any = None
         self.mqtt: Any = None
         self.notifier: Any = None
+        self.metrics: Any = None
         self._extensions: list[Extension] = []
         self._server: uvicorn.Server | None = None
         self._server_task: asyncio.Task[None] | None = None
@@ -104,6 +105,7 @@ class Service:
     async def _start(self) -> None:
         # Imported here so `batmon user ...` does not pay for amqtt/paho/apprise.
         from http_api.app import create_app
+        from http_api.metrics_access import MetricsExposure
 
         opts = self.options
         try:
@@ -120,7 +122,10 @@ class Service:
         except BaseException:
             sock.close()
             raise
-        app = create_app(self.core, session_secret=secret, health=self.health)
+        token = opts.metrics_token.get_secret_value() if opts.metrics_token else None
+        exposure = MetricsExposure(render=self.metrics.render, access=opts.metrics, token=token,
+                                   count_rejection=self.metrics.count_http_rejection)  # fmt: skip
+        app = create_app(self.core, session_secret=secret, health=self.health, metrics=exposure)
         config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
         self._server = uvicorn.Server(config)
         # Signals are ours (the CLI stops the whole service), not uvicorn's.
@@ -137,6 +142,7 @@ class Service:
     async def _start_parts(self) -> None:
         from bridge.alarms import AlarmEvaluator
         from bridge.broker import EmbeddedBroker
+        from bridge.metrics import Metrics
         from bridge.mqtt_bridge import MqttBridge
         from bridge.notifier import Notifier
         from bridge.update_door import UpdateDoor
@@ -145,6 +151,13 @@ class Service:
         opts = self.options
         assert self.store is not None
         self.core = core = Core(self.store, EventBus()).load()
+        # First, so it counts every event the others cause.
+        self.metrics = Metrics(core, mqtt_stats=lambda: self.mqtt.stats if self.mqtt else None,
+                               per_batmon=opts.metrics_per_batmon)  # fmt: skip
+        await self.metrics.start()
+        self._extensions.append(self.metrics)
+        core.writer.on_commit = self.metrics.observe_commit
+        self.metrics.queue_depth = lambda: core.writer.pending_rows
 
         bridge_user, bridge_password = "batmon-bridge", secrets.token_urlsafe(24)
         door: UpdateDoor | None = None
@@ -178,6 +191,7 @@ class Service:
         # before the watchdog, which may announce Offline batmons at once.
         self.notifier = Notifier(core, retry_base_s=opts.notify_retry_s,
                                  give_up_after_s=opts.notify_give_up_s)  # fmt: skip
+        self.notifier.on_outcome = self.metrics.count_notice
         for extension in (AlarmEvaluator(core), self.notifier, OfflineWatchdog(core)):
             await _start_extension(extension)
             self._extensions.append(extension)

@@ -21,6 +21,7 @@ from bridge.models import Login, describe_error
 from bridge.ratelimit import FailureLimiter
 from http_api.auth import Sessions, api_key_of, authenticate
 from http_api.handlers import Call
+from http_api.metrics_access import REJECTION_REASONS, MetricsExposure
 from http_api.openapi import build_openapi
 from http_api.params import request_fields
 from http_api.routes import ENDPOINTS, Endpoint
@@ -39,18 +40,19 @@ class Api:
     """Holds what every request needs: the core, the session signer, the limiter."""
 
     def __init__(self, core: Core, sessions: Sessions, limiter: FailureLimiter,
-                 health: HealthProbe | None) -> None:  # fmt: skip
+                 health: HealthProbe | None, metrics: MetricsExposure | None = None) -> None:  # fmt: skip
         self.core = core
         self.sessions = sessions
         self.limiter = limiter
         self.health = health
+        self.metrics = metrics
 
     async def run(self, request: Request, work: Callable[[dict[str, Any], User | None], Any],
                   ) -> Response:  # fmt: skip
         """Parse, authenticate, run ``work``, and map any refusal to its error."""
         client = request.client.host if request.client else "?"
         if self.limiter.blocked(client):
-            return error_response(429, "Too many failed authentications; try again in a minute.")
+            return self.refuse(429, "Too many failed authentications; try again in a minute.")
         key_user: User | None = None
         try:
             fields = await request_fields(request)
@@ -68,7 +70,15 @@ class Api:
                 response.headers["Retry-After"] = str(exc.retry_after)
         if key_user is not None:
             self.sessions.set_cookie(response, key_user, secure=request.url.scheme == "https")
+        if response.status_code >= 400 and self.metrics is not None:
+            self.metrics.count_rejection(REJECTION_REASONS.get(response.status_code, "other"))
         return response
+
+    def refuse(self, status: int, message: str, reason: str | None = None) -> JSONResponse:
+        """An error response, counted as a rejection for /metrics."""
+        if self.metrics is not None:
+            self.metrics.count_rejection(reason or REJECTION_REASONS.get(status, "other"))
+        return error_response(status, message)
 
     def route(self, endpoint: Endpoint) -> Route:
         """A Starlette route for one entry of the route table."""
@@ -113,6 +123,26 @@ class Api:
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(build_openapi())
 
+    async def prometheus(self, request: Request) -> Response:
+        """Prometheus metrics, to loopback clients or a bearer-token holder as configured."""
+        assert self.metrics is not None
+        client = request.client.host if request.client else "?"
+        # Only a token can be guessed: in local mode a neighbour's failed logins must
+        # not blind the monitoring that shares its address.
+        if self.metrics.access == "token" and self.limiter.blocked(client):
+            return self.refuse(429, "Too many failed authentications; try again in a minute.")
+        refusal = self.metrics.refusal(request)
+        if refusal is not None:
+            status, message = refusal
+            if status == 401:
+                self.limiter.record_failure(client)
+            response = self.refuse(status, message, "forbidden" if status == 403 else None)
+            if status == 401:
+                response.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'
+            return response
+        body, content_type = self.metrics.render(request.headers.get("accept", ""))
+        return Response(body, media_type=content_type)
+
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
@@ -131,9 +161,10 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(core: Core, *, session_secret: bytes, health: HealthProbe | None = None,
-               limiter: FailureLimiter | None = None) -> Starlette:  # fmt: skip
+               limiter: FailureLimiter | None = None,
+               metrics: MetricsExposure | None = None) -> Starlette:  # fmt: skip
     """The HTTP facade over ``core``; it never touches SQL or MQTT itself."""
-    api = Api(core, Sessions(session_secret), limiter or FailureLimiter(), health)
+    api = Api(core, Sessions(session_secret), limiter or FailureLimiter(), health, metrics)
     routes = [api.route(e) for e in ENDPOINTS]
     routes += [
         Route("/interface/login", api.login, methods=["POST"]),
@@ -141,6 +172,8 @@ def create_app(core: Core, *, session_secret: bytes, health: HealthProbe | None 
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
     ]
+    if metrics is not None and metrics.served:
+        routes.append(Route("/metrics", api.prometheus, methods=["GET"]))
     app = Starlette(
         routes=routes,
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
