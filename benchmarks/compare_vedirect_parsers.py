@@ -45,7 +45,7 @@ def with_vedirect_m8(data: bytes) -> tuple[list[Any], str]:
     from vedirect_m8.vedirect import Vedirect
 
     opened = "opened"
-    master, slave = pty_pair()
+    _master, slave = pty_pair()
     try:
         Vedirect(serial_conf={"serial_port": slave}, auto_start=False)
     except Exception as exc:
