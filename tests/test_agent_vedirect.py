@@ -216,14 +216,21 @@ def test_every_reading_of_a_broker_outage_lands_after_it_in_order_once(
         up_at = time.time()
         serve.args = ["--mqtt-port", mqtt_port]  # the same broker address, as after a reboot
         serve.start()
+        wait_until(lambda: agent.log().count("connected to the MQTT broker") >= 2, timeout=30,
+                   what="the agent back on the broker")  # fmt: skip
         time.sleep(2)
     finally:
         device.stop.set()
         device.join()
     final = agent.stop()  # publishes what the last interval saw, then drains
     made = int(final.split("readings ", 1)[1].split(" made")[0])
-    rows = wait_until(lambda: (r := history(serve, batmon_id)) and len(r) >= made and r,
-                      timeout=30, what=f"all {made} readings in history")  # fmt: skip
+    try:
+        rows = wait_until(lambda: (r := history(serve, batmon_id)) and len(r) >= made and r,
+                          timeout=30, what=f"all {made} readings in history")  # fmt: skip
+    except AssertionError:
+        rows = history(serve, batmon_id)
+        raise AssertionError(f"{len(rows)} of {made} readings landed; agent said {final};"
+                             f" agent log: {agent.log()[-3000:]}") from None
     volts = [row["batmon_voltage"] for row in rows]
     assert len(rows) == made, final  # each exactly once
     assert volts == sorted(set(volts))  # in order of their ts, no duplicates
