@@ -196,8 +196,11 @@ class VeDirectAgent:
         while not self.uplink.acks.empty():
             mid = self.uplink.acks.get_nowait()
             if self.in_flight is not None and mid == self.in_flight.mid:
-                self.queue.remove_through(self.in_flight.first_id, self.in_flight.last_id)
+                gone = self.queue.remove_through(self.in_flight.first_id, self.in_flight.last_id)
                 self.in_flight = None
+                if gone > 1:
+                    log.info("backlog: delivered %d queued readings, %d still queued", gone,
+                             len(self.queue))  # fmt: skip
         if self.in_flight is not None or not self.uplink.connected.is_set() or not len(self.queue):
             return
         batch = self.queue.oldest(MAX_BATCH_READINGS, MAX_PAYLOAD_BYTES)
