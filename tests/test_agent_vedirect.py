@@ -24,6 +24,7 @@ import httpx2 as httpx
 import pytest
 
 from bridge.agent.vedirect_parser import encode_block
+from bridge.store.agent_queue import ReadingQueue
 from tests.conftest import ServeProcess
 from tests.support import ROOT, batmon, wait_until
 
@@ -248,6 +249,46 @@ def test_every_reading_of_a_broker_outage_lands_after_it_in_order_once(
     assert " 0 queued" in final and " 0 dropped" in final, final
     # The backlog (~150 readings of ~700 bytes) went as several messages under 64 KiB.
     assert agent.log().count("backlog: delivered") >= 2, agent.log()
+
+
+def test_readings_queued_before_a_kill_9_land_after_a_restart_once_each(
+    serve: ServeProcess, pty_device: PtyDevice, tmp_path: Path
+) -> None:
+    """The queue is on disk before anything is sent: a killed agent loses none of it."""
+    serve.start()
+    batmon_id, token = add_batmon(serve)
+    mqtt_port = serve.mqtt_url.rsplit(":", 1)[1]
+    serve.stop()  # the broker is away from the start
+    args = agent_args(serve.mqtt_url, batmon_id, token, pty_device.path, tmp_path / "agent",
+                      "--interval", "0.3")  # fmt: skip
+    agent = AgentProcess(args, tmp_path).start()
+    device = Device(pty_device)
+    device.start()
+
+    def queued() -> list[float]:
+        queue = ReadingQueue.open(tmp_path / "agent", max_readings=1000)
+        try:
+            return [json.loads(p)["voltage"] for _, p in queue.oldest(1000, 10**9)]
+        finally:
+            queue.close()
+
+    try:
+        wait_until(lambda: len(queued()) >= 10, timeout=20, what="10 readings queued")
+        assert agent.proc is not None
+        agent.proc.kill()  # kill -9: no goodbye, no drain
+        agent.proc.wait(5)
+        survived = queued()
+        serve.args = ["--mqtt-port", mqtt_port]
+        serve.start()
+        AgentProcess(args, tmp_path).start()
+        rows = wait_until(lambda: (r := history(serve, batmon_id)) and len(r) > len(survived) and r,
+                          timeout=30, what="the queued readings in history")  # fmt: skip
+    finally:
+        device.stop.set()
+        device.join()
+    volts = [row["batmon_voltage"] for row in rows]
+    assert volts[: len(survived)] == survived  # first, in order, once each
+    assert volts == sorted(set(volts))
 
 
 def test_a_recording_replays_into_history(serve: ServeProcess, tmp_path: Path) -> None:

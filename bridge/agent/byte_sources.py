@@ -45,7 +45,8 @@ class SerialSource:
     def read(self, timeout: float) -> bytes:
         """The bytes that arrive within about ``timeout`` seconds (b"" if none)."""
         assert self.serial is not None
-        self.serial.timeout = timeout
+        if self.serial.timeout != timeout:  # each change is a tcsetattr: only when needed
+            self.serial.timeout = timeout
         try:
             first = self.serial.read(1)
             if not first:
