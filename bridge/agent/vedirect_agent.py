@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from bridge.agent.byte_sources import ReplaySource, SerialSource, SourceLost, SourceUnusable
 from bridge.agent.mqtt_uplink import MqttUplink
 from bridge.agent.options import AgentOptions
 from bridge.agent.vedirect_labels import VALUES, reading_fields
@@ -128,7 +129,7 @@ class VeDirectAgent:
             if self._source_open:
                 try:
                     data = self.source.read(min(READ_SLICE_S, max(0.0, next_tick - now)))
-                except Exception as exc:  # SourceLost: the cable, usually
+                except SourceLost as exc:  # the cable, usually
                     self._source_open = False
                     retry_at = time.monotonic() + SERIAL_RETRY_S
                     log.warning("serial port %s lost (%s); retrying every %g s",
@@ -168,7 +169,7 @@ class VeDirectAgent:
     def _reopen(self) -> None:
         try:
             self.source.open()
-        except Exception as exc:
+        except SourceUnusable as exc:
             log.info("serial port still unusable: %s", exc)
             return
         self._source_open = True
@@ -236,8 +237,6 @@ def run_agent(options: AgentOptions, stop: threading.Event,
 
     Raises AgentError: code 2 for a port that cannot be used, 1 for no VE.Direct data.
     """
-    from bridge.agent.byte_sources import ReplaySource, SerialSource, SourceUnusable
-
     source: ByteSource
     if options.replay is not None:
         source = ReplaySource(options.replay, options.replay_rate, options.replay_loop)
