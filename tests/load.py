@@ -265,6 +265,62 @@ def wait_history(serve: ServeProcess, clients: list[DeviceClient], want: int, ti
         time.sleep(0.5)
 
 
+@dataclass
+class Answer:
+    """One HTTP update: the value it carried, the status, and Retry-After if any."""
+
+    value: float
+    status: int
+    retry_after: str | None
+    at: float  # time.monotonic() when the answer came
+
+
+class HttpSender:
+    """A device updating over one keep-alive HTTP connection, on a thread, until stopped.
+
+    Reading i carries voltage ``i``; every answer is kept, so each ``success`` can be
+    looked up in history and each refusal checked for its status and Retry-After.
+    """
+
+    def __init__(self, serve: ServeProcess, device: Device, pause_s: float = 0.01) -> None:
+        self.serve = serve
+        self.device = device
+        self.pause_s = pause_s
+        self.answers: list[Answer] = []
+        self.errors: list[str] = []
+        self.stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> HttpSender:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        i = 0
+        with httpx.Client(base_url=self.serve.http_url, timeout=30) as http:
+            while not self.stopped.is_set():
+                try:
+                    r = http.post("/interface/update/batmon", json={
+                        "batmon_id": self.device.batmon_id, "batmon_token": self.device.token,
+                        "voltage": float(i)})  # fmt: skip
+                    self.answers.append(Answer(float(i), r.status_code, r.headers.get("Retry-After"),
+                                               time.monotonic()))  # fmt: skip
+                except httpx.HTTPError as exc:  # counted: a timeout is an answer too
+                    self.errors.append(f"{float(i)}: {type(exc).__name__}")
+                i += 1
+                time.sleep(self.pause_s)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self._thread.join(WAIT_S)
+
+    def with_status(self, status: int) -> list[Answer]:
+        return [a for a in self.answers if a.status == status]
+
+    def statuses(self) -> Counter[int]:
+        return Counter(a.status for a in self.answers)
+
+
 def healthz(http: httpx.Client) -> tuple[int, dict[str, Any]]:
     r = http.get("/healthz")
     return r.status_code, r.json()
