@@ -121,8 +121,9 @@ class Load:
     """
 
     def __init__(self, clients: list[DeviceClient], total: int, rate: float, *, with_ts: bool = True,
-                 per_message: int = 1) -> None:  # fmt: skip
+                 per_message: int = 1, details_bytes: int = 0) -> None:  # fmt: skip
         self.clients = clients
+        self.details_bytes = details_bytes
         self.total = total
         self.rate = rate
         self.with_ts = with_ts
@@ -153,6 +154,8 @@ class Load:
                     reading: dict[str, Any] = {"voltage": float(counters[k]), "current": float(k)}
                     if self.with_ts:
                         reading["ts"] = round(time.time(), 6)
+                    if self.details_bytes:  # bulk: what the product holds uncommitted costs memory
+                        reading["details"] = {"pad": "x" * self.details_bytes}
                     readings.append(reading)
                     counters[k] += 1
                 self.clients[k].publish(readings)

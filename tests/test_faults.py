@@ -262,10 +262,16 @@ def test_healthz_answers_within_100_ms_while_20000_queued_readings_are_drained(
 
 # -- back-pressure: a slow writer meets a flood --------------------------------
 
+# The flood is bounded in size so that its end can be waited for: 50,000 readings of
+# ~2 KiB (100 MB of payload) sent as fast as paho can, which is several times what the
+# slowed writer commits per second (at most ~4 commits/s of ~1,000 rows) and more than
+# its queue holds. A product that reads it all into memory grows by about the payload;
+# one that stops reading when its queue is full holds only the queue.
 COMMIT_DELAY_MS = 250  # the writer's test hook: added to every commit
-FLOOD_S = 8.0
-PER_MESSAGE = 20  # readings per publish (a device's buffer, as an array with `ts`)
-RSS_GROWTH_MB = 80  # bounded queue, not the flood: far below what an unbounded inbox takes
+FLOOD_MESSAGES = 5000
+PER_MESSAGE = 10  # readings per publish (a device's buffer, as an array with `ts`)
+DETAILS_BYTES = 2000
+RSS_GROWTH_MB = 80
 
 
 def test_a_slow_writer_under_a_flood_keeps_memory_bounded_and_refuses_http_with_503(
@@ -282,22 +288,28 @@ def test_a_slow_writer_under_a_flood_keeps_memory_bounded_and_refuses_http_with_
     clients = [DeviceClient(mqtt_port(serve), d, auth=True, inflight=0) for d in flood_devices]
     sender = HttpSender(serve, http_device, pause_s=0.05).start()
     wait_until(lambda: sender.answers, WAIT_S, "a first HTTP answer")
-    baseline = rss_mb(pid)
-    peak = baseline
-    load = Load(clients, total=10**9, rate=10**9, per_message=PER_MESSAGE).start()
-    began = time.monotonic()
+    baseline = peak = rss_mb(pid)
+    load = Load(clients, total=FLOOD_MESSAGES, rate=10**9, per_message=PER_MESSAGE,
+                details_bytes=DETAILS_BYTES).start()  # fmt: skip
     try:
-        while time.monotonic() - began < FLOOD_S:
+        # Until every publish is acknowledged (the broker took all and the writer committed all).
+        deadline = time.monotonic() + 120
+        while not (load.done.is_set() and not any(c.unacked() for c in clients)):
+            peak = max(peak, rss_mb(pid))
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        flood_s = time.monotonic() - (deadline - 120)
+        drained = not any(c.unacked() for c in clients)
+        # A product that acknowledged before committing still holds the rest: look a while longer.
+        settle = time.monotonic() + 3
+        while time.monotonic() < settle:
             peak = max(peak, rss_mb(pid))
             time.sleep(0.1)
     finally:
         load.stop()
-    flood_published = load.published
-    sender.stop()
+        sender.stop()
     try:
-        # The flood is over: what the broker took must now be committed and acknowledged.
-        drained = load.wait_acked(timeout=120)
-        peak = max(peak, rss_mb(pid))
         with httpx.Client(base_url=serve.http_url, timeout=60) as http:
             health = healthz(http)[1]
             http_rows = history_values(http, serve, http_device.batmon_id)
@@ -308,15 +320,17 @@ def test_a_slow_writer_under_a_flood_keeps_memory_bounded_and_refuses_http_with_
     published = sum(len(f.sent) for f in found.values())
     landed = sum(len(f.history) for f in found.values())
     statuses = sender.statuses()
-    print(f"flood: {flood_published} messages x {PER_MESSAGE} = {published} readings published in"
-          f" {FLOOD_S:.0f} s, {landed} landed, drops counted {counted_drops(health)}; RSS"
-          f" {baseline:.0f} -> peak {peak:.0f} MB; HTTP {dict(statuses)}")  # fmt: skip
+    print(f"flood: {load.published} messages x {PER_MESSAGE} = {published} readings of"
+          f" {DETAILS_BYTES} B in {load.elapsed:.1f} s, all acked after {flood_s:.1f} s;"
+          f" {landed} landed at once, drops counted {counted_drops(health)}; RSS {baseline:.0f}"
+          f" -> peak {peak:.0f} MB; HTTP {dict(statuses)}")  # fmt: skip
 
     assert peak - baseline < RSS_GROWTH_MB, f"RSS grew {peak - baseline:.0f} MB under the flood"
     assert statuses.get(503), f"no HTTP 503 while the writer was saturated: {dict(statuses)}"
     assert all(a.retry_after and a.retry_after.isdigit() for a in sender.with_status(503))
     assert set(statuses) <= {200, 503}, dict(statuses)
     assert drained, "publishes the broker took were never acknowledged"
+    # An acknowledgement follows the commit: once all are acknowledged, all are in history.
     assert all(not f.missing and f.duplicates == 0 for f in found.values())
     # Nothing vanishes silently: whatever was published and did not land is a counted drop.
     assert published - landed <= counted_drops(health), health
@@ -324,4 +338,3 @@ def test_a_slow_writer_under_a_flood_keeps_memory_bounded_and_refuses_http_with_
     http_landing = Landing.of([a.value for a in sender.answers], [a.value for a in sender.with_status(200)],
                               http_rows)  # fmt: skip
     assert not http_landing.missing and not refused & set(http_rows)
-
