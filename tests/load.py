@@ -258,11 +258,12 @@ def landings(serve: ServeProcess, clients: list[DeviceClient]) -> dict[int, Land
 
 def wait_history(serve: ServeProcess, clients: list[DeviceClient], want: int, timeout: float = WAIT_S,
                  ) -> dict[int, Landing]:  # fmt: skip
-    """Poll until at least ``want`` rows are in the devices' histories together; then the landings."""
+    """Poll until ``want`` distinct readings are in the devices' histories together (a
+    duplicate does not count: it must not end the wait early); then the landings."""
     deadline = time.monotonic() + timeout
     while True:
         found = landings(serve, clients)
-        rows = sum(len(landing.history) for landing in found.values())
+        rows = sum(len(set(landing.history)) for landing in found.values())
         if rows >= want or time.monotonic() > deadline:
             return found
         time.sleep(0.5)
