@@ -184,6 +184,7 @@ def test_disk_full_loses_no_acknowledged_reading_answers_503_and_recovers_withou
     assert not found.missing, f"{len(found.missing)} PUBACKed readings lost"
     # /healthz tells the truth while writes fail (it used to run `SELECT 1` and say ok).
     assert sick, "/healthz never answered 503 while the disk was full"
+    assert all(body.get("status") != "ok" for body in sick), sick[-1]
     assert found.duplicates == 0 and found.unknown == 0
     assert set(statuses) <= {200, 503}, f"HTTP answered {dict(statuses)}: a full disk is 503, never 500"
     assert all(a.retry_after and a.retry_after.isdigit() for a in sender.with_status(503))
