@@ -127,6 +127,10 @@ def disk(serve: ServeProcess, tmp_path: Path) -> Iterator[DiskFault]:
 def test_disk_full_loses_no_acknowledged_reading_answers_503_and_recovers_without_restart(
     serve: ServeProcess, disk: DiskFault, request: pytest.FixtureRequest, mode: str,
 ) -> None:
+    """A commit that fails is never acknowledged (issue 8, acceptance 4): while the disk is
+    full, QoS 1 publishes wait unacknowledged on the device's open connection (the device
+    never reconnects, so the broker, embedded or Mosquitto, must keep and deliver them), and
+    an HTTP update is told 503 with Retry-After. Freeing the disk lets it all through."""
     broker_port = request.getfixturevalue("mosquitto_port") if mode == "external" else None
     serve.start(timeout=WAIT_S)
     assert serve.proc is not None
