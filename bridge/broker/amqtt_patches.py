@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
@@ -29,9 +28,12 @@ from bridge.writer import Overloaded
 log = logging.getLogger(__name__)
 
 
-MAX_UNACKED_PER_CLIENT = 1_000
-"""Updates one connection may have waiting for their commit; past it the client is
-dropped (a well-behaved device waits for PUBACKs: paho's default window is 20)."""
+PAUSE_READING_AT = 100
+RESUME_READING_AT = 50
+"""Updates of one connection waiting for their commit: at the first figure the broker
+stops reading that connection's socket (TCP flow control then holds the device back),
+at the second it reads again. A device that waits for its PUBACKs (paho's window is
+20) never meets it; one that floods without waiting costs bounded memory."""
 
 
 RETRY_MIN_S = 0.25
@@ -60,12 +62,14 @@ class UpdateInbox(asyncio.Queue[ApplicationMessage]):
     one else may subscribe to them. Other messages are queued as amqtt does.
     """
 
-    def __init__(self, session: Session, sink: UpdateSink, drop: Callable[[str], None]) -> None:
+    def __init__(self, session: Session, sink: UpdateSink) -> None:
         super().__init__()
         self._session = session
         self._sink = sink
-        self._drop = drop  # closes this client's connection, with the reason logged
         self.unacked = 0
+        # Open while this session's connection may be read (see GatedReader).
+        self.readable = asyncio.Event()
+        self.readable.set()
 
     def _own_update(self, message: ApplicationMessage) -> bool:
         principal = self._session.attributes.get(PRINCIPAL_KEY)
@@ -81,10 +85,9 @@ class UpdateInbox(asyncio.Queue[ApplicationMessage]):
             await super().put(item)
             return
         self.unacked += 1
+        if self.unacked >= PAUSE_READING_AT:
+            self.readable.clear()
         try:
-            if self.unacked > MAX_UNACKED_PER_CLIENT:
-                self._drop("too many unacknowledged updates")
-                await asyncio.Future()  # never acked; cancelled when the connection ends
             payload, dup = bytes(item.data or b""), _dup(item)
             delay = RETRY_MIN_S
             while True:
@@ -104,6 +107,8 @@ class UpdateInbox(asyncio.Queue[ApplicationMessage]):
                     delay = min(delay * 2, RETRY_MAX_S)
         finally:
             self.unacked -= 1
+            if self.unacked <= RESUME_READING_AT:
+                self.readable.set()
 
     def put_nowait(self, item: ApplicationMessage) -> None:
         """QoS 0: no acknowledgement to hold back; a full writer drops it (counted)."""
@@ -114,6 +119,23 @@ class UpdateInbox(asyncio.Queue[ApplicationMessage]):
             self._sink.submit(item.topic, bytes(item.data or b""))
         except Overloaded:
             log.debug("dropped a QoS 0 update of client %r: writer full", self._session.client_id)
+
+
+class GatedReader(ReaderAdapter):
+    """A connection's reader that waits while its session's inbox says "enough"."""
+
+    def __init__(self, inner: ReaderAdapter, inbox: UpdateInbox) -> None:
+        self._inner = inner
+        self._inbox = inbox
+
+    async def read(self, n: int = -1) -> bytes:
+        """Read as amqtt does, once the inbox has room for more updates."""
+        await self._inbox.readable.wait()
+        return await self._inner.read(n)
+
+    def feed_eof(self) -> None:
+        """Pass end-of-stream on (amqtt calls it when closing)."""
+        self._inner.feed_eof()
 
 
 def _dup(message: ApplicationMessage) -> bool:
@@ -127,29 +149,19 @@ class BatmonBroker(Broker):
         super().__init__(config)
         self._topics = topics
         self._updates = updates
-        self._background: set[asyncio.Future[Any]] = set()
 
-    def _install_inbox(self, session: Session) -> None:
+    def _install_inbox(self, session: Session) -> UpdateInbox | None:
         """Route this session's own updates to the writer (see UpdateInbox)."""
-        if self._updates is None or isinstance(session.delivered_message_queue, UpdateInbox):
-            return
-        inbox = UpdateInbox(session, self._updates, lambda why: self._drop_client(session, why))
-        for message in _take_all(session.delivered_message_queue):
+        if self._updates is None:
+            return None
+        queue = session.delivered_message_queue
+        if isinstance(queue, UpdateInbox):
+            return queue
+        inbox = UpdateInbox(session, self._updates)
+        for message in _take_all(queue):
             asyncio.Queue.put_nowait(inbox, message)
         session.delivered_message_queue = inbox
-
-    def _drop_client(self, session: Session, why: str) -> None:
-        """Close one client's connection (it will resend what we did not acknowledge)."""
-        entry = self._sessions.get(session.client_id or "")
-        if entry is None or entry[0] is not session:
-            return
-        log.warning("disconnecting client %r: %s", session.client_id, why)
-        handler = entry[1]
-        writer = handler.writer
-        if writer is not None:
-            closing = asyncio.ensure_future(writer.close())
-            self._background.add(closing)
-            closing.add_done_callback(self._background.discard)
+        return inbox
 
     def stop_listening(self) -> None:
         """Refuse new connections; connected clients carry on until shutdown()."""
@@ -364,7 +376,9 @@ class BatmonBroker(Broker):
         peer = writer.get_peer_info()
         if peer is not None:
             client_session.remote_address, client_session.remote_port = peer
-        self._install_inbox(client_session)
+        inbox = self._install_inbox(client_session)
+        if inbox is not None:
+            reader = GatedReader(reader, inbox)
         try:
             await super()._handle_client_session(
                 reader, writer, client_session, handler, server, listener_name
