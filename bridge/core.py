@@ -169,6 +169,9 @@ class Core:
         self.alarms: dict[int, Alarm] = {}
         self._users_by_key: dict[str, User] = {}
         self._users_by_id: dict[int, User] = {}
+        # Who owned each batmon deleted during this run: the clearing of its retained
+        # topics (discovery, state) must still reach that owner's subscribers.
+        self._deleted_owners: dict[int, int] = {}
 
     def load(self) -> Core:
         """Fill the registry from the store (at start)."""
@@ -238,6 +241,10 @@ class Core:
         """True when the batmon exists and belongs to the user."""
         batmon = self.batmons.get(batmon_id)
         return batmon is not None and batmon.user_id == user_id
+
+    def owned_until_deleted(self, user_id: int, batmon_id: int) -> bool:
+        """True when the user owned this batmon until it was deleted (during this run)."""
+        return self._deleted_owners.get(batmon_id) == user_id
 
     def device(self, batmon_id: int, token: str) -> Batmon:
         """The batmon a device names with id + token; 404 unknown, 403 wrong token."""
@@ -313,6 +320,7 @@ class Core:
         """Delete a batmon with its history and alarms; its id is never reused."""
         self.store.delete_batmon(batmon.id)
         del self.batmons[batmon.id]
+        self._deleted_owners[batmon.id] = batmon.user_id
         for alarm_id in batmon.alarms:
             self.alarms.pop(alarm_id, None)
         self.bus.emit(BatmonDeleted(batmon))

@@ -37,6 +37,7 @@ class FakeCredentials:
         default_factory=lambda: {ALICE: (ALICE_KEY, ALICE_ID), BOB: (BOB_KEY, BOB_ID)}
     )
     owner: dict[int, int] = field(default_factory=lambda: {5: ALICE_ID, 6: BOB_ID, 7: ALICE_ID})
+    deleted_owner: dict[int, int] = field(default_factory=dict)
 
     def check_device(self, batmon_id: int, token: str) -> bool:
         return self.tokens.get(batmon_id) == token
@@ -47,6 +48,14 @@ class FakeCredentials:
 
     def owns(self, user_id: int, batmon_id: int) -> bool:
         return self.owner.get(batmon_id) == user_id
+
+    def owned_until_deleted(self, user_id: int, batmon_id: int) -> bool:
+        return self.deleted_owner.get(batmon_id) == user_id
+
+    def delete(self, batmon_id: int) -> None:
+        """What Core.delete_batmon does to ownership."""
+        self.deleted_owner[batmon_id] = self.owner.pop(batmon_id)
+        self.tokens.pop(batmon_id, None)
 
 
 @dataclass
