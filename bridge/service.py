@@ -193,6 +193,9 @@ class Service:
         }
         if self.mqtt is not None:
             info["mqtt_stats"] = self.mqtt.stats
+        if self.broker is not None:
+            # What the embedded broker's limits refused or dropped (bridge/broker/limits.py).
+            info["mqtt_broker"] = self.broker.stats
         return info
 
     async def stop(self) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.broker import EmbeddedBroker
@@ -81,14 +82,26 @@ class Running:
     bridge_password: str
 
 
+def broker_yaml_with(folder: Path, **limits: Any) -> Path:
+    """The project's broker.yaml with some ``limits`` changed, written into ``folder``."""
+    config = yaml.safe_load(BROKER_YAML.read_text())
+    config["limits"] = {**config.get("limits", {}), **limits}
+    path = folder / "broker.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def make_broker(
-    credentials: FakeCredentials, port: int = 0, limiter: FailureLimiter | None = None
+    credentials: FakeCredentials,
+    port: int = 0,
+    limiter: FailureLimiter | None = None,
+    config_path: Path = BROKER_YAML,
 ) -> Running:
     username, password = f"bridge-{secrets.token_hex(4)}", secrets.token_urlsafe(24)
     broker = EmbeddedBroker(
         host="127.0.0.1",
         port=port,
-        config_path=BROKER_YAML,
+        config_path=config_path,
         credentials=credentials,
         topics=TOPICS,
         bridge_username=username,

@@ -591,11 +591,11 @@ def test_refused_connections_do_not_leave_live_sessions_behind(
     assert left == set()
 
 
-def test_refused_client_cannot_plant_a_last_will_on_a_persistent_session(
+def test_refused_client_can_neither_plant_a_will_nor_cut_off_a_persistent_session(
     running: Running, bridge: Client, connect: Callable[..., Client]
 ) -> None:
     # amqtt copies a CONNECT's will onto the persistent session of that client id before
-    # authenticating, then fires it when the refused CONNECT takes the connection over.
+    # authenticating, and took the live connection over even when it then refused.
     client_id = f"dev5-{secrets.token_hex(3)}"
     victim = Client(running.broker.port, client_id, "5", "tok-five", clean_session=False)
     victim.paho.will_set(TOPICS.update(5, "tok-five"), b"vetted will", qos=1)
@@ -604,9 +604,12 @@ def test_refused_client_cannot_plant_a_last_will_on_a_persistent_session(
     attacker.paho.will_set(TOPICS.update(5, "tok-five"), b"planted will", qos=1)
     try:
         assert attacker.connect() == NOT_AUTHORIZED
-        # The take-over ends the victim's connection abnormally: its own will is the one sent.
+        assert victim.publish(TOPICS.update(5, "tok-five"), b"still connected")
+        bridge.wait_for(TOPICS.update(5, "tok-five"), b"still connected")
+        # The victim's link now drops without DISCONNECT: its own will is the one sent.
+        victim.paho.socket().close()
         bridge.wait_for(TOPICS.update(5, "tok-five"), b"vetted will")
-        assert [p for _, p, _ in bridge.received] == [b"vetted will"]
+        assert [p for _, p, _ in bridge.received] == [b"still connected", b"vetted will"]
     finally:
         attacker.close()
         victim.close()

@@ -10,9 +10,12 @@ from typing import Any
 import yaml
 from amqtt.errors import BrokerError, PluginError, PluginLoadError
 from dacite import DaciteError
+from pydantic import ValidationError
 
 from bridge.broker.access import AccessPolicy, CredentialCheck
 from bridge.broker.amqtt_patches import BatmonBroker
+from bridge.broker.limits import BrokerLimits
+from bridge.models import describe_error
 from bridge.ratelimit import FailureLimiter
 from bridge.topics import Topics
 
@@ -67,6 +70,8 @@ class EmbeddedBroker:
         self._limiter = limiter
         self._broker: BatmonBroker | None = None
         self._port: int | None = None
+        self.limits = BrokerLimits()
+        """The ``limits`` section of the config, once loaded."""
 
     @property
     def port(self) -> int:
@@ -74,6 +79,11 @@ class EmbeddedBroker:
         if self._port is None:
             raise RuntimeError("the embedded broker is not running")
         return self._port
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """What the limits refused or dropped, and client-id takeovers, since start."""
+        return dict(self._broker.counters) if self._broker is not None else {}
 
     def _load_config(self) -> dict[str, Any]:
         """broker.yaml with our bind address and our access plugin as the only ACL."""
@@ -107,7 +117,11 @@ class EmbeddedBroker:
             for name, cfg in plugins.items()
             if name != PLUGIN_PATH and not str(name).startswith(_FORBIDDEN_PLUGIN_PREFIXES)
         }
-        config = {k: v for k, v in raw.items() if k not in _LEGACY_KEYS}
+        try:
+            self.limits = BrokerLimits.model_validate(raw.get("limits") or {})
+        except ValidationError as exc:
+            raise BrokerStartError(f"broker config {where}: limits.{describe_error(exc)}") from None
+        config = {k: v for k, v in raw.items() if k not in (*_LEGACY_KEYS, "limits")}
         config["listeners"] = {
             **listeners,
             "default": {"type": "tcp", **default, "bind": f"{self._host}:{self._requested_port}"},
@@ -123,7 +137,7 @@ class EmbeddedBroker:
         where = f"{self._host}:{self._requested_port}"
         _quiet_amqtt_logging()
         try:
-            broker = BatmonBroker(config, topics=self._topics)
+            broker = BatmonBroker(config, topics=self._topics, limits=self.limits)
         except _CONFIG_ERRORS as exc:
             raise BrokerStartError(f"invalid broker config {self._config_path}: {exc}") from None
         startup_filter = _DropStartupTraceback()
