@@ -190,6 +190,9 @@ class Service:
         info: dict[str, Any] = {
             "mqtt": "connected" if self.mqtt is not None and self.mqtt.connected else "disconnected",
             "broker": "embedded" if self.broker is not None else "external",
+            # Where devices connect (`batmon simulate --api-url` reads it): no credentials.
+            "mqtt_host": self.mqtt_host,
+            "mqtt_port": self.mqtt_port,
         }
         if self.mqtt is not None:
             info["mqtt_stats"] = self.mqtt.stats
