@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import secrets
@@ -62,7 +63,10 @@ def bind_socket(host: str, port: int, what: str) -> socket.socket:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise ServiceError(f"cannot listen for {what} on {host}:{port}: {exc.strerror}") from None
+        hint = ""
+        if exc.errno == errno.EADDRINUSE:
+            hint = f"; choose another with --{what.lower()}-port (0 picks a free one)"
+        raise ServiceError(f"cannot listen for {what} on {host}:{port}: {exc.strerror}{hint}") from None
     sock.listen(1024)
     sock.setblocking(False)
     return sock
@@ -160,7 +164,13 @@ class Service:
                 await self.broker.start()
             except Exception as exc:
                 self.broker = None
-                raise ServiceError(str(exc)) from None
+                hint = ""
+                if getattr(exc, "address_in_use", False):
+                    # Most often a Mosquitto already running on 1883: use it, or step aside.
+                    hint = (f". Another MQTT broker may be listening there: give the embedded one"
+                            f" another port with --mqtt-port (0 picks a free one), or use that"
+                            f" broker with --mqtt-url mqtt://127.0.0.1:{opts.mqtt_port}")  # fmt: skip
+                raise ServiceError(f"{exc}{hint}") from None
             host, port, username, password = opts.host, self.broker.port, bridge_user, bridge_password
             # The in-process broker has no session to keep across our restarts, and a
             # fixed id could be taken over by a clean-session CONNECT: a fresh one.
@@ -183,7 +193,11 @@ class Service:
         try:
             await self.mqtt.start()
         except Exception as exc:
-            raise ServiceError(str(exc)) from None
+            hint = ""
+            if opts.mqtt_url:
+                hint = (". Check that the broker of --mqtt-url is running and reachable from here,"
+                        " and its credentials; without --mqtt-url, serve runs its own broker")  # fmt: skip
+            raise ServiceError(f"{exc}{hint}") from None
 
     def health(self) -> dict[str, Any]:
         """MQTT connection state and counters for /healthz."""

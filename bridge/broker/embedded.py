@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -42,6 +43,11 @@ _FORBIDDEN_PLUGIN_PREFIXES = (
 
 class BrokerStartError(Exception):
     """The embedded broker could not start (bad config, address in use...)."""
+
+    def __init__(self, message: str, *, address_in_use: bool = False) -> None:
+        super().__init__(message)
+        self.address_in_use = address_in_use
+        """True when another program (another MQTT broker, most likely) holds the port."""
 
 
 class EmbeddedBroker:
@@ -151,7 +157,10 @@ class EmbeddedBroker:
                 reason = os.strerror(cause.errno)
             else:
                 reason = str(cause or exc)
-            raise BrokerStartError(f"cannot start MQTT broker on {where}: {reason}") from None
+            in_use = isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE
+            raise BrokerStartError(
+                f"cannot start MQTT broker on {where}: {reason}", address_in_use=in_use
+            ) from None
         finally:
             amqtt_log.removeFilter(startup_filter)
         self._broker = broker
