@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import socket
-from collections import Counter, OrderedDict
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +29,6 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.core import Batmon, Core
 from bridge.discovery import HomeAssistantDiscovery
-from bridge.errors import BatmonError, NotFound, WrongToken
 from bridge.events import (
     NO_SUBSCRIPTION,
     BatmonChanged,
@@ -39,15 +37,16 @@ from bridge.events import (
     StatusChanged,
     Subscription,
 )
-from bridge.models import parse_batmon_id, readings_from_payload
 from bridge.topics import Topics
+from bridge.update_door import UpdateDoor
+from bridge.writer import Overloaded
 
 log = logging.getLogger(__name__)
 
 # QoS 0 messages have no broker-side flow control; past this backlog they are dropped
 # rather than letting memory grow (QoS 1 is bounded by the broker's inflight window).
 MAX_BACKLOG = 10_000
-DEDUP_WINDOW = 4096  # committed updates remembered to recognise retransmissions
+STOP_DRAIN_S = 10.0  # how long a stop waits for submitted updates to commit and be acked
 KEEPALIVE_S = 30
 RECONNECT_MIN_DELAY_S = 1
 RECONNECT_MAX_DELAY_S = 30
@@ -180,6 +179,8 @@ class MqttBridge:
         shared: bool = False,
         discovery: bool = True,
         retain_flag_means_replay: bool = True,
+        ingest_updates: bool = True,
+        door: UpdateDoor | None = None,
     ) -> None:
         self.core = core
         self.topics = topics
@@ -195,6 +196,13 @@ class MqttBridge:
         # sets it on messages queued while we were away, so there it means nothing
         # (and our embedded broker never stores retained updates).
         self.retain_flag_means_replay = retain_flag_means_replay
+        # False with the embedded broker: it hands updates to the writer itself.
+        self.ingest_updates = ingest_updates
+        self.door = door if door is not None else UpdateDoor(core, topics, self._publish_error)
+        # Updates submitted and not yet acknowledged, in arrival order: acks go out
+        # in that order, each once its commit is done (the broker's inflight window
+        # is used, and a failed commit is never acked).
+        self._unacked: deque[tuple[_Inbound, asyncio.Future[None] | None]] = deque()
         self._client: mqtt.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: asyncio.Queue[_Inbound] | None = None
@@ -209,9 +217,6 @@ class MqttBridge:
         # payload cannot be rebuilt from the registry, so it is re-sent on reconnect.
         self._pending_clears: set[str] = set()
         self._counters: Counter[str] = Counter()
-        # Digests of recently committed updates: a retransmission (DUP) of one of
-        # them is the same reading again, whose ack was lost, not a new reading.
-        self._committed: OrderedDict[bytes, None] = OrderedDict()
 
     # -- public --------------------------------------------------------------
     @property
@@ -222,15 +227,11 @@ class MqttBridge:
     @property
     def stats(self) -> dict[str, Any]:
         """Connection state and message counters, for /healthz."""
-        counters = {
-            name: self._counters[name]
-            for name in (
-                "received", "accepted", "readings", "rejected", "dropped_bad_topic",
-                "dropped_unknown_batmon", "dropped_wrong_token", "dropped_backlog", "dropped_duplicate",
-                "dropped_retained",
-                "ingest_errors", "connects", "disconnects",
-            )
-        }  # fmt: skip
+        counters = self.door.stats
+        for name in ("dropped_backlog", "dropped_retained", "storage_reconnects", "connects",
+                     "disconnects"):  # fmt: skip
+            counters[name] = self._counters[name]
+        counters["received"] += self._counters["received_dropped"]
         return {"connected": self.connected, "broker": f"{self.host}:{self.port}", **counters}
 
     async def start(self, timeout: float = 10.0) -> None:
@@ -289,6 +290,12 @@ class MqttBridge:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._consumer
             self._consumer = None
+        # What was submitted is committed (or failed) and acked before we leave, so a
+        # clean stop leaves no committed reading for the broker to send us again.
+        pending = [f for _, f in self._unacked if f is not None]
+        if pending:
+            await asyncio.wait(pending, timeout=STOP_DRAIN_S)
+        self._send_acks()
         client = self._client
         if client is None:
             return
@@ -323,10 +330,13 @@ class MqttBridge:
         # republishes the current truth, so drop them rather than let them win.
         client.drop_out_messages()
         update_filter = self.topics.shared_update_filter() if self.shared else self.topics.update_filter
-        subscriptions = [(update_filter, 1)]
+        subscriptions = [(update_filter, 1)] if self.ingest_updates else []
         if self._discovery is not None:
             subscriptions.append((self.topics.homeassistant_status, 1))
-        _, self._subscribe_mid = client.subscribe(subscriptions)
+        if subscriptions:
+            _, self._subscribe_mid = client.subscribe(subscriptions)
+        else:
+            self._call_in_loop(self._subscribed, None)
         self._call_in_loop(self._on_connected)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
@@ -356,7 +366,8 @@ class MqttBridge:
         try:
             topic = msg.topic
         except UnicodeDecodeError:
-            self._counters["dropped_bad_topic"] += 1
+            self._counters["received_dropped"] += 1
+            self.door.counters["dropped_bad_topic"] += 1
             self._ack(msg.mid, msg.qos, self._connection)
             return
         if topic == self.topics.homeassistant_status:
@@ -365,8 +376,8 @@ class MqttBridge:
             if not msg.retain:
                 self._call_in_loop(self._on_homeassistant_status, bytes(msg.payload))
             return
-        self._counters["received"] += 1
         if msg.retain and self.retain_flag_means_replay:
+            self._counters["received_dropped"] += 1
             self._counters["dropped_retained"] += 1
             self._ack(msg.mid, msg.qos, self._connection)
             # Clear it, or every (re)subscribe would offer the same stale reading.
@@ -374,6 +385,7 @@ class MqttBridge:
             return
         inbox = self._inbox
         if inbox is None or (msg.qos == 0 and inbox.qsize() >= MAX_BACKLOG):
+            self._counters["received_dropped"] += 1
             self._counters["dropped_backlog"] += 1
             return
         item = _Inbound(topic, bytes(msg.payload), msg.mid, msg.qos, self._connection, msg.dup)
@@ -425,50 +437,53 @@ class MqttBridge:
             client.publish(topic, payload, qos=1, retain=True)
 
     async def _consume(self) -> None:
-        """Process updates one at a time, so each batmon's readings keep their order."""
+        """Submit updates in arrival order without waiting for each commit.
+
+        The writer commits them in that order, so each batmon's readings keep their
+        order; acks follow in the same order as commits complete.
+        """
         assert self._inbox is not None
         while True:
             item = await self._inbox.get()
-            try:
-                await self._process(item)
-            except Exception:
-                # A bug or a storage failure must not stop the door for everyone.
-                self._counters["ingest_errors"] += 1
-                log.exception("MQTT update on %s failed", item.topic)
+            while True:
+                try:
+                    future = self.door.submit(item.topic, item.payload, dup=item.dup)
+                    break
+                except Overloaded:
+                    # The writer is full: stop taking messages. The broker stops
+                    # sending once our unacked window is used: its flow control.
+                    while not self.core.writer.has_room:
+                        await asyncio.sleep(0.005)
+            self._unacked.append((item, future))
+            if future is None:
+                self._send_acks()
+            else:
+                future.add_done_callback(lambda _: self._send_acks())
+
+    def _send_acks(self) -> None:
+        """Ack every leading update that is done; a failed commit is never acked."""
+        unacked = self._unacked
+        while unacked:
+            item, future = unacked[0]
+            if future is not None and not future.done():
+                return
+            unacked.popleft()
+            if future is not None and (future.cancelled() or future.exception() is not None):
+                if item.connection == self._connection:
+                    self._redeliver_unacked()
+                continue
             self._ack(item.mid, item.qos, item.connection)
 
-    async def _process(self, item: _Inbound) -> None:
-        digest = hashlib.blake2b(item.topic.encode() + b"\0" + item.payload, digest_size=16).digest()
-        if item.dup and digest in self._committed:
-            self._counters["dropped_duplicate"] += 1
-            return
-        ids = self.topics.parse_update(item.topic)
-        batmon_id = parse_batmon_id(ids[0]) if ids is not None else None
-        if ids is None or batmon_id is None:
-            self._counters["dropped_bad_topic"] += 1
-            return
-        token = ids[1]
-        try:
-            batmon = self.core.device(batmon_id, token)
-        except NotFound:
-            self._counters["dropped_unknown_batmon"] += 1
-            return
-        except WrongToken:
-            self._counters["dropped_wrong_token"] += 1
-            return
-        try:
-            readings = readings_from_payload(item.payload)
-            await self.core.ingest_readings(batmon, readings)
-        except BatmonError as exc:
-            self._counters["rejected"] += 1
-            log.debug("rejected update from batmon %s: %s", batmon_id, exc.message)
-            self._publish_error(batmon_id, token, exc.message)
-            return
-        self._counters["accepted"] += 1
-        self._counters["readings"] += len(readings)
-        self._committed[digest] = None
-        if len(self._committed) > DEDUP_WINDOW:
-            self._committed.popitem(last=False)
+    def _redeliver_unacked(self) -> None:
+        """A commit failed: drop the connection without acking, so the broker resends
+        every unacked update after paho reconnects (the session is persistent)."""
+        self._counters["storage_reconnects"] += 1
+        client = self._client
+        sock = client.socket() if client is not None else None
+        if isinstance(sock, socket.socket):
+            log.warning("storing an MQTT update failed; reconnecting so the broker redelivers it")
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def _publish_error(self, batmon_id: int, token: str, message: str) -> None:
         client = self._client

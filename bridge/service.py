@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
 import os
 import secrets
@@ -27,6 +28,7 @@ from bridge.topics import Topics
 log = logging.getLogger(__name__)
 
 ADMIN_EMAIL = "admin@localhost"
+DRAIN_TIMEOUT_S = 30.0  # a stop waits this long at most for queued readings to commit
 
 
 class ServiceError(RuntimeError):
@@ -141,6 +143,7 @@ class Service:
         from bridge.broker import EmbeddedBroker
         from bridge.mqtt_bridge import MqttBridge
         from bridge.notifier import Notifier
+        from bridge.update_door import UpdateDoor
         from bridge.watchdog import OfflineWatchdog
 
         opts = self.options
@@ -148,6 +151,7 @@ class Service:
         self.core = core = Core(self.store, EventBus()).load()
 
         bridge_user, bridge_password = "batmon-bridge", secrets.token_urlsafe(24)
+        door: UpdateDoor | None = None
         if opts.mqtt_url:
             host, port, username, password = parse_mqtt_url(opts.mqtt_url)
             # A stable id keeps the broker's session: readings sent while we were
@@ -155,10 +159,13 @@ class Service:
             # bridges sharing a broker under different bases do not evict each other.
             client_id = "batmon-bridge-" + opts.base_topic.replace("/", "-")
         else:
+            # Devices' updates go from the broker straight to the writer, and the broker
+            # acknowledges each only after its commit (bridge/broker/amqtt_patches.py).
+            door = UpdateDoor(core, self.topics, self._reply_error_in_broker)
             self.broker = EmbeddedBroker(
                 host=opts.host, port=opts.mqtt_port, config_path=opts.broker_config_path,
                 credentials=core, topics=self.topics,
-                bridge_username=bridge_user, bridge_password=bridge_password,
+                bridge_username=bridge_user, bridge_password=bridge_password, updates=door,
             )  # fmt: skip
             try:
                 await self.broker.start()
@@ -189,6 +196,7 @@ class Service:
             core, self.topics, host=host, port=port, username=username, password=password,
             client_id=client_id, discovery=opts.discovery,
             retain_flag_means_replay=self.broker is None,
+            ingest_updates=self.broker is None, door=door,
         )  # fmt: skip
         try:
             await self.mqtt.start()
@@ -198,6 +206,10 @@ class Service:
                 hint = (". Check that the broker of --mqtt-url is running and reachable from here,"
                         " and its credentials; without --mqtt-url, serve runs its own broker")  # fmt: skip
             raise ServiceError(f"{exc}{hint}") from None
+
+    def _reply_error_in_broker(self, batmon_id: int, token: str, message: str) -> None:
+        if self.broker is not None:
+            self.broker.publish_soon(self.topics.error(batmon_id, token), json.dumps({"error": message}))
 
     def health(self) -> dict[str, Any]:
         """MQTT connection state and counters for /healthz."""
@@ -216,11 +228,22 @@ class Service:
         return info
 
     async def stop(self) -> None:
-        """Stop in reverse order; safe to call on a half-started service."""
+        """Stop in reverse order, losing nothing acknowledged; safe on a half-started service.
+
+        HTTP stops first (requests in flight still get their answer), then the broker
+        takes no new client, the writer commits what was taken so its PUBACKs go out,
+        and only then are clients disconnected and the database closed.
+        """
         if self._server is not None and self._server_task is not None:
             self._server.should_exit = True
             with contextlib.suppress(Exception):
                 await self._server_task
+        if self.broker is not None:
+            self.broker.stop_listening()
+        if self.core is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.core.writer.barrier(), DRAIN_TIMEOUT_S)
+            await asyncio.sleep(0)  # let the PUBACKs of what just committed be sent
         if self.mqtt is not None:
             with contextlib.suppress(Exception):
                 await self.mqtt.stop()
@@ -231,6 +254,10 @@ class Service:
             with contextlib.suppress(Exception):
                 await extension.stop()
         self._extensions.clear()
+        if self.core is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.core.writer.drain(), DRAIN_TIMEOUT_S)
+            self.core.writer.stop()
         if self.store is not None:
             self.store.close()
             self.store = None

@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bridge.core import Core, User
-from bridge.errors import BatmonError, NotAuthenticated, WrongToken
+from bridge.errors import BatmonError, NotAuthenticated, Unavailable, WrongToken
 from bridge.models import Login, describe_error
 from bridge.ratelimit import FailureLimiter
 from http_api.auth import Sessions, api_key_of, authenticate
@@ -64,6 +64,8 @@ class Api:
             if isinstance(exc, NotAuthenticated | WrongToken):
                 self.limiter.record_failure(client)
             response = error_response(exc.status, exc.message)
+            if isinstance(exc, Unavailable):
+                response.headers["Retry-After"] = str(exc.retry_after)
         if key_user is not None:
             self.sessions.set_cookie(response, key_user, secure=request.url.scheme == "https")
         return response
@@ -100,9 +102,12 @@ class Api:
 
     async def healthz(self, request: Request) -> Response:
         database = "ok" if self.core.store.ping() else "error"
+        writer = self.core.writer_health()
         extra = self.health() if self.health else {}
-        healthy = database == "ok"
-        body = {"status": "ok" if healthy else "error", "database": database, **extra}
+        # A database that answers SELECT 1 but cannot store a reading is not healthy.
+        healthy = database == "ok" and writer["state"] == "ok"
+        body = {"status": "ok" if healthy else "error", "database": database, "writer": writer,
+                **extra}
         return JSONResponse(body, status_code=200 if healthy else 503)
 
     async def openapi(self, request: Request) -> Response:

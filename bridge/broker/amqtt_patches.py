@@ -12,7 +12,8 @@ import contextlib
 import logging
 import weakref
 from collections import Counter, deque
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker, Server
@@ -23,6 +24,7 @@ from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import ApplicationMessage, OutgoingApplicationMessage, Session
 
+from bridge.broker.access import Principal
 from bridge.broker.limits import (
     CONNECT,
     MQTT_311_LEVEL,
@@ -32,7 +34,9 @@ from bridge.broker.limits import (
     protocol_level,
 )
 from bridge.broker.plugin import PRINCIPAL_KEY, WILL_KEY
+from bridge.errors import Unavailable
 from bridge.topics import Topics
+from bridge.writer import Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +44,106 @@ log = logging.getLogger(__name__)
 UNACCEPTABLE_PROTOCOL_VERSION, IDENTIFIER_REJECTED, SERVER_UNAVAILABLE, NOT_AUTHORIZED = 1, 2, 3, 5
 
 
+MAX_UNACKED_PER_CLIENT = 1_000
+"""Updates one connection may have waiting for their commit; past it the client is
+dropped (a well-behaved device waits for PUBACKs: paho's default window is 20)."""
+
+
+class UpdateSink(Protocol):
+    """Where the broker hands a device's update: the MQTT door (bridge/update_door.py)."""
+
+    def submit(self, topic: str, payload: bytes, *, dup: bool = False) -> asyncio.Future[None] | None:
+        """The commit's future, or None when there is nothing to wait for."""
+        ...
+
+    def has_room(self) -> bool:
+        """False while the writer's queue is full."""
+        ...
+
+
+class UpdateInbox(asyncio.Queue[ApplicationMessage]):
+    """A session's inbound queue that hands the device's own updates to the writer.
+
+    amqtt puts an incoming QoS 1 PUBLISH on this queue and sends PUBACK when ``put``
+    returns; for an update, ``put`` returns only once it is committed, so a PUBACK from
+    the embedded broker means the reading is on disk. Updates are never broadcast: no
+    one else may subscribe to them. Other messages are queued as amqtt does.
+    """
+
+    def __init__(self, session: Session, sink: UpdateSink, drop: Callable[[str], None]) -> None:
+        super().__init__()
+        self._session = session
+        self._sink = sink
+        self._drop = drop  # closes this client's connection, with the reason logged
+        self.unacked = 0
+
+    def _own_update(self, message: ApplicationMessage) -> bool:
+        principal = self._session.attributes.get(PRINCIPAL_KEY)
+        return (
+            isinstance(principal, Principal)
+            and principal.kind == "device"
+            and message.topic in principal.publish
+        )
+
+    async def put(self, item: ApplicationMessage) -> None:
+        """QoS 1 and 2: return (and so acknowledge) only after the commit."""
+        if not self._own_update(item):
+            await super().put(item)
+            return
+        self.unacked += 1
+        try:
+            if self.unacked > MAX_UNACKED_PER_CLIENT:
+                self._drop("too many unacknowledged updates")
+                await asyncio.Future()  # never acked; cancelled when the connection ends
+            while True:
+                try:
+                    future = self._sink.submit(item.topic, bytes(item.data or b""), dup=_dup(item))
+                    break
+                except Overloaded:
+                    while not self._sink.has_room():  # stop acking: the device's window fills
+                        await asyncio.sleep(0.005)
+            if future is not None:
+                try:
+                    await future
+                except Unavailable:
+                    # Not stored: no PUBACK. Closing the connection makes the device
+                    # send it again when it reconnects.
+                    self._drop("its update could not be stored")
+                    await asyncio.Future()
+        finally:
+            self.unacked -= 1
+
+    def put_nowait(self, item: ApplicationMessage) -> None:
+        """QoS 0: no acknowledgement to hold back; a full writer drops it (counted)."""
+        if not self._own_update(item):
+            super().put_nowait(item)
+            return
+        try:
+            self._sink.submit(item.topic, bytes(item.data or b""))
+        except Overloaded:
+            log.debug("dropped a QoS 0 update of client %r: writer full", self._session.client_id)
+
+
+def _dup(message: ApplicationMessage) -> bool:
+    return bool(message.publish_packet is not None and message.publish_packet.dup_flag)
+
+
 class BatmonBroker(Broker):
     """amqtt's Broker with 0.12.1 flaws closed that matter once clients are untrusted."""
 
-    def __init__(self, config: dict[str, Any], *, topics: Topics, limits: BrokerLimits) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        topics: Topics,
+        limits: BrokerLimits | None = None,
+        updates: UpdateSink | None = None,
+    ) -> None:
         super().__init__(config)
         self._topics = topics
+        self._updates = updates
+        self._background: set[asyncio.Future[Any]] = set()
+        limits = limits or BrokerLimits()
         self._limits = limits
         self._rate = MessageRate(limits.messages_per_second, limits.message_burst)
         self._connections = 0
@@ -89,6 +187,40 @@ class BatmonBroker(Broker):
             await super()._client_connected(listener_name, guarded, writer)
         finally:
             self._connections -= 1
+
+    def _install_inbox(self, session: Session) -> None:
+        """Route this session's own updates to the writer (see UpdateInbox)."""
+        if self._updates is None or isinstance(session.delivered_message_queue, UpdateInbox):
+            return
+        inbox = UpdateInbox(session, self._updates, lambda why: self._drop_client(session, why))
+        for message in _take_all(session.delivered_message_queue):
+            asyncio.Queue.put_nowait(inbox, message)
+        session.delivered_message_queue = inbox
+
+    def _drop_client(self, session: Session, why: str) -> None:
+        """Close one client's connection (it will resend what we did not acknowledge)."""
+        entry = self._sessions.get(session.client_id or "")
+        if entry is None or entry[0] is not session:
+            return
+        log.warning("disconnecting client %r: %s", session.client_id, why)
+        handler = entry[1]
+        writer = handler.writer
+        if writer is not None:
+            closing = asyncio.ensure_future(writer.close())
+            self._background.add(closing)
+            closing.add_done_callback(self._background.discard)
+
+    def stop_listening(self) -> None:
+        """Refuse new connections; connected clients carry on until shutdown()."""
+        for server in self._servers.values():
+            if server.instance is not None:
+                server.instance.close()
+
+    async def publish_internal(self, topic: str, payload: bytes, *, retain: bool) -> None:
+        """Publish as the broker itself (the bridge's retained state, error replies)."""
+        if retain:
+            await self.retain_message(None, topic, payload, 1)
+        await self.internal_message_broadcast(topic, payload, 1)
 
     async def retain_message(
         self,
@@ -336,6 +468,7 @@ class BatmonBroker(Broker):
         if not (authenticated and await self._claim_client_id(client_session)):
             await _refuse(writer, NOT_AUTHORIZED)
             return
+        self._install_inbox(client_session)
         client_session.transitions.connect()
         handler.attach(client_session, reader, writer)
         self._sessions[client_session.client_id] = (client_session, handler)

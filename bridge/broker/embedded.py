@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -14,7 +15,7 @@ from dacite import DaciteError
 from pydantic import ValidationError
 
 from bridge.broker.access import AccessPolicy, CredentialCheck
-from bridge.broker.amqtt_patches import BatmonBroker
+from bridge.broker.amqtt_patches import BatmonBroker, UpdateSink
 from bridge.broker.limits import BrokerLimits
 from bridge.models import describe_error
 from bridge.ratelimit import FailureLimiter
@@ -64,8 +65,10 @@ class EmbeddedBroker:
         bridge_username: str,
         bridge_password: str,
         limiter: FailureLimiter | None = None,
+        updates: UpdateSink | None = None,
     ) -> None:
-        """``limiter`` throttles failed logins per client address (default: 30 a minute)."""
+        """``limiter`` throttles failed logins per client address (default: 30 a minute);
+        ``updates`` takes devices' updates straight from the broker (acked after commit)."""
         self._host = host
         self._requested_port = port
         self._config_path = config_path
@@ -74,8 +77,10 @@ class EmbeddedBroker:
         self._bridge_username = bridge_username
         self._bridge_password = bridge_password
         self._limiter = limiter
+        self._updates = updates
         self._broker: BatmonBroker | None = None
         self._port: int | None = None
+        self._background: set[asyncio.Future[None]] = set()
         self.limits = BrokerLimits()
         """The ``limits`` section of the config, once loaded."""
 
@@ -143,7 +148,7 @@ class EmbeddedBroker:
         where = f"{self._host}:{self._requested_port}"
         _quiet_amqtt_logging()
         try:
-            broker = BatmonBroker(config, topics=self._topics, limits=self.limits)
+            broker = BatmonBroker(config, topics=self._topics, limits=self.limits, updates=self._updates)
         except _CONFIG_ERRORS as exc:
             raise BrokerStartError(f"invalid broker config {self._config_path}: {exc}") from None
         startup_filter = _DropStartupTraceback()
@@ -166,6 +171,19 @@ class EmbeddedBroker:
         self._broker = broker
         self._port = broker.bound_port()
         log.info("embedded MQTT broker listening on %s:%d", self._host, self._port)
+
+    def publish_soon(self, topic: str, payload: str, *, retain: bool = False) -> None:
+        """Publish as the broker itself, from synchronous code (events, error replies)."""
+        broker = self._broker
+        if broker is not None:
+            task = asyncio.ensure_future(broker.publish_internal(topic, payload.encode(), retain=retain))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def stop_listening(self) -> None:
+        """Accept no new client (first step of a clean stop)."""
+        if self._broker is not None:
+            self._broker.stop_listening()
 
     async def stop(self) -> None:
         """Disconnect every client and close the listener; a no-op if not running."""
