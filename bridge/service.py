@@ -196,7 +196,8 @@ class Service:
             core, self.topics, host=host, port=port, username=username, password=password,
             client_id=client_id, discovery=opts.discovery,
             retain_flag_means_replay=self.broker is None,
-            ingest_updates=self.broker is None, door=door,
+            ingest_updates=self.broker is None, mqtt5=self.broker is None, door=door,
+            publish_direct=self._publish_in_broker if self.broker is not None else None,
         )  # fmt: skip
         try:
             await self.mqtt.start()
@@ -206,6 +207,10 @@ class Service:
                 hint = (". Check that the broker of --mqtt-url is running and reachable from here,"
                         " and its credentials; without --mqtt-url, serve runs its own broker")  # fmt: skip
             raise ServiceError(f"{exc}{hint}") from None
+
+    def _publish_in_broker(self, topic: str, payload: str) -> None:
+        if self.broker is not None:
+            self.broker.publish_soon(topic, payload, retain=True)
 
     def _reply_error_in_broker(self, batmon_id: int, token: str, message: str) -> None:
         if self.broker is not None:

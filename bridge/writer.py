@@ -38,6 +38,7 @@ MAX_GROUP_ROWS = 1_000
 """Rows committed in one transaction at most: past this, latency grows for little gain."""
 MAX_PENDING_ROWS = 20_000
 """Rows queued or being committed at most; past this a door is told to come back later."""
+LINGER_S = 0.001
 PROBE_EVERY_S = 1.0
 COMMIT_DELAY_ENV = "BATMON_TEST_COMMIT_DELAY_MS"
 """Tests slow each commit by this many ms, to show back-pressure; never set in production."""
@@ -97,6 +98,7 @@ class WriterStats:
     last_error_at: float | None = None
     failing: bool = False
     last_group_rows: int = 0
+    max_group_rows: int = 0
     last_commit_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -192,6 +194,7 @@ class ReadingWriter:
                     continue
                 group: list[_Submission] = []
                 rows = 0
+                lingered = False
                 while True:
                     if item is _STOP:
                         stopping = True
@@ -213,7 +216,16 @@ class ReadingWriter:
                     try:
                         item = self._queue.get_nowait()
                     except queue.Empty:
-                        break
+                        if lingered or self.stats.last_group_rows <= 1:
+                            break
+                        # Busy (the last group held several readings): wait a moment
+                        # for more, so one commit and one wake-up serve many readings.
+                        lingered = True
+                        time.sleep(LINGER_S)
+                        try:
+                            item = self._queue.get_nowait()
+                        except queue.Empty:
+                            break
                 sink = self._flush(sink, group)
         finally:
             if sink is not None:
@@ -273,6 +285,7 @@ class ReadingWriter:
         stats.rows += len(rows)
         stats.failing = False
         stats.last_group_rows = len(rows)
+        stats.max_group_rows = max(stats.max_group_rows, len(rows))
         stats.last_commit_s = elapsed
         if self.on_commit is not None:
             with contextlib.suppress(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -23,6 +24,7 @@ from bridge.topics import Topics
 
 log = logging.getLogger(__name__)
 
+PUBLISH_BATCH = 200  # broker-side publishes between yields to the event loop
 PLUGIN_PATH = "bridge.broker.BatmonAccessPlugin"
 """Dotted path amqtt imports our plugin from (listed in broker.yaml)."""
 
@@ -80,7 +82,8 @@ class EmbeddedBroker:
         self._updates = updates
         self._broker: BatmonBroker | None = None
         self._port: int | None = None
-        self._background: set[asyncio.Future[None]] = set()
+        self._outbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue()
+        self._publisher: asyncio.Task[None] | None = None
         self.limits = BrokerLimits()
         """The ``limits`` section of the config, once loaded."""
 
@@ -170,15 +173,28 @@ class EmbeddedBroker:
             amqtt_log.removeFilter(startup_filter)
         self._broker = broker
         self._port = broker.bound_port()
+        self._publisher = asyncio.create_task(self._publish_loop(broker), name="broker-publisher")
         log.info("embedded MQTT broker listening on %s:%d", self._host, self._port)
 
     def publish_soon(self, topic: str, payload: str, *, retain: bool = False) -> None:
-        """Publish as the broker itself, from synchronous code (events, error replies)."""
-        broker = self._broker
-        if broker is not None:
-            task = asyncio.ensure_future(broker.publish_internal(topic, payload.encode(), retain=retain))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        """Publish as the broker itself, from synchronous code (state, discovery, errors).
+
+        Messages go out in call order through one task, which yields to the loop
+        between batches: 30,000 retained topics at start-up do not starve ingest.
+        """
+        if self._broker is not None:
+            self._outbox.put_nowait((topic, payload.encode(), retain))
+
+    async def _publish_loop(self, broker: BatmonBroker) -> None:
+        while True:
+            topic, payload, retain = await self._outbox.get()
+            try:
+                await broker.publish_internal(topic, payload, retain=retain)
+            except Exception:
+                log.exception("publishing %s into the embedded broker failed", topic)
+            self._outbox.task_done()
+            if self._outbox.qsize() and self._outbox.qsize() % PUBLISH_BATCH == 0:
+                await asyncio.sleep(0)
 
     def stop_listening(self) -> None:
         """Accept no new client (first step of a clean stop)."""
@@ -189,6 +205,12 @@ class EmbeddedBroker:
         """Disconnect every client and close the listener; a no-op if not running."""
         broker, self._broker = self._broker, None
         self._port = None
+        if self._publisher is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._outbox.join(), 5)  # the last states go out first
+            self._publisher.cancel()
+            await asyncio.gather(self._publisher, return_exceptions=True)
+            self._publisher = None
         if broker is not None:
             await broker.shutdown()
 

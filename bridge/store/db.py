@@ -55,7 +55,7 @@ class Store:
         conn.execute("PRAGMA journal_mode=WAL")
         # This connection makes the rare changes (users, batmons, alarms, outbox);
         # readings go through the writer's own connection (bridge/store/readings.py).
-        conn.execute("PRAGMA synchronous=FULL")  # a success answered survives a power cut
+        conn.execute("PRAGMA synchronous=NORMAL")  # survives kill -9; see store/readings.py
         conn.execute("PRAGMA foreign_keys=ON")
         migrate(db)
         return cls(db, path)

