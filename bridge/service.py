@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -66,7 +67,10 @@ def bind_socket(host: str, port: int, what: str) -> socket.socket:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise ServiceError(f"cannot listen for {what} on {host}:{port}: {exc.strerror}") from None
+        hint = ""
+        if exc.errno == errno.EADDRINUSE:
+            hint = f"; choose another with --{what.lower()}-port (0 picks a free one)"
+        raise ServiceError(f"cannot listen for {what} on {host}:{port}: {exc.strerror}{hint}") from None
     sock.listen(1024)
     sock.setblocking(False)
     return sock
@@ -186,7 +190,13 @@ class Service:
                 await self.broker.start()
             except Exception as exc:
                 self.broker = None
-                raise ServiceError(str(exc)) from None
+                hint = ""
+                if getattr(exc, "address_in_use", False):
+                    # Most often a Mosquitto already running on 1883: use it, or step aside.
+                    hint = (f". Another MQTT broker may be listening there: give the embedded one"
+                            f" another port with --mqtt-port (0 picks a free one), or use that"
+                            f" broker with --mqtt-url mqtt://127.0.0.1:{opts.mqtt_port}")  # fmt: skip
+                raise ServiceError(f"{exc}{hint}") from None
             host, port, username, password = opts.host, self.broker.port, bridge_user, bridge_password
             # The in-process broker has no session to keep across our restarts, and a
             # fixed id could be taken over by a clean-session CONNECT: a fresh one.
@@ -212,7 +222,11 @@ class Service:
         try:
             await self.mqtt.start()
         except Exception as exc:
-            raise ServiceError(str(exc)) from None
+            hint = ""
+            if opts.mqtt_url:
+                hint = (". Check that the broker of --mqtt-url is running and reachable from here,"
+                        " and its credentials; without --mqtt-url, serve runs its own broker")  # fmt: skip
+            raise ServiceError(f"{exc}{hint}") from None
 
     def _publish_in_broker(self, topic: str, payload: str) -> None:
         if self.broker is not None:
@@ -227,9 +241,15 @@ class Service:
         info: dict[str, Any] = {
             "mqtt": "connected" if self.mqtt is not None and self.mqtt.connected else "disconnected",
             "broker": "embedded" if self.broker is not None else "external",
+            # Where devices connect (`batmon simulate --api-url` reads it): no credentials.
+            "mqtt_host": self.mqtt_host,
+            "mqtt_port": self.mqtt_port,
         }
         if self.mqtt is not None:
             info["mqtt_stats"] = self.mqtt.stats
+        if self.broker is not None:
+            # What the embedded broker's limits refused or dropped (bridge/broker/limits.py).
+            info["mqtt_broker"] = self.broker.stats
         return info
 
     async def stop(self) -> None:
