@@ -83,6 +83,7 @@ class Service:
         self.broker: Any = None
         self.mqtt: Any = None
         self.notifier: Any = None
+        self.live: Any = None  # the dashboard's LiveFeed
         self._extensions: list[Extension] = []
         self._server: uvicorn.Server | None = None
         self._server_task: asyncio.Task[None] | None = None
@@ -118,7 +119,7 @@ class Service:
         except BaseException:
             sock.close()
             raise
-        app = create_app(self.core, session_secret=secret, health=self.health)
+        app = create_app(self.core, session_secret=secret, health=self.health, live=self.live)
         config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
         self._server = uvicorn.Server(config)
         # Signals are ours (the CLI stops the whole service), not uvicorn's.
@@ -138,6 +139,7 @@ class Service:
         from bridge.mqtt_bridge import MqttBridge
         from bridge.notifier import Notifier
         from bridge.watchdog import OfflineWatchdog
+        from http_api.live import LiveFeed
 
         opts = self.options
         assert self.store is not None
@@ -171,7 +173,8 @@ class Service:
         # before the watchdog, which may announce Offline batmons at once.
         self.notifier = Notifier(core, retry_base_s=opts.notify_retry_s,
                                  give_up_after_s=opts.notify_give_up_s)  # fmt: skip
-        for extension in (AlarmEvaluator(core), self.notifier, OfflineWatchdog(core)):
+        self.live = LiveFeed(core)
+        for extension in (AlarmEvaluator(core), self.notifier, OfflineWatchdog(core), self.live):
             await _start_extension(extension)
             self._extensions.append(extension)
 
@@ -197,6 +200,9 @@ class Service:
 
     async def stop(self) -> None:
         """Stop in reverse order; safe to call on a half-started service."""
+        if self.live is not None:
+            # Open live streams never end by themselves; the HTTP server waits for them.
+            await self.live.stop()
         if self._server is not None and self._server_task is not None:
             self._server.should_exit = True
             with contextlib.suppress(Exception):

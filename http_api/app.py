@@ -20,7 +20,9 @@ from bridge.errors import BatmonError, NotAuthenticated, WrongToken
 from bridge.models import Login, describe_error
 from bridge.ratelimit import FailureLimiter
 from http_api.auth import Sessions, api_key_of, authenticate
+from http_api.dashboard import Dashboard
 from http_api.handlers import Call
+from http_api.live import LiveFeed
 from http_api.openapi import build_openapi
 from http_api.params import request_fields
 from http_api.routes import ENDPOINTS, Endpoint
@@ -126,15 +128,22 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(core: Core, *, session_secret: bytes, health: HealthProbe | None = None,
-               limiter: FailureLimiter | None = None) -> Starlette:  # fmt: skip
-    """The HTTP facade over ``core``; it never touches SQL or MQTT itself."""
+               limiter: FailureLimiter | None = None, live: LiveFeed | None = None,
+               ) -> Starlette:  # fmt: skip
+    """The HTTP facade over ``core``; it never touches SQL or MQTT itself.
+
+    ``live`` is the started LiveFeed extension; without one, the app makes its own
+    and starts it on the first live stream.
+    """
     api = Api(core, Sessions(session_secret), limiter or FailureLimiter(), health)
+    dashboard = Dashboard(core, api.sessions, live or LiveFeed(core))
     routes = [api.route(e) for e in ENDPOINTS]
     routes += [
         Route("/interface/login", api.login, methods=["POST"]),
         Route("/interface/logout", api.logout, methods=["POST"]),
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
+        *dashboard.routes(),
     ]
     app = Starlette(
         routes=routes,
