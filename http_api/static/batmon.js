@@ -15,7 +15,9 @@
     const status = $("#batmon-status");
     status.textContent = b.batmon_status;
     status.dataset.status = b.batmon_status;
-    $("#batmon-age").dataset.epoch = b.last_reading === null ? "" : String(b.last_reading);
+    const age = $("#batmon-age");
+    age.dataset.epoch = b.last_reading === null ? "" : String(b.last_reading);
+    age.textContent = Batmon.age(b.last_reading);
     for (const m of METRICS) {
       $(`#now-values [data-metric="${m}"]`).textContent = Batmon.withUnit(b["batmon_" + m], b.units[m]);
       $(`.chart[data-metric="${m}"] .unit`).textContent = `(${b.units[m]})`;
@@ -249,6 +251,11 @@
           }
         }),
       );
+      name.dataset.label = "Name";
+      rule.dataset.label = "Rule";
+      repeat.dataset.label = "Repeat";
+      enabled.dataset.label = "Enabled";
+      state.dataset.label = "State";
       tr.append(name, rule, repeat, enabled, state, actions);
       tbody.append(tr);
     }
@@ -366,8 +373,10 @@
     for (const n of notices) {
       const tr = document.createElement("tr");
       const state = n.state + (n.last_error ? `: ${n.last_error}` : "") + (n.target ? ` (${n.target})` : "");
-      for (const text of [Batmon.timeText(n.created), n.channel, n.title, state]) {
+      const cells = { Created: Batmon.timeText(n.created), Channel: n.channel, Notice: n.title, State: state };
+      for (const [label, text] of Object.entries(cells)) {
         const td = document.createElement("td");
+        td.dataset.label = label;
         td.textContent = text;
         tr.append(td);
       }
