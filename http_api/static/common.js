@@ -34,7 +34,8 @@ const Batmon = (() => {
       throw new ApiError(`The server answered ${response.status} without JSON.`, response.status);
     }
     if (!response.ok || body.error !== undefined) {
-      if (response.status === 401) window.location.assign("/");
+      // A session that ended (logged out elsewhere, user deleted): back to the login form.
+      if (response.status === 401 && document.body.dataset.page !== "login") window.location.assign("/");
       throw new ApiError(body.error || `HTTP ${response.status}`, response.status);
     }
     return body.success;
