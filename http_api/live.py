@@ -1,10 +1,12 @@
 """Live updates for the dashboard: an extension that fans the core's events out to
 every open Server-Sent Events stream of the batmons' owner.
 
-A stream remembers *which* batmons changed, not every event: it sends each one's
-state as it is when the browser is ready, so a slow browser gets the latest values
-instead of a growing backlog. Past ``max_pending`` distinct batmons it stops
-remembering and tells the browser to reload the list through the API instead.
+A stream starts with a snapshot of all the user's batmons (so nothing that changed
+between rendering the page and opening the stream is missed, and a reconnecting
+browser catches up). Then it remembers *which* batmons changed, not every event,
+and sends each one's state as it is when the browser is ready: a slow browser gets
+the latest values instead of a growing backlog. Past ``max_pending`` distinct
+batmons it forgets them and sends a fresh snapshot instead.
 """
 
 from __future__ import annotations
@@ -56,16 +58,19 @@ class LiveStream:
         self.user_id = user_id
         self.max_pending = max_pending
         self._changed: dict[int, bool] = {}  # batmon_id -> deleted; insertion-ordered
-        self._overflowed = False
+        self._full = True  # a snapshot of every batmon is due (first, and after overflow)
         self._closed = False
         self._wake = asyncio.Event()
 
     def mark(self, batmon_id: int, deleted: bool = False) -> None:
         """Note a change; a batmon already noted costs nothing (coalesced)."""
-        if batmon_id in self._changed or len(self._changed) < self.max_pending:
+        if self._full:
+            pass  # the snapshot due covers it
+        elif batmon_id in self._changed or len(self._changed) < self.max_pending:
             self._changed[batmon_id] = deleted or self._changed.get(batmon_id, False)
         else:
-            self._overflowed = True
+            self._changed.clear()
+            self._full = True
         self._wake.set()
 
     def close(self) -> None:
@@ -78,8 +83,8 @@ class LiveStream:
         return self._closed
 
     async def take(self, timeout: float) -> tuple[dict[int, bool], bool] | None:
-        """Wait up to ``timeout`` for changes; (changed, overflowed), or None once closed."""
-        if not (self._changed or self._overflowed or self._closed):
+        """Wait up to ``timeout`` for changes; (changed, full snapshot due), or None once closed."""
+        if not (self._changed or self._full or self._closed):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
@@ -87,8 +92,8 @@ class LiveStream:
         if self._closed:
             return None
         changed, self._changed = self._changed, {}
-        overflowed, self._overflowed = self._overflowed, False
-        return changed, overflowed
+        full, self._full = self._full, False
+        return changed, full
 
 
 def sse(event: str, data: Any) -> str:
@@ -184,12 +189,13 @@ class LiveFeed:
             return len(self._streams.get(user_id, ()))
         return sum(len(s) for s in self._streams.values())
 
-    def messages_for(self, stream: LiveStream, changed: dict[int, bool], overflowed: bool
+    def messages_for(self, stream: LiveStream, changed: dict[int, bool], full: bool
                      ) -> list[str]:  # fmt: skip
         """The SSE messages for one batch of changes, each batmon's state as of now."""
-        if overflowed:
-            return [sse("resync", {})]
         now = self.core.clock()
+        if full:
+            mine = [b for b in self.core.batmons.values() if b.user_id == stream.user_id]
+            return [sse("snapshot", [batmon_snapshot(b, now) for b in mine])]
         out = []
         for batmon_id, deleted in changed.items():
             batmon = self.core.batmons.get(batmon_id)

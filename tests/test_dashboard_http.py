@@ -193,6 +193,8 @@ class Stream:
         assert self.response.headers["content-type"].startswith("text/event-stream")
         self._lines = self.response.iter_lines()
         assert next(self._lines) == "retry: 3000"  # the stream is registered from here on
+        self.snapshot = self.next_event()
+        assert self.snapshot[0] == "snapshot"
 
     def next_event(self) -> tuple[str, Any]:
         event = ""
@@ -220,6 +222,7 @@ def test_the_live_stream_carries_only_the_users_own_batmons(served: ServeProcess
     mine = admin.post("/interface/add/batmon", json={"batmon_name": "Mine"}).json()["success"]
     theirs = stranger.post("/interface/add/batmon", json={"batmon_name": "Theirs"}).json()["success"]
     admin_stream, stranger_stream = Stream(admin), Stream(stranger)
+    assert [b["batmon_id"] for b in stranger_stream.snapshot[1]] == [theirs["batmon_id"]]
     try:
         admin.post("/interface/update/batmon", json={"batmon_id": mine["batmon_id"], "voltage": 12.5})
         stranger.post("/interface/update/batmon", json={"batmon_id": theirs["batmon_id"], "soc": 42})

@@ -1,5 +1,5 @@
 """The dashboard's live feed on a real core (tmp SQLite): who gets which batmon,
-coalescing for a slow browser, the resync past its bound, and ending streams on stop."""
+coalescing for a slow browser, the snapshot first and past its bound, ending on stop."""
 
 from __future__ import annotations
 
@@ -47,6 +47,14 @@ async def messages(feed: LiveFeed, stream: LiveStream) -> list[tuple[str, dict[s
     return out
 
 
+async def opened(feed: LiveFeed, user_id: int) -> LiveStream:
+    """A new stream, its opening snapshot already taken."""
+    stream = feed.open(user_id)
+    [(event, _)] = await messages(feed, stream)
+    assert event == "snapshot"
+    return stream
+
+
 def add(core: Core, user: Any, name: str) -> Any:
     return core.add_batmon(user, AddBatmon(batmon_name=name, batmon_type="BMV"))
 
@@ -59,7 +67,7 @@ def test_a_slow_stream_gets_each_changed_batmon_once_with_its_latest_values(tmp_
     async def scenario(core: Core, feed: LiveFeed) -> None:
         user, _ = core.create_user("owner@example.org")
         house, van = add(core, user, "House"), add(core, user, "Van")
-        stream = feed.open(user.id)
+        stream = await opened(feed, user.id)
         for volts in (12.1, 12.2, 12.3):
             await ingest(core, house, voltage=volts)
         await ingest(core, van, soc=50)
@@ -80,6 +88,8 @@ def test_a_stream_carries_only_its_owners_batmons(tmp_path: Path) -> None:
         stranger, _ = core.create_user("stranger@example.org")
         mine, theirs = add(core, owner, "Mine"), add(core, stranger, "Theirs")
         stream = feed.open(owner.id)
+        [(event, batmons)] = await messages(feed, stream)
+        assert (event, [b["batmon_id"] for b in batmons]) == ("snapshot", [mine.id])
         await ingest(core, theirs, voltage=1.0)
         core.edit_batmon(theirs, EditBatmon(batmon_id=theirs.id, batmon_name="Renamed"))
         core.delete_batmon(theirs)
@@ -94,7 +104,7 @@ def test_edits_and_deletes_reach_the_stream(tmp_path: Path) -> None:
     async def scenario(core: Core, feed: LiveFeed) -> None:
         user, _ = core.create_user("owner@example.org")
         house, van = add(core, user, "House"), add(core, user, "Van")
-        stream = feed.open(user.id)
+        stream = await opened(feed, user.id)
         core.edit_batmon(house, EditBatmon(batmon_id=house.id, batmon_name="House bank",
                                            voltage_units="mV"))  # fmt: skip
         await ingest(core, van, voltage=1.0)
@@ -107,15 +117,22 @@ def test_edits_and_deletes_reach_the_stream(tmp_path: Path) -> None:
     run(tmp_path, scenario)
 
 
-def test_past_its_bound_a_stream_is_told_to_resync_instead_of_growing(tmp_path: Path) -> None:
+def test_a_stream_opens_with_a_snapshot_and_sends_one_again_past_its_bound(tmp_path: Path) -> None:
     async def scenario(core: Core, feed: LiveFeed) -> None:
         user, _ = core.create_user("owner@example.org")
         batmons = [add(core, user, f"B{i}") for i in range(5)]
+        await ingest(core, batmons[0], voltage=9.0)
         stream = feed.open(user.id)
-        for b in batmons:
+        [(event, first)] = await messages(feed, stream)
+        assert event == "snapshot" and [b["batmon_id"] for b in first] == [b.id for b in batmons]
+        assert first[0]["batmon_voltage"] == 9.0 and "batmon_token" not in first[0]
+        for b in batmons:  # five distinct batmons, more than the stream remembers
             await ingest(core, b, voltage=1.0)
-        assert await messages(feed, stream) == [("resync", {})]
-        await ingest(core, batmons[0], voltage=2.0)  # and back to normal afterwards
+        core.delete_batmon(batmons[4])
+        [(event, again)] = await messages(feed, stream)
+        assert event == "snapshot" and [b["batmon_id"] for b in again] == [b.id for b in batmons[:4]]
+        assert {b["batmon_voltage"] for b in again} == {1.0}
+        await ingest(core, batmons[0], voltage=2.0)  # and back to one batmon at a time
         assert [e for e, _ in await messages(feed, stream)] == ["batmon"]
 
     run(tmp_path, scenario, max_pending=3)
@@ -140,16 +157,19 @@ def test_stop_ends_every_open_stream(tmp_path: Path) -> None:
         user, _ = core.create_user("owner@example.org")
         stream = feed.open(user.id)
         texts: list[str] = []
+        snapshot_sent = asyncio.Event()
 
         async def consume() -> None:
             async for text in feed.serve(stream):
                 texts.append(text)
+                if text.startswith("event: snapshot"):
+                    snapshot_sent.set()
 
         task = asyncio.create_task(consume())
-        await asyncio.sleep(0)
+        await asyncio.wait_for(snapshot_sent.wait(), 5)
         await feed.stop()
         await asyncio.wait_for(task, 5)  # bounded: a stream that never ends fails here
-        assert texts == ["retry: 3000\n\n"]
+        assert texts == ["retry: 3000\n\n", "event: snapshot\ndata: []\n\n"]
         assert feed.stream_count() == 0
 
     run(tmp_path, scenario, keepalive_s=3600)
@@ -159,7 +179,7 @@ def test_an_event_emitted_on_another_thread_reaches_the_stream_on_the_loop(tmp_p
     async def scenario(core: Core, feed: LiveFeed) -> None:
         user, _ = core.create_user("owner@example.org")
         house = add(core, user, "House")
-        stream = feed.open(user.id)
+        stream = await opened(feed, user.id)
         # A writer thread may emit events one day: the feed hops onto the loop.
         thread = threading.Thread(target=core.bus.emit,
                                   args=(StatusChanged(house, "Online", "Offline", 0.0),))  # fmt: skip

@@ -387,24 +387,30 @@
 
   // -- live ------------------------------------------------------------------------------
   let logTimer = 0;
+  let snapshots = 0;
+  const gone = () => window.location.assign("/");
+  function changed(b) {
+    const alarmsBefore = JSON.stringify(batmon.alarms.map((a) => [a.alarm_triggered, a.alarm_trigger_time]));
+    batmon = b;
+    renderHead(b);
+    renderAlarms(b.alarms);
+    appendLive(b);
+    // An alarm that changed state has probably queued a notice: show it shortly.
+    if (JSON.stringify(b.alarms.map((a) => [a.alarm_triggered, a.alarm_trigger_time])) !== alarmsBefore) {
+      window.clearTimeout(logTimer);
+      logTimer = window.setTimeout(loadLog, 1000);
+    }
+  }
   Batmon.live({
-    batmon: (b) => {
-      if (b.batmon_id !== id) return;
-      const alarmsBefore = JSON.stringify(batmon.alarms.map((a) => [a.alarm_triggered, a.alarm_trigger_time]));
-      batmon = b;
-      renderHead(b);
-      renderAlarms(b.alarms);
-      appendLive(b);
-      // An alarm that changed state has probably queued a notice: show it shortly.
-      if (JSON.stringify(b.alarms.map((a) => [a.alarm_triggered, a.alarm_trigger_time])) !== alarmsBefore) {
-        window.clearTimeout(logTimer);
-        logTimer = window.setTimeout(loadLog, 1000);
-      }
+    snapshot: (batmons) => {
+      const b = batmons.find((x) => x.batmon_id === id);
+      if (!b) return gone();
+      changed(b);
+      // A later snapshot follows a reconnect: readings may have been missed, redraw.
+      if (++snapshots > 1) load();
     },
-    deleted: (d) => {
-      if (d.batmon_id === id) window.location.assign("/");
-    },
-    resync: () => refresh().then(load),
+    batmon: (b) => b.batmon_id === id && changed(b),
+    deleted: (d) => d.batmon_id === id && gone(),
   });
 
   renderHead(batmon);

@@ -89,9 +89,9 @@ const Batmon = (() => {
   }
 
   /**
-   * One EventSource per page: `batmon` (a batmon's new state), `deleted`, and `resync`
-   * (too much changed at once: reload the list through the API). After a dropped
-   * connection the browser reconnects by itself; `onResync` then catches up once.
+   * One EventSource per page. Events: `snapshot` (every batmon of the user: first on
+   * each connection, so a reconnect catches up, and after a burst too big to itemise),
+   * `batmon` (one batmon's new state) and `deleted`. The browser reconnects by itself.
    */
   function live(handlers) {
     const state = document.getElementById("live-state");
@@ -101,18 +101,13 @@ const Batmon = (() => {
       state.textContent = "Live updates: " + text;
     };
     const source = new EventSource("/events", { withCredentials: true });
-    let opened = false;
-    source.addEventListener("open", () => {
-      show("open", "on");
-      if (opened && handlers.resync) handlers.resync();
-      opened = true;
-    });
+    source.addEventListener("open", () => show("open", "on"));
     source.addEventListener("error", () => {
       show("retrying", source.readyState === EventSource.CLOSED ? "off (reload the page)" : "reconnecting…");
     });
-    source.addEventListener("batmon", (e) => handlers.batmon && handlers.batmon(JSON.parse(e.data)));
-    source.addEventListener("deleted", (e) => handlers.deleted && handlers.deleted(JSON.parse(e.data)));
-    source.addEventListener("resync", () => handlers.resync && handlers.resync());
+    source.addEventListener("snapshot", (e) => handlers.snapshot(JSON.parse(e.data)));
+    source.addEventListener("batmon", (e) => handlers.batmon(JSON.parse(e.data)));
+    source.addEventListener("deleted", (e) => handlers.deleted(JSON.parse(e.data)));
     window.addEventListener("pagehide", () => source.close());
     return source;
   }

@@ -80,22 +80,16 @@
     empty.hidden = tbody.rows.length > 0;
   }
 
-  async function resync() {
-    const batmons = await Batmon.api("/interface/batmon/list", {}, "GET");
-    const seen = new Set();
-    for (const b of batmons) {
-      delete b.batmon_token;
-      b.units = Object.fromEntries(METRICS.map((m) => [m, b[m + "_units"] || { voltage: "V", current: "A", power: "W", soc: "%" }[m]]));
-      b.last_reading = b.batmon_status === "Online" || b.batmon_voltage || b.batmon_soc ? b.last_modified : null;
-      render(b);
-      seen.add(String(b.batmon_id));
-    }
+  /** The whole list as the server has it now: update every row, drop the gone ones. */
+  function snapshot(batmons) {
+    const seen = new Set(batmons.map((b) => String(b.batmon_id)));
     for (const tr of [...tbody.rows]) if (!seen.has(tr.dataset.batmonId)) remove(tr.dataset.batmonId);
+    for (const b of batmons) render(b);
   }
 
   for (const b of Batmon.initialJson("initial-batmons") || []) render(b);
   Batmon.tickAges();
-  Batmon.live({ batmon: render, deleted: (d) => remove(d.batmon_id), resync });
+  Batmon.live({ snapshot, batmon: render, deleted: (d) => remove(d.batmon_id) });
 
   const form = document.getElementById("add-form");
   const status = form.querySelector(".form-status");
