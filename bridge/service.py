@@ -200,11 +200,11 @@ class Service:
 
     async def stop(self) -> None:
         """Stop in reverse order; safe to call on a half-started service."""
-        if self.live is not None:
-            # Open live streams never end by themselves; the HTTP server waits for them.
-            await self.live.stop()
         if self._server is not None and self._server_task is not None:
             self._server.should_exit = True
+            if self.live is not None:
+                # Open live streams never end by themselves; the HTTP server waits for them.
+                await self.live.stop()
             with contextlib.suppress(Exception):
                 await self._server_task
         if self.mqtt is not None:
