@@ -77,13 +77,13 @@ class Service:
         self.store: Store | None = None
         self.core: Core | None = None
         self.admin_api_key: str | None = None
+        self.live: Any = None  # the dashboard's LiveFeed (http_api/live.py)
         self.http_port: int | None = None
         self.mqtt_host: str | None = None
         self.mqtt_port: int | None = None
         self.broker: Any = None
         self.mqtt: Any = None
         self.notifier: Any = None
-        self.live: Any = None  # the dashboard's LiveFeed
         self._extensions: list[Extension] = []
         self._server: uvicorn.Server | None = None
         self._server_task: asyncio.Task[None] | None = None
@@ -119,7 +119,7 @@ class Service:
         except BaseException:
             sock.close()
             raise
-        app = create_app(self.core, session_secret=secret, health=self.health, live=self.live)
+        app = create_app(self.core, session_secret=secret, health=self.health)
         config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
         self._server = uvicorn.Server(config)
         # Signals are ours (the CLI stops the whole service), not uvicorn's.
@@ -129,6 +129,10 @@ class Service:
             if self._server_task.done():
                 raise ServiceError("the HTTP server stopped while starting")
             await asyncio.sleep(0.01)
+        # The dashboard's live feed is an extension too (a first stream may have started it).
+        self.live = app.state.live
+        await self.live.start()
+        self._extensions.append(self.live)
         # Last, so a start that fails does not make an admin whose key nobody saw.
         if not self.core.user_has_data():
             _, self.admin_api_key = self.core.create_user(ADMIN_EMAIL)
@@ -139,7 +143,6 @@ class Service:
         from bridge.mqtt_bridge import MqttBridge
         from bridge.notifier import Notifier
         from bridge.watchdog import OfflineWatchdog
-        from http_api.live import LiveFeed
 
         opts = self.options
         assert self.store is not None
@@ -173,8 +176,7 @@ class Service:
         # before the watchdog, which may announce Offline batmons at once.
         self.notifier = Notifier(core, retry_base_s=opts.notify_retry_s,
                                  give_up_after_s=opts.notify_give_up_s)  # fmt: skip
-        self.live = LiveFeed(core)
-        for extension in (AlarmEvaluator(core), self.notifier, OfflineWatchdog(core), self.live):
+        for extension in (AlarmEvaluator(core), self.notifier, OfflineWatchdog(core)):
             await _start_extension(extension)
             self._extensions.append(extension)
 

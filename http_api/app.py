@@ -128,26 +128,24 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(core: Core, *, session_secret: bytes, health: HealthProbe | None = None,
-               limiter: FailureLimiter | None = None, live: LiveFeed | None = None,
-               ) -> Starlette:  # fmt: skip
-    """The HTTP facade over ``core``; it never touches SQL or MQTT itself.
-
-    ``live`` is the started LiveFeed extension; without one, the app makes its own
-    and starts it on the first live stream.
-    """
+               limiter: FailureLimiter | None = None) -> Starlette:  # fmt: skip
+    """The HTTP facade over ``core``; it never touches SQL or MQTT itself."""
     api = Api(core, Sessions(session_secret), limiter or FailureLimiter(), health)
-    dashboard = Dashboard(core, api.sessions, live or LiveFeed(core))
     routes = [api.route(e) for e in ENDPOINTS]
+    # The dashboard's live feed is app.state.live: `batmon serve` starts and stops it
+    # with its extensions; started on the first stream otherwise.
+    dashboard = Dashboard(core, api.sessions, LiveFeed(core))
+    routes += dashboard.routes()
     routes += [
         Route("/interface/login", api.login, methods=["POST"]),
         Route("/interface/logout", api.logout, methods=["POST"]),
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
-        *dashboard.routes(),
     ]
     app = Starlette(
         routes=routes,
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
     app.state.api = api
+    app.state.live = dashboard.live
     return app

@@ -119,7 +119,9 @@ class LiveFeed:
         return self._loop is not None
 
     async def start(self) -> None:
-        """Listen to every event that changes what a dashboard shows."""
+        """Listen to every event that changes what a dashboard shows (once)."""
+        if self._loop is not None:
+            return
         self._loop = asyncio.get_running_loop()
         changed = self._on_changed
         self._subscription = self.core.bus.subscribe_all({
