@@ -22,7 +22,6 @@ from bridge.ratelimit import FailureLimiter
 from http_api.auth import Sessions, api_key_of, authenticate
 from http_api.dashboard import Dashboard
 from http_api.handlers import Call
-from http_api.live import LiveFeed
 from http_api.openapi import build_openapi
 from http_api.params import request_fields
 from http_api.routes import ENDPOINTS, Endpoint
@@ -134,7 +133,7 @@ def create_app(core: Core, *, session_secret: bytes, health: HealthProbe | None 
     routes = [api.route(e) for e in ENDPOINTS]
     # The dashboard's live feed is app.state.live: `batmon serve` starts and stops it
     # with its extensions; started on the first stream otherwise.
-    dashboard = Dashboard(core, api.sessions, LiveFeed(core))
+    dashboard = Dashboard(core, api.sessions)
     routes += dashboard.routes()
     routes += [
         Route("/interface/login", api.login, methods=["POST"]),

@@ -42,10 +42,10 @@ PAGE_HEADERS = {
 class Dashboard:
     """The pages of one app: who is logged in (the session cookie), and the core."""
 
-    def __init__(self, core: Core, sessions: Sessions, live: LiveFeed) -> None:
+    def __init__(self, core: Core, sessions: Sessions, live: LiveFeed | None = None) -> None:
         self.core = core
         self.sessions = sessions
-        self.live = live
+        self.live = live or LiveFeed(core)
 
     def user(self, request: Request) -> User | None:
         """The user the session cookie names, if any (pages take no api_key)."""
