@@ -14,8 +14,9 @@ import pytest
 
 from bridge.core import Core
 from bridge.events import EventBus, StatusChanged
-from bridge.models import AddBatmon, EditBatmon, Reading
+from bridge.models import AddBatmon, DeviceRef, EditBatmon, Reading
 from bridge.store.db import Store
+from http_api import handlers as h
 from http_api.live import LiveFeed, LiveStream, TooManyStreams
 
 
@@ -55,6 +56,11 @@ async def opened(feed: LiveFeed, user_id: int) -> LiveStream:
     return stream
 
 
+async def delete(core: Core, user: Any, batmon: Any) -> None:
+    """Delete as the API does (the handler knows whether the core's delete is async)."""
+    await h.delete_batmon(h.Call(core, user), DeviceRef(batmon_id=batmon.id))
+
+
 def add(core: Core, user: Any, name: str) -> Any:
     return core.add_batmon(user, AddBatmon(batmon_name=name, batmon_type="BMV"))
 
@@ -92,7 +98,7 @@ def test_a_stream_carries_only_its_owners_batmons(tmp_path: Path) -> None:
         assert (event, [b["batmon_id"] for b in batmons]) == ("snapshot", [mine.id])
         await ingest(core, theirs, voltage=1.0)
         core.edit_batmon(theirs, EditBatmon(batmon_id=theirs.id, batmon_name="Renamed"))
-        core.delete_batmon(theirs)
+        await delete(core, stranger, theirs)
         await ingest(core, mine, voltage=2.0)
         got = await messages(feed, stream)
         assert [(e, d["batmon_id"]) for e, d in got] == [("batmon", mine.id)]
@@ -108,7 +114,7 @@ def test_edits_and_deletes_reach_the_stream(tmp_path: Path) -> None:
         core.edit_batmon(house, EditBatmon(batmon_id=house.id, batmon_name="House bank",
                                            voltage_units="mV"))  # fmt: skip
         await ingest(core, van, voltage=1.0)
-        core.delete_batmon(van)  # after a reading: the stream says deleted, once
+        await delete(core, user, van)  # after a reading: the stream says deleted, once
         got = await messages(feed, stream)
         assert got == [("batmon", got[0][1]), ("deleted", {"batmon_id": van.id})]
         assert got[0][1]["batmon_name"] == "House bank"
@@ -128,7 +134,7 @@ def test_a_stream_opens_with_a_snapshot_and_sends_one_again_past_its_bound(tmp_p
         assert first[0]["batmon_voltage"] == 9.0 and "batmon_token" not in first[0]
         for b in batmons:  # five distinct batmons, more than the stream remembers
             await ingest(core, b, voltage=1.0)
-        core.delete_batmon(batmons[4])
+        await delete(core, user, batmons[4])
         [(event, again)] = await messages(feed, stream)
         assert event == "snapshot" and [b["batmon_id"] for b in again] == [b.id for b in batmons[:4]]
         assert {b["batmon_voltage"] for b in again} == {1.0}
