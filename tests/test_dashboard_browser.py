@@ -361,3 +361,38 @@ def test_api_docs_page_renders_with_nothing_from_outside(site: Site, browser: Br
             assert outside == [], f"the page asked outside hosts for {outside}"
     finally:
         context.close()
+
+
+UNNAMED_CONTROLS = """() => [...document.querySelectorAll(
+    'input:not([type=hidden]), select, textarea, button, a[href]')]
+  .filter(el => el.offsetParent !== null)
+  .filter(el => !((el.labels && el.labels.length) || el.getAttribute('aria-label')
+                  || el.textContent.trim()))
+  .map(el => el.outerHTML.slice(0, 120))"""
+
+FOCUS_RING = """() => { const el = document.activeElement, s = getComputedStyle(el);
+  return el === document.body ? 'body' : (s.outlineStyle !== 'none' && parseFloat(s.outlineWidth) >= 2)
+    ? '' : el.outerHTML.slice(0, 120); }"""
+
+
+def test_every_control_has_a_name_and_a_visible_focus(site: Site, browser: Browser,
+                                                       artifacts: Path) -> None:  # fmt: skip
+    context = browser.new_context(base_url=site.url)
+    page = context.new_page()
+    page.set_default_timeout(10_000)
+    step = Steps(page, artifacts)
+    try:
+        assert context.request.post("/interface/login", data={"api_key": site.key}).ok
+        house_id = site.batmons["House bank"]["batmon_id"]
+        for name, path in (("list", "/"), ("batmon", f"/batmon/{house_id}"), ("account", "/account")):
+            with step(f"the {name} page: labelled controls, a focus ring on every Tab stop"):
+                page.goto(path)
+                page.wait_for_selector('#live-state[data-state="open"], #targets-form')
+                assert page.evaluate(UNNAMED_CONTROLS) == []
+                rings = []
+                for _ in range(25):
+                    page.keyboard.press("Tab")
+                    rings.append(page.evaluate(FOCUS_RING))
+                assert [r for r in rings if r not in ("", "body")] == []
+    finally:
+        context.close()

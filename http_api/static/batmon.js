@@ -111,7 +111,7 @@
 
   /** Ask the history API for about one point per pixel of the chosen range. */
   async function load() {
-    const now = Math.floor(Date.now() / 1000);
+    const now = Math.floor(Batmon.serverTime());
     const min = range.from ?? now - range.seconds;
     const max = range.to ?? now;
     const points = Math.min(1000, Math.max(60, chartWidth()));
@@ -214,6 +214,7 @@
     const tbody = $("#alarms-table tbody");
     tbody.replaceChildren();
     $("#no-alarms").hidden = alarms.length > 0;
+    $("#alarms-table").hidden = alarms.length === 0;
     for (const a of alarms) {
       const tr = document.createElement("tr");
       tr.dataset.alarmId = a.alarm_id;

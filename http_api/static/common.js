@@ -61,8 +61,17 @@ const Batmon = (() => {
     return unit === "%" ? text + "%" : text + " " + unit;
   }
 
+  // Ages are measured on the server's clock: a phone whose clock is off still reads right.
+  const serverNow = Number(document.body.dataset.serverNow);
+  const clockOffset = serverNow ? serverNow - Date.now() / 1000 : 0;
+
+  /** Epoch seconds now, by the server's clock. */
+  function serverTime() {
+    return Date.now() / 1000 + clockOffset;
+  }
+
   /** "12 s ago", "3 min ago", "never": how old the latest reading is. */
-  function age(epoch, now = Date.now() / 1000) {
+  function age(epoch, now = serverTime()) {
     if (epoch === null || epoch === undefined || epoch === "") return "never";
     const s = Math.max(0, Math.round(now - Number(epoch)));
     if (s < 60) return `${s} s ago`;
@@ -138,5 +147,5 @@ const Batmon = (() => {
   }
 
   setupLogout();
-  return { api, ApiError, say, formatNumber, withUnit, age, timeText, tickAges, live, initialJson, formFields };
+  return { api, ApiError, say, serverTime, formatNumber, withUnit, age, timeText, tickAges, live, initialJson, formFields };
 })();
