@@ -183,13 +183,19 @@ def test_a_test_notice_is_delivered_through_the_outbox(served: ServeProcess) -> 
 
 
 # -- the live stream over a real socket --------------------------------------------------------
+class StreamRefused(Exception):
+    """/events answered with an error status."""
+
+
 class Stream:
     """An open /events response, read event by event."""
 
     def __init__(self, http: httpx.Client) -> None:
         self._cm = http.stream("GET", "/events")
         self.response = self._cm.__enter__()
-        assert self.response.status_code == 200
+        if self.response.status_code != 200:
+            self.close()
+            raise StreamRefused(self.response.status_code)
         assert self.response.headers["content-type"].startswith("text/event-stream")
         self._lines = self.response.iter_lines()
         assert next(self._lines) == "retry: 3000"  # the stream is registered from here on
@@ -247,4 +253,23 @@ def test_serve_stops_on_sigterm_while_a_live_stream_is_open(served: ServeProcess
         assert served.stop(signal.SIGTERM) == 0
     finally:
         stream.close()
+        http.close()
+
+
+def test_a_closed_stream_frees_its_place(served: ServeProcess) -> None:
+    http = session(served.http_url, served.admin_key or "")
+    try:
+        # A user may keep 16 streams open; 40 opened and closed one after another
+        # would be refused from the 17th on if closed ones were not released.
+        for _ in range(40):
+            def opened() -> Stream | None:
+                try:
+                    return Stream(http)
+                except StreamRefused as refused:
+                    assert refused.args == (429,)
+                    return None  # the server has not noticed a close yet
+
+            stream = wait_until(opened, 5, "a stream after closing the previous ones")
+            stream.close()
+    finally:
         http.close()
