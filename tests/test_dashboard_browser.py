@@ -212,6 +212,7 @@ def test_dashboard_walk_through(site: Site, browser: Browser, artifacts: Path) -
             page.evaluate("window.__notReloaded = true")
             requests: list[str] = []
             page.on("request", lambda r: requests.append(r.url))
+            sent = time.monotonic()
             site.publish("Van starter", {"voltage": 13.37, "current": 1.5, "power": 20.1, "soc": 77})
             van = row(page, site, "Van starter")
             page.wait_for_function(
@@ -219,6 +220,7 @@ def test_dashboard_walk_through(site: Site, browser: Browser, artifacts: Path) -
                           .textContent === "13.37 V" """,
                 arg=site.batmons["Van starter"]["batmon_id"], timeout=2000,
             )
+            print(f"MQTT publish to the value on screen: {(time.monotonic() - sent) * 1000:.0f} ms")
             assert van.locator(".status").inner_text() == "Online"
             assert van.locator('[data-metric="soc"]').inner_text() == "77%"
             assert page.evaluate("window.__notReloaded === true"), "the page was reloaded"

@@ -93,20 +93,19 @@
   }
 
   function draw() {
-    let total = 0;
     for (const m of METRICS) {
       const data = [shown.x, ...shown.series[m]];
       if (plots[m]) plots[m].destroy();
       plots[m] = makePlot(m, data);
       const figure = chartsEl.querySelector(`.chart[data-metric="${m}"]`);
-      figure.dataset.points = String(shown.x.length);
+      // What uPlot holds, not what we meant to give it: the browser test compares this with the API.
+      figure.dataset.points = String(plots[m].data[0].length);
       const values = shown.series[m][0].filter((v) => v !== null);
       figure.querySelector(".chart-summary").textContent = values.length
         ? `${values.length} points, from ${Batmon.withUnit(Math.min(...values), batmon.units[m])} to ${Batmon.withUnit(Math.max(...values), batmon.units[m])}.`
         : "No readings in this range.";
-      total = shown.x.length;
     }
-    chartsEl.dataset.points = String(total);
+    chartsEl.dataset.points = String(shown.x.length);
   }
 
   /** Ask the history API for about one point per pixel of the chosen range. */
@@ -145,7 +144,7 @@
     for (const m of METRICS) for (const s of shown.series[m]) s.push(b["batmon_" + m]);
     for (const m of METRICS) {
       plots[m].setData([shown.x, ...shown.series[m]]);
-      chartsEl.querySelector(`.chart[data-metric="${m}"]`).dataset.points = String(shown.x.length);
+      chartsEl.querySelector(`.chart[data-metric="${m}"]`).dataset.points = String(plots[m].data[0].length);
     }
     chartsEl.dataset.points = String(shown.x.length);
   }
