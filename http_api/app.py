@@ -20,9 +20,9 @@ from bridge.errors import BatmonError, NotAuthenticated, WrongToken
 from bridge.models import Login, describe_error
 from bridge.ratelimit import FailureLimiter
 from http_api.auth import Sessions, api_key_of, authenticate
-from http_api.dashboard import Dashboard
 from http_api.handlers import Call
 from http_api.openapi import build_openapi
+from http_api.pages import install_dashboard
 from http_api.params import request_fields
 from http_api.routes import ENDPOINTS, Endpoint
 
@@ -131,10 +131,6 @@ def create_app(core: Core, *, session_secret: bytes, health: HealthProbe | None 
     """The HTTP facade over ``core``; it never touches SQL or MQTT itself."""
     api = Api(core, Sessions(session_secret), limiter or FailureLimiter(), health)
     routes = [api.route(e) for e in ENDPOINTS]
-    # The dashboard's live feed is app.state.live: `batmon serve` starts and stops it
-    # with its extensions; started on the first stream otherwise.
-    dashboard = Dashboard(core, api.sessions)
-    routes += dashboard.routes()
     routes += [
         Route("/interface/login", api.login, methods=["POST"]),
         Route("/interface/logout", api.logout, methods=["POST"]),
@@ -146,5 +142,5 @@ def create_app(core: Core, *, session_secret: bytes, health: HealthProbe | None 
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
     app.state.api = api
-    app.state.live = dashboard.live
+    install_dashboard(app, core, api.sessions)
     return app

@@ -5,24 +5,16 @@ session cookie set on any response to an api_key request.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from starlette.requests import Request
 from starlette.responses import Response
 
 from bridge.core import Core, User
-from bridge.errors import BatmonError, NotAuthenticated
+from bridge.errors import NotAuthenticated
 
 COOKIE_NAME = "batmon_session"
 COOKIE_MAX_AGE_S = 30 * 24 * 3600
-SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
-
-
-class CrossSiteRefused(BatmonError):
-    """A change sent from another site's page with our session cookie (403)."""
-
-    status = 403
 
 
 class Sessions:
@@ -85,26 +77,4 @@ def authenticate(core: Core, sessions: Sessions, request: Request, fields: dict[
             raise NotAuthenticated("api_key is not valid.")
         return user, True
     uid = sessions.user_id(request)
-    user = core.user_by_id(uid) if uid is not None else None
-    if user is not None and request.method not in SAFE_METHODS and cross_site(request):
-        raise CrossSiteRefused(
-            "This change came from another site's page; the session cookie is accepted"
-            " from this server's own pages only (send api_key instead)."
-        )
-    return user, False
-
-
-def cross_site(request: Request) -> bool:
-    """True when a browser says the request comes from another origin's page.
-
-    SameSite=Lax keeps the cookie off other sites' POSTs, but another port on the
-    same host is the same "site"; Fetch Metadata and Origin tell origins apart.
-    Clients that send neither (curl, devices) are not browsers being tricked.
-    """
-    fetch_site = request.headers.get("sec-fetch-site")
-    if fetch_site is not None:
-        return fetch_site not in ("same-origin", "none")
-    origin = request.headers.get("origin")
-    if origin is None:
-        return False
-    return urlsplit(origin).netloc.lower() != request.headers.get("host", "").lower()
+    return (core.user_by_id(uid) if uid is not None else None), False

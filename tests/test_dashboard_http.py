@@ -138,13 +138,21 @@ def test_a_cookie_authenticated_change_from_our_own_pages_is_allowed(
     assert r.status_code == 200, r.text
 
 
-def test_an_api_key_works_from_any_origin_and_reads_are_not_guarded(api: Api) -> None:
+def test_without_the_cookie_any_origin_may_post_and_reads_are_not_guarded(api: Api) -> None:
     cross = {"Sec-Fetch-Site": "cross-site", **api.auth}
+    api.client.cookies.clear()
     r = api.client.post("/interface/add/batmon", headers=cross, json={"batmon_name": "keyed"})
     assert r.status_code == 200
     logged_in(api)
     r = api.client.get("/interface/batmon/list", headers={"Sec-Fetch-Site": "cross-site"})
     assert r.status_code == 200
+
+
+def test_the_guard_covers_every_change_even_the_logout(api: Api) -> None:
+    logged_in(api)
+    r = api.client.post("/interface/logout", headers={"Origin": "http://localhost:3000"})
+    assert r.status_code == 403
+    assert api.client.get("/interface/batmon/count").status_code == 200
 
 
 # -- the test notice -------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
@@ -21,6 +22,7 @@ from bridge.errors import BatmonError
 from bridge.models import DeviceRef, NoFields, NotificationTargets
 from http_api import handlers as h
 from http_api.auth import Sessions
+from http_api.cross_site import CrossSiteGuard
 from http_api.live import METRICS, LiveFeed, batmon_snapshot
 
 HERE = Path(__file__).resolve().parent
@@ -131,3 +133,16 @@ class Dashboard:
             Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
         ]
 
+
+def install_dashboard(app: Starlette, core: Core, sessions: Sessions) -> Dashboard:
+    """Add the pages, the live stream and the static files to ``app``, and refuse
+    changes that other origins' pages make with the session cookie.
+
+    The live feed is ``app.state.live``: `batmon serve` starts and stops it with its
+    extensions; elsewhere the first stream starts it.
+    """
+    dashboard = Dashboard(core, sessions)
+    app.router.routes.extend(dashboard.routes())
+    app.add_middleware(CrossSiteGuard)
+    app.state.live = dashboard.live
+    return dashboard
