@@ -292,9 +292,13 @@ def test_dashboard_walk_through(site: Site, browser: Browser, artifacts: Path) -
         with step("set a notification target"):
             page.get_by_role("link", name="Account").click()
             page.wait_for_url("**/account")
-            page.get_by_label("Email").fill(sink.url("dashboard"))
+            page.get_by_label("Email").fill(sink.url("dashboard", auth="boat:s3cret-pass@"))
             page.get_by_role("button", name="Save targets").click()
             page.locator("#email_url-current", has_text=f"127.0.0.1:{sink.port}").wait_for()
+            assert "s3cret-pass" not in page.content(), "the target's password is shown"
+            page.reload()
+            assert "s3cret-pass" not in page.content(), "the target's password is in the page"
+            assert "boat:" in page.locator("#email_url-current").inner_text()
             targets = site.http.get("/interface/user/notifications").json()["success"]
             assert f"127.0.0.1:{sink.port}" in targets["email_url"]
 
