@@ -8,6 +8,7 @@ window.addEventListener("DOMContentLoaded", () => {
     domNode: root,
     deepLinking: true,
     withCredentials: true,
+    validatorUrl: null, // never ask swagger.io to validate (and no internet is needed)
     presets: [SwaggerUIBundle.presets.apis],
     layout: "BaseLayout",
   });
