@@ -186,6 +186,11 @@ def test_a_test_notice_is_delivered_through_the_outbox(served: ServeProcess) -> 
             assert r.json() == {"success": {"channels": ["email"]}}
             [post] = wait_until(lambda: sink.posts("test"), 10, "the test notice at the sink")
             assert post["title"] == "Test notice from your batmon bridge"
+            # It concerns no batmon, so no batmon's notification log shows it.
+            added = http.post("/interface/add/batmon", json={"batmon_name": "Boat"}).json()
+            log = http.get("/interface/batmon/notifications",
+                           params={"batmon_id": added["success"]["batmon_id"]}).json()
+            assert log == {"success": []}
     finally:
         sink.close()
 
