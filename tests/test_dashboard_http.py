@@ -182,15 +182,14 @@ def test_a_test_notice_is_delivered_through_the_outbox(served: ServeProcess) -> 
         with httpx.Client(base_url=served.http_url, headers={"X-API-Key": served.admin_key or ""},
                           timeout=10) as http:  # fmt: skip
             http.post("/interface/user/notifications", json={"email_url": sink.url("test")})
+            boat = http.post("/interface/add/batmon", json={"batmon_name": "Boat"}).json()["success"]
             r = http.post("/interface/user/notifications/test")
             assert r.json() == {"success": {"channels": ["email"]}}
             [post] = wait_until(lambda: sink.posts("test"), 10, "the test notice at the sink")
             assert post["title"] == "Test notice from your batmon bridge"
             # It concerns no batmon, so no batmon's notification log shows it.
-            added = http.post("/interface/add/batmon", json={"batmon_name": "Boat"}).json()
-            log = http.get("/interface/batmon/notifications",
-                           params={"batmon_id": added["success"]["batmon_id"]}).json()
-            assert log == {"success": []}
+            log = http.get("/interface/batmon/notifications", params={"batmon_id": boat["batmon_id"]})
+            assert log.json() == {"success": []}
     finally:
         sink.close()
 
