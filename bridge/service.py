@@ -85,6 +85,7 @@ class Service:
         self.store: Store | None = None
         self.core: Core | None = None
         self.admin_api_key: str | None = None
+        self.live: Any = None  # the dashboard's LiveFeed (http_api/live.py)
         self.http_port: int | None = None
         self.mqtt_host: str | None = None
         self.mqtt_port: int | None = None
@@ -145,6 +146,10 @@ class Service:
             if self._server_task.done():
                 raise ServiceError("the HTTP server stopped while starting")
             await asyncio.sleep(0.01)
+        # The dashboard's live feed is an extension too (a first stream may have started it).
+        self.live = app.state.live
+        await self.live.start()
+        self._extensions.append(self.live)
         # Last, so a start that fails does not make an admin whose key nobody saw.
         if not self.core.user_has_data():
             _, self.admin_api_key = self.core.create_user(ADMIN_EMAIL)
@@ -261,6 +266,9 @@ class Service:
         """
         if self._server is not None and self._server_task is not None:
             self._server.should_exit = True
+            if self.live is not None:
+                # Open live streams never end by themselves; the HTTP server waits for them.
+                await self.live.stop()
             with contextlib.suppress(Exception):
                 await self._server_task
         if self.broker is not None:

@@ -21,7 +21,7 @@ from bridge.models import (
     NotificationTargets,
     UpdateRequest,
 )
-from bridge.notifier import notices_view, set_targets, targets_view
+from bridge.notifier import notices_view, request_test_notice, set_targets, targets_view
 
 
 @dataclass
@@ -138,6 +138,10 @@ async def show_user_notifications(call: Call, data: NotificationTargets) -> dict
     if data.changes():
         raise InvalidInput("Notification targets are changed with POST, not GET.")
     return targets_view(call.core, call.owner().id)
+
+
+async def send_test_notice(call: Call, data: NoFields) -> dict[str, list[str]]:
+    return request_test_notice(call.core, call.owner().id)
 
 
 async def batmon_notifications(call: Call, data: DeviceRef) -> list[dict[str, Any]]:
