@@ -180,7 +180,8 @@ async def _json_body(reader: HistoryReader, batmons: list[Batmon], plan: History
             if found is not None:
                 first, last, with_rollups = found
                 head.update(min_time=int(first) // bucket * bucket, max_time=int(last) // bucket * bucket)
-                pages = reader.bucket_pages(batmon.id, first, last, bucket, with_rollups, bucket_json)
+                pages = reader.bucket_pages(batmon.id, plan.lo, first, last, bucket, with_rollups,
+                                            bucket_json)  # fmt: skip
             head["bucket"] = bucket
         head["data"] = []
         # The head without its closing "]}", so the data rows follow inside "data".
@@ -208,7 +209,7 @@ async def _csv_body(reader: HistoryReader, batmons: list[Batmon], plan: HistoryP
             if found is None:
                 continue
             first, last, with_rollups = found
-            pages = reader.bucket_pages(batmon.id, first, last, plan.bucket, with_rollups,
+            pages = reader.bucket_pages(batmon.id, plan.lo, first, last, plan.bucket, with_rollups,
                                         bucket_csv(batmon.id))  # fmt: skip
         async for chunk in pages:
             yield chunk

@@ -29,6 +29,12 @@ RAW_COLUMNS = ("ts", *METRICS, "details")
 BUCKET_COLUMNS = ("time", "count", *(f"{m}_{a}" for m in METRICS for a in ("min", "avg", "max")))
 ROLLUP_SECONDS = 3600  # rollups are hourly; only buckets this large or larger use them
 
+
+def rollup_floor(lo: float) -> float:
+    """The lowest rollup hour that overlaps a range starting at ``lo``: a pruned hour
+    counts whole in any range it overlaps."""
+    return lo - (ROLLUP_SECONDS - 1)
+
 _RAW_FIRST = (
     "SELECT ts, voltage, current, power, soc, details, seq FROM readings"
     " WHERE batmon_id = ? AND ts >= ? AND ts <= ? ORDER BY ts, seq LIMIT ?"
@@ -57,7 +63,7 @@ _BUCKETS_WITH_ROLLUPS = (
     " FROM readings WHERE batmon_id = :batmon AND ts >= :lo AND ts < :hi GROUP BY t"
     " UNION ALL"
     " SELECT hour / :bucket * :bucket, count, " + _ROLLUP_PARTS +
-    " FROM rollups WHERE batmon_id = :batmon AND hour >= :lo AND hour < :hi"
+    " FROM rollups WHERE batmon_id = :batmon AND hour >= :rollup_lo AND hour < :hi"
     ") GROUP BY t ORDER BY t"
 )  # fmt: skip
 
@@ -157,9 +163,11 @@ class HistoryReader:
         """
         return await self.run(_bucket_plan, batmon_id, lo, hi, bucket)
 
-    async def bucket_pages(self, batmon_id: int, first: float, last: float, bucket: int,
-                           with_rollups: bool, render: Render) -> AsyncIterator[bytes]:  # fmt: skip
-        """Rendered pages of buckets over first <= ts <= last; empty buckets never appear."""
+    async def bucket_pages(self, batmon_id: int, lo: float, first: float, last: float,
+                           bucket: int, with_rollups: bool, render: Render,
+                           ) -> AsyncIterator[bytes]:  # fmt: skip
+        """Rendered pages of buckets over readings lo <= ts <= last (and rollup hours
+        overlapping that), from the first value found at ``first``; empty buckets never appear."""
         span = max(1, min(1000, self.page_seconds // bucket)) * bucket
         end = math.nextafter(last, math.inf)  # the range is inclusive of last
         sql = _BUCKETS_WITH_ROLLUPS if with_rollups else _BUCKETS
@@ -167,14 +175,15 @@ class HistoryReader:
         def page(conn: sqlite3.Connection, start: float | None
                  ) -> tuple[bytes, float | None]:  # fmt: skip
             # Start each page at the bucket of the next stored value: gaps cost one seek.
-            start = _next_value(conn, batmon_id, first if start is None else start, end,
-                                with_rollups)  # fmt: skip
+            cursor = first if start is None else start
+            start = _next_value(conn, batmon_id, max(cursor, lo),
+                                max(cursor, rollup_floor(lo)) if with_rollups else None, end)  # fmt: skip
             if start is None:
                 return b"", None
             page_start = int(start) // bucket * bucket
             page_end = min(page_start + span, end)
-            params = {"bucket": bucket, "batmon": batmon_id, "lo": max(first, page_start),
-                      "hi": page_end}  # fmt: skip
+            params = {"bucket": bucket, "batmon": batmon_id, "lo": max(lo, page_start),
+                      "rollup_lo": max(rollup_floor(lo), page_start), "hi": page_end}  # fmt: skip
             rows = conn.execute(sql, params).fetchall()
             return (render(rows) if rows else b""), (page_end if page_end < end else None)
 
@@ -218,6 +227,7 @@ def _raw_count(conn: sqlite3.Connection, batmon_id: int, lo: float, hi: float) -
 
 def _rollup_span(conn: sqlite3.Connection, batmon_id: int, lo: float, hi: float
                  ) -> tuple[int, int] | None:  # fmt: skip
+    lo = rollup_floor(lo)
     first = conn.execute("SELECT min(hour) FROM rollups WHERE batmon_id = ? AND hour >= ? AND hour < ?",
                          (batmon_id, lo, hi)).fetchone()[0]  # fmt: skip
     if first is None:
@@ -237,15 +247,15 @@ def _bucket_plan(conn: sqlite3.Connection, batmon_id: int, lo: float, hi: float,
     return min(s[0] for s in spans), max(s[1] for s in spans), rolled is not None
 
 
-def _next_value(conn: sqlite3.Connection, batmon_id: int, lo: float, hi: float,
-                with_rollups: bool) -> float | None:  # fmt: skip
-    """The smallest ts (or rollup hour) in lo <= x < hi, else None."""
+def _next_value(conn: sqlite3.Connection, batmon_id: int, lo: float, rollup_lo: float | None,
+                hi: float) -> float | None:  # fmt: skip
+    """The smallest ts in lo <= ts < hi (or rollup hour in rollup_lo <= hour < hi), else None."""
     found = [conn.execute("SELECT min(ts) FROM readings WHERE batmon_id = ? AND ts >= ? AND ts < ?",
                           (batmon_id, lo, hi)).fetchone()[0]]  # fmt: skip
-    if with_rollups:
+    if rollup_lo is not None:
         found.append(conn.execute(
             "SELECT min(hour) FROM rollups WHERE batmon_id = ? AND hour >= ? AND hour < ?",
-            (batmon_id, lo, hi),
+            (batmon_id, rollup_lo, hi),
         ).fetchone()[0])  # fmt: skip
     values = [v for v in found if v is not None]
     return min(values) if values else None
