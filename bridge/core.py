@@ -21,7 +21,7 @@ from bridge.history import stream as stream_history
 from bridge.models import AddAlarm, AddBatmon, EditAlarm, EditBatmon, HistoryQuery, Reading
 from bridge.security import hash_api_key, new_api_key, new_device_token, same_secret
 from bridge.store.db import Store
-from bridge.store.history import HistoryReader, database_file
+from bridge.store.history import HistoryReader
 from bridge.store.readings import SqliteReadingSink
 from bridge.writer import Door, Plan, ReadingWriter
 
@@ -183,8 +183,9 @@ class Core:
         self.writer = ReadingWriter(lambda: SqliteReadingSink(store.path), self._apply_committed)
 
     def close(self) -> None:
-        """Stop the writer (after what it holds) and close the store."""
+        """Stop the writer (after what it holds) and the history workers; close the store."""
         self.writer.stop()
+        self.close_history()
         self.store.close()
 
     def load(self) -> Core:
@@ -415,7 +416,7 @@ class Core:
     def history_reader(self) -> HistoryReader:
         """Read-only connections in a thread pool, made on first use."""
         if self._history_reader is None:
-            self._history_reader = HistoryReader(database_file(self.store.db.conn))
+            self._history_reader = HistoryReader(self.store.path)
         return self._history_reader
 
     def close_history(self) -> None:
