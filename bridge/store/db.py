@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,17 @@ class Store:
             self.db.execute("DELETE FROM batmons WHERE id = ?", (batmon_id,))
 
     # -- readings ----------------------------------------------------------------
+    def history(self, batmon_id: int, min_ts: float, max_ts: float) -> Iterator[dict[str, Any]]:
+        """Readings of one batmon with min_ts <= ts < max_ts, in time then arrival order.
+
+        For tools and tests on this connection; the API streams through store/history.py.
+        """
+        return self.db.query(
+            "SELECT ts, voltage, current, power, soc, details FROM readings"
+            " WHERE batmon_id = ? AND ts >= ? AND ts < ? ORDER BY ts, seq",
+            [batmon_id, min_ts, max_ts],
+        )
+
 
     def reading_count(self, batmon_id: int) -> int:
         """How many history rows a batmon has."""
