@@ -153,7 +153,6 @@ class Store:
             [batmon_id, min_ts, max_ts],
         )
 
-
     def reading_count(self, batmon_id: int) -> int:
         """How many history rows a batmon has."""
         return int(self.db.execute(
