@@ -24,7 +24,8 @@ from bridge.models import describe_error
 ENV_PREFIX = "BATMON_"
 SERVE_OPTIONS = ("data_dir", "host", "http_port", "mqtt_port", "mqtt_url", "broker_config",
                  "base_topic", "discovery_prefix", "discovery", "notify_retry_s",
-                 "notify_give_up_s", "metrics", "metrics_token", "metrics_per_batmon")  # fmt: skip
+                 "notify_give_up_s", "metrics", "metrics_token", "metrics_per_batmon",
+                 "retention_days")  # fmt: skip
 
 
 class Parser(argparse.ArgumentParser):
@@ -56,6 +57,8 @@ def build_parser() -> Parser:
     serve.add_argument("--metrics-token", help="bearer token for --metrics token (or BATMON_METRICS_TOKEN)")
     serve.add_argument("--metrics-per-batmon", action="store_const", const=True,
                        help="also export each batmon's values (one series set per batmon)")
+    serve.add_argument("--retention-days",
+                       help="prune raw readings older than this; hourly rollups stay (keep all)")
 
     user = commands.add_parser("user", help="manage users")
     user_commands = user.add_subparsers(dest="user_command", required=True, parser_class=Parser)

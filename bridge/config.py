@@ -43,6 +43,8 @@ class ServeOptions(BaseModel):
     metrics: Literal["off", "local", "token"] = "local"
     metrics_token: SecretStr | None = None
     metrics_per_batmon: bool = False
+    # None keeps every reading; N prunes raw readings older than N days (hourly rollups stay).
+    retention_days: Annotated[int, Field(ge=1, le=36_500)] | None = None
 
     @field_validator("base_topic", "discovery_prefix")
     @classmethod

@@ -12,14 +12,16 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Literal
 
-from bridge.errors import Conflict, InvalidInput, NotFound, WrongToken
+from bridge.errors import Conflict, NotFound, WrongToken
 from bridge.events import BatmonChanged, BatmonDeleted, EventBus, ReadingAccepted, StatusChanged
-from bridge.models import AddAlarm, AddBatmon, EditAlarm, EditBatmon, Reading
+from bridge.history import HistoryPlan, Streamed, check_size, utc_text
+from bridge.history import stream as stream_history
+from bridge.models import AddAlarm, AddBatmon, EditAlarm, EditBatmon, HistoryQuery, Reading
 from bridge.security import hash_api_key, new_api_key, new_device_token, same_secret
 from bridge.store.db import Store
+from bridge.store.history import HistoryReader
 from bridge.store.readings import SqliteReadingSink
 from bridge.writer import Door, Plan, ReadingWriter
 
@@ -162,12 +164,14 @@ class Core:
     """Owns every rule about users, batmons, readings and alarms; emits events."""
 
     def __init__(self, store: Store, bus: EventBus, clock: Callable[[], float] = time.time,
-                 max_history_rows: int = 100_000) -> None:  # fmt: skip
+                 max_history_rows: int | None = None) -> None:  # fmt: skip
         self.store = store
         self.bus = bus
         self.clock = clock
-        # One history answer is built in memory: past this, the caller narrows the range.
+        # History answers stream with flat memory, so by default there is no cap; one
+        # may be set (a raw answer over it is a 400 asking to narrow the range).
         self.max_history_rows = max_history_rows
+        self._history_reader: HistoryReader | None = None
         self.batmons: dict[int, Batmon] = {}
         self.alarms: dict[int, Alarm] = {}
         self._users_by_key: dict[str, User] = {}
@@ -179,8 +183,9 @@ class Core:
         self.writer = ReadingWriter(lambda: SqliteReadingSink(store.path), self._apply_committed)
 
     def close(self) -> None:
-        """Stop the writer (after what it holds) and close the store."""
+        """Stop the writer (after what it holds) and the history workers; close the store."""
         self.writer.stop()
+        self.close_history()
         self.store.close()
 
     def load(self) -> Core:
@@ -407,36 +412,46 @@ class Core:
         self.bus.emit(StatusChanged(batmon, "Offline", "Online", now))
         return True
 
+    @property
+    def history_reader(self) -> HistoryReader:
+        """Read-only connections in a thread pool, made on first use."""
+        if self._history_reader is None:
+            self._history_reader = HistoryReader(self.store.path)
+        return self._history_reader
+
+    def close_history(self) -> None:
+        """Stop the history workers and close their connections."""
+        if self._history_reader is not None:
+            self._history_reader.close()
+            self._history_reader = None
+
+    async def stream_history(self, batmons: Iterable[Batmon], query: HistoryQuery) -> Streamed:
+        """History per batmon as a stream (JSON envelope or CSV), raw or in buckets.
+
+        Both ends are inclusive at whole-second precision; every read runs off the loop.
+        """
+        plan = HistoryPlan.of(query, self.clock())
+        batmons = list(batmons)
+        await check_size(self.history_reader, batmons, plan, self.max_history_rows)
+        return stream_history(self.history_reader, batmons, plan)
+
     def history(self, batmons: Iterable[Batmon], min_ts: float, max_ts: float | None
                 ) -> list[dict[str, Any]]:  # fmt: skip
-        """History per batmon; both ends inclusive at whole-second precision."""
+        """Raw history as a list, read on the calling thread: for tools and tests only."""
         upper = int(max_ts if max_ts is not None else self.clock()) + 1
-        batmons = list(batmons)
-        total = sum(self.store.history_count(b.id, min_ts, upper) for b in batmons)
-        if total > self.max_history_rows:
-            raise InvalidInput(
-                f"The range holds {total} readings, more than the {self.max_history_rows} one"
-                " answer can carry; narrow min_epoch_tm_sec/max_epoch_tm_sec or give a batmon_id."
-            )
         result = []
         for batmon in batmons:
-            rows = list(self.store.history(batmon.id, min_ts, upper))
+            rows = self.history_reader.raw_rows(batmon.id, min_ts, upper)
             result.append({
                 "batmon_id": batmon.id,
                 "batmon_name": batmon.name,
                 "batmon_type": batmon.type,
-                "min_time": int(rows[0]["ts"]) if rows else None,
-                "max_time": int(rows[-1]["ts"]) if rows else None,
+                "min_time": int(rows[0][0]) if rows else None,
+                "max_time": int(rows[-1][0]) if rows else None,
                 "data": [
-                    {
-                        "batmon_voltage": row["voltage"],
-                        "batmon_current": row["current"],
-                        "batmon_power": row["power"],
-                        "batmon_soc": row["soc"],
-                        "batmon_details": row["details"],
-                        "update_time": _utc_text(row["ts"]),
-                    }
-                    for row in rows
+                    {"batmon_voltage": v, "batmon_current": c, "batmon_power": p,
+                     "batmon_soc": s, "batmon_details": d, "update_time": utc_text(ts)}
+                    for ts, v, c, p, s, d in rows
                 ],
             })  # fmt: skip
         return result
@@ -504,7 +519,3 @@ class Core:
 
 def _epoch(ts: float | None) -> int | None:
     return None if ts is None else int(ts)
-
-
-def _utc_text(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S")

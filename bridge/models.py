@@ -207,18 +207,34 @@ class EditBatmon(InputModel):
         }
 
 
+MAX_POINTS = 10_000
+
+
 class HistoryQuery(InputModel):
-    """GET /interface/batmon/history; the range is inclusive at both ends."""
+    """GET /interface/batmon/history; the range is inclusive at both ends.
+
+    Without bucket/points the rows are the raw readings; with either, one row per
+    non-empty bucket with count and min/avg/max of each metric.
+    """
 
     min_epoch_tm_sec: EpochSeconds
     max_epoch_tm_sec: EpochSeconds | None = None
     batmon_id: BatmonId | None = None
     batmon_token: Token | None = None
+    bucket: Annotated[int, Field(ge=1, le=MAX_SAFE_ID), NotBool] | None = Field(None, description=(
+        "seconds per bucket: one row per non-empty bucket, aligned at floor(ts/bucket)*bucket,"
+        " with count and min/avg/max of each metric"))  # fmt: skip
+    points: Annotated[int, Field(ge=1, le=MAX_POINTS), NotBool] | None = Field(None, description=(
+        "about how many buckets: picks bucket = ceil((max - min + 1) / points) seconds"))
+    format: Literal["json", "csv"] = Field("json", description=(
+        "csv streams the same rows as CSV with a header line (also chosen by Accept: text/csv)"))
 
     @model_validator(mode="after")
     def _ordered(self) -> HistoryQuery:
         if self.max_epoch_tm_sec is not None and self.max_epoch_tm_sec < self.min_epoch_tm_sec:
             raise ValueError("max_epoch_tm_sec must not be before min_epoch_tm_sec")
+        if self.bucket is not None and self.points is not None:
+            raise ValueError("bucket and points cannot both be given; choose one")
         return self
 
 

@@ -216,6 +216,12 @@ class Service:
         for extension in (AlarmEvaluator(core), self.notifier, OfflineWatchdog(core)):
             await _start_extension(extension)
             self._extensions.append(extension)
+        if opts.retention_days is not None:
+            from bridge.retention import RetentionPruner
+
+            pruner = RetentionPruner(opts.database_path, opts.retention_days)
+            await pruner.start()
+            self._extensions.append(pruner)
 
         self.mqtt = MqttBridge(
             core, self.topics, host=host, port=port, username=username, password=password,
@@ -291,6 +297,7 @@ class Service:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.core.writer.drain(), DRAIN_TIMEOUT_S)
             self.core.writer.stop()
+            self.core.close_history()
         if self.store is not None:
             self.store.close()
             self.store = None

@@ -12,11 +12,12 @@ from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from bridge.core import Core, User
 from bridge.errors import BatmonError, NotAuthenticated, Unavailable, WrongToken
+from bridge.history import Streamed
 from bridge.models import Login, describe_error
 from bridge.ratelimit import FailureLimiter
 from http_api.auth import Sessions, api_key_of, authenticate
@@ -60,7 +61,9 @@ class Api:
             user, by_key = authenticate(self.core, self.sessions, request, fields)
             key_user = user if by_key else None
             result = await work(fields, user)
-            response: Response = JSONResponse({"success": result})
+            response: Response = (
+                _streaming(result) if isinstance(result, Streamed) else JSONResponse({"success": result})
+            )
         except ValidationError as exc:
             response = error_response(400, describe_error(exc))
         except BatmonError as exc:
@@ -83,14 +86,18 @@ class Api:
 
     def route(self, endpoint: Endpoint) -> Route:
         """A Starlette route for one entry of the route table."""
-
-        async def work(fields: dict[str, Any], user: User | None) -> Any:
-            call = Call(self.core, user)
-            if not endpoint.device_access:
-                call.owner()  # 401 before any validation detail reaches a stranger
-            return await endpoint.handler(call, endpoint.model.model_validate(fields))
+        # An endpoint with a `format` field (history) also honours Accept: text/csv.
+        negotiates = "format" in endpoint.model.model_fields
 
         async def handle(request: Request) -> Response:
+            async def work(fields: dict[str, Any], user: User | None) -> Any:
+                call = Call(self.core, user)
+                if not endpoint.device_access:
+                    call.owner()  # 401 before any validation detail reaches a stranger
+                if negotiates and "format" not in fields:
+                    fields["format"] = format_from_accept(request.headers.get("accept", ""))
+                return await endpoint.handler(call, endpoint.model.model_validate(fields))
+
             return await self.run(request, work)
 
         return Route(endpoint.path, handle, methods=list(endpoint.methods),
@@ -143,6 +150,22 @@ class Api:
             return response
         body, content_type = self.metrics.render(request.headers.get("accept", ""))
         return Response(body, media_type=content_type)
+
+
+def format_from_accept(accept: str) -> str:
+    """"csv" when Accept names text/csv before application/json, else "json"."""
+    types = [part.split(";")[0].strip().lower() for part in accept.split(",")]
+    for media_type in types:
+        if media_type in ("text/csv", "application/json"):
+            return "csv" if media_type == "text/csv" else "json"
+    return "json"
+
+
+def _streaming(result: Streamed) -> Response:
+    headers = {}
+    if result.filename:
+        headers["Content-Disposition"] = f'attachment; filename="{result.filename}"'
+    return StreamingResponse(result.chunks, media_type=result.media_type, headers=headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

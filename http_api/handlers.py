@@ -9,6 +9,7 @@ from typing import Any
 
 from bridge.core import Batmon, Core, User
 from bridge.errors import InvalidInput, NotAuthenticated
+from bridge.history import Streamed
 from bridge.models import (
     AddAlarm,
     AddBatmon,
@@ -75,12 +76,12 @@ async def update_batmon(call: Call, data: UpdateRequest) -> str:
     return "success"
 
 
-async def batmon_history(call: Call, data: HistoryQuery) -> list[dict[str, Any]]:
+async def batmon_history(call: Call, data: HistoryQuery) -> Streamed:
     if data.batmon_id is not None:
         batmons = [call.device_or_owned_batmon(data.batmon_id, data.batmon_token)]
     else:
         batmons = call.core.batmons_of(call.owner())
-    return call.core.history(batmons, data.min_epoch_tm_sec, data.max_epoch_tm_sec)
+    return await call.core.stream_history(batmons, data)
 
 
 async def edit_batmon(call: Call, data: EditBatmon) -> str:

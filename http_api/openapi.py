@@ -45,6 +45,8 @@ def _operation(summary: str, name: str, model_name: str, properties: dict[str, A
         "responses": {"200": _success(), **_errors(400, 401, 403, 404, 405, 413, 429)},
         "security": security,
     }
+    if "format" in properties:  # history: format=csv (or Accept: text/csv) streams CSV
+        op["responses"]["200"]["content"]["text/csv"] = {"schema": {"type": "string"}}
     if method == "get":
         op["parameters"] = [
             {"name": name, "in": "query", "required": name in required, "schema": schema}

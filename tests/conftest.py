@@ -58,6 +58,7 @@ def api(tmp_path: Path) -> Iterator[Api]:
     app = create_app(core, session_secret=b"s" * 32)
     with TestClient(app) as client:
         yield Api(client, core, key, user)
+    core.close_history()
     store.close()
 
 

@@ -137,24 +137,21 @@ class Store:
                 [(i,) for i in [batmon_id, *alarm_ids]],
             )
             self.db.execute("DELETE FROM readings WHERE batmon_id = ?", (batmon_id,))
+            self.db.execute("DELETE FROM rollups WHERE batmon_id = ?", (batmon_id,))
             self.db.execute("DELETE FROM alarms WHERE batmon_id = ?", (batmon_id,))
             self.db.execute("DELETE FROM batmons WHERE id = ?", (batmon_id,))
 
     # -- readings ----------------------------------------------------------------
     def history(self, batmon_id: int, min_ts: float, max_ts: float) -> Iterator[dict[str, Any]]:
-        """Readings of one batmon with min_ts <= ts < max_ts, in time order."""
+        """Readings of one batmon with min_ts <= ts < max_ts, in time then arrival order.
+
+        For tools and tests on this connection; the API streams through store/history.py.
+        """
         return self.db.query(
             "SELECT ts, voltage, current, power, soc, details FROM readings"
-            " WHERE batmon_id = ? AND ts >= ? AND ts < ? ORDER BY ts, id",
+            " WHERE batmon_id = ? AND ts >= ? AND ts < ? ORDER BY ts, seq",
             [batmon_id, min_ts, max_ts],
         )
-
-    def history_count(self, batmon_id: int, min_ts: float, max_ts: float) -> int:
-        """How many readings history() would return for the same range."""
-        return int(self.db.execute(
-            "SELECT count(*) FROM readings WHERE batmon_id = ? AND ts >= ? AND ts < ?",
-            (batmon_id, min_ts, max_ts),
-        ).fetchone()[0])  # fmt: skip
 
     def reading_count(self, batmon_id: int) -> int:
         """How many history rows a batmon has."""

@@ -1,0 +1,106 @@
+"""`--retention-days N`: prune raw readings older than N days, off the hot path.
+
+An extension with start()/stop(): every ``interval_s`` it runs one pass on a worker
+thread with its own write connection. A pass folds old readings into hourly rollups
+and deletes them in small transactions, pausing between them so the ingest writer
+gets the database in between. Long-range bucketed history reads the rollups, so
+charts survive pruning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bridge.store.retention import HOUR, RetentionStore
+
+log = logging.getLogger(__name__)
+
+DAY = 86_400
+
+
+class RetentionPruner:
+    """Keeps raw readings for ``days`` days; older ones live on as hourly rollups."""
+
+    def __init__(self, database_path: Path, days: int, *, interval_s: float = 600.0,
+                 batch_rows: int = 5_000, pause_s: float = 0.05,
+                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+        self.database_path = database_path
+        self.days = days
+        self.interval_s = interval_s
+        self.batch_rows = batch_rows
+        self.pause_s = pause_s
+        self.clock = clock
+        self.pruned = 0  # readings pruned since start
+        self.batches = 0  # transactions committed since start
+        self._stopping = threading.Event()
+        self._store: RetentionStore | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._pass: asyncio.Future[int] | None = None
+
+    def cutoff(self) -> int:
+        """Readings before this (a whole hour, ``days`` ago) are pruned."""
+        return int(self.clock() - self.days * DAY) // HOUR * HOUR
+
+    async def start(self) -> None:
+        """Start pruning: a pass now, then one every interval."""
+        self._stopping.clear()
+        self._task = asyncio.create_task(self._run(), name="retention")
+
+    async def stop(self) -> None:
+        """Stop after the current batch; the connection is closed."""
+        self._stopping.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._pass is not None:  # the thread ends after its current batch
+            with contextlib.suppress(Exception):
+                await self._pass
+            self._pass = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                # Shielded: cancelling this task must not abandon a pass mid-batch;
+                # stop() sets the event and waits for the pass to end instead.
+                self._pass = asyncio.ensure_future(asyncio.to_thread(self.prune_pass))
+                await asyncio.shield(self._pass)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("retention pass failed; trying again next interval")
+            await asyncio.sleep(self.interval_s)
+
+    def prune_pass(self) -> int:
+        """Prune everything older than the cutoff, batch by batch; returns rows pruned."""
+        if self._store is None:
+            self._store = RetentionStore(self.database_path, batch_rows=self.batch_rows)
+        store = self._store
+        cutoff = self.cutoff()
+        pruned = 0
+        for batmon_id in store.batmons_with_readings_before(cutoff):
+            while not self._stopping.is_set():
+                started = time.monotonic()
+                count = store.prune_batch(batmon_id, cutoff)
+                pruned += count
+                self.pruned += count
+                self.batches += 1
+                if count < self.batch_rows:
+                    break
+                # Let the ingest writer in between two of our transactions, for at least
+                # as long as the batch held the lock: pruning takes at most half the time.
+                self._stopping.wait(max(self.pause_s, time.monotonic() - started))
+        if pruned:
+            log.info("retention: pruned %d readings older than %d days into hourly rollups",
+                     pruned, self.days)  # fmt: skip
+        return pruned
