@@ -8,8 +8,14 @@ import secrets
 
 
 def new_device_token() -> str:
-    """A random batmon token, safe as an MQTT topic level (URL-safe base64)."""
-    return secrets.token_urlsafe(16)
+    """A random batmon token, safe as an MQTT topic level (URL-safe base64).
+
+    Never starting with "-": tokens are pasted into command lines (`--token ...`),
+    where a leading dash reads as an option.
+    """
+    while (token := secrets.token_urlsafe(16)).startswith("-"):
+        pass
+    return token
 
 
 def new_api_key() -> str:

@@ -164,3 +164,10 @@ def test_history_too_large_for_one_answer_is_a_400_asking_to_narrow(api: Api) ->
     ok = api.client.get("/interface/batmon/history", headers=api.auth,
                         params={"min_epoch_tm_sec": now + 10, "batmon_id": batmon_id})
     assert ok.status_code == 200 and ok.json()["success"][0]["data"] == []
+
+
+def test_generated_tokens_never_start_with_a_dash() -> None:
+    """They are pasted into command lines (`batmon agent vedirect --token ...`)."""
+    from bridge.security import new_device_token
+
+    assert not any(new_device_token().startswith("-") for _ in range(2000))
