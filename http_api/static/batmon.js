@@ -123,7 +123,8 @@
       // Bucketed rows carry `time`; raw rows (a server without downsampling) only update_time.
       const x = rows.map((r) => r.time ?? Date.parse(r.update_time + "Z") / 1000);
       shown = { min, max, x, series: Object.fromEntries(METRICS.map((m) => [m, seriesOf(rows, m)])) };
-      Object.assign(chartsEl.dataset, { min: String(min), max: String(max), requestedPoints: String(points) });
+      Object.assign(chartsEl.dataset, { min: String(min), max: String(max), requestedPoints: String(points),
+                                        appended: "0" });
       draw();
       chartsEl.dataset.state = "ready";
       Batmon.say(chartStatus, rows.length
@@ -141,6 +142,7 @@
     const last = shown.x.length ? shown.x[shown.x.length - 1] : -Infinity;
     if (b.last_reading <= last) return;
     shown.x.push(b.last_reading);
+    chartsEl.dataset.appended = String(Number(chartsEl.dataset.appended || 0) + 1);
     for (const m of METRICS) for (const s of shown.series[m]) s.push(b["batmon_" + m]);
     for (const m of METRICS) {
       plots[m].setData([shown.x, ...shown.series[m]]);
