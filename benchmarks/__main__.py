@@ -38,58 +38,59 @@ ROWS: dict[str, Callable[[Context], list[Line]]] = {
     "batmons-10k": rows_data.batmons_10k,
 }
 
-NOTES = [
-    "**Processes.** Everything measured runs in its own process on free ports: `batmon serve` (a fresh data"
-    " folder per row), private `mosquitto` processes (one per system, so no two systems share a broker),"
-    " `python -m benchmarks.amqtt_anchor` (plain amqtt 0.12, anonymous auth, no $SYS/loggers),"
-    " `python -m benchmarks.anchor_app` (Starlette under uvicorn, bound like `batmon serve`),"
-    " `python -m benchmarks.sinks batched|naive`.",
-    "**MQTT load.** One `mosquitto_pub -l -q 1 -M 100 --nodelay` process per batmon (C; 100 messages in flight"
-    " each, as fast as PUBACKs allow), fed lines through stdin and kept connected across runs. Each system is"
-    " warmed up end to end (one reading per publisher), then one calibration run sizes its timed runs to about"
-    " 3 s. A run is timed from handing the readings out to the last one counted: rows in the product's SQLite"
-    " file (read-only connection, polled every 20 ms), lines of a `mosquitto_sub -q 1` for pass-through,"
-    " rows the sink reports it committed.",
-    "**Private Mosquitto.** Defaults (so `max_inflight_messages 20` towards 3.1.1 subscribers) plus"
-    " `max_queued_messages 0` (the default 1,000 drops QoS 1 readings a slow subscriber has not taken yet)"
-    " and `set_tcp_nodelay true`.",
-    "**Sinks.** paho MQTT 3.1.1 subscribers, QoS 1 on `batmon/+/+/update`, paho's automatic PUBACK on receipt."
-    " Batched: 500 rows per transaction (or what it has when the socket goes quiet), WAL + synchronous=NORMAL."
-    " Naive: `sqlite_utils.Database(path)['readings'].insert(row)` per message, sqlite-utils defaults"
-    " (rollback journal, synchronous=FULL).",
-    "**HTTP load.** Keep-alive clients on raw sockets, one thread each, sending prebuilt requests back to back"
-    " for 3 s (closed loop), after a 0.3 s warm-up. Updates go to distinct batmons (client i → batmon i)."
-    " Status GETs authenticate with the device token. The anchor app does one INSERT + commit per POST and one"
-    " SELECT by primary key per GET, on one connection, WAL + synchronous=NORMAL.",
-    "**History.** `batmon serve` makes the schema and 50 batmons; 100,000 readings per batmon at 1 Hz,"
-    " interleaved in time (5,000,000 rows), are bulk-inserted into its file through"
-    " `bridge.store.db.Store.open` while it is stopped; then it serves that file. The product figure is a GET"
-    " with the device token, timed until the last byte; the anchor runs the same range query on a read-only"
-    " sqlite3 connection and `orjson.dumps` the row tuples, in the harness process.",
-    "**Latency.** paho clients in threads publish QoS 1 readings round-robin from 10 batmons at half the"
-    " embedded row's rate; each carries a sequence number as its voltage, and a subscriber (the admin user)"
-    " times it until a retained state with that voltage arrives. Readings whose state was coalesced away are"
-    " not counted. The anchor is the same pace through the plain amqtt broker to a subscriber.",
-    "**History lag.** On the 5 M-row server, 10 batmons publish at 200/s while, after 1.5 s, a GET of one"
-    " batmon's 100,000 readings runs; publish → state latency and /healthz (polled every 20 ms) are split"
-    " into before the request and during it.",
-    "**10,000 batmons.** Inserted straight into the product's `batmons` table (after `batmon serve` made the"
-    " schema and admin user). Each boot is timed from spawn to `ready`; settled is the first moment after which"
-    " the process uses under 10 % of a core for a whole second (its own CPU time, from /proc); RSS from /proc"
-    " at that moment. Anchor: the same on a data folder with no batmon.",
-    "**Backlog.** External mode: with `batmon serve --mqtt-url` stopped (SIGTERM), 20,000 readings are"
-    " published (a `mosquitto_sub` canary confirms the broker has them all), then it is started again and"
-    " /healthz is polled every 20 ms from `ready` until the last queued row is in the database.",
-    "**Noise.** The machine may be shared; the load average at the end is in the table above, and every"
-    " repetition is listed below.",
-]
+# How each row is measured, for RESULTS.md (paragraphs; line breaks are joined).
+NOTES = [" ".join(note.split()) for note in (
+    """**Processes.** Everything measured runs in its own process on free ports: `batmon serve` (a fresh
+    data folder per row), private `mosquitto` processes (one per system, so no two systems share a
+    broker), `python -m benchmarks.amqtt_anchor` (plain amqtt 0.12, anonymous auth, no $SYS/loggers),
+    `python -m benchmarks.anchor_app` (Starlette under uvicorn, bound like `batmon serve`), `python -m
+    benchmarks.sinks batched|naive`.""",
+    """**MQTT load.** One `mosquitto_pub -l -q 1 -M 100 --nodelay` process per batmon (C; 100 messages in
+    flight each, as fast as PUBACKs allow), fed lines through stdin and kept connected across runs. Each
+    system is warmed up end to end (one reading per publisher), then one calibration run sizes its timed
+    runs to about 3 s. A run is timed from handing the readings out to the last one counted: rows in the
+    product's SQLite file (read-only connection, polled every 20 ms), lines of a `mosquitto_sub -q 1`
+    for pass-through, rows the sink reports it committed.""",
+    """**Private Mosquitto.** Defaults (so `max_inflight_messages 20` towards 3.1.1 subscribers) plus
+    `max_queued_messages 0` (the default 1,000 drops QoS 1 readings a slow subscriber has not taken yet)
+    and `set_tcp_nodelay true`.""",
+    """**Sinks.** paho MQTT 3.1.1 subscribers, QoS 1 on `batmon/+/+/update`, paho's automatic PUBACK on
+    receipt. Batched: 500 rows per transaction (or what it has when the socket goes quiet), WAL +
+    synchronous=NORMAL. Naive: `sqlite_utils.Database(path)['readings'].insert(row)` per message,
+    sqlite-utils defaults (rollback journal, synchronous=FULL).""",
+    """**HTTP load.** Keep-alive clients on raw sockets, one thread each, sending prebuilt requests back to
+    back for 3 s (closed loop), after a 0.3 s warm-up. Updates go to distinct batmons (client i → batmon
+    i). Status GETs authenticate with the device token. The anchor app does one INSERT + commit per POST
+    and one SELECT by primary key per GET, on one connection, WAL + synchronous=NORMAL.""",
+    """**History.** `batmon serve` makes the schema and 50 batmons; 100,000 readings per batmon at 1 Hz,
+    interleaved in time (5,000,000 rows), are bulk-inserted into its file through
+    `bridge.store.db.Store.open` while it is stopped; then it serves that file. The product figure is a
+    GET with the device token, timed until the last byte; the anchor runs the same range query on a
+    read-only sqlite3 connection and `orjson.dumps` the row tuples, in the harness process.""",
+    """**Latency.** paho clients in threads publish QoS 1 readings round-robin from 10 batmons at half the
+    embedded row's rate; each carries a sequence number as its voltage, and a subscriber (the admin
+    user) times it until a retained state with that voltage arrives. Readings whose state was coalesced
+    away are not counted. The anchor is the same pace through the plain amqtt broker to a subscriber.""",
+    """**History lag.** On the 5 M-row server, 10 batmons publish at 200/s while, after 1.5 s, a GET of one
+    batmon's 100,000 readings runs; publish → state latency and /healthz (polled every 20 ms) are split
+    into before the request and during it.""",
+    """**10,000 batmons.** Inserted straight into the product's `batmons` table (after `batmon serve` made
+    the schema and admin user). Each boot is timed from spawn to `ready`; settled is the first moment
+    after which the process uses under 10 % of a core for a whole second (its own CPU time, from /proc);
+    RSS from /proc at that moment. Anchor: the same on a data folder with no batmon.""",
+    """**Backlog.** External mode: with `batmon serve --mqtt-url` stopped (SIGTERM), 20,000 readings are
+    published (a `mosquitto_sub` canary confirms the broker has them all), then it is started again and
+    /healthz is polled every 20 ms from `ready` until the last queued row is in the database.""",
+    """**Noise.** The machine may be shared; the load average at the end is in the table above, and every
+    repetition is listed below.""",
+)]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes and short runs: a smoke run")
     parser.add_argument("--only", action="append", default=[], metavar="ROW",
-                        help=f"run only these rows (comma-separated or repeated): {', '.join(ROWS)}")  # fmt: skip
+                        help="run only these rows (comma-separated or repeated): " + ", ".join(ROWS))
     parser.add_argument("--reps", type=int, default=3, help="repetitions per figure (median reported)")
     parser.add_argument("--out", type=Path, default=None,
                         help="write the results here (default: benchmarks/RESULTS.md for a full run of"

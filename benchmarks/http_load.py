@@ -103,7 +103,8 @@ def closed_loop(port: int, requests: list[bytes], duration: float) -> float:
         with lock:
             result.requests += done
 
-    threads = [threading.Thread(target=work, args=(c, r), daemon=True) for c, r in zip(clients, requests, strict=True)]
+    threads = [threading.Thread(target=work, args=pair, daemon=True)
+               for pair in zip(clients, requests, strict=True)]  # fmt: skip
     for t in threads:
         t.start()
     started = time.monotonic()

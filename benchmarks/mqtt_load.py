@@ -184,8 +184,8 @@ class StreamCounter(Counter):
 
 def counting_subscriber(port: int, topic_filter: str) -> StreamCounter:
     """A ``mosquitto_sub`` (QoS 1) that prints one short line per message it gets."""
-    proc = subprocess.Popen([MOSQUITTO_SUB, "-h", "127.0.0.1", "-p", str(port), "-t", topic_filter,
-                             "-q", "1", "-F", "."], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
+    command = [MOSQUITTO_SUB, "-h", "127.0.0.1", "-p", str(port), "-t", topic_filter, "-q", "1", "-F", "."]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     return StreamCounter(proc, "lines")
 
 

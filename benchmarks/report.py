@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import math
 import os
 import platform
 import sqlite3
@@ -36,7 +37,8 @@ class Figure:
         return statistics.median(self.samples)
 
     def text(self, value: float | None = None) -> str:
-        return FORMATS[self.unit](self.median if value is None else value)
+        value = self.median if value is None else value
+        return "n/a" if math.isnan(value) else FORMATS[self.unit](value)
 
 
 @dataclass
@@ -49,12 +51,14 @@ class Line:
     anchor: Figure | None = None
     goal: str = ""
     error: str = ""
+    compare: bool = True  # False where product / anchor means nothing (a baseline near zero)
 
     @property
     def ratio(self) -> float | None:
-        if self.product is None or self.anchor is None or not self.anchor.median:
+        if not self.compare or self.product is None or self.anchor is None:
             return None
-        return self.product.median / self.anchor.median
+        ratio = self.product.median / self.anchor.median if self.anchor.median else math.nan
+        return None if math.isnan(ratio) else ratio
 
 
 def table(lines: list[Line]) -> str:
@@ -69,7 +73,8 @@ def table(lines: list[Line]) -> str:
         anchor = line.anchor.label if line.anchor else ""
         anchor_value = line.anchor.text() if line.anchor else ""
         ratio = f"{line.ratio:.2f}" if line.ratio is not None else ""
-        out.append(f"| {line.row} | {line.what} | {product} | {anchor} | {anchor_value} | {ratio} | {line.goal} |")
+        cells = (line.row, line.what, product, anchor, anchor_value, ratio, line.goal)
+        out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 

@@ -86,20 +86,22 @@ def history(ctx: Context) -> list[Line]:
 
     server = history_server(ctx)
     batmon = server.batmons[0]
-    day = min(DAY, server.per_batmon // 2)
+    day = min(DAY, server.per_batmon - 1000)
     first = server.t0 + 1000
     path = server.history_path(batmon, first, first + day - 1)
     db = sqlite3.connect(f"file:{server.serve.db_path}?mode=ro", uri=True)
 
+    checked: list[bool] = []
+
     def product() -> float:
         seconds, body = timed_get(server.serve.http_port, path)
-        got = len(json.loads(body)[0]["data"]) if not product.checked else day  # type: ignore[attr-defined]
-        product.checked = True  # type: ignore[attr-defined]
-        if got != day:
-            raise BenchError(f"history answered {got} rows, expected {day}")
+        if not checked:  # once: parsing 13 MB is not what is timed
+            answer = json.loads(body)
+            answer = answer.get("success", answer) if isinstance(answer, dict) else answer
+            if len(answer[0]["data"]) != day:
+                raise BenchError(f"history answered {len(answer[0]['data'])} rows, expected {day}")
+            checked.append(True)
         return seconds * 1000
-
-    product.checked = False  # type: ignore[attr-defined]
 
     def anchor() -> float:
         started = time.monotonic()
@@ -119,7 +121,8 @@ def history(ctx: Context) -> list[Line]:
     total = len(server.batmons) * server.per_batmon
     return [Line("history", f"history, one batmon's day ({day:,} of {total:,} rows)",
                  Figure("batmon serve, GET until the last byte", "ms", got_p),
-                 Figure("bare sqlite3 query + orjson.dumps of the rows", "ms", got_a), goal="≤ 1.3")]  # fmt: skip
+                 Figure("bare sqlite3 query + orjson.dumps of the rows", "ms", got_a),
+                 goal="≤ 1.3")]  # fmt: skip
 
 
 def history_lag(ctx: Context) -> list[Line]:
@@ -139,7 +142,7 @@ def history_lag(ctx: Context) -> list[Line]:
     for rep in range(ctx.reps):
         window: list[float] = []
 
-        def big_request() -> None:
+        def big_request(window: list[float] = window) -> None:
             time.sleep(lead)
             window.append(time.monotonic())
             timed_get(server.serve.http_port, path)
@@ -166,10 +169,11 @@ def history_lag(ctx: Context) -> list[Line]:
     what = f"during a {rows:,}-row history GET ({request_s:.1f} s)"
     label = "before the request, same run"
     return [
-        Line("history-lag", f"MQTT ingest publish → state p99 {what}", Figure("batmon serve", "ms", figures["p99"]),
-             Figure(label, "ms", figures["idle_p99"]), goal="≤ 100 ms"),
-        Line("history-lag", f"MQTT ingest publish → state max {what}", Figure("batmon serve", "ms", figures["max"]),
-             Figure(label, "ms", figures["idle_max"])),
+        Line("history-lag", f"MQTT ingest publish → state p99 {what}",
+             Figure("batmon serve", "ms", figures["p99"]), Figure(label, "ms", figures["idle_p99"]),
+             goal="≤ 100 ms"),
+        Line("history-lag", f"MQTT ingest publish → state max {what}",
+             Figure("batmon serve", "ms", figures["max"]), Figure(label, "ms", figures["idle_max"])),
         Line("history-lag", f"/healthz max {what}", Figure("batmon serve", "ms", figures["health_max"]),
              Figure("/healthz p99 " + label, "ms", figures["health_idle"])),
     ]  # fmt: skip
@@ -235,7 +239,7 @@ def batmons_10k(ctx: Context) -> list[Line]:
              Figure(empty, "MB", [r[2] for r in got_a]), goal="≤ 200 MB"),
         Line("batmons-10k", f"{label}: ready → settled (CPU < 10 % for 1 s)",
              Figure("batmon serve", "s", [r[1] for r in got_p]), Figure(empty, "s", [r[1] for r in got_a]),
-             goal="≤ 5 s"),
+             goal="≤ 5 s", compare=False),
         Line("batmons-10k", f"{label}: start → ready", Figure("batmon serve", "s", [r[0] for r in got_p]),
              Figure(empty, "s", [r[0] for r in got_a])),
     ]  # fmt: skip

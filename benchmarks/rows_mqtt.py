@@ -60,7 +60,8 @@ class Ingest:
 
     def run(self) -> float:
         started = time.monotonic()
-        rate = timed_run(self.publishers, self.counter, self.size, timeout=max(60, 20 * self.size / self.rate))
+        timeout = max(60, 20 * self.size / self.rate)
+        rate = timed_run(self.publishers, self.counter, self.size, timeout=timeout)
         self.windows.append((started, time.monotonic()))
         return rate
 
@@ -86,8 +87,8 @@ def mqtt_embedded(ctx: Context) -> list[Line]:
             with HealthPoller(product.http_port) as health:
                 time.sleep(ctx.seconds(1.0, 0.3))
                 idle = health.latencies()
-                product_side = Ingest(ctx, Publishers(product.serve.mqtt_port, product.devices(external=False)),
-                                      DbCounter(product.serve.db_path))  # fmt: skip
+                publishers = Publishers(product.serve.mqtt_port, product.devices(external=False))
+                product_side = Ingest(ctx, publishers, DbCounter(product.serve.db_path))
                 systems.append(product_side)
                 amqtt.start()
                 anchor_side = Ingest(ctx, Publishers(amqtt.port, [Device(update_topic(1, ANCHOR_TOKEN))]),
@@ -127,14 +128,16 @@ def mqtt_external(ctx: Context) -> list[Line]:
         with running_product(folder, ["--mqtt-url", f"mqtt://127.0.0.1:{brokers[0].port}"]) as product:
             product.add_batmons(n)
             devices = product.devices(external=True)
-            systems.append(Ingest(ctx, Publishers(brokers[0].port, devices), DbCounter(product.serve.db_path)))
+            counter = DbCounter(product.serve.db_path)
+            systems.append(Ingest(ctx, Publishers(brokers[0].port, devices), counter))
             systems.append(Ingest(ctx, Publishers(brokers[1].port, devices),
                                   counting_subscriber(brokers[1].port, "batmon/+/+/update")))  # fmt: skip
             for kind, broker in (("batched", brokers[2]), ("naive", brokers[3])):
                 sink = Sink(kind, broker.port, folder / f"{kind}.sqlite3").start()
                 sinks.append(sink)
                 assert sink.proc is not None
-                systems.append(Ingest(ctx, Publishers(broker.port, devices), StreamCounter(sink.proc, "report")))
+                reported = StreamCounter(sink.proc, "report")
+                systems.append(Ingest(ctx, Publishers(broker.port, devices), reported))
             for side in systems:
                 side.prepare()
             product_side, *anchors = systems
@@ -217,7 +220,8 @@ def latency(ctx: Context) -> list[Line]:
         finally:
             amqtt.stop()
     offered = statistics.median(r[2] for r in got_p)
-    what = f"publish → retained state visible, paced at {offered:,.0f}/s (half the max), {len(devices)} batmons"
+    what = (f"publish → retained state visible, paced at {offered:,.0f}/s (half the max),"
+            f" {len(devices)} batmons")
     anchor_label = "amqtt pass-through, publish → subscriber, same pace"
     return [
         Line("latency", what + ", p50", Figure("batmon serve", "ms", [r[0] for r in got_p]),
@@ -278,7 +282,8 @@ def backlog(ctx: Context) -> list[Line]:
     what = f"/healthz while {queued:,} queued readings drain after a restart (external Mosquitto)"
     idle_fig = Figure("/healthz p99, same server idle after the drain", "ms", idle)
     return [
-        Line("backlog", what + ", max", Figure("batmon serve --mqtt-url", "ms", worst), idle_fig, goal="≤ 100 ms"),
+        Line("backlog", what + ", max", Figure("batmon serve --mqtt-url", "ms", worst), idle_fig,
+             goal="≤ 100 ms"),
         Line("backlog", what + ", p99", Figure("batmon serve --mqtt-url", "ms", tails), idle_fig),
         Line("backlog", f"drain rate of the {queued:,} queued (from process start)",
              Figure("batmon serve --mqtt-url", "/s", drains)),

@@ -30,6 +30,8 @@ from sqlite_utils import Database
 BATCH = 500
 TOPIC = "batmon/+/+/update"
 COLUMNS = ("voltage", "current", "power", "soc")
+INSERT = ("INSERT INTO readings (batmon_id, ts, voltage, current, power, soc)"
+          " VALUES (:batmon_id, :ts, :voltage, :current, :power, :soc)")
 
 
 def row_of(msg: mqtt.MQTTMessage) -> dict[str, Any]:
@@ -52,8 +54,7 @@ def run(kind: str, port: int, db_path: Path) -> None:
 
         def flush() -> int:
             with conn:
-                conn.executemany("INSERT INTO readings (batmon_id, ts, voltage, current, power, soc)"
-                                 " VALUES (:batmon_id, :ts, :voltage, :current, :power, :soc)", pending)  # fmt: skip
+                conn.executemany(INSERT, pending)
             done = len(pending)
             pending.clear()
             return done
