@@ -164,4 +164,13 @@ class HealthPoller:
         client.close()
 
     def latencies(self, start: float = 0.0, end: float = float("inf")) -> list[float]:
+        """Latencies of the requests sent within [start, end)."""
         return sorted(ms for at, ms in self.samples if start <= at < end)
+
+    def overlapping(self, start: float, end: float) -> list[float]:
+        """Latencies of the requests under way at some moment within [start, end)."""
+        return sorted(ms for at, ms in self.samples if at < end and at + ms / 1000 >= start)
+
+    def done_before(self, moment: float) -> list[float]:
+        """Latencies of the requests answered before ``moment``."""
+        return sorted(ms for at, ms in self.samples if at + ms / 1000 < moment)

@@ -43,12 +43,12 @@ def update_topic(batmon_id: int, token: str, base: str = "batmon") -> str:
     return f"{base}/{batmon_id}/{token}/update"
 
 
-def reading_lines(n: int, start: int = 0) -> bytes:
+def reading_lines(n: int) -> bytes:
     """n JSON readings, one a line, with plausible varying values."""
     return b"".join(
         b'{"voltage": %.2f, "current": %.1f, "power": %.1f, "soc": %d}\n'
         % (12 + (i % 40) / 20, (i % 30) / 3 - 5, (i % 90) - 30, i % 101)
-        for i in range(start, start + n)
+        for i in range(n)
     )
 
 
@@ -65,14 +65,20 @@ class Publishers:
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             ))  # fmt: skip
 
-    def feed(self, total: int, start: int = 0) -> None:
-        """Hand ``total`` readings to the publishers, split evenly, all at once (threads:
-        a full pipe must not hold back the other publishers)."""
+    def lines(self, total: int) -> list[bytes]:
+        """``total`` readings split evenly over the publishers, made before any timing starts."""
         share, extra = divmod(total, len(self.procs))
-        threads = []
-        for i, proc in enumerate(self.procs):
-            data = reading_lines(share + (i < extra), start)
-            threads.append(threading.Thread(target=_write, args=(proc, data), daemon=True))
+        return [reading_lines(share + (i < extra)) for i in range(len(self.procs))]
+
+    def feed(self, total: int) -> None:
+        """Hand ``total`` readings to the publishers."""
+        self.send(self.lines(total))
+
+    def send(self, lines: list[bytes]) -> None:
+        """Hand each publisher its lines, all at once (threads: a full pipe must not hold
+        back the other publishers)."""
+        threads = [threading.Thread(target=_write, args=pair, daemon=True)
+                   for pair in zip(self.procs, lines, strict=True)]  # fmt: skip
         for t in threads:
             t.start()
         for t in threads:
@@ -198,9 +204,10 @@ def warm_up(publishers: Publishers, counter: Counter, timeout: float = 60) -> No
 
 def timed_run(publishers: Publishers, counter: Counter, total: int, timeout: float) -> float:
     """Messages per second from handing ``total`` readings out to the last one counted."""
+    lines = publishers.lines(total)
     before, _ = counter.count()
     started = time.monotonic()
-    publishers.feed(total)
+    publishers.send(lines)
     ended = counter.wait_for(before + total, timeout)
     return total / max(ended - started, 1e-6)
 
@@ -233,6 +240,15 @@ class LatencyRun:
     def samples(self, start: float = 0.0, end: float = float("inf")) -> list[float]:
         """Latencies of the messages published within [start, end)."""
         return sorted(ms for seq, ms in self.latency.items() if start <= self.sent[seq] < end)
+
+    def overlapping(self, start: float, end: float) -> list[float]:
+        """Latencies of the messages on their way at some moment within [start, end)."""
+        return sorted(ms for seq, ms in self.latency.items()
+                      if self.sent[seq] < end and self.sent[seq] + ms / 1000 >= start)  # fmt: skip
+
+    def done_before(self, moment: float) -> list[float]:
+        """Latencies of the messages published and seen before ``moment``."""
+        return sorted(ms for seq, ms in self.latency.items() if self.sent[seq] + ms / 1000 < moment)
 
 
 def paced_latency(

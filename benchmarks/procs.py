@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,12 @@ def rss_mb(pid: int) -> float:
     raise BenchError(f"no VmRSS for pid {pid}")
 
 
+def _drain(stream: Any) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        for _ in stream:
+            pass
+
+
 @dataclass
 class Serve:
     """A `batmon serve` subprocess on free ports; what it printed is parsed."""
@@ -113,8 +120,8 @@ class Serve:
                 self.admin_key = m.group(1)
             elif line.startswith("ready"):
                 self.ready_at = time.monotonic()
-                # Nothing reads stdout from here on; it goes nowhere rather than fill a pipe.
-                self.proc.stdout.close()
+                # Whatever it prints later is read and dropped: a full pipe would block it.
+                threading.Thread(target=_drain, args=(self.proc.stdout,), daemon=True).start()
                 return self
         raise BenchError("batmon serve did not print ready in time")
 

@@ -21,7 +21,7 @@ def _compare(ctx: Context, product: Product, anchor: PythonServer, clients: int,
     batmons = product.batmons
     mine = [product_request(*batmons[i % len(batmons)]) for i in range(clients)]
     theirs = [anchor_request(i % len(batmons) + 1) for i in range(clients)]
-    duration = ctx.seconds(3.0, 0.4)
+    duration = ctx.seconds(2.0, 0.4)
     closed_loop(product.http_port, mine, 0.3)  # warm both up
     closed_loop(anchor.port, theirs, 0.3)
     return alternate(ctx.reps, lambda: closed_loop(product.http_port, mine, duration),

@@ -51,11 +51,13 @@ class Ingest:
         self.windows: list[tuple[float, float]] = []  # when each measured run went on
 
     def prepare(self) -> None:
-        """Warm up end to end, then size runs to ~3 s from a calibration run."""
+        """Warm up end to end, then size runs to ~3 s from two calibration runs (a short
+        one first, so a slow peer does not spend a minute being calibrated)."""
         warm_up(self.publishers, self.counter)
-        calibration = self.ctx.sized(2000, 200)
-        rate = timed_run(self.publishers, self.counter, calibration, timeout=300)
-        self.size = sized_to(rate, self.ctx.seconds(3.0, 0.4), self.ctx.sized(1000, 200), 300_000)
+        rate = timed_run(self.publishers, self.counter, self.ctx.sized(300, 100), timeout=300)
+        size = sized_to(rate, self.ctx.seconds(1.0, 0.2), 100, 100_000)
+        rate = timed_run(self.publishers, self.counter, size, timeout=max(60, 20 * size / rate))
+        self.size = sized_to(rate, self.ctx.seconds(3.0, 0.4), self.ctx.sized(300, 100), 300_000)
         self.rate = rate
 
     def run(self) -> float:
