@@ -304,12 +304,27 @@ def paced_latency(
             clients[i].publish(devices[i].topic, payload, qos=1)
             seq += 1
         offered = seq / (time.monotonic() - started)
-        time.sleep(1.0)  # stragglers
+        _wait_for_stragglers(latency, lock)
     finally:
         for c in (*clients, watcher):
             c.disconnect()
             c.loop_stop()
     return LatencyRun(sent, dict(latency), offered)
+
+
+def _wait_for_stragglers(latency: dict[int, float], lock: threading.Lock, quiet: float = 1.0,
+                         most: float = 15.0) -> None:
+    """Return once no new message was seen for ``quiet`` s (or after ``most`` s)."""
+    deadline = time.monotonic() + most
+    seen, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        with lock:
+            now_seen = len(latency)
+        if now_seen != seen:
+            seen, since = now_seen, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.05)
 
 
 def voltage_key(field: str) -> Callable[[mqtt.MQTTMessage], int | None]:

@@ -24,6 +24,14 @@ FORMATS = {
 }
 
 
+def p99(values: list[float]) -> float:
+    """The 99th percentile (the maximum below 100 samples); NaN for no samples."""
+    values = sorted(values)
+    if not values:
+        return math.nan
+    return values[min(len(values) - 1, int(len(values) * 0.99))]
+
+
 @dataclass
 class Figure:
     """One measured quantity: every repetition's value, reported as their median."""
@@ -34,7 +42,9 @@ class Figure:
 
     @property
     def median(self) -> float:
-        return statistics.median(self.samples)
+        """The median of the repetitions that produced a value (NaN: none seen)."""
+        seen = [v for v in self.samples if not math.isnan(v)]
+        return statistics.median(seen) if seen else math.nan
 
     def text(self, value: float | None = None) -> str:
         value = self.median if value is None else value
@@ -85,7 +95,7 @@ def samples_text(lines: list[Line]) -> str:
         for fig in (line.product, line.anchor):
             if fig is not None and fig.samples:
                 values = ", ".join(fig.text(v) for v in fig.samples)
-                entry = f"- {line.row}: {fig.label}: {values}"
+                entry = f"- {line.what} / {fig.label}: {values}"
                 if entry not in out:
                     out.append(entry)
     return "\n".join(out)

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.http_load import HealthPoller, timed_get
-from benchmarks.mqtt_load import paced_latency, subscribe_all, voltage_key
+from benchmarks.mqtt_load import Device, paced_latency, subscribe_all, update_topic, voltage_key
 from benchmarks.procs import BenchError, Serve, cpu_seconds, rss_mb
-from benchmarks.report import Figure, Line
-from benchmarks.rows_mqtt import p99
+from benchmarks.report import Figure, Line, p99
 from benchmarks.runner import Context, alternate, running_product
 
 DAY = 86_400
@@ -139,8 +138,6 @@ def history_lag(ctx: Context) -> list[Line]:
     server = history_server(ctx)
     big = server.batmons[1]
     devices_from = server.batmons[2:12]
-    from benchmarks.mqtt_load import Device, update_topic
-
     devices = [Device(update_topic(i, t), str(i), t) for i, t in devices_from]
     states = [f"batmon/{i}/state" for i, _ in devices_from]
     path = server.history_path(big, server.t0, server.t0 + server.per_batmon)

@@ -24,19 +24,11 @@ from benchmarks.mqtt_load import (
     warm_up,
 )
 from benchmarks.procs import Mosquitto, PythonServer, Serve, Sink
-from benchmarks.report import Figure, Line
+from benchmarks.report import Figure, Line, p99
 from benchmarks.runner import Context, Product, alternate, running_product, sized_to
 
 ANCHOR_TOKEN = "anchor-token"
 _seq = itertools.count(1)
-
-
-def p99(values: list[float]) -> float:
-    """The 99th percentile (the maximum below 100 samples)."""
-    values = sorted(values)
-    if not values:
-        return float("nan")
-    return values[min(len(values) - 1, int(len(values) * 0.99))]
 
 
 class Ingest:

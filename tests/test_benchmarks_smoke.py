@@ -34,7 +34,7 @@ def test_quick_status_row_measures_product_and_anchor_and_writes_results(tmp_pat
     assert result.returncode == 0, result.stdout + result.stderr
     text = out.read_text()
     for clients in (1, 8):
-        row, what, product, anchor, anchor_figure, ratio, goal = cells_of(
+        _, _, product, anchor, anchor_figure, ratio, goal = cells_of(
             text, f"| http-status | HTTP status GET, {clients} keep-alive"
         )
         assert RATE.fullmatch(product) and RATE.fullmatch(anchor_figure), (product, anchor_figure)
@@ -45,7 +45,11 @@ def test_quick_status_row_measures_product_and_anchor_and_writes_results(tmp_pat
     assert "mqtt-embedded" not in text  # --only ran one row
     for fact in ("date", "nproc", "CPU", "memory", "python", "amqtt", "mosquitto", "sqlite"):
         assert re.search(rf"^\| {fact} \| \S", text, re.M), f"{fact} missing from RESULTS"
-    assert "Every repetition" in text and text.count("http-status: batmon serve:") == 2
+    # Every repetition is listed: two per figure, as --reps 2 asked.
+    for clients in (1, 8):
+        entry = rf"^- HTTP status GET, {clients} keep-alive client\(s\) / batmon serve: (.+)$"
+        listed = re.search(entry, text, re.M)
+        assert listed and len(RATE.findall(listed.group(1))) == 2, text
     # The table was printed as well as written.
     assert cells_of(result.stdout, "| http-status | HTTP status GET, 1 keep-alive")[2] == cells_of(
         text, "| http-status | HTTP status GET, 1 keep-alive"
