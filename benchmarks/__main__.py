@@ -31,6 +31,7 @@ ROWS: dict[str, Callable[[Context], list[Line]]] = {
     "latency": rows_mqtt.latency,
     "mqtt-external": rows_mqtt.mqtt_external,
     "backlog": rows_mqtt.backlog,
+    "backlog-embedded": rows_mqtt.backlog_embedded,
     "http-update": rows_http.http_update,
     "http-status": rows_http.http_status,
     "history": rows_data.history,
@@ -83,7 +84,9 @@ NOTES = [" ".join(note.split()) for note in (
     RSS from /proc at that moment. Anchor: the same on a data folder with no batmon.""",
     """**Backlog.** External mode: with `batmon serve --mqtt-url` stopped (SIGTERM), 20,000 readings are
     published (a `mosquitto_sub` canary confirms the broker has them all), then it is started again and
-    /healthz is polled every 20 ms from `ready` until the last queued row is in the database.""",
+    /healthz is polled every 20 ms from `ready` until the last queued row is in the database.
+    Embedded (`backlog-embedded`, one run): 100 batmons push 20,000 readings as fast as PUBACKs allow
+    while /healthz is polled every 20 ms until the last row is in the database.""",
     """**Noise.** The machine may be shared; the load average at the end is in the table above, and every
     repetition is listed below.""",
 )]

@@ -245,7 +245,6 @@ def backlog(ctx: Context) -> list[Line]:
             publishers = Publishers(broker.port, product.devices(external=True))
             canary = counting_subscriber(broker.port, "batmon/+/+/update")
             warm_up(publishers, DbCounter(product.serve.db_path))
-        serve: Serve | None = None
         for _ in range(ctx.reps):
             before, _ = canary.count()
             publishers.feed(queued)  # the bridge is down: the broker queues them
@@ -281,4 +280,38 @@ def backlog(ctx: Context) -> list[Line]:
         Line("backlog", what + ", p99", Figure("batmon serve --mqtt-url", "ms", tails), idle_fig),
         Line("backlog", f"drain rate of the {queued:,} queued (from process start)",
              Figure("batmon serve --mqtt-url", "/s", drains)),
+    ]  # fmt: skip
+
+
+def backlog_embedded(ctx: Context) -> list[Line]:
+    """/healthz while 20,000 readings pushed as fast as PUBACKs allow drain through the
+    embedded broker. One run: today it takes about 40 s."""
+    folder = ctx.folder_for("backlog-embedded")
+    pushed = ctx.sized(20_000, 1_000)
+    with running_product(folder) as product:
+        product.add_batmons(ctx.sized(100, 10))
+        publishers = Publishers(product.serve.mqtt_port, product.devices(external=False))
+        counter = DbCounter(product.serve.db_path)
+        try:
+            warm_up(publishers, counter)
+            with HealthPoller(product.http_port, interval=0.02) as health:
+                time.sleep(ctx.seconds(1.0, 0.3))
+                idle = health.latencies()
+                lines = publishers.lines(pushed)
+                before, _ = counter.count()
+                started = time.monotonic()
+                publishers.send(lines)
+                done = counter.wait_for(before + pushed, timeout=600)
+        finally:
+            publishers.close()
+            counter.close()
+    draining = health.overlapping(started, done)
+    what = f"/healthz while {pushed:,} readings pushed at full speed drain (embedded broker, 1 run)"
+    idle_fig = Figure("/healthz p99, same server idle before", "ms", [p99(idle)])
+    return [
+        Line("backlog-embedded", what + ", max",
+             Figure("batmon serve", "ms", [max(draining, default=float("nan"))]), idle_fig, goal="≤ 100 ms"),
+        Line("backlog-embedded", what + ", p99", Figure("batmon serve", "ms", [p99(draining)]), idle_fig),
+        Line("backlog-embedded", f"rows persisted/s over those {pushed:,}",
+             Figure("batmon serve", "/s", [pushed / (done - started)])),
     ]  # fmt: skip
