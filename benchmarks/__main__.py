@@ -71,9 +71,11 @@ NOTES = [" ".join(note.split()) for note in (
     GET with the device token, timed until the last byte; the anchor runs the same range query on a
     read-only sqlite3 connection and `orjson.dumps` the row tuples, in the harness process.""",
     """**Latency.** paho clients in threads publish QoS 1 readings round-robin from 10 batmons at half the
-    embedded row's rate; each carries a sequence number as its voltage, and a subscriber (the admin
-    user) times it until a retained state with that voltage arrives. Readings whose state was coalesced
-    away are not counted. The anchor is the same pace through the plain amqtt broker to a subscriber.""",
+    embedded row's rate; each carries a sequence number as its voltage, and a `mosquitto_sub -F '%U %p'`
+    (logged in as the admin user; it stamps each message on arrival, outside the harness's GIL) times it
+    until a state with that voltage arrives. Readings whose state was coalesced away are not counted.
+    The anchor is the same pace through the plain amqtt broker to the same kind of subscriber; at a
+    pace near amqtt's own maximum (the pass-through figure above) its latency is queueing in amqtt.""",
     """**History lag.** On the 5 M-row server, 10 batmons publish at 200/s while, after 1.5 s, a GET of one
     batmon's 100,000 readings runs; publish → state latency and /healthz (polled every 20 ms) of every
     reading or request under way at some moment of the GET, against those completed before it

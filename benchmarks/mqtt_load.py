@@ -15,7 +15,7 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -254,8 +254,8 @@ class LatencyRun:
 def paced_latency(
     port: int,
     devices: list[Device],
-    watch: Callable[[mqtt.Client], None],
-    key_of: Callable[[mqtt.MQTTMessage], int | None],
+    watch: list[str],
+    key_of: Callable[[bytes], int | None],
     rate: float,
     duration: float,
     watcher_auth: tuple[str | None, str | None] = (None, None),
@@ -263,7 +263,9 @@ def paced_latency(
     first_seq: int = 0,
 ) -> LatencyRun:
     """Publish readings at ``rate``/s round-robin from ``devices`` for ``duration`` s, and
-    time each until a watcher sees it (``key_of`` finds the sequence number in a message).
+    time each until a watcher subscribed to the ``watch`` filters sees it (``key_of``
+    finds the sequence number in a payload). The watcher is a ``mosquitto_sub`` that
+    stamps each message on arrival, so the harness's GIL does not delay the stamps.
 
     Each reading carries its sequence number as ``voltage``. ``during``, if given, runs on
     a thread from the start (e.g. a big history request) and the run lasts until it is
@@ -272,18 +274,18 @@ def paced_latency(
     latency: dict[int, float] = {}
     lock = threading.Lock()
 
-    def on_message(_c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        now = time.monotonic()
-        seq = key_of(msg)
+    clock_offset = time.time() - time.monotonic()  # %U stamps are wall-clock time
+
+    def on_line(line: bytes) -> None:
+        stamp, _, payload = line.partition(b" ")
+        seq = key_of(payload)
         with lock:
             if seq is not None and seq in sent and seq not in latency:
-                latency[seq] = (now - sent[seq]) * 1000
+                latency[seq] = (float(stamp) - clock_offset - sent[seq]) * 1000
 
-    watcher = paho_client(port, *watcher_auth)
-    watcher.on_message = on_message
-    watch(watcher)
+    watcher = _stamping_subscriber(port, watch, watcher_auth, on_line)
     clients = [paho_client(port, d.username, d.password) for d in devices]
-    time.sleep(0.3)  # SUBACKs in
+    time.sleep(0.5)  # the watcher's SUBACKs in
     helper = threading.Thread(target=during, daemon=True) if during else None
     try:
         if helper:
@@ -306,10 +308,31 @@ def paced_latency(
         offered = seq / (time.monotonic() - started)
         _wait_for_stragglers(latency, lock)
     finally:
-        for c in (*clients, watcher):
+        for c in clients:
             c.disconnect()
             c.loop_stop()
-    return LatencyRun(sent, dict(latency), offered)
+        stop_process(watcher)
+    with lock:
+        return LatencyRun(sent, dict(latency), offered)
+
+
+def _stamping_subscriber(port: int, filters: list[str], auth: tuple[str | None, str | None],
+                         on_line: Callable[[bytes], None]) -> subprocess.Popen[bytes]:
+    """A ``mosquitto_sub`` printing ``<arrival unix time> <payload>`` per message, read on a thread."""
+    command = [MOSQUITTO_SUB, "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-F", "%U %p"]
+    for topic_filter in filters:
+        command += ["-t", topic_filter]
+    if auth[0] is not None:
+        command += ["-u", auth[0], "-P", auth[1] or ""]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            on_line(line.rstrip(b"\n"))
+
+    threading.Thread(target=read, daemon=True).start()
+    return proc
 
 
 def _wait_for_stragglers(latency: dict[int, float], lock: threading.Lock, quiet: float = 1.0,
@@ -327,25 +350,14 @@ def _wait_for_stragglers(latency: dict[int, float], lock: threading.Lock, quiet:
         time.sleep(0.05)
 
 
-def voltage_key(field: str) -> Callable[[mqtt.MQTTMessage], int | None]:
+def voltage_key(field: str) -> Callable[[bytes], int | None]:
     """key_of for JSON payloads whose ``field`` holds the sequence number."""
 
-    def key(msg: mqtt.MQTTMessage) -> int | None:
+    def key(payload: bytes) -> int | None:
         try:
-            value = json.loads(msg.payload).get(field)
-        except ValueError:
+            value = json.loads(payload).get(field)
+        except (ValueError, AttributeError):
             return None
         return int(value) if isinstance(value, int | float) else None
 
     return key
-
-
-def subscribe_all(topics: Iterable[str]) -> Callable[[mqtt.Client], None]:
-    """A ``watch`` that subscribes QoS 1 to each topic."""
-    wanted = [(t, 1) for t in topics]
-
-    def watch(client: mqtt.Client) -> None:
-        for i in range(0, len(wanted), 50):
-            client.subscribe(wanted[i : i + 50])
-
-    return watch

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.http_load import HealthPoller, timed_get
-from benchmarks.mqtt_load import Device, paced_latency, subscribe_all, update_topic, voltage_key
+from benchmarks.mqtt_load import Device, paced_latency, update_topic, voltage_key
 from benchmarks.procs import BenchError, Serve, cpu_seconds, rss_mb
 from benchmarks.report import Figure, Line, p99
 from benchmarks.runner import Context, alternate, running_product
@@ -154,7 +154,7 @@ def history_lag(ctx: Context) -> list[Line]:
             window.append(time.monotonic())
 
         with HealthPoller(server.serve.http_port, interval=0.02) as health:
-            run = paced_latency(server.serve.mqtt_port, devices, subscribe_all(states),
+            run = paced_latency(server.serve.mqtt_port, devices, states,
                                 voltage_key("batmon_voltage"), ctx.seconds(200, 50), lead,
                                 watcher_auth=("admin@localhost", server.admin_key), during=big_request,
                                 first_seq=(rep + 1) * 10_000_000 + 5_000_000)  # fmt: skip

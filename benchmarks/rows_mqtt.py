@@ -17,7 +17,6 @@ from benchmarks.mqtt_load import (
     StreamCounter,
     counting_subscriber,
     paced_latency,
-    subscribe_all,
     timed_run,
     update_topic,
     voltage_key,
@@ -194,7 +193,7 @@ def latency(ctx: Context) -> list[Line]:
             states = [f"batmon/{i}/state" for i, _ in product.batmons]
 
             def on_product() -> tuple[float, float, float]:
-                run = paced_latency(product.serve.mqtt_port, devices, subscribe_all(states),
+                run = paced_latency(product.serve.mqtt_port, devices, states,
                                     voltage_key("batmon_voltage"), rate, duration,
                                     watcher_auth=("admin@localhost", product.serve.admin_key),
                                     first_seq=next(_seq) * 10_000_000)  # fmt: skip
@@ -204,7 +203,7 @@ def latency(ctx: Context) -> list[Line]:
             anchor_devices = [Device(update_topic(i, ANCHOR_TOKEN)) for i in range(len(devices))]
 
             def on_anchor() -> tuple[float, float, float]:
-                run = paced_latency(amqtt.port, anchor_devices, subscribe_all(["batmon/+/+/update"]),
+                run = paced_latency(amqtt.port, anchor_devices, ["batmon/+/+/update"],
                                     voltage_key("voltage"), rate, duration,
                                     first_seq=next(_seq) * 10_000_000)  # fmt: skip
                 got = run.samples()
