@@ -45,7 +45,9 @@ NOTES = [" ".join(note.split()) for note in (
     data folder per row), private `mosquitto` processes (one per system, so no two systems share a
     broker), `python -m benchmarks.amqtt_anchor` (plain amqtt 0.12, anonymous auth, no $SYS/loggers),
     `python -m benchmarks.anchor_app` (Starlette under uvicorn, bound like `batmon serve`), `python -m
-    benchmarks.sinks batched|naive`.""",
+    benchmarks.sinks batched|naive`. The embedded broker runs the repository's broker.yaml with the
+    per-device message-rate cap lifted (`limits.messages_per_second`): a benchmark device publishes far
+    faster than a real one may.""",
     """**MQTT load.** One `mosquitto_pub -l -q 1 -M 100 --nodelay` process per batmon (C; 100 messages in
     flight each, as fast as PUBACKs allow), fed lines through stdin and kept connected across runs. Each
     system is warmed up end to end (one reading per publisher), then one calibration run sizes its timed
