@@ -20,6 +20,7 @@ import uvicorn
 from bridge.config import ServeOptions, parse_mqtt_url
 from bridge.core import Core
 from bridge.events import EventBus
+from bridge.ratelimit import FailureLimiter
 from bridge.store.db import Store
 from bridge.topics import Topics
 
@@ -86,6 +87,8 @@ class Service:
         self._extensions: list[Extension] = []
         self._server: uvicorn.Server | None = None
         self._server_task: asyncio.Task[None] | None = None
+        # One throttle for both doors: a credential failing over HTTP is throttled over MQTT too.
+        self.limiter = FailureLimiter()
 
     @property
     def http_url(self) -> str:
@@ -118,7 +121,7 @@ class Service:
         except BaseException:
             sock.close()
             raise
-        app = create_app(self.core, session_secret=secret, health=self.health)
+        app = create_app(self.core, session_secret=secret, health=self.health, limiter=self.limiter)
         config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
         self._server = uvicorn.Server(config)
         # Signals are ours (the CLI stops the whole service), not uvicorn's.
@@ -155,6 +158,7 @@ class Service:
                 host=opts.host, port=opts.mqtt_port, config_path=opts.broker_config_path,
                 credentials=core, topics=self.topics,
                 bridge_username=bridge_user, bridge_password=bridge_password,
+                limiter=self.limiter,
             )  # fmt: skip
             try:
                 await self.broker.start()

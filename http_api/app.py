@@ -17,9 +17,9 @@ from starlette.routing import Route
 
 from bridge.core import Core, User
 from bridge.errors import BatmonError, NotAuthenticated, WrongToken
-from bridge.models import Login, describe_error
+from bridge.models import EditBatmon, Login, describe_error
 from bridge.ratelimit import FailureLimiter
-from http_api.auth import Sessions, api_key_of, authenticate
+from http_api.auth import Sessions, api_key_of, authenticate, key_credential, token_credential
 from http_api.handlers import Call
 from http_api.openapi import build_openapi
 from http_api.params import request_fields
@@ -46,23 +46,37 @@ class Api:
         self.health = health
 
     async def run(self, request: Request, work: Callable[[dict[str, Any], User | None], Any],
-                  ) -> Response:  # fmt: skip
-        """Parse, authenticate, run ``work``, and map any refusal to its error."""
-        client = request.client.host if request.client else "?"
-        if self.limiter.blocked(client):
-            return error_response(429, "Too many failed authentications; try again in a minute.")
+                  token_is_credential: bool = True) -> Response:  # fmt: skip
+        """Parse, authenticate, run ``work``, and map any refusal to its error.
+
+        ``token_is_credential`` is False where batmon_token sets a new token (edit).
+        """
+        client = request.client.host if request.client else None
         key_user: User | None = None
+        key: str | None = None
+        device: str | None = None
         try:
             fields = await request_fields(request)
+            key = key_credential(request, fields)
+            device = token_credential(fields) if token_is_credential else None
+            # Only the credentials this request presents: a neighbour's failures never
+            # refuse it (bridge/ratelimit.py, the broker's rules too).
+            if self.limiter.blocked(client, key) or self.limiter.blocked(client, device):
+                response = error_response(429, "Too many failed authentications with these"
+                                          " credentials; try again in a minute.")  # fmt: skip
+                response.headers["Retry-After"] = str(int(self.limiter.window_s))
+                return response
             user, by_key = authenticate(self.core, self.sessions, request, fields)
             key_user = user if by_key else None
             result = await work(fields, user)
-            response: Response = JSONResponse({"success": result})
+            response = JSONResponse({"success": result})
         except ValidationError as exc:
             response = error_response(400, describe_error(exc))
         except BatmonError as exc:
-            if isinstance(exc, NotAuthenticated | WrongToken):
-                self.limiter.record_failure(client)
+            if isinstance(exc, NotAuthenticated):
+                self.limiter.record_failure(client, key)
+            elif isinstance(exc, WrongToken):
+                self.limiter.record_failure(client, device)
             response = error_response(exc.status, exc.message)
         if key_user is not None:
             self.sessions.set_cookie(response, key_user, secure=request.url.scheme == "https")
@@ -77,8 +91,12 @@ class Api:
                 call.owner()  # 401 before any validation detail reaches a stranger
             return await endpoint.handler(call, endpoint.model.model_validate(fields))
 
+        # In edit, batmon_token is the new token, not a credential: an owner must be able
+        # to replace the token of a device whose id is being guessed.
+        token_is_credential = endpoint.model is not EditBatmon
+
         async def handle(request: Request) -> Response:
-            return await self.run(request, work)
+            return await self.run(request, work, token_is_credential)
 
         return Route(endpoint.path, handle, methods=list(endpoint.methods),
                      name=endpoint.handler.__name__)  # fmt: skip
