@@ -15,7 +15,15 @@ from starlette.testclient import TestClient
 
 from bridge.ratelimit import FailureLimiter, address_key, api_key_credential
 from http_api.app import create_app
-from tests.broker_support import ALICE, ALICE_KEY, NOT_AUTHORIZED, TOPICS, Client, FakeCredentials, make_broker
+from tests.broker_support import (
+    ALICE,
+    ALICE_KEY,
+    NOT_AUTHORIZED,
+    TOPICS,
+    Client,
+    FakeCredentials,
+    make_broker,
+)
 from tests.conftest import Api
 from tests.support import Clock, LoopThread
 
