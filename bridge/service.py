@@ -19,6 +19,7 @@ import uvicorn
 
 from bridge.config import ServeOptions, parse_mqtt_url
 from bridge.core import Core
+from bridge.datadir import private_file
 from bridge.events import EventBus
 from bridge.ratelimit import FailureLimiter
 from bridge.store.db import Store
@@ -45,6 +46,8 @@ def session_secret(data_dir: Path) -> bytes:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(secrets.token_bytes(32))
+    else:
+        private_file(path)  # one made by an older version, or copied in: 0600 again
     return path.read_bytes()
 
 
@@ -84,7 +87,7 @@ class Service:
         self.broker: Any = None
         self.mqtt: Any = None
         self.notifier: Any = None
-        self._extensions: list[Extension] = []
+        self._extensions: list[Any] = []  # Extensions, some with sync start/stop
         self._server: uvicorn.Server | None = None
         self._server_task: asyncio.Task[None] | None = None
         # One throttle for both doors: a credential failing over HTTP is throttled over MQTT too.
@@ -108,8 +111,7 @@ class Service:
 
         opts = self.options
         try:
-            opts.data_dir.mkdir(parents=True, exist_ok=True)
-            self.store = Store.open(opts.database_path)
+            self.store = Store.open(opts.database_path)  # makes the folder 0700
             secret = session_secret(opts.data_dir)
         except OSError as exc:
             raise ServiceError(f"cannot use data folder {opts.data_dir}: {exc.strerror}") from None
