@@ -123,11 +123,13 @@ class Service:
         except BaseException:
             sock.close()
             raise
+        assert self.core is not None
         app = create_app(self.core, session_secret=secret, health=self.health, limiter=self.limiter)
         config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
         self._server = uvicorn.Server(config)
-        # Signals are ours (the CLI stops the whole service), not uvicorn's.
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        # Signals are ours (the CLI stops the whole service), not uvicorn's: from 0.29 uvicorn
+        # takes SIGINT/SIGTERM for the whole of serve() unless capture_signals is a no-op.
+        self._server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign, assignment]
         self._server_task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
             if self._server_task.done():

@@ -114,10 +114,11 @@ async def _connect(client: mqtt.Client, host: str, port: int, batmon_id: int) ->
 
     def on_connect(client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                    properties: Any) -> None:  # fmt: skip
-        if not connected.done():
-            loop.call_soon_threadsafe(
-                lambda: connected.done() or connected.set_result(reason)
-            )  # fmt: skip
+        def settle() -> None:
+            if not connected.done():
+                connected.set_result(reason)
+
+        loop.call_soon_threadsafe(settle)
 
     client.on_connect = on_connect
     client.connect_async(host, port, keepalive=30)

@@ -13,7 +13,9 @@ from bridge.models import Login
 from http_api.routes import ENDPOINTS
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
-_SECURITY = [{"apiKeyQuery": []}, {"apiKeyHeader": []}, {"bearer": []}, {"session": []}]
+_SECURITY: list[dict[str, list[str]]] = [
+    {"apiKeyQuery": []}, {"apiKeyHeader": []}, {"bearer": []}, {"session": []},
+]  # fmt: skip
 
 
 def _success(schema: dict[str, Any] | None = None) -> dict[str, Any]:
