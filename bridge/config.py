@@ -50,7 +50,7 @@ class ServeOptions(BaseModel):
     @field_validator("mqtt_url")
     @classmethod
     def _mqtt_url(cls, value: str | None) -> str | None:
-        if value in (None, ""):
+        if not value:  # None or ""
             return None
         parse_mqtt_url(value)
         return value
