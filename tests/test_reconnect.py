@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from bridge.mqtt_bridge import RECONNECT_MAX_DELAY_S, RECONNECT_MIN_DELAY_S
-from tests.support import PrivateMosquitto, Probe, make_env, wait_until
+from tests.support import PrivateMosquitto, make_env
 
 OUTAGE_S = 16  # long enough that the old back-off (doubling to 30 s) waited 15 s more
 RESUME_WITHIN_S = 8
