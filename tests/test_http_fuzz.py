@@ -50,6 +50,10 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[schemathe
     store.close()
 
 
+# Hundreds of generated requests each: on a loaded 2-core machine more than the default 120 s.
+pytestmark = pytest.mark.timeout(360)
+
+
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_no_generated_request_causes_a_server_error(
     target: tuple[schemathesis.BaseSchema, str], mode: GenerationMode
