@@ -1,4 +1,4 @@
-"""The `batmon` command: serve, user add/list/notify, simulate.
+"""The `batmon` command: serve, user add/list/notify, simulate, agent vedirect.
 
 Every failure is one line on stderr: exit 2 for bad usage, 1 at run time.
 """
@@ -24,7 +24,7 @@ from bridge.models import describe_error
 ENV_PREFIX = "BATMON_"
 SERVE_OPTIONS = ("data_dir", "host", "http_port", "mqtt_port", "mqtt_url", "broker_config",
                  "base_topic", "discovery_prefix", "discovery", "notify_retry_s",
-                 "notify_give_up_s")  # fmt: skip
+                 "notify_give_up_s", "metrics", "metrics_token", "metrics_per_batmon")  # fmt: skip
 
 
 class Parser(argparse.ArgumentParser):
@@ -52,6 +52,10 @@ def build_parser() -> Parser:
                        help="do not publish Home Assistant discovery")  # fmt: skip
     serve.add_argument("--notify-retry-s", help="first retry delay of a failed notice, doubling (30)")
     serve.add_argument("--notify-give-up-s", help="stop retrying a notice after this long (86400)")
+    serve.add_argument("--metrics", help="who may read /metrics: off, local (loopback, default) or token")
+    serve.add_argument("--metrics-token", help="bearer token for --metrics token (or BATMON_METRICS_TOKEN)")
+    serve.add_argument("--metrics-per-batmon", action="store_const", const=True,
+                       help="also export each batmon's values (one series set per batmon)")
 
     user = commands.add_parser("user", help="manage users")
     user_commands = user.add_subparsers(dest="user_command", required=True, parser_class=Parser)
@@ -77,6 +81,25 @@ def build_parser() -> Parser:
     sim.add_argument("--count", type=int, default=1, help="batmons to create (with --api-url)")
     sim.add_argument("--interval", type=float, default=5.0, help="seconds between readings")
     sim.add_argument("--readings", type=int, default=None, help="stop after this many rounds")
+
+    agent = commands.add_parser("agent", help="run beside a device and feed a batmon server")
+    agents = agent.add_subparsers(dest="agent_command", required=True, parser_class=Parser)
+    ve = agents.add_parser("vedirect", help="a Victron BMV/SmartShunt/MPPT on a serial port")
+    ve.add_argument("--port", help="serial device of the VE.Direct cable, e.g. /dev/ttyUSB0")
+    ve.add_argument("--replay", help="play this recorded dump instead of reading a port")
+    ve.add_argument("--batmon-id", help="the batmon these readings belong to")
+    ve.add_argument("--token", help="its batmon_token (the MQTT password)")
+    ve.add_argument("--mqtt-url", help="broker, e.g. mqtt://host:1883 (default 127.0.0.1:1883)")
+    ve.add_argument("--base-topic", help="MQTT topic prefix of the server (default batmon)")
+    ve.add_argument("--interval", help="seconds between readings (default 10)")
+    ve.add_argument("--average", action="store_const", const=True,
+                    help="send the interval's average of V, I, P, SOC, not the latest block")
+    ve.add_argument("--data-dir", help="folder of the durable queue (default ./batmon-agent-data)")
+    ve.add_argument("--queue-max", help="readings kept while offline; oldest dropped (100000)")
+    ve.add_argument("--first-block-timeout", help="give up if no valid block by then (10 s)")
+    ve.add_argument("--replay-rate", help="blocks per second of --replay (default 1)")
+    ve.add_argument("--replay-loop", action="store_const", const=True,
+                    help="start --replay over at its end")  # fmt: skip
     return parser
 
 
@@ -96,6 +119,45 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         name, sep, problem = describe_error(exc).partition(": ")
         text = f"--{name.replace('_', '-')}: {problem}" if sep else name
         fail(f"batmon serve: {text}", code=2)
+
+
+def agent_options(args: argparse.Namespace) -> Any:
+    """`agent vedirect` options: flags over BATMON_<NAME> over defaults, validated."""
+    from bridge.agent.options import AGENT_OPTIONS, AgentOptions
+
+    values: dict[str, Any] = {}
+    for name in AGENT_OPTIONS:
+        env = os.environ.get(ENV_PREFIX + name.upper())
+        if env is not None:
+            values[name] = env
+        flag = getattr(args, name, None)
+        if flag is not None:
+            values[name] = flag
+    try:
+        return AgentOptions.model_validate(values)
+    except ValidationError as exc:
+        name, sep, problem = describe_error(exc).partition(": ")
+        text = f"--{name.replace('_', '-')}: {problem}" if sep else name
+        if not sep and text.endswith(" is required."):
+            text = f"--{text.removesuffix(' is required.').replace('_', '-')} is required."
+        fail(f"batmon agent vedirect: {text}", code=2)
+
+
+def run_agent(args: argparse.Namespace) -> None:
+    """`batmon agent vedirect`: serial port (or recording) to batmon over MQTT, until SIGTERM."""
+    import threading
+
+    from bridge.agent.vedirect_agent import AgentError, run_agent
+
+    options = agent_options(args)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        stats = run_agent(options, stop, announce=lambda line: print(line, flush=True))
+    except AgentError as exc:
+        fail(f"batmon agent vedirect: {exc}", code=exc.code)
+    print(f"stopped: {stats}", flush=True)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -122,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             run_user(args)
         elif args.command == "simulate":
             asyncio.run(run_simulate(args))
+        elif args.command == "agent":
+            run_agent(args)
     except KeyboardInterrupt:
         pass
 

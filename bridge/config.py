@@ -7,15 +7,18 @@ from __future__ import annotations
 import re
 import urllib.parse
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from bridge.store.db import DB_FILENAME
 
 DEFAULT_MQTT_PORT = 1883
 PACKAGED_BROKER_CONFIG = Path(__file__).with_name("broker.yaml")
 Port = Annotated[int, Field(ge=0, le=65535)]
+
+# A bearer token Prometheus can send: visible ASCII, no spaces, long enough not to guess.
+_METRICS_TOKEN = re.compile(r"[\x21-\x7e]{16,}")
 
 # A topic prefix: levels of safe characters, no wildcards, no leading '$' or '/'.
 _TOPIC_PREFIX = re.compile(r"[A-Za-z0-9_\-.]+(/[A-Za-z0-9_\-.]+)*")
@@ -37,6 +40,9 @@ class ServeOptions(BaseModel):
     discovery: bool = True
     notify_retry_s: Annotated[float, Field(gt=0, le=86_400)] = 30.0
     notify_give_up_s: Annotated[float, Field(gt=0, le=30 * 86_400)] = 86_400.0
+    metrics: Literal["off", "local", "token"] = "local"
+    metrics_token: SecretStr | None = None
+    metrics_per_batmon: bool = False
 
     @field_validator("base_topic", "discovery_prefix")
     @classmethod
@@ -54,6 +60,24 @@ class ServeOptions(BaseModel):
             return None
         parse_mqtt_url(value)
         return value
+
+    @field_validator("metrics_token", mode="before")
+    @classmethod
+    def _metrics_token(cls, value: object) -> object:
+        if value in (None, ""):
+            return None
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if not isinstance(text, str) or not _METRICS_TOKEN.fullmatch(text):
+            raise ValueError("must be at least 16 visible ASCII characters without spaces")
+        return value
+
+    @model_validator(mode="after")
+    def _metrics_access(self) -> ServeOptions:
+        if self.metrics == "token" and self.metrics_token is None:
+            raise ValueError("--metrics token needs --metrics-token (or BATMON_METRICS_TOKEN).")
+        if self.metrics != "token" and self.metrics_token is not None:
+            raise ValueError("--metrics-token is only used with --metrics token.")
+        return self
 
     @property
     def broker_config_path(self) -> Path:

@@ -7,9 +7,10 @@ the store is the durable copy, written before memory changes.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -19,6 +20,8 @@ from bridge.events import BatmonChanged, BatmonDeleted, EventBus, ReadingAccepte
 from bridge.models import AddAlarm, AddBatmon, EditAlarm, EditBatmon, Reading
 from bridge.security import hash_api_key, new_api_key, new_device_token, same_secret
 from bridge.store.db import Store
+from bridge.store.readings import SqliteReadingSink
+from bridge.writer import Door, Plan, ReadingWriter
 
 Status = Literal["Online", "Offline"]
 FLAGS = {"alerts": "notification_enabled", "whatsapp": "whatsapp_enabled", "sms": "sms_enabled"}
@@ -169,6 +172,13 @@ class Core:
         self.alarms: dict[int, Alarm] = {}
         self._users_by_key: dict[str, User] = {}
         self._users_by_id: dict[int, User] = {}
+        # Every reading is committed by this one writer, off the event loop.
+        self.writer = ReadingWriter(lambda: SqliteReadingSink(store.path), self._apply_committed)
+
+    def close(self) -> None:
+        """Stop the writer (after what it holds) and close the store."""
+        self.writer.stop()
+        self.store.close()
 
     def load(self) -> Core:
         """Fill the registry from the store (at start)."""
@@ -309,53 +319,74 @@ class Core:
         self.store.update_batmon(batmon.id, {column: int(enabled)})
         setattr(batmon, column, enabled)
 
-    def delete_batmon(self, batmon: Batmon) -> None:
+    async def delete_batmon(self, batmon: Batmon) -> None:
         """Delete a batmon with its history and alarms; its id is never reused."""
-        self.store.delete_batmon(batmon.id)
-        del self.batmons[batmon.id]
+        # Out of memory first, so no door can submit for it; then let what was
+        # submitted commit, so no reading lands after the delete.
+        self.batmons.pop(batmon.id, None)
+        await self.writer.barrier()
+        try:
+            self.store.delete_batmon(batmon.id)
+        except BaseException:
+            self.batmons[batmon.id] = batmon  # still stored: still there
+            raise
+        self.writer.forget(batmon.id)
         for alarm_id in batmon.alarms:
             self.alarms.pop(alarm_id, None)
         self.bus.emit(BatmonDeleted(batmon))
 
     # -- readings ------------------------------------------------------------
-    async def ingest_readings(self, batmon: Batmon, readings: Iterable[Reading]) -> None:
-        """The one ingest path of HTTP and MQTT: persist, update memory, emit events.
+    def submit_readings(self, batmon: Batmon, readings: Iterable[Reading], door: Door = "http"
+                        ) -> asyncio.Future[None]:  # fmt: skip
+        """The one ingest path of HTTP and MQTT: queue readings for the writer.
 
-        Returns once the readings are committed. Readings are applied in time
-        order; one older than the latest goes into history only.
+        The future resolves once they are committed and applied (memory updated,
+        events emitted); it fails with Unavailable when they could not be stored.
+        Raises Overloaded at once when the writer's queue is full.
         """
         now = self.clock()
-        ordered = sorted(((r.ts if r.ts is not None else now, r.values()) for r in readings),
-                         key=lambda item: item[0])  # fmt: skip
-        latest = batmon.last_reading
-        current: dict[str, Any] = {}
-        flags: list[bool] = []
-        for ts, values in ordered:
-            is_current = latest is None or ts >= latest
-            if is_current:
-                current.update(values)
-                latest = ts
-            flags.append(is_current)
-        status_change: StatusChanged | None = None
-        if current:
-            current["last_reading"] = latest
-            new_status: Status = (
-                "Online" if latest is not None and now - latest < batmon.update_period
-                else "Offline"
-            )  # fmt: skip
-            if new_status != batmon.status:
-                current["status"] = new_status
-                status_change = StatusChanged(
-                    batmon, new_status, batmon.status, now,
-                    first_reading=batmon.last_reading is None,
-                )  # fmt: skip
-        self.store.record_readings(batmon.id, ordered, current)
-        for name, value in current.items():
-            setattr(batmon, name, value)
-        for (ts, values), is_current in zip(ordered, flags, strict=True):
-            self.bus.emit(ReadingAccepted(batmon, values, ts, is_current))
-        if status_change is not None:
-            self.bus.emit(status_change)
+        rows = sorted(((r.ts if r.ts is not None else now, r.values()) for r in readings),
+                      key=lambda item: item[0])  # fmt: skip
+        return self.writer.submit(batmon, rows, now, door)
+
+    def writer_health(self) -> dict[str, Any]:
+        """The writer's state for /healthz: failing while its last commit failed."""
+        stats = self.writer.stats
+        return {
+            "state": "failing" if stats.failing else "ok",
+            "queued_rows": self.writer.pending_rows,
+            "commits": stats.commits,
+            "rows": stats.rows,
+            "failed_commits": stats.failed_commits,
+            "refused_overloaded": stats.refused_overloaded,
+            "last_error": stats.last_error,
+            "last_error_at": None if stats.last_error_at is None else int(stats.last_error_at),
+        }
+
+    async def ingest_readings(self, batmon: Batmon, readings: Iterable[Reading],
+                              door: Door = "http") -> None:  # fmt: skip
+        """Submit readings and return once they are committed (see submit_readings)."""
+        await self.submit_readings(batmon, readings, door)
+
+    def _apply_committed(self, plans: Sequence[Plan]) -> None:
+        """After a commit, on the loop: current values into memory, then events.
+
+        Readings are applied in time order; one older than the latest went into
+        history only (the writer decided that, against what was pending too).
+        """
+        for plan in plans:
+            batmon = plan.batmon
+            if self.batmons.get(batmon.id) is not batmon:
+                continue  # deleted meanwhile: nobody to tell
+            first_reading = batmon.last_reading is None
+            previous = batmon.status
+            for name, value in plan.current.items():
+                setattr(batmon, name, value)
+            for (ts, values), is_current in zip(plan.rows, plan.current_flags, strict=True):
+                self.bus.emit(ReadingAccepted(batmon, values, ts, is_current, plan.door))
+            if batmon.status != previous:
+                self.bus.emit(StatusChanged(batmon, batmon.status, previous, plan.received,
+                                            first_reading=first_reading))  # fmt: skip
 
     def expire_if_due(self, batmon_id: int) -> bool:
         """Announce Offline if the batmon's deadline has passed; True if it changed."""

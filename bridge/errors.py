@@ -49,3 +49,13 @@ class PayloadTooLarge(BatmonError):
     """A body or payload over its size limit (413)."""
 
     status = 413
+
+
+class Unavailable(BatmonError):
+    """Cannot take it now (503): nothing was stored; ``retry_after`` says when to try again."""
+
+    status = 503
+
+    def __init__(self, message: str, retry_after: int = 2) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -28,6 +28,7 @@ class ReadingAccepted:
     values: dict[str, Any]
     ts: float
     current: bool
+    door: Literal["http", "mqtt"] = "http"
 
 
 @dataclass(frozen=True)

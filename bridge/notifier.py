@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote, urlsplit
@@ -210,6 +211,9 @@ class Notifier:
         self.core = core
         self._subscription: Subscription = NO_SUBSCRIPTION
         self.outbox = Outbox(core.store)
+        # Told (channel, outcome) for each notice queued/skipped and attempt sent/retry/failed;
+        # the service points it at its metrics.
+        self.on_outcome: Callable[[str, str], None] = lambda channel, outcome: None
         self.retry_base_s = retry_base_s
         self.give_up_after_s = give_up_after_s
         self.max_attempts = max_attempts
@@ -261,7 +265,7 @@ class Notifier:
             return
         user = self.core.store.user_by_id(batmon.user_id) or {}
         now = self.core.clock()
-        notices = []
+        notices: list[dict[str, Any]] = []
         for channel in self._channels(batmon):
             has_target = bool(user.get(TARGET_COLUMNS[channel]))
             notices.append({
@@ -271,6 +275,8 @@ class Notifier:
                 "last_error": "" if has_target else _no_target(channel),
             })  # fmt: skip
         self.outbox.enqueue(notices)
+        for notice in notices:
+            self.on_outcome(notice["channel"], notice["state"])
         if any(n["state"] == "queued" for n in notices):
             self._wake_worker()
 
@@ -318,6 +324,7 @@ class Notifier:
             target = self._target(row)
             if not target:
                 self.outbox.mark_skipped(row["id"], now, _no_target(row["channel"]))
+                self.on_outcome(row["channel"], "skipped")
             elif self.outbox.claim(row["id"]):
                 task = asyncio.create_task(self._deliver(row, target))
                 self._inflight.add(task)
@@ -358,15 +365,18 @@ class Notifier:
         attempts = row["attempts"] + 1  # claim() counted this attempt
         if not error:
             self.outbox.mark_sent(row["id"], now, masked)
+            self.on_outcome(row["channel"], "sent")
             log.info("notice %s (%s) sent to %s", row["id"], row["channel"], masked)
             return
         next_at = now + self.retry_base_s * 2 ** (attempts - 1)
         if attempts >= self.max_attempts or next_at - row["created"] > self.give_up_after_s:
             self.outbox.mark_failed(row["id"], now, error, masked)
+            self.on_outcome(row["channel"], "failed")
             log.warning("notice %s (%s) to %s failed for good after %d attempts: %s",
                         row["id"], row["channel"], masked, attempts, error)  # fmt: skip
         else:
             self.outbox.mark_retry(row["id"], now, next_at, error, masked)
+            self.on_outcome(row["channel"], "retry")
             log.info("notice %s (%s) to %s failed (%s); retry in %.0f s",
                      row["id"], row["channel"], masked, error, next_at - now)  # fmt: skip
 

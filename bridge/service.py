@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import secrets
@@ -28,6 +29,7 @@ from bridge.topics import Topics
 log = logging.getLogger(__name__)
 
 ADMIN_EMAIL = "admin@localhost"
+DRAIN_TIMEOUT_S = 30.0  # a stop waits this long at most for queued readings to commit
 
 
 class ServiceError(RuntimeError):
@@ -87,6 +89,7 @@ class Service:
         self.broker: Any = None
         self.mqtt: Any = None
         self.notifier: Any = None
+        self.metrics: Any = None
         self._extensions: list[Any] = []  # Extensions, some with sync start/stop
         self._server: uvicorn.Server | None = None
         self._server_task: asyncio.Task[None] | None = None
@@ -108,6 +111,7 @@ class Service:
     async def _start(self) -> None:
         # Imported here so `batmon user ...` does not pay for amqtt/paho/apprise.
         from http_api.app import create_app
+        from http_api.metrics_access import MetricsExposure
 
         opts = self.options
         try:
@@ -124,7 +128,11 @@ class Service:
             sock.close()
             raise
         assert self.core is not None
-        app = create_app(self.core, session_secret=secret, health=self.health, limiter=self.limiter)
+        token = opts.metrics_token.get_secret_value() if opts.metrics_token else None
+        exposure = MetricsExposure(render=self.metrics.render, access=opts.metrics, token=token,
+                                   count_rejection=self.metrics.count_http_rejection)  # fmt: skip
+        app = create_app(self.core, session_secret=secret, health=self.health, metrics=exposure,
+                         limiter=self.limiter)  # fmt: skip
         config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
         self._server = uvicorn.Server(config)
         # Signals are ours (the CLI stops the whole service), not uvicorn's: from 0.29 uvicorn
@@ -142,15 +150,25 @@ class Service:
     async def _start_parts(self) -> None:
         from bridge.alarms import AlarmEvaluator
         from bridge.broker import EmbeddedBroker
+        from bridge.metrics import Metrics
         from bridge.mqtt_bridge import MqttBridge
         from bridge.notifier import Notifier
+        from bridge.update_door import UpdateDoor
         from bridge.watchdog import OfflineWatchdog
 
         opts = self.options
         assert self.store is not None
         self.core = core = Core(self.store, EventBus()).load()
+        # First, so it counts every event the others cause.
+        self.metrics = Metrics(core, mqtt_stats=lambda: self.mqtt.stats if self.mqtt else None,
+                               per_batmon=opts.metrics_per_batmon)  # fmt: skip
+        await self.metrics.start()
+        self._extensions.append(self.metrics)
+        core.writer.on_commit = self.metrics.observe_commit
+        self.metrics.queue_depth = lambda: core.writer.pending_rows
 
         bridge_user, bridge_password = "batmon-bridge", secrets.token_urlsafe(24)
+        door: UpdateDoor | None = None
         if opts.mqtt_url:
             host, port, username, password = parse_mqtt_url(opts.mqtt_url)
             # A stable id keeps the broker's session: readings sent while we were
@@ -158,10 +176,13 @@ class Service:
             # bridges sharing a broker under different bases do not evict each other.
             client_id = "batmon-bridge-" + opts.base_topic.replace("/", "-")
         else:
+            # Devices' updates go from the broker straight to the writer, and the broker
+            # acknowledges each only after its commit (bridge/broker/amqtt_patches.py).
+            door = UpdateDoor(core, self.topics, self._reply_error_in_broker)
             self.broker = EmbeddedBroker(
                 host=opts.host, port=opts.mqtt_port, config_path=opts.broker_config_path,
                 credentials=core, topics=self.topics,
-                bridge_username=bridge_user, bridge_password=bridge_password,
+                bridge_username=bridge_user, bridge_password=bridge_password, updates=door,
                 limiter=self.limiter,
             )  # fmt: skip
             try:
@@ -179,6 +200,7 @@ class Service:
         # before the watchdog, which may announce Offline batmons at once.
         self.notifier = Notifier(core, retry_base_s=opts.notify_retry_s,
                                  give_up_after_s=opts.notify_give_up_s)  # fmt: skip
+        self.notifier.on_outcome = self.metrics.count_notice
         for extension in (AlarmEvaluator(core), self.notifier, OfflineWatchdog(core)):
             await _start_extension(extension)
             self._extensions.append(extension)
@@ -187,11 +209,21 @@ class Service:
             core, self.topics, host=host, port=port, username=username, password=password,
             client_id=client_id, discovery=opts.discovery,
             retain_flag_means_replay=self.broker is None,
+            ingest_updates=self.broker is None, mqtt5=self.broker is None, door=door,
+            publish_direct=self._publish_in_broker if self.broker is not None else None,
         )  # fmt: skip
         try:
             await self.mqtt.start()
         except Exception as exc:
             raise ServiceError(str(exc)) from None
+
+    def _publish_in_broker(self, topic: str, payload: str) -> None:
+        if self.broker is not None:
+            self.broker.publish_soon(topic, payload, retain=True)
+
+    def _reply_error_in_broker(self, batmon_id: int, token: str, message: str) -> None:
+        if self.broker is not None:
+            self.broker.publish_soon(self.topics.error(batmon_id, token), json.dumps({"error": message}))
 
     def health(self) -> dict[str, Any]:
         """MQTT connection state and counters for /healthz."""
@@ -204,11 +236,22 @@ class Service:
         return info
 
     async def stop(self) -> None:
-        """Stop in reverse order; safe to call on a half-started service."""
+        """Stop in reverse order, losing nothing acknowledged; safe on a half-started service.
+
+        HTTP stops first (requests in flight still get their answer), then the broker
+        takes no new client, the writer commits what was taken so its PUBACKs go out,
+        and only then are clients disconnected and the database closed.
+        """
         if self._server is not None and self._server_task is not None:
             self._server.should_exit = True
             with contextlib.suppress(Exception):
                 await self._server_task
+        if self.broker is not None:
+            self.broker.stop_listening()
+        if self.core is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.core.writer.barrier(), DRAIN_TIMEOUT_S)
+            await asyncio.sleep(0)  # let the PUBACKs of what just committed be sent
         if self.mqtt is not None:
             with contextlib.suppress(Exception):
                 await self.mqtt.stop()
@@ -219,6 +262,10 @@ class Service:
             with contextlib.suppress(Exception):
                 await extension.stop()
         self._extensions.clear()
+        if self.core is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.core.writer.drain(), DRAIN_TIMEOUT_S)
+            self.core.writer.stop()
         if self.store is not None:
             self.store.close()
             self.store = None

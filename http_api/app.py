@@ -16,11 +16,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bridge.core import Core, User
-from bridge.errors import BatmonError, NotAuthenticated, WrongToken
+from bridge.errors import BatmonError, NotAuthenticated, Unavailable, WrongToken
 from bridge.models import EditBatmon, Login, describe_error
 from bridge.ratelimit import FailureLimiter
 from http_api.auth import Sessions, api_key_of, authenticate, key_credential, token_credential
 from http_api.handlers import Call
+from http_api.metrics_access import REJECTION_REASONS, MetricsExposure
 from http_api.openapi import build_openapi
 from http_api.params import request_fields
 from http_api.routes import ENDPOINTS, Endpoint
@@ -39,11 +40,12 @@ class Api:
     """Holds what every request needs: the core, the session signer, the limiter."""
 
     def __init__(self, core: Core, sessions: Sessions, limiter: FailureLimiter,
-                 health: HealthProbe | None) -> None:  # fmt: skip
+                 health: HealthProbe | None, metrics: MetricsExposure | None = None) -> None:  # fmt: skip
         self.core = core
         self.sessions = sessions
         self.limiter = limiter
         self.health = health
+        self.metrics = metrics
 
     async def run(self, request: Request, work: Callable[[dict[str, Any], User | None], Any],
                   token_is_credential: bool = True) -> Response:  # fmt: skip
@@ -62,8 +64,8 @@ class Api:
             # Only the credentials this request presents: a neighbour's failures never
             # refuse it (bridge/ratelimit.py, the broker's rules too).
             if self.limiter.blocked(client, key) or self.limiter.blocked(client, device):
-                response = error_response(429, "Too many failed authentications with these"
-                                          " credentials; try again in a minute.")  # fmt: skip
+                response = self.refuse(429, "Too many failed authentications with these"
+                                       " credentials; try again in a minute.")  # fmt: skip
                 response.headers["Retry-After"] = str(int(self.limiter.window_s))
                 return response
             user, by_key = authenticate(self.core, self.sessions, request, fields)
@@ -78,9 +80,19 @@ class Api:
             elif isinstance(exc, WrongToken):
                 self.limiter.record_failure(client, device)
             response = error_response(exc.status, exc.message)
+            if isinstance(exc, Unavailable):
+                response.headers["Retry-After"] = str(exc.retry_after)
         if key_user is not None:
             self.sessions.set_cookie(response, key_user, secure=request.url.scheme == "https")
+        if response.status_code >= 400 and self.metrics is not None:
+            self.metrics.count_rejection(REJECTION_REASONS.get(response.status_code, "other"))
         return response
+
+    def refuse(self, status: int, message: str, reason: str | None = None) -> JSONResponse:
+        """An error response, counted as a rejection for /metrics."""
+        if self.metrics is not None:
+            self.metrics.count_rejection(reason or REJECTION_REASONS.get(status, "other"))
+        return error_response(status, message)
 
     def route(self, endpoint: Endpoint) -> Route:
         """A Starlette route for one entry of the route table."""
@@ -118,13 +130,37 @@ class Api:
 
     async def healthz(self, request: Request) -> Response:
         database = "ok" if self.core.store.ping() else "error"
+        writer = self.core.writer_health()
         extra = self.health() if self.health else {}
-        healthy = database == "ok"
-        body = {"status": "ok" if healthy else "error", "database": database, **extra}
+        # A database that answers SELECT 1 but cannot store a reading is not healthy.
+        healthy = database == "ok" and writer["state"] == "ok"
+        body = {"status": "ok" if healthy else "error", "database": database, "writer": writer,
+                **extra}
         return JSONResponse(body, status_code=200 if healthy else 503)
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(build_openapi())
+
+    async def prometheus(self, request: Request) -> Response:
+        """Prometheus metrics, to loopback clients or a bearer-token holder as configured."""
+        assert self.metrics is not None
+        client = request.client.host if request.client else None
+        # Counted per presented token, as every credential: a neighbour's failures
+        # never blind the monitoring that shares its address.
+        token = key_credential(request, {})
+        if self.metrics.access == "token" and self.limiter.blocked(client, token):
+            return self.refuse(429, "Too many failed authentications; try again in a minute.")
+        refusal = self.metrics.refusal(request)
+        if refusal is not None:
+            status, message = refusal
+            if status == 401:
+                self.limiter.record_failure(client, token)
+            response = self.refuse(status, message, "forbidden" if status == 403 else None)
+            if status == 401:
+                response.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'
+            return response
+        body, content_type = self.metrics.render(request.headers.get("accept", ""))
+        return Response(body, media_type=content_type)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -144,9 +180,10 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(core: Core, *, session_secret: bytes, health: HealthProbe | None = None,
-               limiter: FailureLimiter | None = None) -> Starlette:  # fmt: skip
+               limiter: FailureLimiter | None = None,
+               metrics: MetricsExposure | None = None) -> Starlette:  # fmt: skip
     """The HTTP facade over ``core``; it never touches SQL or MQTT itself."""
-    api = Api(core, Sessions(session_secret), limiter or FailureLimiter(), health)
+    api = Api(core, Sessions(session_secret), limiter or FailureLimiter(), health, metrics)
     routes = [api.route(e) for e in ENDPOINTS]
     routes += [
         Route("/interface/login", api.login, methods=["POST"]),
@@ -154,6 +191,8 @@ def create_app(core: Core, *, session_secret: bytes, health: HealthProbe | None 
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
     ]
+    if metrics is not None and metrics.served:
+        routes.append(Route("/metrics", api.prometheus, methods=["GET"]))
     app = Starlette(
         routes=routes,
         exception_handlers={HTTPException: _http_error, Exception: _server_error},

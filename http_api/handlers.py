@@ -92,7 +92,7 @@ async def edit_batmon(call: Call, data: EditBatmon) -> str:
 
 
 async def delete_batmon(call: Call, data: DeviceRef) -> str:
-    call.core.delete_batmon(call.owned_batmon(data.batmon_id, data.batmon_token))
+    await call.core.delete_batmon(call.owned_batmon(data.batmon_id, data.batmon_token))
     return "success"
 
 

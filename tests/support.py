@@ -32,6 +32,7 @@ from bridge.events import EventBus
 from bridge.models import AddBatmon, Reading
 from bridge.mqtt_bridge import MqttBridge, new_client
 from bridge.store.db import Store
+from bridge.store.readings import SqliteReadingSink
 from bridge.topics import Topics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -397,3 +398,28 @@ def make_env(tmp_path: Path, port: int = SHARED_PORT) -> Iterator[Env]:
         yield env
     finally:
         env.close()
+
+
+class FullDisk:
+    """A real SQLite sink whose file may not grow past its current size while ``full``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.full = True
+        self.sinks: list[SqliteReadingSink] = []
+
+    def __call__(self) -> SqliteReadingSink:
+        sink = SqliteReadingSink(self.path)
+        self.sinks.append(sink)
+        self.apply(sink)
+        return sink
+
+    def apply(self, sink: SqliteReadingSink) -> None:
+        conn = sink._conn  # the test's only reach inside: SQLite's own size cap
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages if self.full else 2**30}")
+
+    def clear(self) -> None:
+        self.full = False
+        for sink in self.sinks:
+            self.apply(sink)

@@ -134,7 +134,7 @@ def test_config_is_emptied_when_the_batmon_is_deleted(env: Env) -> None:
     batmon = env.add_batmon()
     env.bridge()
     wait_until(lambda: retained(env.port, env.topics.discovery(batmon.id)), what="config retained")
-    env.loop.call(env.core.delete_batmon, batmon)
+    env.loop.run(env.core.delete_batmon(batmon))
     wait_until(lambda: retained(env.port, env.topics.discovery(batmon.id)) is None, what="config emptied")
 
 

@@ -444,10 +444,11 @@ def test_stop_returns_even_when_a_notice_was_queued_just_before(tmp_path, sink, 
             await asyncio.sleep(0)  # the worker is now waiting for a wake-up
         await ingest(core, batmon, batmon_voltage=12)  # sets the wake-up...
         async with asyncio.timeout(WAIT_S):
-            await notifier.stop()  # ...and the stop lands before the worker runs
+            await notifier.stop()  # ...and the stop lands right after the worker woke
 
     asyncio.run(scenario())
-    assert [r["state"] for r in rows(core, batmon)] == ["queued"]
+    # Either state is picked up again at the next start (requeue_interrupted).
+    assert [r["state"] for r in rows(core, batmon)] in (["queued"], ["sending"])
 
 
 # -- targets --------------------------------------------------------------------------------

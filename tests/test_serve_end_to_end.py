@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import queue
 import signal
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
@@ -310,3 +311,25 @@ def test_alarm_and_status_notices_in_real_time(serve: ServeProcess) -> None:
             assert sum("offline" in t for t in titles()) == 1
     finally:
         sink.close()
+
+
+def test_the_embedded_brokers_puback_comes_only_after_the_commit(serve: ServeProcess) -> None:
+    """SPEC 5: an acknowledgement is a promise. With every commit slowed on purpose, the
+    reading must already be in the SQLite file when the device holds its PUBACK."""
+    serve.env["BATMON_TEST_COMMIT_DELAY_MS"] = "300"
+    serve.start()
+    admin = {"X-API-Key": serve.admin_key or ""}
+    with httpx.Client(base_url=serve.http_url, timeout=10) as http:
+        added = http.post("/interface/add/batmon", headers=admin,
+                          data={"batmon_name": "Promise"}).json()["success"]  # fmt: skip
+    batmon_id, token = added["batmon_id"], added["batmon_token"]
+    device = Client(mqtt_port(serve), str(batmon_id), token)
+    try:
+        for n in range(3):
+            device.publish(f"batmon/{batmon_id}/{token}/update", json.dumps({"soc": 50 + n}))
+            with sqlite3.connect(serve.data_dir / "batmon.sqlite3") as db:
+                rows = db.execute("SELECT soc FROM readings WHERE batmon_id = ? ORDER BY ts",
+                                  (batmon_id,)).fetchall()  # fmt: skip
+            assert [r[0] for r in rows] == [50 + i for i in range(n + 1)]
+    finally:
+        device.close()

@@ -209,7 +209,7 @@ def test_a_deleted_batmon_is_skipped_and_others_still_expire(core: Core) -> None
     async def scenario(watchdog: OfflineWatchdog) -> None:
         await reading(core, deleted)
         await reading(core, kept)
-        core.delete_batmon(deleted)
+        await core.delete_batmon(deleted)
         await until(lambda: offline_times(seen, kept), 3, "kept batmon Offline")
 
     run_with_watchdog(core, scenario)

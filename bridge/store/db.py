@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import secrets
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,9 @@ USER_TARGET_COLUMNS = frozenset({"email_url", "whatsapp_url", "sms_url"})
 class Store:
     """One SQLite database in WAL mode; every method is one named query or transaction."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, path: Path) -> None:
         self.db = db
+        self.path = path  # the writer opens its own connection to the same file
 
     @classmethod
     def open(cls, path: Path) -> Store:
@@ -61,15 +62,15 @@ class Store:
         try:
             db = Database(conn, execute_plugins=False)
             conn.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode survives a killed process; only a power cut can lose
-            # the last commits. The group-committing writer can afford FULL later.
-            conn.execute("PRAGMA synchronous=NORMAL")
+            # This connection makes the rare changes (users, batmons, alarms, outbox);
+            # readings go through the writer's own connection (bridge/store/readings.py).
+            conn.execute("PRAGMA synchronous=NORMAL")  # survives kill -9; see store/readings.py
             conn.execute("PRAGMA foreign_keys=ON")
             migrate(db)
         except sqlite3.Error as exc:
             conn.close()
             raise OSError(errno.EIO, f"cannot open database {path.name}: {exc}") from None
-        return cls(db)
+        return cls(db, path)
 
     def close(self) -> None:
         """Checkpoint and close the file."""
@@ -115,7 +116,7 @@ class Store:
 
     def set_user_targets(self, user_id: int, targets: dict[str, str]) -> None:
         """Set notification target URLs (email_url, whatsapp_url, sms_url)."""
-        _check_columns(targets, USER_TARGET_COLUMNS)
+        check_columns(targets, USER_TARGET_COLUMNS)
         if targets:
             with self.db.atomic():
                 self.db["users"].update(user_id, targets)
@@ -132,7 +133,7 @@ class Store:
 
     def update_batmon(self, batmon_id: int, changes: dict[str, Any]) -> None:
         """Change some columns of one batmon."""
-        _check_columns(changes, BATMON_COLUMNS)
+        check_columns(changes, BATMON_COLUMNS)
         if changes:
             with self.db.atomic():
                 self.db["batmons"].update(batmon_id, changes)
@@ -152,27 +153,6 @@ class Store:
             self.db.execute("DELETE FROM batmons WHERE id = ?", (batmon_id,))
 
     # -- readings ----------------------------------------------------------------
-    def record_readings(self, batmon_id: int, rows: Iterable[tuple[float, dict[str, Any]]],
-                        current: dict[str, Any] | None) -> None:
-        """Append history rows and, when given, the batmon's new current values, atomically."""
-        with self.db.atomic():
-            self.db.conn.executemany(
-                "INSERT INTO readings (batmon_id, ts, voltage, current, power, soc, details)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (batmon_id, ts, v.get("voltage"), v.get("current"), v.get("power"),
-                     v.get("soc"), v.get("details"))
-                    for ts, v in rows
-                ],
-            )  # fmt: skip
-            if current:
-                _check_columns(current, BATMON_COLUMNS)
-                assignments = ", ".join(f"{column} = ?" for column in current)
-                self.db.execute(
-                    f"UPDATE batmons SET {assignments} WHERE id = ?",
-                    (*current.values(), batmon_id),
-                )
-
     def history(self, batmon_id: int, min_ts: float, max_ts: float) -> Iterator[dict[str, Any]]:
         """Readings of one batmon with min_ts <= ts < max_ts, in time order."""
         return self.db.query(
@@ -206,7 +186,7 @@ class Store:
 
     def update_alarm(self, alarm_id: int, changes: dict[str, Any]) -> None:
         """Change some columns of one alarm."""
-        _check_columns(changes, ALARM_COLUMNS)
+        check_columns(changes, ALARM_COLUMNS)
         if changes:
             with self.db.atomic():
                 self.db["alarms"].update(alarm_id, changes)
@@ -226,7 +206,7 @@ class Store:
             return False
 
 
-def _check_columns(changes: dict[str, Any], allowed: frozenset[str]) -> None:
+def check_columns(changes: dict[str, Any], allowed: frozenset[str]) -> None:
     unknown = set(changes) - allowed
     if unknown:
         raise ValueError(f"not a changeable column: {sorted(unknown)}")

@@ -116,6 +116,18 @@ class Outbox:
         rows = self.db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall()
         return {state: int(count) for state, count in rows}
 
+    def pending_by_channel(self) -> dict[tuple[str, str], int]:
+        """Notices waiting (``queued``) or in flight (``sending``), by (state, channel).
+
+        Reads only those rows through the state index: a scrape stays cheap however
+        many finished notices the outbox keeps.
+        """
+        rows = self.db.execute(
+            "SELECT state, channel, count(*) FROM outbox WHERE state IN ('queued', 'sending')"
+            " GROUP BY state, channel"
+        ).fetchall()
+        return {(state, channel): int(count) for state, channel, count in rows}
+
     def prune(self, before: float) -> int:
         """Delete finished notices created before ``before``; queued ones stay."""
         with self.db.atomic():

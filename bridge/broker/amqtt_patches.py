@@ -1,0 +1,393 @@
+"""amqtt's Broker with the 0.12.1 flaws closed that matter once clients are untrusted.
+
+The ONLY module that touches amqtt's private internals (overridden private methods and
+attributes). That is why pyproject pins amqtt to one exact release: any upgrade must
+re-read amqtt's broker.py against every override here and rerun tests/test_broker*.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.broker import Broker, Server
+from amqtt.contexts import Action
+from amqtt.mqtt.constants import QOS_1, QOS_2
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import ApplicationMessage, OutgoingApplicationMessage, Session
+
+from bridge.broker.access import Principal
+from bridge.broker.plugin import PRINCIPAL_KEY, WILL_KEY
+from bridge.errors import Unavailable
+from bridge.topics import Topics
+from bridge.writer import Overloaded
+
+log = logging.getLogger(__name__)
+
+
+MAX_UNACKED_PER_CLIENT = 1_000
+"""Updates one connection may have waiting for their commit; past it the client is
+dropped (a well-behaved device waits for PUBACKs: paho's default window is 20)."""
+
+
+RETRY_MIN_S = 0.25
+RETRY_MAX_S = 5.0
+"""Back-off of an update whose commit failed, held until it can be stored."""
+
+
+class UpdateSink(Protocol):
+    """Where the broker hands a device's update: the MQTT door (bridge/update_door.py)."""
+
+    def submit(self, topic: str, payload: bytes, *, dup: bool = False) -> asyncio.Future[None] | None:
+        """The commit's future, or None when there is nothing to wait for."""
+        ...
+
+    def has_room(self) -> bool:
+        """False while the writer's queue is full."""
+        ...
+
+
+class UpdateInbox(asyncio.Queue[ApplicationMessage]):
+    """A session's inbound queue that hands the device's own updates to the writer.
+
+    amqtt puts an incoming QoS 1 PUBLISH on this queue and sends PUBACK when ``put``
+    returns; for an update, ``put`` returns only once it is committed, so a PUBACK from
+    the embedded broker means the reading is on disk. Updates are never broadcast: no
+    one else may subscribe to them. Other messages are queued as amqtt does.
+    """
+
+    def __init__(self, session: Session, sink: UpdateSink, drop: Callable[[str], None]) -> None:
+        super().__init__()
+        self._session = session
+        self._sink = sink
+        self._drop = drop  # closes this client's connection, with the reason logged
+        self.unacked = 0
+
+    def _own_update(self, message: ApplicationMessage) -> bool:
+        principal = self._session.attributes.get(PRINCIPAL_KEY)
+        return (
+            isinstance(principal, Principal)
+            and principal.kind == "device"
+            and message.topic in principal.publish
+        )
+
+    async def put(self, item: ApplicationMessage) -> None:
+        """QoS 1 and 2: return (and so acknowledge) only after the commit."""
+        if not self._own_update(item):
+            await super().put(item)
+            return
+        self.unacked += 1
+        try:
+            if self.unacked > MAX_UNACKED_PER_CLIENT:
+                self._drop("too many unacknowledged updates")
+                await asyncio.Future()  # never acked; cancelled when the connection ends
+            payload, dup = bytes(item.data or b""), _dup(item)
+            delay = RETRY_MIN_S
+            while True:
+                try:
+                    future = self._sink.submit(item.topic, payload, dup=dup)
+                    if future is not None:
+                        await future
+                    return
+                except Overloaded:
+                    while not self._sink.has_room():  # stop acking: the device's window fills
+                        await asyncio.sleep(0.005)
+                except Unavailable:
+                    # Not stored (disk full...): no PUBACK yet. Hold the message and try
+                    # again; the device's window fills, so it stops sending meanwhile,
+                    # and even a device that never reconnects loses nothing.
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX_S)
+        finally:
+            self.unacked -= 1
+
+    def put_nowait(self, item: ApplicationMessage) -> None:
+        """QoS 0: no acknowledgement to hold back; a full writer drops it (counted)."""
+        if not self._own_update(item):
+            super().put_nowait(item)
+            return
+        try:
+            self._sink.submit(item.topic, bytes(item.data or b""))
+        except Overloaded:
+            log.debug("dropped a QoS 0 update of client %r: writer full", self._session.client_id)
+
+
+def _dup(message: ApplicationMessage) -> bool:
+    return bool(message.publish_packet is not None and message.publish_packet.dup_flag)
+
+
+class BatmonBroker(Broker):
+    """amqtt's Broker with 0.12.1 flaws closed that matter once clients are untrusted."""
+
+    def __init__(self, config: dict[str, Any], *, topics: Topics, updates: UpdateSink | None = None) -> None:
+        super().__init__(config)
+        self._topics = topics
+        self._updates = updates
+        self._background: set[asyncio.Future[Any]] = set()
+
+    def _install_inbox(self, session: Session) -> None:
+        """Route this session's own updates to the writer (see UpdateInbox)."""
+        if self._updates is None or isinstance(session.delivered_message_queue, UpdateInbox):
+            return
+        inbox = UpdateInbox(session, self._updates, lambda why: self._drop_client(session, why))
+        for message in _take_all(session.delivered_message_queue):
+            asyncio.Queue.put_nowait(inbox, message)
+        session.delivered_message_queue = inbox
+
+    def _drop_client(self, session: Session, why: str) -> None:
+        """Close one client's connection (it will resend what we did not acknowledge)."""
+        entry = self._sessions.get(session.client_id or "")
+        if entry is None or entry[0] is not session:
+            return
+        log.warning("disconnecting client %r: %s", session.client_id, why)
+        handler = entry[1]
+        writer = handler.writer
+        if writer is not None:
+            closing = asyncio.ensure_future(writer.close())
+            self._background.add(closing)
+            closing.add_done_callback(self._background.discard)
+
+    def stop_listening(self) -> None:
+        """Refuse new connections; connected clients carry on until shutdown()."""
+        for server in self._servers.values():
+            if server.instance is not None:
+                server.instance.close()
+
+    async def publish_internal(self, topic: str, payload: bytes, *, retain: bool) -> None:
+        """Publish as the broker itself (the bridge's retained state, error replies)."""
+        if retain:
+            await self.retain_message(None, topic, payload, 1)
+        await self.internal_message_broadcast(topic, payload, 1)
+
+    async def retain_message(
+        self,
+        source_session: Session | None,
+        topic_name: str | None,
+        data: bytes | bytearray | None,
+        qos: int | None = None,
+    ) -> None:
+        """Store retained messages (PUBLISH or last will), except on device update topics."""
+        # A retained reading would be replayed to the bridge as a fresh one on every
+        # (re)subscribe; the message itself is still delivered like any other.
+        if topic_name is not None and self._topics.parse_update(topic_name) is not None:
+            return
+        await super().retain_message(source_session, topic_name, data, qos)
+
+    async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
+        """amqtt's loop for one connection, except that its end loses no acknowledged message."""
+        # amqtt sends PUBACK once an incoming QoS 1 message is queued on the session, not
+        # once it is broadcast. Its loop handled a disconnect before the deliveries of the
+        # same pass, then cancelled the delivery wait: what was still queued never reached
+        # the subscribers. Here deliveries come first and a connection's end flushes the
+        # queue, through the same ACL-checked path.
+        disconnect_waiter = asyncio.ensure_future(handler.wait_disconnect())
+        subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+        unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+        wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+        try:
+            while True:
+                waiters = (disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver)
+                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                if wait_deliver in done:
+                    if not await self._handle_message_delivery(client_session, handler, wait_deliver):
+                        # A protocol violation: amqtt ends the connection (our
+                        # _handle_client_session stops it); deliver what came before.
+                        await self._stop_handler(handler)
+                        await self._deliver_acknowledged(client_session, handler, None)
+                        break
+                    wait_deliver = asyncio.ensure_future(handler.mqtt_deliver_next_message())
+                if subscribe_waiter in done:
+                    await self._handle_subscription(client_session, handler, subscribe_waiter)
+                    subscribe_waiter = asyncio.ensure_future(handler.get_next_pending_subscription())
+                if unsubscribe_waiter in done:
+                    await self._handle_unsubscription(client_session, handler, unsubscribe_waiter)
+                    unsubscribe_waiter = asyncio.ensure_future(handler.get_next_pending_unsubscription())
+                if disconnect_waiter in done:
+                    # Stop reading first, so nothing more can be queued (and acknowledged).
+                    await self._stop_handler(handler)
+                    await self._deliver_acknowledged(client_session, handler, wait_deliver)
+                    await self._handle_disconnect(client_session, handler, disconnect_waiter)
+                    break
+        finally:
+            waiters = (disconnect_waiter, subscribe_waiter, unsubscribe_waiter, wait_deliver)
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+
+    async def _deliver_acknowledged(
+        self,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        wait_deliver: asyncio.Future[ApplicationMessage | None] | None,
+    ) -> None:
+        """Broadcast what the client published and we acknowledged but had not yet delivered."""
+        pending: list[ApplicationMessage] = []
+        if wait_deliver is not None:
+            # Cancelled while waiting, it leaves its message in the queue and returns None;
+            # finished already, it holds the oldest pending message.
+            wait_deliver.cancel()
+            taken = (await asyncio.gather(wait_deliver, return_exceptions=True))[0]
+            if isinstance(taken, ApplicationMessage):
+                pending.append(taken)
+        pending += _take_all(client_session.delivered_message_queue)
+        if pending:
+            log.debug("delivering %d message(s) client %r sent before it left",
+                      len(pending), client_session.client_id)  # fmt: skip
+        loop = asyncio.get_running_loop()
+        for message in pending:
+            delivered: asyncio.Future[ApplicationMessage] = loop.create_future()
+            delivered.set_result(message)
+            # The normal path: topic checks, the PUBLISH ACL, broadcast, retain.
+            await self._handle_message_delivery(client_session, handler, delivered)
+
+    async def _run_broadcast(self, running_tasks: deque[asyncio.Task[OutgoingApplicationMessage]]) -> None:
+        """Send one broadcast message to every session whose filter matches it, if allowed."""
+        # amqtt's own walks the live subscription table across awaits (the RECEIVE check):
+        # a SUBSCRIBE to a new filter meanwhile killed the broadcast for everyone (dict
+        # changed size), a session dropped meanwhile made it skip the next subscriber of
+        # that filter. Same logic, over a snapshot.
+        broadcast = await self._broadcast_queue.get()
+        topic = str(broadcast["topic"])
+        for topic_filter, subscriptions in list(self._subscriptions.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            for target_session, sub_qos in list(subscriptions):
+                qos = broadcast.get("qos", sub_qos)
+                if not await self._topic_filtering(target_session, topic=topic, action=Action.RECEIVE):
+                    continue
+                connected = target_session.transitions.state == "connected"
+                # Queued for a persistent session while it is away (QoS 1/2 only).
+                if (
+                    not connected
+                    and not target_session.clean_session
+                    and qos in (QOS_1, QOS_2)
+                    and not target_session.is_anonymous
+                ):
+                    await self._retain_broadcast_message(broadcast, qos, target_session)
+                    continue
+                if not connected:
+                    continue
+                handler = self._get_handler(target_session)
+                if handler:
+                    publish = handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)
+                    running_tasks.append(asyncio.ensure_future(publish))
+
+    async def _delete_session(self, client_id: str) -> None:
+        """Drop a session for a clean-session CONNECT, but not the messages it acknowledged."""
+        # amqtt clears all the old session's queues, the inbound one too: readings already
+        # acknowledged that the old connection's loop, still running on that session
+        # object, had not yet broadcast. Give them back to it.
+        session = self._sessions.get(client_id, (None, None))[0]
+        inbound = _take_all(session.delivered_message_queue) if session is not None else []
+        await super()._delete_session(client_id)
+        if session is not None:
+            for message in inbound:
+                session.delivered_message_queue.put_nowait(message)
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        """Replay retained messages for a filter this session holds, each one vetted."""
+        # On every CONNECT amqtt replays retained messages for *all clients'* filters to
+        # the new client, and it never asks the topic plugins about a replayed message:
+        # only replay filters this session holds, and only messages it may RECEIVE (a
+        # user's wildcard also matches other users' retained state and discovery).
+        topic_filter, qos = subscription
+        holders = self._subscriptions.get(topic_filter, ())
+        if not any(s.client_id == session.client_id for s, _qos in holders):
+            return
+        handler = self._get_handler(session)
+        if handler is None:
+            return
+        tasks = []
+        for topic, retained in list(self._retained_messages.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            if not await self._topic_filtering(session, topic=topic, action=Action.RECEIVE):
+                continue
+            tasks.append(
+                asyncio.ensure_future(
+                    handler.mqtt_publish(
+                        retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
+                    )
+                )
+            )
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        """Deliver what was queued for a persistent session only if still allowed now."""
+        # Queued messages passed RECEIVE when queued; ownership may have changed since.
+        queued = []
+        while not session.retained_messages.empty():
+            queued.append(session.retained_messages.get_nowait())
+        for message in queued:
+            if await self._topic_filtering(session, topic=message.topic, action=Action.RECEIVE):
+                session.retained_messages.put_nowait(message)
+        await super()._publish_session_retained_messages(session)
+
+    async def _handle_disconnect(
+        self,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        disconnect_waiter: asyncio.Future[Any],
+    ) -> None:
+        """Fire only the last will our plugin vetted at the last accepted CONNECT."""
+        # amqtt copies a new CONNECT's will onto a persistent session before authenticating
+        # it, and a refused CONNECT then takes the live connection over, firing that will:
+        # anyone knowing a client id could publish anywhere without a password.
+        (
+            client_session.will_flag,
+            client_session.will_topic,
+            client_session.will_message,
+            client_session.will_qos,
+            client_session.will_retain,
+        ) = client_session.attributes.get(WILL_KEY) or (False, None, None, None, None)
+        await super()._handle_disconnect(client_session, handler, disconnect_waiter)
+
+    async def _handle_client_session(
+        self,
+        reader: ReaderAdapter,
+        writer: WriterAdapter,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        server: Server,
+        listener_name: str,
+    ) -> None:
+        """Run amqtt's session handling, then release what it leaves behind."""
+        # amqtt resumes a persistent session with the address of its first connection:
+        # the login throttle must see this connection's.
+        peer = writer.get_peer_info()
+        if peer is not None:
+            client_session.remote_address, client_session.remote_port = peer
+        self._install_inbox(client_session)
+        try:
+            await super()._handle_client_session(
+                reader, writer, client_session, handler, server, listener_name
+            )
+        finally:
+            # A refused CONNECT returns with the session still "connected", so the session
+            # monitor never drops it: one leaked session per failed login. Finish the job
+            # unless another connection has taken the session over meanwhile.
+            owner = self._sessions.get(client_session.client_id or "", (None, None))[1]
+            if owner is handler and client_session.transitions.is_connected():
+                await self._stop_handler(handler)
+                client_session.transitions.disconnect()
+
+    def bound_port(self) -> int:
+        """Read the port from the listening socket: the only truth when port 0 was asked."""
+        # amqtt has no public accessor for its listeners' servers (0.12).
+        server = self._servers["default"].instance
+        return int(server.sockets[0].getsockname()[1])
+
+
+def _take_all(queue: asyncio.Queue[ApplicationMessage]) -> list[ApplicationMessage]:
+    """Everything in the queue now, oldest first, without waiting."""
+    taken = []
+    while not queue.empty():
+        taken.append(queue.get_nowait())
+    return taken

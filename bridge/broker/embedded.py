@@ -1,0 +1,207 @@
+"""The embedded broker `batmon serve` runs: broker.yaml loading, plugin wiring, lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from amqtt.errors import BrokerError, PluginError, PluginLoadError
+from dacite import DaciteError
+
+from bridge.broker.access import AccessPolicy, CredentialCheck
+from bridge.broker.amqtt_patches import BatmonBroker, UpdateSink
+from bridge.ratelimit import FailureLimiter
+from bridge.topics import Topics
+
+log = logging.getLogger(__name__)
+
+PUBLISH_BATCH = 200  # broker-side publishes between yields to the event loop
+PLUGIN_PATH = "bridge.broker.BatmonAccessPlugin"
+"""Dotted path amqtt imports our plugin from (listed in broker.yaml)."""
+
+# What amqtt raises for a config it cannot use (dacite validates it, plugins load from it).
+_CONFIG_ERRORS = (DaciteError, PluginError, PluginLoadError, BrokerError, ValueError, TypeError)
+# Deprecated entry-point plugin sections: ignored once 'plugins' is set, dropped so they
+# cannot mislead a reader nor trigger amqtt's deprecation warnings.
+_LEGACY_KEYS = ("auth", "topic-check", "topic_check", "sys_interval")
+# Plugins amqtt ships that must not run here: anonymous/file auth and ACLs (ours replace
+# them), $SYS stats (a periodic task nobody reads) and the loggers (the packet logger logs
+# CONNECT packets, passwords included, at DEBUG).
+_FORBIDDEN_PLUGIN_PREFIXES = (
+    "amqtt.plugins.authentication.",
+    "amqtt.plugins.topic_checking.",
+    "amqtt.plugins.sys.",
+    "amqtt.plugins.logging_amqtt.",
+)
+
+
+class BrokerStartError(Exception):
+    """The embedded broker could not start (bad config, address in use...)."""
+
+
+class EmbeddedBroker:
+    """The in-process amqtt broker `batmon serve` runs: config, plugin wiring, lifecycle."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        config_path: Path,
+        credentials: CredentialCheck,
+        topics: Topics,
+        bridge_username: str,
+        bridge_password: str,
+        limiter: FailureLimiter | None = None,
+        updates: UpdateSink | None = None,
+    ) -> None:
+        """``limiter`` throttles failed logins per client address (default: 30 a minute);
+        ``updates`` takes devices' updates straight from the broker (acked after commit)."""
+        self._host = host
+        self._requested_port = port
+        self._config_path = config_path
+        self._credentials = credentials
+        self._topics = topics
+        self._bridge_username = bridge_username
+        self._bridge_password = bridge_password
+        self._limiter = limiter
+        self._updates = updates
+        self._broker: BatmonBroker | None = None
+        self._port: int | None = None
+        self._outbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue()
+        self._publisher: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        """The port actually listened on (differs from the requested one for port 0)."""
+        if self._port is None:
+            raise RuntimeError("the embedded broker is not running")
+        return self._port
+
+    def _load_config(self) -> dict[str, Any]:
+        """broker.yaml with our bind address and our access plugin as the only ACL."""
+        where = self._config_path
+        try:
+            raw = yaml.safe_load(where.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise BrokerStartError(f"cannot read broker config {where}: {exc}") from None
+        listeners = raw.get("listeners", {}) if isinstance(raw, dict) else None
+        default = listeners.get("default", {}) if isinstance(listeners, dict) else None
+        plugins = (raw.get("plugins") or {}) if isinstance(raw, dict) else None
+        if isinstance(plugins, list):  # amqtt also accepts a list of names / one-key maps
+            plugins = {
+                name: cfg
+                for item in plugins
+                for name, cfg in (item.items() if isinstance(item, dict) else [(item, {})])
+            }
+        if not (isinstance(default, dict) and isinstance(plugins, dict)):
+            raise BrokerStartError(
+                f"broker config {where}: expected mappings 'listeners.default' and 'plugins'"
+            )
+        policy = AccessPolicy(
+            credentials=self._credentials,
+            topics=self._topics,
+            bridge_username=self._bridge_username,
+            bridge_password=self._bridge_password,
+            limiter=self._limiter,
+        )
+        others = {
+            name: cfg
+            for name, cfg in plugins.items()
+            if name != PLUGIN_PATH and not str(name).startswith(_FORBIDDEN_PLUGIN_PREFIXES)
+        }
+        config = {k: v for k, v in raw.items() if k not in _LEGACY_KEYS}
+        config["listeners"] = {
+            **listeners,
+            "default": {"type": "tcp", **default, "bind": f"{self._host}:{self._requested_port}"},
+        }
+        config["plugins"] = {PLUGIN_PATH: {"policy": policy}, **others}
+        return config
+
+    async def start(self) -> None:
+        """Load the config and listen; raises BrokerStartError naming host:port on failure."""
+        if self._broker is not None:
+            raise RuntimeError("the embedded broker is already running")
+        config = self._load_config()
+        where = f"{self._host}:{self._requested_port}"
+        _quiet_amqtt_logging()
+        try:
+            broker = BatmonBroker(config, topics=self._topics, updates=self._updates)
+        except _CONFIG_ERRORS as exc:
+            raise BrokerStartError(f"invalid broker config {self._config_path}: {exc}") from None
+        startup_filter = _DropStartupTraceback()
+        amqtt_log = logging.getLogger("amqtt.broker")
+        amqtt_log.addFilter(startup_filter)
+        try:
+            await broker.start()
+        except BrokerError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno:
+                reason = os.strerror(cause.errno)
+            else:
+                reason = str(cause or exc)
+            raise BrokerStartError(f"cannot start MQTT broker on {where}: {reason}") from None
+        finally:
+            amqtt_log.removeFilter(startup_filter)
+        self._broker = broker
+        self._port = broker.bound_port()
+        self._publisher = asyncio.create_task(self._publish_loop(broker), name="broker-publisher")
+        log.info("embedded MQTT broker listening on %s:%d", self._host, self._port)
+
+    def publish_soon(self, topic: str, payload: str, *, retain: bool = False) -> None:
+        """Publish as the broker itself, from synchronous code (state, discovery, errors).
+
+        Messages go out in call order through one task, which yields to the loop
+        between batches: 30,000 retained topics at start-up do not starve ingest.
+        """
+        if self._broker is not None:
+            self._outbox.put_nowait((topic, payload.encode(), retain))
+
+    async def _publish_loop(self, broker: BatmonBroker) -> None:
+        while True:
+            topic, payload, retain = await self._outbox.get()
+            try:
+                await broker.publish_internal(topic, payload, retain=retain)
+            except Exception:
+                log.exception("publishing %s into the embedded broker failed", topic)
+            self._outbox.task_done()
+            if self._outbox.qsize() and self._outbox.qsize() % PUBLISH_BATCH == 0:
+                await asyncio.sleep(0)
+
+    def stop_listening(self) -> None:
+        """Accept no new client (first step of a clean stop)."""
+        if self._broker is not None:
+            self._broker.stop_listening()
+
+    async def stop(self) -> None:
+        """Disconnect every client and close the listener; a no-op if not running."""
+        broker, self._broker = self._broker, None
+        self._port = None
+        if self._publisher is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._outbox.join(), 5)  # the last states go out first
+            self._publisher.cancel()
+            await asyncio.gather(self._publisher, return_exceptions=True)
+            self._publisher = None
+        if broker is not None:
+            await broker.shutdown()
+
+
+class _DropStartupTraceback(logging.Filter):
+    """amqtt logs a full traceback when it cannot bind; we raise BrokerStartError instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "Broker startup failed"
+
+
+def _quiet_amqtt_logging() -> None:
+    """amqtt logs every connection at INFO; keep it to warnings unless configured."""
+    for name in ("amqtt", "transitions"):
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)

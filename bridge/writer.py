@@ -1,0 +1,373 @@
+"""The one writer: readings from both doors are committed in groups, in order, on
+its own thread and connection, so no commit ever runs on the event loop.
+
+A door submits a batmon's readings and gets a future that resolves once they are
+committed and applied (memory updated, events emitted); only then may it answer
+``success`` or send a PUBACK. A group that fails to commit fails every future in
+it: nothing is acknowledged that is not on disk.
+
+Planning (which reading becomes the batmon's current value) happens in the
+writer's thread, in submission order, against the latest timestamp committed or
+pending, so an older reading still goes to history only. Memory is changed on the
+submitter's event loop, after the commit, by the ``apply`` callback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from bridge.errors import Unavailable
+
+if TYPE_CHECKING:
+    from bridge.core import Batmon
+    from bridge.store.readings import CurrentUpdate, ReadingRow, ReadingSink
+
+log = logging.getLogger(__name__)
+
+MAX_GROUP_ROWS = 1_000
+"""Rows committed in one transaction at most: past this, latency grows for little gain."""
+MAX_PENDING_ROWS = 20_000
+"""Rows queued or being committed at most; past this a door is told to come back later."""
+LINGER_S = 0.001
+PROBE_EVERY_S = 1.0
+COMMIT_DELAY_ENV = "BATMON_TEST_COMMIT_DELAY_MS"
+"""Tests slow each commit by this many ms, to show back-pressure; never set in production."""
+
+Door = Literal["http", "mqtt"]
+
+
+class Overloaded(Unavailable):
+    """The writer's queue is full: the doors push back instead of buffering without bound."""
+
+
+class StorageFailed(Unavailable):
+    """The commit failed (disk full, read-only file...); the reading was not stored."""
+
+
+@dataclass(slots=True)
+class Plan:
+    """What one submission did, decided in the writer's thread and applied on its loop."""
+
+    batmon: Batmon
+    rows: list[tuple[float, dict[str, Any]]]
+    current_flags: list[bool]
+    current: dict[str, Any]
+    received: float
+    door: Door
+
+
+@dataclass(slots=True, eq=False)
+class _Submission:
+    batmon: Batmon
+    rows: list[tuple[float, dict[str, Any]]]  # (ts, values) in time order
+    received: float
+    door: Door
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]
+
+
+@dataclass(slots=True, eq=False)
+class _Barrier:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]
+
+
+_STOP = object()
+Apply = Callable[[Sequence[Plan]], None]
+
+
+@dataclass
+class WriterStats:
+    """Counters for /healthz and metrics; written by the writer's thread only."""
+
+    commits: int = 0
+    rows: int = 0
+    failed_commits: int = 0
+    refused_overloaded: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+    failing: bool = False
+    last_group_rows: int = 0
+    max_group_rows: int = 0
+    last_commit_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ReadingWriter:
+    """Owns the write connection; commits groups of readings from a bounded queue."""
+
+    def __init__(self, open_sink: Callable[[], ReadingSink], apply: Apply, *,
+                 max_pending_rows: int = MAX_PENDING_ROWS,
+                 on_commit: Callable[[int, float], None] | None = None) -> None:  # fmt: skip
+        self._open_sink = open_sink
+        self._apply = apply
+        self.max_pending_rows = max_pending_rows
+        self.on_commit = on_commit  # (rows, seconds) after each commit, for metrics
+        self.stats = WriterStats()
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards _pending_rows (doors may live on several loops)
+        self._pending_rows = 0
+        self._thread: threading.Thread | None = None
+        self._latest: dict[int, float | None] = {}  # planned latest ts per batmon
+        self._delay_s = float(os.environ.get(COMMIT_DELAY_ENV, "0") or 0) / 1000
+
+    # -- doors' side (any event loop) -------------------------------------------
+    @property
+    def pending_rows(self) -> int:
+        """Rows submitted and not yet committed or failed."""
+        return self._pending_rows
+
+    @property
+    def has_room(self) -> bool:
+        """True while a new submission would be taken."""
+        return self._pending_rows < self.max_pending_rows
+
+    def submit(self, batmon: Batmon, rows: list[tuple[float, dict[str, Any]]], received: float,
+               door: Door) -> asyncio.Future[None]:  # fmt: skip
+        """Queue readings (sorted by ts); the future resolves once committed and applied.
+
+        Raises Overloaded when the queue is full: the door answers 503 or stops reading.
+        """
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._pending_rows + len(rows) > self.max_pending_rows and self._pending_rows:
+                self.stats.refused_overloaded += 1
+                raise Overloaded("The server is busy storing readings; try again in a moment.")
+            self._pending_rows += len(rows)
+        self._ensure_thread()
+        future: asyncio.Future[None] = loop.create_future()
+        self._queue.put(_Submission(batmon, rows, received, door, loop, future))
+        return future
+
+    async def barrier(self) -> None:
+        """Return once everything submitted before this call is committed (or failed) and applied."""
+        loop = asyncio.get_running_loop()
+        if self._thread is None:
+            return
+        future: asyncio.Future[None] = loop.create_future()
+        self._queue.put(_Barrier(loop, future))
+        await future
+
+    def forget(self, batmon_id: int) -> None:
+        """Drop planning state of a deleted batmon (ids are never reused)."""
+        self._queue.put(("forget", batmon_id))
+
+    async def drain(self) -> None:
+        """Commit everything queued, then stop the thread (for a clean stop)."""
+        await self.barrier()
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop the thread after what is queued; safe to call twice."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(_STOP)
+            thread.join(timeout=30)
+
+    # -- the writer's thread ------------------------------------------------------
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="batmon-writer", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        sink: ReadingSink | None = None
+        stopping = False
+        try:
+            while not stopping:
+                try:
+                    # While failing, try the disk every second even with no traffic,
+                    # so /healthz turns ok again by itself once the fault clears.
+                    item = self._queue.get(timeout=PROBE_EVERY_S if self.stats.failing else None)
+                except queue.Empty:
+                    sink = self._probe(sink)
+                    continue
+                group: list[_Submission] = []
+                rows = 0
+                lingered = False
+                while True:
+                    if item is _STOP:
+                        stopping = True
+                        break
+                    if isinstance(item, _Barrier):
+                        # Everything before it is in an earlier group or in this one.
+                        sink = self._flush(sink, group)
+                        group, rows = [], 0
+                        _resolve(item.loop, item.future, None)
+                    elif isinstance(item, tuple):
+                        sink = self._flush(sink, group)
+                        group, rows = [], 0
+                        self._latest.pop(item[1], None)
+                    else:
+                        group.append(item)
+                        rows += len(item.rows)
+                    if rows >= MAX_GROUP_ROWS:
+                        break
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        if lingered or self.stats.last_group_rows <= 1:
+                            break
+                        # Busy (the last group held several readings): wait a moment
+                        # for more, so one commit and one wake-up serve many readings.
+                        lingered = True
+                        time.sleep(LINGER_S)
+                        try:
+                            item = self._queue.get_nowait()
+                        except queue.Empty:
+                            break
+                sink = self._flush(sink, group)
+        finally:
+            if sink is not None:
+                with contextlib.suppress(Exception):
+                    sink.close()
+
+    def _flush(self, sink: ReadingSink | None, group: list[_Submission]) -> ReadingSink | None:
+        """Plan, commit and hand back one group; returns the sink to keep using."""
+        if not group:
+            return sink
+        saved = {s.batmon.id: self._latest.get(s.batmon.id, _UNSET) for s in group}
+        plans = [self._plan(s) for s in group]
+        rows: list[ReadingRow] = []
+        updates: dict[int, dict[str, Any]] = {}
+        for plan in plans:
+            batmon_id = plan.batmon.id
+            rows.extend(
+                (batmon_id, ts, v.get("voltage"), v.get("current"), v.get("power"), v.get("soc"),
+                 v.get("details"))
+                for ts, v in plan.rows
+            )  # fmt: skip
+            if plan.current:
+                updates.setdefault(batmon_id, {}).update(plan.current)
+        started = time.perf_counter()
+        try:
+            if sink is None:
+                sink = self._open_sink()
+            if self._delay_s:
+                time.sleep(self._delay_s)
+            current_updates: list[CurrentUpdate] = list(updates.items())
+            sink.write(rows, current_updates)
+        except Exception as exc:
+            for batmon_id, latest in saved.items():  # plans after this start from the truth
+                if latest is _UNSET:
+                    self._latest.pop(batmon_id, None)
+                else:
+                    self._latest[batmon_id] = latest
+            self.stats.failed_commits += 1
+            self.stats.failing = True
+            self.stats.last_error = _describe(exc)
+            self.stats.last_error_at = time.time()
+            log.error("could not store %d reading(s): %s", len(rows), self.stats.last_error)
+            error = StorageFailed(f"The reading could not be stored ({self.stats.last_error}); "
+                                  "try again later.")  # fmt: skip
+            self._release(len(rows))
+            for submission in group:
+                _resolve(submission.loop, submission.future, error)
+            if isinstance(exc, sqlite3.Error):
+                return sink  # the connection is fine; the next group may succeed
+            with contextlib.suppress(Exception):
+                if sink is not None:
+                    sink.close()
+            return None
+        elapsed = time.perf_counter() - started
+        stats = self.stats
+        stats.commits += 1
+        stats.rows += len(rows)
+        stats.failing = False
+        stats.last_group_rows = len(rows)
+        stats.max_group_rows = max(stats.max_group_rows, len(rows))
+        stats.last_commit_s = elapsed
+        if self.on_commit is not None:
+            with contextlib.suppress(Exception):
+                self.on_commit(len(rows), elapsed)
+        self._release(len(rows))
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Plan, asyncio.Future[None]]]] = {}
+        for submission, plan in zip(group, plans, strict=True):
+            by_loop.setdefault(submission.loop, []).append((plan, submission.future))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop closed: nobody waits
+                loop.call_soon_threadsafe(self._apply_on_loop, items)
+        return sink
+
+    def _probe(self, sink: ReadingSink | None) -> ReadingSink | None:
+        """A write that touches the disk; success clears the failing state."""
+        try:
+            if sink is None:
+                sink = self._open_sink()
+            sink.probe()
+        except Exception as exc:
+            self.stats.last_error = _describe(exc)
+            return sink if isinstance(exc, sqlite3.Error) else None
+        self.stats.failing = False
+        log.info("storage works again")
+        return sink
+
+    def _plan(self, submission: _Submission) -> Plan:
+        batmon = submission.batmon
+        latest = self._latest.get(batmon.id, _UNSET)
+        if latest is _UNSET:
+            latest = batmon.last_reading
+        current: dict[str, Any] = {}
+        flags: list[bool] = []
+        for ts, values in submission.rows:
+            is_current = latest is None or ts >= latest
+            if is_current:
+                current.update(values)
+                latest = ts
+            flags.append(is_current)
+        if current:
+            current["last_reading"] = latest
+            online = latest is not None and submission.received - latest < batmon.update_period
+            current["status"] = "Online" if online else "Offline"
+        self._latest[batmon.id] = latest
+        return Plan(batmon, submission.rows, flags, current, submission.received, submission.door)
+
+    def _release(self, rows: int) -> None:
+        with self._lock:
+            self._pending_rows -= rows
+
+    def _apply_on_loop(self, items: list[tuple[Plan, asyncio.Future[None]]]) -> None:
+        try:
+            self._apply([plan for plan, _ in items])
+        except Exception:  # the readings are stored: a bug here must not fail the door
+            log.exception("applying committed readings failed")
+        for _, future in items:
+            if not future.done():
+                future.set_result(None)
+
+
+class _Unset:
+    pass
+
+
+_UNSET: Any = _Unset()
+
+
+def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None],
+             error: BaseException | None) -> None:  # fmt: skip
+    def settle() -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(settle)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line, no paths or SQL: what an operator needs to recognise the fault."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]
