@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from starlette.testclient import TestClient
 
-from bridge.ratelimit import FailureLimiter, address_key, api_key_credential
+from bridge.ratelimit import MAX_TRACKED, FailureLimiter, address_key, api_key_credential
 from http_api.app import create_app
 from tests.broker_support import (
     ALICE,
@@ -182,3 +182,15 @@ def test_ipv6_clients_are_counted_by_their_64() -> None:
     assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
     assert address_key("::ffff:192.0.2.7") == "192.0.2.7"
     assert address_key(None) is None
+
+
+def test_a_spray_of_distinct_credentials_keeps_memory_bounded() -> None:
+    clock = Clock()
+    limiter = FailureLimiter(clock=clock)
+    for n in range(MAX_TRACKED + 10):
+        limiter.record_failure(f"198.51.100.{n % 250}", api_key_credential(f"{n:08d}"))
+    assert len(limiter._by_credential) + len(limiter._by_address) <= MAX_TRACKED
+    # What was recorded last still counts.
+    for _ in range(30):
+        limiter.record_failure("198.51.100.1", api_key_credential("recent-1"))
+    assert limiter.blocked("198.51.100.1", api_key_credential("recent-1"))
