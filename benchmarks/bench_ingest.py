@@ -23,15 +23,28 @@ from pathlib import Path
 
 import httpx2 as httpx
 import paho.mqtt.client as mqtt
+import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def unthrottled_broker_config(folder: Path) -> Path:
+    """broker.yaml without the per-device message rate cap: this measures ingest, and a
+    device here sends far faster than the default 50 messages/s a real one may."""
+    config = yaml.safe_load((ROOT / "broker.yaml").read_text())
+    config["limits"] = {**config.get("limits", {}), "messages_per_second": 1e9, "message_burst": 10**9}
+    path = folder / "bench-broker.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def start_serve(data_dir: Path) -> tuple[subprocess.Popen[str], str, int, str]:
+    data_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "bridge.cli", "serve", "--data-dir", str(data_dir),
-         "--http-port", "0", "--mqtt-port", "0"],
+         "--http-port", "0", "--mqtt-port", "0",
+         "--broker-config", str(unthrottled_broker_config(data_dir))],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     http_url = key = ""

@@ -71,8 +71,11 @@ def build_parser() -> Parser:
         sub.add_argument("--data-dir", help="folder of the SQLite file (default ./batmon-data)")
 
     sim = commands.add_parser("simulate", help="publish plausible readings over MQTT")
-    sim.add_argument("--mqtt-url", default=os.environ.get("BATMON_MQTT_URL"),
-                     help="broker to publish to (default mqtt://127.0.0.1:1883)")  # fmt: skip
+    sim.add_argument("--mqtt-url", help="broker to publish to, e.g. mqtt://127.0.0.1:1883")
+    sim.add_argument("--mqtt-port", help="port of serve's embedded broker on 127.0.0.1 (as serve's"
+                     " --mqtt-port; default: ask --api-url's /healthz, else 1883)")  # fmt: skip
+    sim.add_argument("--confirm-timeout", type=float, default=10.0,
+                     help="seconds for the first readings to show on the state topics (10)")  # fmt: skip
     sim.add_argument("--base-topic", default=os.environ.get("BATMON_BASE_TOPIC", "batmon"))
     sim.add_argument("--device", action="append", default=[], metavar="ID:TOKEN",
                      help="a batmon to simulate (repeatable)")  # fmt: skip
@@ -265,14 +268,14 @@ def set_user_targets(core: Any, args: argparse.Namespace) -> None:
 
 async def run_simulate(args: argparse.Namespace) -> None:
     """Publish readings for given devices, or for new batmons made through the API."""
-    from bridge.config import parse_mqtt_url
+    from bridge.config import DEFAULT_MQTT_PORT
     from bridge.mqtt_bridge import MqttConnectError
-    from bridge.simulate import SimulateError, create_batmons, simulate
+    from bridge.simulate import SimulateError, create_batmons, health_mqtt_address, simulate
 
     try:
-        host, port, _, _ = parse_mqtt_url(args.mqtt_url or "mqtt://127.0.0.1:1883")
+        address = simulate_mqtt_address(args)
     except ValueError as exc:
-        fail(f"batmon simulate: --mqtt-url {exc}", code=2)
+        fail(f"batmon simulate: {exc}", code=2)
     if args.count < 1 or args.interval <= 0:
         fail("batmon simulate: --count must be at least 1 and --interval above 0", code=2)
     devices: list[tuple[int, str]] = []
@@ -285,16 +288,53 @@ async def run_simulate(args: argparse.Namespace) -> None:
         fail("batmon simulate: --api-url needs --api-key (or BATMON_API_KEY)", code=2)
     if not devices and not args.api_url:
         fail("batmon simulate: give --device ID:TOKEN or --api-url with --api-key", code=2)
+    if args.confirm_timeout <= 0:
+        fail("batmon simulate: --confirm-timeout must be above 0", code=2)
     try:
+        if address is None:  # nothing given: ask the server, else the default port
+            host, port = (await health_mqtt_address(args.api_url) if args.api_url
+                          else ("127.0.0.1", DEFAULT_MQTT_PORT))  # fmt: skip
+        else:
+            host, port = address
         if args.api_url:
             devices += await create_batmons(args.api_url, args.api_key, args.count)
         print(f"simulating {len(devices)} batmon(s) on mqtt://{host}:{port}", flush=True)
         for batmon_id, token in devices:
             print(f"  batmon_id {batmon_id} token {token}", flush=True)
         await simulate(host=host, port=port, devices=devices, interval=args.interval,
-                       count=args.readings, base_topic=args.base_topic)  # fmt: skip
+                       count=args.readings, base_topic=args.base_topic,
+                       confirm_timeout=args.confirm_timeout)  # fmt: skip
     except (SimulateError, MqttConnectError, OSError) as exc:
         fail(f"batmon simulate: {exc}")
+
+
+def simulate_mqtt_address(args: argparse.Namespace) -> tuple[str, int] | None:
+    """The broker `simulate` publishes to, from the same flags and variables as serve
+    (flag over variable; --mqtt-url over --mqtt-port); None when none is given.
+
+    Raises ValueError naming the bad option.
+    """
+    from bridge.config import ServeOptions, parse_mqtt_url
+
+    given = [("mqtt_url", args.mqtt_url), ("mqtt_port", args.mqtt_port)]
+    given += [(name, os.environ.get(ENV_PREFIX + name.upper())) for name, _ in given]
+    for name, value in given:
+        if value in (None, ""):
+            continue
+        if name == "mqtt_url":
+            try:
+                host, port, _, _ = parse_mqtt_url(value)
+            except ValueError as exc:
+                raise ValueError(f"--mqtt-url: {exc}") from None
+            return host, port
+        try:
+            port = ServeOptions.model_validate({"mqtt_port": value}).mqtt_port
+        except ValidationError:
+            raise ValueError(f"--mqtt-port: {value!r} is not a port number (1-65535)") from None
+        if port == 0:
+            raise ValueError("--mqtt-port: give the port serve printed, not 0")
+        return "127.0.0.1", port
+    return None
 
 
 if __name__ == "__main__":

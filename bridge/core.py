@@ -172,6 +172,9 @@ class Core:
         self.alarms: dict[int, Alarm] = {}
         self._users_by_key: dict[str, User] = {}
         self._users_by_id: dict[int, User] = {}
+        # Who owned each batmon deleted during this run: the clearing of its retained
+        # topics (discovery, state) must still reach that owner's subscribers.
+        self._deleted_owners: dict[int, int] = {}
         # Every reading is committed by this one writer, off the event loop.
         self.writer = ReadingWriter(lambda: SqliteReadingSink(store.path), self._apply_committed)
 
@@ -248,6 +251,10 @@ class Core:
         """True when the batmon exists and belongs to the user."""
         batmon = self.batmons.get(batmon_id)
         return batmon is not None and batmon.user_id == user_id
+
+    def owned_until_deleted(self, user_id: int, batmon_id: int) -> bool:
+        """True when the user owned this batmon until it was deleted (during this run)."""
+        return self._deleted_owners.get(batmon_id) == user_id
 
     def device(self, batmon_id: int, token: str) -> Batmon:
         """The batmon a device names with id + token; 404 unknown, 403 wrong token."""
@@ -330,6 +337,7 @@ class Core:
         except BaseException:
             self.batmons[batmon.id] = batmon  # still stored: still there
             raise
+        self._deleted_owners[batmon.id] = batmon.user_id
         self.writer.forget(batmon.id)
         for alarm_id in batmon.alarms:
             self.alarms.pop(alarm_id, None)

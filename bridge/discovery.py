@@ -16,6 +16,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from bridge.events import NO_SUBSCRIPTION, BatmonChanged, BatmonDeleted, Subscription
+from bridge.ha_units import device_class_for_unit
 from bridge.topics import Topics
 
 if TYPE_CHECKING:
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 ORIGIN_NAME = "batmon-bridge"
 MANUFACTURER = "batmon"
+QOS = 1  # state topics are retained and published at QoS 1: Home Assistant reads them so
 # (metric, component name, device_class); the key in ``cmps`` and the unique_id
 # suffix is the metric, so entity ids survive renames and unit edits.
 SENSORS = (
@@ -52,20 +54,27 @@ def expire_after(update_period: int) -> int:
 
 
 def discovery_payload(batmon: Batmon, topics: Topics) -> dict[str, Any]:
-    """The device-based discovery config of one batmon."""
-    components = {
-        metric: {
-            "p": "sensor",
-            "name": name,
-            "device_class": device_class,
+    """The device-based discovery config of one batmon, valid for Home Assistant's schema.
+
+    Each component carries its own ``qos`` (a root ``qos`` is not among the options Home
+    Assistant shares with components); a unit Home Assistant refuses for a device class
+    means no ``device_class`` on that sensor, the unit staying as the user set it.
+    """
+    components = {}
+    for metric, name, device_class in SENSORS:
+        unit = batmon.unit(metric)
+        component: dict[str, Any] = {"p": "sensor", "name": name}
+        if (accepted := device_class_for_unit(device_class, unit)) is not None:
+            component["device_class"] = accepted
+        component |= {
             "state_class": "measurement",
-            "unit_of_measurement": batmon.unit(metric),
+            "unit_of_measurement": unit,
             "value_template": f"{{{{ value_json.batmon_{metric} }}}}",
             "unique_id": f"batmon_{batmon.id}_{metric}",
             "expire_after": expire_after(batmon.update_period),
+            "qos": QOS,
         }
-        for metric, name, device_class in SENSORS
-    }
+        components[metric] = component
     return {
         "dev": {
             "identifiers": [f"batmon_{batmon.id}"],
@@ -75,12 +84,14 @@ def discovery_payload(batmon: Batmon, topics: Topics) -> dict[str, Any]:
         },
         "o": {"name": ORIGIN_NAME, "sw_version": _version()},
         "cmps": components,
-        # Shared by every component (the schema allows state_topic, qos and availability).
+        # Shared with every component (Home Assistant's SHARED_OPTIONS). Both topics must
+        # say online: a bridge that died (its last will) makes every batmon unavailable.
         "state_topic": topics.state(batmon.id),
-        "availability_topic": topics.availability(batmon.id),
-        "payload_available": "online",
-        "payload_not_available": "offline",
-        "qos": 1,
+        "availability": [
+            {"topic": topic, "payload_available": "online", "payload_not_available": "offline"}
+            for topic in (topics.bridge_state, topics.availability(batmon.id))
+        ],
+        "availability_mode": "all",
     }
 
 

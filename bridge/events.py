@@ -69,6 +69,17 @@ class BatmonDeleted:
     batmon: Batmon
 
 
+@dataclass(frozen=True)
+class TestNoticeRequested:
+    """A user asked for a test notice on the channels that have a target."""
+
+    __test__ = False  # not a pytest test class, despite the name
+
+    user_id: int
+    channels: tuple[str, ...]
+    at: float
+
+
 E = TypeVar("E")
 Handlers = dict[type, Callable[[Any], None]]
 

@@ -33,6 +33,7 @@ MAX_FUTURE_SKEW_S = 60
 MAX_BATCH_READINGS = 1000
 MAX_PAYLOAD_BYTES = 64 * 1024  # an MQTT update, as an HTTP body
 READING_FIELDS = ("voltage", "current", "power", "soc", "details")
+_READING_ATTRIBUTES = tuple(f"batmon_{name}" for name in READING_FIELDS)  # built once: hot path
 
 # Tokens become MQTT topic levels, so the wildcard and separator characters
 # are excluded, as are whitespace and control characters.
@@ -199,7 +200,7 @@ class Reading(InputModel):
 
     @model_validator(mode="after")
     def _at_least_one_value(self) -> Reading:
-        if all(getattr(self, f"batmon_{name}") is None for name in READING_FIELDS):
+        if all(getattr(self, attribute) is None for attribute in _READING_ATTRIBUTES):
             raise ValueError(
                 "An update must carry at least one of batmon_voltage, batmon_current,"
                 " batmon_power, batmon_soc, batmon_details"

@@ -25,7 +25,13 @@ import apprise
 from pydantic import ValidationError
 
 from bridge.errors import InvalidInput, NotFound
-from bridge.events import NO_SUBSCRIPTION, AlarmChanged, StatusChanged, Subscription
+from bridge.events import (
+    NO_SUBSCRIPTION,
+    AlarmChanged,
+    StatusChanged,
+    Subscription,
+    TestNoticeRequested,
+)
 from bridge.models import NotificationTargets, describe_error
 from bridge.store.outbox import CHANNELS, Channel, Outbox
 
@@ -36,6 +42,7 @@ log = logging.getLogger(__name__)
 
 TARGET_COLUMNS: dict[Channel, str] = {ch: f"{ch}_url" for ch in CHANNELS}
 RETENTION_S = 30 * 86400  # finished notices are kept this long for the user to read
+TEST_NOTICE_BATMON_ID = 0  # outbox rows need a batmon; ids start at 1, so 0 is none
 IDLE_WAIT_S = 60.0  # a safety net: the worker looks at the queue at least this often
 NOTIFY_TYPES = {
     "offline": apprise.NotifyType.WARNING,
@@ -118,6 +125,20 @@ def targets_view(core: Core, user_id: int) -> dict[str, str]:
     if row is None:
         raise NotFound(f"user {user_id} does not exist.")
     return {column: mask_url(row[column]) for column in TARGET_COLUMNS.values()}
+
+
+def request_test_notice(core: Core, user_id: int) -> dict[str, list[str]]:
+    """Ask the notifier for a test notice on every channel that has a target; the
+    notice goes through the outbox like any other, so it proves the whole path."""
+    row = core.store.user_by_id(user_id)
+    if row is None:
+        raise NotFound(f"user {user_id} does not exist.")
+    channels = tuple(ch for ch, column in TARGET_COLUMNS.items() if row[column])
+    if not channels:
+        raise InvalidInput("No notification target is set: set email_url, whatsapp_url or"
+                           " sms_url first.")  # fmt: skip
+    core.bus.emit(TestNoticeRequested(user_id, channels, core.clock()))
+    return {"channels": list(channels)}
 
 
 def notices_view(core: Core, batmon_id: int, limit: int = 50) -> list[dict[str, Any]]:
@@ -232,9 +253,10 @@ class Notifier:
         if requeued:
             log.info("requeued %d notices left in flight by the previous run", requeued)
         self.outbox.prune(self.core.clock() - RETENTION_S)
-        self._subscription = self.core.bus.subscribe_all(
-            {StatusChanged: self.on_status, AlarmChanged: self.on_alarm}
-        )
+        self._subscription = self.core.bus.subscribe_all({
+            StatusChanged: self.on_status, AlarmChanged: self.on_alarm,
+            TestNoticeRequested: self.on_test_notice,
+        })  # fmt: skip
         self._task = asyncio.create_task(self._run(), name="notifier")
 
     async def stop(self) -> None:
@@ -258,6 +280,19 @@ class Notifier:
         """Queue an alarm triggered/repeated/cleared notice."""
         title, body = alarm_text(event)
         self.enqueue(event.batmon, event.kind, title, body)
+
+    def on_test_notice(self, event: TestNoticeRequested) -> None:
+        """Queue a test notice on the channels asked for (no batmon: batmon_id 0)."""
+        title = "Test notice from your batmon bridge"
+        body = (f"This test notice was sent at {_utc(event.at)} from the dashboard."
+                " Notices about your batmons reach this target the same way.")  # fmt: skip
+        self.outbox.enqueue([
+            {"user_id": event.user_id, "batmon_id": TEST_NOTICE_BATMON_ID, "channel": channel,
+             "kind": "test", "title": title, "body": body, "created": event.at,
+             "state": "queued"}
+            for channel in event.channels
+        ])  # fmt: skip
+        self._wake_worker()
 
     def enqueue(self, batmon: Batmon, kind: str, title: str, body: str) -> None:
         """Write one row per channel the batmon's flags allow; wake the worker."""

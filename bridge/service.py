@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
 import secrets
 import socket
+import sys
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,6 +31,7 @@ from bridge.topics import Topics
 log = logging.getLogger(__name__)
 
 ADMIN_EMAIL = "admin@localhost"
+GIL_SWITCH_S = 0.001
 DRAIN_TIMEOUT_S = 30.0  # a stop waits this long at most for queued readings to commit
 
 
@@ -68,7 +71,10 @@ def bind_socket(host: str, port: int, what: str) -> socket.socket:
         sock.bind(address)
     except OSError as exc:
         sock.close()
-        raise ServiceError(f"cannot listen for {what} on {host}:{port}: {exc.strerror}") from None
+        hint = ""
+        if exc.errno == errno.EADDRINUSE:
+            hint = f"; choose another with --{what.lower()}-port (0 picks a free one)"
+        raise ServiceError(f"cannot listen for {what} on {host}:{port}: {exc.strerror}{hint}") from None
     sock.listen(1024)
     sock.setblocking(False)
     return sock
@@ -83,6 +89,7 @@ class Service:
         self.store: Store | None = None
         self.core: Core | None = None
         self.admin_api_key: str | None = None
+        self.live: Any = None  # the dashboard's LiveFeed (http_api/live.py)
         self.http_port: int | None = None
         self.mqtt_host: str | None = None
         self.mqtt_port: int | None = None
@@ -109,6 +116,10 @@ class Service:
             raise
 
     async def _start(self) -> None:
+        # Three threads share the GIL (the loop, paho's, the writer's); at the default
+        # 5 ms switch interval the loop waited up to 5 ms at each I/O point, and a
+        # /healthz during a 20,000-reading backlog took 120-150 ms at p95.
+        sys.setswitchinterval(GIL_SWITCH_S)
         # Imported here so `batmon user ...` does not pay for amqtt/paho/apprise.
         from http_api.app import create_app
         from http_api.metrics_access import MetricsExposure
@@ -143,6 +154,10 @@ class Service:
             if self._server_task.done():
                 raise ServiceError("the HTTP server stopped while starting")
             await asyncio.sleep(0.01)
+        # The dashboard's live feed is an extension too (a first stream may have started it).
+        self.live = app.state.live
+        await self.live.start()
+        self._extensions.append(self.live)
         # Last, so a start that fails does not make an admin whose key nobody saw.
         if not self.core.user_has_data():
             _, self.admin_api_key = self.core.create_user(ADMIN_EMAIL)
@@ -189,7 +204,13 @@ class Service:
                 await self.broker.start()
             except Exception as exc:
                 self.broker = None
-                raise ServiceError(str(exc)) from None
+                hint = ""
+                if getattr(exc, "address_in_use", False):
+                    # Most often a Mosquitto already running on 1883: use it, or step aside.
+                    hint = (f". Another MQTT broker may be listening there: give the embedded one"
+                            f" another port with --mqtt-port (0 picks a free one), or use that"
+                            f" broker with --mqtt-url mqtt://127.0.0.1:{opts.mqtt_port}")  # fmt: skip
+                raise ServiceError(f"{exc}{hint}") from None
             host, port, username, password = opts.host, self.broker.port, bridge_user, bridge_password
             # The in-process broker has no session to keep across our restarts, and a
             # fixed id could be taken over by a clean-session CONNECT: a fresh one.
@@ -215,7 +236,11 @@ class Service:
         try:
             await self.mqtt.start()
         except Exception as exc:
-            raise ServiceError(str(exc)) from None
+            hint = ""
+            if opts.mqtt_url:
+                hint = (". Check that the broker of --mqtt-url is running and reachable from here,"
+                        " and its credentials; without --mqtt-url, serve runs its own broker")  # fmt: skip
+            raise ServiceError(f"{exc}{hint}") from None
 
     def _publish_in_broker(self, topic: str, payload: str) -> None:
         if self.broker is not None:
@@ -230,9 +255,15 @@ class Service:
         info: dict[str, Any] = {
             "mqtt": "connected" if self.mqtt is not None and self.mqtt.connected else "disconnected",
             "broker": "embedded" if self.broker is not None else "external",
+            # Where devices connect (`batmon simulate --api-url` reads it): no credentials.
+            "mqtt_host": self.mqtt_host,
+            "mqtt_port": self.mqtt_port,
         }
         if self.mqtt is not None:
             info["mqtt_stats"] = self.mqtt.stats
+        if self.broker is not None:
+            # What the embedded broker's limits refused or dropped (bridge/broker/limits.py).
+            info["mqtt_broker"] = self.broker.stats
         return info
 
     async def stop(self) -> None:
@@ -244,6 +275,9 @@ class Service:
         """
         if self._server is not None and self._server_task is not None:
             self._server.should_exit = True
+            if self.live is not None:
+                # Open live streams never end by themselves; the HTTP server waits for them.
+                await self.live.stop()
             with contextlib.suppress(Exception):
                 await self._server_task
         if self.broker is not None:

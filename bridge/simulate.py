@@ -13,6 +13,7 @@ import json
 import random
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,10 +27,38 @@ from bridge.topics import Topics
 CONNECT_TIMEOUT_S = 10.0
 PUBLISH_TIMEOUT_S = 10.0
 HTTP_TIMEOUT_S = 10.0
+CONFIRM_TIMEOUT_S = 10.0
+_LOCAL_HOSTS = ("0.0.0.0", "::", "127.0.0.1", "::1", "localhost", "")
 
 
 class SimulateError(Exception):
-    """The HTTP API would not create the batmons to simulate."""
+    """The API would not create the batmons, or no reading landed on the server."""
+
+
+class _Landed:
+    """The readings a device sent, and whether the server's state topic shows one of them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.sent: set[tuple[Any, ...]] = set()
+        self.event = asyncio.Event()
+        self._loop = loop
+
+    @staticmethod
+    def key(values: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(values.get(f"batmon_{m}") for m in ("voltage", "current", "soc"))
+
+    def on_state(self, payload: bytes) -> None:
+        """paho's thread: a state message; a match with a sent reading means it landed."""
+        try:
+            state = json.loads(payload)
+        except ValueError:
+            return
+        if isinstance(state, dict):
+            self._loop.call_soon_threadsafe(self._check, self.key(state))
+
+    def _check(self, key: tuple[Any, ...]) -> None:
+        if key in self.sent:
+            self.event.set()
 
 
 @dataclass
@@ -68,33 +97,45 @@ async def simulate(
     count: int | None,
     base_topic: str = "batmon",
     username_mode: Literal["device", "none"] = "device",
+    confirm_timeout: float = CONFIRM_TIMEOUT_S,
 ) -> None:
     """Publish a reading from each (batmon_id, token) every ``interval`` seconds.
 
     ``count`` readings per device, or until cancelled when None. ``username_mode``
     "device" logs in as the device (embedded broker), "none" connects anonymously.
-    Raises MqttConnectError when a device cannot connect.
+    Raises MqttConnectError when a device cannot connect, and SimulateError when the
+    first readings do not show on the devices' state topics within ``confirm_timeout``
+    (a broker that acknowledged them is not proof that a bridge took them).
     """
     topics = Topics(base=base_topic)
+    loop = asyncio.get_running_loop()
     clients = []
+    landed = [_Landed(loop) for _ in devices]
     try:
-        for batmon_id, token in devices:
+        for (batmon_id, token), seen in zip(devices, landed, strict=True):
             client = new_client(f"batmon-sim-{batmon_id}", clean_session=True)
             if username_mode == "device":
                 client.username_pw_set(str(batmon_id), token)
+            client.on_message = lambda _c, _u, msg, seen=seen: seen.on_state(msg.payload)
             clients.append(client)
             await _connect(client, host, port, batmon_id)
+            client.subscribe(topics.state(batmon_id), qos=1)
         batteries = [SimulatedBattery(soc=random.uniform(40, 95)) for _ in devices]
         pending: list[mqtt.MQTTMessageInfo] = []
         sent = 0
         last = time.monotonic()
         while count is None or sent < count:
             now = time.monotonic()
-            for client, battery, (batmon_id, token) in zip(clients, batteries, devices, strict=True):
-                payload = json.dumps(battery.step(now - last if sent else interval))
-                pending.append(client.publish(topics.update(batmon_id, token), payload, qos=1))
+            for client, battery, seen, (batmon_id, token) in zip(
+                clients, batteries, landed, devices, strict=True
+            ):
+                reading = battery.step(now - last if sent else interval)
+                seen.sent.add(_Landed.key(reading))
+                pending.append(client.publish(topics.update(batmon_id, token), json.dumps(reading), qos=1))
             last = now
             sent += 1
+            if sent == 1:
+                await _confirm_landed(landed, devices, topics, host, port, confirm_timeout)
             # Forget what the broker has acknowledged, so a long run holds no history.
             pending = [info for info in pending if not info.is_published()]
             if count is None or sent < count:
@@ -105,6 +146,40 @@ async def simulate(
         for client in clients:
             client.disconnect()
             await asyncio.to_thread(client.loop_stop)
+
+
+async def _confirm_landed(
+    landed: list[_Landed], devices: list[tuple[int, str]], topics: Topics, host: str, port: int,
+    timeout: float,
+) -> None:
+    """Wait until every device's state topic shows one of its readings, or fail loudly."""
+    for seen, (batmon_id, _token) in zip(landed, devices, strict=True):
+        try:
+            await asyncio.wait_for(seen.event.wait(), timeout)
+        except TimeoutError:
+            raise SimulateError(
+                f"no reading of batmon {batmon_id} landed: nothing came back on"
+                f" {topics.state(batmon_id)} within {timeout:g} s. Is mqtt://{host}:{port} the"
+                " broker of `batmon serve` (it prints its MQTT address; give --mqtt-port, or"
+                " --api-url to ask the server) and are the id and token right?"
+            ) from None
+
+
+async def health_mqtt_address(api_url: str) -> tuple[str, int]:
+    """The MQTT host and port a server reports in /healthz; its host if that is local."""
+    try:
+        body = await asyncio.to_thread(_get_json, api_url.rstrip("/") + "/healthz")
+        host, port = str(body.get("mqtt_host") or ""), int(body["mqtt_port"])
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise SimulateError(f"could not read the MQTT port from {api_url}/healthz: {exc}") from None
+    if host in _LOCAL_HOSTS:  # a wildcard or loopback address of the server: its API host
+        host = urllib.parse.urlsplit(api_url).hostname or "127.0.0.1"
+    return host, port
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
+        return json.load(response)
 
 
 async def _connect(client: mqtt.Client, host: str, port: int, batmon_id: int) -> None:

@@ -66,11 +66,23 @@ class Topics:
         return f"{self.discovery_prefix}/status"
 
     # -- what users may subscribe to (embedded broker ACL) ------------------
-    @property
-    def ha_discovery_filters(self) -> tuple[str, str]:
-        """The filters Home Assistant subscribes to for MQTT discovery (without and with
-        node_id)."""
-        return (f"{self.discovery_prefix}/+/+/config", f"{self.discovery_prefix}/+/+/+/config")
+    def is_ha_discovery_filter(self, topic_filter: str) -> bool:
+        """True for a filter Home Assistant subscribes to for MQTT discovery.
+
+        Current releases subscribe ``{prefix}/{component}/+/config`` and
+        ``{prefix}/{component}/+/+/config`` for each component they support, ``device``
+        included; older ones ``{prefix}/+/+/config`` and ``{prefix}/+/+/+/config``. Any
+        plain topic level is taken as a component, so a newer release that supports one
+        more still connects.
+        """
+        head = f"{self.discovery_prefix}/"
+        if not topic_filter.startswith(head):
+            return False
+        levels = topic_filter[len(head) :].split("/")
+        if len(levels) not in (3, 4) or levels[-1] != "config" or any(lv != "+" for lv in levels[1:-1]):
+            return False
+        component = levels[0]
+        return component == "+" or (component != "" and not any(c in component for c in "+#$"))
 
     @property
     def state_filter(self) -> str:

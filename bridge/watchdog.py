@@ -80,9 +80,17 @@ class OfflineWatchdog:
     def _in_loop(self, callback: Callable[..., Any], *args: Any) -> None:
         # The bus runs handlers in the emitter's thread, which need not be ours.
         loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(callback, *args)
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:  # the usual case: no self-pipe write per reading
+            callback(*args)
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(callback, *args)
 
     # -- heap ----------------------------------------------------------------
     def _arm(self, batmon_id: int) -> None:

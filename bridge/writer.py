@@ -22,6 +22,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,8 +37,10 @@ log = logging.getLogger(__name__)
 
 MAX_GROUP_ROWS = 1_000
 """Rows committed in one transaction at most: past this, latency grows for little gain."""
-MAX_PENDING_ROWS = 20_000
+MAX_PENDING_ROWS = 5_000
+HTTP_PENDING_ROWS = 2 * MAX_GROUP_ROWS
 """Rows queued or being committed at most; past this a door is told to come back later."""
+APPLY_SLICE = 64  # committed submissions applied per loop callback
 LINGER_S = 0.001
 PROBE_EVERY_S = 1.0
 COMMIT_DELAY_ENV = "BATMON_TEST_COMMIT_DELAY_MS"
@@ -84,6 +87,10 @@ class _Barrier:
 
 _STOP = object()
 Apply = Callable[[Sequence[Plan]], None]
+# What the writer hands back: a committed plan, or None with the error of a failed
+# commit (None for a barrier); and the future to settle.
+Entry = tuple["Plan | None", "asyncio.Future[None]", "BaseException | None"]
+LoopEntry = tuple[asyncio.AbstractEventLoop, "Plan | None", "asyncio.Future[None]", "BaseException | None"]
 
 
 @dataclass
@@ -119,6 +126,7 @@ class ReadingWriter:
         self._pending_rows = 0
         self._thread: threading.Thread | None = None
         self._latest: dict[int, float | None] = {}  # planned latest ts per batmon
+        self._deliveries: dict[asyncio.AbstractEventLoop, _Deliveries] = {}  # writer's thread only
         self._delay_s = float(os.environ.get(COMMIT_DELAY_ENV, "0") or 0) / 1000
 
     # -- doors' side (any event loop) -------------------------------------------
@@ -137,10 +145,13 @@ class ReadingWriter:
         """Queue readings (sorted by ts); the future resolves once committed and applied.
 
         Raises Overloaded when the queue is full: the door answers 503 or stops reading.
+        HTTP is refused earlier (two groups ahead): an MQTT door waits within its window,
+        an HTTP client is better told to come back than kept waiting.
         """
         loop = asyncio.get_running_loop()
+        limit = min(self.max_pending_rows, HTTP_PENDING_ROWS) if door == "http" else self.max_pending_rows
         with self._lock:
-            if self._pending_rows + len(rows) > self.max_pending_rows and self._pending_rows:
+            if self._pending_rows + len(rows) > limit and self._pending_rows:
                 self.stats.refused_overloaded += 1
                 raise Overloaded("The server is busy storing readings; try again in a moment.")
             self._pending_rows += len(rows)
@@ -203,7 +214,7 @@ class ReadingWriter:
                         # Everything before it is in an earlier group or in this one.
                         sink = self._flush(sink, group)
                         group, rows = [], 0
-                        _resolve(item.loop, item.future, None)
+                        self._hand_back([(item.loop, None, item.future, None)])
                     elif isinstance(item, tuple):
                         sink = self._flush(sink, group)
                         group, rows = [], 0
@@ -271,8 +282,7 @@ class ReadingWriter:
             error = StorageFailed(f"The reading could not be stored ({self.stats.last_error}); "
                                   "try again later.")  # fmt: skip
             self._release(len(rows))
-            for submission in group:
-                _resolve(submission.loop, submission.future, error)
+            self._hand_back([(sub.loop, None, sub.future, error) for sub in group])
             if isinstance(exc, sqlite3.Error):
                 return sink  # the connection is fine; the next group may succeed
             with contextlib.suppress(Exception):
@@ -291,12 +301,7 @@ class ReadingWriter:
             with contextlib.suppress(Exception):
                 self.on_commit(len(rows), elapsed)
         self._release(len(rows))
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Plan, asyncio.Future[None]]]] = {}
-        for submission, plan in zip(group, plans, strict=True):
-            by_loop.setdefault(submission.loop, []).append((plan, submission.future))
-        for loop, items in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # that loop closed: nobody waits
-                loop.call_soon_threadsafe(self._apply_on_loop, items)
+        self._hand_back([(s.loop, plan, s.future, None) for s, plan in zip(group, plans, strict=True)])
         return sink
 
     def _probe(self, sink: ReadingSink | None) -> ReadingSink | None:
@@ -336,14 +341,71 @@ class ReadingWriter:
         with self._lock:
             self._pending_rows -= rows
 
-    def _apply_on_loop(self, items: list[tuple[Plan, asyncio.Future[None]]]) -> None:
-        try:
-            self._apply([plan for plan, _ in items])
-        except Exception:  # the readings are stored: a bug here must not fail the door
-            log.exception("applying committed readings failed")
-        for _, future in items:
-            if not future.done():
+    def _hand_back(self, entries: list[LoopEntry]) -> None:
+        """From the writer's thread: to each loop, its entries in order."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        for loop, plan, future, error in entries:
+            by_loop.setdefault(loop, []).append((plan, future, error))
+        for loop, items in by_loop.items():
+            deliveries = self._deliveries.get(loop)
+            if deliveries is None:
+                deliveries = self._deliveries[loop] = _Deliveries(loop, self._apply)
+            deliveries.push(items)
+
+
+class _Deliveries:
+    """What the writer hands back to one event loop, in order, a slice per iteration.
+
+    asyncio runs every ready callback before it polls sockets again, so applying a
+    1,000-reading group in one go (or in slices queued together) held HTTP requests
+    behind its events. Failures and barriers go through the same queue, so a barrier
+    still means "everything before me is applied".
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, apply: Apply) -> None:
+        self._loop = loop
+        self._apply = apply
+        self._entries: deque[Entry] = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def push(self, entries: list[Entry]) -> None:
+        """From the writer's thread: queue (plan, future, error) entries for the loop."""
+        with self._lock:
+            self._entries.extend(entries)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        with contextlib.suppress(RuntimeError):  # that loop closed: nobody waits
+            self._loop.call_soon_threadsafe(self._run)
+
+    def _run(self) -> None:
+        """On the loop: settle one run of like entries (plans, or failures and barriers)."""
+        run: list[Entry] = []
+        with self._lock:
+            while self._entries and len(run) < APPLY_SLICE:
+                entry = self._entries[0]
+                if run and (entry[0] is None) != (run[0][0] is None):
+                    break  # plans are applied before a later failure or barrier settles
+                run.append(self._entries.popleft())
+        plans = [plan for plan, _, _ in run if plan is not None]
+        if plans:
+            try:
+                self._apply(plans)
+            except Exception:  # the readings are stored: a bug here must not fail the door
+                log.exception("applying committed readings failed")
+        for _, future, error in run:
+            if future.done():
+                continue
+            if error is None:
                 future.set_result(None)
+            else:
+                future.set_exception(error)
+        with self._lock:
+            if not self._entries:
+                self._scheduled = False
+                return
+        self._loop.call_soon(self._run)
 
 
 class _Unset:
@@ -351,20 +413,6 @@ class _Unset:
 
 
 _UNSET: Any = _Unset()
-
-
-def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None],
-             error: BaseException | None) -> None:  # fmt: skip
-    def settle() -> None:
-        if future.done():
-            return
-        if error is None:
-            future.set_result(None)
-        else:
-            future.set_exception(error)
-
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(settle)
 
 
 def _describe(exc: BaseException) -> str:

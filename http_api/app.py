@@ -23,6 +23,7 @@ from http_api.auth import Sessions, api_key_of, authenticate, key_credential, to
 from http_api.handlers import Call
 from http_api.metrics_access import REJECTION_REASONS, MetricsExposure
 from http_api.openapi import build_openapi
+from http_api.pages import install_dashboard
 from http_api.params import request_fields
 from http_api.routes import ENDPOINTS, Endpoint
 
@@ -198,4 +199,5 @@ def create_app(core: Core, *, session_secret: bytes, health: HealthProbe | None 
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
     app.state.api = api
+    install_dashboard(app, core, api.sessions)
     return app

@@ -22,7 +22,7 @@ from bridge.models import (
     ShowTargets,
     UpdateRequest,
 )
-from bridge.notifier import notices_view, set_targets, targets_view
+from bridge.notifier import notices_view, request_test_notice, set_targets, targets_view
 
 
 @dataclass
@@ -137,6 +137,10 @@ async def user_notifications(call: Call, data: NotificationTargets) -> dict[str,
 async def show_user_notifications(call: Call, data: ShowTargets) -> dict[str, str]:
     # ShowTargets refuses target fields: a GET must not change anything.
     return targets_view(call.core, call.owner().id)
+
+
+async def send_test_notice(call: Call, data: NoFields) -> dict[str, list[str]]:
+    return request_test_notice(call.core, call.owner().id)
 
 
 async def batmon_notifications(call: Call, data: DeviceRef) -> list[dict[str, Any]]:

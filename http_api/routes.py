@@ -72,6 +72,8 @@ ENDPOINTS: list[Endpoint] = [
              h.user_notifications, "Set your notification targets"),
     Endpoint("/interface/user/notifications", ("GET",), ShowTargets,
              h.show_user_notifications, "Your notification targets, secrets masked"),
+    Endpoint("/interface/user/notifications/test", WRITE, NoFields, h.send_test_notice,
+             "Send a test notice to each of your notification targets"),
     Endpoint("/interface/batmon/notifications", READ, DeviceRef, h.batmon_notifications,
              "A batmon's latest notices and their delivery state"),
 ]  # fmt: skip

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
+import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.broker import EmbeddedBroker
@@ -37,6 +38,7 @@ class FakeCredentials:
         default_factory=lambda: {ALICE: (ALICE_KEY, ALICE_ID), BOB: (BOB_KEY, BOB_ID)}
     )
     owner: dict[int, int] = field(default_factory=lambda: {5: ALICE_ID, 6: BOB_ID, 7: ALICE_ID})
+    deleted_owner: dict[int, int] = field(default_factory=dict)
 
     def check_device(self, batmon_id: int, token: str) -> bool:
         return self.tokens.get(batmon_id) == token
@@ -47,6 +49,14 @@ class FakeCredentials:
 
     def owns(self, user_id: int, batmon_id: int) -> bool:
         return self.owner.get(batmon_id) == user_id
+
+    def owned_until_deleted(self, user_id: int, batmon_id: int) -> bool:
+        return self.deleted_owner.get(batmon_id) == user_id
+
+    def delete(self, batmon_id: int) -> None:
+        """What Core.delete_batmon does to ownership."""
+        self.deleted_owner[batmon_id] = self.owner.pop(batmon_id)
+        self.tokens.pop(batmon_id, None)
 
 
 @dataclass
@@ -72,14 +82,26 @@ class Running:
     bridge_password: str
 
 
+def broker_yaml_with(folder: Path, **limits: Any) -> Path:
+    """The project's broker.yaml with some ``limits`` changed, written into ``folder``."""
+    config = yaml.safe_load(BROKER_YAML.read_text())
+    config["limits"] = {**config.get("limits", {}), **limits}
+    path = folder / "broker.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def make_broker(
-    credentials: FakeCredentials, port: int = 0, limiter: FailureLimiter | None = None
+    credentials: FakeCredentials,
+    port: int = 0,
+    limiter: FailureLimiter | None = None,
+    config_path: Path = BROKER_YAML,
 ) -> Running:
     username, password = f"bridge-{secrets.token_hex(4)}", secrets.token_urlsafe(24)
     broker = EmbeddedBroker(
         host="127.0.0.1",
         port=port,
-        config_path=BROKER_YAML,
+        config_path=config_path,
         credentials=credentials,
         topics=TOPICS,
         bridge_username=username,

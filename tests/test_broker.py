@@ -47,11 +47,9 @@ from tests.broker_support import (
     Running,
     make_broker,
 )
+from tests.home_assistant import DISCOVERY_FILTERS
 from tests.support import Clock, LoopThread, wait_until
 
-# What Home Assistant subscribes to for MQTT discovery (homeassistant/components/mqtt/
-# discovery.py: f"{discovery_topic}/+/+/config" and f"{discovery_topic}/+/+/+/config").
-HA_DISCOVERY_FILTERS = ("homeassistant/+/+/config", "homeassistant/+/+/+/config")
 ALL_STATE, ALL_AVAILABILITY = "batmon/+/state", "batmon/+/availability"
 
 
@@ -280,7 +278,8 @@ def test_device_cannot_subscribe_to_another_devices_state(
         # the wildcards a user may hold stay refused to devices
         ALL_STATE,
         ALL_AVAILABILITY,
-        *HA_DISCOVERY_FILTERS,
+        DISCOVERY_FILTERS[0],
+        *DISCOVERY_FILTERS[-2:],
     ],
 )
 def test_device_wildcard_subscription_is_refused(
@@ -337,8 +336,14 @@ def test_user_is_refused_other_users_batmon(bridge: Client, connect: Callable[..
         "batmon/5/+",
         "homeassistant/#",  # pre-2021 Home Assistant discovery: not granted
         "homeassistant/+/+/+/+/config",
-        "homeassistant/device/+/config",
+        "homeassistant/device/#",
+        "homeassistant/device/+/+",
+        "homeassistant/device/+/state",
+        "homeassistant/$SYS/+/config",
+        "homeassistant//+/config",
+        "homeassistant/device/batmon_6/+/config",
         "homeassistant/+/batmon_6/config",
+        "other_prefix/device/+/config",
         "tasmota/discovery/#",  # Home Assistant also asks for other integrations' topics
     ]
     for topic_filter in refused:
@@ -365,8 +370,12 @@ def test_user_wildcard_discovery_delivers_only_its_own_batmons(
     for topic, payload in retained.items():
         assert bridge.publish(topic, payload, retain=True)
     user = connect(ALICE, ALICE_KEY)
-    for topic_filter in HA_DISCOVERY_FILTERS:
-        assert user.subscribe(topic_filter) == 0
+    # Home Assistant's real subscriptions, plus the two of releases before 2024.11 and one
+    # a newer release with one more component would add.
+    filters = [*DISCOVERY_FILTERS, "homeassistant/+/+/config", "homeassistant/+/+/+/config",
+               "homeassistant/future_component/+/config"]  # fmt: skip
+    for topic_filter in filters:
+        assert user.subscribe(topic_filter) == 0, topic_filter
     # amqtt replays a filter's retained messages after its SUBACK but before it handles
     # the next SUBSCRIBE: once this SUBACK is in, every replay has been sent.
     assert user.subscribe(TOPICS.bridge_state) == 0
@@ -375,14 +384,36 @@ def test_user_wildcard_discovery_delivers_only_its_own_batmons(
     assert bridge.publish("homeassistant/sensor/kitchen/config", b'{"other": "live"}')
     assert bridge.publish(TOPICS.discovery(5), b"marker")
     user.wait_for(TOPICS.discovery(5), b"marker")
-    got = [(t, p) for t, p, _ in user.received if t != TOPICS.bridge_state]
-    assert sorted(got) == sorted(
-        [
-            (TOPICS.discovery(5), b'{"dev": "alice 5"}'),  # retained replay
-            (TOPICS.discovery(7), b'{"dev": "alice 7"}'),
-            (TOPICS.discovery(5), b"marker"),  # live
-        ]
-    )
+    # Overlapping filters (device/+/config and +/+/config) deliver a message once each.
+    got = {(t, p) for t, p, _ in user.received if t != TOPICS.bridge_state}
+    assert got == {
+        (TOPICS.discovery(5), b'{"dev": "alice 5"}'),  # retained replay
+        (TOPICS.discovery(7), b'{"dev": "alice 7"}'),
+        (TOPICS.discovery(5), b"marker"),  # live
+    }
+
+
+def test_the_clear_of_a_deleted_batmon_reaches_its_former_owner_only(
+    running: Running, bridge: Client, connect: Callable[..., Client]
+) -> None:
+    # The delete's empty retained config is what makes Home Assistant drop the device.
+    assert bridge.publish(TOPICS.discovery(7), b'{"dev": "alice 7"}', retain=True)
+    alice, bob = connect(ALICE, ALICE_KEY), connect(BOB, BOB_KEY)
+    for user in (alice, bob):
+        for topic_filter in DISCOVERY_FILTERS:
+            assert user.subscribe(topic_filter) == 0
+        assert user.subscribe(TOPICS.bridge_state) == 0
+    alice.wait_for(TOPICS.discovery(7), b'{"dev": "alice 7"}')
+    running.credentials.delete(7)
+    try:
+        assert bridge.publish(TOPICS.discovery(7), b"", retain=True)
+        assert alice.wait_for(TOPICS.discovery(7), b"")[1] == b""
+        assert bridge.publish(TOPICS.bridge_state, b"marker")
+        bob.wait_for(TOPICS.bridge_state, b"marker")
+        assert TOPICS.discovery(7) not in bob.topics_received()
+    finally:
+        running.credentials.owner[7] = running.credentials.deleted_owner.pop(7)
+        running.credentials.tokens[7] = FakeCredentials().tokens[7]
 
 
 def test_user_wildcard_state_and_availability_deliver_only_its_own_batmons(
@@ -561,11 +592,11 @@ def test_refused_connections_do_not_leave_live_sessions_behind(
     assert left == set()
 
 
-def test_refused_client_cannot_plant_a_last_will_on_a_persistent_session(
+def test_refused_client_can_neither_plant_a_will_nor_cut_off_a_persistent_session(
     running: Running, bridge: Client, connect: Callable[..., Client]
 ) -> None:
     # amqtt copies a CONNECT's will onto the persistent session of that client id before
-    # authenticating, then fires it when the refused CONNECT takes the connection over.
+    # authenticating, and took the live connection over even when it then refused.
     client_id = f"dev5-{secrets.token_hex(3)}"
     victim = Client(running.broker.port, client_id, "5", "tok-five", clean_session=False)
     victim.paho.will_set(TOPICS.update(5, "tok-five"), b"vetted will", qos=1)
@@ -574,9 +605,12 @@ def test_refused_client_cannot_plant_a_last_will_on_a_persistent_session(
     attacker.paho.will_set(TOPICS.update(5, "tok-five"), b"planted will", qos=1)
     try:
         assert attacker.connect() == NOT_AUTHORIZED
-        # The take-over ends the victim's connection abnormally: its own will is the one sent.
+        assert victim.publish(TOPICS.update(5, "tok-five"), b"still connected")
+        bridge.wait_for(TOPICS.update(5, "tok-five"), b"still connected")
+        # The victim's link now drops without DISCONNECT: its own will is the one sent.
+        victim.paho.socket().close()
         bridge.wait_for(TOPICS.update(5, "tok-five"), b"vetted will")
-        assert [p for _, p, _ in bridge.received] == [b"vetted will"]
+        assert [p for _, p, _ in bridge.received] == [b"still connected", b"vetted will"]
     finally:
         attacker.close()
         victim.close()

@@ -8,11 +8,14 @@ import json
 import re
 from types import SimpleNamespace
 
+import pytest
+
 from bridge.core import Batmon
 from bridge.discovery import HomeAssistantDiscovery, discovery_payload
 from bridge.models import EditBatmon
 from bridge.mqtt_bridge import state_payload
 from bridge.topics import Topics
+from tests.home_assistant import discovery_problems
 from tests.support import Env, payload_json, retained, wait_until
 
 TOPICS = Topics(base="batmon", discovery_prefix="homeassistant")
@@ -61,14 +64,74 @@ def test_payload_uses_the_batmons_own_units() -> None:
     assert units == {"voltage": "mV", "current": "mA", "power": "kW", "soc": "%"}
 
 
-def test_payload_points_at_state_and_availability_and_expires_after_two_periods() -> None:
+def test_payload_points_at_state_and_both_availability_topics_and_expires_after_two_periods() -> None:
     batmon = a_batmon(update_period=120)
     payload = discovery_payload(batmon, Topics(base="site/a", discovery_prefix="ha"))
     assert payload["state_topic"] == f"site/a/{batmon.id}/state"
-    assert payload["availability_topic"] == f"site/a/{batmon.id}/availability"
-    assert (payload["payload_available"], payload["payload_not_available"]) == ("online", "offline")
-    assert payload["qos"] == 1
+    # All must say online: the bridge's last will makes every batmon unavailable at once.
+    assert payload["availability_mode"] == "all"
+    assert payload["availability"] == [
+        {"topic": "site/a/bridge/state", "payload_available": "online", "payload_not_available": "offline"},
+        {"topic": f"site/a/{batmon.id}/availability", "payload_available": "online",
+         "payload_not_available": "offline"},
+    ]  # fmt: skip
+    assert "availability_topic" not in payload  # exclusive with the list in HA's schema
     assert {c["expire_after"] for c in payload["cmps"].values()} == {240}
+
+
+def test_each_component_carries_its_own_qos_not_the_root() -> None:
+    payload = discovery_payload(a_batmon(), TOPICS)
+    # HA's SHARED_OPTIONS has no qos: a root qos leaves every sensor at QoS 0.
+    assert "qos" not in payload
+    assert {metric: c["qos"] for metric, c in payload["cmps"].items()} == dict.fromkeys(payload["cmps"], 1)
+
+
+def test_a_unit_home_assistant_refuses_drops_the_device_class_and_keeps_the_unit() -> None:
+    # The seed's edit example: current_units "I" is no unit HA accepts for class current.
+    components = discovery_payload(a_batmon(**SEED_EDIT_UNITS), TOPICS)["cmps"]
+    assert "device_class" not in components["current"]
+    assert components["current"]["unit_of_measurement"] == "I"
+    assert components["current"]["state_class"] == "measurement"
+    kept = {m: (c.get("device_class"), c["unit_of_measurement"])
+            for m, c in components.items() if m != "current"}  # fmt: skip
+    assert kept == {"voltage": ("voltage", "V"), "power": ("power", "W"), "soc": ("battery", "%")}
+
+
+# Every payload the suite produces must pass HA's rules: defaults, the seed's edit, custom units.
+SEED_EDIT_UNITS = {"voltage_units": "V", "current_units": "I", "power_units": "W", "soc_units": "%"}
+UNIT_CASES = [
+    {},
+    SEED_EDIT_UNITS,
+    {"voltage_units": "mV", "current_units": "mA", "power_units": "kW", "soc_units": "%"},
+    {"voltage_units": "Volts", "current_units": "amps", "power_units": "BTU/h", "soc_units": "percent"},
+    {"voltage_units": " ", "current_units": "µA", "power_units": "kVA", "soc_units": "Ah"},
+]
+
+
+@pytest.mark.parametrize("units", UNIT_CASES, ids=lambda u: ",".join(u.values()) or "defaults")
+def test_every_payload_passes_home_assistants_discovery_rules(units: dict[str, str]) -> None:
+    for topics in (TOPICS, Topics(base="site/a", discovery_prefix="ha")):
+        payload = json.loads(json.dumps(discovery_payload(a_batmon(**units), topics)))
+        assert discovery_problems(payload) == []
+
+
+def test_the_rules_check_refuses_what_home_assistant_refuses() -> None:
+    good = json.loads(json.dumps(discovery_payload(a_batmon(), TOPICS)))
+    current_as_i = json.loads(json.dumps(good))
+    current_as_i["cmps"]["current"]["unit_of_measurement"] = "I"
+    assert discovery_problems(current_as_i) == ["current: unit 'I' is not valid with device class 'current'"]
+    root_qos = json.loads(json.dumps(good))
+    for component in root_qos["cmps"].values():
+        del component["qos"]
+    root_qos["qos"] = 1
+    assert len(discovery_problems(root_qos)) == 4
+    both = {**good, "availability_topic": TOPICS.availability(1)}
+    assert discovery_problems(both) == ["availability and availability_topic are exclusive"]
+    no_id = {**good, "dev": {"name": "no id"}}
+    assert discovery_problems(no_id) == ["device: needs identifiers or connections"]
+    typo = json.loads(json.dumps(good))
+    typo["cmps"]["soc"]["unit_of_measure"] = "%"
+    assert discovery_problems(typo) == ["soc: unknown option 'unit_of_measure' (Home Assistant drops it)"]
 
 
 def test_value_templates_read_keys_the_state_topic_carries() -> None:

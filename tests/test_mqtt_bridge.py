@@ -496,7 +496,8 @@ def test_state_after_a_burst_is_coalesced_and_ends_with_the_latest_values(env: E
                           match=lambda m: payload_json(m)["batmon_voltage"] == 10.99, timeout=3)  # fmt: skip
     assert last is not None
     states = [m for m in probe.on(env.topics.state(batmon.id)) if m.payload]
-    assert len(states) <= elapsed / mqtt_bridge.COALESCE_S + 3, (len(states), elapsed)
+    # The last publish may come one period after the last reading was stored.
+    assert len(states) <= (elapsed + 0.5) / mqtt_bridge.COALESCE_S + 3, (len(states), elapsed)
     assert len(states) < 100
 
 

@@ -33,6 +33,10 @@ class CredentialCheck(Protocol):
         """True if the user owns the batmon (asked at subscribe and delivery time)."""
         ...
 
+    def owned_until_deleted(self, user_id: int, batmon_id: int) -> bool:
+        """True if the user owned the batmon until it was deleted: its clears still reach it."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:
@@ -68,14 +72,10 @@ class AccessPolicy:
         self._bridge_password = bridge_password.encode()
         # Failed logins per client address; the default allows 30 a minute.
         self._limiter = limiter if limiter is not None else FailureLimiter()
-        # The only wildcard filters a user may hold: Home Assistant's discovery
-        # subscriptions (homeassistant/components/mqtt/discovery.py subscribes to exactly
-        # these two; the releases that used '{prefix}/#' long predate the device-based
-        # discovery we publish, so they could not read our configs anyway) and a dashboard
-        # following all its batmons. Each message they match is vetted at delivery.
-        self._user_wildcards = frozenset(
-            {*topics.ha_discovery_filters, topics.state_filter, topics.availability_filter}
-        )
+        # The only wildcard filters a user may hold, besides Home Assistant's discovery
+        # filters (Topics.is_ha_discovery_filter): a dashboard following all its batmons.
+        # Each message any of them matches is vetted at delivery (may_receive).
+        self._user_wildcards = frozenset({topics.state_filter, topics.availability_filter})
 
     def __repr__(self) -> str:  # keep the bridge password out of any config dump
         return f"AccessPolicy(topics={self._topics!r})"
@@ -139,7 +139,9 @@ class AccessPolicy:
         """Exact own topics; for users also the few wildcards whose deliveries are vetted."""
         if principal.kind == "bridge":
             return True
-        if principal.kind == "user" and topic_filter in self._user_wildcards:
+        if principal.kind == "user" and (
+            topic_filter in self._user_wildcards or self._topics.is_ha_discovery_filter(topic_filter)
+        ):
             return True  # what it matches is filtered per message by may_receive
         if "+" in topic_filter or "#" in topic_filter:
             return False
@@ -150,7 +152,9 @@ class AccessPolicy:
 
         Asked for every delivery, live or retained, whatever filter matched it: a wildcard
         also matches other users' batmons and other integrations' discovery topics, and
-        ownership can change while subscribed.
+        ownership can change while subscribed. After a delete only the bridge's clearing
+        messages are published on a batmon's topics (ids are never reused): they reach
+        the former owner, so a Home Assistant connected at that moment drops the device.
         """
         if principal.kind == "bridge":
             return True
@@ -159,4 +163,8 @@ class AccessPolicy:
         if topic == self._topics.bridge_state:
             return True
         batmon_id = self._topics.batmon_of_user_topic(topic)
-        return batmon_id is not None and self._credentials.owns(principal.ident, batmon_id)
+        if batmon_id is None:
+            return False
+        return self._credentials.owns(principal.ident, batmon_id) or (
+            self._credentials.owned_until_deleted(principal.ident, batmon_id)
+        )

@@ -8,19 +8,30 @@ re-read amqtt's broker.py against every override here and rerun tests/test_broke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections import deque
-from collections.abc import Callable
+import weakref
+from collections import Counter, deque
 from typing import Any, Protocol
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker, Server
 from amqtt.contexts import Action
-from amqtt.mqtt.constants import QOS_1, QOS_2
+from amqtt.errors import BrokerError
+from amqtt.events import BrokerEvents
+from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import ApplicationMessage, OutgoingApplicationMessage, Session
 
 from bridge.broker.access import Principal
+from bridge.broker.limits import (
+    CONNECT,
+    MQTT_311_LEVEL,
+    BrokerLimits,
+    GuardedReader,
+    MessageRate,
+    protocol_level,
+)
 from bridge.broker.plugin import PRINCIPAL_KEY, WILL_KEY
 from bridge.errors import Unavailable
 from bridge.topics import Topics
@@ -28,10 +39,16 @@ from bridge.writer import Overloaded
 
 log = logging.getLogger(__name__)
 
+# CONNACK return codes of MQTT 3.1.1 (section 3.2.2.3).
+UNACCEPTABLE_PROTOCOL_VERSION, IDENTIFIER_REJECTED, SERVER_UNAVAILABLE, NOT_AUTHORIZED = 1, 2, 3, 5
 
-MAX_UNACKED_PER_CLIENT = 1_000
-"""Updates one connection may have waiting for their commit; past it the client is
-dropped (a well-behaved device waits for PUBACKs: paho's default window is 20)."""
+
+PAUSE_READING_AT = 100
+RESUME_READING_AT = 50
+"""Updates of one connection waiting for their commit: at the first figure the broker
+stops reading that connection's socket (TCP flow control then holds the device back),
+at the second it reads again. A device that waits for its PUBACKs (paho's window is
+20) never meets it; one that floods without waiting costs bounded memory."""
 
 
 RETRY_MIN_S = 0.25
@@ -60,12 +77,14 @@ class UpdateInbox(asyncio.Queue[ApplicationMessage]):
     one else may subscribe to them. Other messages are queued as amqtt does.
     """
 
-    def __init__(self, session: Session, sink: UpdateSink, drop: Callable[[str], None]) -> None:
+    def __init__(self, session: Session, sink: UpdateSink) -> None:
         super().__init__()
         self._session = session
         self._sink = sink
-        self._drop = drop  # closes this client's connection, with the reason logged
         self.unacked = 0
+        # Open while this session's connection may be read (see GatedReader).
+        self.readable = asyncio.Event()
+        self.readable.set()
 
     def _own_update(self, message: ApplicationMessage) -> bool:
         principal = self._session.attributes.get(PRINCIPAL_KEY)
@@ -81,10 +100,9 @@ class UpdateInbox(asyncio.Queue[ApplicationMessage]):
             await super().put(item)
             return
         self.unacked += 1
+        if self.unacked >= PAUSE_READING_AT:
+            self.readable.clear()
         try:
-            if self.unacked > MAX_UNACKED_PER_CLIENT:
-                self._drop("too many unacknowledged updates")
-                await asyncio.Future()  # never acked; cancelled when the connection ends
             payload, dup = bytes(item.data or b""), _dup(item)
             delay = RETRY_MIN_S
             while True:
@@ -104,6 +122,8 @@ class UpdateInbox(asyncio.Queue[ApplicationMessage]):
                     delay = min(delay * 2, RETRY_MAX_S)
         finally:
             self.unacked -= 1
+            if self.unacked <= RESUME_READING_AT:
+                self.readable.set()
 
     def put_nowait(self, item: ApplicationMessage) -> None:
         """QoS 0: no acknowledgement to hold back; a full writer drops it (counted)."""
@@ -116,6 +136,23 @@ class UpdateInbox(asyncio.Queue[ApplicationMessage]):
             log.debug("dropped a QoS 0 update of client %r: writer full", self._session.client_id)
 
 
+class GatedReader(ReaderAdapter):
+    """A connection's reader that waits while its session's inbox says "enough"."""
+
+    def __init__(self, inner: ReaderAdapter, inbox: UpdateInbox) -> None:
+        self._inner = inner
+        self._inbox = inbox
+
+    async def read(self, n: int = -1) -> bytes:
+        """Read as amqtt does, once the inbox has room for more updates."""
+        await self._inbox.readable.wait()
+        return await self._inner.read(n)
+
+    def feed_eof(self) -> None:
+        """Pass end-of-stream on (amqtt calls it when closing)."""
+        self._inner.feed_eof()
+
+
 def _dup(message: ApplicationMessage) -> bool:
     return bool(message.publish_packet is not None and message.publish_packet.dup_flag)
 
@@ -123,33 +160,74 @@ def _dup(message: ApplicationMessage) -> bool:
 class BatmonBroker(Broker):
     """amqtt's Broker with 0.12.1 flaws closed that matter once clients are untrusted."""
 
-    def __init__(self, config: dict[str, Any], *, topics: Topics, updates: UpdateSink | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        topics: Topics,
+        limits: BrokerLimits | None = None,
+        updates: UpdateSink | None = None,
+    ) -> None:
         super().__init__(config)
         self._topics = topics
         self._updates = updates
-        self._background: set[asyncio.Future[Any]] = set()
+        limits = limits or BrokerLimits()
+        self._limits = limits
+        self._rate = MessageRate(limits.messages_per_second, limits.message_burst)
+        self._connections = 0
+        # Handlers whose connection a newer one with the same client id replaced.
+        self._taken_over: weakref.WeakSet[BrokerProtocolHandler] = weakref.WeakSet()
+        self.counters: Counter[str] = Counter()
+        """What the limits refused or dropped, and client-id takeovers (for /healthz)."""
 
-    def _install_inbox(self, session: Session) -> None:
+    async def _client_connected(
+        self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
+    ) -> None:
+        """Vet a new connection before amqtt reads it: connection limit, CONNECT in time,
+        protocol level; then let amqtt read packets through a GuardedReader."""
+        peer_info = writer.get_peer_info()
+        peer = f"{peer_info[0]}:{peer_info[1]}" if peer_info else "unknown address"
+        guarded = GuardedReader(reader, self._limits, self._rate, self.counters, peer)
+        self._connections += 1
+        try:
+            try:
+                packet_type, body = await asyncio.wait_for(
+                    guarded.first_packet(), self._limits.connect_timeout_s
+                )
+            except (TimeoutError, asyncio.IncompleteReadError, OSError):
+                log.debug("closed a connection from %s: no CONNECT", peer)
+                await _close(writer)
+                return
+            if self._connections > self._limits.max_connections:
+                self.counters["refused_connection_limit"] += 1
+                log.warning("refused an MQTT client from %s: max_connections (%d) reached",
+                            peer, self._limits.max_connections)  # fmt: skip
+                await _refuse(writer, SERVER_UNAVAILABLE)
+                return
+            level = protocol_level(body) if packet_type == CONNECT else None
+            if packet_type == CONNECT and level != MQTT_311_LEVEL:
+                # amqtt would misread the rest (MQTT 5 adds properties) and wait forever.
+                self.counters["refused_protocol_level"] += 1
+                log.warning("refused an MQTT client from %s: protocol level %s; this broker speaks"
+                            " MQTT 3.1.1 (level 4) only", peer, level)  # fmt: skip
+                await _refuse(writer, UNACCEPTABLE_PROTOCOL_VERSION)
+                return
+            await super()._client_connected(listener_name, guarded, writer)
+        finally:
+            self._connections -= 1
+
+    def _install_inbox(self, session: Session) -> UpdateInbox | None:
         """Route this session's own updates to the writer (see UpdateInbox)."""
-        if self._updates is None or isinstance(session.delivered_message_queue, UpdateInbox):
-            return
-        inbox = UpdateInbox(session, self._updates, lambda why: self._drop_client(session, why))
-        for message in _take_all(session.delivered_message_queue):
+        if self._updates is None:
+            return None
+        queue = session.delivered_message_queue
+        if isinstance(queue, UpdateInbox):
+            return queue
+        inbox = UpdateInbox(session, self._updates)
+        for message in _take_all(queue):
             asyncio.Queue.put_nowait(inbox, message)
         session.delivered_message_queue = inbox
-
-    def _drop_client(self, session: Session, why: str) -> None:
-        """Close one client's connection (it will resend what we did not acknowledge)."""
-        entry = self._sessions.get(session.client_id or "")
-        if entry is None or entry[0] is not session:
-            return
-        log.warning("disconnecting client %r: %s", session.client_id, why)
-        handler = entry[1]
-        writer = handler.writer
-        if writer is not None:
-            closing = asyncio.ensure_future(writer.close())
-            self._background.add(closing)
-            closing.add_done_callback(self._background.discard)
+        return inbox
 
     def stop_listening(self) -> None:
         """Refuse new connections; connected clients carry on until shutdown()."""
@@ -277,7 +355,12 @@ class BatmonBroker(Broker):
                     running_tasks.append(asyncio.ensure_future(publish))
 
     async def _delete_session(self, client_id: str) -> None:
-        """Drop a session for a clean-session CONNECT, but not the messages it acknowledged."""
+        """Deferred: amqtt calls this for a clean-session CONNECT before authenticating it."""
+        # Done then, anyone could wipe a live client's subscriptions by sending a CONNECT
+        # with its client id. _claim_client_id does it once the CONNECT is authenticated.
+
+    async def _drop_session(self, client_id: str) -> None:
+        """amqtt's clean-session deletion, except the messages the old session acknowledged."""
         # amqtt clears all the old session's queues, the inbound one too: readings already
         # acknowledged that the old connection's loop, still running on that session
         # object, had not yet broadcast. Give them back to it.
@@ -287,6 +370,30 @@ class BatmonBroker(Broker):
         if session is not None:
             for message in inbound:
                 session.delivered_message_queue.put_nowait(message)
+
+    async def _claim_client_id(self, session: Session) -> bool:
+        """Give an authenticated CONNECT its client id: take over the live connection that
+        holds it (MQTT 3.1.1, 3.1.4-2), unless that belongs to another principal."""
+        client_id = session.client_id or ""
+        old_session, old_handler = self._sessions.get(client_id, (None, None))
+        if old_session is None or old_handler is None:
+            return True
+        old = old_session.attributes.get(PRINCIPAL_KEY)
+        new = session.attributes.get(PRINCIPAL_KEY)
+        if old is not None and new is not None and (old.kind, old.ident) != (new.kind, new.ident):
+            # A neighbour who learnt a client id must not be able to kick its owner off.
+            log.warning("refused client %r: its client id is held by another principal", client_id)
+            return False
+        if old_session.transitions.is_connected():
+            self.counters["client_id_takeovers"] += 1
+            log.info("client %r connected again: closing its previous connection", client_id)
+            self._taken_over.add(old_handler)
+            await old_handler.handle_connection_closed()
+            await old_handler.stop()
+            old_session.transitions.disconnect()
+        if old_session is not session:  # a clean-session CONNECT: start afresh
+            await self._drop_session(client_id)
+        return True
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
@@ -336,10 +443,15 @@ class BatmonBroker(Broker):
         handler: BrokerProtocolHandler,
         disconnect_waiter: asyncio.Future[Any],
     ) -> None:
-        """Fire only the last will our plugin vetted at the last accepted CONNECT."""
+        """End a connection: fire only the vetted will, and only if not taken over."""
+        if handler in self._taken_over:
+            # Taken over by a new connection with this client id: the client is still
+            # there, so no will, and the session (maybe the same object) is not ours to end.
+            self._taken_over.discard(handler)
+            await self._stop_handler(handler)
+            return
         # amqtt copies a new CONNECT's will onto a persistent session before authenticating
-        # it, and a refused CONNECT then takes the live connection over, firing that will:
-        # anyone knowing a client id could publish anywhere without a password.
+        # it: only the will of the last accepted CONNECT may fire.
         (
             client_session.will_flag,
             client_session.will_topic,
@@ -358,22 +470,48 @@ class BatmonBroker(Broker):
         server: Server,
         listener_name: str,
     ) -> None:
-        """Run amqtt's session handling, then release what it leaves behind."""
+        """amqtt's session start, in an order that lets no refused CONNECT touch a live session."""
+        # amqtt took the client id's live connection over and replaced its entry in the
+        # session table before looking at the authentication result: a failed login with
+        # someone's client id cut them off (and a persistent session's will fired).
         # amqtt resumes a persistent session with the address of its first connection:
         # the login throttle must see this connection's.
         peer = writer.get_peer_info()
         if peer is not None:
             client_session.remote_address, client_session.remote_port = peer
-        self._install_inbox(client_session)
+        if isinstance(reader, GuardedReader):
+            reader.session = client_session
+        if not client_session.client_id:
+            raise BrokerError("Client ID was not correctly created/set.")
+        authenticated = await self._authenticate(client_session, self.listeners_config[listener_name])
+        if not (authenticated and await self._claim_client_id(client_session)):
+            await _refuse(writer, NOT_AUTHORIZED)
+            return
+        inbox = self._install_inbox(client_session)
+        if inbox is not None:
+            reader = GatedReader(reader, inbox)  # stops reading while 100 updates await commit
+        client_session.transitions.connect()
+        handler.attach(client_session, reader, writer)
+        self._sessions[client_session.client_id] = (client_session, handler)
         try:
-            await super()._handle_client_session(
-                reader, writer, client_session, handler, server, listener_name
+            await handler.mqtt_connack_authorize(True)
+            await self.plugins_manager.fire_event(
+                BrokerEvents.CLIENT_CONNECTED,
+                client_id=client_session.client_id,
+                client_session=client_session,
             )
+            await handler.start()
+            # Messages queued while a persistent session was away, then the retained
+            # messages of the filters it already holds.
+            await self._publish_session_retained_messages(client_session)
+            for topic_filter in list(self._subscriptions):
+                await self._publish_retained_messages_for_subscription((topic_filter, QOS_0), client_session)
+            await self._client_message_loop(client_session, handler)
         finally:
-            # A refused CONNECT returns with the session still "connected", so the session
-            # monitor never drops it: one leaked session per failed login. Finish the job
-            # unless another connection has taken the session over meanwhile.
-            owner = self._sessions.get(client_session.client_id or "", (None, None))[1]
+            # An error before the message loop ended leaves the session "connected", so the
+            # session monitor would never drop it. Finish the job unless another connection
+            # has taken the session over meanwhile.
+            owner = self._sessions.get(client_session.client_id, (None, None))[1]
             if owner is handler and client_session.transitions.is_connected():
                 await self._stop_handler(handler)
                 client_session.transitions.disconnect()
@@ -383,6 +521,21 @@ class BatmonBroker(Broker):
         # amqtt has no public accessor for its listeners' servers (0.12).
         server = self._servers["default"].instance
         return int(server.sockets[0].getsockname()[1])
+
+
+async def _refuse(writer: WriterAdapter, return_code: int) -> None:
+    """Answer a CONNECT with a refusing CONNACK and close the connection."""
+    writer.write(bytes((0x20, 0x02, 0x00, return_code)))
+    try:
+        await writer.drain()
+    finally:
+        await _close(writer)
+
+
+async def _close(writer: WriterAdapter) -> None:
+    """Close, ignoring a peer that is gone already."""
+    with contextlib.suppress(OSError, asyncio.CancelledError):
+        await writer.close()
 
 
 def _take_all(queue: asyncio.Queue[ApplicationMessage]) -> list[ApplicationMessage]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 from pathlib import Path
@@ -12,9 +13,12 @@ from typing import Any
 import yaml
 from amqtt.errors import BrokerError, PluginError, PluginLoadError
 from dacite import DaciteError
+from pydantic import ValidationError
 
 from bridge.broker.access import AccessPolicy, CredentialCheck
 from bridge.broker.amqtt_patches import BatmonBroker, UpdateSink
+from bridge.broker.limits import BrokerLimits
+from bridge.models import describe_error
 from bridge.ratelimit import FailureLimiter
 from bridge.topics import Topics
 
@@ -42,6 +46,11 @@ _FORBIDDEN_PLUGIN_PREFIXES = (
 
 class BrokerStartError(Exception):
     """The embedded broker could not start (bad config, address in use...)."""
+
+    def __init__(self, message: str, *, address_in_use: bool = False) -> None:
+        super().__init__(message)
+        self.address_in_use = address_in_use
+        """True when another program (another MQTT broker, most likely) holds the port."""
 
 
 class EmbeddedBroker:
@@ -75,6 +84,8 @@ class EmbeddedBroker:
         self._port: int | None = None
         self._outbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue()
         self._publisher: asyncio.Task[None] | None = None
+        self.limits = BrokerLimits()
+        """The ``limits`` section of the config, once loaded."""
 
     @property
     def port(self) -> int:
@@ -82,6 +93,11 @@ class EmbeddedBroker:
         if self._port is None:
             raise RuntimeError("the embedded broker is not running")
         return self._port
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """What the limits refused or dropped, and client-id takeovers, since start."""
+        return dict(self._broker.counters) if self._broker is not None else {}
 
     def _load_config(self) -> dict[str, Any]:
         """broker.yaml with our bind address and our access plugin as the only ACL."""
@@ -115,7 +131,11 @@ class EmbeddedBroker:
             for name, cfg in plugins.items()
             if name != PLUGIN_PATH and not str(name).startswith(_FORBIDDEN_PLUGIN_PREFIXES)
         }
-        config = {k: v for k, v in raw.items() if k not in _LEGACY_KEYS}
+        try:
+            self.limits = BrokerLimits.model_validate(raw.get("limits") or {})
+        except ValidationError as exc:
+            raise BrokerStartError(f"broker config {where}: limits.{describe_error(exc)}") from None
+        config = {k: v for k, v in raw.items() if k not in (*_LEGACY_KEYS, "limits")}
         config["listeners"] = {
             **listeners,
             "default": {"type": "tcp", **default, "bind": f"{self._host}:{self._requested_port}"},
@@ -131,7 +151,7 @@ class EmbeddedBroker:
         where = f"{self._host}:{self._requested_port}"
         _quiet_amqtt_logging()
         try:
-            broker = BatmonBroker(config, topics=self._topics, updates=self._updates)
+            broker = BatmonBroker(config, topics=self._topics, limits=self.limits, updates=self._updates)
         except _CONFIG_ERRORS as exc:
             raise BrokerStartError(f"invalid broker config {self._config_path}: {exc}") from None
         startup_filter = _DropStartupTraceback()
@@ -145,7 +165,10 @@ class EmbeddedBroker:
                 reason = os.strerror(cause.errno)
             else:
                 reason = str(cause or exc)
-            raise BrokerStartError(f"cannot start MQTT broker on {where}: {reason}") from None
+            in_use = isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE
+            raise BrokerStartError(
+                f"cannot start MQTT broker on {where}: {reason}", address_in_use=in_use
+            ) from None
         finally:
             amqtt_log.removeFilter(startup_filter)
         self._broker = broker

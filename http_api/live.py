@@ -1,0 +1,223 @@
+"""Live updates for the dashboard: an extension that fans the core's events out to
+every open Server-Sent Events stream of the batmons' owner.
+
+A stream starts with a snapshot of all the user's batmons (so nothing that changed
+between rendering the page and opening the stream is missed, and a reconnecting
+browser catches up). Then it remembers *which* batmons changed, not every event,
+and sends each one's state as it is when the browser is ready: a slow browser gets
+the latest values instead of a growing backlog. Past ``max_pending`` distinct
+batmons it forgets them and sends a fresh snapshot instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from bridge.core import Batmon, Core
+from bridge.errors import BatmonError
+from bridge.events import (
+    NO_SUBSCRIPTION,
+    AlarmChanged,
+    BatmonChanged,
+    BatmonDeleted,
+    ReadingAccepted,
+    StatusChanged,
+    Subscription,
+)
+
+log = logging.getLogger(__name__)
+
+METRICS = ("voltage", "current", "power", "soc")
+
+
+class TooManyStreams(BatmonError):
+    """A user already has as many live streams open as we allow."""
+
+    status = 429
+
+
+def batmon_snapshot(batmon: Batmon, now: float) -> dict[str, Any]:
+    """What the dashboard shows of a batmon: the API object without the token,
+    plus the units it is shown in (the batmon's own, else V, A, W, %)."""
+    data = batmon.to_api(now)
+    del data["batmon_token"]  # shown on demand only, never pushed
+    data["units"] = {metric: batmon.unit(metric) for metric in METRICS}
+    data["last_reading"] = None if batmon.last_reading is None else int(batmon.last_reading)
+    return data
+
+
+class LiveStream:
+    """One browser's stream: the ids of the batmons changed since its last send."""
+
+    def __init__(self, user_id: int, max_pending: int) -> None:
+        self.user_id = user_id
+        self.max_pending = max_pending
+        self._changed: dict[int, bool] = {}  # batmon_id -> deleted; insertion-ordered
+        self._full = True  # a snapshot of every batmon is due (first, and after overflow)
+        self._closed = False
+        self._wake = asyncio.Event()
+
+    def mark(self, batmon_id: int, deleted: bool = False) -> None:
+        """Note a change; a batmon already noted costs nothing (coalesced)."""
+        if self._full:
+            pass  # the snapshot due covers it
+        elif batmon_id in self._changed or len(self._changed) < self.max_pending:
+            self._changed[batmon_id] = deleted or self._changed.get(batmon_id, False)
+        else:
+            self._changed.clear()
+            self._full = True
+        self._wake.set()
+
+    def close(self) -> None:
+        """End the stream at its next wake-up."""
+        self._closed = True
+        self._wake.set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def take(self, timeout: float) -> tuple[dict[int, bool], bool] | None:
+        """Wait up to ``timeout`` for changes; (changed, full snapshot due), or None once closed."""
+        if not (self._changed or self._full or self._closed):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+        self._wake.clear()
+        if self._closed:
+            return None
+        changed, self._changed = self._changed, {}
+        full, self._full = self._full, False
+        return changed, full
+
+
+def sse(event: str, data: Any) -> str:
+    """One Server-Sent Events message (JSON has no raw newlines, so one data line)."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+class LiveFeed:
+    """Subscribes to the bus and marks each owner's open streams; serves them as SSE."""
+
+    def __init__(self, core: Core, *, max_pending: int = 256, max_streams_per_user: int = 16,
+                 keepalive_s: float = 15.0) -> None:  # fmt: skip
+        self.core = core
+        self.max_pending = max_pending
+        self.max_streams_per_user = max_streams_per_user
+        self.keepalive_s = keepalive_s
+        self._streams: dict[int, set[LiveStream]] = {}
+        self._subscription: Subscription = NO_SUBSCRIPTION
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._loop is not None
+
+    async def start(self) -> None:
+        """Listen to every event that changes what a dashboard shows (once)."""
+        if self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        changed = self._on_changed
+        self._subscription = self.core.bus.subscribe_all({
+            ReadingAccepted: changed, StatusChanged: changed, BatmonChanged: changed,
+            AlarmChanged: changed, BatmonDeleted: self._on_deleted,
+        })  # fmt: skip
+
+    async def stop(self) -> None:
+        """Unsubscribe and end every open stream (so the HTTP server can stop)."""
+        self._subscription.cancel()
+        for streams in self._streams.values():
+            for stream in streams:
+                stream.close()
+        self._streams.clear()
+
+    # -- event handlers: mark, never block ----------------------------------------
+    def _on_changed(self, event: Any) -> None:
+        self._mark(event.batmon, deleted=False)
+
+    def _on_deleted(self, event: BatmonDeleted) -> None:
+        self._mark(event.batmon, deleted=True)
+
+    def _mark(self, batmon: Batmon, deleted: bool) -> None:
+        # Events come on the loop today; a writer thread may emit some later.
+        self._on_loop(self._mark_streams, batmon.user_id, batmon.id, deleted)
+
+    def _mark_streams(self, user_id: int, batmon_id: int, deleted: bool) -> None:
+        for stream in self._streams.get(user_id, ()):
+            stream.mark(batmon_id, deleted)
+
+    def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            same_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            same_loop = False
+        if same_loop:
+            fn(*args)
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(fn, *args)
+
+    # -- streams -------------------------------------------------------------------
+    def open(self, user_id: int) -> LiveStream:
+        """A new stream for ``user_id``; 429 past max_streams_per_user."""
+        streams = self._streams.setdefault(user_id, set())
+        if len(streams) >= self.max_streams_per_user:
+            raise TooManyStreams(
+                f"Too many live streams open ({self.max_streams_per_user}); close a dashboard tab."
+            )
+        stream = LiveStream(user_id, self.max_pending)
+        streams.add(stream)
+        return stream
+
+    def release(self, stream: LiveStream) -> None:
+        """Forget a stream whose browser went away."""
+        streams = self._streams.get(stream.user_id)
+        if streams is not None:
+            streams.discard(stream)
+            if not streams:
+                del self._streams[stream.user_id]
+
+    def stream_count(self, user_id: int | None = None) -> int:
+        """Open streams, of one user or of all."""
+        if user_id is not None:
+            return len(self._streams.get(user_id, ()))
+        return sum(len(s) for s in self._streams.values())
+
+    def messages_for(self, stream: LiveStream, changed: dict[int, bool], full: bool
+                     ) -> list[str]:  # fmt: skip
+        """The SSE messages for one batch of changes, each batmon's state as of now."""
+        now = self.core.clock()
+        if full:
+            mine = [b for b in self.core.batmons.values() if b.user_id == stream.user_id]
+            return [sse("snapshot", [batmon_snapshot(b, now) for b in mine])]
+        out = []
+        for batmon_id, deleted in changed.items():
+            batmon = self.core.batmons.get(batmon_id)
+            if deleted or batmon is None:
+                out.append(sse("deleted", {"batmon_id": batmon_id}))
+            elif batmon.user_id == stream.user_id:
+                out.append(sse("batmon", batmon_snapshot(batmon, now)))
+        return out
+
+    async def serve(self, stream: LiveStream) -> AsyncIterator[str]:
+        """The text of one SSE response, until the stream is closed or the client leaves."""
+        try:
+            # The browser retries after 3 s if the connection drops.
+            yield "retry: 3000\n\n"
+            while True:
+                batch = await stream.take(self.keepalive_s)
+                if batch is None:
+                    return
+                messages = self.messages_for(stream, *batch)
+                # A comment line keeps proxies from timing out an idle stream.
+                yield "".join(messages) if messages else ": keep-alive\n\n"
+        finally:
+            self.release(stream)

@@ -1,0 +1,421 @@
+// One batmon's page: uPlot charts of the downsampled history, alarms, settings, log.
+"use strict";
+(() => {
+  const METRICS = ["voltage", "current", "power", "soc"];
+  const DEFAULT_UNITS = { voltage: "V", current: "A", power: "W", soc: "%" };
+  let batmon = Batmon.initialJson("initial-batmon");
+  const id = batmon.batmon_id;
+  const $ = (selector) => document.querySelector(selector);
+
+  // -- header: status, values, age ------------------------------------------------
+  function renderHead(b) {
+    $("#batmon-name").textContent = b.batmon_name;
+    $("#batmon-type").textContent = b.batmon_type;
+    document.title = `${b.batmon_name} · batmon bridge`;
+    const status = $("#batmon-status");
+    status.textContent = b.batmon_status;
+    status.dataset.status = b.batmon_status;
+    const age = $("#batmon-age");
+    age.dataset.epoch = b.last_reading === null ? "" : String(b.last_reading);
+    age.textContent = Batmon.age(b.last_reading);
+    for (const m of METRICS) {
+      $(`#now-values [data-metric="${m}"]`).textContent = Batmon.withUnit(b["batmon_" + m], b.units[m]);
+      $(`.chart[data-metric="${m}"] .unit`).textContent = `(${b.units[m]})`;
+    }
+  }
+
+  /** The status API's batmon object in the live stream's shape. */
+  function snapshotOf(b, previous) {
+    const units = Object.fromEntries(METRICS.map((m) => [m, b[m + "_units"] || DEFAULT_UNITS[m]]));
+    const token = b.batmon_token;
+    delete b.batmon_token;
+    return { ...b, units, last_reading: previous.last_reading, _token: token };
+  }
+
+  async function refresh() {
+    const b = await Batmon.api("/interface/batmon/status", { batmon_id: id }, "GET");
+    batmon = snapshotOf(b, batmon);
+    renderHead(batmon);
+    renderAlarms(batmon.alarms);
+    return batmon;
+  }
+
+  // -- charts ------------------------------------------------------------------------
+  const chartsEl = $("#charts");
+  const chartStatus = $("#chart-status");
+  const plots = {};
+  let range = { seconds: 3600 };
+  let shown = null; // {min, max, x: [], series: {metric: [avg, min, max]}}
+
+  function colors() {
+    const css = getComputedStyle(document.documentElement);
+    const v = (name) => css.getPropertyValue(name).trim();
+    return { fg: v("--fg"), grid: v("--grid"), line: v("--accent"), band: v("--band"), faint: v("--faint") };
+  }
+
+  function chartWidth() {
+    return Math.max(240, Math.floor(chartsEl.querySelector(".chart").clientWidth - 8));
+  }
+
+  function makePlot(metric, data) {
+    const c = colors();
+    const unit = batmon.units[metric];
+    const opts = {
+      width: chartWidth(),
+      height: 200,
+      scales: {
+        x: { time: true, range: (u, lo, hi) => [shown.min, Math.max(shown.max, hi || shown.max)] },
+      },
+      series: [
+        {},
+        { label: "avg", stroke: c.line, width: 2, spanGaps: true, value: (u, v) => Batmon.withUnit(v, unit) },
+        { label: "min", stroke: c.faint, width: 1, spanGaps: true, value: (u, v) => Batmon.withUnit(v, unit) },
+        { label: "max", stroke: c.faint, width: 1, spanGaps: true, value: (u, v) => Batmon.withUnit(v, unit) },
+      ],
+      bands: [{ series: [3, 2], fill: c.band }],
+      axes: [
+        { stroke: c.fg, grid: { stroke: c.grid }, ticks: { stroke: c.grid } },
+        { stroke: c.fg, grid: { stroke: c.grid }, ticks: { stroke: c.grid }, size: 56 },
+      ],
+      legend: { live: true },
+    };
+    const target = chartsEl.querySelector(`.chart[data-metric="${metric}"] .plot`);
+    target.replaceChildren();
+    return new uPlot(opts, data, target);
+  }
+
+  function seriesOf(rows, metric) {
+    const pick = (row, suffix) => {
+      const v = row[`batmon_${metric}_${suffix}`];
+      return v === undefined ? row[`batmon_${metric}`] ?? null : v;
+    };
+    return [rows.map((r) => pick(r, "avg")), rows.map((r) => pick(r, "min")), rows.map((r) => pick(r, "max"))];
+  }
+
+  function draw() {
+    for (const m of METRICS) {
+      const data = [shown.x, ...shown.series[m]];
+      if (plots[m]) plots[m].destroy();
+      plots[m] = makePlot(m, data);
+      const figure = chartsEl.querySelector(`.chart[data-metric="${m}"]`);
+      // What uPlot holds, not what we meant to give it: the browser test compares this with the API.
+      figure.dataset.points = String(plots[m].data[0].length);
+      const values = shown.series[m][0].filter((v) => v !== null);
+      figure.querySelector(".chart-summary").textContent = values.length
+        ? `${values.length} points, from ${Batmon.withUnit(Math.min(...values), batmon.units[m])} to ${Batmon.withUnit(Math.max(...values), batmon.units[m])}.`
+        : "No readings in this range.";
+    }
+    chartsEl.dataset.points = String(shown.x.length);
+  }
+
+  /** Ask the history API for about one point per pixel of the chosen range. */
+  async function load() {
+    const now = Math.floor(Batmon.serverTime());
+    const min = range.from ?? now - range.seconds;
+    const max = range.to ?? now;
+    const points = Math.min(1000, Math.max(60, chartWidth()));
+    chartsEl.dataset.state = "loading";
+    Batmon.say(chartStatus, "Loading…");
+    try {
+      const [h] = await Batmon.api("/interface/batmon/history",
+        { batmon_id: id, min_epoch_tm_sec: min, max_epoch_tm_sec: max, points }, "GET");
+      const rows = h.data;
+      // Bucketed rows carry `time`; raw rows (a server without downsampling) only update_time.
+      const x = rows.map((r) => r.time ?? Date.parse(r.update_time + "Z") / 1000);
+      shown = { min, max, x, series: Object.fromEntries(METRICS.map((m) => [m, seriesOf(rows, m)])) };
+      Object.assign(chartsEl.dataset, { min: String(min), max: String(max), requestedPoints: String(points) });
+      draw();
+      chartsEl.dataset.state = "ready";
+      Batmon.say(chartStatus, rows.length
+        ? `${rows.length} points from ${Batmon.timeText(min)} to ${Batmon.timeText(max)}${h.bucket ? `, one per ${h.bucket} s` : ""}.`
+        : `No readings from ${Batmon.timeText(min)} to ${Batmon.timeText(max)}.`);
+    } catch (e) {
+      chartsEl.dataset.state = "error";
+      Batmon.say(chartStatus, e.message, "error");
+    }
+  }
+
+  /** A live reading extends a "last …" range by one point, without asking the server. */
+  function appendLive(b) {
+    if (!shown || range.to !== undefined || b.last_reading === null) return;
+    const last = shown.x.length ? shown.x[shown.x.length - 1] : -Infinity;
+    if (b.last_reading <= last) return;
+    shown.x.push(b.last_reading);
+    for (const m of METRICS) for (const s of shown.series[m]) s.push(b["batmon_" + m]);
+    for (const m of METRICS) {
+      plots[m].setData([shown.x, ...shown.series[m]]);
+      chartsEl.querySelector(`.chart[data-metric="${m}"]`).dataset.points = String(plots[m].data[0].length);
+    }
+    chartsEl.dataset.points = String(shown.x.length);
+  }
+
+  for (const button of document.querySelectorAll(".ranges button")) {
+    button.addEventListener("click", () => {
+      for (const other of document.querySelectorAll(".ranges button")) other.setAttribute("aria-pressed", String(other === button));
+      range = { seconds: Number(button.dataset.range) };
+      load();
+    });
+  }
+  $("#custom-range").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const from = Date.parse($("#range-from").value) / 1000;
+    const to = Date.parse($("#range-to").value) / 1000;
+    if (!Number.isFinite(from) || !Number.isFinite(to) || to <= from) {
+      Batmon.say(chartStatus, "Give a From before the To.", "error");
+      return;
+    }
+    for (const other of document.querySelectorAll(".ranges button")) other.setAttribute("aria-pressed", "false");
+    range = { from: Math.floor(from), to: Math.ceil(to) };
+    load();
+  });
+  let resizeTimer = 0;
+  window.addEventListener("resize", () => {
+    window.clearTimeout(resizeTimer);
+    resizeTimer = window.setTimeout(() => {
+      for (const m of METRICS) if (plots[m]) plots[m].setSize({ width: chartWidth(), height: 200 });
+    }, 150);
+  });
+  window.matchMedia("(prefers-color-scheme: dark)").addEventListener("change", () => shown && draw());
+
+  // -- alarms ------------------------------------------------------------------------
+  const alarmForm = $("#alarm-form");
+  const alarmStatus = alarmForm.querySelector(".form-status");
+
+  function alarmState(a) {
+    if (!a.alarm_enabled) return "Disabled";
+    if (!a.alarm_triggered) return "OK";
+    const since = `Triggered ${Batmon.timeText(a.alarm_trigger_time)}`;
+    return a.alarm_akn === null ? since : `${since}, acknowledged ${Batmon.timeText(a.alarm_akn)}`;
+  }
+
+  function button(text, label, onClick, disabled = false) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "secondary small";
+    b.textContent = text;
+    b.setAttribute("aria-label", label);
+    b.disabled = disabled;
+    b.addEventListener("click", onClick);
+    return b;
+  }
+
+  async function alarmAction(path, fields, done) {
+    try {
+      await Batmon.api(path, fields);
+      Batmon.say(alarmStatus, done);
+      await refresh();
+    } catch (e) {
+      Batmon.say(alarmStatus, e.message, "error");
+    }
+  }
+
+  function renderAlarms(alarms) {
+    const tbody = $("#alarms-table tbody");
+    tbody.replaceChildren();
+    $("#no-alarms").hidden = alarms.length > 0;
+    $("#alarms-table").hidden = alarms.length === 0;
+    for (const a of alarms) {
+      const tr = document.createElement("tr");
+      tr.dataset.alarmId = a.alarm_id;
+      tr.dataset.triggered = String(a.alarm_triggered);
+      tr.dataset.acknowledged = String(a.alarm_akn !== null);
+      const name = document.createElement("th");
+      name.scope = "row";
+      name.textContent = a.alarm_name;
+      const rule = document.createElement("td");
+      rule.textContent = `${a.alarm_metric} ${a.alarm_condition} ${Batmon.withUnit(a.alarm_threshold_value, batmon.units[a.alarm_metric])}`;
+      const repeat = document.createElement("td");
+      repeat.textContent = `${a.alarm_repeat_delay} s`;
+      const enabled = document.createElement("td");
+      const toggle = document.createElement("input");
+      toggle.type = "checkbox";
+      toggle.checked = a.alarm_enabled;
+      toggle.setAttribute("aria-label", `Alarm ${a.alarm_name} enabled`);
+      toggle.addEventListener("change", () => alarmAction("/interface/batmon/alarm/edit",
+        { alarm_id: a.alarm_id, alarm_enabled: toggle.checked },
+        `Alarm ${a.alarm_name} ${toggle.checked ? "enabled" : "disabled"}.`));
+      enabled.append(toggle);
+      const state = document.createElement("td");
+      state.className = "alarm-state";
+      state.dataset.state = !a.alarm_enabled ? "disabled" : a.alarm_triggered ? (a.alarm_akn === null ? "triggered" : "acknowledged") : "ok";
+      state.textContent = alarmState(a);
+      const actions = document.createElement("td");
+      actions.className = "row-actions";
+      actions.append(
+        button("Acknowledge", `Acknowledge alarm ${a.alarm_name}`, () => alarmAction("/interface/batmon/alarm/ack",
+          { alarm_id: a.alarm_id }, `Alarm ${a.alarm_name} acknowledged.`), !a.alarm_triggered || a.alarm_akn !== null),
+        button("Edit", `Edit alarm ${a.alarm_name}`, () => editAlarm(a)),
+        button("Delete", `Delete alarm ${a.alarm_name}`, () => {
+          if (window.confirm(`Delete alarm ${a.alarm_name}?`)) {
+            alarmAction("/interface/batmon/alarm/delete", { alarm_id: a.alarm_id }, `Alarm ${a.alarm_name} deleted.`);
+          }
+        }),
+      );
+      name.dataset.label = "Name";
+      rule.dataset.label = "Rule";
+      repeat.dataset.label = "Repeat";
+      enabled.dataset.label = "Enabled";
+      state.dataset.label = "State";
+      tr.append(name, rule, repeat, enabled, state, actions);
+      tbody.append(tr);
+    }
+  }
+
+  function editAlarm(a) {
+    const f = alarmForm.elements;
+    f.alarm_id.value = a.alarm_id;
+    f.alarm_name.value = a.alarm_name;
+    f.alarm_metric.value = a.alarm_metric;
+    f.alarm_condition.value = a.alarm_condition;
+    f.alarm_threshold_value.value = a.alarm_threshold_value;
+    f.alarm_repeat_delay.value = a.alarm_repeat_delay;
+    f.alarm_enabled.checked = a.alarm_enabled;
+    $("#alarm-form-title").textContent = `Edit alarm ${a.alarm_name}`;
+    $("#alarm-submit").textContent = "Save alarm";
+    $("#alarm-cancel").hidden = false;
+    f.alarm_name.focus();
+  }
+
+  function resetAlarmForm() {
+    alarmForm.reset();
+    alarmForm.elements.alarm_id.value = "";
+    $("#alarm-form-title").textContent = "Add an alarm";
+    $("#alarm-submit").textContent = "Add alarm";
+    $("#alarm-cancel").hidden = true;
+  }
+
+  $("#alarm-cancel").addEventListener("click", resetAlarmForm);
+  alarmForm.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const fields = Batmon.formFields(alarmForm);
+    if (!fields.alarm_name) {
+      Batmon.say(alarmStatus, "Give the alarm a name.", "error");
+      alarmForm.elements.alarm_name.focus();
+      return;
+    }
+    try {
+      if (fields.alarm_id) {
+        await Batmon.api("/interface/batmon/alarm/edit", fields);
+        Batmon.say(alarmStatus, `Alarm ${fields.alarm_name} saved.`);
+      } else {
+        delete fields.alarm_id;
+        const added = await Batmon.api("/interface/batmon/alarm/add", { ...fields, batmon_id: id });
+        Batmon.say(alarmStatus, `Alarm ${fields.alarm_name} added (id ${added.alarm_id}).`);
+      }
+      resetAlarmForm();
+      await refresh();
+    } catch (e) {
+      Batmon.say(alarmStatus, e.message, "error");
+    }
+  });
+
+  // -- settings, flags, token, delete --------------------------------------------------
+  const settings = $("#settings-form");
+  settings.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const status = settings.querySelector(".form-status");
+    const fields = Batmon.formFields(settings);
+    // An emptied units field goes back to the default unit.
+    for (const m of METRICS) fields[`${m}_units`] = settings.elements[`${m}_units`].value.trim();
+    try {
+      await Batmon.api("/interface/edit/batmon", { ...fields, batmon_id: id });
+      Batmon.say(status, "Settings saved.");
+      await refresh();
+      if (shown) draw();
+    } catch (e) {
+      Batmon.say(status, e.message, "error");
+    }
+  });
+  for (const box of document.querySelectorAll(".flags input[data-flag]")) {
+    box.addEventListener("change", async () => {
+      const action = box.checked ? "enable" : "disable";
+      try {
+        await Batmon.api(`/interface/batmon/${action}/${box.dataset.flag}`, { batmon_id: id });
+        Batmon.say($("#flags-status"), `${box.labels[0].textContent}: ${box.checked ? "on" : "off"}.`);
+      } catch (e) {
+        box.checked = !box.checked;
+        Batmon.say($("#flags-status"), e.message, "error");
+      }
+    });
+  }
+  $("#show-token").addEventListener("click", async () => {
+    const button = $("#show-token");
+    const token = $("#token");
+    if (!token.hidden) {
+      token.hidden = true;
+      token.textContent = "";
+      button.textContent = "Show device token";
+      button.setAttribute("aria-expanded", "false");
+      return;
+    }
+    const b = await refresh();
+    token.textContent = b._token;
+    token.hidden = false;
+    button.textContent = "Hide device token";
+    button.setAttribute("aria-expanded", "true");
+  });
+  $("#delete-batmon").addEventListener("click", async () => {
+    if (!window.confirm(`Delete ${batmon.batmon_name} with its history and alarms?`)) return;
+    try {
+      await Batmon.api("/interface/delete/batmon", { batmon_id: id });
+      window.location.assign("/");
+    } catch (e) {
+      Batmon.say($("#delete-status"), e.message, "error");
+    }
+  });
+
+  // -- notification log ------------------------------------------------------------------
+  async function loadLog() {
+    const notices = await Batmon.api("/interface/batmon/notifications", { batmon_id: id }, "GET");
+    const tbody = $("#log-table tbody");
+    tbody.replaceChildren();
+    $("#no-log").hidden = notices.length > 0;
+    for (const n of notices) {
+      const tr = document.createElement("tr");
+      const state = n.state + (n.last_error ? `: ${n.last_error}` : "") + (n.target ? ` (${n.target})` : "");
+      const cells = { Created: Batmon.timeText(n.created), Channel: n.channel, Notice: n.title, State: state };
+      for (const [label, text] of Object.entries(cells)) {
+        const td = document.createElement("td");
+        td.dataset.label = label;
+        td.textContent = text;
+        tr.append(td);
+      }
+      tbody.append(tr);
+    }
+  }
+  $("#refresh-log").addEventListener("click", loadLog);
+
+  // -- live ------------------------------------------------------------------------------
+  let logTimer = 0;
+  let snapshots = 0;
+  const gone = () => window.location.assign("/");
+  function changed(b) {
+    const alarmsBefore = JSON.stringify(batmon.alarms.map((a) => [a.alarm_triggered, a.alarm_trigger_time]));
+    batmon = b;
+    renderHead(b);
+    renderAlarms(b.alarms);
+    appendLive(b);
+    // An alarm that changed state has probably queued a notice: show it shortly.
+    if (JSON.stringify(b.alarms.map((a) => [a.alarm_triggered, a.alarm_trigger_time])) !== alarmsBefore) {
+      window.clearTimeout(logTimer);
+      logTimer = window.setTimeout(loadLog, 1000);
+    }
+  }
+  Batmon.live({
+    snapshot: (batmons) => {
+      const b = batmons.find((x) => x.batmon_id === id);
+      if (!b) return gone();
+      changed(b);
+      // A later snapshot follows a reconnect: readings may have been missed, redraw.
+      if (++snapshots > 1) load();
+    },
+    batmon: (b) => b.batmon_id === id && changed(b),
+    deleted: (d) => d.batmon_id === id && gone(),
+  });
+
+  renderHead(batmon);
+  renderAlarms(batmon.alarms);
+  Batmon.tickAges();
+  load();
+  loadLog();
+})();

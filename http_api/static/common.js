@@ -1,0 +1,151 @@
+// Shared by every dashboard page: the JSON API call, the live stream, formatting.
+// Every change goes through the documented JSON API with a same-origin fetch.
+"use strict";
+
+const Batmon = (() => {
+  class ApiError extends Error {
+    constructor(message, status) {
+      super(message);
+      this.status = status;
+    }
+  }
+
+  /** Call the JSON API; resolve to its `success`, reject with its `error` sentence. */
+  async function api(path, fields = {}, method = "POST") {
+    const options = {
+      method,
+      credentials: "same-origin",
+      headers: { Accept: "application/json" },
+    };
+    let url = path;
+    if (method === "GET") {
+      const query = new URLSearchParams(fields).toString();
+      if (query) url += "?" + query;
+    } else {
+      // JSON: a cross-origin page could not send this without a CORS preflight we never grant.
+      options.headers["Content-Type"] = "application/json";
+      options.body = JSON.stringify(fields);
+    }
+    const response = await fetch(url, options);
+    let body;
+    try {
+      body = await response.json();
+    } catch (e) {
+      throw new ApiError(`The server answered ${response.status} without JSON.`, response.status);
+    }
+    if (!response.ok || body.error !== undefined) {
+      // A session that ended (logged out elsewhere, user deleted): back to the login form.
+      if (response.status === 401 && document.body.dataset.page !== "login") window.location.assign("/");
+      throw new ApiError(body.error || `HTTP ${response.status}`, response.status);
+    }
+    return body.success;
+  }
+
+  /** Show a form's outcome in its role=status paragraph. */
+  function say(element, text, kind = "ok") {
+    if (!element) return;
+    element.textContent = text;
+    element.dataset.kind = kind;
+  }
+
+  function formatNumber(value) {
+    if (value === null || value === undefined || Number.isNaN(value)) return "–";
+    const abs = Math.abs(value);
+    const digits = abs >= 100 ? 1 : abs >= 10 ? 2 : 3;
+    return String(Number(value.toFixed(digits)));
+  }
+
+  function withUnit(value, unit) {
+    const text = formatNumber(value);
+    if (!unit) return text;
+    return unit === "%" ? text + "%" : text + " " + unit;
+  }
+
+  // Ages are measured on the server's clock: a phone whose clock is off still reads right.
+  const serverNow = Number(document.body.dataset.serverNow);
+  const clockOffset = serverNow ? serverNow - Date.now() / 1000 : 0;
+
+  /** Epoch seconds now, by the server's clock. */
+  function serverTime() {
+    return Date.now() / 1000 + clockOffset;
+  }
+
+  /** "12 s ago", "3 min ago", "never": how old the latest reading is. */
+  function age(epoch, now = serverTime()) {
+    if (epoch === null || epoch === undefined || epoch === "") return "never";
+    const s = Math.max(0, Math.round(now - Number(epoch)));
+    if (s < 60) return `${s} s ago`;
+    if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+    if (s < 86400) return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min ago`;
+    return `${Math.floor(s / 86400)} d ago`;
+  }
+
+  function timeText(epoch) {
+    return epoch === null || epoch === undefined ? "–" : new Date(epoch * 1000).toLocaleString();
+  }
+
+  /** Refresh every `.age[data-epoch]` once a second: a local clock, no request. */
+  function tickAges() {
+    const update = () => {
+      for (const el of document.querySelectorAll(".age[data-epoch]")) {
+        const text = age(el.dataset.epoch === "" ? null : el.dataset.epoch);
+        if (el.textContent !== text) el.textContent = text;
+        el.title = el.dataset.epoch ? timeText(Number(el.dataset.epoch)) : "";
+      }
+    };
+    update();
+    window.setInterval(update, 1000);
+  }
+
+  /**
+   * One EventSource per page. Events: `snapshot` (every batmon of the user: first on
+   * each connection, so a reconnect catches up, and after a burst too big to itemise),
+   * `batmon` (one batmon's new state) and `deleted`. The browser reconnects by itself.
+   */
+  function live(handlers) {
+    const state = document.getElementById("live-state");
+    const show = (name, text) => {
+      if (!state) return;
+      state.dataset.state = name;
+      state.textContent = "Live updates: " + text;
+    };
+    const source = new EventSource("/events", { withCredentials: true });
+    source.addEventListener("open", () => show("open", "on"));
+    source.addEventListener("error", () => {
+      show("retrying", source.readyState === EventSource.CLOSED ? "off (reload the page)" : "reconnecting…");
+    });
+    source.addEventListener("snapshot", (e) => handlers.snapshot(JSON.parse(e.data)));
+    source.addEventListener("batmon", (e) => handlers.batmon(JSON.parse(e.data)));
+    source.addEventListener("deleted", (e) => handlers.deleted(JSON.parse(e.data)));
+    window.addEventListener("pagehide", () => source.close());
+    return source;
+  }
+
+  function initialJson(id) {
+    const el = document.getElementById(id);
+    return el ? JSON.parse(el.textContent) : null;
+  }
+
+  /** A form's named fields as strings, blanks left out. */
+  function formFields(form) {
+    const fields = {};
+    for (const el of form.elements) {
+      if (!el.name || el.type === "submit" || el.type === "button") continue;
+      if (el.type === "checkbox") fields[el.name] = el.checked;
+      else if (el.value.trim() !== "") fields[el.name] = el.value.trim();
+    }
+    return fields;
+  }
+
+  function setupLogout() {
+    const button = document.getElementById("logout");
+    if (!button) return;
+    button.addEventListener("click", async () => {
+      await api("/interface/logout");
+      window.location.assign("/");
+    });
+  }
+
+  setupLogout();
+  return { api, ApiError, say, serverTime, formatNumber, withUnit, age, timeText, tickAges, live, initialJson, formFields };
+})();

@@ -1,0 +1,404 @@
+"""The dashboard in a real headless Chromium (Debian's `chromium`, driven by Playwright
+with the system browser) against a real `batmon serve` with its embedded broker.
+
+Each step names itself when it fails and leaves a screenshot. Screenshots go to
+$BATMON_TEST_ARTIFACTS (else the test's tmp folder); with BATMON_UPDATE_SCREENSHOTS=1
+the list and a batmon's page are also written to docs/img/ for the README.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx2 as httpx
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.conftest import ServeProcess
+from tests.support import ROOT, Sink, wait_until
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+README_IMAGES = ROOT / "docs" / "img"
+UPDATE_README = os.environ.get("BATMON_UPDATE_SCREENSHOTS") == "1"
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="Debian's chromium is not installed at /usr/bin/chromium (apt-get install -y chromium)",
+)
+
+if CHROMIUM.exists():
+    from playwright.sync_api import Browser, Page, sync_playwright
+
+
+# -- the server, its data, and a device ------------------------------------------------
+class Site:
+    """A running `batmon serve`, its admin key, and the batmons made for the tests."""
+
+    def __init__(self, serve: ServeProcess) -> None:
+        self.serve = serve
+        self.url = serve.http_url
+        self.key = serve.admin_key or ""
+        self.http = httpx.Client(base_url=self.url, timeout=10, headers={"X-API-Key": self.key})
+        self.batmons: dict[str, dict[str, Any]] = {}
+
+    def call(self, path: str, **fields: Any) -> Any:
+        r = self.http.post(path, json=fields)
+        assert r.status_code == 200, f"{path}: {r.status_code} {r.text}"
+        return r.json()["success"]
+
+    def add(self, name: str, **fields: Any) -> dict[str, Any]:
+        self.batmons[name] = self.call("/interface/add/batmon", batmon_name=name, **fields)
+        return self.batmons[name]
+
+    def history(self, batmon_id: int, lo: str, hi: str, points: str) -> list[dict[str, Any]]:
+        params = {"batmon_id": batmon_id, "min_epoch_tm_sec": lo, "max_epoch_tm_sec": hi,
+                  "points": points}  # fmt: skip
+        r = self.http.get("/interface/batmon/history", params=params)
+        assert r.status_code == 200, r.text
+        return r.json()["success"][0]["data"]
+
+    @property
+    def mqtt_port(self) -> int:
+        return int(self.serve.mqtt_url.rsplit(":", 1)[1])
+
+    def publish(self, name: str, reading: dict[str, Any]) -> None:
+        """Publish one reading as the device does (QoS 1), and wait for the broker's ack."""
+        b = self.batmons[name]
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+        client.username_pw_set(str(b["batmon_id"]), b["batmon_token"])
+        client.connect("127.0.0.1", self.mqtt_port)
+        client.loop_start()
+        try:
+            info = client.publish(f"batmon/{b['batmon_id']}/{b['batmon_token']}/update",
+                                  json.dumps(reading), qos=1)  # fmt: skip
+            info.wait_for_publish(5)
+            assert info.is_published(), "the broker did not acknowledge the reading"
+        finally:
+            client.disconnect()
+            client.loop_stop()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    serve = ServeProcess(tmp_path_factory.mktemp("dashboard") / "data").start()
+    site = Site(serve)
+    now = time.time()
+    house = site.add("House bank", batmon_type="BMV-712", update_period=300)
+    # An hour of readings, one a minute, the last one 30 s ago: Online, with a curve to draw.
+    for i in range(60):
+        ts = now - 3600 + 30 + i * 60
+        current = round(4.0 * math.sin(i / 8) - 1.0, 2)  # charging by day, a fridge by night
+        voltage = round(12.5 + 0.05 * current + 0.006 * i, 3)
+        site.call("/interface/update/batmon", batmon_id=house["batmon_id"], ts=ts, voltage=voltage,
+                  current=current, power=round(voltage * current, 1), soc=round(62 + i / 4, 1))  # fmt: skip
+    site.add("Van starter", batmon_type="generic", update_period=120)
+    site.add("Cabin", batmon_type="SmartShunt", update_period=600)
+    yield site
+    site.http.close()
+    # SIGTERM with live streams open: the service must end them and exit by itself.
+    assert serve.stop(signal.SIGTERM) == 0, "batmon serve did not stop cleanly on SIGTERM"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def artifacts(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    root = Path(os.environ.get("BATMON_TEST_ARTIFACTS") or tmp_path / "artifacts")
+    folder = root / request.node.name
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"screenshots in {folder}")
+    return folder
+
+
+class Steps:
+    """Names each step of a browser test: a failure says which step, with a screenshot;
+    a JavaScript error on the page fails the step it happened in."""
+
+    def __init__(self, page: Page, folder: Path) -> None:
+        self.page = page
+        self.folder = folder
+        self.count = 0
+        self.js_errors: list[str] = []
+        page.on("pageerror", lambda exc: self.js_errors.append(str(exc)))
+        # A failed request shows up as a console error too; the response handler judges those.
+        page.on("console", lambda msg: msg.type == "error" and not msg.text.startswith(
+            "Failed to load resource") and self.js_errors.append(msg.text))  # fmt: skip
+        self.expected_errors: set[str] = {"/events", "/interface/login"}  # tested for their 401s
+        page.on("response", lambda r: r.status >= 400 and urlsplit(r.url).path not in self.expected_errors
+                and self.js_errors.append(f"{r.status} on {r.url}"))  # fmt: skip
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.count += 1
+        slug = f"{self.count:02d}-{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}"
+        try:
+            yield
+            assert not self.js_errors, f"JavaScript errors on the page: {self.js_errors}"
+        except Exception as exc:
+            shot = self.folder / f"FAILED-{slug}.png"
+            with contextlib.suppress(Exception):
+                self.page.screenshot(path=shot, full_page=True)
+            raise AssertionError(f"step '{name}' failed: {exc}\n(screenshot: {shot})") from exc
+        self.page.screenshot(path=self.folder / f"{slug}.png", full_page=True)
+
+
+def row(page: Page, site: Site, name: str) -> Any:
+    return page.locator(f'tr[data-batmon-id="{site.batmons[name]["batmon_id"]}"]')
+
+
+# -- the walk-through of issue 10's acceptance ----------------------------------------------
+def test_dashboard_walk_through(site: Site, browser: Browser, artifacts: Path) -> None:
+    context = browser.new_context(base_url=site.url, viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(10_000)
+    step = Steps(page, artifacts)
+    sink = Sink()
+    house_id = site.batmons["House bank"]["batmon_id"]
+    try:
+        with step("log in with the keyboard"):
+            page.goto("/")
+            # Reach the api_key field with Tab alone: labels and focus order work.
+            for _ in range(10):
+                page.keyboard.press("Tab")
+                if page.evaluate("document.activeElement.id") == "api_key":
+                    break
+            assert page.evaluate("document.activeElement.id") == "api_key", "Tab never reached api_key"
+            assert page.get_by_label("api_key").count() == 1
+            page.keyboard.type("not-a-key")
+            page.keyboard.press("Enter")
+            refused = page.locator('#login-form .form-status[data-kind="error"]')
+            refused.filter(has_text="api_key is not valid").wait_for()
+            page.keyboard.press("Control+A")
+            page.keyboard.type(site.key)
+            page.keyboard.press("Enter")
+            page.wait_for_selector("table#batmons")
+            assert any(c["name"] == "batmon_session" and c["httpOnly"] for c in context.cookies())
+
+        with step("see the batmon list"):
+            names = page.locator("#batmons a.name").all_inner_texts()
+            assert names == ["House bank", "Van starter", "Cabin"], names
+            house = row(page, site, "House bank")
+            assert house.locator(".status").inner_text() == "Online"
+            assert house.locator('[data-metric="voltage"]').inner_text().endswith(" V")
+            assert house.locator('[data-metric="soc"]').inner_text().endswith("%")
+            assert "ago" in house.locator(".age").inner_text()
+            assert row(page, site, "Cabin").locator(".status").inner_text() == "Offline"
+            assert row(page, site, "Cabin").locator(".age").inner_text() == "never"
+            page.wait_for_selector('#live-state[data-state="open"]')
+
+        with step("a reading sent over MQTT appears live within 2 s, with no reload"):
+            page.evaluate("window.__notReloaded = true")
+            requests: list[str] = []
+            page.on("request", lambda r: requests.append(r.url))
+            sent = time.monotonic()
+            site.publish("Van starter", {"voltage": 13.37, "current": 1.5, "power": 20.1, "soc": 77})
+            van = row(page, site, "Van starter")
+            page.wait_for_function(
+                """id => document.querySelector(`tr[data-batmon-id="${id}"] [data-metric="voltage"]`)
+                          .textContent === "13.37 V" """,
+                arg=site.batmons["Van starter"]["batmon_id"], timeout=2000,
+            )
+            print(f"MQTT publish to the value on screen: {(time.monotonic() - sent) * 1000:.0f} ms")
+            assert van.locator(".status").inner_text() == "Online"
+            assert van.locator('[data-metric="soc"]').inner_text() == "77%"
+            assert page.evaluate("window.__notReloaded === true"), "the page was reloaded"
+            assert requests == [], f"the page polled instead of listening: {requests}"
+            if UPDATE_README:
+                page.screenshot(path=README_IMAGES / "dashboard.png")
+
+        with step("open a batmon"):
+            row(page, site, "House bank").locator("a.name").click()
+            page.wait_for_url(f"**/batmon/{house_id}")
+            assert page.locator("h1").inner_text() == "House bank"
+
+        for range_name in ("Last hour", "Day", "Custom"):
+            with step(f"the charts draw the points of the range '{range_name}'"):
+                if range_name == "Custom":
+                    # 40 to 10 minutes ago, typed as the browser's local time.
+                    local = page.evaluate("""() => [40, 10].map(m => {
+                        const d = new Date(Date.now() - m * 60000), p = n => String(n).padStart(2, "0");
+                        return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())}T` +
+                               `${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`; })""")
+                    page.get_by_label("From", exact=True).fill(local[0])
+                    page.get_by_label("To", exact=True).fill(local[1])
+                    page.get_by_role("button", name="Show custom range").click()
+                elif range_name != "Last hour":
+                    page.get_by_role("button", name=range_name).click()
+                    page.wait_for_selector(f'.ranges button[aria-pressed="true"]:text("{range_name}")')
+                charts = page.locator('#charts[data-state="ready"]')
+                charts.wait_for()
+                if range_name == "Custom":
+                    assert int(charts.get_attribute("data-max") or 0) - int(
+                        charts.get_attribute("data-min") or 0) in range(1799, 1802)
+                lo, hi, points = (charts.get_attribute(a) or "" for a in
+                                  ("data-min", "data-max", "data-requested-points"))  # fmt: skip
+                expected = site.history(house_id, lo, hi, points)
+                assert len(expected) > 0, "the API has no points in this range"
+                for metric in ("voltage", "current", "power", "soc"):
+                    figure = page.locator(f'.chart[data-metric="{metric}"]')
+                    drawn = figure.get_attribute("data-points")
+                    assert drawn == str(len(expected)), f"{metric}: drew {drawn}, API has {len(expected)}"
+                    assert figure.locator("canvas").count() == 1, f"{metric}: no uPlot canvas"
+                if range_name == "Last hour" and UPDATE_README:
+                    page.screenshot(path=README_IMAGES / "dashboard-batmon.png")
+
+        with step("add an alarm"):
+            form = page.locator("#alarm-form")
+            form.get_by_label("Name").fill("High voltage")
+            form.get_by_label("Metric").select_option("voltage")
+            form.get_by_label("Condition").select_option(">")
+            form.get_by_label("Threshold").fill("13")
+            form.get_by_role("button", name="Add alarm").click()
+            alarm_row = page.locator("#alarms-table tbody tr", has_text="High voltage")
+            alarm_row.wait_for()
+            assert alarm_row.locator(".alarm-state").inner_text() == "OK"
+            status = site.http.get("/interface/batmon/status", params={"batmon_id": house_id})
+            [alarm] = status.json()["success"]["alarms"]
+            assert (alarm["alarm_name"], alarm["alarm_condition"], alarm["alarm_threshold_value"]) == (
+                "High voltage", ">", 13.0)
+
+        with step("the alarm triggers live and is acknowledged"):
+            site.publish("House bank", {"voltage": 14.2})
+            page.locator('#alarms-table tr[data-triggered="true"]').wait_for()
+            page.get_by_role("button", name="Acknowledge alarm High voltage").click()
+            page.locator('#alarms-table tr[data-acknowledged="true"]').wait_for()
+            assert "acknowledged" in alarm_row.locator(".alarm-state").inner_text()
+            status = site.http.get("/interface/batmon/status", params={"batmon_id": house_id})
+            assert status.json()["success"]["alarms"][0]["alarm_akn"] is not None
+            page.locator("#log-table tbody tr").first.wait_for()  # the notice it queued
+
+        with step("set a notification target"):
+            page.get_by_role("link", name="Account").click()
+            page.wait_for_url("**/account")
+            page.get_by_label("Email").fill(sink.url("dashboard", auth="boat:s3cret-pass@"))
+            page.get_by_role("button", name="Save targets").click()
+            page.locator("#email_url-current", has_text=f"127.0.0.1:{sink.port}").wait_for()
+            assert "s3cret-pass" not in page.content(), "the target's password is shown"
+            page.reload()
+            assert "s3cret-pass" not in page.content(), "the target's password is in the page"
+            assert "boat:" in page.locator("#email_url-current").inner_text()
+            targets = site.http.get("/interface/user/notifications").json()["success"]
+            assert f"127.0.0.1:{sink.port}" in targets["email_url"]
+
+        with step("send a test notice through the outbox"):
+            page.get_by_role("button", name="Send a test notice").click()
+            page.locator("#test-status", has_text="queued for: email").wait_for()
+            posts = wait_until(lambda: sink.posts("dashboard"), 10, "the test notice at the sink")
+            assert "Test notice" in posts[0]["title"]
+
+        with step("log out"):
+            page.get_by_role("button", name="Log out").click()
+            page.wait_for_selector("#login-form")
+            assert page.request.get("/events").status == 401
+    finally:
+        sink.close()
+        context.close()
+
+
+def test_dashboard_on_a_phone_in_dark_mode(site: Site, browser: Browser, artifacts: Path) -> None:
+    context = browser.new_context(base_url=site.url, viewport={"width": 390, "height": 844},
+                                  device_scale_factor=2, is_mobile=True, has_touch=True,
+                                  color_scheme="dark")  # fmt: skip
+    page = context.new_page()
+    page.set_default_timeout(10_000)
+    step = Steps(page, artifacts)
+    try:
+        assert context.request.post("/interface/login", data={"api_key": site.key}).ok
+        house_id = site.batmons["House bank"]["batmon_id"]
+        for name, path in (("list", "/"), ("batmon", f"/batmon/{house_id}"), ("account", "/account")):
+            with step(f"the {name} page fits a phone screen in dark colours"):
+                page.goto(path)
+                if name == "batmon":
+                    page.locator('#charts[data-state="ready"]').wait_for()
+                overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+                assert overflow <= 0, f"{overflow} px wider than the screen"
+                background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+                rgb = [int(v) for v in re.findall(r"\d+", background)[:3]]
+                assert sum(rgb) < 150, f"background {background} is not dark"
+    finally:
+        context.close()
+
+
+def test_api_docs_page_renders_with_nothing_from_outside(site: Site, browser: Browser,
+                                                          artifacts: Path) -> None:  # fmt: skip
+    context = browser.new_context(base_url=site.url)
+    outside: list[str] = []
+
+    def only_ours(route: Any) -> None:
+        if route.request.url.startswith(site.url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    context.route("**/*", only_ours)
+    page = context.new_page()
+    step = Steps(page, artifacts)
+    try:
+        with step("Swagger UI shows every path of /openapi.json"):
+            page.goto("/docs")
+            paths = httpx.get(f"{site.url}/openapi.json").json()["paths"]
+            page.locator(".opblock").first.wait_for(timeout=15_000)
+            shown = set(page.locator(".opblock-summary-path").all_inner_texts())
+            shown = {p.replace("\u200b", "") for p in shown}
+            assert set(paths) <= shown, f"missing: {set(paths) - shown}"
+            assert outside == [], f"the page asked outside hosts for {outside}"
+    finally:
+        context.close()
+
+
+UNNAMED_CONTROLS = """() => [...document.querySelectorAll(
+    'input:not([type=hidden]), select, textarea, button, a[href]')]
+  .filter(el => el.offsetParent !== null)
+  .filter(el => !((el.labels && el.labels.length) || el.getAttribute('aria-label')
+                  || el.textContent.trim()))
+  .map(el => el.outerHTML.slice(0, 120))"""
+
+FOCUS_RING = """() => { const el = document.activeElement, s = getComputedStyle(el);
+  return el === document.body ? 'body' : (s.outlineStyle !== 'none' && parseFloat(s.outlineWidth) >= 2)
+    ? '' : el.outerHTML.slice(0, 120); }"""
+
+
+def test_every_control_has_a_name_and_a_visible_focus(site: Site, browser: Browser,
+                                                       artifacts: Path) -> None:  # fmt: skip
+    context = browser.new_context(base_url=site.url)
+    page = context.new_page()
+    page.set_default_timeout(10_000)
+    step = Steps(page, artifacts)
+    try:
+        assert context.request.post("/interface/login", data={"api_key": site.key}).ok
+        house_id = site.batmons["House bank"]["batmon_id"]
+        for name, path in (("list", "/"), ("batmon", f"/batmon/{house_id}"), ("account", "/account")):
+            with step(f"the {name} page: labelled controls, a focus ring on every Tab stop"):
+                page.goto(path)
+                page.wait_for_selector('#live-state[data-state="open"], #targets-form')
+                assert page.evaluate(UNNAMED_CONTROLS) == []
+                rings = []
+                for _ in range(25):
+                    page.keyboard.press("Tab")
+                    rings.append(page.evaluate(FOCUS_RING))
+                assert [r for r in rings if r not in ("", "body")] == []
+    finally:
+        context.close()
