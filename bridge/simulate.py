@@ -116,7 +116,10 @@ async def simulate(
             client = new_client(f"batmon-sim-{batmon_id}", clean_session=True)
             if username_mode == "device":
                 client.username_pw_set(str(batmon_id), token)
-            client.on_message = lambda _c, _u, msg, seen=seen: seen.on_state(msg.payload)
+            def on_message(_c: Any, _u: Any, msg: mqtt.MQTTMessage, seen: _Landed = seen) -> None:
+                seen.on_state(bytes(msg.payload))
+
+            client.on_message = on_message
             clients.append(client)
             await _connect(client, host, port, batmon_id)
             client.subscribe(topics.state(batmon_id), qos=1)
