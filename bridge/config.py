@@ -24,6 +24,13 @@ _METRICS_TOKEN = re.compile(r"[\x21-\x7e]{16,}")
 _TOPIC_PREFIX = re.compile(r"[A-Za-z0-9_\-.]+(/[A-Za-z0-9_\-.]+)*")
 
 
+def topic_prefix(value: str) -> str:
+    """``value`` if it is a usable topic prefix (base topic, discovery prefix), else ValueError."""
+    if not _TOPIC_PREFIX.fullmatch(value):
+        raise ValueError("must be topic levels of letters, digits, '_', '-', '.' separated by '/'")
+    return value
+
+
 class ServeOptions(BaseModel):
     """Everything ``batmon serve`` needs to know."""
 
@@ -49,16 +56,12 @@ class ServeOptions(BaseModel):
     @field_validator("base_topic", "discovery_prefix")
     @classmethod
     def _topic_prefix(cls, value: str) -> str:
-        if not _TOPIC_PREFIX.fullmatch(value):
-            raise ValueError(
-                "must be topic levels of letters, digits, '_', '-', '.' separated by '/'"
-            )
-        return value
+        return topic_prefix(value)
 
     @field_validator("mqtt_url")
     @classmethod
     def _mqtt_url(cls, value: str | None) -> str | None:
-        if value in (None, ""):
+        if not value:  # None or ""
             return None
         parse_mqtt_url(value)
         return value

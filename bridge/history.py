@@ -133,7 +133,7 @@ class HistoryPlan:
         lo = query.min_epoch_tm_sec
         hi = int(query.max_epoch_tm_sec if query.max_epoch_tm_sec is not None else now) + 1
         bucket = query.bucket
-        if query.points is not None:
+        if bucket is None and query.points is not None:  # both given: bucket wins
             bucket = max(1, math.ceil((hi - math.floor(lo)) / query.points))
         return cls(lo, hi, bucket, query.format == "csv")
 

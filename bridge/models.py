@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -36,8 +37,17 @@ _READING_ATTRIBUTES = tuple(f"batmon_{name}" for name in READING_FIELDS)  # buil
 
 # Tokens become MQTT topic levels, so the wildcard and separator characters
 # are excluded, as are whitespace and control characters.
-_TOKEN_PATTERN = r"^[^/+#\s\x00-\x1f\x7f]+$"
-
+# Spelled out, not \s: Python's \s and JSON Schema's (ECMA) differ (\x85, \ufeff...);
+# this is the union of both, plus the control characters.
+_CONTROL = r"\x00-\x1f\x7f-\x9f"
+_SPACE = r"\x09-\x0d\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+_TOKEN_PATTERN = rf"^[^/+#{_CONTROL}{_SPACE}]+$"
+# Names are shown on dashboards and in notices: printable (no C0/C1 control characters,
+# NUL included) and not only whitespace.
+_NAME_PATTERN = rf"^[^{_CONTROL}]*[^{_CONTROL}{_SPACE}][^{_CONTROL}]*$"
+_UNITS_PATTERN = rf"^[^{_CONTROL}]*$"
+# The patterns go into the OpenAPI document as they are (JSON Schema "pattern"), and the
+# validators below apply them with their own messages: one constant, no drift.
 
 
 def _no_bool(value: Any) -> Any:
@@ -53,14 +63,33 @@ def _token_chars(value: str) -> str:
     return value
 
 
+def _printable_name(value: str) -> str:
+    if not re.fullmatch(_NAME_PATTERN, value):
+        if value.strip():
+            raise ValueError("must not contain control characters")
+        raise ValueError("must not be only whitespace")
+    return value
+
+
+def _printable_units(value: str) -> str:
+    if not re.fullmatch(_UNITS_PATTERN, value):
+        raise ValueError("must not contain control characters")
+    return value
+
+
 NotBool = BeforeValidator(_no_bool)
 BatmonId = Annotated[int, Field(ge=1, le=MAX_SAFE_ID), NotBool]
 AlarmId = Annotated[int, Field(ge=1, le=MAX_SAFE_ID), NotBool]
-Token = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_token_chars)]
+_TOKEN_SCHEMA: dict[str, Any] = {"pattern": _TOKEN_PATTERN}
+Token = Annotated[str, Field(min_length=1, max_length=128, json_schema_extra=_TOKEN_SCHEMA),
+                  AfterValidator(_token_chars)]  # fmt: skip
 # A token a user chooses is a device password: too short and it is guessed.
-NewToken = Annotated[str, Field(min_length=8, max_length=128), AfterValidator(_token_chars)]
-Name = Annotated[str, Field(min_length=1, max_length=100)]
-Units = Annotated[str, Field(max_length=16)]
+NewToken = Annotated[str, Field(min_length=8, max_length=128, json_schema_extra=_TOKEN_SCHEMA),
+                     AfterValidator(_token_chars)]  # fmt: skip
+Name = Annotated[str, Field(min_length=1, max_length=100, json_schema_extra={"pattern": _NAME_PATTERN}),
+                 AfterValidator(_printable_name)]  # fmt: skip
+Units = Annotated[str, Field(max_length=16, json_schema_extra={"pattern": _UNITS_PATTERN}),
+                  AfterValidator(_printable_units)]  # fmt: skip
 UpdatePeriod = Annotated[int, Field(ge=1, le=31_536_000)]
 Finite = Annotated[float, Field(allow_inf_nan=False), NotBool]
 Soc = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False), NotBool]
@@ -129,16 +158,39 @@ def _alias(name: str) -> Any:
     return Field(None, validation_alias=AliasChoices(f"batmon_{name}", name))
 
 
+def _reading_schema(schema: dict[str, Any]) -> None:
+    """The document says what the validator below says: at least one value."""
+    schema["anyOf"] = [{"required": [f"batmon_{name}"]} for name in READING_FIELDS]
+
+
+def _not_far_future(schema: dict[str, Any]) -> None:
+    """ts may be at most MAX_FUTURE_SKEW_S ahead of the clock of the document's making."""
+    schema["maximum"] = int(time.time()) + MAX_FUTURE_SKEW_S
+
+
+# The document offers details as an object; a string holding a JSON object or a Python
+# dict literal (the seed's "{'key': 25}") is accepted too, but no schema can say which
+# strings those are.
+_DETAILS_SCHEMA = WithJsonSchema({
+    "type": "object",
+    "description": "a JSON object (also accepted: a string holding one, or a Python dict"
+                   f" literal); at most {MAX_DETAILS_BYTES} bytes as JSON",
+})  # fmt: skip
+
+
 class Reading(InputModel):
     """One reading as a device sends it; every field optional but not all absent."""
+
+    model_config = ConfigDict(json_schema_extra=_reading_schema)
 
     batmon_voltage: Finite | None = _alias("voltage")
     batmon_current: Finite | None = _alias("current")
     batmon_power: Finite | None = _alias("power")
     batmon_soc: Soc | None = _alias("soc")
-    batmon_details: str | None = _alias("details")
+    batmon_details: Annotated[str, _DETAILS_SCHEMA] | None = _alias("details")
     ts: EpochSeconds | None = Field(
-        None, description="epoch seconds of a reading buffered on the device"
+        None, description="epoch seconds of a reading buffered on the device",
+        json_schema_extra=_not_far_future,
     )
 
     @field_validator("batmon_details", mode="before")
@@ -229,13 +281,9 @@ class HistoryQuery(InputModel):
     format: Literal["json", "csv"] = Field("json", description=(
         "csv streams the same rows as CSV with a header line (also chosen by Accept: text/csv)"))
 
-    @model_validator(mode="after")
-    def _ordered(self) -> HistoryQuery:
-        if self.max_epoch_tm_sec is not None and self.max_epoch_tm_sec < self.min_epoch_tm_sec:
-            raise ValueError("max_epoch_tm_sec must not be before min_epoch_tm_sec")
-        if self.bucket is not None and self.points is not None:
-            raise ValueError("bucket and points cannot both be given; choose one")
-        return self
+    # max before min is an empty range (data: []), not an error: no JSON Schema can say
+    # "max >= min", and the document must not allow what the server refuses. For the
+    # same reason bucket and points together are not refused: bucket wins.
 
 
 class Login(InputModel):
@@ -325,12 +373,20 @@ def validate_target_url(url: str) -> str:
     return url
 
 
-class NotificationTargets(InputModel):
-    """GET/POST /interface/user/notifications: a field not given keeps its value."""
+# Which URLs Apprise can load is decided by the plugin of each scheme: the document
+# names the format and tools that generate requests (our schemathesis tests) supply it.
+_TARGET_URL = Field(None, json_schema_extra={
+    "format": "apprise-url",
+    "description": "an Apprise URL such as mailto://user:password@example.com; '' removes the target",
+})  # fmt: skip
 
-    email_url: str | None = None
-    whatsapp_url: str | None = None
-    sms_url: str | None = None
+
+class NotificationTargets(InputModel):
+    """POST /interface/user/notifications: a field not given keeps its value."""
+
+    email_url: str | None = _TARGET_URL
+    whatsapp_url: str | None = _TARGET_URL
+    sms_url: str | None = _TARGET_URL
 
     @field_validator("email_url", "whatsapp_url", "sms_url")
     @classmethod
@@ -340,6 +396,18 @@ class NotificationTargets(InputModel):
     def changes(self) -> dict[str, str]:
         """The targets to set, by column name ("" removes one)."""
         return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class ShowTargets(InputModel):
+    """GET /interface/user/notifications: shows, never changes (a GET may be followed
+    cross-site with the cookie), so a target field is refused rather than ignored."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_targets(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(k in data for k in NotificationTargets.model_fields):
+            raise ValueError("Notification targets are changed with POST, not GET")
+        return data
 
 
 class NewUser(InputModel):

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import socket
 import time
 from collections import Counter, deque
@@ -53,8 +54,11 @@ YIELD_EVERY = 16  # updates submitted between yields to the event loop
 COALESCE_S = 0.25  # at most one retained state per batmon this often, after readings
 STOP_DRAIN_S = 10.0  # how long a stop waits for submitted updates to commit and be acked
 KEEPALIVE_S = 30
-RECONNECT_MIN_DELAY_S = 1
-RECONNECT_MAX_DELAY_S = 30
+# paho waits min, then doubles up to max, between tries: capped at a few seconds, ingest
+# resumes soon after a broker restart. paho has no jitter, so both are drawn once per
+# process: bridges sharing a broker do not retry in step.
+RECONNECT_MIN_DELAY_S = random.uniform(0.5, 1.0)
+RECONNECT_MAX_DELAY_S = random.uniform(3.0, 5.0)
 
 # Publishes a retained payload on a topic; an empty payload clears the topic.
 RetainedPublish = Callable[[str, str], None]
@@ -326,7 +330,7 @@ class MqttBridge:
         if self.username is not None:
             client.username_pw_set(self.username, self.password)
         client.will_set(self.topics.bridge_state, "offline", qos=1, retain=True)
-        client.reconnect_delay_set(RECONNECT_MIN_DELAY_S, RECONNECT_MAX_DELAY_S)
+        client.reconnect_delay_set(RECONNECT_MIN_DELAY_S, RECONNECT_MAX_DELAY_S)  # type: ignore[arg-type]
         # No inflight cap: our publishes go to a nearby broker, and paho's counter
         # would otherwise leak when stale messages are dropped on reconnect.
         client.max_inflight_messages_set(0)

@@ -300,7 +300,7 @@ class Notifier:
             return
         user = self.core.store.user_by_id(batmon.user_id) or {}
         now = self.core.clock()
-        notices = []
+        notices: list[dict[str, Any]] = []
         for channel in self._channels(batmon):
             has_target = bool(user.get(TARGET_COLUMNS[channel]))
             notices.append({

@@ -22,7 +22,9 @@ import uvicorn
 
 from bridge.config import ServeOptions, parse_mqtt_url
 from bridge.core import Core
+from bridge.datadir import private_file
 from bridge.events import EventBus
+from bridge.ratelimit import FailureLimiter
 from bridge.store.db import Store
 from bridge.topics import Topics
 
@@ -49,6 +51,8 @@ def session_secret(data_dir: Path) -> bytes:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(secrets.token_bytes(32))
+    else:
+        private_file(path)  # one made by an older version, or copied in: 0600 again
     return path.read_bytes()
 
 
@@ -93,9 +97,11 @@ class Service:
         self.mqtt: Any = None
         self.notifier: Any = None
         self.metrics: Any = None
-        self._extensions: list[Extension] = []
+        self._extensions: list[Any] = []  # Extensions, some with sync start/stop
         self._server: uvicorn.Server | None = None
         self._server_task: asyncio.Task[None] | None = None
+        # One throttle for both doors: a credential failing over HTTP is throttled over MQTT too.
+        self.limiter = FailureLimiter()
 
     @property
     def http_url(self) -> str:
@@ -120,8 +126,7 @@ class Service:
 
         opts = self.options
         try:
-            opts.data_dir.mkdir(parents=True, exist_ok=True)
-            self.store = Store.open(opts.database_path)
+            self.store = Store.open(opts.database_path)  # makes the folder 0700
             secret = session_secret(opts.data_dir)
         except OSError as exc:
             raise ServiceError(f"cannot use data folder {opts.data_dir}: {exc.strerror}") from None
@@ -133,14 +138,17 @@ class Service:
         except BaseException:
             sock.close()
             raise
+        assert self.core is not None
         token = opts.metrics_token.get_secret_value() if opts.metrics_token else None
         exposure = MetricsExposure(render=self.metrics.render, access=opts.metrics, token=token,
                                    count_rejection=self.metrics.count_http_rejection)  # fmt: skip
-        app = create_app(self.core, session_secret=secret, health=self.health, metrics=exposure)
+        app = create_app(self.core, session_secret=secret, health=self.health, metrics=exposure,
+                         limiter=self.limiter)  # fmt: skip
         config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
         self._server = uvicorn.Server(config)
-        # Signals are ours (the CLI stops the whole service), not uvicorn's.
-        self._server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        # Signals are ours (the CLI stops the whole service), not uvicorn's: from 0.29 uvicorn
+        # takes SIGINT/SIGTERM for the whole of serve() unless capture_signals is a no-op.
+        self._server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign, assignment]
         self._server_task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:
             if self._server_task.done():
@@ -190,6 +198,7 @@ class Service:
                 host=opts.host, port=opts.mqtt_port, config_path=opts.broker_config_path,
                 credentials=core, topics=self.topics,
                 bridge_username=bridge_user, bridge_password=bridge_password, updates=door,
+                limiter=self.limiter,
             )  # fmt: skip
             try:
                 await self.broker.start()

@@ -116,7 +116,10 @@ async def simulate(
             client = new_client(f"batmon-sim-{batmon_id}", clean_session=True)
             if username_mode == "device":
                 client.username_pw_set(str(batmon_id), token)
-            client.on_message = lambda _c, _u, msg, seen=seen: seen.on_state(msg.payload)
+            def on_message(_c: Any, _u: Any, msg: mqtt.MQTTMessage, seen: _Landed = seen) -> None:
+                seen.on_state(bytes(msg.payload))
+
+            client.on_message = on_message
             clients.append(client)
             await _connect(client, host, port, batmon_id)
             client.subscribe(topics.state(batmon_id), qos=1)
@@ -189,10 +192,11 @@ async def _connect(client: mqtt.Client, host: str, port: int, batmon_id: int) ->
 
     def on_connect(client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                    properties: Any) -> None:  # fmt: skip
-        if not connected.done():
-            loop.call_soon_threadsafe(
-                lambda: connected.done() or connected.set_result(reason)
-            )  # fmt: skip
+        def settle() -> None:
+            if not connected.done():
+                connected.set_result(reason)
+
+        loop.call_soon_threadsafe(settle)
 
     client.on_connect = on_connect
     client.connect_async(host, port, keepalive=30)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.core import Batmon, Core, User
-from bridge.errors import InvalidInput, NotAuthenticated
+from bridge.errors import NotAuthenticated
 from bridge.history import Streamed
 from bridge.models import (
     AddAlarm,
@@ -20,6 +20,7 @@ from bridge.models import (
     HistoryQuery,
     NoFields,
     NotificationTargets,
+    ShowTargets,
     UpdateRequest,
 )
 from bridge.notifier import notices_view, request_test_notice, set_targets, targets_view
@@ -134,10 +135,8 @@ async def user_notifications(call: Call, data: NotificationTargets) -> dict[str,
     return targets_view(call.core, user.id)
 
 
-async def show_user_notifications(call: Call, data: NotificationTargets) -> dict[str, str]:
-    # A GET must not change anything (a link followed cross-site carries the cookie).
-    if data.changes():
-        raise InvalidInput("Notification targets are changed with POST, not GET.")
+async def show_user_notifications(call: Call, data: ShowTargets) -> dict[str, str]:
+    # ShowTargets refuses target fields: a GET must not change anything.
     return targets_view(call.core, call.owner().id)
 
 

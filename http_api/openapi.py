@@ -6,14 +6,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic.json_schema import models_json_schema
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue, models_json_schema
+from pydantic_core import core_schema
 
 from bridge import __version__
 from bridge.models import Login
 from http_api.routes import ENDPOINTS
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
-_SECURITY = [{"apiKeyQuery": []}, {"apiKeyHeader": []}, {"bearer": []}, {"session": []}]
+_SECURITY: list[dict[str, list[str]]] = [
+    {"apiKeyQuery": []}, {"apiKeyHeader": []}, {"bearer": []}, {"session": []},
+]  # fmt: skip
+
+
+class _DocumentSchema(GenerateJsonSchema):
+    """Optional fields are documented as "may be absent", not as nullable: a query or form
+    field cannot carry null, so offering null would allow what those bodies cannot say
+    (JSON null is still accepted as absent)."""
+
+    def nullable_schema(self, schema: core_schema.NullableSchema) -> JsonSchemaValue:
+        return self.generate_inner(schema["schema"])
+
+    def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:
+        json_schema = super().default_schema(schema)
+        if json_schema.get("default", ...) is None:
+            del json_schema["default"]
+        return json_schema
 
 
 def _success(schema: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -38,7 +56,7 @@ def _errors(*codes: int) -> dict[str, Any]:
 
 def _operation(summary: str, name: str, model_name: str, properties: dict[str, Any],
                required: list[str], method: str, security: list[dict[str, list[str]]],
-               ) -> dict[str, Any]:  # fmt: skip
+               form_model_name: str | None = None) -> dict[str, Any]:  # fmt: skip
     op: dict[str, Any] = {
         "summary": summary,
         "operationId": f"{name}_{method}",
@@ -54,32 +72,54 @@ def _operation(summary: str, name: str, model_name: str, properties: dict[str, A
         ]
     else:
         ref = {"$ref": f"#/components/schemas/{model_name}"}
+        form = {"$ref": f"#/components/schemas/{form_model_name or model_name}"}
         op["requestBody"] = {"required": bool(required), "content": {
             "application/json": {"schema": ref},
-            "application/x-www-form-urlencoded": {"schema": ref},
-            "multipart/form-data": {"schema": ref},
+            "application/x-www-form-urlencoded": {"schema": form},
+            "multipart/form-data": {"schema": form},
         }}  # fmt: skip
     return op
+
+
+def _form_variant(schema: dict[str, Any]) -> dict[str, Any] | None:
+    """The model's schema for form bodies, if it differs: a form carries flat text fields,
+    so an object field (batmon_details) can only come as JSON text, which no schema can
+    describe; the form variant leaves it out (sent anyway, it is accepted)."""
+    properties = schema.get("properties", {})
+    objects = {k for k, v in properties.items() if v.get("type") == "object"}
+    if not objects:
+        return None
+    variant = {**schema, "properties": {k: v for k, v in properties.items() if k not in objects}}
+    if "required" in schema:
+        variant["required"] = [k for k in schema["required"] if k not in objects]
+    if "anyOf" in schema:
+        variant["anyOf"] = [c for c in schema["anyOf"] if not objects & set(c.get("required", ()))]
+    return variant
 
 
 def build_openapi() -> dict[str, Any]:
     """The whole document for every endpoint of the route table and the extras."""
     models = {e.model for e in ENDPOINTS} | {Login}
     _, top = models_json_schema(
-        [(m, "validation") for m in models], ref_template="#/components/schemas/{model}"
+        [(m, "validation") for m in models], ref_template="#/components/schemas/{model}",
+        schema_generator=_DocumentSchema,
     )
     schemas: dict[str, Any] = top.get("$defs", {})
     schemas["Error"] = {"type": "object", "required": ["error"],
                         "properties": {"error": {"type": "string"}}}  # fmt: skip
+    for model in models:
+        if (variant := _form_variant(schemas[model.__name__])) is not None:
+            schemas[f"{model.__name__}Form"] = variant
     paths: dict[str, Any] = {}
     for e in ENDPOINTS:
         schema = schemas[e.model.__name__]
         props, required = schema.get("properties", {}), schema.get("required", [])
+        form_name = f"{e.model.__name__}Form" if f"{e.model.__name__}Form" in schemas else None
         # A device reaches its batmon with batmon_id + batmon_token, no key at all.
         security = [*_SECURITY, {}] if e.device_access else _SECURITY
         paths.setdefault(e.path, {}).update({
             m.lower(): _operation(e.summary, e.handler.__name__, e.model.__name__, props,
-                                  required, m.lower(), security)
+                                  required, m.lower(), security, form_name)
             for m in e.methods
         })  # fmt: skip
     login = schemas["Login"]

@@ -19,7 +19,7 @@ from starlette.templating import Jinja2Templates
 
 from bridge.core import Core, User
 from bridge.errors import BatmonError
-from bridge.models import DeviceRef, NoFields, NotificationTargets
+from bridge.models import DeviceRef, NoFields, ShowTargets
 from http_api import handlers as h
 from http_api.auth import Sessions
 from http_api.cross_site import CrossSiteGuard
@@ -94,7 +94,7 @@ class Dashboard:
         user = self.user(request)
         if user is None:
             return RedirectResponse("/", status_code=303)
-        targets = await h.show_user_notifications(h.Call(self.core, user), NotificationTargets())
+        targets = await h.show_user_notifications(h.Call(self.core, user), ShowTargets())
         return self.page(request, "account.html", {
             "title": "Account", "user": user, "targets": targets,
         })  # fmt: skip

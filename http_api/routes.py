@@ -23,6 +23,7 @@ from bridge.models import (
     HistoryQuery,
     NoFields,
     NotificationTargets,
+    ShowTargets,
     UpdateRequest,
 )
 from http_api import handlers as h
@@ -69,7 +70,7 @@ ENDPOINTS: list[Endpoint] = [
              "Acknowledge an alarm"),
     Endpoint("/interface/user/notifications", WRITE, NotificationTargets,
              h.user_notifications, "Set your notification targets"),
-    Endpoint("/interface/user/notifications", ("GET",), NotificationTargets,
+    Endpoint("/interface/user/notifications", ("GET",), ShowTargets,
              h.show_user_notifications, "Your notification targets, secrets masked"),
     Endpoint("/interface/user/notifications/test", WRITE, NoFields, h.send_test_notice,
              "Send a test notice to each of your notification targets"),

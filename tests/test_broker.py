@@ -136,7 +136,7 @@ def test_ids_beyond_the_safe_integer_range_are_refused() -> None:
     assert not policy.may_receive(alice, TOPICS.discovery(big))
 
 
-def test_failed_logins_from_one_address_are_throttled(loop_thread: LoopThread) -> None:
+def test_failed_logins_of_one_credential_are_throttled(loop_thread: LoopThread) -> None:
     clock = Clock()
     limiter = FailureLimiter(max_failures=3, window_s=60, clock=clock)
     credentials = CountingCredentials()
@@ -155,11 +155,11 @@ def test_failed_logins_from_one_address_are_throttled(loop_thread: LoopThread) -
         for password in ("guess-1", "guess-2", "guess-3"):
             assert login("5", password) == NOT_AUTHORIZED
         asked = credentials.asked
-        # Blocked: the right token and a user's right key are refused unchecked.
+        # Blocked: the right token is refused unchecked; a neighbour's key is not.
         assert login("5", "tok-five") == NOT_AUTHORIZED
-        assert login(ALICE, ALICE_KEY) == NOT_AUTHORIZED
         assert credentials.asked == asked
-        assert limiter.blocked("127.0.0.1")  # keyed by the client's address
+        assert login(ALICE, ALICE_KEY) == 0
+        assert limiter.blocked("127.0.0.1", "batmon:5")  # keyed by the credential
         # The in-process bridge shares the address; its random secret is not throttled.
         assert login(r.bridge_username, r.bridge_password) == 0
         clock.advance(61)  # the window has passed
@@ -168,14 +168,15 @@ def test_failed_logins_from_one_address_are_throttled(loop_thread: LoopThread) -
         loop_thread.run(r.broker.stop())
 
 
-def test_default_throttle_is_30_failures_a_minute_per_address() -> None:
+def test_default_throttle_is_30_failures_a_minute_per_credential() -> None:
     policy = AccessPolicy(
         credentials=FakeCredentials(), topics=TOPICS, bridge_username="b", bridge_password="p"
     )
     for _ in range(30):
         assert policy.authenticate("5", "guess", peer="10.0.0.1") is None
     assert policy.authenticate("5", "tok-five", peer="10.0.0.1") is None
-    assert policy.authenticate("5", "tok-five", peer="10.0.0.2") is not None  # another address
+    assert policy.authenticate("5", "tok-five", peer="10.0.0.2") is None  # from anywhere
+    assert policy.authenticate("6", "tok-six", peer="10.0.0.1") is not None  # a neighbour
     assert policy.authenticate("b", "p", peer="10.0.0.1") is not None  # the bridge's own client
 
 

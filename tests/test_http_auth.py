@@ -153,7 +153,9 @@ def test_repeated_auth_failures_are_rate_limited(api: Api) -> None:
         codes = [c.get("/interface/batmon/count", params={"api_key": "guess"}).status_code
                  for _ in range(5)]  # fmt: skip
         assert codes == [401, 401, 401, 429, 429]
-        assert "Too many" in c.get("/interface/batmon/count").json()["error"]
+        assert "Too many" in c.get("/interface/batmon/count", params={"api_key": "guess"}).json()["error"]
+        # Only that credential: the valid key at the same address is served.
+        assert c.get("/interface/batmon/count", headers=api.auth).status_code == 200
 
 
 def test_api_keys_are_stored_hashed(api: Api) -> None:

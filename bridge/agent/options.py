@@ -9,7 +9,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from bridge.config import ServeOptions, parse_mqtt_url
+from bridge.config import parse_mqtt_url, topic_prefix
 from bridge.models import BatmonId, Token
 
 AGENT_OPTIONS = ("port", "replay", "batmon_id", "token", "mqtt_url", "base_topic", "interval",
@@ -47,7 +47,7 @@ class AgentOptions(BaseModel):
     @classmethod
     def _base_topic(cls, value: str) -> str:
         # Same rule as serve's, so the agent publishes where the bridge listens.
-        return ServeOptions._topic_prefix(value)
+        return topic_prefix(value)
 
     @model_validator(mode="after")
     def _one_source(self) -> AgentOptions:

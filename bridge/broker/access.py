@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from bridge.models import parse_batmon_id
-from bridge.ratelimit import FailureLimiter
+from bridge.ratelimit import FailureLimiter, login_credential
 from bridge.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,8 @@ class AccessPolicy:
     ) -> Principal | None:
         """The principal for these credentials, or None to refuse the connection.
 
-        ``peer`` (the client's IP address) keys the failed-login throttle; without it the
-        username does.
+        Failed logins are throttled per username (a batmon_id or an email) with a higher
+        ceiling per ``peer`` address: the rules of bridge/ratelimit.py, as over HTTP.
         """
         if not username or not password:
             return None  # no secret tried: nothing to throttle
@@ -98,13 +98,13 @@ class AccessPolicy:
             # Checked before the throttle: the in-process bridge connects from the same
             # address as any local client, and its random secret is not guessable anyway.
             return Principal("bridge")
-        key = peer or f"username:{username}"
-        if self._limiter.blocked(key):
-            log.debug("refused CONNECT from %s: too many failed logins", key)
+        credential = login_credential(username)
+        if self._limiter.blocked(peer, credential):
+            log.debug("refused CONNECT from %s: too many failed logins", peer)
             return None  # without asking the checker: no guessing through the throttle
         principal = self._check(username, password)
         if principal is None:
-            self._limiter.record_failure(key)
+            self._limiter.record_failure(peer, credential)
         return principal
 
     def _check(self, username: str, password: str) -> Principal | None:

@@ -6,6 +6,7 @@ durable copy, so the hot ingest path is one INSERT plus one UPDATE, no SELECT.
 
 from __future__ import annotations
 
+import errno
 import secrets
 import sqlite3
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from typing import Any
 
 from sqlite_utils import Database
 
+from bridge.datadir import prepare_data_dir, private_database
 from bridge.models import MAX_SAFE_ID
 from bridge.store.schema import migrate
 
@@ -46,18 +48,28 @@ class Store:
 
     @classmethod
     def open(cls, path: Path) -> Store:
-        """Open (creating and migrating as needed) the database file at ``path``."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Open (creating and migrating as needed) the database file at ``path``.
+
+        The folder is made 0700 and the file 0600 (its -wal and -shm inherit that) before
+        SQLite touches them. Raises OSError, never sqlite3.Error, when the file cannot be
+        opened for writing (read-only folder...): the caller prints one line.
+        """
+        prepare_data_dir(path.parent)
+        private_database(path)
         # One connection shared by the event loop and, in tests, Starlette's
         # portal thread; sqlite3 serialises access to it.
         conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
-        db = Database(conn, execute_plugins=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # This connection makes the rare changes (users, batmons, alarms, outbox);
-        # readings go through the writer's own connection (bridge/store/readings.py).
-        conn.execute("PRAGMA synchronous=NORMAL")  # survives kill -9; see store/readings.py
-        conn.execute("PRAGMA foreign_keys=ON")
-        migrate(db)
+        try:
+            db = Database(conn, execute_plugins=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # This connection makes the rare changes (users, batmons, alarms, outbox);
+            # readings go through the writer's own connection (bridge/store/readings.py).
+            conn.execute("PRAGMA synchronous=NORMAL")  # survives kill -9; see store/readings.py
+            conn.execute("PRAGMA foreign_keys=ON")
+            migrate(db)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise OSError(errno.EIO, f"cannot open database {path.name}: {exc}") from None
         return cls(db, path)
 
     def close(self) -> None:
