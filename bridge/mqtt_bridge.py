@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 # QoS 0 messages have no broker-side flow control; past this backlog they are dropped
 # rather than letting memory grow (QoS 1 is bounded by the broker's inflight window).
 MAX_BACKLOG = 10_000
-YIELD_EVERY = 16  # updates submitted between yields to the event loop
+YIELD_EVERY = 4  # updates submitted between yields to the event loop
 COALESCE_S = 0.25  # at most one retained state per batmon this often, after readings
 STOP_DRAIN_S = 10.0  # how long a stop waits for submitted updates to commit and be acked
 KEEPALIVE_S = 30

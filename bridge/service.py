@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import json
 import logging
 import os
@@ -158,6 +159,9 @@ class Service:
         self.live = app.state.live
         await self.live.start()
         self._extensions.append(self.live)
+        # Everything made so far (registry, modules, broker) lives as long as the process:
+        # out of the collector's way, so full collections during a backlog stay short.
+        gc.freeze()
         # Last, so a start that fails does not make an admin whose key nobody saw.
         if not self.core.user_has_data():
             _, self.admin_api_key = self.core.create_user(ADMIN_EMAIL)

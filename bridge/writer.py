@@ -40,7 +40,7 @@ MAX_GROUP_ROWS = 1_000
 MAX_PENDING_ROWS = 5_000
 HTTP_PENDING_ROWS = 2 * MAX_GROUP_ROWS
 """Rows queued or being committed at most; past this a door is told to come back later."""
-APPLY_SLICE = 64  # committed submissions applied per loop callback
+APPLY_SLICE = 16  # committed submissions applied per loop callback
 LINGER_S = 0.001
 PROBE_EVERY_S = 1.0
 COMMIT_DELAY_ENV = "BATMON_TEST_COMMIT_DELAY_MS"
