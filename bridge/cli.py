@@ -109,44 +109,43 @@ def build_parser() -> Parser:
     return parser
 
 
-def serve_options(args: argparse.Namespace) -> ServeOptions:
-    """Flags over BATMON_<NAME> environment variables over defaults, validated."""
+def options_from(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    """Flags over BATMON_<NAME> environment variables; the model adds the defaults."""
     values: dict[str, Any] = {}
-    for name in SERVE_OPTIONS:
+    for name in names:
         env = os.environ.get(ENV_PREFIX + name.upper())
         if env is not None:
             values[name] = env
         flag = getattr(args, name, None)
         if flag is not None:
             values[name] = flag
+    return values
+
+
+def option_error(exc: ValidationError) -> str:
+    """A validation error as the flag it is about: `--name: problem`."""
+    name, sep, problem = describe_error(exc).partition(": ")
+    if not sep and name.endswith(" is required."):
+        return f"--{name.removesuffix(' is required.').replace('_', '-')} is required."
+    return f"--{name.replace('_', '-')}: {problem}" if sep else name
+
+
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    """`serve` options: flags over BATMON_<NAME> over defaults, validated."""
     try:
-        return ServeOptions.model_validate(values)
+        return ServeOptions.model_validate(options_from(args, SERVE_OPTIONS))
     except ValidationError as exc:
-        name, sep, problem = describe_error(exc).partition(": ")
-        text = f"--{name.replace('_', '-')}: {problem}" if sep else name
-        fail(f"batmon serve: {text}", code=2)
+        fail(f"batmon serve: {option_error(exc)}", code=2)
 
 
 def agent_options(args: argparse.Namespace) -> Any:
     """`agent vedirect` options: flags over BATMON_<NAME> over defaults, validated."""
     from bridge.agent.options import AGENT_OPTIONS, AgentOptions
 
-    values: dict[str, Any] = {}
-    for name in AGENT_OPTIONS:
-        env = os.environ.get(ENV_PREFIX + name.upper())
-        if env is not None:
-            values[name] = env
-        flag = getattr(args, name, None)
-        if flag is not None:
-            values[name] = flag
     try:
-        return AgentOptions.model_validate(values)
+        return AgentOptions.model_validate(options_from(args, AGENT_OPTIONS))
     except ValidationError as exc:
-        name, sep, problem = describe_error(exc).partition(": ")
-        text = f"--{name.replace('_', '-')}: {problem}" if sep else name
-        if not sep and text.endswith(" is required."):
-            text = f"--{text.removesuffix(' is required.').replace('_', '-')} is required."
-        fail(f"batmon agent vedirect: {text}", code=2)
+        fail(f"batmon agent vedirect: {option_error(exc)}", code=2)
 
 
 def run_agent(args: argparse.Namespace) -> None:
