@@ -66,14 +66,14 @@ class Api:
             # Only the credentials this request presents: a neighbour's failures never
             # refuse it (bridge/ratelimit.py, the broker's rules too).
             if self.limiter.blocked(client, key) or self.limiter.blocked(client, device):
-                response = self.refuse(429, "Too many failed authentications with these"
+                response: Response = self.refuse(429, "Too many failed authentications with these"
                                        " credentials; try again in a minute.")  # fmt: skip
                 response.headers["Retry-After"] = str(int(self.limiter.window_s))
                 return response
             user, by_key = authenticate(self.core, self.sessions, request, fields)
             key_user = user if by_key else None
             result = await work(fields, user)
-            response: Response = (
+            response = (
                 _streaming(result) if isinstance(result, Streamed) else JSONResponse({"success": result})
             )
         except ValidationError as exc:
