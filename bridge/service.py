@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 ADMIN_EMAIL = "admin@localhost"
 GIL_SWITCH_S = 0.001
 DRAIN_TIMEOUT_S = 30.0  # a stop waits this long at most for queued readings to commit
+STEP_TIMEOUT_S = 5.0  # the other stop steps; nothing acknowledged depends on them
 
 
 class ServiceError(RuntimeError):
@@ -298,13 +299,15 @@ class Service:
             await asyncio.sleep(0)  # let the PUBACKs of what just committed be sent
         if self.mqtt is not None:
             with contextlib.suppress(Exception):
-                await self.mqtt.stop()
+                await asyncio.wait_for(self.mqtt.stop(), STEP_TIMEOUT_S)
         if self.broker is not None:
             with contextlib.suppress(Exception):
-                await self.broker.stop()
+                # Everything acknowledged is committed by now: a broker whose clients
+                # keep flooding must not hold the exit (amqtt's shutdown can stall).
+                await asyncio.wait_for(self.broker.stop(), STEP_TIMEOUT_S)
         for extension in reversed(self._extensions):
             with contextlib.suppress(Exception):
-                await extension.stop()
+                await asyncio.wait_for(extension.stop(), STEP_TIMEOUT_S)
         self._extensions.clear()
         if self.core is not None:
             with contextlib.suppress(Exception):
