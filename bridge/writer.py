@@ -24,7 +24,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from bridge.errors import Unavailable
@@ -85,6 +85,11 @@ class _Barrier:
     future: asyncio.Future[None]
 
 
+@dataclass(slots=True, frozen=True)
+class _Forget:
+    batmon_id: int
+
+
 _STOP = object()
 Apply = Callable[[Sequence[Plan]], None]
 # What the writer hands back: a committed plan, or None with the error of a failed
@@ -107,7 +112,6 @@ class WriterStats:
     last_group_rows: int = 0
     max_group_rows: int = 0
     last_commit_s: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ReadingWriter:
@@ -171,7 +175,7 @@ class ReadingWriter:
 
     def forget(self, batmon_id: int) -> None:
         """Drop planning state of a deleted batmon (ids are never reused)."""
-        self._queue.put(("forget", batmon_id))
+        self._queue.put(_Forget(batmon_id))
 
     async def drain(self) -> None:
         """Commit everything queued, then stop the thread (for a clean stop)."""
@@ -215,10 +219,10 @@ class ReadingWriter:
                         sink = self._flush(sink, group)
                         group, rows = [], 0
                         self._hand_back([(item.loop, None, item.future, None)])
-                    elif isinstance(item, tuple):
+                    elif isinstance(item, _Forget):
                         sink = self._flush(sink, group)
                         group, rows = [], 0
-                        self._latest.pop(item[1], None)
+                        self._latest.pop(item.batmon_id, None)
                     else:
                         group.append(item)
                         rows += len(item.rows)
@@ -346,6 +350,8 @@ class ReadingWriter:
         by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
         for loop, plan, future, error in entries:
             by_loop.setdefault(loop, []).append((plan, future, error))
+        for closed in [loop for loop in self._deliveries if loop.is_closed()]:
+            del self._deliveries[closed]  # nobody waits there any more
         for loop, items in by_loop.items():
             deliveries = self._deliveries.get(loop)
             if deliveries is None:

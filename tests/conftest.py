@@ -148,3 +148,14 @@ def running(loop_thread: LoopThread) -> Iterator[Running]:
     yield r
     loop_thread.run(r.broker.stop())
 
+
+@pytest.fixture
+def mosquitto_port(serve: ServeProcess, tmp_path: Path) -> Iterator[int]:
+    """A private Mosquitto with persistence, and serve pointed at it (base topic `fleet`)."""
+    from tests.load import private_mosquitto
+
+    broker = private_mosquitto(tmp_path / "mosquitto")
+    serve.args = ["--mqtt-url", f"mqtt://127.0.0.1:{broker.port}", "--base-topic", "fleet",
+                  "--no-discovery"]  # fmt: skip
+    yield broker.port
+    broker.stop()

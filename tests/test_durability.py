@@ -14,8 +14,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx2 as httpx
 import pytest
@@ -30,7 +28,6 @@ from tests.load import (
     admin_headers,
     history_values,
     landings,
-    private_mosquitto,
     restarted,
     wait_history,
 )
@@ -137,16 +134,6 @@ def test_sigterm_under_load_drains_every_acknowledged_reading_and_exits_0_embedd
 
 
 # -- external Mosquitto: the broker keeps the session, at least once ----------
-
-@pytest.fixture
-def mosquitto_port(serve: ServeProcess, tmp_path: Path) -> Iterator[int]:
-    """A private Mosquitto with persistence, and serve pointed at it (base topic `fleet`)."""
-    broker = private_mosquitto(tmp_path / "mosquitto")
-    serve.args = ["--mqtt-url", f"mqtt://127.0.0.1:{broker.port}", "--base-topic", "fleet",
-                  "--no-discovery"]  # fmt: skip
-    yield broker.port
-    broker.stop()
-
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
 def test_bridge_stopped_under_load_on_external_mosquitto_loses_nothing_the_broker_acknowledged(

@@ -35,7 +35,6 @@ from tests.load import (
     healthz,
     history_values,
     landings,
-    private_mosquitto,
     restarted,
     rss_mb,
     tmpfs,
@@ -45,16 +44,6 @@ from tests.support import wait_until
 from tests.test_serve_end_to_end import mqtt_port
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture
-def mosquitto_port(serve: ServeProcess, tmp_path: Path) -> Iterator[int]:
-    """A private Mosquitto with persistence, and serve pointed at it (base topic `fleet`)."""
-    broker = private_mosquitto(tmp_path / "mosquitto")
-    serve.args = ["--mqtt-url", f"mqtt://127.0.0.1:{broker.port}", "--base-topic", "fleet",
-                  "--no-discovery"]  # fmt: skip
-    yield broker.port
-    broker.stop()
 
 
 def devices_for(serve: ServeProcess, mode: str, count: int, broker_port: int | None,
