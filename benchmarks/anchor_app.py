@@ -65,7 +65,7 @@ def create_app(conn: sqlite3.Connection) -> Starlette:
 
 
 async def serve(port: int, db: Path) -> None:
-    """Bind as bridge/service.py does (IPPROTO_TCP, so asyncio sets TCP_NODELAY), then serve."""
+    """Bind as batmon/service.py does (IPPROTO_TCP, so asyncio sets TCP_NODELAY), then serve."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))

@@ -66,7 +66,7 @@ def main() -> None:
         broker = start_mosquitto(folder, port)
         log = (folder / "agent.log").open("w")
         agent = subprocess.Popen(
-            [sys.executable, "-m", "bridge.cli", "agent", "vedirect", "--replay", str(RECORDING),
+            [sys.executable, "-m", "batmon.cli", "agent", "vedirect", "--replay", str(RECORDING),
              "--replay-rate", str(args.rate), "--replay-loop", "--batmon-id", "1",
              "--token", "benchmark", "--mqtt-url", f"mqtt://u:p@127.0.0.1:{port}",
              "--data-dir", str(folder / "agent"), "--interval", str(args.interval)],

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from bridge.core import Batmon, Core  # noqa: E402
 from bridge.events import EventBus  # noqa: E402
-from bridge.history import HistoryPlan, stream  # noqa: E402
+from bridge.history_answers import HistoryPlan, stream  # noqa: E402
 from bridge.store.db import Store  # noqa: E402
 from bridge.store.history import HistoryReader  # noqa: E402
 from bridge.store.schema import MIGRATIONS  # noqa: E402
@@ -256,7 +256,7 @@ def loop_lag(db_path: Path, info: dict[str, Any]) -> dict[str, float]:
 # -- over HTTP, against `batmon serve` ---------------------------------------------------
 def start_serve(data_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bridge.cli", "serve", "--data-dir", str(data_dir), "--http-port", "0",
+        [sys.executable, "-m", "batmon.cli", "serve", "--data-dir", str(data_dir), "--http-port", "0",
          "--mqtt-port", "0", *extra],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip

@@ -31,7 +31,7 @@ from http_api.live import LiveFeed  # noqa: E402
 
 def start_serve(data_dir: Path) -> tuple[subprocess.Popen[str], str, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bridge.cli", "serve", "--data-dir", str(data_dir),
+        [sys.executable, "-m", "batmon.cli", "serve", "--data-dir", str(data_dir),
          "--http-port", "0", "--mqtt-port", "0"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip

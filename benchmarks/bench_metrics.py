@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bridge.core import Core
 from bridge.events import EventBus, ReadingAccepted
-from bridge.metrics import Metrics
+from bridge.extensions.metrics import Metrics
 from bridge.models import AddBatmon
 from bridge.store.db import Store
 from bridge.store.outbox import Outbox

@@ -21,11 +21,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bridge.alarms import AlarmEvaluator
 from bridge.core import Batmon, Core
 from bridge.events import EventBus
+from bridge.extensions.alarms import AlarmEvaluator
+from bridge.extensions.notifier import Notifier, set_targets
 from bridge.models import AddAlarm, AddBatmon, Reading
-from bridge.notifier import Notifier, set_targets
 from bridge.store.db import Store
 from bridge.store.outbox import Outbox
 

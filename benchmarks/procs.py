@@ -114,7 +114,7 @@ class Serve:
     ready_at: float = 0.0  # time.monotonic() when "ready" was read
 
     def start(self, timeout: float = 120) -> Serve:
-        cmd = [sys.executable, "-m", "bridge.cli", "serve", "--data-dir", str(self.data_dir),
+        cmd = [sys.executable, "-m", "batmon.cli", "serve", "--data-dir", str(self.data_dir),
                "--http-port", "0", "--mqtt-port", "0", *self.args]  # fmt: skip
         if "--mqtt-url" not in self.args and "--broker-config" not in self.args:
             cmd += ["--broker-config", str(unthrottled_broker_config(self.data_dir.parent))]

@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from bridge.errors import Conflict, NotFound, WrongToken
 from bridge.events import BatmonChanged, BatmonDeleted, EventBus, ReadingAccepted, StatusChanged
-from bridge.history import HistoryPlan, Streamed, check_size, utc_text
-from bridge.history import stream as stream_history
+from bridge.history_answers import HistoryPlan, Streamed, check_size, utc_text
+from bridge.history_answers import stream as stream_history
 from bridge.models import AddAlarm, AddBatmon, EditAlarm, EditBatmon, HistoryQuery, Reading
 from bridge.security import hash_api_key, new_api_key, new_device_token, same_secret
 from bridge.store.db import Store

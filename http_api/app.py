@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from bridge.core import Core, User
 from bridge.errors import BatmonError, NotAuthenticated, Unavailable, WrongToken
-from bridge.history import Streamed
+from bridge.history_answers import Streamed
 from bridge.models import EditBatmon, Login, describe_error
 from bridge.ratelimit import FailureLimiter
 from http_api.auth import Sessions, api_key_of, authenticate, key_credential, token_credential

@@ -9,7 +9,8 @@ from typing import Any
 
 from bridge.core import Batmon, Core, User
 from bridge.errors import NotAuthenticated
-from bridge.history import Streamed
+from bridge.extensions.notifier import notices_view, request_test_notice, set_targets, targets_view
+from bridge.history_answers import Streamed
 from bridge.models import (
     AddAlarm,
     AddBatmon,
@@ -23,7 +24,6 @@ from bridge.models import (
     ShowTargets,
     UpdateRequest,
 )
-from bridge.notifier import notices_view, request_test_notice, set_targets, targets_view
 
 
 @dataclass

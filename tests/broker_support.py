@@ -14,7 +14,7 @@ import paho.mqtt.client as mqtt
 import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bridge.broker import EmbeddedBroker
+from bridge.doors.broker import EmbeddedBroker
 from bridge.ratelimit import FailureLimiter
 from bridge.topics import Topics
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from bridge.alarms import AlarmEvaluator
 from bridge.core import Core, User
 from bridge.events import EventBus
+from bridge.extensions.alarms import AlarmEvaluator
 from bridge.store.db import Store
 from http_api.app import create_app
 from tests.broker_support import FakeCredentials, Running, make_broker
@@ -78,7 +78,7 @@ class ServeProcess:
     log_path: Path = Path("/dev/null")
 
     def start(self, timeout: float = 30) -> ServeProcess:
-        cmd = [sys.executable, "-m", "bridge.cli", "serve", "--data-dir", str(self.data_dir),
+        cmd = [sys.executable, "-m", "batmon.cli", "serve", "--data-dir", str(self.data_dir),
                "--http-port", "0", "--mqtt-port", "0", *self.args]  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         # stderr (the log) goes to a file: a pipe nobody reads would block the server.

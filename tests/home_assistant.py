@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridge.ha_units import DEVICE_CLASS_UNITS
+from bridge.extensions.ha_units import DEVICE_CLASS_UNITS
 
 HA = "https://github.com/home-assistant/core/blob/dev/homeassistant/components/mqtt"
 

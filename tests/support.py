@@ -28,9 +28,9 @@ from typing import Any, TypeVar
 import paho.mqtt.client as mqtt
 
 from bridge.core import Batmon, Core, User
+from bridge.doors.mqtt_client import MqttBridge, new_client
 from bridge.events import EventBus
 from bridge.models import AddBatmon, Reading
-from bridge.mqtt_bridge import MqttBridge, new_client
 from bridge.store.db import Store
 from bridge.store.readings import SqliteReadingSink
 from bridge.topics import Topics
@@ -44,7 +44,7 @@ T = TypeVar("T")
 
 def batmon(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the `batmon` CLI from the repository root and capture what it prints."""
-    return subprocess.run([sys.executable, "-m", "bridge.cli", *args], cwd=ROOT, text=True,
+    return subprocess.run([sys.executable, "-m", "batmon.cli", *args], cwd=ROOT, text=True,
                           capture_output=True, timeout=60, env={**os.environ, **(env or {})})
 
 

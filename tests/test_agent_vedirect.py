@@ -114,7 +114,7 @@ class AgentProcess:
         self.log_path = self.folder / f"agent-{time.monotonic_ns()}.log"
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bridge.cli", "agent", "vedirect", *self.args],
+                [sys.executable, "-m", "batmon.cli", "agent", "vedirect", *self.args],
                 cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )  # fmt: skip
@@ -353,7 +353,7 @@ def test_a_file_that_is_no_serial_port_is_one_line_and_exit_2(tmp_path: Path) ->
 def test_a_port_without_permission_is_one_line_and_exit_2(pty_device: PtyDevice, tmp_path: Path) -> None:
     """As an unprivileged user (root may open anything), like a Pi user not in 'dialout'."""
     os.chmod(os.ttyname(pty_device.slave), 0o600)
-    cmd = [sys.executable, "-m", "bridge.cli", "agent", "vedirect", "--port", str(pty_device.path),
+    cmd = [sys.executable, "-m", "batmon.cli", "agent", "vedirect", "--port", str(pty_device.path),
            "--batmon-id", "5", "--token", "abcdefgh", "--data-dir", "/tmp"]  # fmt: skip
     if os.geteuid() == 0:
         os.chmod(tmp_path, 0o755)
@@ -365,7 +365,7 @@ def test_a_port_without_permission_is_one_line_and_exit_2(pty_device: PtyDevice,
 
 def test_a_device_that_speaks_no_vedirect_is_a_clear_error(pty_device: PtyDevice, tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bridge.cli", "agent", "vedirect", "--port", str(pty_device.path),
+        [sys.executable, "-m", "batmon.cli", "agent", "vedirect", "--port", str(pty_device.path),
          "--batmon-id", "5", "--token", "abcdefgh", "--data-dir", str(tmp_path),
          "--mqtt-url", "mqtt://127.0.0.1:9", "--first-block-timeout", "2"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

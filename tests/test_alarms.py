@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from bridge.alarms import AlarmEvaluator
 from bridge.core import Alarm, Batmon, Core
 from bridge.events import AlarmChanged, EventBus
+from bridge.extensions.alarms import AlarmEvaluator
 from bridge.models import AddAlarm, AddBatmon, Reading
 from bridge.store.db import Store
 from tests.support import T0, Clock

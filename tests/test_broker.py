@@ -23,7 +23,7 @@ import pytest
 from amqtt.contexts import BaseContext
 from amqtt.session import Session
 
-from bridge.broker import (
+from bridge.doors.broker import (
     AccessPolicy,
     BatmonAccessPlugin,
     BrokerStartError,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.broker.limits import BrokerLimits, MessageRate
+from bridge.doors.broker.limits import BrokerLimits, MessageRate
 from tests.broker_support import (
     TOPICS,
     WAIT,
@@ -261,7 +261,7 @@ def test_a_client_without_a_connect_is_closed_after_the_connect_timeout(
 
 
 def test_bad_limits_in_broker_yaml_are_one_clear_error(loop_thread: LoopThread, tmp_path: Path) -> None:
-    from bridge.broker import BrokerStartError
+    from bridge.doors.broker import BrokerStartError
 
     r = make_broker(FakeCredentials(), config_path=broker_yaml_with(tmp_path, max_packet_size="big"))
     with pytest.raises(BrokerStartError, match=r"limits\.max_packet_size"):

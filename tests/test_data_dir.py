@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.service import session_secret
+from batmon.service import session_secret
 from bridge.store.db import DB_FILENAME, Store
 from tests.conftest import ServeProcess
 from tests.support import batmon

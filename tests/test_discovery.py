@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 
 from bridge.core import Batmon
-from bridge.discovery import HomeAssistantDiscovery, discovery_payload
+from bridge.doors.mqtt_client import state_payload
+from bridge.extensions.discovery import HomeAssistantDiscovery, discovery_payload
 from bridge.models import EditBatmon
-from bridge.mqtt_bridge import state_payload
 from bridge.topics import Topics
 from tests.home_assistant import discovery_problems
 from tests.support import Env, payload_json, retained, wait_until

@@ -16,12 +16,12 @@ import httpx2 as httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from batmon.service import Service
 from bridge.config import ServeOptions
 from bridge.core import Core
+from bridge.doors.mqtt_client import new_client
 from bridge.events import EventBus
-from bridge.metrics import Metrics
-from bridge.mqtt_bridge import new_client
-from bridge.service import Service
+from bridge.extensions.metrics import Metrics
 from bridge.store.db import Store
 from bridge.writer import COMMIT_DELAY_ENV
 from tests.conftest import ServeProcess

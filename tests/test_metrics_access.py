@@ -14,7 +14,7 @@ from starlette.testclient import TestClient
 
 from bridge.core import Core
 from bridge.events import EventBus
-from bridge.metrics import Metrics
+from bridge.extensions.metrics import Metrics
 from bridge.store.db import Store
 from http_api.app import create_app
 from http_api.metrics_access import MetricsExposure

@@ -16,7 +16,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from bridge.mqtt_bridge import MqttBridge, new_client
+from bridge.doors.mqtt_client import MqttBridge, new_client
 from bridge.topics import Topics
 from tests.support import MOSQUITTO, ROOT, Env, PrivateMosquitto, free_port, make_env, wait_until
 

@@ -18,13 +18,13 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from bridge import mqtt_bridge
 from bridge.config import parse_mqtt_url
 from bridge.core import Batmon
+from bridge.doors import mqtt_client as mqtt_bridge
+from bridge.doors.mqtt_client import MqttBridge, MqttConnectError
+from bridge.extensions.watchdog import OfflineWatchdog
 from bridge.models import MAX_BATCH_READINGS, Reading
-from bridge.mqtt_bridge import MqttBridge, MqttConnectError
 from bridge.simulate import SimulatedBattery, simulate
-from bridge.watchdog import OfflineWatchdog
 from bridge.writer import ReadingWriter
 from tests.support import (
     Env,

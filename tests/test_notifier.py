@@ -18,10 +18,17 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from bridge.alarms import AlarmEvaluator
 from bridge.core import Alarm, Batmon, Core
 from bridge.errors import InvalidInput
 from bridge.events import AlarmChanged, EventBus
+from bridge.extensions.alarms import AlarmEvaluator
+from bridge.extensions.notifier import (
+    Notifier,
+    mask_url,
+    notices_view,
+    set_targets,
+    targets_view,
+)
 from bridge.models import (
     AddAlarm,
     AddBatmon,
@@ -29,13 +36,6 @@ from bridge.models import (
     Reading,
     describe_error,
     validate_target_url,
-)
-from bridge.notifier import (
-    Notifier,
-    mask_url,
-    notices_view,
-    set_targets,
-    targets_view,
 )
 from bridge.store.db import Store
 from bridge.store.outbox import Outbox
@@ -357,11 +357,11 @@ def test_queued_notices_are_sent_by_a_new_notifier_after_restart_once(tmp_path, 
 KILLED_PROCESS = """
 import asyncio, sys
 from pathlib import Path
-from bridge.alarms import AlarmEvaluator
+from bridge.extensions.alarms import AlarmEvaluator
 from bridge.core import Core
 from bridge.events import EventBus
 from bridge.models import Reading
-from bridge.notifier import Notifier
+from bridge.extensions.notifier import Notifier
 from bridge.store.db import Store
 
 async def main():

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from bridge.retention import DAY, RetentionPruner
+from bridge.extensions.retention_pruner import DAY, RetentionPruner
 from bridge.store.history import database_file
 from tests.conftest import Api, ServeProcess
 from tests.support import batmon, wait_until

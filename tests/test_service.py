@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from bridge.service import ServiceError, bind_socket
+from batmon.service import ServiceError, bind_socket
 
 
 def test_http_socket_is_tcp_so_responses_are_not_held_by_nagle() -> None:

@@ -16,9 +16,9 @@ import pytest
 
 from bridge.core import Batmon, Core
 from bridge.events import EventBus, StatusChanged
+from bridge.extensions.watchdog import OfflineWatchdog
 from bridge.models import AddBatmon, EditBatmon, Reading
 from bridge.store.db import Store
-from bridge.watchdog import OfflineWatchdog
 
 
 @pytest.fixture

@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 async def run_serve(options: ServeOptions) -> None:
     """Start the service, print where it listens, run until SIGINT/SIGTERM."""
-    from bridge.service import Service, ServiceError
+    from batmon.service import Service, ServiceError
 
     service = Service(options)
     stop = asyncio.Event()
@@ -254,8 +254,8 @@ def run_user(args: argparse.Namespace) -> None:
 
 def set_user_targets(core: Any, args: argparse.Namespace) -> None:
     """Validate and store the Apprise URLs given, then print the masked result."""
+    from bridge.extensions.notifier import set_targets, targets_view
     from bridge.models import NotificationTargets
-    from bridge.notifier import set_targets, targets_view
 
     row = core.store.user_by_email(args.email.lower())
     if row is None:
@@ -271,7 +271,7 @@ def set_user_targets(core: Any, args: argparse.Namespace) -> None:
 async def run_simulate(args: argparse.Namespace) -> None:
     """Publish readings for given devices, or for new batmons made through the API."""
     from bridge.config import DEFAULT_MQTT_PORT
-    from bridge.mqtt_bridge import MqttConnectError
+    from bridge.doors.mqtt_client import MqttConnectError
     from bridge.simulate import SimulateError, create_batmons, health_mqtt_address, simulate
 
     try:

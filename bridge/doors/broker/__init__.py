@@ -11,9 +11,9 @@ credential). One concept per module:
 - ``embedded``: :class:`EmbeddedBroker` (broker.yaml, wiring, start/stop).
 """
 
-from bridge.broker.access import AccessPolicy, CredentialCheck, Principal
-from bridge.broker.embedded import PLUGIN_PATH, BrokerStartError, EmbeddedBroker
-from bridge.broker.plugin import BatmonAccessPlugin
+from bridge.doors.broker.access import AccessPolicy, CredentialCheck, Principal
+from bridge.doors.broker.embedded import PLUGIN_PATH, BrokerStartError, EmbeddedBroker
+from bridge.doors.broker.plugin import BatmonAccessPlugin
 
 __all__ = [
     "PLUGIN_PATH",

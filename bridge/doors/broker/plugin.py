@@ -1,4 +1,4 @@
-"""amqtt auth + topic plugin that applies an :class:`~bridge.broker.access.AccessPolicy`.
+"""amqtt auth + topic plugin that applies an :class:`~bridge.doors.broker.access.AccessPolicy`.
 
 Public plugin API only (``BaseAuthPlugin``/``BaseTopicPlugin``); the policy arrives
 through the plugin's ``Config`` dataclass, so two brokers can run in one process.
@@ -13,7 +13,7 @@ from amqtt.contexts import Action, BaseContext
 from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
-from bridge.broker.access import AccessPolicy, Principal
+from bridge.doors.broker.access import AccessPolicy, Principal
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from bridge.core import Batmon, Core
-from bridge.discovery import HomeAssistantDiscovery
+from bridge.doors.update_door import UpdateDoor
 from bridge.events import (
     NO_SUBSCRIPTION,
     BatmonChanged,
@@ -41,8 +41,8 @@ from bridge.events import (
     StatusChanged,
     Subscription,
 )
+from bridge.extensions.discovery import HomeAssistantDiscovery
 from bridge.topics import Topics
-from bridge.update_door import UpdateDoor
 from bridge.writer import Overloaded
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from amqtt.mqtt.constants import QOS_0, QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import ApplicationMessage, OutgoingApplicationMessage, Session
 
-from bridge.broker.access import Principal
-from bridge.broker.limits import (
+from bridge.doors.broker.access import Principal
+from bridge.doors.broker.limits import (
     CONNECT,
     MQTT_311_LEVEL,
     BrokerLimits,
@@ -32,7 +32,7 @@ from bridge.broker.limits import (
     MessageRate,
     protocol_level,
 )
-from bridge.broker.plugin import PRINCIPAL_KEY, WILL_KEY
+from bridge.doors.broker.plugin import PRINCIPAL_KEY, WILL_KEY
 from bridge.errors import Unavailable
 from bridge.topics import Topics
 from bridge.writer import Overloaded
@@ -57,7 +57,7 @@ RETRY_MAX_S = 5.0
 
 
 class UpdateSink(Protocol):
-    """Where the broker hands a device's update: the MQTT door (bridge/update_door.py)."""
+    """Where the broker hands a device's update: the MQTT door (bridge/doors/update_door.py)."""
 
     def submit(self, topic: str, payload: bytes, *, dup: bool = False) -> asyncio.Future[None] | None:
         """The commit's future, or None when there is nothing to wait for."""

@@ -15,9 +15,9 @@ from amqtt.errors import BrokerError, PluginError, PluginLoadError
 from dacite import DaciteError
 from pydantic import ValidationError
 
-from bridge.broker.access import AccessPolicy, CredentialCheck
-from bridge.broker.amqtt_patches import BatmonBroker, UpdateSink
-from bridge.broker.limits import BrokerLimits
+from bridge.doors.broker.access import AccessPolicy, CredentialCheck
+from bridge.doors.broker.amqtt_patches import BatmonBroker, UpdateSink
+from bridge.doors.broker.limits import BrokerLimits
 from bridge.models import describe_error
 from bridge.ratelimit import FailureLimiter
 from bridge.topics import Topics
@@ -25,7 +25,7 @@ from bridge.topics import Topics
 log = logging.getLogger(__name__)
 
 PUBLISH_BATCH = 200  # broker-side publishes between yields to the event loop
-PLUGIN_PATH = "bridge.broker.BatmonAccessPlugin"
+PLUGIN_PATH = "bridge.doors.broker.BatmonAccessPlugin"
 """Dotted path amqtt imports our plugin from (listed in broker.yaml)."""
 
 # What amqtt raises for a config it cannot use (dacite validates it, plugins load from it).

@@ -16,7 +16,7 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from bridge.events import NO_SUBSCRIPTION, BatmonChanged, BatmonDeleted, Subscription
-from bridge.ha_units import device_class_for_unit
+from bridge.extensions.ha_units import device_class_for_unit
 from bridge.topics import Topics
 
 if TYPE_CHECKING:

@@ -24,7 +24,7 @@ from amqtt.adapters import ReaderAdapter
 from amqtt.session import Session
 from pydantic import BaseModel, ConfigDict, Field
 
-from bridge.broker.plugin import PRINCIPAL_KEY
+from bridge.doors.broker.plugin import PRINCIPAL_KEY
 
 log = logging.getLogger(__name__)
 

@@ -168,13 +168,13 @@ class Service:
             _, self.admin_api_key = self.core.create_user(ADMIN_EMAIL)
 
     async def _start_parts(self) -> None:
-        from bridge.alarms import AlarmEvaluator
-        from bridge.broker import EmbeddedBroker
-        from bridge.metrics import Metrics
-        from bridge.mqtt_bridge import MqttBridge
-        from bridge.notifier import Notifier
-        from bridge.update_door import UpdateDoor
-        from bridge.watchdog import OfflineWatchdog
+        from bridge.doors.broker import EmbeddedBroker
+        from bridge.doors.mqtt_client import MqttBridge
+        from bridge.doors.update_door import UpdateDoor
+        from bridge.extensions.alarms import AlarmEvaluator
+        from bridge.extensions.metrics import Metrics
+        from bridge.extensions.notifier import Notifier
+        from bridge.extensions.watchdog import OfflineWatchdog
 
         opts = self.options
         assert self.store is not None
@@ -197,7 +197,7 @@ class Service:
             client_id = "batmon-bridge-" + opts.base_topic.replace("/", "-")
         else:
             # Devices' updates go from the broker straight to the writer, and the broker
-            # acknowledges each only after its commit (bridge/broker/amqtt_patches.py).
+            # acknowledges each only after its commit (bridge/doors/broker/amqtt_patches.py).
             door = UpdateDoor(core, self.topics, self._reply_error_in_broker)
             self.broker = EmbeddedBroker(
                 host=opts.host, port=opts.mqtt_port, config_path=opts.broker_config_path,
@@ -231,7 +231,7 @@ class Service:
             await _start_extension(extension)
             self._extensions.append(extension)
         if opts.retention_days is not None:
-            from bridge.retention import RetentionPruner
+            from bridge.extensions.retention_pruner import RetentionPruner
 
             pruner = RetentionPruner(opts.database_path, opts.retention_days)
             await pruner.start()
@@ -273,7 +273,7 @@ class Service:
         if self.mqtt is not None:
             info["mqtt_stats"] = self.mqtt.stats
         if self.broker is not None:
-            # What the embedded broker's limits refused or dropped (bridge/broker/limits.py).
+            # What the embedded broker's limits refused or dropped (bridge/doors/broker/limits.py).
             info["mqtt_broker"] = self.broker.stats
         return info
 
