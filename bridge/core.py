@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from bridge.battery_values import extra_keys
 from bridge.errors import Conflict, NotFound, WrongToken
 from bridge.events import BatmonChanged, BatmonDeleted, EventBus, ReadingAccepted, StatusChanged
 from bridge.history_answers import HistoryPlan, Streamed, check_size, utc_text
@@ -128,7 +129,7 @@ class Batmon:
         return int(self.last_reading if self.last_reading is not None else self.created)
 
     def to_api(self, now: float) -> dict[str, Any]:
-        """The batmon object of the seed's list/status examples."""
+        """The batmon object of the seed's list/status examples, plus the battery values."""
         return {
             "batmon_id": self.id,
             "batmon_name": self.name,
@@ -150,6 +151,7 @@ class Batmon:
             "current_units": self.current_units,
             "power_units": self.power_units,
             "soc_units": self.soc_units,
+            **extra_keys(self),  # beyond the seed: energy counters, temperature, cells...
         }
 
     @classmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import re
 import time
 from typing import Annotated, Any, Literal
@@ -120,6 +121,7 @@ def normalise_details(value: Any) -> str:
                 raise ValueError("must be a JSON object (or a dict literal)") from None
     if not isinstance(value, dict):
         raise ValueError("must be a JSON object")
+    check_well_known_details(value)
     try:
         normalised = json.dumps(value, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError, RecursionError):
@@ -129,6 +131,42 @@ def normalise_details(value: Any) -> str:
     if len(normalised.encode()) > MAX_DETAILS_BYTES:
         raise ValueError(f"must be at most {MAX_DETAILS_BYTES} bytes")
     return normalised
+
+
+MAX_CELLS = 64
+
+
+def _number(key: str, value: Any, *, minimum: float | None = None, above: float | None = None
+            ) -> None:  # fmt: skip
+    # bool is an int in Python, and JSON true is never a measurement.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{key} must be a number")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{key} must be at least {minimum:g}")
+    if above is not None and value <= above:
+        raise ValueError(f"{key} must be more than {above:g}")
+
+
+def check_well_known_details(details: dict[str, Any]) -> None:
+    """Check the details keys whose meaning the bridge knows (SPEC 7); others pass as sent.
+
+    These feed derived values, energy counters and alarms, so a wrong type is refused
+    here, naming the key, rather than misread later.
+    """
+    for key in ("temperature", "consumed_ah"):
+        if key in details:
+            _number(key, details[key])
+    for key in ("time_to_go", "energy_charged_kwh", "energy_discharged_kwh"):
+        if key in details:
+            _number(key, details[key], minimum=0)
+    if "capacity_ah" in details:
+        _number("capacity_ah", details["capacity_ah"], above=0)
+    if "cells" in details:
+        cells = details["cells"]
+        if not isinstance(cells, list) or not 1 <= len(cells) <= MAX_CELLS:
+            raise ValueError(f"cells must be a list of 1 to {MAX_CELLS} cell voltages")
+        for index, cell in enumerate(cells, start=1):
+            _number(f"cells[{index}]", cell, minimum=0)
 
 
 def _reject_constant(name: str) -> float:

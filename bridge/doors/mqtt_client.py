@@ -31,6 +31,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from bridge.battery_values import extra_keys
 from bridge.core import Batmon, Core
 from bridge.doors.update_door import UpdateDoor
 from bridge.events import (
@@ -96,7 +97,8 @@ def new_client(client_id: str, *, clean_session: bool) -> mqtt.Client:
 
 
 def state_payload(batmon: Batmon) -> dict[str, Any]:
-    """The retained state JSON: current values, announced status, time and units."""
+    """The retained state JSON: current values, announced status, time and units, and
+    the battery values (energy counters, temperature, cells...) Home Assistant reads."""
     return {
         "batmon_id": batmon.id,
         "batmon_name": batmon.name,
@@ -111,6 +113,7 @@ def state_payload(batmon: Batmon) -> dict[str, Any]:
         "current_units": batmon.current_units,
         "power_units": batmon.power_units,
         "soc_units": batmon.soc_units,
+        **extra_keys(batmon),
     }
 
 

@@ -1,0 +1,84 @@
+"""A batmon's numeric values by name: the one place that says what each value is.
+
+Alarms, the status object's extra keys, Home Assistant, the dashboard and banks all
+read a batmon through :func:`battery_values`, so "cell_min" or "temperature" means the
+same thing everywhere. The well-known details keys are validated at the edge
+(bridge/models.py), so here they are only read.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from typing import Any, Protocol
+
+BASE_METRICS = ("voltage", "current", "power", "soc")
+DETAILS_VALUES = ("temperature", "time_to_go", "consumed_ah", "capacity_ah")
+CELL_VALUES = ("cell_min", "cell_max", "cell_delta", "cell_min_index", "cell_max_index")
+ENERGY_VALUES = ("energy_charged_kwh", "energy_discharged_kwh")
+EXTRA_VALUES = (*ENERGY_VALUES, *DETAILS_VALUES, *CELL_VALUES)
+"""The keys the batmon object and the retained state gain beyond the seed's."""
+ROUND_DIGITS = 6  # a delta of 3.32 - 2.95 is 0.37, not 0.36999999999999966
+
+
+class BatteryReading(Protocol):
+    """What is read of a batmon: its current values and details text."""
+
+    voltage: float
+    current: float
+    power: float
+    soc: float
+    details: str
+
+
+def battery_values(batmon: BatteryReading) -> dict[str, float]:
+    """Every numeric value the batmon has now, by name; a value it lacks is absent.
+
+    The four base metrics, the well-known details keys, the cell values derived from
+    ``cells`` (indices 1-based, the first cell on a tie), and the energy counters: the
+    batmon's own (never decreasing) where it keeps them, else the device's from details.
+    """
+    values: dict[str, float] = {m: getattr(batmon, m) for m in BASE_METRICS}
+    values.update(_details_values(batmon.details))
+    for name in ENERGY_VALUES:
+        counter = getattr(batmon, name, None)
+        if counter is not None:
+            values[name] = counter
+    return values
+
+
+def extra_keys(batmon: BatteryReading) -> dict[str, float | None]:
+    """The batmon object's extra keys: each of EXTRA_VALUES, None while unknown."""
+    values = battery_values(batmon)
+    return {name: values.get(name) for name in EXTRA_VALUES}
+
+
+@lru_cache(maxsize=4096)
+def _details_parsed(details: str) -> tuple[tuple[str, float], ...]:
+    # Cached by text: every consumer of one reading reads the same details.
+    try:
+        data: Any = json.loads(details)
+    except ValueError:
+        return ()
+    if not isinstance(data, dict):
+        return ()
+    found: dict[str, float] = {}
+    for name in (*DETAILS_VALUES, *ENERGY_VALUES):
+        value = data.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            found[name] = value
+    cells = data.get("cells")
+    if isinstance(cells, list) and cells and all(_is_number(c) for c in cells):
+        low = min(cells)
+        high = max(cells)
+        found.update(cell_min=low, cell_max=high, cell_delta=round(high - low, ROUND_DIGITS),
+                     cell_min_index=cells.index(low) + 1, cell_max_index=cells.index(high) + 1)  # fmt: skip
+    return tuple(found.items())
+
+
+def _details_values(details: str) -> dict[str, float]:
+    return dict(_details_parsed(details))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
