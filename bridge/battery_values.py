@@ -18,6 +18,7 @@ CELL_VALUES = ("cell_min", "cell_max", "cell_delta", "cell_min_index", "cell_max
 ENERGY_VALUES = ("energy_charged_kwh", "energy_discharged_kwh")
 EXTRA_VALUES = (*ENERGY_VALUES, *DETAILS_VALUES, *CELL_VALUES)
 """The keys the batmon object and the retained state gain beyond the seed's."""
+ENERGY_DIGITS = 9  # kWh: a sum of floats shows 0.3, not 0.30000000000000004
 ROUND_DIGITS = 6  # a delta of 3.32 - 2.95 is 0.37, not 0.36999999999999966
 
 
@@ -43,7 +44,7 @@ def battery_values(batmon: BatteryReading) -> dict[str, float]:
     for name in ENERGY_VALUES:
         counter = getattr(batmon, name, None)
         if counter is not None:
-            values[name] = counter
+            values[name] = round(counter, ENERGY_DIGITS)
     return values
 
 

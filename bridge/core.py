@@ -106,6 +106,14 @@ class Batmon:
     current_units: str = ""
     power_units: str = ""
     soc_units: str = ""
+    # Energy counters and their integration state (bridge/energy.py); the writer
+    # changes them with the readings, in the same transaction.
+    energy_charged_kwh: float = 0.0
+    energy_discharged_kwh: float = 0.0
+    energy_point_ts: float | None = None
+    energy_point_power: float | None = None
+    device_charged_kwh: float | None = None
+    device_discharged_kwh: float | None = None
     alarms: dict[int, Alarm] = field(default_factory=dict)
 
     def status_at(self, now: float) -> Status:

@@ -29,8 +29,10 @@ if TYPE_CHECKING:
 RAW_CSV_HEADER = ("batmon_id", "time", "update_time", "batmon_voltage", "batmon_current",
                   "batmon_power", "batmon_soc", "batmon_details")  # fmt: skip
 BUCKET_KEYS = ("time", "update_time", "count",
-               *(f"batmon_{m}_{a}" for m in METRICS for a in ("min", "avg", "max")))  # fmt: skip
+               *(f"batmon_{m}_{a}" for m in METRICS for a in ("min", "avg", "max")),
+               "energy_charged_kwh", "energy_discharged_kwh")  # fmt: skip
 BUCKET_CSV_HEADER = ("batmon_id", *BUCKET_KEYS)
+ENERGY_DIGITS = 9  # kWh to the mWh and below: sums of floats show no 0.30000000000000004
 
 
 @dataclass(frozen=True)
@@ -76,14 +78,16 @@ def raw_json(rows: list[Row]) -> bytes:
 
 
 def bucket_json(rows: list[Row]) -> bytes:
-    """Bucket rows as data objects (time, update_time, count, min/avg/max per metric)."""
+    """Bucket rows as data objects (time, update_time, count, min/avg/max per metric,
+    kWh charged and discharged in the bucket)."""
     return orjson.dumps([
         {"time": t, "update_time": utc_text(t), "count": n,
          "batmon_voltage_min": v0, "batmon_voltage_avg": v1, "batmon_voltage_max": v2,
          "batmon_current_min": c0, "batmon_current_avg": c1, "batmon_current_max": c2,
          "batmon_power_min": p0, "batmon_power_avg": p1, "batmon_power_max": p2,
-         "batmon_soc_min": s0, "batmon_soc_avg": s1, "batmon_soc_max": s2}
-        for t, n, v0, v1, v2, c0, c1, c2, p0, p1, p2, s0, s1, s2 in rows
+         "batmon_soc_min": s0, "batmon_soc_avg": s1, "batmon_soc_max": s2,
+         "energy_charged_kwh": round(e0, ENERGY_DIGITS), "energy_discharged_kwh": round(e1, ENERGY_DIGITS)}
+        for t, n, v0, v1, v2, c0, c1, c2, p0, p1, p2, s0, s1, s2, e0, e1 in rows
     ])[1:-1]  # fmt: skip
 
 

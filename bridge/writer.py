@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from bridge.energy import EnergyState, advance
 from bridge.errors import Unavailable
 
 if TYPE_CHECKING:
@@ -67,6 +68,7 @@ class Plan:
     current: dict[str, Any]
     received: float
     door: Door
+    energy: list[tuple[float | None, float | None]]  # kWh (charged, discharged) each row added
 
 
 @dataclass(slots=True, eq=False)
@@ -130,6 +132,7 @@ class ReadingWriter:
         self._pending_rows = 0
         self._thread: threading.Thread | None = None
         self._latest: dict[int, float | None] = {}  # planned latest ts per batmon
+        self._energy: dict[int, EnergyState] = {}  # planned energy state per batmon
         self._deliveries: dict[asyncio.AbstractEventLoop, _Deliveries] = {}  # writer's thread only
         self._delay_s = float(os.environ.get(COMMIT_DELAY_ENV, "0") or 0) / 1000
 
@@ -223,6 +226,7 @@ class ReadingWriter:
                         sink = self._flush(sink, group)
                         group, rows = [], 0
                         self._latest.pop(item.batmon_id, None)
+                        self._energy.pop(item.batmon_id, None)
                     else:
                         group.append(item)
                         rows += len(item.rows)
@@ -252,6 +256,7 @@ class ReadingWriter:
         if not group:
             return sink
         saved = {s.batmon.id: self._latest.get(s.batmon.id, _UNSET) for s in group}
+        saved_energy = {s.batmon.id: self._energy.get(s.batmon.id, _UNSET) for s in group}
         plans = [self._plan(s) for s in group]
         rows: list[ReadingRow] = []
         updates: dict[int, dict[str, Any]] = {}
@@ -259,8 +264,8 @@ class ReadingWriter:
             batmon_id = plan.batmon.id
             rows.extend(
                 (batmon_id, ts, v.get("voltage"), v.get("current"), v.get("power"), v.get("soc"),
-                 v.get("details"))
-                for ts, v in plan.rows
+                 v.get("details"), charged, discharged)
+                for (ts, v), (charged, discharged) in zip(plan.rows, plan.energy, strict=True)
             )  # fmt: skip
             if plan.current:
                 updates.setdefault(batmon_id, {}).update(plan.current)
@@ -278,6 +283,11 @@ class ReadingWriter:
                     self._latest.pop(batmon_id, None)
                 else:
                     self._latest[batmon_id] = latest
+            for batmon_id, energy in saved_energy.items():
+                if energy is _UNSET:
+                    self._energy.pop(batmon_id, None)
+                else:
+                    self._energy[batmon_id] = energy
             self.stats.failed_commits += 1
             self.stats.failing = True
             self.stats.last_error = _describe(exc)
@@ -326,20 +336,29 @@ class ReadingWriter:
         latest = self._latest.get(batmon.id, _UNSET)
         if latest is _UNSET:
             latest = batmon.last_reading
+        energy = self._energy.get(batmon.id) or EnergyState.of(batmon)
         current: dict[str, Any] = {}
         flags: list[bool] = []
+        added: list[tuple[float | None, float | None]] = []
         for ts, values in submission.rows:
             is_current = latest is None or ts >= latest
+            charged = discharged = 0.0
             if is_current:
                 current.update(values)
                 latest = ts
+                # Integrated here, in reading order, and committed with the reading.
+                energy, charged, discharged = advance(energy, ts, values, batmon.update_period)
             flags.append(is_current)
+            added.append((charged or None, discharged or None))
         if current:
             current["last_reading"] = latest
             online = latest is not None and submission.received - latest < batmon.update_period
             current["status"] = "Online" if online else "Offline"
+            current.update(energy.columns())
         self._latest[batmon.id] = latest
-        return Plan(batmon, submission.rows, flags, current, submission.received, submission.door)
+        self._energy[batmon.id] = energy
+        return Plan(batmon, submission.rows, flags, current, submission.received, submission.door,
+                    added)  # fmt: skip
 
     def _release(self, rows: int) -> None:
         with self._lock:

@@ -43,6 +43,9 @@ def brute_buckets(rows: list[tuple[Any, ...]], lo: float, hi: float, bucket: int
             item[f"batmon_{metric}_min"] = min(values) if values else None
             item[f"batmon_{metric}_avg"] = sum(values) / len(values) if values else None
             item[f"batmon_{metric}_max"] = max(values) if values else None
+        # The kWh the readings added (rows inserted here carry none: 0.0, never null).
+        item["energy_charged_kwh"] = sum(m[7] or 0.0 for m in members if len(m) > 7)
+        item["energy_discharged_kwh"] = sum(m[8] or 0.0 for m in members if len(m) > 8)
         out.append(item)
     return out
 

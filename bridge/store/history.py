@@ -25,8 +25,11 @@ Render = Callable[[list[Row]], bytes]
 METRICS = ("voltage", "current", "power", "soc")
 # A raw row: ts, voltage, current, power, soc, details, seq (seq only for paging).
 RAW_COLUMNS = ("ts", *METRICS, "details")
-# A bucket row: time, count, then min/avg/max of each metric.
-BUCKET_COLUMNS = ("time", "count", *(f"{m}_{a}" for m in METRICS for a in ("min", "avg", "max")))
+# A bucket row: time, count, then min/avg/max of each metric, then the kWh charged and
+# discharged in the bucket (the sums of what each reading added).
+ENERGY = ("charged_kwh", "discharged_kwh")
+BUCKET_COLUMNS = ("time", "count", *(f"{m}_{a}" for m in METRICS for a in ("min", "avg", "max")),
+                  *ENERGY)  # fmt: skip
 ROLLUP_SECONDS = 3600  # rollups are hourly; only buckets this large or larger use them
 
 
@@ -43,7 +46,8 @@ _RAW_NEXT = (
     "SELECT ts, voltage, current, power, soc, details, seq FROM readings"
     " WHERE batmon_id = ? AND (ts, seq) > (?, ?) AND ts <= ? ORDER BY ts, seq LIMIT ?"
 )
-_AGGREGATES = ", ".join(f"min({m}), avg({m}), max({m})" for m in METRICS)
+_AGGREGATES = ", ".join(f"min({m}), avg({m}), max({m})" for m in METRICS) + ", " + ", ".join(
+    f"total({e})" for e in ENERGY)
 _BUCKETS = (
     "SELECT CAST(ts AS INTEGER) / :bucket * :bucket AS t, count(*), " + _AGGREGATES +
     " FROM readings WHERE batmon_id = :batmon AND ts >= :lo AND ts < :hi GROUP BY t ORDER BY t"
@@ -55,8 +59,11 @@ _RAW_PARTS = ", ".join(
     f"{'total' if part == 'sum' else part}({m}) AS {m}_{part}"
     for m in METRICS for part in ("min", "max", "sum", "count")
 )
+_RAW_PARTS += ", " + ", ".join(f"total({e}) AS {e}_sum" for e in ENERGY)
 _ROLLUP_PARTS = ", ".join(f"{m}_{part}" for m in METRICS for part in ("min", "max", "sum", "count"))
+_ROLLUP_PARTS += ", " + ", ".join(f"{e}_sum" for e in ENERGY)
 _MERGED = ", ".join(f"min({m}_min), sum({m}_sum) / sum({m}_count), max({m}_max)" for m in METRICS)
+_MERGED += ", " + ", ".join(f"total({e}_sum)" for e in ENERGY)
 _BUCKETS_WITH_ROLLUPS = (
     "SELECT t, sum(n), " + _MERGED + " FROM ("
     " SELECT CAST(ts AS INTEGER) / :bucket * :bucket AS t, count(*) AS n, " + _RAW_PARTS +

@@ -14,14 +14,16 @@ from typing import Any, Protocol
 
 from bridge.store.db import BATMON_COLUMNS, check_columns
 
-# (batmon_id, ts, voltage, current, power, soc, details)
-ReadingRow = tuple[int, float, float | None, float | None, float | None, float | None, str | None]
+# (batmon_id, ts, voltage, current, power, soc, details, charged_kwh, discharged_kwh);
+# the last two: the energy this reading added (None for none).
+ReadingRow = tuple[int, float, float | None, float | None, float | None, float | None, str | None,
+                   float | None, float | None]  # fmt: skip
 # (batmon_id, {column: value}) applied after the rows, in order.
 CurrentUpdate = tuple[int, dict[str, Any]]
 
 INSERT_READING = (
-    "INSERT INTO readings (batmon_id, ts, voltage, current, power, soc, details)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO readings (batmon_id, ts, voltage, current, power, soc, details, charged_kwh,"
+    " discharged_kwh) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 

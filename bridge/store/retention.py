@@ -13,12 +13,16 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from bridge.store.history import METRICS
+from bridge.store.history import ENERGY, METRICS
 
 HOUR = 3600
 
 _PARTS = ", ".join(f"min({m}), max({m}), total({m}), count({m})" for m in METRICS)
 _COLUMNS = ", ".join(f"{m}_min, {m}_max, {m}_sum, {m}_count" for m in METRICS)
+# The energy each reading added: its sum per hour outlives the readings.
+_PARTS += ", " + ", ".join(f"total({e})" for e in ENERGY)
+_COLUMNS += ", " + ", ".join(f"{e}_sum" for e in ENERGY)
+_MERGE_ENERGY = ", ".join(f"{e}_sum = {e}_sum + excluded.{e}_sum" for e in ENERGY)
 
 
 def _merge(metric: str) -> str:
@@ -38,7 +42,7 @@ _FOLD = (
     f" SELECT batmon_id, CAST(ts AS INTEGER) / {HOUR} * {HOUR} AS h, count(*), {_PARTS}"
     " FROM readings WHERE batmon_id = :batmon AND {where} GROUP BY h"
     " ON CONFLICT (batmon_id, hour) DO UPDATE SET count = count + excluded.count, "
-    + ", ".join(_merge(m) for m in METRICS)
+    + ", ".join(_merge(m) for m in METRICS) + ", " + _MERGE_ENERGY
 )  # fmt: skip
 _UP_TO_CUTOFF = "ts < :cutoff"
 _UP_TO_ROW = "(ts, seq) <= (:ts, :seq)"

@@ -153,6 +153,22 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (batmon_id, hour)
         ) WITHOUT ROWID""",
     ],
+    # 4: energy counters (docs/BATTERY.md). Each batmon keeps its counters and what the
+    # integration needs next, written by the writer in the same transaction as the
+    # reading (so kill -9 never splits them); each reading keeps the kWh it added, so
+    # buckets sum energy per hour or day; rollups keep those sums past retention.
+    [
+        "ALTER TABLE batmons ADD COLUMN energy_charged_kwh REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE batmons ADD COLUMN energy_discharged_kwh REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE batmons ADD COLUMN energy_point_ts REAL",
+        "ALTER TABLE batmons ADD COLUMN energy_point_power REAL",
+        "ALTER TABLE batmons ADD COLUMN device_charged_kwh REAL",
+        "ALTER TABLE batmons ADD COLUMN device_discharged_kwh REAL",
+        "ALTER TABLE readings ADD COLUMN charged_kwh REAL",
+        "ALTER TABLE readings ADD COLUMN discharged_kwh REAL",
+        "ALTER TABLE rollups ADD COLUMN charged_kwh_sum REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE rollups ADD COLUMN discharged_kwh_sum REAL NOT NULL DEFAULT 0",
+    ],
 ]
 
 LATEST = len(MIGRATIONS)
