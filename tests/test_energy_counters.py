@@ -132,6 +132,14 @@ def test_a_known_power_profile_over_mqtt_through_a_killed_serve(serve: ServeProc
     print(f"charged {final['energy_charged_kwh']} kWh (exact 0.3), "
           f"discharged {final['energy_discharged_kwh']} kWh (exact 0.3)")
 
+    # The retained state carries them too (Home Assistant reads it).
+    user = Client(mqtt_port(serve), "admin@localhost", admin_key or "")
+    assert user.subscribe(f"batmon/{batmon_id}/state") == [1]
+    state = json.loads(user.next_on(f"batmon/{batmon_id}/state").payload)
+    user.close()
+    assert (state["energy_charged_kwh"], state["energy_discharged_kwh"]) == (
+        final["energy_charged_kwh"], final["energy_discharged_kwh"])
+
     # Per day and per bucket: the history's buckets sum to the counters.
     r = httpx.get(f"{serve.http_url}/interface/batmon/history", headers={"X-API-Key": admin_key or ""},
                   params={"batmon_id": batmon_id, "min_epoch_tm_sec": int(start) - 1, "bucket": 3600},
@@ -172,3 +180,40 @@ def test_a_new_batmon_has_counters_at_zero_and_the_seeds_keys_unchanged(api: Api
                        params={"batmon_id": batmon_id}).json()["success"]  # fmt: skip
     assert (s["energy_charged_kwh"], s["energy_discharged_kwh"]) == (0.0, 0.0)
     assert s["batmon_details"] == "{}" and s["batmon_power"] == 0.0
+
+
+def test_daily_energy_buckets_survive_retention_and_sum_to_the_counters(api: Api) -> None:
+    from bridge.extensions.retention_pruner import DAY, RetentionPruner
+    from bridge.store.history import database_file
+
+    batmon_id, token = api.add_batmon(update_period=3600)
+    t0 = 1_700_000_000 // DAY * DAY
+    for i in range(4 * 24 * 6):  # 4 days, a reading every 10 minutes
+        watts = 200.0 if (i // 6) % 24 < 8 else -50.0
+        r = api.client.post("/interface/update/batmon", json={
+            "batmon_id": batmon_id, "batmon_token": token, "batmon_power": watts, "ts": t0 + 600 * i})
+        assert r.status_code == 200, r.text
+
+    def days() -> list[dict[str, Any]]:
+        r = api.client.get("/interface/batmon/history", headers=api.auth, params={
+            "batmon_id": batmon_id, "min_epoch_tm_sec": t0, "max_epoch_tm_sec": t0 + 4 * DAY, "bucket": DAY})
+        assert r.status_code == 200, r.text
+        return r.json()["success"][0]["data"]  # type: ignore[no-any-return]
+
+    before = days()
+    assert len(before) == 4
+    s = api.client.get("/interface/batmon/status", headers=api.auth,
+                       params={"batmon_id": batmon_id}).json()["success"]  # fmt: skip
+    assert sum(d["energy_charged_kwh"] for d in before) == pytest.approx(s["energy_charged_kwh"], abs=1e-6)
+    assert sum(d["energy_discharged_kwh"] for d in before) == pytest.approx(s["energy_discharged_kwh"],
+                                                                           abs=1e-6)  # fmt: skip
+    # 8 h a day at 200 W (1.6 kWh) less the steps; 16 h at 50 W (0.8 kWh)
+    assert before[1]["energy_charged_kwh"] == pytest.approx(1.6, rel=0.05)
+    assert before[1]["energy_discharged_kwh"] == pytest.approx(0.8, rel=0.05)
+
+    pruner = RetentionPruner(database_file(api.core.store.db.conn), 1, clock=lambda: t0 + 4 * DAY)
+    assert pruner.prune_pass() > 0
+    after = days()
+    for b, a in zip(before, after, strict=True):
+        assert a["energy_charged_kwh"] == pytest.approx(b["energy_charged_kwh"], abs=1e-9)
+        assert a["energy_discharged_kwh"] == pytest.approx(b["energy_discharged_kwh"], abs=1e-9)
