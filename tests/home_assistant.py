@@ -72,6 +72,37 @@ SENSOR_OPTIONS = frozenset({
     "last_reset_value_template", "entity_picture", *SHARED_OPTIONS,
 })  # fmt: skip
 SENSOR_STATE_CLASSES = ("measurement", "measurement_angle", "total", "total_increasing")
+SENSOR = "https://github.com/home-assistant/core/blob/dev/homeassistant/components/sensor"
+# DEVICE_CLASS_STATE_CLASSES of {SENSOR}/const.py for the classes we send: the MQTT sensor
+# refuses any other state class with them ({HA}/sensor.py
+# validate_sensor_state_and_device_class_config); a timestamp takes neither state class nor
+# unit ({SENSOR}/__init__.py raises for a date or timestamp sensor with either).
+DEVICE_CLASS_STATE_CLASSES = {
+    "voltage": {"measurement"}, "current": {"measurement"}, "power": {"measurement"},
+    "battery": {"measurement"}, "temperature": {"measurement"},
+    "energy": {"total", "total_increasing"}, "duration": {"measurement", "total", "total_increasing"},
+    "timestamp": set(),
+}  # fmt: skip
+# What the Energy dashboard takes as a battery's energy in / out:
+# https://github.com/home-assistant/core/blob/dev/homeassistant/components/energy/validate.py
+# (_async_validate_usage_stat: ENERGY_USAGE_DEVICE_CLASSES = energy, ENERGY_USAGE_UNITS,
+# state_class total or total_increasing, else "entity_unexpected_*"). The units: those of
+# every release since 2024.11 (later ones added GJ, MJ...).
+ENERGY_SOURCE_UNITS = ("Wh", "kWh", "MWh")
+ENERGY_SOURCE_STATE_CLASSES = ("total", "total_increasing")
+
+
+def energy_source_problems(component: dict[str, Any]) -> list[str]:
+    """Why the Energy dashboard would refuse this sensor as a battery source; [] if none."""
+    config = _expand(component, ABBREVIATIONS)
+    problems = []
+    if config.get("device_class") != "energy":
+        problems.append(f"device_class {config.get('device_class')!r}: the dashboard wants 'energy'")
+    if config.get("unit_of_measurement") not in ENERGY_SOURCE_UNITS:
+        problems.append(f"unit {config.get('unit_of_measurement')!r} not one of {ENERGY_SOURCE_UNITS}")
+    if config.get("state_class") not in ENERGY_SOURCE_STATE_CLASSES:
+        problems.append(f"state_class {config.get('state_class')!r}: no statistics with a sum")
+    return problems
 
 
 def _expand(config: dict[str, Any], table: dict[str, str]) -> dict[str, Any]:
@@ -164,6 +195,11 @@ def _sensor_problems(config: dict[str, Any]) -> list[str]:
     if isinstance(unit, str) and not unit.strip():
         unit = None  # Home Assistant drops a blank unit
     device_class = config.get("device_class")
+    allowed_classes = DEVICE_CLASS_STATE_CLASSES.get(device_class or "")
+    if allowed_classes is not None and state_class is not None and state_class not in allowed_classes:
+        problems.append(f"state_class {state_class!r} is not valid with device class {device_class!r}")
+    if device_class == "timestamp" and unit is not None:
+        problems.append("a timestamp sensor takes no unit")
     if device_class is not None and unit is not None:
         allowed = DEVICE_CLASS_UNITS.get(device_class)
         if allowed is not None and unit not in allowed:

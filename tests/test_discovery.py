@@ -19,6 +19,7 @@ from tests.home_assistant import discovery_problems
 from tests.support import Env, payload_json, retained, wait_until
 
 TOPICS = Topics(base="batmon", discovery_prefix="homeassistant")
+BASE = ("voltage", "current", "power", "soc")
 
 
 def a_batmon(**fields: object) -> Batmon:
@@ -46,7 +47,7 @@ def test_payload_has_four_measurement_sensors_with_default_units() -> None:
     components = discovery_payload(batmon, TOPICS)["cmps"]
     expected = {"voltage": ("voltage", "V"), "current": ("current", "A"), "power": ("power", "W"),
                 "soc": ("battery", "%")}  # fmt: skip
-    assert components.keys() == expected.keys()
+    assert list(components)[:4] == list(expected)
     for metric, (device_class, unit) in expected.items():
         component = components[metric]
         assert component["p"] == "sensor"
@@ -60,7 +61,7 @@ def test_payload_has_four_measurement_sensors_with_default_units() -> None:
 def test_payload_uses_the_batmons_own_units() -> None:
     batmon = a_batmon(voltage_units="mV", current_units="mA", power_units="kW", soc_units="%")
     components = discovery_payload(batmon, TOPICS)["cmps"]
-    units = {metric: c["unit_of_measurement"] for metric, c in components.items()}
+    units = {metric: components[metric]["unit_of_measurement"] for metric in BASE}
     assert units == {"voltage": "mV", "current": "mA", "power": "kW", "soc": "%"}
 
 
@@ -76,7 +77,7 @@ def test_payload_points_at_state_and_both_availability_topics_and_expires_after_
          "payload_not_available": "offline"},
     ]  # fmt: skip
     assert "availability_topic" not in payload  # exclusive with the list in HA's schema
-    assert {c["expire_after"] for c in payload["cmps"].values()} == {240}
+    assert {payload["cmps"][m]["expire_after"] for m in BASE} == {240}
 
 
 def test_each_component_carries_its_own_qos_not_the_root() -> None:
@@ -92,8 +93,8 @@ def test_a_unit_home_assistant_refuses_drops_the_device_class_and_keeps_the_unit
     assert "device_class" not in components["current"]
     assert components["current"]["unit_of_measurement"] == "I"
     assert components["current"]["state_class"] == "measurement"
-    kept = {m: (c.get("device_class"), c["unit_of_measurement"])
-            for m, c in components.items() if m != "current"}  # fmt: skip
+    kept = {m: (components[m].get("device_class"), components[m]["unit_of_measurement"])
+            for m in BASE if m != "current"}  # fmt: skip
     assert kept == {"voltage": ("voltage", "V"), "power": ("power", "W"), "soc": ("battery", "%")}
 
 
@@ -124,7 +125,7 @@ def test_the_rules_check_refuses_what_home_assistant_refuses() -> None:
     for component in root_qos["cmps"].values():
         del component["qos"]
     root_qos["qos"] = 1
-    assert len(discovery_problems(root_qos)) == 4
+    assert len(discovery_problems(root_qos)) == len(root_qos["cmps"])
     both = {**good, "availability_topic": TOPICS.availability(1)}
     assert discovery_problems(both) == ["availability and availability_topic are exclusive"]
     no_id = {**good, "dev": {"name": "no id"}}
@@ -139,7 +140,7 @@ def test_value_templates_read_keys_the_state_topic_carries() -> None:
     state = state_payload(batmon)
     for component in discovery_payload(batmon, TOPICS)["cmps"].values():
         [key] = re.findall(r"value_json\.(\w+)", component["value_template"])
-        assert isinstance(state[key], float)
+        assert key in state
 
 
 def test_home_assistant_online_resends_every_config_and_offline_does_not() -> None:

@@ -23,6 +23,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -114,6 +115,9 @@ def state_payload(batmon: Batmon) -> dict[str, Any]:
         "power_units": batmon.power_units,
         "soc_units": batmon.soc_units,
         **extra_keys(batmon),
+        # Home Assistant's timestamp sensor wants ISO 8601 with a zone; "None" is unknown.
+        "last_seen": None if batmon.last_reading is None else
+        datetime.fromtimestamp(int(batmon.last_reading), UTC).isoformat(),
     }
 
 

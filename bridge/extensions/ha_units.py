@@ -6,7 +6,8 @@ its entity. Its table is ``DEVICE_CLASS_UNITS`` in
 https://github.com/home-assistant/core/blob/dev/homeassistant/components/sensor/const.py
 built from the unit enums in
 https://github.com/home-assistant/core/blob/dev/homeassistant/const.py
-(``UnitOfElectricPotential``, ``UnitOfElectricCurrent``, ``UnitOfPower``, ``PERCENTAGE``),
+(``UnitOfElectricPotential``, ``UnitOfElectricCurrent``, ``UnitOfPower``, ``PERCENTAGE``,
+``UnitOfEnergy``, ``UnitOfTemperature``, ``UnitOfTime``),
 and it is checked in ``validate_sensor_state_and_device_class_config`` of
 https://github.com/home-assistant/core/blob/dev/homeassistant/components/mqtt/sensor.py
 
@@ -24,6 +25,10 @@ DEVICE_CLASS_UNITS: MappingProxyType[str, frozenset[str]] = MappingProxyType({
     "current": frozenset({"A", "mA"}),
     "power": frozenset({"W", "kW"}),
     "battery": frozenset({"%"}),
+    # UnitOfEnergy, UnitOfTemperature, UnitOfTime: the ones we send are in every release.
+    "energy": frozenset({"Wh", "kWh", "MWh"}),
+    "temperature": frozenset({"°C", "°F", "K"}),
+    "duration": frozenset({"d", "h", "min", "s", "ms"}),
 })  # fmt: skip
 
 
