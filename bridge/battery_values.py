@@ -22,6 +22,14 @@ ENERGY_DIGITS = 9  # kWh: a sum of floats shows 0.3, not 0.30000000000000004
 ROUND_DIGITS = 6  # a delta of 3.32 - 2.95 is 0.37, not 0.36999999999999966
 
 
+# The unit of each value beyond the base metrics (whose units a batmon may set).
+VALUE_UNITS = {
+    "temperature": "°C", "time_to_go": "min", "consumed_ah": "Ah", "capacity_ah": "Ah",
+    "cell_min": "V", "cell_max": "V", "cell_delta": "V", "cell_min_index": "", "cell_max_index": "",
+    "energy_charged_kwh": "kWh", "energy_discharged_kwh": "kWh",
+}  # fmt: skip
+
+
 class BatteryReading(Protocol):
     """What is read of a batmon: its current values and details text."""
 
@@ -46,6 +54,16 @@ def battery_values(batmon: BatteryReading) -> dict[str, float]:
         if counter is not None:
             values[name] = round(counter, ENERGY_DIGITS)
     return values
+
+
+def reading_values(values: dict[str, Any]) -> dict[str, float]:
+    """The numeric values one reading carries (its fields, short names), by the same
+    names as :func:`battery_values`: a value the reading does not carry is absent."""
+    found: dict[str, float] = {m: values[m] for m in BASE_METRICS if values.get(m) is not None}
+    details = values.get("details")
+    if details:
+        found.update(_details_values(details))
+    return found
 
 
 def extra_keys(batmon: BatteryReading) -> dict[str, float | None]:

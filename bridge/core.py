@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from bridge.battery_values import extra_keys
+from bridge.battery_values import VALUE_UNITS, extra_keys
 from bridge.errors import Conflict, NotFound, WrongToken
 from bridge.events import BatmonChanged, BatmonDeleted, EventBus, ReadingAccepted, StatusChanged
 from bridge.history_answers import HistoryPlan, Streamed, check_size, utc_text
@@ -28,7 +28,7 @@ from bridge.writer import Door, Plan, ReadingWriter
 
 Status = Literal["Online", "Offline"]
 FLAGS = {"alerts": "notification_enabled", "whatsapp": "whatsapp_enabled", "sms": "sms_enabled"}
-DEFAULT_UNITS = {"voltage": "V", "current": "A", "power": "W", "soc": "%"}
+DEFAULT_UNITS = {"voltage": "V", "current": "A", "power": "W", "soc": "%", **VALUE_UNITS}
 
 
 @dataclass
@@ -57,9 +57,10 @@ class Alarm:
     akn: float | None = None
     last_notice: float | None = None
     update_time: float = 0.0
+    clear_value: float | None = None  # hysteresis (bridge/extensions/alarms.py)
 
     def to_api(self) -> dict[str, Any]:
-        """The seed's alarm object plus alarm_metric."""
+        """The seed's alarm object plus alarm_metric and alarm_clear_value."""
         return {
             "alarm_id": self.id,
             "device_id": self.batmon_id,
@@ -73,6 +74,7 @@ class Alarm:
             "update_time": int(self.update_time),
             "alarm_triggered": self.triggered,
             "alarm_metric": self.metric,
+            "alarm_clear_value": self.clear_value,
         }
 
     @classmethod
@@ -483,6 +485,7 @@ class Core:
             metric=spec.alarm_metric,
             condition=spec.alarm_condition,
             threshold=spec.alarm_threshold_value,
+            clear_value=spec.alarm_clear_value,
             repeat_delay=spec.alarm_repeat_delay,
             enabled=spec.alarm_enabled,
             update_time=self.clock(),
@@ -497,6 +500,7 @@ class Core:
         names = {
             "alarm_name": "name", "alarm_metric": "metric", "alarm_condition": "condition",
             "alarm_threshold_value": "threshold", "alarm_repeat_delay": "repeat_delay",
+            "alarm_clear_value": "clear_value",
             "alarm_enabled": "enabled",
         }  # fmt: skip
         changes = {names[k]: v for k, v in edit.changes().items()}

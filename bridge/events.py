@@ -51,6 +51,7 @@ class AlarmChanged:
     kind: Literal["triggered", "repeated", "cleared"]
     value: float
     at: float
+    cell: int | None = None  # which cell (1-based), for an alarm on cell_min / cell_max
 
 
 @dataclass(frozen=True)

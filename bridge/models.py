@@ -334,7 +334,12 @@ class NoFields(InputModel):
     """Endpoints that take nothing but authentication."""
 
 
-AlarmMetric = Literal["voltage", "current", "power", "soc"]
+# The base metrics, and the battery values of details (bridge/battery_values.py).
+AlarmMetric = Literal["voltage", "current", "power", "soc", "temperature", "time_to_go", "consumed_ah",
+                      "cell_min", "cell_max", "cell_delta"]  # fmt: skip
+_CLEAR_VALUE = Field(None, description=(
+    "hysteresis: once triggered, the alarm stays triggered while the condition holds against"
+    " this value or the threshold, so it clears only once the value has crossed both"))
 AlarmCondition = Literal[">", ">=", "<", "<=", "==", "!="]
 RepeatDelay = Annotated[int, Field(ge=0, le=86_400)]
 
@@ -348,6 +353,7 @@ class AddAlarm(InputModel):
     alarm_metric: AlarmMetric
     alarm_condition: AlarmCondition
     alarm_threshold_value: Finite
+    alarm_clear_value: Finite | None = _CLEAR_VALUE
     alarm_repeat_delay: RepeatDelay = 300
     alarm_enabled: bool = True
 
@@ -360,6 +366,7 @@ class EditAlarm(InputModel):
     alarm_metric: AlarmMetric | None = None
     alarm_condition: AlarmCondition | None = None
     alarm_threshold_value: Finite | None = None
+    alarm_clear_value: Finite | None = _CLEAR_VALUE
     alarm_repeat_delay: RepeatDelay | None = None
     alarm_enabled: bool | None = None
 

@@ -54,7 +54,8 @@ def test_alarm_add_edit_ack_delete(api: Api) -> None:
 @pytest.mark.parametrize("fields,word", [
     ({"alarm_condition": ">>"}, "alarm_condition"),
     ({"alarm_condition": "="}, "alarm_condition"),
-    ({"alarm_metric": "temperature"}, "alarm_metric"),
+    ({"alarm_metric": "cells"}, "alarm_metric"),  # temperature is a metric since issue 17
+    ({"alarm_clear_value": "low"}, "alarm_clear_value"),
     ({"alarm_threshold_value": "NaN"}, "alarm_threshold_value"),
     ({"alarm_threshold_value": "inf"}, "alarm_threshold_value"),
     ({"alarm_threshold_value": "ten"}, "alarm_threshold_value"),

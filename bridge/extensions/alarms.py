@@ -10,6 +10,7 @@ import operator
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
+from bridge.battery_values import reading_values
 from bridge.events import NO_SUBSCRIPTION, AlarmChanged, ReadingAccepted, Subscription
 
 if TYPE_CHECKING:
@@ -26,9 +27,25 @@ CONDITIONS: dict[str, Callable[[float, float], bool]] = {
 }
 
 
+# A cell alarm names its cell: the index that goes with each cell value.
+CELL_INDEX = {"cell_min": "cell_min_index", "cell_max": "cell_max_index"}
+
+
 def condition_holds(alarm: Alarm, value: float) -> bool:
     """True when ``value`` meets the alarm's condition against its threshold."""
     return CONDITIONS[alarm.condition](value, alarm.threshold)
+
+
+def stays_triggered(alarm: Alarm, value: float) -> bool:
+    """For a triggered alarm: True while the condition holds against the threshold or the
+    clear value (hysteresis), so it clears only once the value has crossed both.
+
+    A clear value on the wrong side (``< 3.0`` clearing at 2.5) therefore changes nothing,
+    rather than being refused: no schema could say which side is right for each condition.
+    """
+    if condition_holds(alarm, value):
+        return True
+    return alarm.clear_value is not None and CONDITIONS[alarm.condition](value, alarm.clear_value)
 
 
 class AlarmEvaluator:
@@ -51,17 +68,19 @@ class AlarmEvaluator:
 
         A back-filled older reading says nothing about now, so it is not evaluated.
         """
-        if not event.current:
+        if not event.current or not event.batmon.alarms:
             return
+        values = reading_values(event.values)
         for alarm in list(event.batmon.alarms.values()):
-            value = event.values.get(alarm.metric)
-            if alarm.enabled and isinstance(value, int | float):
-                self.evaluate(event.batmon, alarm, float(value))
+            value = values.get(alarm.metric)
+            if alarm.enabled and value is not None:
+                index = values.get(CELL_INDEX.get(alarm.metric, ""))
+                self.evaluate(event.batmon, alarm, float(value), None if index is None else int(index))
 
-    def evaluate(self, batmon: Batmon, alarm: Alarm, value: float) -> None:
+    def evaluate(self, batmon: Batmon, alarm: Alarm, value: float, cell: int | None = None) -> None:
         """Apply one value to one alarm: trigger, repeat, clear or leave as it is."""
         now = self.core.clock()
-        holds = condition_holds(alarm, value)
+        holds = stays_triggered(alarm, value) if alarm.triggered else condition_holds(alarm, value)
         kind: Literal["triggered", "repeated", "cleared"]
         changes: dict[str, Any]
         if holds and not alarm.triggered:
@@ -76,7 +95,7 @@ class AlarmEvaluator:
         else:
             return
         self.core.update_alarm_state(alarm, changes)
-        self.core.bus.emit(AlarmChanged(batmon, alarm, kind, value, now))
+        self.core.bus.emit(AlarmChanged(batmon, alarm, kind, value, now, cell))
 
     @staticmethod
     def _repeat_due(alarm: Alarm, now: float) -> bool:

@@ -203,9 +203,14 @@ def alarm_text(event: AlarmChanged) -> tuple[str, str]:
     condition = f"{a.metric} {a.condition} {_quantity(b, a.metric, a.threshold)}"
     subject = f"Alarm '{a.name}' (id {a.id}) on {_who(b)}"
     reading = f"{a.metric} {value}"
+    if event.cell is not None:  # "cell 3 at 2.95 V": which cell, not only how low
+        reading = f"cell {event.cell} at {value}"
+        value = f"{value} (cell {event.cell})"
+    if a.clear_value is not None:
+        condition += f", clears past {_quantity(b, a.metric, a.clear_value)}"
     if event.kind == "triggered":
         title = f"Alarm '{a.name}' triggered on {_who(b)}: {reading}"
-        body = f"{subject} triggered at {_utc(event.at)}: {a.metric} is {value} ({condition})."
+        body = f"{subject} triggered at {_utc(event.at)}: {reading} ({condition})."
     elif event.kind == "repeated":
         since = _utc(a.trigger_time) if a.trigger_time is not None else "earlier"
         title = f"Alarm '{a.name}' still active on {_who(b)}: {reading}"

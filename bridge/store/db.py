@@ -36,7 +36,7 @@ BATMON_COLUMNS = frozenset(
 ALARM_COLUMNS = frozenset(
     {
         "name", "metric", "condition", "threshold", "repeat_delay", "enabled", "triggered",
-        "trigger_time", "akn", "last_notice", "update_time",
+        "trigger_time", "akn", "last_notice", "update_time", "clear_value",
     }
 )  # fmt: skip
 USER_TARGET_COLUMNS = frozenset({"email_url", "whatsapp_url", "sms_url"})

@@ -168,6 +168,8 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE readings ADD COLUMN discharged_kwh REAL",
         "ALTER TABLE rollups ADD COLUMN charged_kwh_sum REAL NOT NULL DEFAULT 0",
         "ALTER TABLE rollups ADD COLUMN discharged_kwh_sum REAL NOT NULL DEFAULT 0",
+        # alarms on battery values may have hysteresis: the value that clears them
+        "ALTER TABLE alarms ADD COLUMN clear_value REAL",
     ],
 ]
 
