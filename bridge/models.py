@@ -33,6 +33,7 @@ MAX_DETAILS_BYTES = 16 * 1024
 MAX_FUTURE_SKEW_S = 60
 MAX_BATCH_READINGS = 1000
 MAX_PAYLOAD_BYTES = 64 * 1024  # an MQTT update, as an HTTP body
+MAX_CELLS = 64
 READING_FIELDS = ("voltage", "current", "power", "soc", "details")
 _READING_ATTRIBUTES = tuple(f"batmon_{name}" for name in READING_FIELDS)  # built once: hot path
 
@@ -133,9 +134,6 @@ def normalise_details(value: Any) -> str:
     return normalised
 
 
-MAX_CELLS = 64
-
-
 def _number(key: str, value: Any, *, minimum: float | None = None, above: float | None = None
             ) -> None:  # fmt: skip
     # bool is an int in Python, and JSON true is never a measurement.
@@ -209,10 +207,25 @@ def _not_far_future(schema: dict[str, Any]) -> None:
 # The document offers details as an object; a string holding a JSON object or a Python
 # dict literal (the seed's "{'key': 25}") is accepted too, but no schema can say which
 # strings those are.
+_NUMBER: dict[str, Any] = {"type": "number"}
+_AT_LEAST_0: dict[str, Any] = {"type": "number", "minimum": 0}
+# The well-known keys, as check_well_known_details checks them; any other key is free.
+_WELL_KNOWN_DETAILS: dict[str, Any] = {
+    "temperature": {**_NUMBER, "description": "battery temperature, °C"},
+    "time_to_go": {**_AT_LEAST_0, "description": "minutes until empty at the present draw"},
+    "consumed_ah": {**_NUMBER, "description": "Ah taken out since full"},
+    "cells": {"type": "array", "minItems": 1, "maxItems": MAX_CELLS, "items": _AT_LEAST_0,
+              "description": "cell voltages, V, cell 1 first"},
+    "capacity_ah": {"type": "number", "exclusiveMinimum": 0, "description": "capacity, Ah"},
+    "energy_charged_kwh": {**_AT_LEAST_0, "description": "the device's energy-in counter, kWh"},
+    "energy_discharged_kwh": {**_AT_LEAST_0, "description": "the device's energy-out counter, kWh"},
+}  # fmt: skip
 _DETAILS_SCHEMA = WithJsonSchema({
     "type": "object",
     "description": "a JSON object (also accepted: a string holding one, or a Python dict"
-                   f" literal); at most {MAX_DETAILS_BYTES} bytes as JSON",
+                   f" literal); at most {MAX_DETAILS_BYTES} bytes as JSON. The keys below are"
+                   " checked (a wrong type is a 400 naming the key); any other is stored as sent",
+    "properties": _WELL_KNOWN_DETAILS,
 })  # fmt: skip
 
 
