@@ -151,15 +151,16 @@ def check_well_known_details(details: dict[str, Any]) -> None:
     These feed derived values, energy counters and alarms, so a wrong type is refused
     here, naming the key, rather than misread later.
     """
+    # null is "no value" (a VE.Direct TTG of -1, infinite, arrives as null): stored as sent.
     for key in ("temperature", "consumed_ah"):
-        if key in details:
+        if details.get(key) is not None:
             _number(key, details[key])
     for key in ("time_to_go", "energy_charged_kwh", "energy_discharged_kwh"):
-        if key in details:
+        if details.get(key) is not None:
             _number(key, details[key], minimum=0)
-    if "capacity_ah" in details:
+    if details.get("capacity_ah") is not None:
         _number("capacity_ah", details["capacity_ah"], above=0)
-    if "cells" in details:
+    if details.get("cells") is not None:
         cells = details["cells"]
         if not isinstance(cells, list) or not 1 <= len(cells) <= MAX_CELLS:
             raise ValueError(f"cells must be a list of 1 to {MAX_CELLS} cell voltages")

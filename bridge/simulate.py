@@ -68,6 +68,9 @@ class SimulatedBattery:
     capacity_ah: float = 100.0
     soc: float = 75.0
     current: float = 0.0
+    charged_kwh: float = 0.0  # the device's own counters, as a shunt keeps them
+    discharged_kwh: float = 0.0
+    cells: int = 4
     rng: random.Random = field(default_factory=random.Random)
 
     def step(self, dt: float) -> dict[str, Any]:
@@ -79,12 +82,28 @@ class SimulatedBattery:
         # discharging sags it through ~30 mOhm of internal resistance.
         voltage = round(11.8 + 1.1 * self.soc / 100 + 0.03 * self.current, 3)
         current = round(self.current, 3)
+        kwh = voltage * current * dt / 3.6e6
+        if kwh > 0:
+            self.charged_kwh += kwh
+        else:
+            self.discharged_kwh -= kwh
+        # The well-known details keys (docs/BATTERY.md), as a shunt or BMS sends them.
+        details: dict[str, Any] = {
+            "temperature": round(22 + self.rng.uniform(-0.5, 0.5), 1),
+            "consumed_ah": round(-(100 - self.soc) / 100 * self.capacity_ah, 3),
+            "time_to_go": round(self.soc / 100 * self.capacity_ah / -current * 60) if current < 0 else None,
+            "cells": [round(voltage / self.cells + self.rng.uniform(-0.02, 0.02), 3)
+                      for _ in range(self.cells)],
+            "capacity_ah": self.capacity_ah,
+            "energy_charged_kwh": round(self.charged_kwh, 2),  # VE.Direct's 0.01 kWh steps
+            "energy_discharged_kwh": round(self.discharged_kwh, 2),
+        }  # fmt: skip
         return {
             "batmon_voltage": voltage,
             "batmon_current": current,
             "batmon_power": round(voltage * current, 3),
             "batmon_soc": round(self.soc, 2),
-            "batmon_details": {"temperature": round(22 + self.rng.uniform(-0.5, 0.5), 1)},
+            "batmon_details": details,
         }
 
 

@@ -191,10 +191,10 @@ def test_frames_on_a_serial_port_become_readings_with_units_and_details(
     assert row["batmon_power"] == -12 - n % 5  # W
     assert row["batmon_soc"] == 83.9  # per mille -> %
     details = json.loads(row["batmon_details"])
-    assert details["time_to_go_min"] is None  # TTG -1: infinite
+    assert details["time_to_go"] is None  # TTG -1: infinite
     assert details["alarm"] is True and details["alarm_reasons"] == ["low_soc"]
     assert details["consumed_ah"] == (-45000 - n) / 1000 and details["starter_v"] == 12.64
-    assert details["charge_cycles"] == 87 and details["charged_kwh"] == 126.9  # 2nd block
+    assert details["charge_cycles"] == 87 and details["energy_charged_kwh"] == 126.9  # 2nd block
     assert details["XYZ"] == "17" and details["product"] == "BMV-702"
     # Readings carry the block's time, not the arrival's.
     assert abs(epoch(row["update_time"]) - time.time()) < 60

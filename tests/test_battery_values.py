@@ -111,3 +111,27 @@ def test_a_wrong_well_known_key_over_mqtt_gets_an_error_naming_it(env: Env) -> N
     error = payload_json(device.wait_for(env.topics.error(batmon.id, batmon.token)))["error"]
     assert "details" in error and "cells" in error, error
     assert env.count(batmon) == 0
+
+
+def test_null_in_a_well_known_key_is_no_value(api: Api) -> None:
+    batmon_id, token = api.add_batmon()
+    # What the VE.Direct agent sends for TTG -1 (infinite: not discharging).
+    r = update(api, batmon_id, token, batmon_details={"time_to_go": None, "temperature": 20})
+    assert r.status_code == 200, r.text
+    assert status(api, batmon_id)["time_to_go"] is None
+
+
+def test_batmon_simulate_sends_the_well_known_keys_the_server_accepts() -> None:
+    import random
+
+    from bridge.models import Reading
+    from bridge.simulate import SimulatedBattery
+
+    battery = SimulatedBattery(soc=80, rng=random.Random(7))
+    readings = [Reading.model_validate(battery.step(10)) for _ in range(200)]
+    details = [json.loads(r.batmon_details or "{}") for r in readings]
+    for key in ("temperature", "consumed_ah", "cells", "capacity_ah", "energy_charged_kwh",
+                "energy_discharged_kwh", "time_to_go"):  # fmt: skip
+        assert key in details[-1], key
+    counters = [(d["energy_charged_kwh"], d["energy_discharged_kwh"]) for d in details]
+    assert counters == sorted(counters) and counters[-1] > (0, 0)

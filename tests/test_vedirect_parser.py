@@ -11,7 +11,7 @@ from bridge.agent.byte_sources import split_blocks
 from bridge.agent.vedirect_agent import IntervalReading
 from bridge.agent.vedirect_labels import reading_fields
 from bridge.agent.vedirect_parser import VeDirectParser, encode_block
-from bridge.models import Reading
+from bridge.models import Reading, check_well_known_details
 
 RECORDINGS = Path(__file__).resolve().parent.parent / "bridge" / "agent" / "recordings"
 BMV_SAMPLE = [("PID", "0x204"), ("V", "12065"), ("I", "-7625"), ("P", "-92"), ("SOC", "839"),
@@ -46,7 +46,7 @@ def test_the_real_bmv702_sample_maps_to_volts_amps_watts_percent() -> None:
     fields = reading_fields(parsed)
     assert fields["voltage"] == 12.065 and fields["current"] == -7.625
     assert fields["power"] == -92.0 and fields["soc"] == 83.9
-    assert fields["details"]["time_to_go_min"] == 942
+    assert fields["details"]["time_to_go"] == 942
     assert fields["details"]["product"] == "BMV-702"
 
 
@@ -137,7 +137,7 @@ def test_unknown_labels_are_kept_in_details_as_sent() -> None:
 
 def test_ttg_minus_one_is_infinite_time_to_go() -> None:
     fields = reading_fields({"V": "12800", "TTG": "-1"})
-    assert fields["details"]["time_to_go_min"] is None
+    assert fields["details"]["time_to_go"] is None
 
 
 @pytest.mark.parametrize("mask,reasons", [
@@ -160,7 +160,7 @@ def test_alarm_block_of_the_recording_decodes_reasons_relay_and_infinite_ttg() -
     details = reading_fields(alarm)["details"]
     assert details["alarm"] is True and details["relay_on"] is True
     assert details["alarm_reasons"] == ["low_voltage", "low_soc"]
-    assert details["time_to_go_min"] is None and details["XYZ"] == "17"
+    assert details["time_to_go"] is None and details["XYZ"] == "17"
 
 
 def test_smartshunt_before_sync_keeps_soc_out_of_the_reading() -> None:
@@ -203,3 +203,11 @@ def test_average_mode_averages_values_over_the_interval() -> None:
     reading = interval.take()
     assert reading is not None and reading["voltage"] == 12.1 and reading["current"] == -1.0
     assert reading["ts"] == 102.0
+
+
+def test_t_ttg_ce_h17_h18_map_to_the_well_known_details_keys() -> None:
+    details = reading_fields({"V": "12800", "T": "23", "TTG": "95", "CE": "-12500", "H17": "1234",
+                              "H18": "1567"})["details"]  # fmt: skip
+    assert details == {"temperature": 23, "time_to_go": 95, "consumed_ah": -12.5,
+                       "energy_discharged_kwh": 12.34, "energy_charged_kwh": 15.67}  # 0.01 kWh units
+    check_well_known_details(details)  # what the server accepts

@@ -101,7 +101,8 @@ def _code(names: dict[int, str]) -> Callable[[str], str]:
 
 
 def _minutes_or_infinite(value: str) -> int | None:
-    # TTG -1 means "infinite": the battery is not being discharged.
+    # TTG -1 means "infinite": the battery is not being discharged. null, not a number:
+    # the server takes null in a well-known key as "no value" (docs/BATTERY.md).
     minutes = int(value)
     return None if minutes == -1 else minutes
 
@@ -121,8 +122,10 @@ DETAILS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "DM": ("midpoint_deviation_pct", per_mille_as_percent),
     "VPV": ("panel_v", milli), "PPV": ("panel_w", int),
     "I2": ("battery2_a", milli), "I3": ("battery3_a", milli), "IL": ("load_a", milli),
-    "LOAD": ("load_on", _on_off), "T": ("temperature_c", int),
-    "CE": ("consumed_ah", milli), "TTG": ("time_to_go_min", _minutes_or_infinite),
+    # T, CE, TTG, H17 and H18 go to the well-known details keys the server understands
+    # (docs/BATTERY.md): temperature, alarms, time-to-go and the energy counters.
+    "LOAD": ("load_on", _on_off), "T": ("temperature", int),
+    "CE": ("consumed_ah", milli), "TTG": ("time_to_go", _minutes_or_infinite),
     "Alarm": ("alarm", _on_off), "Relay": ("relay_on", _on_off),
     "AR": ("alarm_reasons", _bits(ALARM_BITS)), "WARN": ("warning_reasons", _bits(ALARM_BITS)),
     "OR": ("off_reasons", _bits(OFF_REASON_BITS)),
@@ -136,7 +139,7 @@ DETAILS: dict[str, tuple[str, Callable[[str], Any]]] = {
     "H11": ("low_voltage_alarms", int), "H12": ("high_voltage_alarms", int),
     "H13": ("low_starter_voltage_alarms", int), "H14": ("high_starter_voltage_alarms", int),
     "H15": ("min_starter_v", milli), "H16": ("max_starter_v", milli),
-    "H17": ("discharged_kwh", centi_kwh), "H18": ("charged_kwh", centi_kwh),
+    "H17": ("energy_discharged_kwh", centi_kwh), "H18": ("energy_charged_kwh", centi_kwh),
     "H19": ("yield_total_kwh", centi_kwh), "H20": ("yield_today_kwh", centi_kwh),
     "H21": ("max_power_today_w", int), "H22": ("yield_yesterday_kwh", centi_kwh),
     "H23": ("max_power_yesterday_w", int), "HSDS": ("day_sequence", int),
