@@ -267,6 +267,43 @@ def test_dashboard_walk_through(site: Site, browser: Browser, artifacts: Path) -
                 if range_name == "Last hour" and UPDATE_README:
                     page.screenshot(path=README_IMAGES / "dashboard-batmon.png")
 
+        with step("battery values: energy today and per day, temperature, cells, time-to-go"):
+            values = page.locator("#battery-values")
+            assert values.locator('[data-value="temperature"]').is_hidden()  # none sent yet
+            assert values.locator('[data-value="cells"]').is_hidden()
+            site.publish("House bank", {"details": {"cells": [3.31, 3.30, 2.95, 3.32], "temperature": 21.5,
+                                                    "time_to_go": 95}})  # fmt: skip
+            values.locator('[data-value="cells"] dd', has_text="min 2.95 V (cell 3)").wait_for()
+            cells = values.locator('[data-value="cells"] dd').inner_text()
+            assert cells == "min 2.95 V (cell 3) · max 3.32 V (cell 4) · delta 0.37 V", cells
+            assert values.locator('[data-value="temperature"] dd').inner_text() == "21.5 °C"
+            assert values.locator('[data-value="time_to_go"] dd').inner_text() == "1 h 35 min"
+            # Today's kWh: what the history API says since the browser's midnight.
+            today = page.locator("#energy-today")
+            page.wait_for_function("document.querySelector('#energy-today').dataset.charged !== undefined")
+            midnight = page.evaluate("(() => { const d = new Date(); d.setHours(0, 0, 0, 0);"
+                                     " return Math.floor(d.getTime() / 1000); })()")
+            r = site.http.get("/interface/batmon/history", params={
+                "batmon_id": house_id, "min_epoch_tm_sec": midnight, "bucket": 86400})
+            rows = r.json()["success"][0]["data"]
+            for key, attribute in (("energy_charged_kwh", "data-charged"),
+                                   ("energy_discharged_kwh", "data-discharged")):  # fmt: skip
+                assert float(today.get_attribute(attribute) or "nan") == pytest.approx(
+                    sum(row[key] for row in rows), abs=1e-9), key
+            assert re.fullmatch(r"[\d.]+ kWh in · [\d.]+ kWh out", today.inner_text()), today.inner_text()
+            status = site.http.get("/interface/batmon/status",
+                                   params={"batmon_id": house_id}).json()["success"]  # fmt: skip
+            assert status["energy_charged_kwh"] > 0 and status["energy_discharged_kwh"] > 0
+            # The chart of energy per day: one bar pair per UTC day with readings.
+            chart = page.locator('#energy-chart[data-state="ready"]')
+            chart.wait_for()
+            now = int(time.time())
+            days = site.http.get("/interface/batmon/history", params={
+                "batmon_id": house_id, "min_epoch_tm_sec": now // 86400 * 86400 - 29 * 86400,
+                "bucket": 86400}).json()["success"][0]["data"]  # fmt: skip
+            assert int(chart.get_attribute("data-points") or -1) == len(days) > 0
+            assert chart.locator("canvas").count() == 1
+
         with step("add an alarm"):
             form = page.locator("#alarm-form")
             form.get_by_label("Name").fill("High voltage")

@@ -22,6 +22,102 @@
       $(`#now-values [data-metric="${m}"]`).textContent = Batmon.withUnit(b["batmon_" + m], b.units[m]);
       $(`.chart[data-metric="${m}"] .unit`).textContent = `(${b.units[m]})`;
     }
+    renderBattery(b);
+  }
+
+  // -- battery values: shown once the batmon has them (docs/BATTERY.md) ---------------
+  function showValue(name, text) {
+    const item = $(`#battery-values [data-value="${name}"]`);
+    item.hidden = text === null;
+    if (text !== null) item.querySelector("dd").textContent = text;
+  }
+
+  function renderBattery(b) {
+    const kwh = (v) => Batmon.withUnit(v, "kWh");
+    showValue("energy-total", `${kwh(b.energy_charged_kwh)} in · ${kwh(b.energy_discharged_kwh)} out`);
+    showValue("temperature", b.temperature == null ? null : Batmon.withUnit(b.temperature, "°C"));
+    showValue("time_to_go", b.time_to_go == null ? null : timeToGo(b.time_to_go));
+    showValue("cells", b.cell_min == null ? null :
+      `min ${Batmon.withUnit(b.cell_min, "V")} (cell ${b.cell_min_index}) · ` +
+      `max ${Batmon.withUnit(b.cell_max, "V")} (cell ${b.cell_max_index}) · ` +
+      `delta ${Batmon.withUnit(b.cell_delta, "V")}`);
+  }
+
+  function timeToGo(minutes) {
+    const m = Math.round(minutes);
+    return m < 60 ? `${m} min` : `${Math.floor(m / 60)} h ${m % 60} min`;
+  }
+
+  /** Today's kWh in and out: the history's energy sums since local midnight. */
+  async function loadToday() {
+    const midnight = new Date();
+    midnight.setHours(0, 0, 0, 0);
+    const min = Math.floor(midnight.getTime() / 1000);
+    const max = Math.floor(Batmon.serverTime());
+    try {
+      const [h] = await Batmon.api("/interface/batmon/history",
+        { batmon_id: id, min_epoch_tm_sec: min, max_epoch_tm_sec: max, bucket: Math.max(1, max - min + 1) }, "GET");
+      const sum = (key) => h.data.reduce((total, r) => total + (r[key] || 0), 0);
+      const dd = $("#energy-today");
+      dd.dataset.charged = String(sum("energy_charged_kwh"));
+      dd.dataset.discharged = String(sum("energy_discharged_kwh"));
+      dd.textContent = `${Batmon.withUnit(round3(sum("energy_charged_kwh")), "kWh")} in · ` +
+        `${Batmon.withUnit(round3(sum("energy_discharged_kwh")), "kWh")} out`;
+    } catch (e) {
+      $("#energy-today").textContent = "unknown";
+    }
+  }
+  const round3 = (v) => Math.round(v * 1000) / 1000;
+
+  // -- energy per day: bars of kWh in and out -------------------------------------------
+  let energyPlot = null;
+  async function loadEnergyDays() {
+    const figure = $("#energy-chart");
+    const day = 86400;
+    const max = Math.floor(Batmon.serverTime());
+    const min = Math.floor(max / day) * day - 29 * day;
+    figure.dataset.state = "loading";
+    try {
+      const [h] = await Batmon.api("/interface/batmon/history",
+        { batmon_id: id, min_epoch_tm_sec: min, max_epoch_tm_sec: max, bucket: day }, "GET");
+      const rows = h.data;
+      const data = [rows.map((r) => r.time), rows.map((r) => round3(r.energy_charged_kwh)),
+                    rows.map((r) => round3(-r.energy_discharged_kwh))];
+      const c = colors();
+      const bars = uPlot.paths.bars({ size: [0.4, 40] });
+      const opts = {
+        width: Math.max(240, Math.floor(figure.clientWidth - 8)),
+        height: 200,
+        scales: { x: { time: true, range: () => [min - day / 2, max + day / 2] } },
+        series: [
+          {},
+          { label: "in", stroke: c.line, fill: c.line, paths: bars, points: { show: false },
+            value: (u, v) => Batmon.withUnit(v, "kWh") },
+          { label: "out", stroke: c.faint, fill: c.faint, paths: bars, points: { show: false },
+            value: (u, v) => Batmon.withUnit(v == null ? v : -v, "kWh") },
+        ],
+        axes: [
+          { stroke: c.fg, grid: { stroke: c.grid }, ticks: { stroke: c.grid } },
+          { stroke: c.fg, grid: { stroke: c.grid }, ticks: { stroke: c.grid }, size: 56 },
+        ],
+      };
+      if (energyPlot) energyPlot.destroy();
+      const target = figure.querySelector(".plot");
+      target.replaceChildren();
+      energyPlot = new uPlot(opts, data, target);
+      figure.dataset.points = String(energyPlot.data[0].length);
+      figure.querySelector(".chart-summary").textContent = rows.length
+        ? `${rows.length} days with readings.` : "No readings in the last 30 days.";
+      figure.dataset.state = "ready";
+    } catch (e) {
+      figure.dataset.state = "error";
+    }
+  }
+  // Live readings change today's sums: ask again at most every 30 s.
+  let todayTimer = 0;
+  function todayLater() {
+    if (todayTimer) return;
+    todayTimer = window.setTimeout(() => { todayTimer = 0; loadToday(); }, 30000);
   }
 
   /** The status API's batmon object in the live stream's shape. */
@@ -397,6 +493,7 @@
     renderHead(b);
     renderAlarms(b.alarms);
     appendLive(b);
+    todayLater();
     // An alarm that changed state has probably queued a notice: show it shortly.
     if (JSON.stringify(b.alarms.map((a) => [a.alarm_triggered, a.alarm_trigger_time])) !== alarmsBefore) {
       window.clearTimeout(logTimer);
@@ -419,5 +516,7 @@
   renderAlarms(batmon.alarms);
   Batmon.tickAges();
   load();
+  loadToday();
+  loadEnergyDays();
   loadLog();
 })();
