@@ -329,6 +329,20 @@ def test_dashboard_walk_through(site: Site, browser: Browser, artifacts: Path) -
             assert status.json()["success"]["alarms"][0]["alarm_akn"] is not None
             page.locator("#log-table tbody tr").first.wait_for()  # the notice it queued
 
+        with step("an alarm on the lowest cell, with a clear value, names its rule and triggers"):
+            form = page.locator("#alarm-form")
+            form.get_by_label("Name").fill("Low cell")
+            form.get_by_label("Metric").select_option("cell_min")
+            form.get_by_label("Condition").select_option("<")
+            form.get_by_label("Threshold").fill("3")
+            form.get_by_label("Clears past (optional)").fill("3.1")
+            form.get_by_role("button", name="Add alarm").click()
+            cell_row = page.locator("#alarms-table tbody tr", has_text="Low cell")
+            cell_row.wait_for()
+            assert cell_row.locator("td").first.inner_text() == "cell_min < 3 V, clears past 3.1 V"
+            site.publish("House bank", {"details": {"cells": [3.31, 3.30, 2.95, 3.32]}})
+            page.locator('#alarms-table tr[data-triggered="true"]', has_text="Low cell").wait_for()
+
         with step("set a notification target"):
             page.get_by_role("link", name="Account").click()
             page.wait_for_url("**/account")

@@ -3,6 +3,9 @@
 (() => {
   const METRICS = ["voltage", "current", "power", "soc"];
   const DEFAULT_UNITS = { voltage: "V", current: "A", power: "W", soc: "%" };
+  // The battery values' units (bridge/battery_values.py VALUE_UNITS), for alarms on them.
+  const VALUE_UNITS = { temperature: "°C", time_to_go: "min", consumed_ah: "Ah", cell_min: "V", cell_max: "V",
+                        cell_delta: "V" };
   let batmon = Batmon.initialJson("initial-batmon");
   const id = batmon.batmon_id;
   const $ = (selector) => document.querySelector(selector);
@@ -321,7 +324,9 @@
       name.scope = "row";
       name.textContent = a.alarm_name;
       const rule = document.createElement("td");
-      rule.textContent = `${a.alarm_metric} ${a.alarm_condition} ${Batmon.withUnit(a.alarm_threshold_value, batmon.units[a.alarm_metric])}`;
+      const unit = batmon.units[a.alarm_metric] ?? VALUE_UNITS[a.alarm_metric] ?? "";
+      rule.textContent = `${a.alarm_metric} ${a.alarm_condition} ${Batmon.withUnit(a.alarm_threshold_value, unit)}` +
+        (a.alarm_clear_value == null ? "" : `, clears past ${Batmon.withUnit(a.alarm_clear_value, unit)}`);
       const repeat = document.createElement("td");
       repeat.textContent = `${a.alarm_repeat_delay} s`;
       const enabled = document.createElement("td");
@@ -366,6 +371,7 @@
     f.alarm_metric.value = a.alarm_metric;
     f.alarm_condition.value = a.alarm_condition;
     f.alarm_threshold_value.value = a.alarm_threshold_value;
+    f.alarm_clear_value.value = a.alarm_clear_value ?? "";
     f.alarm_repeat_delay.value = a.alarm_repeat_delay;
     f.alarm_enabled.checked = a.alarm_enabled;
     $("#alarm-form-title").textContent = `Edit alarm ${a.alarm_name}`;
