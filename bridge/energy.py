@@ -1,9 +1,11 @@
 """Energy counters: what each reading adds to a batmon's kWh charged and discharged.
 
-The rule lives here, as pure functions over an immutable :class:`EnergyState`; the
-writer (bridge/writer.py) applies it to each current reading in order, in its own
-thread, and commits the new state in the same transaction as the reading, so the
-counters are exact in reading order and survive kill -9.
+The rule lives here: :func:`advance` moves an :class:`EnergyState` over one reading.
+The writer (bridge/writer.py) applies it to each current reading in order, in its own
+thread, on a copy it keeps until the commit, and commits the new state in the same
+transaction as the reading, so the counters are exact in reading order and survive
+kill -9. (Mutable and slotted, not frozen: this runs for every reading, and copying a
+frozen dataclass per reading cost 4 times as much.)
 
 - Without the device's counters, energy is integrated from power (else voltage x
   current) by the trapezoid between consecutive readings in device time, split where
@@ -19,14 +21,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 JOULES_PER_KWH = 3.6e6
 DEVICE_KEYS = ("energy_charged_kwh", "energy_discharged_kwh")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class EnergyState:
     """A batmon's counters and what integration needs next: stored as batmon columns."""
 
@@ -46,44 +48,49 @@ class EnergyState:
         """The state as batmon column values."""
         return {name: getattr(self, name) for name in COLUMNS}
 
+    def copy(self) -> EnergyState:
+        """A state to advance while this one stays as it was (until the commit)."""
+        return EnergyState(self.energy_charged_kwh, self.energy_discharged_kwh, self.energy_point_ts,
+                           self.energy_point_power, self.device_charged_kwh, self.device_discharged_kwh)
+
 
 COLUMNS = tuple(EnergyState.__dataclass_fields__)
 
 
 def advance(state: EnergyState, ts: float, values: dict[str, Any], update_period: float
-            ) -> tuple[EnergyState, float, float]:  # fmt: skip
-    """The state after a current reading (ts not before the last one), and the kWh
+            ) -> tuple[float, float]:  # fmt: skip
+    """Move ``state`` over a current reading (ts not before the last one); return the kWh
     (charged, discharged) it added."""
     power = _power(values)
     integrated = (0.0, 0.0)
-    point_ts, point_power = state.energy_point_ts, state.energy_point_power
     if power is not None:
+        point_ts, point_power = state.energy_point_ts, state.energy_point_power
         if point_ts is not None and point_power is not None and 0 < ts - point_ts <= 2 * update_period:
             integrated = trapezoid_kwh(point_power, power, ts - point_ts)
-        point_ts, point_power = ts, power
-    device = _device_counters(values.get("details"))
-    charged, device_charged = _count(integrated[0], device[0], state.device_charged_kwh)
-    discharged, device_discharged = _count(integrated[1], device[1], state.device_discharged_kwh)
-    new = replace(
-        state,
-        energy_charged_kwh=state.energy_charged_kwh + charged,
-        energy_discharged_kwh=state.energy_discharged_kwh + discharged,
-        energy_point_ts=point_ts, energy_point_power=point_power,
-        device_charged_kwh=device_charged, device_discharged_kwh=device_discharged,
-    )  # fmt: skip
-    return new, charged, discharged
+        state.energy_point_ts, state.energy_point_power = ts, power
+    details = values.get("details")
+    if details and "energy_" in details:  # most readings: no parse
+        device = _device_counters(details)
+        charged, state.device_charged_kwh = _count(integrated[0], device[0], state.device_charged_kwh)
+        discharged, state.device_discharged_kwh = _count(integrated[1], device[1],
+                                                         state.device_discharged_kwh)  # fmt: skip
+    else:
+        charged = integrated[0] if state.device_charged_kwh is None else 0.0
+        discharged = integrated[1] if state.device_discharged_kwh is None else 0.0
+    state.energy_charged_kwh += charged
+    state.energy_discharged_kwh += discharged
+    return charged, discharged
 
 
 def trapezoid_kwh(p0: float, p1: float, seconds: float) -> tuple[float, float]:
     """(charged, discharged) kWh of power going linearly from p0 to p1 W over ``seconds``."""
     if p0 * p1 < 0:  # the line crosses zero: each side counts for its own counter
         at = seconds * abs(p0) / (abs(p0) + abs(p1))
-        parts = (p0 / 2 * at, p1 / 2 * (seconds - at))
-    else:
-        parts = ((p0 + p1) / 2 * seconds, 0.0)
-    charged = sum(j for j in parts if j > 0) / JOULES_PER_KWH
-    discharged = -sum(j for j in parts if j < 0) / JOULES_PER_KWH
-    return charged, discharged
+        first, second = p0 / 2 * at, p1 / 2 * (seconds - at)
+        positive, negative = (first, second) if first > 0 else (second, first)
+        return positive / JOULES_PER_KWH, -negative / JOULES_PER_KWH
+    joules = (p0 + p1) / 2 * seconds
+    return (joules / JOULES_PER_KWH, 0.0) if joules >= 0 else (0.0, -joules / JOULES_PER_KWH)
 
 
 def _power(values: dict[str, Any]) -> float | None:
@@ -94,9 +101,7 @@ def _power(values: dict[str, Any]) -> float | None:
     return power if power is None or math.isfinite(power) else None
 
 
-def _device_counters(details: str | None) -> tuple[float | None, float | None]:
-    if not details or "energy_" not in details:  # most readings: no parse
-        return None, None
+def _device_counters(details: str) -> tuple[float | None, float | None]:
     data = json.loads(details)  # validated at the edge: a JSON object
     found = [data.get(key) for key in DEVICE_KEYS]
     return tuple(v if isinstance(v, int | float) and not isinstance(v, bool) else None

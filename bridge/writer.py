@@ -336,7 +336,8 @@ class ReadingWriter:
         latest = self._latest.get(batmon.id, _UNSET)
         if latest is _UNSET:
             latest = batmon.last_reading
-        energy = self._energy.get(batmon.id) or EnergyState.of(batmon)
+        # A copy: the state before this plan stays as it was, for a commit that fails.
+        energy = (self._energy.get(batmon.id) or EnergyState.of(batmon)).copy()
         current: dict[str, Any] = {}
         flags: list[bool] = []
         added: list[tuple[float | None, float | None]] = []
@@ -347,7 +348,7 @@ class ReadingWriter:
                 current.update(values)
                 latest = ts
                 # Integrated here, in reading order, and committed with the reading.
-                energy, charged, discharged = advance(energy, ts, values, batmon.update_period)
+                charged, discharged = advance(energy, ts, values, batmon.update_period)
             flags.append(is_current)
             added.append((charged or None, discharged or None))
         if current:
