@@ -314,6 +314,23 @@ class EditBatmon(InputModel):
 MAX_POINTS = 10_000
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+# Ten digits at most: 9999999999w is still below 2^53 seconds.
+_DURATION_PATTERN = r"^[1-9][0-9]{0,9}[smhdw]$"
+
+
+def _duration(value: Any) -> Any:
+    """``1d`` is 86400 (s, m, h, d, w); anything else goes on to the integer rules."""
+    if isinstance(value, str) and re.fullmatch(_DURATION_PATTERN, value):
+        return int(value[:-1]) * _DURATION_UNITS[value[-1]]
+    return value
+
+
+Bucket = Annotated[int, Field(ge=1, le=MAX_SAFE_ID), NotBool, BeforeValidator(_duration),
+                   WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_SAFE_ID},
+                                             {"type": "string", "pattern": _DURATION_PATTERN}]})]  # fmt: skip
+
+
 class HistoryQuery(InputModel):
     """GET /interface/batmon/history; the range is inclusive at both ends.
 
@@ -325,9 +342,10 @@ class HistoryQuery(InputModel):
     max_epoch_tm_sec: EpochSeconds | None = None
     batmon_id: BatmonId | None = None
     batmon_token: Token | None = None
-    bucket: Annotated[int, Field(ge=1, le=MAX_SAFE_ID), NotBool] | None = Field(None, description=(
-        "seconds per bucket: one row per non-empty bucket, aligned at floor(ts/bucket)*bucket,"
-        " with count and min/avg/max of each metric"))  # fmt: skip
+    bucket: Bucket | None = Field(None, description=(
+        "seconds per bucket, or a duration such as 15m, 1h, 1d, 1w: one row per non-empty"
+        " bucket, aligned at floor(ts/bucket)*bucket (UTC), with count, min/avg/max of each"
+        " metric and the kWh charged and discharged"))  # fmt: skip
     points: Annotated[int, Field(ge=1, le=MAX_POINTS), NotBool] | None = Field(None, description=(
         "about how many buckets: picks bucket = ceil((max - min + 1) / points) seconds"))
     format: Literal["json", "csv"] = Field("json", description=(

@@ -217,3 +217,20 @@ def test_daily_energy_buckets_survive_retention_and_sum_to_the_counters(api: Api
     for b, a in zip(before, after, strict=True):
         assert a["energy_charged_kwh"] == pytest.approx(b["energy_charged_kwh"], abs=1e-9)
         assert a["energy_discharged_kwh"] == pytest.approx(b["energy_discharged_kwh"], abs=1e-9)
+
+
+@pytest.mark.parametrize("text,seconds", [("1d", 86400), ("6h", 21600), ("15m", 900), ("30s", 30),
+                                          ("1w", 604800), ("86400", 86400)])  # fmt: skip
+def test_bucket_takes_a_duration_like_1d(api: Api, text: str, seconds: int) -> None:
+    batmon_id, _ = api.add_batmon()
+    r = api.client.get("/interface/batmon/history", headers=api.auth, params={
+        "batmon_id": batmon_id, "min_epoch_tm_sec": 0, "bucket": text})
+    assert r.status_code == 200, r.text
+    assert r.json()["success"][0]["bucket"] == seconds
+
+
+@pytest.mark.parametrize("text", ["0d", "1y", "d", "1.5d", "-1d", "1 d"])
+def test_a_bad_duration_bucket_is_a_400_naming_it(api: Api, text: str) -> None:
+    r = api.client.get("/interface/batmon/history", headers=api.auth,
+                       params={"min_epoch_tm_sec": 0, "bucket": text})  # fmt: skip
+    assert r.status_code == 400 and "bucket" in r.json()["error"], r.text
