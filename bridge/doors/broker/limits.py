@@ -1,5 +1,11 @@
 """Abuse limits of the embedded broker: packet size, per-client message rate, connections.
 
+:class:`ConnectionRooms` keeps two rooms apart: sockets that have not logged in (at most
+``max_unauthenticated_per_address`` per client address, each with ``connect_timeout_s``
+to send its CONNECT) and logged-in clients (``max_connections``). A socket that has not
+logged in never takes the room of a logged-in one, so one address holding many silent
+sockets locks no device out.
+
 :class:`GuardedReader` sits between the socket and amqtt and hands amqtt whole MQTT
 packets only: it reads each packet's fixed header itself, so a packet over
 ``max_packet_size`` closes the connection before its body is read (amqtt would buffer
@@ -41,9 +47,12 @@ class BrokerLimits(BaseModel):
     max_packet_size: Annotated[int, Field(ge=128, le=MAX_REMAINING_LENGTH)] = 66_560
     """Bytes of a whole packet: the 64 KiB payload the HTTP door also takes, plus headers."""
     max_connections: Annotated[int, Field(ge=1)] = 1000
-    """Open connections; past it a client gets CONNACK 3 (server unavailable)."""
-    connect_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
-    """Time a new connection has to send its CONNECT."""
+    """Logged-in clients at once; past it a client gets CONNACK 3 (server unavailable)."""
+    max_unauthenticated_per_address: Annotated[int, Field(ge=1)] = 16
+    """Sockets of one client address (an IPv6 /64) that have not logged in yet; more are
+    closed at once. Room for a household's devices booting together behind one NAT."""
+    connect_timeout_s: Annotated[float, Field(gt=0, le=300)] = 5.0
+    """Time a new connection has to send its whole CONNECT."""
     messages_per_second: Annotated[float, Field(gt=0)] = 50.0
     """Sustained PUBLISH rate of one device or user, across its connections."""
     message_burst: Annotated[int, Field(ge=1)] = 200
@@ -78,6 +87,51 @@ class MessageRate:
         self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < refill}
 
 
+@dataclass
+class ConnectionRooms:
+    """Sockets waiting to log in, per address, and logged-in clients: two rooms, two limits."""
+
+    max_logged_in: int
+    max_waiting_per_address: int
+    logged_in: int = 0
+    _waiting: Counter[str] = field(default_factory=Counter)
+    _warned: set[str] = field(default_factory=set)
+
+    @property
+    def waiting(self) -> int:
+        """Sockets that have not logged in, over all addresses."""
+        return self._waiting.total()
+
+    def enter(self, address: str) -> bool:
+        """Take a waiting place for a new socket from ``address``; False if it has none left."""
+        if self._waiting[address] >= self.max_waiting_per_address:
+            if address not in self._warned:  # one line per address and episode, not per socket
+                self._warned.add(address)
+                log.warning("closing new MQTT sockets from %s at once: %d of its sockets have not"
+                            " logged in yet", address, self.max_waiting_per_address)  # fmt: skip
+            return False
+        self._waiting[address] += 1
+        return True
+
+    def leave_waiting(self, address: str) -> None:
+        """A waiting socket logged in or closed."""
+        self._waiting[address] -= 1
+        if self._waiting[address] <= 0:
+            del self._waiting[address]
+            self._warned.discard(address)
+
+    def log_in(self) -> bool:
+        """Take a logged-in place; False while the room is full."""
+        if self.logged_in >= self.max_logged_in:
+            return False
+        self.logged_in += 1
+        return True
+
+    def log_out(self) -> None:
+        """A logged-in client left."""
+        self.logged_in -= 1
+
+
 class PacketTooLarge(asyncio.IncompleteReadError):
     """A packet over max_packet_size: to amqtt, the end of the stream."""
 
@@ -101,6 +155,10 @@ class GuardedReader(ReaderAdapter):
         self._buffer = bytearray()
         self.session: Session | None = None
         """The connection's session, set once amqtt made it: rates are per principal."""
+        self.address = "unknown"
+        """The client address this connection counts under (ratelimit.address_key)."""
+        self.logged_in = False
+        """True once it moved from the waiting room to the logged-in one (ConnectionRooms)."""
 
     async def first_packet(self) -> tuple[int, bytes]:
         """Read the first packet into the buffer; its type and body (without header)."""

@@ -1,0 +1,129 @@
+"""A hostile network against a real embedded broker (issue 15).
+
+- Sockets that have not logged in: at most 16 per address, 5 s to send a CONNECT, and
+  never counted against the room kept for logged-in clients (1,000 silent sockets from
+  one address used to lock valid devices out).
+- A PUBLISH or SUBSCRIBE whose topic is not valid UTF-8 closes the connection (MQTT 3.1.1
+  section 1.5.3).
+- A QoS 1 subscriber that never acknowledges costs one log line, then a count.
+
+Client sockets are bound to other loopback addresses (127.0.0.2, ...) to play attackers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bridge.doors.broker.limits import BrokerLimits
+from tests.broker_support import WAIT, Client, FakeCredentials, Running, broker_yaml_with, make_broker
+from tests.support import LoopThread, wait_until
+
+SERVER_UNAVAILABLE = 136  # paho's reason code for a 3.1.1 CONNACK return code 3
+PER_ADDRESS = 16
+
+
+def silent_socket(port: int, source: str) -> socket.socket:
+    """A TCP connection from ``source`` that never sends anything."""
+    return socket.create_connection(("127.0.0.1", port), timeout=WAIT, source_address=(source, 0))
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """True if the broker closes ``sock`` within ``seconds`` (it sends nothing before)."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def login(port: int, username: str = "5", password: str = "tok-five") -> int:
+    client = Client(port, f"pre-{secrets.token_hex(4)}", username, password)
+    try:
+        return client.connect()
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def small_room(loop_thread: LoopThread, tmp_path: Path) -> Iterator[Running]:
+    """A broker with room for 4 logged-in clients (and the default pre-login limits)."""
+    r = make_broker(FakeCredentials(), config_path=broker_yaml_with(tmp_path, max_connections=4))
+    loop_thread.run(r.broker.start())
+    yield r
+    loop_thread.run(r.broker.stop())
+
+
+def test_an_address_holds_at_most_16_sockets_before_login_the_next_is_closed_at_once(
+    small_room: Running,
+) -> None:
+    port = small_room.broker.port
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(silent_socket(port, "127.0.0.2")) for _ in range(PER_ADDRESS)]
+        wait_until(lambda: small_room.broker.stats.get("unauthenticated", 0) == PER_ADDRESS, WAIT,
+                   "16 sockets waiting for their CONNECT")  # fmt: skip
+        extra = held.enter_context(silent_socket(port, "127.0.0.2"))
+        # Closed at once, long before the 5 s CONNECT timeout.
+        assert closed_within(extra, 2.0)
+        assert small_room.broker.stats["closed_unauthenticated_per_address"] >= 1
+        # Another address is not affected, nor is a device logging in.
+        neighbour = held.enter_context(silent_socket(port, "127.0.0.3"))
+        assert not closed_within(neighbour, 0.5)
+        assert login(port) == 0
+        # A socket of the full address that leaves makes room for one more.
+        sockets.pop().close()
+        wait_until(lambda: not closed_within(held.enter_context(silent_socket(port, "127.0.0.2")), 0.3),
+                   WAIT, "room for one more from 127.0.0.2")  # fmt: skip
+
+
+def test_sockets_before_login_never_take_the_room_kept_for_logged_in_clients(small_room: Running) -> None:
+    port = small_room.broker.port
+    with contextlib.ExitStack() as held:
+        for source in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+            for _ in range(PER_ADDRESS):
+                held.enter_context(silent_socket(port, source))
+        wait_until(lambda: small_room.broker.stats.get("unauthenticated", 0) == 3 * PER_ADDRESS, WAIT,
+                   "48 sockets waiting for their CONNECT")  # fmt: skip
+        clients = [Client(port, f"in-{i}", "5", "tok-five") for i in range(4)]
+        try:
+            assert [c.connect() for c in clients] == [0] * 4  # the whole room, for logged-in clients
+            assert login(port, "7", "tok-seven") == SERVER_UNAVAILABLE  # the room is full now
+        finally:
+            for c in clients:
+                c.close()
+
+
+def test_the_connect_timeout_is_5_s_by_default(loop_thread: LoopThread) -> None:
+    assert BrokerLimits().connect_timeout_s == 5
+    r = make_broker(FakeCredentials())  # the project's broker.yaml
+    loop_thread.run(r.broker.start())
+    try:
+        with silent_socket(r.broker.port, "127.0.0.2") as sock:
+            opened = time.monotonic()
+            assert closed_within(sock, 15.0), "a socket without CONNECT was never closed"
+            waited = time.monotonic() - opened
+        # Not before the timeout; the upper bound is only a generous deadline.
+        assert 4.5 <= waited <= 9.0, f"closed after {waited:.1f} s"
+    finally:
+        loop_thread.run(r.broker.stop())
+
+
+def test_a_refused_login_leaves_the_room_for_logged_in_clients(small_room: Running) -> None:
+    port = small_room.broker.port
+    assert [login(port, "5", "wrong-token") for _ in range(10)] == [135] * 10  # NOT_AUTHORIZED
+    clients = [Client(port, f"in-{i}", "5", "tok-five") for i in range(4)]
+    try:
+        assert [c.connect() for c in clients] == [0] * 4
+    finally:
+        for c in clients:
+            c.close()
+    wait_until(lambda: small_room.broker.stats.get("logged_in", 0) == 0, WAIT, "every client gone")
+    assert small_room.broker.stats.get("unauthenticated", 0) == 0
