@@ -203,7 +203,7 @@ class Service:
                 host=opts.host, port=opts.mqtt_port, config_path=opts.broker_config_path,
                 credentials=core, topics=self.topics,
                 bridge_username=bridge_user, bridge_password=bridge_password, updates=door,
-                limiter=self.limiter,
+                limiter=self.limiter, on_homeassistant_status=self._homeassistant_status,
             )  # fmt: skip
             try:
                 await self.broker.start()
@@ -243,6 +243,7 @@ class Service:
             retain_flag_means_replay=self.broker is None,
             ingest_updates=self.broker is None, mqtt5=self.broker is None, door=door,
             publish_direct=self._publish_in_broker if self.broker is not None else None,
+            listen_homeassistant_status=self.broker is None,
         )  # fmt: skip
         try:
             await self.mqtt.start()
@@ -256,6 +257,11 @@ class Service:
     def _publish_in_broker(self, topic: str, payload: str) -> None:
         if self.broker is not None:
             self.broker.publish_soon(topic, payload, retain=True)
+
+    def _homeassistant_status(self, user_id: int, payload: bytes) -> None:
+        """A user's publish on Home Assistant's status topic, as the embedded broker saw it."""
+        if self.mqtt is not None:
+            self.mqtt.homeassistant_status(payload, user_id)
 
     def _reply_error_in_broker(self, batmon_id: int, token: str, message: str) -> None:
         if self.broker is not None:
