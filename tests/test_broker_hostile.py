@@ -127,3 +127,64 @@ def test_a_refused_login_leaves_the_room_for_logged_in_clients(small_room: Runni
             c.close()
     wait_until(lambda: small_room.broker.stats.get("logged_in", 0) == 0, WAIT, "every client gone")
     assert small_room.broker.stats.get("unauthenticated", 0) == 0
+
+
+# -- topics that are not UTF-8 (MQTT 3.1.1 section 1.5.3) ---------------------------
+
+
+def mqtt_string(raw: bytes) -> bytes:
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def packet(first_byte: int, body: bytes) -> bytes:
+    assert len(body) < 128
+    return bytes((first_byte, len(body))) + body
+
+
+def logged_in_socket(port: int) -> socket.socket:
+    """A raw MQTT 3.1.1 connection logged in as device 5."""
+    variable = mqtt_string(b"MQTT") + bytes((4, 0xC2, 0, 30))  # level 4; username, password, clean
+    body = variable + mqtt_string(b"raw-" + secrets.token_hex(3).encode()) + mqtt_string(b"5") + mqtt_string(
+        b"tok-five"
+    )
+    sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+    sock.sendall(packet(0x10, body))
+    assert sock.recv(4) == b"\x20\x02\x00\x00"
+    return sock
+
+
+def still_open(sock: socket.socket) -> bool:
+    """A PINGREQ answered with PINGRESP: the connection is alive."""
+    sock.sendall(b"\xc0\x00")
+    return sock.recv(2) == b"\xd0\x00"
+
+
+BAD_TOPICS = [b"batmon/\xff\xfe/update", b"batmon/\xc3/update", b"batmon/\xed\xa0\x80/update",
+              b"batmon/\x00/x"]  # fmt: skip
+BAD_IDS = ["invalid-byte", "cut-sequence", "surrogate", "nul"]
+
+
+@pytest.mark.parametrize("topic", BAD_TOPICS, ids=BAD_IDS)
+def test_a_publish_whose_topic_is_not_utf8_closes_the_connection(running: Running, topic: bytes) -> None:
+    with logged_in_socket(running.broker.port) as sock:
+        assert still_open(sock)
+        sock.sendall(packet(0x30, mqtt_string(topic) + b"{}"))  # QoS 0: no answer expected
+        assert closed_within(sock, WAIT)
+    assert running.broker.stats["closed_invalid_utf8"] >= 1
+
+
+@pytest.mark.parametrize("topic", BAD_TOPICS, ids=BAD_IDS)
+def test_a_subscribe_whose_filter_is_not_utf8_closes_the_connection(running: Running, topic: bytes) -> None:
+    with logged_in_socket(running.broker.port) as sock:
+        sock.sendall(packet(0x82, b"\x00\x01" + mqtt_string(b"batmon/5/state") + b"\x00"
+                            + mqtt_string(topic) + b"\x01"))  # fmt: skip
+        assert closed_within(sock, WAIT)  # no SUBACK first
+
+
+def test_a_valid_utf8_topic_keeps_the_connection(running: Running) -> None:
+    with logged_in_socket(running.broker.port) as sock:
+        # Both refused by the ACL, neither closes the connection.
+        sock.sendall(packet(0x30, mqtt_string("batmon/5/bàttery/update".encode()) + b"{}"))
+        sock.sendall(packet(0x82, b"\x00\x02" + mqtt_string("batmon/5/ünknown".encode()) + b"\x00"))
+        assert sock.recv(5) == b"\x90\x03\x00\x02\x80"  # SUBACK: refused, but the connection stays
+        assert still_open(sock)

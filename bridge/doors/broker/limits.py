@@ -13,7 +13,9 @@ all of it). A PUBLISH over its sender's rate is held back (QoS 1 and 2: the sock
 not read until the rate allows, so the device slows down and loses nothing it was
 acknowledged) or dropped (QoS 0, which promises nothing), before amqtt sees it.
 The first packet is the CONNECT, whose protocol level the broker checks before amqtt
-parses the rest (amqtt misreads an MQTT 5 CONNECT and hangs).
+parses the rest (amqtt misreads an MQTT 5 CONNECT and hangs). A PUBLISH, SUBSCRIBE or
+UNSUBSCRIBE naming a topic that is not well-formed UTF-8 (or holds U+0000) closes the
+connection, as MQTT 3.1.1 section 1.5.3 requires (amqtt would take the bytes' repr as the topic).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from bridge.doors.broker.plugin import PRINCIPAL_KEY
 
 log = logging.getLogger(__name__)
 
-CONNECT, PUBLISH = 1, 3  # MQTT 3.1.1 control packet types (section 2.2.1)
+CONNECT, PUBLISH, SUBSCRIBE, UNSUBSCRIBE = 1, 3, 8, 10  # MQTT 3.1.1 control packet types (2.2.1)
 MQTT_311_LEVEL = 4
 MAX_REMAINING_LENGTH = 268_435_455  # four length bytes (section 2.2.3)
 
@@ -136,6 +138,35 @@ class PacketTooLarge(asyncio.IncompleteReadError):
     """A packet over max_packet_size: to amqtt, the end of the stream."""
 
 
+class InvalidUtf8(asyncio.IncompleteReadError):
+    """A topic that is not well-formed UTF-8: to amqtt, the end of the stream."""
+
+
+def topics_are_utf8(packet_type: int, body: bytes) -> bool:
+    """False if a topic (name or filter) of this PUBLISH, SUBSCRIBE or UNSUBSCRIBE body is
+    not well-formed UTF-8 or holds U+0000 (MQTT 3.1.1 section 1.5.3); other packets pass.
+    A length running past the body is left to amqtt, which refuses the packet as malformed."""
+    if packet_type == PUBLISH:
+        position, last = 0, 0  # the topic name comes first
+    elif packet_type in (SUBSCRIBE, UNSUBSCRIBE):
+        position, last = 2, len(body)  # after the packet identifier, topic filters to the end
+    else:
+        return True
+    while True:
+        if position + 2 > len(body):
+            return True
+        end = position + 2 + int.from_bytes(body[position : position + 2], "big")
+        try:
+            topic = body[position + 2 : end].decode("utf-8")  # strict: no surrogates, no overlongs
+        except UnicodeDecodeError:
+            return False
+        if "\0" in topic:
+            return False
+        position = end + (1 if packet_type == SUBSCRIBE else 0)  # a filter's requested QoS
+        if position >= last:
+            return True
+
+
 class GuardedReader(ReaderAdapter):
     """Hands amqtt one whole, vetted MQTT packet at a time (see the module docstring)."""
 
@@ -174,6 +205,11 @@ class GuardedReader(ReaderAdapter):
             return data
         while len(self._buffer) < n:
             packet_type, header, body = await self._read_packet()
+            if not topics_are_utf8(packet_type, body):
+                self._counters["closed_invalid_utf8"] += 1
+                log.warning("closed MQTT client %s (%s): a topic that is not UTF-8 (MQTT 3.1.1 1.5.3)",
+                            self._client_id(), self._peer)  # fmt: skip
+                raise InvalidUtf8(bytes(header), None)
             if packet_type == PUBLISH and not await self._within_rate(qos=(header[0] >> 1) & 3):
                 continue
             self._buffer += header + body
