@@ -13,6 +13,7 @@ Client sockets are bound to other loopback addresses (127.0.0.2, ...) to play at
 from __future__ import annotations
 
 import contextlib
+import logging
 import secrets
 import socket
 import time
@@ -188,3 +189,34 @@ def test_a_valid_utf8_topic_keeps_the_connection(running: Running) -> None:
         sock.sendall(packet(0x82, b"\x00\x02" + mqtt_string("batmon/5/ünknown".encode()) + b"\x00"))
         assert sock.recv(5) == b"\x90\x03\x00\x02\x80"  # SUBACK: refused, but the connection stays
         assert still_open(sock)
+
+
+# -- a QoS 1 subscriber that never acknowledges -------------------------------------
+
+
+def test_a_qos1_subscriber_that_never_acks_costs_one_log_line_then_a_count(
+    running: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    bridge = Client(running.broker.port, f"bridge-{secrets.token_hex(3)}", running.bridge_username,
+                    running.bridge_password)  # fmt: skip
+    assert bridge.connect() == 0
+    with logged_in_socket(running.broker.port) as silent:
+        silent.sendall(packet(0x82, b"\x00\x01" + mqtt_string(b"batmon/5/state") + b"\x01"))
+        assert silent.recv(5) == b"\x90\x03\x00\x01\x01"  # SUBACK, QoS 1 granted
+        before = running.broker.stats.get("puback_timeouts", 0)
+        for i in range(20):  # it reads them all (the socket buffer) and acknowledges none
+            assert bridge.publish("batmon/5/state", f"state {i}".encode())
+        wait_until(lambda: running.broker.stats.get("puback_timeouts", 0) - before >= 20, 15,
+                   "20 deliveries given up after the 5 s PUBACK wait")  # fmt: skip
+        # A second round from the same subscriber adds to the count, not to the log.
+        for i in range(5):
+            assert bridge.publish("batmon/5/state", f"again {i}".encode())
+        wait_until(lambda: running.broker.stats.get("puback_timeouts", 0) - before >= 25, 15, "5 more")
+    bridge.close()
+    lines = [r for r in caplog.records
+             if r.name.startswith(("amqtt", "bridge")) and r.levelno >= logging.WARNING]  # fmt: skip
+    assert not [r for r in lines if r.exc_info], "a traceback in the log"
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert "PUBACK" in lines[0].getMessage() and "raw-" in lines[0].getMessage()  # names the client
+    assert running.broker.stats["slow_subscribers"] >= 1

@@ -54,6 +54,20 @@ at the second it reads again. A device that waits for its PUBACKs (paho's window
 20) never meets it; one that floods without waiting costs bounded memory."""
 
 
+SLOW_SUBSCRIBERS_KEPT = 10_000
+"""Client ids remembered as slow (each logged once); past it the memory starts afresh."""
+
+
+class _OwnPubackLog(logging.Filter):
+    """amqtt warns at every PUBACK it waits for in vain; BatmonBroker logs once per client."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timeout waiting for PUBACK")
+
+
+_PUBACK_FILTER = _OwnPubackLog()
+
+
 RETRY_MIN_S = 0.25
 RETRY_MAX_S = 5.0
 """Back-off of an update whose commit failed, held until it can be stored."""
@@ -185,6 +199,10 @@ class BatmonBroker(Broker):
         self._taken_over: weakref.WeakSet[BrokerProtocolHandler] = weakref.WeakSet()
         self.counters: Counter[str] = Counter()
         """What the limits refused or dropped, and client-id takeovers (for /healthz)."""
+        self._slow_subscribers: set[str] = set()
+        handler_log = logging.getLogger("amqtt.mqtt.protocol.handler")
+        if _PUBACK_FILTER not in handler_log.filters:
+            handler_log.addFilter(_PUBACK_FILTER)
 
     async def _client_connected(
         self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
@@ -394,7 +412,8 @@ class BatmonBroker(Broker):
                     continue
                 handler = self._get_handler(target_session)
                 if handler:
-                    publish = handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)
+                    data = broadcast["data"]
+                    publish = self._deliver(handler, target_session, topic, data, qos, retain=False)
                     running_tasks.append(asyncio.ensure_future(publish))
 
     async def _delete_session(self, client_id: str) -> None:
@@ -459,11 +478,10 @@ class BatmonBroker(Broker):
                 continue
             if not await self._topic_filtering(session, topic=topic, action=Action.RECEIVE):
                 continue
+            qos_out = min(qos, retained.qos or qos)
             tasks.append(
                 asyncio.ensure_future(
-                    handler.mqtt_publish(
-                        retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
-                    )
+                    self._deliver(handler, session, retained.topic, retained.data, qos_out, retain=True)
                 )
             )
         if tasks:
@@ -475,10 +493,48 @@ class BatmonBroker(Broker):
         queued = []
         while not session.retained_messages.empty():
             queued.append(session.retained_messages.get_nowait())
-        for message in queued:
-            if await self._topic_filtering(session, topic=message.topic, action=Action.RECEIVE):
+        handler = self._get_handler(session)
+        if handler is None:
+            for message in queued:  # amqtt leaves them queued for the next connection
                 session.retained_messages.put_nowait(message)
-        await super()._publish_session_retained_messages(session)
+            return
+        tasks = [
+            asyncio.ensure_future(
+                self._deliver(handler, session, m.topic, m.data, m.qos or QOS_0, retain=True)
+            )
+            for m in queued
+            if await self._topic_filtering(session, topic=m.topic, action=Action.RECEIVE)
+        ]
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def _deliver(
+        self,
+        handler: BrokerProtocolHandler,
+        session: Session,
+        topic: str,
+        data: bytes | bytearray | None,
+        qos: int,
+        *,
+        retain: bool,
+    ) -> OutgoingApplicationMessage | None:
+        """Send one PUBLISH to a subscriber; one that does not acknowledge a QoS 1/2 delivery
+        in time is logged once, then only counted (amqtt logged a traceback per message)."""
+        try:
+            return await handler.mqtt_publish(topic, data, qos, retain=retain)
+        except TimeoutError:  # amqtt gave up waiting for the PUBACK (5 s) and dropped it
+            self.counters["puback_timeouts"] += 1
+            client_id = session.client_id or ""
+            if client_id not in self._slow_subscribers:
+                if len(self._slow_subscribers) >= SLOW_SUBSCRIBERS_KEPT:
+                    self._slow_subscribers.clear()
+                self._slow_subscribers.add(client_id)
+                self.counters["slow_subscribers"] += 1
+                log.warning("MQTT client %r (%s) does not acknowledge its QoS 1 deliveries (no PUBACK"
+                            " in 5 s): each one it misses is dropped and counted in /healthz"
+                            " (mqtt_broker.puback_timeouts), not logged", client_id,
+                            session.remote_address)  # fmt: skip
+            return None
 
     async def _handle_disconnect(
         self,
