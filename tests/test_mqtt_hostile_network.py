@@ -148,6 +148,10 @@ def test_1000_silent_sockets_from_one_address_do_not_lock_a_valid_device_out(
     assert codes == [0] * 10
     # The server closed the attacker's sockets beyond its 16 at once, not after a timeout.
     assert closed >= SILENT_SOCKETS - 16
+    with httpx.Client(base_url=serve.http_url, timeout=WAIT) as http:
+        broker = http.get("/healthz").json()["mqtt_broker"]
+    assert broker["closed_unauthenticated_per_address"] >= SILENT_SOCKETS - 16
+    assert broker.get("refused_connection_limit", 0) == 0
 
 
 # -- Home Assistant's birth message, flooded ---------------------------------------------
@@ -262,3 +266,7 @@ def test_a_flood_of_home_assistant_online_resends_only_the_flooders_configs_at_m
     assert max(resent) <= 2, f"configs re-sent up to {max(resent)} times"
     assert min(resent) >= 1, "the flooder's configs were never re-sent"
     assert not foreign and neighbour_resent == 0  # nobody else's configs went out
+    with httpx.Client(base_url=serve.http_url, timeout=WAIT) as http:
+        stats = http.get("/healthz").json()["mqtt_stats"]
+    answered = {k: stats.get(f"homeassistant_online_{k}") for k in ("answered", "deferred", "folded")}
+    assert answered == {"answered": 1, "deferred": 1, "folded": FLOOD - 2}, answered
