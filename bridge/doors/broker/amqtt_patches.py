@@ -518,7 +518,7 @@ class BatmonBroker(Broker):
         *,
         retain: bool,
     ) -> OutgoingApplicationMessage | None:
-        """Send one PUBLISH to a subscriber; one that does not acknowledge a QoS 1/2 delivery
+        """Send one PUBLISH to a subscriber; one that does not acknowledge a QoS 1 delivery
         in time is logged once, then only counted (amqtt logged a traceback per message)."""
         try:
             return await handler.mqtt_publish(topic, data, qos, retain=retain)
