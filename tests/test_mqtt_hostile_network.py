@@ -65,8 +65,11 @@ class SilentSockets:
     def _open(self, selector: selectors.BaseSelector) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
-        sock.bind((self.source, 0))
-        code = sock.connect_ex(("127.0.0.1", self.port))
+        try:
+            sock.bind((self.source, 0))
+            code = sock.connect_ex(("127.0.0.1", self.port))
+        except OSError as exc:  # no local port free for a moment: try again next round
+            code = exc.errno or errno.EADDRNOTAVAIL
         if code not in (0, errno.EINPROGRESS):
             sock.close()
             self.closed_by_server += 1
