@@ -156,6 +156,8 @@ def topics_are_utf8(packet_type: int, body: bytes) -> bool:
         if position + 2 > len(body):
             return True
         end = position + 2 + int.from_bytes(body[position : position + 2], "big")
+        if end > len(body):
+            return True
         try:
             topic = body[position + 2 : end].decode("utf-8")  # strict: no surrogates, no overlongs
         except UnicodeDecodeError:
