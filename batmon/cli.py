@@ -313,7 +313,8 @@ async def run_simulate(args: argparse.Namespace) -> None:
             print(f"  batmon_id {batmon_id} token {token}", flush=True)
         await simulate(host=host, port=port, devices=devices, interval=args.interval,
                        count=args.readings, base_topic=args.base_topic,
-                       confirm_timeout=args.confirm_timeout)  # fmt: skip
+                       confirm_timeout=args.confirm_timeout,
+                       announce=lambda line: print(line, flush=True))  # fmt: skip
     except (SimulateError, MqttConnectError, OSError) as exc:
         fail(f"batmon simulate: {exc}")
 
