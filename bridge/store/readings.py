@@ -21,7 +21,7 @@ ReadingRow = tuple[int, float, float | None, float | None, float | None, float |
 CurrentUpdate = tuple[int, dict[str, Any]]
 
 PROBE_BYTES = 256 * 1024
-"""Fresh bytes the failing writer's probe writes beside the database: more than a group
+"""Fresh bytes the failing writer's probe takes beside the database: more than a group
 of 1,000 readings adds to the WAL (78 KB measured), so when the probe finds room, a
 group finds it too."""
 
@@ -80,25 +80,30 @@ class SqliteReadingSink:
             raise
 
     def probe(self) -> None:
-        """Write fresh blocks on the data disk, then rewrite one page: fails like a group would.
+        """Take fresh blocks on the data disk, then rewrite one page: fails like a group would.
 
         The page rewrite alone fits in WAL space that the failed commit had already taken,
         and said "ok" on a full disk (issue 15); fresh blocks need the room a group needs.
+        They are allocated, not written (fallocate): no flash wear, and a full disk, a quota
+        or a file-size limit refuses them all the same (measured on tmpfs).
         """
         try:
             fd = os.open(self._probe_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                with open(fd, "wb", closefd=False) as probe_file:
-                    probe_file.write(bytes(PROBE_BYTES))
-                    probe_file.flush()
-                    os.fsync(fd)
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(fd, 0, PROBE_BYTES)
+                else:  # no fallocate (macOS): write the zeros
+                    with open(fd, "wb", closefd=False) as probe_file:
+                        probe_file.write(bytes(PROBE_BYTES))
+                        probe_file.flush()
+                        os.fsync(fd)
             finally:
                 os.close(fd)
                 self._probe_path.unlink(missing_ok=True)
         except OSError as exc:
             # The sink's own error type: the connection is fine, the disk is not. No path.
             raise sqlite3.OperationalError(
-                f"the data disk refused a {PROBE_BYTES // 1024} KiB write ({exc.strerror})"
+                f"the data disk refused {PROBE_BYTES // 1024} KiB ({exc.strerror})"
             ) from None
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
