@@ -31,6 +31,7 @@ from http_api.routes import ENDPOINTS, Endpoint
 log = logging.getLogger(__name__)
 
 HealthProbe = Callable[[], dict[str, Any]]
+Work = Callable[[dict[str, Any], User | None], Any]
 
 
 def error_response(status: int, message: str) -> JSONResponse:
@@ -49,8 +50,7 @@ class Api:
         self.health = health
         self.metrics = metrics
 
-    async def run(self, request: Request, work: Callable[[dict[str, Any], User | None], Any],
-                  ) -> Response:  # fmt: skip
+    async def run(self, request: Request, work: Work) -> Response:
         """Parse, authenticate, run ``work``, and map any refusal to its error."""
         client = request.client.host if request.client else None
         key_user: User | None = None
