@@ -403,7 +403,9 @@ def test_options_come_from_environment_variables_and_flags_win(tmp_path: Path) -
     assert r.returncode == 2 and "no such serial device" in r.stderr, r.stderr
 
 
-def test_the_agent_says_what_its_counters_count_and_prints_refusals(serve: ServeProcess, tmp_path: Path) -> None:
+def test_the_agent_says_what_its_counters_count_and_prints_refusals(
+    serve: ServeProcess, tmp_path: Path,
+) -> None:  # fmt: skip
     """Issue 18: the final line names this run's readings apart from the queue's lifetime, and a
     refusal the server reports on the device's error topic (MQTT 3.1.1 has no negative PUBACK)
     is logged by the agent."""
