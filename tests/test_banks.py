@@ -136,12 +136,13 @@ def test_aggregate_reads_energy_from_the_batmon_before_its_details() -> None:
 def test_add_takes_ids_as_json_array_form_list_or_comma_separated_text(api: Api) -> None:
     (a, _), (b, _) = api.add_batmon(), api.add_batmon()
     by_json = add_bank(api, "json", [a, b])
-    by_text = ok(api.client.post("/interface/add/bank", headers=api.auth,
-                                 json={"bank_name": "text", "batmon_ids": f"{a}, {b}"}))["bank_id"]  # fmt: skip
-    by_form = ok(api.client.post("/interface/add/bank", headers=api.auth,
-                                 data={"bank_name": "form", "batmon_ids": f"{a},{b}"}))["bank_id"]  # fmt: skip
-    by_query = ok(api.client.post("/interface/add/bank", headers=api.auth,
-                                  params={"bank_name": "query", "batmon_ids": f"{a},{b},{a}"}))["bank_id"]  # fmt: skip
+    add = "/interface/add/bank"
+    by_text = ok(api.client.post(add, headers=api.auth,
+                                 json={"bank_name": "text", "batmon_ids": f"{a}, {b}"}))["bank_id"]
+    by_form = ok(api.client.post(add, headers=api.auth,
+                                 data={"bank_name": "form", "batmon_ids": f"{a},{b}"}))["bank_id"]
+    query = {"bank_name": "query", "batmon_ids": f"{a},{b},{a}"}  # a repeated id counts once
+    by_query = ok(api.client.post(add, headers=api.auth, params=query))["bank_id"]
     for bank_id in (by_json, by_text, by_form, by_query):
         assert status(api, bank_id)["batmon_ids"] == [a, b]
     assert 0 < by_json < 2**53
@@ -305,7 +306,8 @@ def test_bad_edit_changes_nothing(api: Api) -> None:
 @pytest.mark.parametrize("value", [0, -5, "NaN", "inf", "abc", True])
 def test_capacity_must_be_a_positive_number(api: Api, value: Any) -> None:
     a, _ = api.add_batmon()
-    r = api.client.post("/interface/edit/batmon", headers=api.auth, json={"batmon_id": a, "capacity_ah": value})
+    r = api.client.post("/interface/edit/batmon", headers=api.auth,
+                        json={"batmon_id": a, "capacity_ah": value})  # fmt: skip
     assert r.status_code == 400, r.text
     assert "capacity_ah" in r.json()["error"]
     assert api.core.batmons[a].capacity_ah is None  # type: ignore[attr-defined]

@@ -49,12 +49,14 @@ def test_acceptance_4_bank_soc_offline_member_ha_device_and_page(serve: ServePro
             (c, tokens[2], {"batmon_soc": 20, "batmon_voltage": 12.1, "batmon_current": -2,
                             "batmon_power": -24.2, "ts": now - 1200}),
         ):  # fmt: skip
-            ok(http.post("/interface/update/batmon", json={"batmon_id": batmon_id, "batmon_token": token, **values}))
-        statuses = [ok(http.get("/interface/batmon/status", params={"batmon_id": i}))["batmon_status"] for i in ids]
+            ok(http.post("/interface/update/batmon",
+                         json={"batmon_id": batmon_id, "batmon_token": token, **values}))  # fmt: skip
+        statuses = [ok(http.get("/interface/batmon/status", params={"batmon_id": i}))["batmon_status"]
+                    for i in ids]  # fmt: skip
         assert statuses == ["Online", "Online", "Offline"]
 
-        bank_id = ok(http.post("/interface/add/bank", data={"bank_name": "House bank",
-                                                            "batmon_ids": f"{a},{b},{c}"}))["bank_id"]  # fmt: skip
+        form = {"bank_name": "House bank", "batmon_ids": f"{a},{b},{c}"}
+        bank_id = ok(http.post("/interface/add/bank", data=form))["bank_id"]
         bank = ok(http.get("/interface/bank/status", params={"bank_id": bank_id}))
         print("bank status:", json.dumps(bank))
         assert bank["bank_soc"] == pytest.approx((50 * 100 + 80 * 200) / 300)
@@ -89,7 +91,7 @@ def test_acceptance_4_bank_soc_offline_member_ha_device_and_page(serve: ServePro
             assert ha.subacks.get(timeout=10) == [1, 1, 1]
             state = json.loads(ha.next_on(config["state_topic"]).payload)
             assert round(state["bank_soc"], 9) == 70 and state["offline_batmon_ids"] == [c]
-            availability = [x["topic"] for x in config["availability"] if "bank" in x["topic"]][0]
+            availability = next(x["topic"] for x in config["availability"] if "bank" in x["topic"])
             assert ha.next_on(availability).payload == b"online"
 
             # The stranger subscribed to every discovery filter and may not name our topics.
@@ -120,7 +122,8 @@ def test_the_bank_page_exists_for_its_owner_only(serve: ServeProcess) -> None:
     serve.start()
     admin = {"X-API-Key": serve.admin_key or ""}
     with httpx.Client(base_url=serve.http_url, timeout=10) as http:
-        a = ok(http.post("/interface/add/batmon", headers=admin, json={"batmon_name": "Pack A"}))["batmon_id"]
+        a = ok(http.post("/interface/add/batmon", headers=admin,
+                         json={"batmon_name": "Pack A"}))["batmon_id"]  # fmt: skip
         bank_id = ok(http.post("/interface/add/bank", headers=admin,
                                json={"bank_name": "Shed bank", "batmon_ids": [a]}))["bank_id"]  # fmt: skip
         assert http.get(f"/bank/{bank_id}", follow_redirects=False).status_code == 303  # not logged in
