@@ -126,10 +126,14 @@ def test_the_bank_page_exists_for_its_owner_only(serve: ServeProcess) -> None:
                          json={"batmon_name": "Pack A"}))["batmon_id"]  # fmt: skip
         bank_id = ok(http.post("/interface/add/bank", headers=admin,
                                json={"bank_name": "Shed bank", "batmon_ids": [a]}))["bank_id"]  # fmt: skip
-        assert http.get(f"/bank/{bank_id}", follow_redirects=False).status_code == 303  # not logged in
+        with httpx.Client(base_url=serve.http_url, timeout=10) as stranger:  # no session cookie
+            assert stranger.get(f"/bank/{bank_id}", follow_redirects=False).status_code == 303
         ok(http.post("/interface/login", data={"api_key": serve.admin_key}))
         page = http.get(f"/bank/{bank_id}")
         assert page.status_code == 200 and "Shed bank" in page.text
         home = http.get("/")
         assert f'href="/bank/{bank_id}"' in home.text
         assert http.get(f"/bank/{bank_id + 1}").status_code == 404
+        ok(http.post("/interface/edit/batmon", headers=admin, json={"batmon_id": a, "capacity_ah": 105}))
+        settings = http.get(f"/batmon/{a}").text  # the capacity setting on the batmon's page
+        assert 'name="capacity_ah"' in settings and 'value="105"' in settings
