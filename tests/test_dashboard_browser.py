@@ -441,7 +441,8 @@ def test_a_bank_made_on_the_list_page_shows_its_weighted_soc_and_offline_member(
 
         with step("its SoC is weighted by capacity and the Offline pack is listed"):
             api = site.http.get("/interface/bank/status", params={"bank_id": bank_id}).json()["success"]
-            assert round(api["bank_soc"], 9) == 70 and api["offline_batmon_ids"] == [packs["Pack C"]["batmon_id"]]
+            assert round(api["bank_soc"], 9) == 70
+            assert api["offline_batmon_ids"] == [packs["Pack C"]["batmon_id"]]
             page.locator('#live-state[data-state="open"]').wait_for()
             assert page.locator('dd[data-value="bank_soc"]').inner_text() == "70%"
             assert page.locator("#offline").inner_text() == "Left out (Offline): Pack C"
