@@ -11,6 +11,8 @@ import time
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bridge.banks import aggregate
 from bridge.core import Batmon, Core
@@ -178,7 +180,8 @@ def test_a_deleted_batmon_leaves_its_banks(api: Api) -> None:
     assert status(api, bank_id)["batmon_ids"] == [b]
     # ...and stays gone after a restart (the store agrees with memory).
     again = Core(api.core.store, EventBus()).load()
-    assert again.banks.get(bank_id).batmon_ids == [b]  # type: ignore[union-attr]
+    kept = again.banks.get(bank_id)
+    assert kept is not None and kept.batmon_ids == [b]
 
 
 def test_banks_survive_a_restart(api: Api) -> None:
@@ -188,7 +191,7 @@ def test_banks_survive_a_restart(api: Api) -> None:
     again = Core(api.core.store, EventBus()).load()
     kept = again.banks.get(bank_id)
     assert kept is not None and (kept.name, kept.batmon_ids, kept.user_id) == ("Kept", [b, a], api.user.id)
-    assert again.batmons[a].capacity_ah == 150.5  # type: ignore[attr-defined]
+    assert again.batmons[a].capacity_ah == 150.5
 
 
 def test_capacity_setting_is_shown_in_the_batmon_object(api: Api) -> None:
@@ -208,9 +211,11 @@ def test_another_users_batmon_cannot_join_a_bank(api: Api) -> None:
     mine, _ = api.add_batmon()
     theirs = ok(api.client.post("/interface/add/batmon", headers={"X-API-Key": api.new_user("o@x.org")},
                                 json={"batmon_name": "theirs"}))["batmon_id"]  # fmt: skip
-    for path, extra in (("/interface/add/bank", {"bank_name": "x"}), ("/interface/edit/bank", {})):
-        if path.endswith("edit/bank"):
-            extra = {"bank_id": add_bank(api, "Mine", [mine])}
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("/interface/add/bank", {"bank_name": "x"}),
+        ("/interface/edit/bank", {"bank_id": add_bank(api, "Mine", [mine])}),
+    ]
+    for path, extra in cases:
         r = api.client.post(path, headers=api.auth, json={**extra, "batmon_ids": [mine, theirs]})
         # The same refusal as the batmon endpoints give for another user's batmon.
         assert r.status_code == 404, r.text
@@ -296,7 +301,9 @@ def test_bad_edit_changes_nothing(api: Api) -> None:
     a, _ = api.add_batmon()
     bank_id = add_bank(api, "Kept", [a])
     before = status(api, bank_id)
-    for fields in ({"bank_name": ""}, {"batmon_ids": []}, {"batmon_ids": "x"}, {"batmon_ids": [a, 0]}):
+    bad: list[dict[str, Any]] = [{"bank_name": ""}, {"batmon_ids": []}, {"batmon_ids": "x"},
+                                 {"batmon_ids": [a, 0]}]  # fmt: skip
+    for fields in bad:
         r = api.client.post("/interface/edit/bank", headers=api.auth, json={"bank_id": bank_id, **fields})
         assert r.status_code == 400, r.text
         assert next(iter(fields)) in r.json()["error"]
@@ -310,4 +317,40 @@ def test_capacity_must_be_a_positive_number(api: Api, value: Any) -> None:
                         json={"batmon_id": a, "capacity_ah": value})  # fmt: skip
     assert r.status_code == 400, r.text
     assert "capacity_ah" in r.json()["error"]
-    assert api.core.batmons[a].capacity_ah is None  # type: ignore[attr-defined]
+    assert api.core.batmons[a].capacity_ah is None
+
+
+# -- the rules hold for any bank ----------------------------------------------------------
+_MEMBER = st.tuples(
+    st.floats(0, 100), st.one_of(st.none(), st.floats(0.1, 10_000)),  # soc, capacity
+    st.booleans(), st.floats(-500, 500), st.floats(0, 60),  # online, current, voltage
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_MEMBER, min_size=1, max_size=8))
+def test_any_banks_values_follow_from_its_online_members(members: list[Any]) -> None:
+    now = 1_700_000_000.0
+    batmons = {}
+    for i, (soc, capacity, online, current, voltage) in enumerate(members, start=1):
+        batmons[i] = Batmon(id=i, user_id=1, name=f"p{i}", type="t", token="x" * 8, update_period=300,
+                            created=now, soc=soc, current=current, voltage=voltage, power=current * voltage,
+                            capacity_ah=capacity, last_reading=now - (1 if online else 1000))  # fmt: skip
+    from bridge.banks import Bank
+
+    bank = aggregate(Bank(id=1, user_id=1, name="b", batmon_ids=list(batmons)), batmons, now)
+    online = [b for b in batmons.values() if b.status_at(now) == "Online"]
+    assert bank["offline_batmon_ids"] == [i for i, b in batmons.items() if b not in online]
+    assert bank["bank_status"] == ("Online" if online else "Offline")
+    if not online:
+        assert bank["bank_soc"] is bank["bank_voltage"] is bank["bank_current"] is None
+        return
+    socs = [b.soc for b in online]
+    assert min(socs) - 1e-9 <= bank["bank_soc"] <= max(socs) + 1e-9
+    assert bank["bank_current"] == pytest.approx(sum(b.current for b in online))
+    assert bank["bank_voltage"] == pytest.approx(sum(b.voltage for b in online) / len(online))
+    known = all(b.capacity_ah is not None for b in online)
+    assert bank["bank_soc_weighting"] == ("capacity" if known else "equal")
+    weights = [b.capacity_ah if known else 1.0 for b in online]
+    expected = sum(b.soc * w for b, w in zip(online, weights, strict=True)) / sum(weights)
+    assert bank["bank_soc"] == pytest.approx(expected)
