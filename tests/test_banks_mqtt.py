@@ -14,7 +14,7 @@ from bridge.models import AddBank, EditBatmon
 from bridge.topics import Topics
 from tests.broker_support import ALICE, ALICE_KEY, BOB, BOB_KEY, FakeCredentials
 from tests.home_assistant import discovery_problems
-from tests.support import Env, payload_json
+from tests.support import Env, payload_json, wait_until
 
 TOPICS = Topics()
 
@@ -102,3 +102,25 @@ def test_home_assistant_online_resends_the_banks_config(env: Env) -> None:
     probe.publish(env.topics.homeassistant_status, "online")
     configs = probe.wait_count(config_topic, 2)
     assert json.loads(configs[-1].payload)["dev"]["name"] == "One"
+
+
+def test_a_member_going_offline_or_changing_capacity_republishes_the_bank_at_once(env: Env) -> None:
+    quick, slow = env.add_batmon(update_period=1), env.add_batmon(update_period=300)
+    env.ingest(quick, soc=20)
+    env.ingest(slow, soc=60)
+    spec = AddBank(bank_name="Pair", batmon_ids=[quick.id, slow.id])
+    bank = env.loop.call(env.core.banks.add, env.user, spec)
+    env.bridge()
+    state_topic = env.topics.bank_state(bank.id)
+    probe = env.probe(state_topic)
+    assert payload_json(probe.wait_for(state_topic))["bank_soc"] == pytest.approx(40)
+
+    # The owner sets both capacities: SoC is weighted from then on.
+    env.loop.call(env.core.edit_batmon, quick, EditBatmon(batmon_id=quick.id, capacity_ah=300))
+    env.loop.call(env.core.edit_batmon, slow, EditBatmon(batmon_id=slow.id, capacity_ah=100))
+    probe.wait_for(state_topic, lambda m: payload_json(m)["bank_soc"] == pytest.approx(30))
+
+    # What the watchdog does at the deadline: the bank leaves the silent member out.
+    wait_until(lambda: env.loop.call(env.core.expire_if_due, quick.id), 5, "quick expired")
+    left = probe.wait_for(state_topic, lambda m: payload_json(m)["offline_batmon_ids"] == [quick.id])
+    assert payload_json(left)["bank_soc"] == pytest.approx(60)
