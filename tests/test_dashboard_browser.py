@@ -483,3 +483,17 @@ def test_a_bank_made_on_the_list_page_shows_its_weighted_soc_and_offline_member(
             assert api["bank_name"] == "Boat house bank" and api["offline_batmon_ids"] == []
     finally:
         context.close()
+    phone = browser.new_context(base_url=site.url, viewport={"width": 390, "height": 844},
+                                device_scale_factor=2, is_mobile=True, has_touch=True,
+                                color_scheme="dark")  # fmt: skip
+    page = phone.new_page()
+    step = Steps(page, artifacts)
+    try:
+        assert phone.request.post("/interface/login", data={"api_key": site.key}).ok
+        with step("the bank page fits a phone screen"):
+            page.goto(f"/bank/{bank_id}")
+            page.locator('#live-state[data-state="open"]').wait_for()
+            overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+            assert overflow <= 0, f"{overflow} px wider than the screen"
+    finally:
+        phone.close()
