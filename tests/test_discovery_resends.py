@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 
 from bridge.extensions.discovery import RESEND_BATCH, RESEND_INTERVAL_S, HomeAssistantDiscovery
@@ -20,12 +21,13 @@ ALICE, BOB = 1, 2
 
 
 def glue_with(batmons: dict[int, int], interval_s: float = RESEND_INTERVAL_S,
+              also_resend: Callable[[int | None], None] | None = None,
               ) -> tuple[HomeAssistantDiscovery, list[str]]:  # fmt: skip
     """Discovery over ``{batmon_id: owner}``; the topics it publishes, in order."""
     core = SimpleNamespace(batmons={i: a_batmon(id=i, user_id=owner) for i, owner in batmons.items()})
     sent: list[str] = []
     glue = HomeAssistantDiscovery(core, TOPICS, lambda topic, _payload: sent.append(topic),  # type: ignore[arg-type]
-                                  resend_interval_s=interval_s)  # fmt: skip
+                                  resend_interval_s=interval_s, also_resend=also_resend)  # fmt: skip
     return glue, sent
 
 
@@ -52,6 +54,19 @@ def test_a_flood_of_online_is_answered_at_once_and_once_more_when_the_interval_e
     during, after = asyncio.run(flood())
     assert during == [TOPICS.discovery(1)]
     assert after == [TOPICS.discovery(1)] * 2  # the 999 others folded into one, at the end
+
+
+def test_other_configs_banks_included_follow_the_same_rule() -> None:
+    async def flood() -> list[int | None]:
+        asked: list[int | None] = []
+        glue, _ = glue_with({1: ALICE}, interval_s=0.3, also_resend=asked.append)
+        for _ in range(100):
+            glue.on_homeassistant_status(b"online", ALICE)
+        await asyncio.sleep(0.6)
+        glue.stop()
+        return asked
+
+    assert asyncio.run(flood()) == [ALICE, ALICE]
 
 
 def test_without_a_user_every_config_goes_out_once_per_interval() -> None:

@@ -119,13 +119,17 @@ class HomeAssistantDiscovery:
         *,
         resend_interval_s: float = RESEND_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
+        also_resend: Callable[[int | None], None] | None = None,
     ) -> None:
+        """``also_resend(user_id)`` sends other configs of that user (None: everyone's), such
+        as banks', whenever this re-sends the batmons': one rule for when."""
         self.core = core
         self._subscription: Subscription = NO_SUBSCRIPTION
         self.topics = topics
         self.publish = publish
         self._resend_interval_s = resend_interval_s
         self._clock = clock
+        self._also_resend = also_resend
         # Per user id (None: everyone, on an external broker): when its configs last went
         # out for an ``online``, and the re-send waiting for the end of that interval.
         self._resent_at: dict[int | None, float] = {}
@@ -197,6 +201,8 @@ class HomeAssistantDiscovery:
         first, rest = batmons[:RESEND_BATCH], batmons[RESEND_BATCH:]
         for batmon in first:
             self.publish_discovery(batmon)
+        if self._also_resend is not None:
+            self._also_resend(user_id)
         if not rest:
             return
         try:
