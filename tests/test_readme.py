@@ -71,9 +71,12 @@ def test_the_readme_commands_work_as_written_on_a_fresh_clone(tmp_path: Path) ->
 
         # 2. The walk-through, in one shell, with what serve printed put where the README says.
         script = "\n".join(walk_through)
-        script = (script.replace("<KEY>", printed["key"]).replace("127.0.0.1:8080", f"127.0.0.1:{printed['http']}")
+        script = (script.replace("<KEY>", printed["key"])
+                  .replace("127.0.0.1:8080", f"127.0.0.1:{printed['http']}")
                   .replace("MQTT_PORT=1883", f"MQTT_PORT={printed['mqtt']}"))  # fmt: skip
-        done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=clone, env=env, text=True,
+        # A second shell: the newcomer's own environment, without serve's port variables.
+        shell_env = {k: v for k, v in env.items() if not k.startswith("BATMON_")}
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=clone, env=shell_env, text=True,
                               capture_output=True, timeout=180)  # fmt: skip
         assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
         assert '"error"' not in done.stdout, done.stdout[-3000:]
@@ -83,8 +86,9 @@ def test_the_readme_commands_work_as_written_on_a_fresh_clone(tmp_path: Path) ->
         assert added is not None, done.stdout[:2000]
         with httpx.Client(base_url=f"http://127.0.0.1:{printed['http']}", timeout=10) as http:
             def voltages() -> list[float]:
-                [h] = http.get("/interface/batmon/history", headers={"X-API-Key": printed["key"]},
-                               params={"batmon_id": added.group(1), "min_epoch_tm_sec": 0}).json()["success"]  # fmt: skip
+                answer = http.get("/interface/batmon/history", headers={"X-API-Key": printed["key"]},
+                                  params={"batmon_id": added.group(1), "min_epoch_tm_sec": 0})  # fmt: skip
+                [h] = answer.json()["success"]
                 return [row["batmon_voltage"] for row in h["data"]]
 
             deadline = time.monotonic() + 10
