@@ -18,7 +18,8 @@ It subclasses uvicorn's ``HttpToolsProtocol`` and relies on these parts of it, t
 from uvicorn 0.33 to 0.55 (pinned in pyproject): the asyncio protocol methods
 (``connection_made``, ``data_received``, ``connection_lost``), the httptools parser
 callbacks it implements (``on_headers_complete``, ``on_message_complete``), and the
-attributes ``transport`` and ``connections`` (the server's set of open protocols).
+attributes ``transport``, ``connections`` (the server's set of open protocols) and
+``cycle.response_complete`` (whether a response is being sent).
 """
 
 from __future__ import annotations
@@ -153,6 +154,11 @@ class EdgeProtocol(HttpToolsProtocol):
         """Answer, stop sending, and close once the client has read it (or LINGER_S)."""
         self._refused = True
         self._disarm()
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A head pipelined behind a response still being sent: no answer can go in
+            # the middle of that one. Only a misbehaving client pipelines such a head.
+            self.transport.close()
+            return
         self.transport.write(response)
         if self.transport.can_write_eof():
             self.transport.write_eof()

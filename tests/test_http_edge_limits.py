@@ -129,6 +129,24 @@ def test_a_long_request_line_counts_against_the_same_bound(server: ServeProcess)
         assert closed_by_server(sock, 5)
 
 
+def test_a_body_is_not_a_head_even_in_the_same_packet(server: ServeProcess) -> None:
+    """A 40 KB body sent with its head, then two pipelined requests: only heads count."""
+    body = json.dumps({"batmon_name": "Big body", "ignored": "a" * 40_000}).encode()
+    head = (f"POST /interface/add/batmon HTTP/1.1\r\nHost: x\r\nX-API-Key: {server.admin_key}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    with connect(server) as sock:
+        sock.sendall(head + body)
+        status, _, answer = read_response(sock)
+        assert status == 200, answer
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+        answers = b""
+        while answers.count(b'"status":"ok"') < 2:
+            chunk = sock.recv(65536)
+            assert chunk, answers
+            answers += chunk
+        assert answers.count(b"HTTP/1.1 200 OK\r\n") == 2
+
+
 # -- time to send the head -------------------------------------------------------------------
 
 
