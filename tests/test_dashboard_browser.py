@@ -24,6 +24,7 @@ import httpx2 as httpx
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from playwright.sync_api import Browser, Page, sync_playwright
 
 from tests.conftest import ServeProcess
 from tests.support import ROOT, Sink, wait_until
@@ -37,13 +38,6 @@ CHROMIUM_ARGS = [
 README_IMAGES = ROOT / "docs" / "img"
 UPDATE_README = os.environ.get("BATMON_UPDATE_SCREENSHOTS") == "1"
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(),
-    reason="Debian's chromium is not installed at /usr/bin/chromium (apt-get install -y chromium)",
-)
-
-if CHROMIUM.exists():
-    from playwright.sync_api import Browser, Page, sync_playwright
 
 
 # -- the server, its data, and a device ------------------------------------------------
@@ -117,6 +111,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():  # never a silent skip: fail, saying what to install
+        pytest.fail("Debian's chromium is not installed at /usr/bin/chromium (apt-get install -y chromium)")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield browser
