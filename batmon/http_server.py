@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import asdict, dataclass
+import logging
+import math
+import time
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import uvicorn
@@ -42,6 +45,9 @@ KEEP_ALIVE_S = 5
 # reset, which can destroy our answer before the client has read it.
 LINGER_S = 2.0
 LINGER_BYTES = 64 * 1024
+LIMIT_WARNING_EVERY_S = 60.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,9 +57,22 @@ class EdgeStats:
     heads_too_large: int = 0
     heads_timed_out: int = 0
     over_connection_limit: int = 0
+    _warned_at: float = field(default=-math.inf, repr=False)
 
     def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+        return {"heads_too_large": self.heads_too_large, "heads_timed_out": self.heads_timed_out,
+                "over_connection_limit": self.over_connection_limit}  # fmt: skip
+
+    def count_over_limit(self, max_connections: int) -> None:
+        """Count one refused connection, and tell the operator once a minute at most: the
+        refused may be their users, and a flood must not fill the log."""
+        self.over_connection_limit += 1
+        now = time.monotonic()
+        if now - self._warned_at >= LIMIT_WARNING_EVERY_S:
+            self._warned_at = now
+            log.warning("HTTP connection limit reached: %d open, new ones get a 503 (%d so far);"
+                        " --http-max-connections raises it", max_connections,
+                        self.over_connection_limit)  # fmt: skip
 
 
 def refusal(status: int, phrase: str, message: str, headers: tuple[str, ...] = ()) -> bytes:
@@ -90,7 +109,7 @@ class EdgeProtocol(HttpToolsProtocol):
         if len(self.connections) > self.max_connections:
             # Out of the count at once: the places are for connections we serve.
             self.connections.discard(self)
-            self.stats.over_connection_limit += 1
+            self.stats.count_over_limit(self.max_connections)
             self._refuse(self.over_limit)
             return
         self._arm(HEAD_TIMEOUT_S, self._head_timed_out)  # a socket that never sends is closed too

@@ -322,6 +322,10 @@ def test_past_the_connection_limit_a_client_gets_503_and_the_server_keeps_accept
                 assert "connections" in json.loads(body)["error"]
                 assert closed_by_server(extra, 5)
         assert healthz(held[0]) == 200  # those inside still work
+        warnings = [line for line in serve.log_path.read_text().splitlines() if "connection limit" in line]
+        assert len(warnings) == 1, warnings  # the operator hears of it, once a minute at most
+        held[0].sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")  # from inside: a 4th would be refused
+        assert json.loads(read_response(held[0])[2])["http_edge"]["over_connection_limit"] == 3
         for sock in held:
             sock.close()
         held = []
