@@ -284,6 +284,8 @@ def test_forty_floods_of_unfinished_headers_cost_little_memory_and_healthz_stays
         poller.join(10)
         if flood.pid is not None:
             flood.join(10)
+            if flood.is_alive():
+                flood.kill()
     asked, slowest = poller.slowest_between(started, ended + 0.2)
     slowest_of_all = max(took for _, took in poller.answers)
     print(f"attack {ended - started:.2f} s; RSS start {start_rss:.1f} MB, peak {attack_peak:.1f} MB, 10 s"
