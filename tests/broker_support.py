@@ -122,6 +122,7 @@ class Client:
         username: str | None,
         password: str | None,
         clean_session: bool = True,
+        source: str = "",
     ) -> None:
         self.received: list[tuple[str, bytes, bool]] = []
         self._messages: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
@@ -129,6 +130,7 @@ class Client:
         self._subacks: queue.Queue[tuple[int, list[Any]]] = queue.Queue()
         self._disconnects: queue.Queue[Any] = queue.Queue()
         self._port = port
+        self._source = source  # a loopback address to connect from ("": the system's choice)
         self.paho = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -145,7 +147,7 @@ class Client:
 
     def connect(self) -> int:
         """Connect and return the CONNACK reason code value (0 = accepted)."""
-        self.paho.connect("127.0.0.1", self._port, keepalive=30)
+        self.paho.connect("127.0.0.1", self._port, keepalive=30, bind_address=self._source)
         self.paho.loop_start()
         return self._connacks.get(timeout=WAIT).value
 
