@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import uvicorn
 
+from batmon.http_server import EdgeStats, build_server
 from bridge.config import ServeOptions, parse_mqtt_url
 from bridge.core import Core
 from bridge.datadir import private_file
@@ -104,6 +105,7 @@ class Service:
         self._server_task: asyncio.Task[None] | None = None
         # One throttle for both doors: a source failing over HTTP is throttled over MQTT too.
         self.limiter = FailureLimiter()
+        self.http_edge = EdgeStats()  # what the HTTP edge refused
 
     @property
     def http_url(self) -> str:
@@ -146,8 +148,8 @@ class Service:
                                    count_rejection=self.metrics.count_http_rejection)  # fmt: skip
         app = create_app(self.core, session_secret=secret, health=self.health, metrics=exposure,
                          limiter=self.limiter)  # fmt: skip
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
-        self._server = uvicorn.Server(config)
+        # uvicorn with the limits it lacks: head size and time, connections (batmon/http_server.py).
+        self._server = build_server(app, max_connections=opts.http_max_connections, stats=self.http_edge)
         # Signals are ours (the CLI stops the whole service), not uvicorn's: from 0.29 uvicorn
         # takes SIGINT/SIGTERM for the whole of serve() unless capture_signals is a no-op.
         self._server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign, assignment]
@@ -276,6 +278,7 @@ class Service:
             "mqtt_host": self.mqtt_host,
             "mqtt_port": self.mqtt_port,
         }
+        info["http_edge"] = self.http_edge.as_dict()
         if self.mqtt is not None:
             info["mqtt_stats"] = self.mqtt.stats
         if self.broker is not None:
