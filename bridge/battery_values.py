@@ -44,11 +44,15 @@ def battery_values(batmon: BatteryReading) -> dict[str, float]:
     """Every numeric value the batmon has now, by name; a value it lacks is absent.
 
     The four base metrics, the well-known details keys, the cell values derived from
-    ``cells`` (indices 1-based, the first cell on a tie), and the energy counters: the
-    batmon's own (never decreasing) where it keeps them, else the device's from details.
+    ``cells`` (indices 1-based, the first cell on a tie), the capacity (the owner's
+    setting, else the device's), and the energy counters: the batmon's own (never
+    decreasing) where it keeps them, else the device's from details.
     """
     values: dict[str, float] = {m: getattr(batmon, m) for m in BASE_METRICS}
     values.update(_details_values(batmon.details))
+    setting = getattr(batmon, "capacity_ah", None)  # the owner's setting beats the device's
+    if setting is not None and setting > 0:
+        values["capacity_ah"] = setting
     for name in ENERGY_VALUES:
         counter = getattr(batmon, name, None)
         if counter is not None:

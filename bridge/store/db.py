@@ -28,6 +28,7 @@ BATMON_COLUMNS = frozenset(
         "name", "type", "token", "update_period", "voltage", "current", "power", "soc",
         "details", "last_reading", "status", "notification_enabled", "whatsapp_enabled",
         "sms_enabled", "voltage_units", "current_units", "power_units", "soc_units",
+        "capacity_ah",
         # energy counters and their integration state (bridge/energy.py)
         "energy_charged_kwh", "energy_discharged_kwh", "energy_point_ts", "energy_point_power",
         "device_charged_kwh", "device_discharged_kwh",

@@ -153,7 +153,27 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (batmon_id, hour)
         ) WITHOUT ROWID""",
     ],
-    # 4: energy counters (docs/BATTERY.md). Each batmon keeps its counters and what the
+    # 4: battery banks (several batmons of one user shown as one battery), and the
+    # capacity a user may set on a batmon (it weighs the batmon's SoC in a bank).
+    # A deleted batmon leaves its banks by the cascade; a bank's members keep their order.
+    [
+        "ALTER TABLE batmons ADD COLUMN capacity_ah REAL",
+        """CREATE TABLE banks (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id),
+            name TEXT NOT NULL,
+            created REAL NOT NULL
+        )""",
+        "CREATE INDEX banks_user ON banks(user_id)",
+        """CREATE TABLE bank_members (
+            bank_id INTEGER NOT NULL REFERENCES banks(id) ON DELETE CASCADE,
+            batmon_id INTEGER NOT NULL REFERENCES batmons(id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            PRIMARY KEY (bank_id, batmon_id)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX bank_members_batmon ON bank_members(batmon_id)",
+    ],
+    # 5: energy counters (docs/BATTERY.md). Each batmon keeps its counters and what the
     # integration needs next, written by the writer in the same transaction as the
     # reading (so kill -9 never splits them); each reading keeps the kWh it added, so
     # buckets sum energy per hour or day; rollups keep those sums past retention.
