@@ -9,7 +9,9 @@ same thing everywhere. The well-known details keys are validated at the edge
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from functools import lru_cache
+from types import MappingProxyType
 from typing import Any, Protocol
 
 BASE_METRICS = ("voltage", "current", "power", "soc")
@@ -76,15 +78,16 @@ def extra_keys(batmon: BatteryReading) -> dict[str, float | None]:
     return {name: values.get(name) for name in EXTRA_VALUES}
 
 
-@lru_cache(maxsize=4096)
-def _details_parsed(details: str) -> tuple[tuple[str, float], ...]:
-    # Cached by text: every consumer of one reading reads the same details.
+@lru_cache(maxsize=16_384)  # a list of many batmons reads each one
+def _details_values(details: str) -> Mapping[str, float]:
+    # Cached by text: every consumer of one reading reads the same details. The mapping is
+    # shared between callers: read it, never change it.
     try:
         data: Any = json.loads(details)
     except ValueError:
-        return ()
+        return _NONE
     if not isinstance(data, dict):
-        return ()
+        return _NONE
     found: dict[str, float] = {}
     for name in (*DETAILS_VALUES, *ENERGY_VALUES):
         value = data.get(name)
@@ -96,11 +99,10 @@ def _details_parsed(details: str) -> tuple[tuple[str, float], ...]:
         high = max(cells)
         found.update(cell_min=low, cell_max=high, cell_delta=round(high - low, ROUND_DIGITS),
                      cell_min_index=cells.index(low) + 1, cell_max_index=cells.index(high) + 1)  # fmt: skip
-    return tuple(found.items())
+    return MappingProxyType(found)
 
 
-def _details_values(details: str) -> dict[str, float]:
-    return dict(_details_parsed(details))
+_NONE: Mapping[str, float] = MappingProxyType({})
 
 
 def _is_number(value: Any) -> bool:
