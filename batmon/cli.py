@@ -1,4 +1,4 @@
-"""The `batmon` command: serve, user add/list/notify, simulate, agent vedirect.
+"""The `batmon` command: serve, backup, restore, user add/list/notify, simulate, agent vedirect.
 
 Every failure is one line on stderr: exit 2 for bad usage, 1 at run time.
 """
@@ -87,6 +87,15 @@ def build_parser() -> Parser:
     sim.add_argument("--count", type=int, default=1, help="batmons to create (with --api-url)")
     sim.add_argument("--interval", type=float, default=5.0, help="seconds between readings")
     sim.add_argument("--readings", type=int, default=None, help="stop after this many rounds")
+
+    backup = commands.add_parser("backup", help="copy the database to FILE, also while serve runs")
+    backup.add_argument("file", type=Path)
+    backup.add_argument("--compact", action="store_true",
+                        help="write a compacted copy (VACUUM INTO): smaller, more CPU")  # fmt: skip
+    restore = commands.add_parser("restore", help="replace the database with backup FILE (serve stopped)")
+    restore.add_argument("file", type=Path)
+    for sub in (backup, restore):
+        sub.add_argument("--data-dir", help="folder of the SQLite file (default ./batmon-data)")
 
     agent = commands.add_parser("agent", help="run beside a device and feed a batmon server")
     agents = agent.add_subparsers(dest="agent_command", required=True, parser_class=Parser)
@@ -184,7 +193,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         if args.command == "serve":
-            asyncio.run(run_serve(serve_options(args)))
+            serve_holding_data_dir(serve_options(args))
+        elif args.command in ("backup", "restore"):
+            run_backup_or_restore(args)
         elif args.command == "user":
             run_user(args)
         elif args.command == "simulate":
@@ -219,6 +230,53 @@ async def run_serve(options: ServeOptions) -> None:
     print("ready (Ctrl-C stops)", flush=True)
     await stop.wait()
     await service.stop()
+
+
+def serve_holding_data_dir(options: ServeOptions) -> None:
+    """`serve`, owning the data folder: a second serve (or a restore) on it is refused."""
+    from bridge.data_lock import DataDirInUse, lock_data_dir
+
+    try:
+        lock = lock_data_dir(options.data_dir)
+    except DataDirInUse as exc:
+        fail(f"batmon serve: {exc}")
+    except OSError as exc:
+        fail(f"batmon serve: cannot use data folder {options.data_dir}: {exc.strerror}")
+    try:
+        asyncio.run(run_serve(options))
+    finally:
+        lock.release()
+
+
+def run_backup_or_restore(args: argparse.Namespace) -> None:
+    """`batmon backup FILE` (while serve runs, too) and `batmon restore FILE` (serve stopped)."""
+    from bridge.data_lock import DataDirInUse, lock_data_dir
+    from bridge.store.backup import BackupError, backup_database, restore_database
+    from bridge.store.db import DB_FILENAME
+
+    command = f"batmon {args.command}"
+    data_dir = data_dir_of(args)
+    database = data_dir / DB_FILENAME
+    try:
+        if args.command == "backup":
+            if not data_dir.is_dir():
+                fail(f"{command}: no data folder {data_dir}")
+            done = backup_database(database, args.file, compact=args.compact)
+            print(f"backed up {database} to {done.path} ({done.size_bytes} bytes, schema"
+                  f" {done.schema_version}, {done.seconds:.1f} s)", flush=True)  # fmt: skip
+            return
+        lock = lock_data_dir(data_dir)  # held while the file is swapped: no serve may start
+        try:
+            replaced = restore_database(args.file, database)
+        finally:
+            lock.release()
+        print(f"restored {args.file} into {database}", flush=True)
+        if replaced is not None:
+            print(f"the database it replaced is kept as {replaced}", flush=True)
+    except (BackupError, DataDirInUse) as exc:
+        fail(f"{command}: {exc}")
+    except OSError as exc:
+        fail(f"{command}: {exc.filename or data_dir}: {exc.strerror}")
 
 
 def run_user(args: argparse.Namespace) -> None:
