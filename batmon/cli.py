@@ -25,7 +25,8 @@ ENV_PREFIX = "BATMON_"
 SERVE_OPTIONS = ("data_dir", "host", "http_port", "mqtt_port", "mqtt_url", "broker_config",
                  "base_topic", "discovery_prefix", "discovery", "notify_retry_s",
                  "notify_give_up_s", "metrics", "metrics_token", "metrics_per_batmon",
-                 "retention_days")  # fmt: skip
+                 "retention_days", "mqtt_tls_port", "tls_cert", "tls_key", "tls_client_ca",
+                 "http_tls_cert", "http_tls_key")  # fmt: skip
 
 
 class Parser(argparse.ArgumentParser):
@@ -43,7 +44,7 @@ def build_parser() -> Parser:
     serve.add_argument("--data-dir", help="folder of the SQLite file (default ./batmon-data)")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--http-port", help="HTTP port, 0 picks a free one (default 8080)")
-    serve.add_argument("--mqtt-port", help="embedded broker port, 0 picks one (default 1883)")
+    serve.add_argument("--mqtt-port", help="embedded broker port, 0 picks one, off: TLS only (default 1883)")
     serve.add_argument("--mqtt-url", help="use this broker, e.g. mqtt://user:pass@host:1883")
     serve.add_argument("--broker-config",
                        help="embedded broker config (default ./broker.yaml, else the shipped one)")
@@ -59,6 +60,12 @@ def build_parser() -> Parser:
                        help="also export each batmon's values (one series set per batmon)")
     serve.add_argument("--retention-days",
                        help="prune raw readings older than this; hourly rollups stay (keep all)")
+    serve.add_argument("--mqtt-tls-port", help="embedded broker's TLS port, 0 picks one (none)")
+    serve.add_argument("--tls-cert", help="PEM certificate (chain) of the MQTT TLS listener")
+    serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    serve.add_argument("--tls-client-ca", help="require MQTT TLS clients' certificates signed by this CA")
+    serve.add_argument("--http-tls-cert", help="serve HTTPS with this PEM certificate (chain)")
+    serve.add_argument("--http-tls-key", help="PEM private key of --http-tls-cert")
 
     user = commands.add_parser("user", help="manage users")
     user_commands = user.add_subparsers(dest="user_command", required=True, parser_class=Parser)
@@ -221,7 +228,11 @@ async def run_serve(options: ServeOptions) -> None:
         fail(f"batmon serve: {exc}")
     broker = "embedded broker" if service.broker is not None else "external broker"
     print(f"HTTP  {service.http_url}", flush=True)
-    print(f"MQTT  mqtt://{service.mqtt_host}:{service.mqtt_port} ({broker})", flush=True)
+    print(f"MQTT  mqtt://{service.mqtt_host}:{service.mqtt_port} ({broker}"
+          f"{'; loopback only, for the bridge: --mqtt-port off' if options.mqtt_port is None else ''})",
+          flush=True)  # fmt: skip
+    if service.broker is not None and service.broker.tls_port is not None:
+        print(f"MQTTS mqtts://{options.host}:{service.broker.tls_port} (embedded broker, TLS)", flush=True)
     print(f"data  {options.database_path}", flush=True)
     if service.admin_api_key:
         print(f"created user admin@localhost; api_key (shown once): {service.admin_api_key}",
@@ -388,12 +399,12 @@ def simulate_mqtt_address(args: argparse.Namespace) -> tuple[str, int] | None:
                 raise ValueError(f"--mqtt-url: {exc}") from None
             return host, port
         try:
-            port = ServeOptions.model_validate({"mqtt_port": value}).mqtt_port
+            plain = ServeOptions.model_validate({"mqtt_port": value}).mqtt_port
         except ValidationError:
             raise ValueError(f"--mqtt-port: {value!r} is not a port number (1-65535)") from None
-        if port == 0:
-            raise ValueError("--mqtt-port: give the port serve printed, not 0")
-        return "127.0.0.1", port
+        if not plain:
+            raise ValueError(f"--mqtt-port: give the port serve printed, not {value}")
+        return "127.0.0.1", plain
     return None
 
 

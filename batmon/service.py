@@ -27,6 +27,7 @@ from bridge.datadir import private_file
 from bridge.events import EventBus
 from bridge.ratelimit import FailureLimiter
 from bridge.store.db import Store
+from bridge.tls import TlsSetupError, server_context
 from bridge.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,8 @@ class Service:
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.options.host}:{self.http_port}"
+        scheme = "https" if self.options.http_tls_cert else "http"
+        return f"{scheme}://{self.options.host}:{self.http_port}"
 
     async def start(self) -> None:
         """Start every part; raises ServiceError (after cleaning up) if one fails."""
@@ -132,6 +134,11 @@ class Service:
             secret = session_secret(opts.data_dir)
         except OSError as exc:
             raise ServiceError(f"cannot use data folder {opts.data_dir}: {exc.strerror}") from None
+        if opts.http_tls_cert and opts.http_tls_key:
+            try:  # checked here: inside uvicorn a bad file is a traceback
+                server_context(opts.http_tls_cert, opts.http_tls_key)
+            except TlsSetupError as exc:
+                raise ServiceError(f"cannot serve HTTPS: {exc}") from None
         # Bind HTTP first: a busy port is then one clear error before anything starts.
         sock = bind_socket(opts.host, opts.http_port, "HTTP")
         self.http_port = sock.getsockname()[1]
@@ -146,7 +153,8 @@ class Service:
                                    count_rejection=self.metrics.count_http_rejection)  # fmt: skip
         app = create_app(self.core, session_secret=secret, health=self.health, metrics=exposure,
                          limiter=self.limiter)  # fmt: skip
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
+                                **https_options(opts))  # fmt: skip
         self._server = uvicorn.Server(config)
         # Signals are ours (the CLI stops the whole service), not uvicorn's: from 0.29 uvicorn
         # takes SIGINT/SIGTERM for the whole of serve() unless capture_signals is a no-op.
@@ -203,7 +211,8 @@ class Service:
                 host=opts.host, port=opts.mqtt_port, config_path=opts.broker_config_path,
                 credentials=core, topics=self.topics,
                 bridge_username=bridge_user, bridge_password=bridge_password, updates=door,
-                limiter=self.limiter,
+                limiter=self.limiter, tls={"port": opts.mqtt_tls_port, "cert": opts.tls_cert,
+                                           "key": opts.tls_key, "client_ca": opts.tls_client_ca},
             )  # fmt: skip
             try:
                 await self.broker.start()
@@ -216,7 +225,7 @@ class Service:
                             f" another port with --mqtt-port (0 picks a free one), or use that"
                             f" broker with --mqtt-url mqtt://127.0.0.1:{opts.mqtt_port}")  # fmt: skip
                 raise ServiceError(f"{exc}{hint}") from None
-            host, port, username, password = opts.host, self.broker.port, bridge_user, bridge_password
+            host, port, username, password = self.broker.host, self.broker.port, bridge_user, bridge_password
             # The in-process broker has no session to keep across our restarts, and a
             # fixed id could be taken over by a clean-session CONNECT: a fresh one.
             client_id = f"batmon-bridge-{secrets.token_hex(6)}"
@@ -317,6 +326,13 @@ class Service:
         if self.store is not None:
             self.store.close()
             self.store = None
+
+
+def https_options(opts: ServeOptions) -> dict[str, Any]:
+    """uvicorn's own TLS settings for --http-tls-cert/--http-tls-key; none without them."""
+    if opts.http_tls_cert is None or opts.http_tls_key is None:
+        return {}
+    return {"ssl_certfile": str(opts.http_tls_cert), "ssl_keyfile": str(opts.http_tls_key)}
 
 
 async def _start_extension(extension: Any) -> None:

@@ -39,7 +39,7 @@ class ServeOptions(BaseModel):
     data_dir: Path = Path("batmon-data")
     host: str = "127.0.0.1"
     http_port: Port = 8080
-    mqtt_port: Port = 1883
+    mqtt_port: Port | None = 1883  # None: `off` (TLS only)
     mqtt_url: str | None = None
     broker_config: Path | None = None
     base_topic: str = "batmon"
@@ -52,6 +52,39 @@ class ServeOptions(BaseModel):
     metrics_per_batmon: bool = False
     # None keeps every reading; N prunes raw readings older than N days (hourly rollups stay).
     retention_days: Annotated[int, Field(ge=1, le=36_500)] | None = None
+    # TLS on the embedded broker (also settable in broker.yaml's `tls` section; these win).
+    mqtt_tls_port: Port | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # given: clients must present a certificate it signed
+    # HTTPS with uvicorn's own TLS.
+    http_tls_cert: Path | None = None
+    http_tls_key: Path | None = None
+
+    @field_validator("mqtt_port", mode="before")
+    @classmethod
+    def _plain_mqtt_off(cls, value: object) -> object:
+        # `off`: no plain listener for devices, only TLS (the bridge keeps a loopback one).
+        return None if value == "off" else value
+
+    @field_validator("mqtt_tls_port", "tls_cert", "tls_key", "tls_client_ca", "http_tls_cert",
+                     "http_tls_key", mode="before")  # fmt: skip
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> ServeOptions:
+        if (self.http_tls_cert is None) != (self.http_tls_key is None):
+            raise ValueError("--http-tls-cert and --http-tls-key go together.")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together.")
+        if self.mqtt_url and (self.mqtt_tls_port is not None or self.tls_cert or self.tls_client_ca):
+            raise ValueError("--mqtt-tls-port, --tls-cert, --tls-key and --tls-client-ca are for the"
+                             " embedded broker; with --mqtt-url, the broker has its own TLS.")
+        if self.mqtt_port is None and self.mqtt_url:
+            raise ValueError("--mqtt-port off is for the embedded broker, not with --mqtt-url.")
+        return self
 
     @field_validator("base_topic", "discovery_prefix")
     @classmethod
