@@ -26,7 +26,8 @@ SERVE_OPTIONS = ("data_dir", "host", "http_port", "mqtt_port", "mqtt_url", "brok
                  "base_topic", "discovery_prefix", "discovery", "notify_retry_s",
                  "notify_give_up_s", "metrics", "metrics_token", "metrics_per_batmon",
                  "retention_days", "mqtt_tls_port", "tls_cert", "tls_key", "tls_client_ca",
-                 "http_tls_cert", "http_tls_key")  # fmt: skip
+                 "http_tls_cert", "http_tls_key", "mqtt_ca", "mqtt_client_cert",
+                 "mqtt_client_key")  # fmt: skip
 
 
 class Parser(argparse.ArgumentParser):
@@ -66,6 +67,7 @@ def build_parser() -> Parser:
     serve.add_argument("--tls-client-ca", help="require MQTT TLS clients' certificates signed by this CA")
     serve.add_argument("--http-tls-cert", help="serve HTTPS with this PEM certificate (chain)")
     serve.add_argument("--http-tls-key", help="PEM private key of --http-tls-cert")
+    add_mqtt_client_tls(serve)
 
     user = commands.add_parser("user", help="manage users")
     user_commands = user.add_subparsers(dest="user_command", required=True, parser_class=Parser)
@@ -122,7 +124,16 @@ def build_parser() -> Parser:
     ve.add_argument("--replay-rate", help="blocks per second of --replay (default 1)")
     ve.add_argument("--replay-loop", action="store_const", const=True,
                     help="start --replay over at its end")  # fmt: skip
+    for client in (ve, sim):
+        add_mqtt_client_tls(client)
     return parser
+
+
+def add_mqtt_client_tls(parser: argparse.ArgumentParser) -> None:
+    """The options of a client of an mqtts:// broker: serve, the agent and simulate alike."""
+    parser.add_argument("--mqtt-ca", help="CA of the mqtts:// broker's certificate (default: the system's)")
+    parser.add_argument("--mqtt-client-cert", help="our PEM certificate, for a broker that asks for one")
+    parser.add_argument("--mqtt-client-key", help="PEM private key of --mqtt-client-cert")
 
 
 def options_from(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
@@ -228,7 +239,8 @@ async def run_serve(options: ServeOptions) -> None:
         fail(f"batmon serve: {exc}")
     broker = "embedded broker" if service.broker is not None else "external broker"
     print(f"HTTP  {service.http_url}", flush=True)
-    print(f"MQTT  mqtt://{service.mqtt_host}:{service.mqtt_port} ({broker}"
+    scheme = "mqtts" if options.mqtt_url and options.mqtt_url.strip().lower().startswith("mqtts") else "mqtt"
+    print(f"MQTT  {scheme}://{service.mqtt_host}:{service.mqtt_port} ({broker}"
           f"{'; loopback only, for the bridge: --mqtt-port off' if options.mqtt_port is None else ''})",
           flush=True)  # fmt: skip
     if service.broker is not None and service.broker.tls_port is not None:
@@ -345,6 +357,7 @@ async def run_simulate(args: argparse.Namespace) -> None:
 
     try:
         address = simulate_mqtt_address(args)
+        tls = simulate_tls(args)
     except ValueError as exc:
         fail(f"batmon simulate: {exc}", code=2)
     if args.count < 1 or args.interval <= 0:
@@ -369,14 +382,31 @@ async def run_simulate(args: argparse.Namespace) -> None:
             host, port = address
         if args.api_url:
             devices += await create_batmons(args.api_url, args.api_key, args.count)
-        print(f"simulating {len(devices)} batmon(s) on mqtt://{host}:{port}", flush=True)
+        print(f"simulating {len(devices)} batmon(s) on {'mqtts' if tls else 'mqtt'}://{host}:{port}",
+              flush=True)  # fmt: skip
         for batmon_id, token in devices:
             print(f"  batmon_id {batmon_id} token {token}", flush=True)
         await simulate(host=host, port=port, devices=devices, interval=args.interval,
                        count=args.readings, base_topic=args.base_topic,
-                       confirm_timeout=args.confirm_timeout)  # fmt: skip
+                       confirm_timeout=args.confirm_timeout, tls=tls)  # fmt: skip
     except (SimulateError, MqttConnectError, OSError) as exc:
         fail(f"batmon simulate: {exc}")
+
+
+def simulate_tls(args: argparse.Namespace) -> Any:
+    """The TLS context for an mqtts:// --mqtt-url (flags over BATMON_<NAME>), else None.
+
+    Raises ValueError naming the bad option or file.
+    """
+    from bridge.config import check_client_tls, uses_tls
+    from bridge.tls import client_context
+
+    given = options_from(args, ("mqtt_url", "mqtt_ca", "mqtt_client_cert", "mqtt_client_key"))
+    url = given.get("mqtt_url") or None
+    ca, cert, key = (Path(v) if (v := given.get(k)) else None
+                     for k in ("mqtt_ca", "mqtt_client_cert", "mqtt_client_key"))  # fmt: skip
+    check_client_tls(url, ca, cert, key)
+    return client_context(ca, cert, key) if url and uses_tls(url) else None
 
 
 def simulate_mqtt_address(args: argparse.Namespace) -> tuple[str, int] | None:

@@ -21,13 +21,13 @@ from typing import Any, Protocol
 
 import uvicorn
 
-from bridge.config import ServeOptions, parse_mqtt_url
+from bridge.config import ServeOptions, parse_mqtt_url, uses_tls
 from bridge.core import Core
 from bridge.datadir import private_file
 from bridge.events import EventBus
 from bridge.ratelimit import FailureLimiter
 from bridge.store.db import Store
-from bridge.tls import TlsSetupError, server_context
+from bridge.tls import TlsSetupError, client_context, server_context
 from bridge.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -197,8 +197,14 @@ class Service:
 
         bridge_user, bridge_password = "batmon-bridge", secrets.token_urlsafe(24)
         door: UpdateDoor | None = None
+        broker_tls = None
         if opts.mqtt_url:
             host, port, username, password = parse_mqtt_url(opts.mqtt_url)
+            if uses_tls(opts.mqtt_url):
+                try:
+                    broker_tls = client_context(opts.mqtt_ca, opts.mqtt_client_cert, opts.mqtt_client_key)
+                except TlsSetupError as exc:
+                    raise ServiceError(f"cannot connect to the MQTT broker over TLS: {exc}") from None
             # A stable id keeps the broker's session: readings sent while we were
             # away are delivered when we come back. It names the base topic, so two
             # bridges sharing a broker under different bases do not evict each other.
@@ -252,6 +258,7 @@ class Service:
             retain_flag_means_replay=self.broker is None,
             ingest_updates=self.broker is None, mqtt5=self.broker is None, door=door,
             publish_direct=self._publish_in_broker if self.broker is not None else None,
+            tls=broker_tls,
         )  # fmt: skip
         try:
             await self.mqtt.start()

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from bridge.store.db import DB_FILENAME
 
 DEFAULT_MQTT_PORT = 1883
+DEFAULT_MQTTS_PORT = 8883
 PACKAGED_BROKER_CONFIG = Path(__file__).with_name("broker.yaml")
 Port = Annotated[int, Field(ge=0, le=65535)]
 
@@ -60,6 +61,11 @@ class ServeOptions(BaseModel):
     # HTTPS with uvicorn's own TLS.
     http_tls_cert: Path | None = None
     http_tls_key: Path | None = None
+    # TLS towards an external broker (mqtts:// in --mqtt-url): its CA (else the system's),
+    # and our client certificate where the broker asks for one.
+    mqtt_ca: Path | None = None
+    mqtt_client_cert: Path | None = None
+    mqtt_client_key: Path | None = None
 
     @field_validator("mqtt_port", mode="before")
     @classmethod
@@ -68,7 +74,8 @@ class ServeOptions(BaseModel):
         return None if value == "off" else value
 
     @field_validator("mqtt_tls_port", "tls_cert", "tls_key", "tls_client_ca", "http_tls_cert",
-                     "http_tls_key", mode="before")  # fmt: skip
+                     "http_tls_key", "mqtt_ca", "mqtt_client_cert", "mqtt_client_key",
+                     mode="before")  # fmt: skip
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
@@ -84,6 +91,7 @@ class ServeOptions(BaseModel):
                              " embedded broker; with --mqtt-url, the broker has its own TLS.")
         if self.mqtt_port is None and self.mqtt_url:
             raise ValueError("--mqtt-port off is for the embedded broker, not with --mqtt-url.")
+        check_client_tls(self.mqtt_url, self.mqtt_ca, self.mqtt_client_cert, self.mqtt_client_key)
         return self
 
     @field_validator("base_topic", "discovery_prefix")
@@ -143,11 +151,11 @@ def parse_mqtt_url(url: str) -> tuple[str, int, str | None, str | None]:
         raise ValueError(
             "the MQTT URL is malformed or its port is not a number between 1 and 65535"
         ) from None
-    if parts.scheme != "mqtt":
+    if parts.scheme not in ("mqtt", "mqtts"):
         shown = f"{parts.scheme}://" if parts.scheme else "no scheme"
         raise ValueError(
-            f"the MQTT URL must look like mqtt://user:pass@host:1883 (got {shown};"
-            " TLS and websockets are not supported)"
+            f"the MQTT URL must look like mqtt://user:pass@host:1883 or mqtts://...:8883 (got {shown};"
+            " websockets are not supported)"
         )
     if not parts.hostname:
         raise ValueError("the MQTT URL must name a host, like mqtt://user:pass@host:1883")
@@ -159,4 +167,19 @@ def parse_mqtt_url(url: str) -> tuple[str, int, str | None, str | None]:
     password = urllib.parse.unquote(parts.password) if parts.password is not None else None
     if password is not None and username is None:
         raise ValueError("the MQTT URL has a password but no username")
-    return parts.hostname, port or DEFAULT_MQTT_PORT, username, password
+    default_port = DEFAULT_MQTTS_PORT if parts.scheme == "mqtts" else DEFAULT_MQTT_PORT
+    return parts.hostname, port or default_port, username, password
+
+
+def uses_tls(url: str) -> bool:
+    """True for an ``mqtts://`` URL (TLS to the broker)."""
+    return url.strip().lower().startswith("mqtts://")
+
+
+def check_client_tls(url: str | None, ca: Path | None, cert: Path | None, key: Path | None) -> None:
+    """The rule for --mqtt-ca, --mqtt-client-cert and --mqtt-client-key, wherever a client
+    connects to a broker (serve, the agent, simulate): only with mqtts://, cert and key together."""
+    if (cert is None) != (key is None):
+        raise ValueError("--mqtt-client-cert and --mqtt-client-key go together.")
+    if (ca or cert) and not (url and uses_tls(url)):
+        raise ValueError("--mqtt-ca, --mqtt-client-cert and --mqtt-client-key need an mqtts:// --mqtt-url.")

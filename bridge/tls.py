@@ -34,6 +34,27 @@ def server_context(cert: Path, key: Path, client_ca: Path | None = None) -> ssl.
     return context
 
 
+def client_context(ca: Path | None = None, cert: Path | None = None, key: Path | None = None,
+                   ) -> ssl.SSLContext:  # fmt: skip
+    """A client-side context for an mqtts:// broker: its certificate checked against ``ca``
+    (else the system's CAs) and its host name; ``cert``/``key`` when the broker asks for ours."""
+    for path in (p for p in (ca, cert, key) if p is not None):
+        _readable(path)
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca is not None:
+        try:
+            context.load_verify_locations(cafile=ca)
+        except ssl.SSLError as exc:
+            raise TlsSetupError(f"TLS CA {ca} holds no usable certificate: {exc.reason}") from None
+    if cert is not None and key is not None:
+        try:
+            context.load_cert_chain(cert, key)
+        except ssl.SSLError as exc:
+            raise TlsSetupError(_ssl_problem(exc, cert, key)) from None
+    return context
+
+
 def _readable(path: Path) -> None:
     try:
         with open(path, "rb"):

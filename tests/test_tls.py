@@ -17,7 +17,8 @@ import pytest
 
 from tests.conftest import ServeProcess
 from tests.load import WAIT_S
-from tests.support import batmon, wait_until
+from tests.support import PrivateMosquitto, batmon, free_port, wait_until
+from tests.test_agent_vedirect import RECORDINGS, AgentProcess, history
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -91,12 +92,12 @@ def voltage(serve: ServeProcess, batmon_id: int, ca: Path | None = None) -> floa
         return float(r.json()["success"]["batmon_voltage"])
 
 
-def mosquitto_pub(port: int, batmon_id: int, token: str, value: float, *tls: str,
+def mosquitto_pub(port: int, batmon_id: int, token: str, value: float, *tls: str, base: str = "batmon",
                   ) -> subprocess.CompletedProcess[str]:  # fmt: skip
     """One QoS 1 reading, as a device using Mosquitto's client would send it."""
     return subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-V", "mqttv311", "-q", "1",
                            "-i", f"dev-{batmon_id}-{value}", "-u", str(batmon_id), "-P", token,
-                           "-t", f"batmon/{batmon_id}/{token}/update", "-m", f'{{"voltage": {value}}}',
+                           "-t", f"{base}/{batmon_id}/{token}/update", "-m", f'{{"voltage": {value}}}',
                            *tls], capture_output=True, text=True, timeout=30)  # fmt: skip
 
 
@@ -238,3 +239,87 @@ def test_https_with_a_self_signed_certificate_answers_curl_with_cacert(tmp_path:
         assert voltage(serve, batmon_id, ca=pki.ca) == 0.0
     finally:
         serve.stop()
+
+
+# -- acceptance 2: an external broker over TLS ------------------------------------------
+
+def tls_mosquitto(folder: Path, pki: Pki) -> tuple[PrivateMosquitto, int]:
+    """A private Mosquitto with a TLS listener (its own certificate) beside its plain one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    broker = PrivateMosquitto(folder)
+    port = free_port()
+    broker.config.write_text(broker.config.read_text() + (
+        f"listener {port} 127.0.0.1\ncafile {pki.ca}\n"
+        f"certfile {pki.server_cert}\nkeyfile {pki.server_key}\n"))
+    return broker.start(), port
+
+
+def test_the_bridge_ingests_over_mqtts_and_the_agent_publishes_over_mqtts(tmp_path: Path, pki: Pki) -> None:
+    broker, port = tls_mosquitto(tmp_path / "mosquitto", pki)
+    url = f"mqtts://127.0.0.1:{port}"
+    args = ["--mqtt-url", url, "--base-topic", "fleet", "--no-discovery"]
+    serve = ServeProcess(tmp_path / "data", args=args, env={"BATMON_MQTT_CA": str(pki.ca)})
+    agent: AgentProcess | None = None
+    try:
+        serve.start(timeout=WAIT_S)
+        assert serve.mqtt_url == f"mqtts://127.0.0.1:{port}"
+        batmon_id, token = add_batmon(serve)
+        sent = mosquitto_pub(port, batmon_id, token, 12.75, "--cafile", str(pki.ca), base="fleet")
+        assert sent.returncode == 0, sent.stderr
+        lands(serve, batmon_id, 12.75)
+
+        agent = AgentProcess(["--replay", str(RECORDINGS / "mppt-75-15.vedirect"), "--replay-rate", "20",
+                              "--batmon-id", str(batmon_id), "--token", token, "--mqtt-url", url,
+                              "--mqtt-ca", str(pki.ca), "--base-topic", "fleet",
+                              "--data-dir", str(tmp_path / "agent"), "--interval", "0.5"],
+                             tmp_path).start()  # fmt: skip
+        assert "-> mqtts://127.0.0.1" in agent.output[0]
+        rows = wait_until(lambda: [r for r in history(serve, batmon_id) if r["batmon_voltage"] != 12.75],
+                          timeout=30, what="the agent's readings over mqtts")  # fmt: skip
+        assert 13.4 <= rows[0]["batmon_voltage"] <= 13.6
+        agent.stop()
+        agent = None
+    finally:
+        if agent is not None and agent.proc is not None:
+            agent.proc.kill()
+        serve.stop()
+        broker.stop()
+
+
+def test_an_mqtts_broker_whose_certificate_is_not_trusted_is_refused_at_start(
+    tmp_path: Path, pki: Pki,
+) -> None:
+    broker, port = tls_mosquitto(tmp_path / "mosquitto", pki)
+    try:
+        # No --mqtt-ca: the system's CAs do not know the test CA, so the connection must fail.
+        result = batmon("serve", "--data-dir", str(tmp_path / "data"), "--http-port", "0",
+                        "--mqtt-url", f"mqtts://127.0.0.1:{port}")  # fmt: skip
+        assert result.returncode == 1
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        missing = batmon("serve", "--data-dir", str(tmp_path / "data"), "--http-port", "0",
+                         "--mqtt-url", f"mqtts://127.0.0.1:{port}",
+                         "--mqtt-ca", str(tmp_path / "none.pem"))  # fmt: skip
+        assert missing.returncode == 1 and "cannot read TLS file" in missing.stderr, missing.stderr
+        plain = batmon("serve", "--data-dir", str(tmp_path / "data"), "--http-port", "0",
+                       "--mqtt-url", f"mqtt://127.0.0.1:{port}", "--mqtt-ca", str(pki.ca))  # fmt: skip
+        assert plain.returncode == 2 and "need an mqtts:// --mqtt-url" in plain.stderr, plain.stderr
+    finally:
+        broker.stop()
+
+
+def test_simulate_publishes_over_mqtts(tmp_path: Path, pki: Pki) -> None:
+    broker, port = tls_mosquitto(tmp_path / "mosquitto", pki)
+    url = f"mqtts://127.0.0.1:{port}"
+    serve = ServeProcess(tmp_path / "data", args=["--mqtt-url", url, "--mqtt-ca", str(pki.ca),
+                                                  "--no-discovery"])  # fmt: skip
+    try:
+        serve.start(timeout=WAIT_S)
+        batmon_id, token = add_batmon(serve)
+        result = batmon("simulate", "--mqtt-url", url, "--mqtt-ca", str(pki.ca), "--device",
+                        f"{batmon_id}:{token}", "--interval", "0.2", "--readings", "2")  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert f"on mqtts://127.0.0.1:{port}" in result.stdout
+        wait_until(lambda: voltage(serve, batmon_id) > 0, 10, "a simulated reading")
+    finally:
+        serve.stop()
+        broker.stop()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import socket
+import ssl
 import threading
 import uuid
 from typing import Any
@@ -29,7 +30,8 @@ RECONNECT_MAX_DELAY_S = 5
 class MqttUplink:
     """One MQTT 3.1.1 client (amqtt speaks nothing newer) for one device."""
 
-    def __init__(self, *, host: str, port: int, username: str, password: str, client_id: str) -> None:
+    def __init__(self, *, host: str, port: int, username: str, password: str, client_id: str,
+                 tls: ssl.SSLContext | None = None) -> None:  # fmt: skip
         self.host, self.port = host, port
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -37,6 +39,8 @@ class MqttUplink:
             clean_session=True,
             protocol=mqtt.MQTTv311,
         )
+        if tls is not None:  # mqtts://
+            self.client.tls_set_context(tls)
         self.client.username_pw_set(username, password)
         self.client.reconnect_delay_set(RECONNECT_MIN_DELAY_S, RECONNECT_MAX_DELAY_S)
         self.client.on_connect = self._on_connect
