@@ -25,8 +25,8 @@ ENV_PREFIX = "BATMON_"
 SERVE_OPTIONS = ("data_dir", "host", "http_port", "mqtt_port", "mqtt_url", "broker_config",
                  "base_topic", "discovery_prefix", "discovery", "notify_retry_s",
                  "notify_give_up_s", "metrics", "metrics_token", "metrics_per_batmon",
-                 "retention_days", "mqtt_tls_port", "tls_cert", "tls_key", "tls_client_ca",
-                 "http_tls_cert", "http_tls_key", "mqtt_ca", "mqtt_client_cert",
+                 "retention_days", "http_max_connections", "mqtt_tls_port", "tls_cert", "tls_key",
+                 "tls_client_ca", "http_tls_cert", "http_tls_key", "mqtt_ca", "mqtt_client_cert",
                  "mqtt_client_key")  # fmt: skip
 
 
@@ -61,6 +61,8 @@ def build_parser() -> Parser:
                        help="also export each batmon's values (one series set per batmon)")
     serve.add_argument("--retention-days",
                        help="prune raw readings older than this; hourly rollups stay (keep all)")
+    serve.add_argument("--http-max-connections",
+                       help="open HTTP connections; one more gets a 503 (default 512)")
     serve.add_argument("--mqtt-tls-port", help="embedded broker's TLS port, 0 picks one (none)")
     serve.add_argument("--tls-cert", help="PEM certificate (chain) of the MQTT TLS listener")
     serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -245,7 +247,7 @@ async def run_serve(options: ServeOptions) -> None:
           flush=True)  # fmt: skip
     if service.broker is not None and service.broker.tls_port is not None:
         print(f"MQTTS mqtts://{options.host}:{service.broker.tls_port} (embedded broker, TLS)", flush=True)
-    print(f"data  {options.database_path}", flush=True)
+    print(f"data  {options.database_path.resolve()}", flush=True)
     if service.admin_api_key:
         print(f"created user admin@localhost; api_key (shown once): {service.admin_api_key}",
               flush=True)  # fmt: skip
@@ -309,11 +311,19 @@ def run_user(args: argparse.Namespace) -> None:
     from bridge.models import NewUser
     from bridge.store.db import Store
 
-    data_dir = data_dir_of(args)
+    data_dir = data_dir_of(args).resolve()
+    # Only `user add` (and serve) make a data folder: any other command run from the wrong
+    # folder would otherwise read a new, empty database and print nothing.
+    creating = not data_dir.exists()
+    if creating and args.user_command != "add":
+        fail(f"batmon user {args.user_command}: no data folder at {data_dir}: give the one serve"
+             f" uses with --data-dir (or BATMON_DATA_DIR); `batmon user add` creates one")  # fmt: skip
     try:
         store = Store.open(data_dir / "batmon.sqlite3")
     except OSError as exc:
         fail(f"batmon user: cannot use data folder {data_dir}: {exc.strerror}")
+    if creating:
+        print(f"created data folder {data_dir}", file=sys.stderr, flush=True)
     core = Core(store, EventBus()).load()
     try:
         if args.user_command == "add":
@@ -388,7 +398,8 @@ async def run_simulate(args: argparse.Namespace) -> None:
             print(f"  batmon_id {batmon_id} token {token}", flush=True)
         await simulate(host=host, port=port, devices=devices, interval=args.interval,
                        count=args.readings, base_topic=args.base_topic,
-                       confirm_timeout=args.confirm_timeout, tls=tls)  # fmt: skip
+                       confirm_timeout=args.confirm_timeout, tls=tls,
+                       announce=lambda line: print(line, flush=True))  # fmt: skip
     except (SimulateError, MqttConnectError, OSError) as exc:
         fail(f"batmon simulate: {exc}")
 

@@ -93,6 +93,8 @@ class ServeOptions(BaseModel):
             raise ValueError("--mqtt-port off is for the embedded broker, not with --mqtt-url.")
         check_client_tls(self.mqtt_url, self.mqtt_ca, self.mqtt_client_cert, self.mqtt_client_key)
         return self
+    # Open HTTP connections; one more is answered 503 and closed (docs/CHOICES.md, "HTTP limits").
+    http_max_connections: Annotated[int, Field(ge=1, le=65_535)] = 512
 
     @field_validator("base_topic", "discovery_prefix")
     @classmethod
