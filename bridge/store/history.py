@@ -154,6 +154,11 @@ class HistoryReader:
         finally:
             conn.close()
 
+    async def last_reported(self, batmon_id: int) -> dict[str, float]:
+        """When each value (a metric, or details) was last in a reading, for the values
+        ever reported; from the readings, else (pruned) the latest rollup hour's end."""
+        return await self.run(_last_reported, batmon_id)
+
     # -- buckets ---------------------------------------------------------------
     async def bucket_plan(self, batmon_id: int, lo: float, hi: float, bucket: int
                           ) -> tuple[float, float, bool] | None:  # fmt: skip
@@ -259,3 +264,22 @@ def _next_value(conn: sqlite3.Connection, batmon_id: int, lo: float, rollup_lo: 
         ).fetchone()[0])  # fmt: skip
     values = [v for v in found if v is not None]
     return min(values) if values else None
+
+
+REPORTED = (*METRICS, "details")
+
+
+def _last_reported(conn: sqlite3.Connection, batmon_id: int) -> dict[str, float]:
+    found: dict[str, float] = {}
+    for column in REPORTED:
+        # Backwards along the primary key: usually the latest row answers at once; a
+        # value the device never sends costs one scan of the batmon's rows.
+        row = conn.execute(f"SELECT ts FROM readings WHERE batmon_id = ? AND {column} IS NOT NULL"
+                           " ORDER BY ts DESC, seq DESC LIMIT 1", (batmon_id,)).fetchone()  # fmt: skip
+        if row is None and column in METRICS:
+            row = conn.execute(f"SELECT max(hour) + {ROLLUP_SECONDS - 1} FROM rollups"
+                               f" WHERE batmon_id = ? AND {column}_count > 0",
+                               (batmon_id,)).fetchone()  # fmt: skip
+        if row is not None and row[0] is not None:
+            found[column] = float(row[0])
+    return found
