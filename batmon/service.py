@@ -269,6 +269,7 @@ class Service:
             # Where devices connect (`batmon simulate --api-url` reads it): no credentials.
             "mqtt_host": self.mqtt_host,
             "mqtt_port": self.mqtt_port,
+            "mqtt_base_topic": self.topics.base,  # the dashboard's "connect this device" card
         }
         if self.mqtt is not None:
             info["mqtt_stats"] = self.mqtt.stats
