@@ -16,6 +16,7 @@ from bridge.core import Core
 from bridge.events import EventBus, StatusChanged
 from bridge.models import AddBatmon, DeviceRef, EditBatmon, Reading
 from bridge.store.db import Store
+from bridge.store.retention import RetentionStore
 from http_api import handlers as h
 from http_api.live import LiveFeed, LiveStream, TooManyStreams
 
@@ -239,6 +240,28 @@ def test_after_a_restart_the_feed_learns_from_history_when_each_value_was_report
                                         "power": None, "soc": 1_700_000_000,
                                         "details": 1_700_000_000}  # fmt: skip
         assert snapshot["stale"] == ["current", "soc", "details"]
+
+    run(tmp_path, before)
+    run(tmp_path, after)
+
+
+def test_a_value_only_in_pruned_readings_is_known_from_the_hourly_rollups(tmp_path: Path) -> None:
+    async def before(core: Core, feed: LiveFeed) -> None:
+        user, _ = core.create_user("owner@example.org")
+        house = add(core, user, "House")
+        await ingest(core, house, soc=80, ts=1_700_000_000)  # 22:13:20 UTC; pruned below
+        await ingest(core, house, voltage=12.6, ts=1_700_100_000)
+        retention = RetentionStore(tmp_path / "batmon.sqlite3")
+        assert retention.prune_batch(house.id, 1_700_050_000) == 1
+        retention.close()
+
+    async def after(core: Core, feed: LiveFeed) -> None:
+        [house] = core.batmons.values()
+        await feed.learn_reported([house])
+        snapshot = feed.snapshot(house, core.clock())
+        # No later than the end of its hour: 22:00:00 + 3,599 s.
+        assert snapshot["reported"]["soc"] == 1_699_999_200 + 3599
+        assert snapshot["reported"]["current"] is None and snapshot["stale"] == ["soc"]
 
     run(tmp_path, before)
     run(tmp_path, after)

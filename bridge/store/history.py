@@ -270,16 +270,20 @@ REPORTED = (*METRICS, "details")
 
 
 def _last_reported(conn: sqlite3.Connection, batmon_id: int) -> dict[str, float]:
-    found: dict[str, float] = {}
-    for column in REPORTED:
-        # Backwards along the primary key: usually the latest row answers at once; a
-        # value the device never sends costs one scan of the batmon's rows.
-        row = conn.execute(f"SELECT ts FROM readings WHERE batmon_id = ? AND {column} IS NOT NULL"
-                           " ORDER BY ts DESC, seq DESC LIMIT 1", (batmon_id,)).fetchone()  # fmt: skip
-        if row is None and column in METRICS:
-            row = conn.execute(f"SELECT max(hour) + {ROLLUP_SECONDS - 1} FROM rollups"
-                               f" WHERE batmon_id = ? AND {column}_count > 0",
-                               (batmon_id,)).fetchone()  # fmt: skip
-        if row is not None and row[0] is not None:
-            found[column] = float(row[0])
+    columns = ", ".join(f"max(CASE WHEN {c} IS NOT NULL THEN ts END)" for c in REPORTED)
+    # Most values are in the latest readings: look there first (backwards along the key) ...
+    recent = conn.execute(f"SELECT {columns} FROM (SELECT * FROM readings WHERE batmon_id = ?"
+                          " ORDER BY ts DESC, seq DESC LIMIT 1000)", (batmon_id,)).fetchone()  # fmt: skip
+    found = {c: float(ts) for c, ts in zip(REPORTED, recent, strict=True) if ts is not None}
+    if len(found) < len(REPORTED):
+        # ... then one scan of the batmon's rows for the rest (a value its device never sends).
+        older = conn.execute(f"SELECT {columns} FROM readings WHERE batmon_id = ?", (batmon_id,)).fetchone()
+        found |= {c: float(ts) for c, ts in zip(REPORTED, older, strict=True)
+                  if ts is not None and c not in found}  # fmt: skip
+    for column in (c for c in METRICS if c not in found):
+        # Pruned into hourly rollups: no later than the end of the latest hour that has it.
+        hour = conn.execute(f"SELECT max(hour) FROM rollups WHERE batmon_id = ? AND {column}_count > 0",
+                            (batmon_id,)).fetchone()[0]  # fmt: skip
+        if hour is not None:
+            found[column] = float(hour + ROLLUP_SECONDS - 1)
     return found
