@@ -34,8 +34,6 @@ from bridge.events import (
 log = logging.getLogger(__name__)
 
 METRICS = ("voltage", "current", "power", "soc")
-# Values whose last report the page shows: each metric, and details (the values read from it).
-REPORTED = (*METRICS, "details")
 
 
 class TooManyStreams(BatmonError):
@@ -159,7 +157,7 @@ class LiveFeed:
     def _note_reported(self, batmon_id: int, names: tuple[str, ...], ts: float) -> None:
         reported = self._reported.setdefault(batmon_id, {})
         for name in names:
-            if name in REPORTED and ts > reported.get(name, -math.inf):
+            if name in METRICS and ts > reported.get(name, -math.inf):
                 reported[name] = ts
 
     def _forget_reported(self, batmon_id: int) -> None:
@@ -172,11 +170,14 @@ class LiveFeed:
 
         A reading accepted meanwhile is noted too; the later time wins either way.
         """
-        for batmon in [b for b in batmons if b.id not in self._learned]:
-            if batmon.last_reading is not None:
-                found = await self.core.history_reader.last_reported(batmon.id)
-                for name, ts in found.items():
-                    self._note_reported(batmon.id, (name,), ts)
+        new = [b for b in batmons if b.id not in self._learned]
+        with_readings = [b.id for b in new if b.last_reading is not None]
+        found = await self.core.history_reader.last_reported(with_readings) if with_readings else {}
+        for batmon in new:
+            if self.core.batmons.get(batmon.id) is not batmon:
+                continue  # deleted meanwhile
+            for name, ts in found.get(batmon.id, {}).items():
+                self._note_reported(batmon.id, (name,), ts)
             self._learned.add(batmon.id)
 
     def snapshot(self, batmon: Batmon, now: float) -> dict[str, Any]:
@@ -186,8 +187,8 @@ class LiveFeed:
         if batmon.id in self._learned:
             reported = self._reported.get(batmon.id, {})
             latest = batmon.last_reading
-            data["reported"] = {name: reported.get(name) for name in REPORTED}
-            data["stale"] = [name for name in REPORTED if latest is not None
+            data["reported"] = {name: reported.get(name) for name in METRICS}
+            data["stale"] = [name for name in METRICS if latest is not None
                              and reported.get(name, latest) < latest]  # fmt: skip
         return data
 

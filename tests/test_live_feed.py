@@ -211,7 +211,7 @@ def test_a_value_left_out_of_the_latest_reading_is_stale_and_one_never_sent_is_n
         [(event, data)] = await messages(feed, stream)
         assert event == "batmon"
         assert data["reported"] == {"voltage": 1_700_000_060, "current": 1_700_000_000,
-                                    "power": None, "soc": None, "details": None}  # fmt: skip
+                                    "power": None, "soc": None}  # fmt: skip
         assert data["stale"] == ["current"]
         # The API keeps the seed's 0.0 for a value never reported; only the page says "—".
         assert (data["batmon_power"], data["batmon_soc"]) == (0.0, 0.0)
@@ -237,9 +237,8 @@ def test_after_a_restart_the_feed_learns_from_history_when_each_value_was_report
         await feed.learn_reported([house])
         snapshot = feed.snapshot(house, core.clock())
         assert snapshot["reported"] == {"voltage": 1_700_000_060, "current": 1_699_999_000,
-                                        "power": None, "soc": 1_700_000_000,
-                                        "details": 1_700_000_000}  # fmt: skip
-        assert snapshot["stale"] == ["current", "soc", "details"]
+                                        "power": None, "soc": 1_700_000_000}  # fmt: skip
+        assert snapshot["stale"] == ["current", "soc"]
 
     run(tmp_path, before)
     run(tmp_path, after)
