@@ -152,9 +152,11 @@
     const sort = SORTS[field("sort").value] || SORTS[""];
     const order = [...known.values()].sort((a, b) => sort(a, b) || SORTS[""](a, b));
     let shown = 0;
+    // Moving a row would take the keyboard focus out of it: keep the order while it is inside.
+    const still = tbody.contains(document.activeElement);
     order.forEach((b, i) => {
       const tr = tbody.querySelector(`tr[data-batmon-id="${b.batmon_id}"]`);
-      if (tbody.rows[i] !== tr) tbody.insertBefore(tr, tbody.rows[i] || null);
+      if (!still && tbody.rows[i] !== tr) tbody.insertBefore(tr, tbody.rows[i] || null);
       tr.hidden = !matches(b, query, show, socMax);
       if (!tr.hidden) shown += 1;
     });
