@@ -168,8 +168,11 @@ class LiveFeed:
     async def learn_reported(self, batmons: Iterable[Batmon]) -> None:
         """Ask history, once per batmon, when each of its values was last reported.
 
-        A reading accepted meanwhile is noted too; the later time wins either way.
+        A reading accepted meanwhile is noted too; the later time wins either way. What is
+        learned stays right only while the feed listens to readings: it starts listening.
         """
+        if not self.started:
+            await self.start()
         new = [b for b in batmons if b.id not in self._learned]
         with_readings = [b.id for b in new if b.last_reading is not None]
         found = await self.core.history_reader.last_reported(with_readings) if with_readings else {}

@@ -264,3 +264,26 @@ def test_a_value_only_in_pruned_readings_is_known_from_the_hourly_rollups(tmp_pa
 
     run(tmp_path, before)
     run(tmp_path, after)
+
+
+def test_a_page_shown_before_any_stream_still_sees_later_readings_as_fresh(tmp_path: Path) -> None:
+    async def scenario(core: Core, feed: LiveFeed) -> None:
+        user, _ = core.create_user("owner@example.org")
+        house = add(core, user, "House")
+        await ingest(core, house, voltage=12.5, current=1.0, power=12.5, soc=80, ts=1_700_000_000)
+        await feed.learn_reported([house])  # a page, with no stream open and the feed not started
+        await ingest(core, house, voltage=12.6, current=1.1, power=13.9, soc=81, ts=1_700_000_060)
+        snapshot = feed.snapshot(house, core.clock())
+        assert snapshot["stale"] == [] and snapshot["reported"]["soc"] == 1_700_000_060
+
+    async def main() -> None:
+        store = Store.open(tmp_path / "batmon.sqlite3")
+        core = Core(store, EventBus()).load()
+        feed = LiveFeed(core)  # not started: the first page does it
+        try:
+            await scenario(core, feed)
+        finally:
+            await feed.stop()
+            store.close()
+
+    asyncio.run(main())
