@@ -292,3 +292,55 @@ def test_nginx_spreads_requests_over_two_workers_and_streams_events_unbuffered(
         first.close()
         for http, _ in batmons:
             http.close()
+
+
+# -- serve as the unit runs it -----------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_serve_runs_from_the_units_environment_alone_and_keeps_the_shared_key(tmp_path: Path) -> None:
+    """No flags: the template's Environment= lines for instance 1, the shared options file as
+    docs/SCALE-OUT.md writes it (broker, host), and a worker-1.env moving the port to a free
+    one. The key the unit copies in before the start is the one serve keeps."""
+    from tests.support import PrivateMosquitto
+
+    (tmp_path / "broker").mkdir()
+    broker = PrivateMosquitto(tmp_path / "broker").start()
+    unit_env = dict(
+        value.replace("%i", "1").split("=", 1) for value in directives(TEMPLATE.read_text())["Environment"]
+    )
+    data_dir = tmp_path / "var-lib" / "batmon-worker-1"
+    unit_env["BATMON_DATA_DIR"] = str(data_dir)  # %S/batmon-worker-1, moved into tmp_path
+    assert unit_env["BATMON_HTTP_PORT"] == "8081"
+    port = free_port()
+    shared = {"BATMON_MQTT_URL": f"mqtt://127.0.0.1:{broker.port}", "BATMON_HOST": "127.0.0.1"}
+    own = {"BATMON_HTTP_PORT": str(port)}  # worker-1.env overrides the unit's 8081
+    data_dir.mkdir(parents=True, mode=0o700)
+    key = os.urandom(32)
+    (data_dir / "session.key").write_bytes(key)  # what ExecStartPre installs
+    (data_dir / "session.key").chmod(0o600)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("BATMON_")}
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("batmon")), "serve"], cwd=tmp_path,
+                            env={**environ, **unit_env, **shared, **own}, stdout=subprocess.PIPE,
+                            stderr=log, text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("ready"):
+                break
+        else:
+            raise AssertionError((tmp_path / "serve.log").read_text())
+        health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json()
+        assert health["status"] == "ok"
+        assert (health["mqtt"], health["mqtt_port"]) == ("connected", broker.port)
+        assert (data_dir / "session.key").read_bytes() == key
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+        broker.stop()

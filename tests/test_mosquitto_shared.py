@@ -15,6 +15,7 @@ What these pin down, because docs/SCALE-OUT.md and deploy/batmon@.service rely o
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from tests.support import MOSQUITTO, wait_until
 from tests.test_mosquitto_config import PASSWORDS, ShippedMosquitto
 
 SHARED_FILTER = "$share/batmon/batmon/+/+/update"
+MOSQUITTO_SUB = "/usr/bin/mosquitto_sub"
 USER = "batmon-bridge"
 SESSION_EXPIRY_S = 3600  # persistent: the session outlives the connection
 
@@ -219,3 +221,31 @@ def test_a_member_whose_session_ends_at_disconnect_loses_its_unacked_readings(
     lost = (sent | extra) - delivered
     print(f"session expiry 0: {len(unacked)} unacked when it died, {len(lost)} never delivered")
     assert unacked and lost == unacked
+
+
+def test_a_member_removed_for_good_stops_taking_its_turn_once_its_session_is_ended(
+    group: Group,
+) -> None:
+    """docs/SCALE-OUT.md, "Removing a worker": stopped, a member keeps its turn at new
+    readings; one clean-session connect under its client id (mosquitto_sub, as the doc says)
+    ends its session, and from then on the others get everything."""
+    staying = group.member("batmon-worker-1")
+    leaving = group.member("batmon-worker-2")
+    devices = group.publisher()
+    devices.send(0, 20)
+    wait_until(lambda: len(staying.got()) + len(leaving.got()) >= 20, 10, "20 delivered")
+    leaving.close()  # a clean stop: DISCONNECT, its session stays
+    before = len(staying.got())
+    devices.send(100, 20)
+    wait_until(lambda: len(staying.got()) >= before + 10, 10, "the staying member's turn")
+    time.sleep(0.5)
+    queued_for_the_stopped = 20 - (len(staying.got()) - before)
+    subprocess.run([MOSQUITTO_SUB, "-p", str(group.broker.port), "-i", "batmon-worker-2", "-u", USER,
+                    "-P", PASSWORDS[USER], "-t", "batmon/none", "-E"], check=True, timeout=10)  # fmt: skip
+    before = len(staying.got())
+    sent = devices.send(200, 20)
+    wait_until(lambda: len(staying.got()) >= before + 20, 10, "all 20 to the staying member")
+    print(f"stopped member: {queued_for_the_stopped} of 20 queued for it; after its session was ended,"
+          f" the staying member got all 20")  # fmt: skip
+    assert queued_for_the_stopped == 10
+    assert sent <= set(staying.got())
