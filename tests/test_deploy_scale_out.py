@@ -137,8 +137,12 @@ class Nginx:
         temp = "".join(f"    {kind}_temp_path {folder}/{kind};\n"
                        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))  # fmt: skip
         # serve sends `X-Accel-Buffering: no` on /events itself; the stream is checked with
-        # nginx ignoring that header, so with the shipped file's own settings only.
+        # nginx ignoring that header, so with the shipped file's own settings only. And in a
+        # site that compresses event streams: gzip holds the stream back (not even its headers
+        # came within 10 s) unless /events turns buffering or gzip off (either one suffices on
+        # nginx 1.22; the file does both).
         ignore = "    proxy_ignore_headers X-Accel-Buffering;\n" if ignore_accel_header else ""
+        ignore += "    gzip on;\n    gzip_types text/event-stream;\n"
         user = f"user {pwd.getpwuid(os.getuid()).pw_name};\n" if os.getuid() == 0 else ""
         self.config = folder / "nginx.conf"
         self.config.write_text(
