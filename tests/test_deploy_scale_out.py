@@ -32,11 +32,11 @@ import pytest
 
 from tests.conftest import ServeProcess
 from tests.support import ROOT, free_port, wait_until
+from tests.test_deploy import INSTALLED_BATMON, directives, systemd_analyze
 
 DEPLOY = ROOT / "deploy"
 TEMPLATE = DEPLOY / "batmon@.service"
 NGINX_CONF = DEPLOY / "nginx-batmon.conf"
-INSTALLED_BATMON = "/opt/batmon/bin/batmon"  # where docs/SCALE-OUT.md puts it
 LIVE_DEADLINE_S = 1.0  # issue 16: a reading appears on a dashboard within 1 s
 
 
@@ -44,17 +44,6 @@ def tool(name: str, package: str) -> str:
     """The path of a required tool; a clear failure (never a skip) naming the package."""
     found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
     assert found, f"{name} is missing: apt-get install -y {package} (.ci/run does)"
-    return found
-
-
-def directives(text: str) -> dict[str, list[str]]:
-    """Every `Key=value` of a unit (comments out), values in order."""
-    found: dict[str, list[str]] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith(("#", ";", "[")) and "=" in line:
-            key, _, value = line.partition("=")
-            found.setdefault(key.strip(), []).append(value.strip())
     return found
 
 
@@ -72,16 +61,15 @@ def template_here(tmp_path: Path) -> Path:
     return copy
 
 
-def systemd_analyze(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([tool("systemd-analyze", "systemd"), *args], capture_output=True,
-                          text=True, timeout=60)  # fmt: skip
+def analyze(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([systemd_analyze(), *args], capture_output=True, text=True, timeout=60)
 
 
 def test_the_worker_template_and_an_instance_verify_clean(tmp_path: Path) -> None:
     template = template_here(tmp_path)
     # The instance is found through the template beside it, with %i filled in.
     for unit in (template, template.with_name("batmon@3.service")):
-        result = systemd_analyze("verify", str(unit))
+        result = analyze("verify", str(unit))
         assert result.returncode == 0, result.stderr
         assert result.stderr.strip() == "", result.stderr  # not even a warning
 
@@ -97,7 +85,7 @@ def test_the_worker_template_restarts_always_and_is_hardened(tmp_path: Path) -> 
     # Every worker reads the shared options, then its own (optional) file.
     assert found["EnvironmentFile"] == ["/etc/batmon/workers.env", "-/etc/batmon/worker-%i.env"]
     instance = template_here(tmp_path).with_name("batmon@2.service")
-    result = systemd_analyze("security", "--offline=true", str(instance))
+    result = analyze("security", "--offline=true", str(instance))
     score = re.search(r"Overall exposure level for batmon@2.service: ([\d.]+)", result.stdout)
     assert score, result.stdout + result.stderr
     print(f"systemd-analyze security batmon@2.service: exposure {score.group(1)}")
