@@ -12,6 +12,7 @@ import contextlib
 import logging
 import weakref
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
@@ -515,6 +516,23 @@ class BatmonBroker(Broker):
             if owner is handler and client_session.transitions.is_connected():
                 await self._stop_handler(handler)
                 client_session.transitions.disconnect()
+
+    async def disconnect_where(self, condition: Callable[[Principal], bool]) -> int:
+        """Close every connected session whose principal meets ``condition``; how many.
+
+        The connection ends as if the network had dropped it: acknowledged messages are
+        still delivered, the vetted will fires, a persistent session is kept (and resumes
+        only with a credential that is valid then).
+        """
+        closed = 0
+        for session, handler in list(self._sessions.values()):
+            principal = session.attributes.get(PRINCIPAL_KEY)
+            if handler is None or not isinstance(principal, Principal):
+                continue
+            if session.transitions.is_connected() and condition(principal):
+                await handler.handle_connection_closed()  # wakes _client_message_loop's disconnect
+                closed += 1
+        return closed
 
     def bound_port(self) -> int:
         """Read the port from the listening socket: the only truth when port 0 was asked."""
