@@ -137,6 +137,9 @@ def test_reset_key_while_serving_the_new_key_works_and_the_old_one_is_refused(se
     bob = Client(port, "bob-dashboard", "bob@example.org", old_key)
     admin = Client(port, "admin-dashboard", "admin@localhost", serve.admin_key)
     assert bob.connect() == 0 and admin.connect() == 0
+    browser = httpx.Client(base_url=serve.http_url, timeout=10)  # a dashboard login, by cookie
+    assert browser.post("/interface/login", data={"api_key": old_key}).status_code == 200
+    assert browser.get("/interface/batmon/count").status_code == 200
     try:
         reset = batmon("user", "reset-key", "bob@example.org", *data)
         assert reset.returncode == 0, reset.stderr
@@ -147,10 +150,15 @@ def test_reset_key_while_serving_the_new_key_works_and_the_old_one_is_refused(se
                    "the old key refused over HTTP")  # fmt: skip
         assert status_of(serve, new_key) == 200
         assert bob.wait_disconnected(HONOURED_WITHIN_S), "a session of the old key stayed connected"
+        # A login made with the old key ends too (the key may have leaked with its cookie).
+        assert browser.get("/interface/batmon/count").status_code == 401
+        assert browser.post("/interface/login", data={"api_key": new_key}).status_code == 200
+        assert browser.get("/interface/batmon/count").status_code == 200
         assert mqtt_login(port, "bob@example.org", old_key) == NOT_AUTHORIZED
         assert mqtt_login(port, "bob@example.org", new_key) == 0
         assert admin.paho.is_connected() and status_of(serve, serve.admin_key or "") == 200
     finally:
+        browser.close()
         bob.close()
         admin.close()
 
