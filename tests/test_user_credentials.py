@@ -195,3 +195,35 @@ def test_token_and_reset_key_commands_validate_their_input(tmp_path: Path) -> No
     elsewhere = batmon("user", "token", "list", "ann@example.org", "--data-dir", str(tmp_path / "absent"))
     assert elsewhere.returncode == 1 and "no data folder" in elsewhere.stderr
     assert not (tmp_path / "absent").exists()
+
+
+def test_a_database_from_before_tokens_keeps_its_users_and_gains_tokens(tmp_path: Path) -> None:
+    import sqlite3
+
+    from sqlite_utils import Database
+
+    from bridge.security import hash_api_key
+    from bridge.store import schema
+
+    path = tmp_path / "data" / "batmon.sqlite3"
+    path.parent.mkdir(mode=0o700)
+    db = Database(sqlite3.connect(path))
+    latest = schema.MIGRATIONS
+    try:
+        schema.MIGRATIONS = latest[:3]  # the release before tokens
+        schema.LATEST = 3
+        schema.migrate(db)
+    finally:
+        schema.MIGRATIONS, schema.LATEST = latest, len(latest)
+    db.execute("INSERT INTO users (email, api_key_hash, created) VALUES (?, ?, 0)",
+               ("old@example.org", hash_api_key("the-old-key")))  # fmt: skip
+    db.conn.commit()
+    db.close()
+
+    data = ["--data-dir", str(path.parent)]
+    made = batmon("user", "token", "add", "old@example.org", "--name", "home-assistant", *data)
+    assert made.returncode == 0, made.stderr
+    assert batmon("user", "list", *data).stdout.split() == ["old@example.org"]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT api_key_hash FROM users").fetchone()[0] == hash_api_key("the-old-key")
+        assert conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] >= 4
