@@ -102,13 +102,16 @@ def test_home_assistant_with_the_readme_token_sees_only_its_owners_batmons_until
                 assert r.status_code == 200, r.text
             while json.loads(ha.next_on(f"batmon/{mine}/state").payload).get("batmon_voltage") != 12.9:
                 pass
-            # It may publish Home Assistant's status only: an update is not taken.
-            forged = ha.client.publish(f"batmon/{mine}/{mine_token}/update", '{"voltage": 99}', qos=1)
-            forged.wait_for_publish(10)
+            # It may publish Home Assistant's status only: no update is taken, no state forged
+            # (it subscribes to that state topic itself, so a forged one would come back).
+            for topic, payload in ((f"batmon/{mine}/{mine_token}/update", '{"voltage": 99}'),
+                                   (f"batmon/{mine}/state", "forged")):  # fmt: skip
+                ha.client.publish(topic, payload, qos=1).wait_for_publish(10)
             ha.client.publish("homeassistant/status", "online")
             ha.next_on(f"homeassistant/device/batmon_{mine}/config")
             status = http.get("/interface/batmon/status", headers=owner, params={"batmon_id": mine})
             assert status.json()["success"]["batmon_voltage"] == 12.9
+            assert not [m for m in ha.seen if m.payload == b"forged"]
             assert not [m.topic for m in ha.seen if str(theirs) in m.topic]
             assert {m.topic.split("/")[0] for m in ha.seen} == {"homeassistant", "batmon"}
 
