@@ -230,3 +230,76 @@ def test_a_database_from_before_tokens_keeps_its_users_and_gains_tokens(tmp_path
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT api_key_hash FROM users").fetchone()[0] == hash_api_key("the-old-key")
         assert conn.execute("SELECT max(version) FROM schema_version").fetchone()[0] >= 4
+
+
+def test_the_watcher_reloads_only_when_a_credential_changed(tmp_path: Path) -> None:
+    import asyncio
+
+    from bridge.core import Core
+    from bridge.events import CredentialsChanged, EventBus
+    from bridge.extensions.credential_watcher import CredentialWatcher
+    from bridge.models import AddBatmon, Reading
+    from bridge.store.db import Store
+
+    path = tmp_path / "batmon.sqlite3"
+    server = Core(Store.open(path), EventBus()).load()
+    user, old_key = server.create_user("ann@example.org")
+    changes: list[CredentialsChanged] = []
+    server.bus.subscribe(CredentialsChanged, changes.append)
+    cli = Core(Store.open(path), EventBus()).load()  # what `batmon user ...` opens
+
+    async def scenario() -> None:
+        watcher = CredentialWatcher(server, path, interval_s=3600)  # polled by hand below
+        await watcher.start()
+        try:
+            await watcher.check_now()  # the user made above
+            changes.clear()
+            # Readings commit on the writer's connection: not a credential change.
+            batmon = server.add_batmon(user, AddBatmon(batmon_name="Shed"))
+            await server.ingest_readings(batmon, [Reading(voltage=12.5)])
+            assert not await watcher.check_now()
+            new_key = cli.reset_api_key("ann@example.org")
+            secret = cli.add_mqtt_token("ann@example.org", "home-assistant")
+            assert await watcher.check_now() and len(changes) == 1
+            assert server.user_for_api_key(old_key) is None
+            assert server.check_user("ann@example.org", new_key) == user.id
+            assert server.check_user("ann@example.org", secret) == user.id
+            assert server.user_for_api_key(secret) is None  # a token is no api key
+            cli.revoke_mqtt_token("ann@example.org", "home-assistant")
+            assert await watcher.check_now()
+            assert server.check_user("ann@example.org", secret) is None
+        finally:
+            await watcher.stop()
+            server.writer.stop()
+
+    asyncio.run(scenario())
+    cli.close()
+    server.close_history()
+    server.store.close()
+
+
+def test_the_watcher_keeps_the_credentials_it_has_while_the_database_cannot_be_read(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    from bridge.core import Core
+    from bridge.events import EventBus
+    from bridge.extensions.credential_watcher import CredentialWatcher
+    from bridge.store.db import Store
+
+    store = Store.open(tmp_path / "batmon.sqlite3")
+    core = Core(store, EventBus()).load()
+    _, key = core.create_user("ann@example.org")
+
+    async def scenario() -> None:
+        watcher = CredentialWatcher(core, tmp_path / "elsewhere.sqlite3", interval_s=3600)
+        await watcher.start()
+        try:
+            assert not await watcher.check_now()
+        finally:
+            await watcher.stop()
+
+    asyncio.run(scenario())
+    assert core.check_user("ann@example.org", key) is not None
+    core.close()
