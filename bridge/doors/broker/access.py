@@ -174,6 +174,10 @@ class AccessPolicy:
             return True
         if principal.kind == "device":
             return topic in principal.subscribe
+        if not self.still_valid(principal):
+            # Reset or revoked: nothing more, not even queued for a persistent session,
+            # in the moment before the broker closes the connection.
+            return False
         if topic == self._topics.bridge_state:
             return True
         batmon_id = self._topics.batmon_of_user_topic(topic)
