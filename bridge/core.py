@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from bridge.banks import Banks, member_capacity_ah
 from bridge.errors import Conflict, NotFound, WrongToken
 from bridge.events import BatmonChanged, BatmonDeleted, EventBus, ReadingAccepted, StatusChanged
 from bridge.history_answers import HistoryPlan, Streamed, check_size, utc_text
@@ -106,6 +107,7 @@ class Batmon:
     current_units: str = ""
     power_units: str = ""
     soc_units: str = ""
+    capacity_ah: float | None = None  # the owner's setting; see member_capacity_ah
     alarms: dict[int, Alarm] = field(default_factory=dict)
 
     def status_at(self, now: float) -> Status:
@@ -151,6 +153,7 @@ class Batmon:
             "current_units": self.current_units,
             "power_units": self.power_units,
             "soc_units": self.soc_units,
+            "capacity_ah": member_capacity_ah(self),
         }
 
     @classmethod
@@ -186,6 +189,7 @@ class Core:
         self._deleted_owners: dict[int, int] = {}
         # Every reading is committed by this one writer, off the event loop.
         self.writer = ReadingWriter(lambda: SqliteReadingSink(store.path), self._apply_committed)
+        self.banks = Banks(self)
 
     def close(self) -> None:
         """Stop the writer (after what it holds) and the history workers; close the store."""
@@ -204,6 +208,7 @@ class Core:
             if alarm.batmon_id in self.batmons:
                 self.alarms[alarm.id] = alarm
                 self.batmons[alarm.batmon_id].alarms[alarm.id] = alarm
+        self.banks.load()
         return self
 
     # -- users ---------------------------------------------------------------
@@ -318,6 +323,10 @@ class Core:
         batmon = self.batmons.get(batmon_id)
         return batmon is not None and batmon.user_id == user_id
 
+    def owns_bank(self, user_id: int, bank_id: int) -> bool:
+        """True when the user owns the bank, or owned it until it was deleted this run."""
+        return self.banks.visible_to(user_id, bank_id)
+
     def owned_until_deleted(self, user_id: int, batmon_id: int) -> bool:
         """True when the user owned this batmon until it was deleted (during this run)."""
         return self._deleted_owners.get(batmon_id) == user_id
@@ -407,6 +416,7 @@ class Core:
         self.writer.forget(batmon.id)
         for alarm_id in batmon.alarms:
             self.alarms.pop(alarm_id, None)
+        self.banks.batmon_deleted(batmon.id)
         self.bus.emit(BatmonDeleted(batmon))
 
     # -- readings ------------------------------------------------------------

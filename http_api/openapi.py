@@ -46,7 +46,7 @@ def _success(schema: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "invalid input", 401: "not authenticated", 403: "wrong batmon_token",
-            404: "unknown batmon or alarm", 405: "method not allowed",
+            404: "unknown batmon, alarm or bank", 405: "method not allowed",
             413: "body over 64 KiB", 429: "too many failed authentications"}  # fmt: skip
     return {
         str(c): {"description": text[c], "content": {"application/json": {"schema": _ERROR}}}

@@ -40,6 +40,7 @@ class FakeCredentials:
     )
     owner: dict[int, int] = field(default_factory=lambda: {5: ALICE_ID, 6: BOB_ID, 7: ALICE_ID})
     deleted_owner: dict[int, int] = field(default_factory=dict)
+    bank_owner: dict[int, int] = field(default_factory=lambda: {9: ALICE_ID})
 
     def check_device(self, batmon_id: int, token: str) -> bool:
         return self.tokens.get(batmon_id) == token
@@ -56,6 +57,9 @@ class FakeCredentials:
 
     def owned_until_deleted(self, user_id: int, batmon_id: int) -> bool:
         return self.deleted_owner.get(batmon_id) == user_id
+
+    def owns_bank(self, user_id: int, bank_id: int) -> bool:
+        return self.bank_owner.get(bank_id) == user_id
 
     def delete(self, batmon_id: int) -> None:
         """What Core.delete_batmon does to ownership."""

@@ -153,7 +153,27 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (batmon_id, hour)
         ) WITHOUT ROWID""",
     ],
-    # 4: MQTT-only secrets a user makes for Home Assistant (stored hashed, like api keys),
+    # 4: battery banks (several batmons of one user shown as one battery), and the
+    # capacity a user may set on a batmon (it weighs the batmon's SoC in a bank).
+    # A deleted batmon leaves its banks by the cascade; a bank's members keep their order.
+    [
+        "ALTER TABLE batmons ADD COLUMN capacity_ah REAL",
+        """CREATE TABLE banks (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id),
+            name TEXT NOT NULL,
+            created REAL NOT NULL
+        )""",
+        "CREATE INDEX banks_user ON banks(user_id)",
+        """CREATE TABLE bank_members (
+            bank_id INTEGER NOT NULL REFERENCES banks(id) ON DELETE CASCADE,
+            batmon_id INTEGER NOT NULL REFERENCES batmons(id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            PRIMARY KEY (bank_id, batmon_id)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX bank_members_batmon ON bank_members(batmon_id)",
+    ],
+    # 5: MQTT-only secrets a user makes for Home Assistant (stored hashed, like api keys),
     # and a counter that every change of a credential bumps, by trigger, whichever process
     # makes it: a running server polls this one row to notice `batmon user ...` commands.
     [

@@ -42,6 +42,10 @@ class CredentialCheck(Protocol):
         """True if the user owned the batmon until it was deleted: its clears still reach it."""
         ...
 
+    def owns_bank(self, user_id: int, bank_id: int) -> bool:
+        """True if the user owns the bank, or owned it until it was deleted (its clears)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:
@@ -182,7 +186,8 @@ class AccessPolicy:
             return True
         batmon_id = self._topics.batmon_of_user_topic(topic)
         if batmon_id is None:
-            return False
+            bank_id = self._topics.bank_of_user_topic(topic)
+            return bank_id is not None and self._credentials.owns_bank(principal.ident, bank_id)
         return self._credentials.owns(principal.ident, batmon_id) or (
             self._credentials.owned_until_deleted(principal.ident, batmon_id)
         )
