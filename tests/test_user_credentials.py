@@ -107,10 +107,15 @@ def test_home_assistant_with_the_readme_token_sees_only_its_owners_batmons_until
             for topic, payload in ((f"batmon/{mine}/{mine_token}/update", '{"voltage": 99}'),
                                    (f"batmon/{mine}/state", "forged")):  # fmt: skip
                 ha.client.publish(topic, payload, qos=1).wait_for_publish(10)
-            ha.client.publish("homeassistant/status", "online")
-            ha.next_on(f"homeassistant/device/batmon_{mine}/config")
-            status = http.get("/interface/batmon/status", headers=owner, params={"batmon_id": mine})
-            assert status.json()["success"]["batmon_voltage"] == 12.9
+            # A reading after them, as a marker: a forged message would have come before it.
+            r = http.post("/interface/update/batmon",
+                          json={"batmon_id": mine, "batmon_token": mine_token, "voltage": 12.8})
+            assert r.status_code == 200, r.text
+            while json.loads(ha.next_on(f"batmon/{mine}/state").payload).get("batmon_voltage") != 12.8:
+                pass
+            history = http.get("/interface/batmon/history", headers=owner,
+                               params={"batmon_id": mine, "min_epoch_tm_sec": 0}).json()["success"]
+            assert [row["batmon_voltage"] for row in history[0]["data"]] == [12.9, 12.8]
             assert not [m for m in ha.seen if m.payload == b"forged"]
             assert not [m.topic for m in ha.seen if str(theirs) in m.topic]
             assert {m.topic.split("/")[0] for m in ha.seen} == {"homeassistant", "batmon"}
