@@ -242,11 +242,9 @@ class Core:
         """Make an MQTT-only secret for the user (Home Assistant), shown once; stored hashed."""
         user = self._user_by_email(email)
         secret = new_api_key()
-        try:
-            Credentials(self.store).add_token(user.id, name, hash_api_key(secret), self.clock())
-        except sqlite3.IntegrityError:
+        if not Credentials(self.store).add_token(user.id, name, hash_api_key(secret), self.clock()):
             raise Conflict(f"a token named {name} of {user.email} exists already: revoke it,"
-                           " or choose another --name") from None  # fmt: skip
+                           " or choose another --name")  # fmt: skip
         self._token_holders[hash_api_key(secret)] = user.id
         return secret
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 from pathlib import Path
 
 from bridge.core import Core
@@ -55,7 +54,10 @@ class CredentialWatcher:
     async def _run(self, reader: CredentialReader) -> None:
         while True:
             await asyncio.sleep(self._interval_s)
-            await self.check_now(reader)
+            try:
+                await self.check_now(reader)
+            except Exception:  # a bug must not end the polling for the rest of the run
+                log.exception("checking for credential changes failed")
 
     async def check_now(self, reader: CredentialReader | None = None) -> bool:
         """Poll once; True when the credentials changed and were reloaded."""
@@ -65,7 +67,7 @@ class CredentialWatcher:
         known = self._core.credentials_version
         try:
             rows = await asyncio.to_thread(_changed_since, reader, known)
-        except (sqlite3.Error, OSError) as exc:
+        except OSError as exc:
             if not self._failing:  # once per outage, not once a second
                 log.warning("cannot read credential changes (keys and tokens stay as they were): %s", exc)
             self._failing = True

@@ -37,13 +37,15 @@ class Credentials:
         with self.db.atomic():
             self.db.execute("UPDATE users SET api_key_hash = ? WHERE id = ?", (api_key_hash, user_id))
 
-    def add_token(self, user_id: int, name: str, secret_hash: str, created: float) -> None:
-        """Insert a token; raises sqlite3.IntegrityError if the user has one of that name."""
+    def add_token(self, user_id: int, name: str, secret_hash: str, created: float) -> bool:
+        """Insert a token; False (nothing written) if the user has one of that name."""
         with self.db.atomic():
-            self.db.execute(
-                "INSERT INTO user_tokens (user_id, name, secret_hash, created) VALUES (?, ?, ?, ?)",
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO user_tokens (user_id, name, secret_hash, created)"
+                " VALUES (?, ?, ?, ?)",
                 (user_id, name, secret_hash, created),
             )
+        return cur.rowcount > 0
 
     def tokens_of(self, user_id: int) -> list[dict[str, Any]]:
         """The user's tokens (name, created), oldest first; never their hashes."""
@@ -82,12 +84,22 @@ class CredentialReader:
         return self._conn
 
     def version(self) -> int:
-        """The change counter: it moves on every change of a user's key or of a token."""
-        return _version(self._connection())
+        """The change counter: it moves on every change of a user's key or of a token.
+
+        Raises OSError when the database cannot be read (callers need not know SQLite).
+        """
+        try:
+            return _version(self._connection())
+        except sqlite3.Error as exc:
+            raise OSError(f"cannot read credentials: {exc}") from None
 
     def load(self) -> CredentialRows:
-        """Every credential, read in one transaction (consistent with its version)."""
-        return load_rows(self._connection())
+        """Every credential, read in one transaction (consistent with its version); OSError
+        when the database cannot be read."""
+        try:
+            return load_rows(self._connection())
+        except sqlite3.Error as exc:
+            raise OSError(f"cannot read credentials: {exc}") from None
 
     def close(self) -> None:
         if self._conn is not None:
