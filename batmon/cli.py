@@ -294,6 +294,8 @@ def run_user_token(core: Any, args: argparse.Namespace) -> None:
     spec = UserTokenName.model_validate({"email": args.email, "name": args.name})
     if args.token_command == "add":
         print(core.add_mqtt_token(spec.email, spec.name))
+        print(f"MQTT username {spec.email}, password the line above (shown once); it sees"
+              f" {spec.email}'s batmons and works over MQTT only", file=sys.stderr, flush=True)  # fmt: skip
     else:
         core.revoke_mqtt_token(spec.email, spec.name)
         print(f"revoked token {spec.name} of {spec.email}", file=sys.stderr, flush=True)
