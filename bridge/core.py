@@ -164,6 +164,27 @@ class Batmon:
         return cls(**values)
 
 
+@dataclass(frozen=True)
+class CredentialMaps:
+    """The registry's credential lookups, built from stored rows on any thread."""
+
+    version: int
+    users_by_key: dict[str, User]
+    users_by_id: dict[int, User]
+    token_holders: dict[str, int]
+    """An MQTT token's secret hash -> its user's id."""
+
+    @classmethod
+    def of(cls, rows: CredentialRows) -> CredentialMaps:
+        users = [User(id=r["id"], email=r["email"], api_key_hash=r["api_key_hash"]) for r in rows.users]
+        return cls(
+            version=rows.version,
+            users_by_key={u.api_key_hash: u for u in users},
+            users_by_id={u.id: u for u in users},
+            token_holders={r["secret_hash"]: r["user_id"] for r in rows.tokens},
+        )
+
+
 class Core:
     """Owns every rule about users, batmons, readings and alarms; emits events."""
 
@@ -281,14 +302,16 @@ class Core:
         """True once any user exists (``serve`` creates admin@localhost otherwise)."""
         return bool(self._users_by_id) or bool(self.store.users())
 
-    def replace_credentials(self, rows: CredentialRows) -> None:
+    def replace_credentials(self, rows: CredentialRows | CredentialMaps) -> None:
         """Hold exactly these users' keys and tokens (at start, and when another process
-        changed one: a reset key or a revoked token matches nothing from now on)."""
-        self._users_by_key, self._users_by_id = {}, {}
-        for row in rows.users:
-            self._remember_user(row)
-        self._token_holders = {row["secret_hash"]: row["user_id"] for row in rows.tokens}
-        self.credentials_version = rows.version
+        changed one: a reset key or a revoked token matches nothing from now on).
+
+        Given maps built beforehand (off the loop), this is a swap of three references.
+        """
+        maps = rows if isinstance(rows, CredentialMaps) else CredentialMaps.of(rows)
+        self._users_by_key, self._users_by_id = maps.users_by_key, maps.users_by_id
+        self._token_holders = maps.token_holders
+        self.credentials_version = maps.version
 
     def _remember_user(self, row: dict[str, Any]) -> User:
         user = User(id=row["id"], email=row["email"], api_key_hash=row["api_key_hash"])

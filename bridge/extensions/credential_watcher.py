@@ -15,9 +15,9 @@ import contextlib
 import logging
 from pathlib import Path
 
-from bridge.core import Core
+from bridge.core import Core, CredentialMaps
 from bridge.events import CredentialsChanged
-from bridge.store.credentials import CredentialReader, CredentialRows
+from bridge.store.credentials import CredentialReader
 
 log = logging.getLogger(__name__)
 
@@ -66,23 +66,24 @@ class CredentialWatcher:
             return False
         known = self._core.credentials_version
         try:
-            rows = await asyncio.to_thread(_changed_since, reader, known)
+            maps = await asyncio.to_thread(_changed_since, reader, known)
         except OSError as exc:
             if not self._failing:  # once per outage, not once a second
                 log.warning("cannot read credential changes (keys and tokens stay as they were): %s", exc)
             self._failing = True
             return False
         self._failing = False
-        if rows is None or rows.version == self._core.credentials_version:
+        if maps is None or maps.version == self._core.credentials_version:
             return False
-        self._core.replace_credentials(rows)
+        self._core.replace_credentials(maps)
         log.info("credentials changed in the database: reloaded keys and tokens")
-        self._core.bus.emit(CredentialsChanged(rows.version))
+        self._core.bus.emit(CredentialsChanged(maps.version))
         return True
 
 
-def _changed_since(reader: CredentialReader, known: int) -> CredentialRows | None:
-    """On a worker thread: every credential if the counter moved past ``known``, else None."""
+def _changed_since(reader: CredentialReader, known: int) -> CredentialMaps | None:
+    """On a worker thread: every credential, ready to swap in, if the counter moved past
+    ``known``; else None."""
     if reader.version() == known:
         return None
-    return reader.load()
+    return CredentialMaps.of(reader.load())
