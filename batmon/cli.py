@@ -318,7 +318,7 @@ def run_backup_or_restore(args: argparse.Namespace) -> None:
 
 
 def run_user(args: argparse.Namespace) -> None:
-    """`batmon user add|list|notify` on the data folder's database."""
+    """`batmon user add|list|notify|reset-key|token` on the data folder's database."""
     from bridge.core import Core
     from bridge.events import EventBus
     from bridge.models import NewUser
