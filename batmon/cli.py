@@ -263,8 +263,8 @@ def set_user_targets(core: Any, args: argparse.Namespace) -> None:
     given = {k: v for k in ("email_url", "whatsapp_url", "sms_url")
              if (v := getattr(args, k)) is not None}  # fmt: skip
     targets = NotificationTargets.model_validate(given)
-    set_targets(core, row["id"], targets)
-    for channel, url in targets_view(core, row["id"]).items():
+    set_targets(core.store, row["id"], targets)
+    for channel, url in targets_view(core.store, row["id"]).items():
         print(f"{channel}: {url or '-'}")
 
 

@@ -143,7 +143,8 @@ class Service:
         assert self.core is not None
         token = opts.metrics_token.get_secret_value() if opts.metrics_token else None
         exposure = MetricsExposure(render=self.metrics.render, access=opts.metrics, token=token,
-                                   count_rejection=self.metrics.count_http_rejection)  # fmt: skip
+                                   count_rejection=self.metrics.count_http_rejection,
+                                   prepare=self.metrics.refresh)  # fmt: skip
         app = create_app(self.core, session_secret=secret, health=self.health, metrics=exposure,
                          limiter=self.limiter)  # fmt: skip
         config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
@@ -233,7 +234,7 @@ class Service:
         if opts.retention_days is not None:
             from bridge.extensions.retention_pruner import RetentionPruner
 
-            pruner = RetentionPruner(opts.database_path, opts.retention_days)
+            pruner = RetentionPruner(self.store, opts.retention_days)
             await pruner.start()
             self._extensions.append(pruner)
 

@@ -19,10 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-Row = tuple[Any, ...]
-Render = Callable[[list[Row]], bytes]
+from bridge.store.interface import METRICS, Render, Row
 
-METRICS = ("voltage", "current", "power", "soc")
+__all__ = ["METRICS", "HistoryReader", "Render", "Row"]
 # A raw row: ts, voltage, current, power, soc, details, seq (seq only for paging).
 RAW_COLUMNS = ("ts", *METRICS, "details")
 # A bucket row: time, count, then min/avg/max of each metric.
@@ -141,6 +140,13 @@ class HistoryReader:
 
         async for data in self._pipeline(page, None):
             yield data
+
+    async def ping(self) -> bool:
+        """True when the database answers a query (asked on a worker, not on the loop)."""
+        try:
+            return bool(await self.run(lambda conn: conn.execute("SELECT 1").fetchone() == (1,)))
+        except sqlite3.Error:
+            return False
 
     def raw_rows(self, batmon_id: int, lo: float, hi: float) -> list[Row]:
         """Every reading with lo <= ts < hi, read on the calling thread (tools and tests)."""

@@ -153,6 +153,11 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (batmon_id, hour)
         ) WITHOUT ROWID""",
     ],
+    # 4: a deleted batmon's readings and rollups are purged in chunks after its row is gone;
+    # this mark says whose, so a purge cut by a restart resumes (bridge/store/db.py).
+    [
+        "CREATE TABLE deleted_batmons (batmon_id INTEGER PRIMARY KEY, deleted_at REAL NOT NULL)",
+    ],
 ]
 
 LATEST = len(MIGRATIONS)
