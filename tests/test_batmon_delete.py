@@ -52,7 +52,7 @@ def test_a_deleted_batmon_is_gone_from_every_endpoint_at_once(api: Api) -> None:
         c.post("/interface/delete/batmon", headers=auth, json=by_owner),
         c.post("/interface/batmon/alarm/add", headers=auth, json={
             **by_owner, "alarm_name": "a", "alarm_metric": "soc", "alarm_condition": "<",
-            "alarm_threshold_value": 1}),  # fmt: skip
+            "alarm_threshold_value": 1}),
     ):
         assert (response.status_code, response.json()) == (404, {"error": missing}), response.request.url
     listed = c.get("/interface/batmon/list", headers=auth).json()["success"]

@@ -91,8 +91,7 @@ def test_history_is_in_time_order_then_write_order(store: Store, batmon: int) ->
 
 def test_history_range_is_min_inclusive_max_exclusive(store: Store, batmon: int) -> None:
     store.write([reading(batmon, T0 + k, float(k)) for k in range(5)], [])
-    assert [v for _, v in (((r["ts"], r["voltage"]) for r in store.history(batmon, T0 + 1, T0 + 3)))] == [
-        1.0, 2.0]  # fmt: skip
+    assert [r["voltage"] for r in store.history(batmon, T0 + 1, T0 + 3)] == [1.0, 2.0]
 
 
 def test_a_redelivered_reading_is_stored_once(store: Store, batmon: int) -> None:
@@ -300,7 +299,8 @@ def test_a_late_reading_for_a_rolled_up_hour_merges_into_it(store: Store, batmon
     store.write([reading(batmon, T0 + 20, 7.0)], [])
     store.prune_batch(batmon, T0 + HOUR, 100)
     (hour,) = store.rollups(batmon)
-    assert (hour["count"], hour["voltage_min"], hour["voltage_max"], hour["voltage_sum"]) == (2, 5.0, 7.0, 12.0)
+    assert (hour["count"], hour["voltage_min"], hour["voltage_max"]) == (2, 5.0, 7.0)
+    assert hour["voltage_sum"] == 12.0
 
 
 # -- the notice outbox --------------------------------------------------------------------------
