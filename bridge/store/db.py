@@ -68,10 +68,11 @@ class SqliteStore:
 
     @staticmethod
     def _connect(path: Path, synchronous: str = "NORMAL") -> sqlite3.Connection:
-        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE takes the write
-        # lock up front, so a busy database waits instead of failing mid-transaction).
+        # Every store transaction is explicit: BEGIN IMMEDIATE takes the write lock up front,
+        # so a busy database waits instead of failing mid-transaction. (The driver's own
+        # implicit transactions stay on for tools that write through ``db`` in bulk.)
         # check_same_thread=False only so whoever closes it may; one thread uses it at a time.
-        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+        conn = sqlite3.connect(str(path), check_same_thread=False, timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")
         # WAL + NORMAL: a commit survives a killed process (the promise behind every ack);
         # only a power cut can lose the last ones. FULL adds an fsync per commit: measured
