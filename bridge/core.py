@@ -262,8 +262,9 @@ class Core:
         return await self.writer.call(fn)
 
     async def ping(self) -> bool:
-        """True when the database answers (asked on a history worker, not on the loop)."""
-        return await self.history_reader.ping()
+        """True when the database answers, asked off the loop (on the core's own handle,
+        idle once the loop serves: behind no history page and no write)."""
+        return await asyncio.to_thread(self.store.ping)
 
     def _new_id(self) -> int:
         """A random id below 2^53 that no batmon or alarm has or ever had (the store refuses

@@ -161,7 +161,6 @@ def test_history_reader_pages_and_buckets_off_the_calling_thread(store: Store, b
         plan = await reader.bucket_plan(batmon, T0, T0 + 100, 5)
         buckets = [p async for p in reader.bucket_pages(batmon, T0, T0, T0 + 9, 5, False, lambda rows: repr(
             [(r[0], r[1], r[2], r[3], r[4]) for r in rows]).encode())]  # fmt: skip
-        assert await reader.ping()
         return span, pages, plan, buckets
 
     try:

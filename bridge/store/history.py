@@ -141,13 +141,6 @@ class HistoryReader:
         async for data in self._pipeline(page, None):
             yield data
 
-    async def ping(self) -> bool:
-        """True when the database answers a query (asked on a worker, not on the loop)."""
-        try:
-            return bool(await self.run(lambda conn: conn.execute("SELECT 1").fetchone() == (1,)))
-        except sqlite3.Error:
-            return False
-
     def raw_rows(self, batmon_id: int, lo: float, hi: float) -> list[Row]:
         """Every reading with lo <= ts < hi, read on the calling thread (tools and tests)."""
         conn = sqlite3.connect(self._uri, uri=True)

@@ -86,10 +86,6 @@ class HistoryReads(Protocol):
         """Every reading with lo <= ts < hi, on the calling thread (tools and tests)."""
         ...
 
-    async def ping(self) -> bool:
-        """True when the database answers, asked off the event loop."""
-        ...
-
     def close(self) -> None:
         """Wait for running pages, then release the workers' connections."""
         ...
