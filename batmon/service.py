@@ -102,7 +102,7 @@ class Service:
         self._extensions: list[Any] = []  # Extensions, some with sync start/stop
         self._server: uvicorn.Server | None = None
         self._server_task: asyncio.Task[None] | None = None
-        # One throttle for both doors: a credential failing over HTTP is throttled over MQTT too.
+        # One throttle for both doors: a source failing over HTTP is throttled over MQTT too.
         self.limiter = FailureLimiter()
 
     @property

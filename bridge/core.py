@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+from bridge.banks import Banks, member_capacity_ah
 from bridge.errors import Conflict, NotFound, WrongToken
 from bridge.events import BatmonChanged, BatmonDeleted, EventBus, ReadingAccepted, StatusChanged
 from bridge.history_answers import HistoryPlan, Streamed, check_size, utc_text
@@ -116,6 +117,7 @@ class Batmon:
     current_units: str = ""
     power_units: str = ""
     soc_units: str = ""
+    capacity_ah: float | None = None  # the owner's setting; see member_capacity_ah
     alarms: dict[int, Alarm] = field(default_factory=dict)
 
     def status_at(self, now: float) -> Status:
@@ -161,6 +163,7 @@ class Batmon:
             "current_units": self.current_units,
             "power_units": self.power_units,
             "soc_units": self.soc_units,
+            "capacity_ah": member_capacity_ah(self),
         }
 
     @classmethod
@@ -197,6 +200,7 @@ class Core:
         # Every reading and control-plane write is committed by this one writer, off the loop,
         # on a store handle of its own.
         self.writer = ReadingWriter(open_writer_store or store.another, self._apply_committed)
+        self.banks = Banks(self)
 
     def close(self) -> None:
         """Stop the writer (after what it holds) and the history workers; close the store."""
@@ -217,12 +221,13 @@ class Core:
             if alarm.batmon_id in self.batmons:
                 self.alarms[alarm.id] = alarm
                 self.batmons[alarm.batmon_id].alarms[alarm.id] = alarm
+        self.banks.load()
         # A delete cut short by a stop: its readings go on being purged, off the loop.
         self.writer.purge(self.store.deleted_with_data())
         return self
 
     # -- where writes run ------------------------------------------------------
-    def _persist(self, write: Callable[[Store], Any]) -> None:
+    def persist(self, write: Callable[[Store], Any]) -> None:
         """Make a control-plane write durable, in order with the readings.
 
         On an event loop it goes to the writer's thread: inside durable_writes() the
@@ -266,14 +271,19 @@ class Core:
         idle once the loop serves: behind no history page and no write)."""
         return await asyncio.to_thread(self.store.ping)
 
-    def _new_id(self) -> int:
-        """A random id below 2^53 that no batmon or alarm has or ever had (the store refuses
-        a retired one too: Conflict)."""
+    def new_id(self) -> int:
+        """A random id below 2^53 that no batmon, alarm or bank has or ever had (the store
+        refuses a retired one too: Conflict)."""
         while True:
             candidate = secrets.randbelow(MAX_SAFE_ID) + 1
             if (candidate not in self.batmons and candidate not in self.alarms
+                    and self.banks.get(candidate) is None
                     and candidate not in self._retired_ids):  # fmt: skip
                 return candidate
+
+    def retire_ids(self, *ids: int) -> None:
+        """Ids deleted now: never handed out again (the store keeps them too)."""
+        self._retired_ids.update(ids)
 
     # -- users ---------------------------------------------------------------
     def create_user(self, email: str) -> tuple[User, str]:
@@ -334,6 +344,10 @@ class Core:
         batmon = self.batmons.get(batmon_id)
         return batmon is not None and batmon.user_id == user_id
 
+    def owns_bank(self, user_id: int, bank_id: int) -> bool:
+        """True when the user owns the bank, or owned it until it was deleted this run."""
+        return self.banks.visible_to(user_id, bank_id)
+
     def owned_until_deleted(self, user_id: int, batmon_id: int) -> bool:
         """True when the user owned this batmon until it was deleted (during this run)."""
         return self._deleted_owners.get(batmon_id) == user_id
@@ -367,7 +381,7 @@ class Core:
     def add_batmon(self, user: User, spec: AddBatmon) -> Batmon:
         """Create a batmon for ``user``; a token is generated when none is given."""
         batmon = Batmon(
-            id=self._new_id(),
+            id=self.new_id(),
             user_id=user.id,
             name=spec.batmon_name,
             type=spec.batmon_type,
@@ -376,7 +390,7 @@ class Core:
             created=self.clock(),
         )
         row = {k: getattr(batmon, k) for k in Batmon.__dataclass_fields__ if k != "alarms"}
-        self._persist(lambda store: store.add_batmon(row))
+        self.persist(lambda store: store.add_batmon(row))
         self.batmons[batmon.id] = batmon
         self.bus.emit(BatmonChanged(batmon, created=True))
         return batmon
@@ -395,7 +409,7 @@ class Core:
             # one is the watchdog's to notice); announce it like any change.
             online = now - batmon.last_reading < changes["update_period"]
             changes["status"] = "Online" if online else previous
-        self._persist(lambda store: store.update_batmon(batmon.id, changes))
+        self.persist(lambda store: store.update_batmon(batmon.id, changes))
         for name, value in changes.items():
             setattr(batmon, name, value)
         self.bus.emit(BatmonChanged(batmon, old_token=old_token))
@@ -405,7 +419,7 @@ class Core:
     def set_flag(self, batmon: Batmon, flag: str, enabled: bool) -> None:
         """Enable or disable alerts, WhatsApp or SMS notices for a batmon."""
         column = FLAGS[flag]
-        self._persist(lambda store: store.update_batmon(batmon.id, {column: int(enabled)}))
+        self.persist(lambda store: store.update_batmon(batmon.id, {column: int(enabled)}))
         setattr(batmon, column, enabled)
 
     async def delete_batmon(self, batmon: Batmon) -> None:
@@ -424,11 +438,12 @@ class Core:
             self.batmons[batmon.id] = batmon  # still stored: still there
             raise
         self._deleted_owners[batmon.id] = batmon.user_id
-        self._retired_ids.update([batmon.id, *batmon.alarms])
+        self.retire_ids(batmon.id, *batmon.alarms)
         self.writer.forget(batmon.id)
         self.writer.purge([batmon.id])
         for alarm_id in batmon.alarms:
             self.alarms.pop(alarm_id, None)
+        self.banks.batmon_deleted(batmon.id)
         self.bus.emit(BatmonDeleted(batmon))
 
     # -- readings ------------------------------------------------------------
@@ -490,7 +505,7 @@ class Core:
         now = self.clock()
         if batmon is None or batmon.status != "Online" or batmon.status_at(now) == "Online":
             return False
-        self._persist(lambda store: store.update_batmon(batmon.id, {"status": "Offline"}))
+        self.persist(lambda store: store.update_batmon(batmon.id, {"status": "Offline"}))
         batmon.status = "Offline"
         self.bus.emit(StatusChanged(batmon, "Offline", "Online", now))
         return True
@@ -550,7 +565,7 @@ class Core:
     def add_alarm(self, batmon: Batmon, spec: AddAlarm) -> Alarm:
         """Create an alarm on ``batmon``; it is evaluated from the next reading on."""
         alarm = Alarm(
-            id=self._new_id(),
+            id=self.new_id(),
             batmon_id=batmon.id,
             name=spec.alarm_name,
             metric=spec.alarm_metric,
@@ -561,7 +576,7 @@ class Core:
             update_time=self.clock(),
         )
         row = {k: getattr(alarm, k) for k in Alarm.__dataclass_fields__}
-        self._persist(lambda store: store.add_alarm(row))
+        self.persist(lambda store: store.add_alarm(row))
         self.alarms[alarm.id] = alarm
         batmon.alarms[alarm.id] = alarm
         return alarm
@@ -585,7 +600,7 @@ class Core:
     def update_alarm_state(self, alarm: Alarm, changes: dict[str, Any]) -> None:
         """Apply alarm changes and make them durable (also used by the alarm evaluator)."""
         changes = dict(changes)
-        self._persist(lambda store: store.update_alarm(alarm.id, changes))
+        self.persist(lambda store: store.update_alarm(alarm.id, changes))
         for name, value in changes.items():
             setattr(alarm, name, value)
 
@@ -595,8 +610,8 @@ class Core:
 
     def delete_alarm(self, alarm: Alarm) -> None:
         """Delete an alarm; its id is never reused."""
-        self._persist(lambda store: store.delete_alarm(alarm.id))
-        self._retired_ids.add(alarm.id)
+        self.persist(lambda store: store.delete_alarm(alarm.id))
+        self.retire_ids(alarm.id)
         self.alarms.pop(alarm.id, None)
         batmon = self.batmons.get(alarm.batmon_id)
         if batmon is not None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 if TYPE_CHECKING:
+    from bridge.banks import Bank
     from bridge.core import Alarm, Batmon
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,21 @@ class BatmonDeleted:
     """A batmon is gone; subscribers clean up what they published for it."""
 
     batmon: Batmon
+
+
+@dataclass(frozen=True)
+class BankChanged:
+    """A bank was created, renamed, or its members changed (a deleted batmon leaving too)."""
+
+    bank: Bank
+    created: bool = False
+
+
+@dataclass(frozen=True)
+class BankDeleted:
+    """A bank is gone; subscribers clean up what they published for it."""
+
+    bank: Bank
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from bridge.events import (
     StatusChanged,
     Subscription,
 )
+from bridge.extensions.bank_publisher import BankPublisher
 from bridge.extensions.discovery import HomeAssistantDiscovery
 from bridge.topics import Topics
 from bridge.writer import Overloaded
@@ -278,6 +279,7 @@ class MqttBridge:
         self._ready: asyncio.Future[None] | None = None
         self._state: StatePublisher | None = None
         self._discovery: HomeAssistantDiscovery | None = None
+        self._banks: BankPublisher | None = None
         self._connection = 0
         self._subscribe_mid: int | None = None
         self._last_error = "no answer yet"
@@ -323,6 +325,7 @@ class MqttBridge:
         self._state = StatePublisher(self.core, self.topics, self._publish_retained)
         if self.discovery:
             self._discovery = HomeAssistantDiscovery(self.core, self.topics, self._publish_retained)
+        self._banks = BankPublisher(self.core, self.topics, self._publish_retained, self.discovery)
         if self.mqtt5:
             client = self._client = new_v5_client(self.client_id)
         else:
@@ -343,6 +346,7 @@ class MqttBridge:
         self._state.start()
         if self._discovery is not None:
             self._discovery.start()
+        self._banks.start()
         self._consumer = asyncio.create_task(self._consume(), name="mqtt-bridge-consumer")
         if self.mqtt5:
             properties = Properties(PacketTypes.CONNECT)
@@ -375,6 +379,8 @@ class MqttBridge:
             self._state.stop()
         if self._discovery is not None:
             self._discovery.stop()
+        if self._banks is not None:
+            self._banks.stop()
         if self._consumer is not None:
             # Messages still queued are not acked: the broker redelivers them.
             self._consumer.cancel()
@@ -530,6 +536,8 @@ class MqttBridge:
             self._discovery.publish_all()
         if self._state is not None:
             self._state.publish_all()
+        if self._banks is not None:
+            self._banks.publish_all()
         clears, self._pending_clears = self._pending_clears, set()
         for topic in clears:
             self._publish_retained(topic, "")
@@ -537,6 +545,8 @@ class MqttBridge:
     def _on_homeassistant_status(self, payload: bytes) -> None:
         if self._discovery is not None:
             self._discovery.on_homeassistant_status(payload)
+        if self._banks is not None:
+            self._banks.on_homeassistant_status(payload)
 
     def _publish_retained(self, topic: str, payload: str) -> None:
         """Publish retained with QoS 1 while connected; on reconnect all is re-sent."""

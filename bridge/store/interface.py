@@ -221,6 +221,25 @@ class Store(ReadingSink, Protocol):
         """Delete an alarm; its id is never handed out again."""
         ...
 
+    # -- banks ------------------------------------------------------------------
+    def banks(self) -> list[dict[str, Any]]:
+        """Every bank (id, user_id, name, created, batmon_ids in their order), oldest first."""
+        ...
+
+    def add_bank(self, bank_id: int, user_id: int, name: str, created: float, batmon_ids: list[int]) -> None:
+        """Insert a bank (its id chosen by the caller) with its members."""
+        ...
+
+    def rename_bank(self, bank_id: int, name: str) -> None: ...
+
+    def set_bank_members(self, bank_id: int, batmon_ids: list[int]) -> None:
+        """Replace a bank's members and their order (a deleted batmon leaves by itself)."""
+        ...
+
+    def delete_bank(self, bank_id: int) -> None:
+        """Delete a bank (not its batmons); its id is never handed out again."""
+        ...
+
     # -- notices ----------------------------------------------------------------
     @property
     def outbox(self) -> NoticeOutbox: ...
