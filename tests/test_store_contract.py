@@ -1,7 +1,8 @@
 """What any store must do (bridge/store/interface.py), checked on every implementation.
 
 Every test takes the one ``store`` fixture below, which is parametrised over the
-implementations in ``STORES``. Today that is SQLite on a file in tmp_path.
+implementations in ``STORES``: SQLite on a file in tmp_path, and PostgreSQL on this
+test session's database (tests/pg_support.py), its tables emptied for each test.
 
 How a second implementation joins (the PostgreSQL store of the scale-out issue):
 add ONE entry to ``STORES``, a name and a function ``(tmp_path) -> Store`` that
@@ -27,9 +28,11 @@ import pytest
 from bridge.errors import Conflict
 from bridge.store.db import SqliteStore
 from bridge.store.interface import CHANNELS, ReadingRow, Store
+from tests import pg_support
 
 STORES: dict[str, Callable[[Path], Store]] = {
     "sqlite": lambda tmp_path: SqliteStore.open(tmp_path / "contract.sqlite3"),
+    "postgres": lambda tmp_path: pg_support.clean_store(),
 }
 
 HOUR = 3600
