@@ -22,7 +22,7 @@ from bridge.errors import BatmonError
 from bridge.models import describe_error
 
 ENV_PREFIX = "BATMON_"
-SERVE_OPTIONS = ("data_dir", "host", "http_port", "mqtt_port", "mqtt_url", "broker_config",
+SERVE_OPTIONS = ("data_dir", "host", "http_port", "mqtt_port", "mqtt_url", "database_url", "broker_config",
                  "base_topic", "discovery_prefix", "discovery", "notify_retry_s",
                  "notify_give_up_s", "metrics", "metrics_token", "metrics_per_batmon",
                  "retention_days")  # fmt: skip
@@ -45,6 +45,8 @@ def build_parser() -> Parser:
     serve.add_argument("--http-port", help="HTTP port, 0 picks a free one (default 8080)")
     serve.add_argument("--mqtt-port", help="embedded broker port, 0 picks one (default 1883)")
     serve.add_argument("--mqtt-url", help="use this broker, e.g. mqtt://user:pass@host:1883")
+    serve.add_argument("--database-url", help="PostgreSQL instead of the SQLite file, e.g."
+                       " postgresql://user@host:5432/batmon (or BATMON_DATABASE_URL)")
     serve.add_argument("--broker-config",
                        help="embedded broker config (default ./broker.yaml, else the shipped one)")
     serve.add_argument("--base-topic", help="MQTT topic prefix (default batmon)")
@@ -211,7 +213,7 @@ async def run_serve(options: ServeOptions) -> None:
     broker = "embedded broker" if service.broker is not None else "external broker"
     print(f"HTTP  {service.http_url}", flush=True)
     print(f"MQTT  mqtt://{service.mqtt_host}:{service.mqtt_port} ({broker})", flush=True)
-    print(f"data  {options.database_path.resolve()}", flush=True)
+    print(f"data  {service.store_description}", flush=True)
     if service.admin_api_key:
         print(f"created user admin@localhost; api_key (shown once): {service.admin_api_key}",
               flush=True)  # fmt: skip

@@ -24,9 +24,10 @@ import uvicorn
 from bridge.config import ServeOptions, parse_mqtt_url
 from bridge.core import Core
 from bridge.datadir import private_file
+from bridge.errors import StorageFailed
 from bridge.events import EventBus
 from bridge.ratelimit import FailureLimiter
-from bridge.store.db import Store
+from bridge.store.interface import Store
 from bridge.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,8 @@ class Service:
 
         opts = self.options
         try:
-            self.store = Store.open(opts.database_path)  # makes the folder 0700
-            secret = session_secret(opts.data_dir)
+            self.store = self._open_store()
+            secret = session_secret(opts.data_dir)  # the data folder holds it on PostgreSQL too
         except OSError as exc:
             raise ServiceError(f"cannot use data folder {opts.data_dir}: {exc.strerror}") from None
         # Bind HTTP first: a busy port is then one clear error before anything starts.
@@ -167,6 +168,29 @@ class Service:
         # Last, so a start that fails does not make an admin whose key nobody saw.
         if not self.core.user_has_data():
             _, self.admin_api_key = self.core.create_user(ADMIN_EMAIL)
+
+    def _open_store(self) -> Store:
+        """PostgreSQL when a database URL is given, else the SQLite file in the data folder."""
+        opts = self.options
+        if opts.database_url is None:
+            from bridge.store.db import SqliteStore
+
+            return SqliteStore.open(opts.database_path)  # makes the folder 0700
+        from bridge.store.pg_store import PostgresStore
+
+        try:
+            return PostgresStore.open(opts.database_url.get_secret_value())
+        except StorageFailed as exc:  # names user@host:port/db, never the password
+            raise ServiceError(exc.message) from None
+
+    @property
+    def store_description(self) -> str:
+        """Where the data is, for the startup lines (no password)."""
+        if self.options.database_url is None:
+            return str(self.options.database_path.resolve())
+        from bridge.store.pg_store import describe_url
+
+        return "postgresql://" + describe_url(self.options.database_url.get_secret_value())
 
     async def _start_parts(self) -> None:
         from bridge.doors.broker import EmbeddedBroker

@@ -529,8 +529,13 @@ class PostgresStore:
 
     # -- tests ---------------------------------------------------------------------------------
     def truncate_all_for_tests(self) -> None:
-        """Empty every table (a test's clean start on a shared database); never called by the product."""
+        """Empty every table and drop the partitions (a test's clean start on a shared database);
+        never called by the product."""
         with self._transaction() as conn:
+            for (name,) in conn.execute(
+                    "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                    " WHERE i.inhparent = 'readings'::regclass").fetchall():  # fmt: skip
+                conn.execute(f"DROP TABLE {name}".encode())
             conn.execute("TRUNCATE users, batmons, readings, alarms, retired_ids, outbox, outbox_attempts,"
                          " rollups, banks, bank_members, deleted_batmons"
                          " RESTART IDENTITY CASCADE")  # fmt: skip

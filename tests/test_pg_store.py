@@ -1,0 +1,160 @@
+"""What only the PostgreSQL store has: its URL option, migrations under a lock, monthly
+partitions made on demand and dropped by retention, SKIP LOCKED claims, and errors that
+never show the URL's password. (Everything both stores do is tests/test_store_contract.py.)"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from pydantic import ValidationError
+
+from bridge.config import ServeOptions
+from bridge.errors import StorageFailed
+from bridge.store.pg_schema import LATEST
+from bridge.store.pg_store import PostgresStore, month_bounds
+from tests import pg_support
+
+DAY = 86_400
+NOV_2023 = 1_698_796_800  # 2023-11-01T00:00:00Z
+
+
+@pytest.fixture
+def store() -> Iterator[PostgresStore]:
+    opened = pg_support.clean_store()
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+def partitions(store: PostgresStore) -> list[str]:
+    with psycopg.connect(store.url) as conn:
+        return [r[0] for r in conn.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'readings'::regclass ORDER BY 1")]  # fmt: skip
+
+
+def add_batmon(store: PostgresStore, batmon_id: int = 1) -> int:
+    user = store.add_user(f"u{batmon_id}@example.org", f"h{batmon_id}", NOV_2023)
+    store.add_batmon({"id": batmon_id, "user_id": user, "name": "b", "type": "generic", "token": "t",
+                      "update_period": 300, "created": NOV_2023})  # fmt: skip
+    return batmon_id
+
+
+# -- the option ------------------------------------------------------------------------------
+def test_database_url_takes_postgresql_urls_only_and_never_echoes_them() -> None:
+    for url in ("postgresql://u@db.example:5432/batmon", "postgres://u:pw@127.0.0.1/batmon"):
+        opts = ServeOptions(database_url=url)  # type: ignore[arg-type]
+        assert opts.database_url is not None and opts.database_url.get_secret_value() == url
+        assert "pw" not in repr(opts)
+    assert ServeOptions(database_url="").database_url is None  # type: ignore[arg-type]
+    for bad in ("mysql://u:s3cret@h/db", "postgresql://u:s3cret@h:99999/db", "s3cret",
+                "postgresql://u:s3cret@h/db#frag"):  # fmt: skip
+        with pytest.raises(ValidationError) as caught:
+            ServeOptions(database_url=bad)  # type: ignore[arg-type]
+        message = caught.value.errors(include_url=False)[0]["msg"]
+        assert "s3cret" not in message and "database" in message.lower(), message
+
+
+def test_an_unreachable_database_is_named_without_its_password() -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(StorageFailed) as caught:
+        PostgresStore.open(f"postgresql://batmon:s3cret-pw@127.0.0.1:{port}/batmon")
+    assert f"batmon@127.0.0.1:{port}/batmon" in caught.value.message
+    assert "s3cret" not in caught.value.message
+
+
+# -- migrations ----------------------------------------------------------------------------------
+def test_workers_starting_at_once_on_an_empty_database_migrate_it_once() -> None:
+    url = pg_support.fresh_database_url()
+    opened: list[PostgresStore] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(6)
+
+    def worker() -> None:
+        start.wait()
+        try:
+            opened.append(PostgresStore.open(url))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert errors == [] and len(opened) == 6
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT version FROM schema_version").fetchall() == [(LATEST,)]
+    finally:
+        for s in opened:
+            s.close()
+
+
+# -- partitions -------------------------------------------------------------------------------------
+def test_readings_go_to_monthly_partitions_made_before_the_write_needs_them(store: PostgresStore) -> None:
+    batmon = add_batmon(store)
+    other = store.another()
+    try:
+        stamps = [NOV_2023 + 5, NOV_2023 + 40 * DAY, NOV_2023 + 70 * DAY]  # Nov, Dec, Jan
+        store.write([(batmon, ts, 12.0, None, None, None, None) for ts in stamps], [])
+        other.write([(batmon, NOV_2023 + 10, 12.5, None, None, None, None)], [])  # a month it did not make
+    finally:
+        other.close()
+    assert partitions(store) == ["readings_y2023m11", "readings_y2023m12", "readings_y2024m01"]
+    assert [r["ts"] for r in store.history(batmon, 0, 2**40)] == [stamps[0], NOV_2023 + 10, *stamps[1:]]
+
+
+def test_retention_drops_each_whole_past_month_and_keeps_its_rollups(store: PostgresStore) -> None:
+    batmon, neighbour = add_batmon(store, 1), add_batmon(store, 2)
+    nov, dec = NOV_2023 + 3600, NOV_2023 + 31 * DAY + 3600
+    store.write([(b, ts + k, 10.0 + k, None, None, None, None) for b in (batmon, neighbour)
+                 for ts in (nov, dec) for k in range(3)], [])  # fmt: skip
+    cutoff = dec + 2  # all of November, part of December
+    pruned = store.prune_batch(batmon, cutoff, 100)
+    assert pruned == 3 + 2
+    assert partitions(store) == ["readings_y2023m12"]  # November dropped whole
+    assert [r["ts"] for r in store.history(batmon, 0, 2**40)] == [dec + 2]
+    # The neighbour's November went to its rollups with the partition; its December is its own pass.
+    assert [(h["hour"], h["count"]) for h in store.rollups(neighbour)] == [(nov, 3)]
+    assert store.prune_batch(neighbour, cutoff, 100) == 2
+    assert [(h["hour"], h["count"], h["voltage_sum"]) for h in store.rollups(batmon)] == [
+        (nov, 3, 33.0), (dec, 2, 21.0)]  # fmt: skip
+
+
+def test_a_late_reading_for_a_dropped_month_is_stored_in_a_new_partition(store: PostgresStore) -> None:
+    batmon = add_batmon(store)
+    writer = store.another()  # knows November's partition, then another handle drops it
+    try:
+        writer.write([(batmon, NOV_2023 + 1, 1.0, None, None, None, None)], [])
+        store.prune_batch(batmon, month_bounds(NOV_2023)[1], 100)
+        assert partitions(store) == []
+        writer.write([(batmon, NOV_2023 + 2, 2.0, None, None, None, None)], [])
+    finally:
+        writer.close()
+    assert [r["voltage"] for r in store.history(batmon, 0, 2**40)] == [2.0]
+
+
+# -- the outbox --------------------------------------------------------------------------------------
+def test_a_claim_skips_a_notice_another_worker_holds_instead_of_waiting(store: PostgresStore) -> None:
+    (notice_id,) = store.outbox.enqueue([{"user_id": 1, "batmon_id": 1, "channel": "email", "kind": "k",
+                                          "title": "t", "body": "b", "state": "queued",
+                                          "created": NOV_2023}])  # fmt: skip
+    with psycopg.connect(store.url) as holder:  # another worker mid-claim
+        holder.execute("SELECT 1 FROM outbox WHERE id = %s FOR UPDATE", (notice_id,))
+        holder.execute("SET statement_timeout = 0")
+        claimer = store.another()
+        try:
+            claimer._conn.execute("SET lock_timeout = '5s'")
+            assert claimer.outbox.claim(notice_id) is False  # at once, not after the holder
+        finally:
+            claimer.close()
+        holder.rollback()
+    assert store.outbox.claim(notice_id) is True
