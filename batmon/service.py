@@ -23,7 +23,7 @@ import uvicorn
 
 from bridge.config import ServeOptions, parse_mqtt_url
 from bridge.core import Core
-from bridge.datadir import private_file
+from bridge.datadir import prepare_data_dir, private_file
 from bridge.errors import StorageFailed
 from bridge.events import EventBus
 from bridge.ratelimit import FailureLimiter
@@ -178,6 +178,7 @@ class Service:
             return SqliteStore.open(opts.database_path)  # makes the folder 0700
         from bridge.store.pg_store import PostgresStore
 
+        prepare_data_dir(opts.data_dir)  # 0700: the session key stays in it
         try:
             return PostgresStore.open(opts.database_url.get_secret_value())
         except StorageFailed as exc:  # names user@host:port/db, never the password

@@ -1,0 +1,76 @@
+"""`batmon serve --database-url postgresql://...` as a whole: a real process with its embedded
+broker on free ports, on a database of its own on the machine's PostgreSQL; readings over
+HTTP and MQTT, status and history over HTTP, and all of it still there after a restart."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+
+from tests import pg_support
+from tests.conftest import ServeProcess
+from tests.test_serve_end_to_end import Client, mqtt_port, wait_for
+
+PASSWORD = "never-printed-pw"  # trust auth ignores it; it must not show anywhere
+
+
+def test_serve_on_postgresql_keeps_http_and_mqtt_readings_across_a_restart(tmp_path: Path) -> None:
+    url = pg_support.fresh_database_url().replace("postgres@", f"postgres:{PASSWORD}@", 1)
+    serve = ServeProcess(tmp_path / "data", args=["--database-url", url])
+    try:
+        serve.start()
+        assert any(line.startswith("data  postgresql://postgres@127.0.0.1:5432/batmon_test_")
+                   for line in serve.output), serve.output  # fmt: skip
+        admin = {"X-API-Key": serve.admin_key or ""}
+        with httpx.Client(base_url=serve.http_url, timeout=10) as http:
+            added = http.post("/interface/add/batmon", headers=admin,
+                              data={"batmon_name": "Van", "update_period": 60}).json()["success"]  # fmt: skip
+            batmon_id, token = added["batmon_id"], added["batmon_token"]
+            r = http.post("/interface/update/batmon", json={"batmon_id": batmon_id, "batmon_token": token,
+                                                            "voltage": 12.1, "soc": 80})  # fmt: skip
+            assert r.status_code == 200, r.text
+            device = Client(mqtt_port(serve), str(batmon_id), token)
+            assert device.accepted
+            device.publish(f"batmon/{batmon_id}/{token}/update", json.dumps({"voltage": 12.7, "soc": 88}))
+            device.close()
+
+            def status() -> dict[str, Any]:
+                return http.get("/interface/batmon/status", headers=admin,
+                                params={"batmon_id": batmon_id}).json()["success"]  # fmt: skip
+
+            wait_for(lambda: status()["batmon_voltage"] == 12.7, "the MQTT reading in HTTP status")
+            before = history(http, admin, batmon_id)
+            assert [row["batmon_voltage"] for row in before] == [12.1, 12.7]
+            assert status()["batmon_status"] == "Online"
+        assert serve.stop(signal.SIGTERM) == 0
+
+        serve.admin_key = None
+        serve.start()
+        assert serve.admin_key is None  # the users are in PostgreSQL, not in a new file
+        with httpx.Client(base_url=serve.http_url, timeout=10) as http:
+            after = http.get("/interface/batmon/status", headers=admin,
+                             params={"batmon_id": batmon_id}).json()["success"]  # fmt: skip
+            assert (after["batmon_voltage"], after["batmon_soc"]) == (12.7, 88.0)
+            assert history(http, admin, batmon_id) == before
+            r = http.post("/interface/update/batmon", json={"batmon_id": batmon_id, "batmon_token": token,
+                                                            "voltage": 13.0})  # fmt: skip
+            assert r.status_code == 200, r.text
+            assert [row["batmon_voltage"] for row in history(http, admin, batmon_id)] == [12.1, 12.7, 13.0]
+            [bucket] = http.get("/interface/batmon/history", headers=admin, params={
+                "batmon_id": batmon_id, "min_epoch_tm_sec": 0, "bucket": 10**9}).json()["success"][0]["data"]
+            assert bucket["count"] == 3, bucket
+    finally:
+        if serve.proc is not None:
+            serve.stop(signal.SIGKILL)
+    printed = "".join(serve.output) + serve.log_path.read_text()
+    assert PASSWORD not in printed
+
+
+def history(http: httpx.Client, headers: dict[str, str], batmon_id: int) -> list[dict[str, Any]]:
+    [h] = http.get("/interface/batmon/history", headers=headers,
+                   params={"batmon_id": batmon_id, "min_epoch_tm_sec": 0}).json()["success"]  # fmt: skip
+    return h["data"]
