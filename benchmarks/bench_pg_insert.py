@@ -4,14 +4,15 @@ Both keep the store's rules (a redelivered reading stored once: ON CONFLICT DO N
 the values-digest key; arrival order by seq), 500 rows per transaction, on a database made
 for the run and dropped after it:
 
-- ``unnest``: the store's own ``write`` (one ``INSERT ... SELECT FROM unnest(...)``);
-- ``copy``: ``COPY`` into a temporary table, then ``INSERT ... SELECT ... ON CONFLICT DO
-  NOTHING`` from it (COPY alone has no ON CONFLICT);
+- ``unnest``: one ``INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING`` per group;
+- ``copy``: the store's own ``write``: ``COPY`` into a temporary table, then ``INSERT ...
+  SELECT ... ON CONFLICT DO NOTHING`` from it (COPY alone has no ON CONFLICT);
 - ``copy-plain``: ``COPY`` straight into readings, no conflict handling: the ceiling, not
   a candidate (a redelivery would fail the whole batch).
 
 Rounds alternate the methods on emptied tables; the medians are printed, and the
-copy/unnest ratio of each round (steadier on a shared machine than the rates).
+copy/unnest ratio of each round (steadier on a shared machine than the rates), and the
+CPU time this (the worker's) process spends per row: the ceiling of one worker is its GIL.
 
     python -m benchmarks.bench_pg_insert [--admin-url postgresql://postgres@127.0.0.1/postgres]
 """
@@ -34,10 +35,12 @@ from bridge.store.pg_store import PostgresStore
 BATCH = 500
 T0 = 1_700_000_000.0
 
-COPY_IN = (
+UNNEST = (
     "INSERT INTO readings (batmon_id, ts, vhash, voltage, current, power, soc, details)"
     " SELECT b, t, " + VALUES_HASH.format(v="v", c="c", p="p", s="s", d="d") + ", v, c, p, s, d"
-    " FROM readings_in ORDER BY n ON CONFLICT DO NOTHING"
+    " FROM unnest(%s::bigint[], %s::float8[], %s::float8[], %s::float8[], %s::float8[],"
+    " %s::float8[], %s::text[]) WITH ORDINALITY AS u(b, t, v, c, p, s, d, n)"
+    " ORDER BY n ON CONFLICT DO NOTHING"
 )
 
 
@@ -47,34 +50,29 @@ def rows_for(total: int, batmons: int = 100) -> list[ReadingRow]:
 
 
 def by_unnest(store: PostgresStore, rows: list[ReadingRow]) -> None:
+    conn = store._conn
+    for i in range(0, len(rows), BATCH):
+        batch = rows[i:i + BATCH]
+        store._ensure_partitions(r[1] for r in batch)
+        columns = [[r[k] if k in (0, 6) or r[k] is None else float(r[k]) for r in batch] for k in range(7)]
+        with conn.transaction():
+            conn.execute(UNNEST, columns)
+
+
+def by_copy(store: PostgresStore, rows: list[ReadingRow]) -> None:
     for i in range(0, len(rows), BATCH):
         store.write(rows[i:i + BATCH], [])
 
 
-def by_copy(store: PostgresStore, rows: list[ReadingRow]) -> None:
-    conn = store._conn
-    conn.execute("CREATE TEMP TABLE IF NOT EXISTS readings_in (b bigint, t float8, v float8, c float8,"
-                 " p float8, s float8, d text, n int) ON COMMIT DELETE ROWS")  # fmt: skip
-    for i in range(0, len(rows), BATCH):
-        batch = rows[i:i + BATCH]
-        store._ensure_partitions(r[1] for r in batch)
-        with conn.transaction(), conn.cursor() as cur:
-            with cur.copy("COPY readings_in (b, t, v, c, p, s, d, n) FROM STDIN") as copy:
-                for n, row in enumerate(batch):
-                    copy.write_row((*row, n))
-            cur.execute(COPY_IN)
-
-
 def by_copy_plain(store: PostgresStore, rows: list[ReadingRow]) -> None:
     conn = store._conn
+    copy_sql = "COPY readings (batmon_id, ts, vhash, voltage, current, power, soc, details) FROM STDIN"
     for i in range(0, len(rows), BATCH):
         batch = rows[i:i + BATCH]
         store._ensure_partitions(r[1] for r in batch)
-        with conn.transaction(), conn.cursor() as cur:
-            with cur.copy("COPY readings (batmon_id, ts, vhash, voltage, current, power, soc, details)"
-                          " FROM STDIN") as copy:  # fmt: skip
-                for k, row in enumerate(batch):
-                    copy.write_row((row[0], row[1], f"{i + k:032x}", *row[2:]))
+        with conn.transaction(), conn.cursor() as cur, cur.copy(copy_sql) as copy:
+            for k, row in enumerate(batch):
+                copy.write_row((row[0], row[1], f"{i + k:032x}", *row[2:]))
 
 
 METHODS: dict[str, Callable[[PostgresStore, list[ReadingRow]], None]] = {
@@ -94,12 +92,14 @@ def main() -> None:
         store = PostgresStore.open(args.admin_url.rsplit("/", 1)[0] + "/" + name)
         rows = rows_for(args.rows)
         rates: dict[str, list[float]] = {m: [] for m in METHODS}
+        cpu: dict[str, list[float]] = {m: [] for m in METHODS}  # this process's CPU s per row
         for _ in range(args.rounds):
             for method, run in METHODS.items():
                 store._conn.execute("TRUNCATE readings")
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 run(store, rows)
                 rates[method].append(args.rows / (time.perf_counter() - started))
+                cpu[method].append((time.process_time() - cpu_started) / args.rows)
                 stored = store._value("SELECT count(*) FROM readings")
                 assert stored == args.rows, (method, stored)
         # A redelivered batch under the store's method: stored once, no error.
@@ -112,10 +112,12 @@ def main() -> None:
     finally:
         with psycopg.connect(args.admin_url, autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    print(f"{args.rows:,} rows, {BATCH} rows per transaction, {args.rounds} rounds, median rows/s:")
+    print(f"{args.rows:,} rows, {BATCH} rows per transaction, {args.rounds} rounds,"
+          " median rows/s and this process's CPU per row:")
     for method, values in rates.items():
         shown: Any = ", ".join(f"{v:,.0f}" for v in values)
-        print(f"  {method:<11} {statistics.median(values):>9,.0f}   ({shown})")
+        per_row = statistics.median(cpu[method]) * 1e6
+        print(f"  {method:<11} {statistics.median(values):>9,.0f}  {per_row:5.1f} µs   ({shown})")
     # The machine is shared: a ratio within one round is steadier than rates across rounds.
     ratios = [c / u for c, u in zip(rates["copy"], rates["unnest"], strict=True)]
     print(f"  copy / unnest, per round: median {statistics.median(ratios):.2f}"

@@ -112,6 +112,14 @@ def test_two_different_readings_with_one_ts_are_both_kept_in_write_order(store: 
     assert voltages(store, batmon) == [(T0, 12.0), (T0, 13.0), (T0, 12.0)]
 
 
+def test_details_come_back_as_written_whatever_their_characters(store: Store, batmon: int) -> None:
+    awkward = '{"note": "tab\there\\nnot a newline\\\\ \\N", "raw": "\n\r\\", "ü": "€"}'
+    row = reading(batmon, T0, None, awkward)
+    store.write([row, reading(batmon, T0, None, ""), reading(batmon, T0, None, None)], [])
+    store.write([row, reading(batmon, T0, None, None)], [])  # redelivered: still once each
+    assert [r["details"] for r in store.history(batmon, 0, 2**40)] == [awkward, "", None]
+
+
 def test_readings_of_one_batmon_never_show_in_another(store: Store, batmon: int) -> None:
     other = add_batmon(store, add_user(store, "other@example.org"), 202)
     store.write([reading(batmon, T0, 1.0), reading(other, T0, 2.0)], [])
