@@ -74,6 +74,7 @@ def build_parser() -> Parser:
     notify.add_argument("--sms", dest="sms_url", help="Apprise URL for SMS")
     for sub in (add, listing, notify):
         sub.add_argument("--data-dir", help="folder of the SQLite file (default ./batmon-data)")
+        sub.add_argument("--database-url", help="the PostgreSQL database serve uses (or BATMON_DATABASE_URL)")
 
     sim = commands.add_parser("simulate", help="publish plausible readings over MQTT")
     sim.add_argument("--mqtt-url", help="broker to publish to, e.g. mqtt://127.0.0.1:1883")
@@ -224,12 +225,13 @@ async def run_serve(options: ServeOptions) -> None:
 
 
 def run_user(args: argparse.Namespace) -> None:
-    """`batmon user add|list|notify` on the data folder's database."""
-    from bridge.core import Core
-    from bridge.events import EventBus
-    from bridge.models import NewUser
+    """`batmon user add|list|notify` on the data folder's database, or on PostgreSQL."""
     from bridge.store.db import Store
 
+    database_url = args.database_url or os.environ.get("BATMON_DATABASE_URL")
+    if database_url:
+        run_user_on(args, open_postgres(args, database_url))
+        return
     data_dir = data_dir_of(args).resolve()
     # Only `user add` (and serve) make a data folder: any other command run from the wrong
     # folder would otherwise read a new, empty database and print nothing.
@@ -243,6 +245,30 @@ def run_user(args: argparse.Namespace) -> None:
         fail(f"batmon user: cannot use data folder {data_dir}: {exc.strerror}")
     if creating:
         print(f"created data folder {data_dir}", file=sys.stderr, flush=True)
+    run_user_on(args, store)
+
+
+def open_postgres(args: argparse.Namespace, url: str) -> Any:
+    """The PostgreSQL store at ``url``, or one line naming what is wrong (never the password)."""
+    from bridge.config import check_database_url
+    from bridge.errors import StorageFailed
+    from bridge.store.pg_store import PostgresStore
+
+    try:
+        check_database_url(url)
+        return PostgresStore.open(url)
+    except ValueError as exc:
+        fail(f"batmon user {args.user_command}: --database-url: {exc}", code=2)
+    except StorageFailed as exc:
+        fail(f"batmon user {args.user_command}: {exc.message}")
+
+
+def run_user_on(args: argparse.Namespace, store: Any) -> None:
+    """`batmon user ...` on an opened store (closed at the end)."""
+    from bridge.core import Core
+    from bridge.events import EventBus
+    from bridge.models import NewUser
+
     core = Core(store, EventBus()).load()
     try:
         if args.user_command == "add":

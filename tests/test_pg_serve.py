@@ -13,6 +13,7 @@ import httpx2 as httpx
 
 from tests import pg_support
 from tests.conftest import ServeProcess
+from tests.support import batmon
 from tests.test_serve_end_to_end import Client, mqtt_port, wait_for
 
 PASSWORD = "never-printed-pw"  # trust auth ignores it; it must not show anywhere
@@ -63,6 +64,12 @@ def test_serve_on_postgresql_keeps_http_and_mqtt_readings_across_a_restart(tmp_p
             [bucket] = http.get("/interface/batmon/history", headers=admin, params={
                 "batmon_id": batmon_id, "min_epoch_tm_sec": 0, "bucket": 10**9}).json()["success"][0]["data"]
             assert bucket["count"] == 3, bucket
+            # `batmon user add` writes to the same database, and serve finds the user.
+            added_key = batmon("user", "add", "second@example.org", "--database-url", url).stdout.strip()
+            r = http.get("/interface/batmon/count", headers={"X-API-Key": added_key})
+            assert r.status_code == 200 and r.json()["success"] == {"batmons": 0}, r.text
+            wrong = batmon("user", "list", "--database-url", url.replace("postgresql:", "mysql:"))
+            assert wrong.returncode == 2 and PASSWORD not in wrong.stderr, wrong.stderr
     finally:
         if serve.proc is not None:
             serve.stop(signal.SIGKILL)
