@@ -184,6 +184,23 @@ def test_history_reader_pages_and_buckets_off_the_calling_thread(store: Store, b
     assert b"".join(buckets) == repr([(T0, 5, 0.0, 2.0, 4.0), (T0 + 5, 5, 5.0, 7.0, 9.0)]).encode()
 
 
+def test_history_reader_tells_when_each_metric_was_last_reported(store: Store, batmon: int) -> None:
+    other = add_batmon(store, add_user(store, "other@example.org"), 202)
+    silent = add_batmon(store, add_user(store, "silent@example.org"), 303)
+    store.write([(batmon, T0 + 10, 12.0, 1.0, None, None, None),
+                 (batmon, T0 + 20, 12.1, None, None, None, None),
+                 (other, T0 + 30, None, None, None, 50.0, None)], [])  # fmt: skip
+    store.prune_batch(other, T0 + HOUR, 100)  # its soc is in an hourly rollup only
+    store.write([(other, T0 + 2 * HOUR, 12.5, None, None, None, None)], [])
+    reader = store.history_reader(workers=1)
+    try:
+        found = asyncio.run(reader.last_reported([batmon, other, silent]))
+    finally:
+        reader.close()
+    assert found == {batmon: {"voltage": T0 + 20, "current": T0 + 10},
+                     other: {"voltage": T0 + 2 * HOUR, "soc": T0 + HOUR - 1}, silent: {}}  # fmt: skip
+
+
 # -- users ------------------------------------------------------------------------------------
 def test_users_are_found_by_key_email_and_id_and_emails_are_unique(store: Store) -> None:
     first = add_user(store, "a@example.org")

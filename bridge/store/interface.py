@@ -86,6 +86,11 @@ class HistoryReads(Protocol):
         """Every reading with lo <= ts < hi, on the calling thread (tools and tests)."""
         ...
 
+    async def last_reported(self, batmon_ids: list[int]) -> dict[int, dict[str, float]]:
+        """When each metric of these batmons was last in a reading (metrics never reported
+        are left out); from the readings, else the latest rollup hour's end."""
+        ...
+
     def close(self) -> None:
         """Wait for running pages, then release the workers' connections."""
         ...

@@ -116,6 +116,11 @@ class PgHistoryReader:
                 " WHERE batmon_id = %s AND ts >= %s AND ts < %s ORDER BY ts, seq", (batmon_id, lo, hi)
             ).fetchall()  # fmt: skip
 
+    async def last_reported(self, batmon_ids: list[int]) -> dict[int, dict[str, float]]:
+        """When each metric of these batmons was last in a reading (metrics never reported
+        are left out); from the readings, else the latest rollup hour's end. One worker call."""
+        return await self.run(lambda conn: {b: _last_reported(conn, b) for b in batmon_ids})
+
     async def bucket_plan(self, batmon_id: int, lo: float, hi: float, bucket: int
                           ) -> tuple[float, float, bool] | None:  # fmt: skip
         """(first, last, with_rollups) of the data behind a bucketed answer, else None."""
@@ -197,3 +202,26 @@ def _next_value(conn: psycopg.Connection[Any], batmon_id: int, lo: float, rollup
     return min(values) if values else None
 
 
+
+
+def _last_reported(conn: psycopg.Connection[Any], batmon_id: int) -> dict[str, float]:
+    """As bridge/store/history.py's: the latest reading first, then per missing metric."""
+    flags = ", ".join(f"{m} IS NOT NULL" for m in METRICS)
+    latest = conn.execute(f"SELECT ts, {flags} FROM readings WHERE batmon_id = %s"  # names: ours
+                          " ORDER BY ts DESC, seq DESC LIMIT 1".encode(),
+                          (batmon_id,)).fetchone()  # fmt: skip
+    found: dict[str, float] = {}
+    if latest is not None:
+        found = {m: float(latest[0]) for m, carried in zip(METRICS, latest[1:], strict=True) if carried}
+    for metric in (m for m in METRICS if m not in found):
+        row = conn.execute(f"SELECT ts FROM readings WHERE batmon_id = %s AND {metric} IS NOT NULL"
+                           " ORDER BY ts DESC, seq DESC LIMIT 1".encode(),
+                           (batmon_id,)).fetchone()  # fmt: skip
+        if row is None:
+            # Pruned into hourly rollups: no later than the end of the latest hour that has it.
+            row = conn.execute(f"SELECT max(hour) + {ROLLUP_SECONDS - 1} FROM rollups"
+                               f" WHERE batmon_id = %s AND {metric}_count > 0".encode(),
+                               (batmon_id,)).fetchone()  # fmt: skip
+        if row is not None and row[0] is not None:
+            found[metric] = float(row[0])
+    return found
