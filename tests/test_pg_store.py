@@ -158,3 +158,21 @@ def test_a_claim_skips_a_notice_another_worker_holds_instead_of_waiting(store: P
             claimer.close()
         holder.rollback()
     assert store.outbox.claim(notice_id) is True
+
+
+# -- a lost connection ------------------------------------------------------------------------------
+def test_a_handle_whose_connection_was_cut_fails_once_then_reconnects(store: PostgresStore) -> None:
+    batmon = add_batmon(store)
+    writer = store.another()
+    try:
+        writer.write([(batmon, NOV_2023 + 1, 1.0, None, None, None, None)], [])
+        with psycopg.connect(store.url, autocommit=True) as admin:  # the server restarts, say
+            pid = writer._conn.info.backend_pid
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(StorageFailed):
+            writer.write([(batmon, NOV_2023 + 2, 2.0, None, None, None, None)], [])  # nothing acked
+        writer.probe()  # the writer's probe: a new connection, and it writes
+        writer.write([(batmon, NOV_2023 + 2, 2.0, None, None, None, None)], [])
+    finally:
+        writer.close()
+    assert [r["voltage"] for r in store.history(batmon, 0, 2**40)] == [1.0, 2.0]
