@@ -21,7 +21,7 @@ import functools
 import re
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import psycopg
 from psycopg.rows import dict_row
@@ -37,6 +37,10 @@ from bridge.store.db import (
 )
 from bridge.store.interface import METRICS, CurrentUpdate, ReadingRow
 from bridge.store.pg_schema import PARTITION_LOCK, VALUES_HASH, migrate
+
+if TYPE_CHECKING:  # both import this module's helpers
+    from bridge.store.pg_history import PgHistoryReader
+    from bridge.store.pg_outbox import PgOutbox
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -287,7 +291,7 @@ class PostgresStore:
         """How many history rows a batmon has."""
         return int(self._value("SELECT count(*) FROM readings WHERE batmon_id = %s", (batmon_id,)))
 
-    def history_reader(self, workers: int = 2) -> Any:
+    def history_reader(self, workers: int = 2) -> PgHistoryReader:
         """Connections of a pool in a thread pool, for history answers."""
         from bridge.store.pg_history import PgHistoryReader
 
@@ -479,7 +483,7 @@ class PostgresStore:
 
     # -- notices ---------------------------------------------------------------------------
     @property
-    def outbox(self) -> Any:
+    def outbox(self) -> PgOutbox:
         """The notice outbox on this connection."""
         from bridge.store.pg_outbox import PgOutbox
 
