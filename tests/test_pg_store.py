@@ -5,6 +5,8 @@ never show the URL's password. (Everything both stores do is tests/test_store_co
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -17,6 +19,7 @@ from bridge.errors import StorageFailed
 from bridge.store.pg_schema import LATEST
 from bridge.store.pg_store import PostgresStore, month_bounds
 from tests import pg_support
+from tests.support import ROOT
 
 DAY = 86_400
 NOV_2023 = 1_698_796_800  # 2023-11-01T00:00:00Z
@@ -176,3 +179,12 @@ def test_a_handle_whose_connection_was_cut_fails_once_then_reconnects(store: Pos
     finally:
         writer.close()
     assert [r["voltage"] for r in store.history(batmon, 0, 2**40)] == [1.0, 2.0]
+
+
+def test_the_insert_benchmark_runs_and_prints_both_methods() -> None:
+    command = [sys.executable, "-m", "benchmarks.bench_pg_insert", "--admin-url", pg_support.ADMIN_URL,
+               "--rows", "2000", "--rounds", "1"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert all(f"  {method} " in done.stdout for method in ("unnest", "copy", "copy-plain")), done.stdout
+    assert "copy / unnest, per round" in done.stdout
