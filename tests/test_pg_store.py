@@ -188,3 +188,11 @@ def test_the_insert_benchmark_runs_and_prints_both_methods() -> None:
     assert done.returncode == 0, done.stderr
     assert all(f"  {method} " in done.stdout for method in ("unnest", "copy", "copy-plain")), done.stdout
     assert "copy / unnest, per round" in done.stdout
+
+
+def test_error_lines_hide_a_password_given_either_way() -> None:
+    from bridge.store.pg_store import one_line
+
+    for url in ("postgresql://u:s3cr%40t@h/db", "postgresql://u@h/db?password=s3cr%40t"):
+        assert one_line(RuntimeError("auth failed for s3cr@t and s3cr%40t"), url) == (
+            "auth failed for **** and ****")  # fmt: skip

@@ -97,9 +97,12 @@ def describe_url(url: str) -> str:
 
 
 def _redact(text: str, url: str) -> str:
-    password = urllib.parse.urlsplit(url).password
-    for secret in {password, urllib.parse.unquote(password or "")} - {None, ""}:
-        text = text.replace(str(secret), "****")
+    parts = urllib.parse.urlsplit(url)
+    # libpq takes a password in the userinfo or as ?password=...
+    given = [parts.password or "", *urllib.parse.parse_qs(parts.query).get("password", [])]
+    forms = {form for g in given for form in (g, urllib.parse.unquote(g), urllib.parse.quote(g, safe=""))}
+    for secret in sorted(forms - {""}, key=len, reverse=True):
+        text = text.replace(secret, "****")
     return text
 
 
