@@ -13,7 +13,7 @@ import httpx2 as httpx
 
 from tests import pg_support
 from tests.conftest import ServeProcess
-from tests.support import batmon
+from tests.support import Sink, batmon
 from tests.test_serve_end_to_end import Client, mqtt_port, wait_for
 
 PASSWORD = "never-printed-pw"  # trust auth ignores it; it must not show anywhere
@@ -81,3 +81,47 @@ def history(http: httpx.Client, headers: dict[str, str], batmon_id: int) -> list
     [h] = http.get("/interface/batmon/history", headers=headers,
                    params={"batmon_id": batmon_id, "min_epoch_tm_sec": 0}).json()["success"]  # fmt: skip
     return h["data"]
+
+
+def test_serve_on_postgresql_sends_alarm_notices_and_keeps_banks(tmp_path: Path) -> None:
+    """The outbox, alarms, banks and a delete, through a real serve on PostgreSQL."""
+    url = pg_support.fresh_database_url()
+    sink = Sink()
+    serve = ServeProcess(tmp_path / "data", args=["--database-url", url, "--notify-retry-s", "0.3"])
+    try:
+        serve.start()
+        admin = {"X-API-Key": serve.admin_key or ""}
+        with httpx.Client(base_url=serve.http_url, timeout=10, headers=admin) as http:
+            r = http.post("/interface/user/notifications", json={"email_url": sink.url("/")})
+            assert r.status_code == 200, r.text
+            added = [http.post("/interface/add/batmon", json={"batmon_name": name}).json()["success"]
+                     for name in ("Pack A", "Pack B")]  # fmt: skip
+            (a, token), b = (added[0]["batmon_id"], added[0]["batmon_token"]), added[1]["batmon_id"]
+            r = http.post("/interface/batmon/alarm/add", json={
+                "batmon_id": a, "alarm_name": "High", "alarm_metric": "voltage", "alarm_condition": ">=",
+                "alarm_threshold_value": 10, "alarm_repeat_delay": 3600})  # fmt: skip
+            assert r.status_code == 200, r.text
+            http.post("/interface/update/batmon", json={"batmon_id": a, "batmon_token": token, "voltage": 12})
+            wait_for(lambda: sink.posts(), "the alarm's notice")
+            wait_for(lambda: {n["state"] for n in http.get("/interface/batmon/notifications",
+                                                           params={"batmon_id": a}).json()["success"]}
+                     == {"sent"}, "the notice marked sent")  # fmt: skip
+            bank_id = http.post("/interface/add/bank", json={"bank_name": "House", "batmon_ids": [a, b]}
+                                ).json()["success"]["bank_id"]  # fmt: skip
+            r = http.post("/interface/delete/batmon", json={"batmon_id": b})
+            assert r.status_code == 200, r.text
+        serve.stop(signal.SIGTERM)
+        serve.admin_key = None
+        serve.start()
+        with httpx.Client(base_url=serve.http_url, timeout=10, headers=admin) as http:
+            bank = http.get("/interface/bank/status", params={"bank_id": bank_id}).json()["success"]
+            assert bank["batmon_ids"] == [a], bank  # b left the bank with its delete
+            assert http.get("/interface/batmon/status", params={"batmon_id": b}).status_code == 404
+            r = http.post("/interface/add/batmon", json={"batmon_name": "Pack C"})
+            assert r.json()["success"]["batmon_id"] not in (a, b)
+        titles = [post["title"] for post in sink.posts()]
+        assert len(titles) == 1 and "triggered" in titles[0].lower(), titles
+    finally:
+        if serve.proc is not None:
+            serve.stop(signal.SIGKILL)
+        sink.close()
