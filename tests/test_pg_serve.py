@@ -57,6 +57,8 @@ def test_serve_on_postgresql_keeps_http_and_mqtt_readings_across_a_restart(tmp_p
                              params={"batmon_id": batmon_id}).json()["success"]  # fmt: skip
             assert (after["batmon_voltage"], after["batmon_soc"]) == (12.7, 88.0)
             assert history(http, admin, batmon_id) == before
+            health = http.get("/healthz")
+            assert health.status_code == 200 and health.json()["database"] == "ok", health.text
             r = http.post("/interface/update/batmon", json={"batmon_id": batmon_id, "batmon_token": token,
                                                             "voltage": 13.0})  # fmt: skip
             assert r.status_code == 200, r.text
