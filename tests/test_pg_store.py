@@ -15,7 +15,7 @@ import pytest
 from pydantic import ValidationError
 
 from bridge.config import ServeOptions
-from bridge.errors import StorageFailed
+from bridge.errors import Conflict, StorageFailed
 from bridge.store.pg_schema import LATEST
 from bridge.store.pg_store import PostgresStore, month_bounds
 from tests import pg_support
@@ -232,3 +232,15 @@ def test_a_batch_redelivered_to_several_handles_at_once_is_stored_once(store: Po
     # Whichever handle committed last, the latest value is the newest reading's (the race
     # shows a missing guard about one run in three; the late redelivery every time).
     assert {(row["voltage"], row["last_reading"]) for row in store.batmons()} == {(211.0, NOV_2023 + 199)}
+
+
+def test_a_handle_whose_first_write_failed_still_writes(store: PostgresStore) -> None:
+    batmon = add_batmon(store)
+    fresh = store.another()
+    try:
+        with pytest.raises(Conflict):  # status is NOT NULL: the whole group is refused
+            fresh.write([(batmon, NOV_2023 + 1, 1.0, None, None, None, None)], [(batmon, {"status": None})])
+        fresh.write([(batmon, NOV_2023 + 2, 2.0, None, None, None, None)], [])
+    finally:
+        fresh.close()
+    assert [r["voltage"] for r in store.history(batmon, 0, 2**40)] == [2.0]

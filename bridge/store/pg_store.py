@@ -239,6 +239,11 @@ class PostgresStore:
         rows = list(rows)
         for attempt in (1, 2):
             self._ensure_partitions(row[1] for row in rows)
+            conn = self._conn
+            if rows and self._staged_on is not conn:
+                # Committed on its own: made inside a group that fails, it would be gone with it.
+                conn.execute(STAGING)
+                self._staged_on = conn
             try:
                 with self._transaction() as conn:
                     if rows:
@@ -255,9 +260,6 @@ class PostgresStore:
                 self._months.clear()
 
     def _insert_rows(self, conn: psycopg.Connection[Any], rows: Sequence[ReadingRow]) -> None:
-        if self._staged_on is not conn:  # a new (or replaced) connection: its temp table first
-            conn.execute(STAGING)
-            self._staged_on = conn
         with conn.cursor() as cur:
             with cur.copy(COPY_STAGING) as copy:
                 for n, row in enumerate(rows):
