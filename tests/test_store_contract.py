@@ -1,7 +1,9 @@
 """What any store must do (bridge/store/interface.py), checked on every implementation.
 
 Every test takes the one ``store`` fixture below, which is parametrised over the
-implementations in ``STORES``. Today that is SQLite on a file in tmp_path.
+implementations in ``STORES``: SQLite on a file in tmp_path (the product's store), and
+the in-memory store (bridge/store/memory.py, no SQL at all: it keeps the interface free
+of SQLite-isms).
 
 How a second implementation joins (the PostgreSQL store of the scale-out issue):
 add ONE entry to ``STORES``, a name and a function ``(tmp_path) -> Store`` that
@@ -27,9 +29,11 @@ import pytest
 from bridge.errors import Conflict
 from bridge.store.db import SqliteStore
 from bridge.store.interface import CHANNELS, ReadingRow, Store
+from bridge.store.memory import MemoryStore
 
 STORES: dict[str, Callable[[Path], Store]] = {
     "sqlite": lambda tmp_path: SqliteStore.open(tmp_path / "contract.sqlite3"),
+    "memory": lambda tmp_path: MemoryStore(),
 }
 
 HOUR = 3600
