@@ -25,7 +25,7 @@ ENV_PREFIX = "BATMON_"
 SERVE_OPTIONS = ("data_dir", "host", "http_port", "mqtt_port", "mqtt_url", "broker_config",
                  "base_topic", "discovery_prefix", "discovery", "notify_retry_s",
                  "notify_give_up_s", "metrics", "metrics_token", "metrics_per_batmon",
-                 "retention_days")  # fmt: skip
+                 "retention_days", "http_max_connections")  # fmt: skip
 
 
 class Parser(argparse.ArgumentParser):
@@ -59,6 +59,8 @@ def build_parser() -> Parser:
                        help="also export each batmon's values (one series set per batmon)")
     serve.add_argument("--retention-days",
                        help="prune raw readings older than this; hourly rollups stay (keep all)")
+    serve.add_argument("--http-max-connections",
+                       help="open HTTP connections; one more gets a 503 (default 512)")
 
     user = commands.add_parser("user", help="manage users")
     user_commands = user.add_subparsers(dest="user_command", required=True, parser_class=Parser)

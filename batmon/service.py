@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import uvicorn
 
+from batmon.http_server import EdgeStats, build_server
 from bridge.config import ServeOptions, parse_mqtt_url
 from bridge.core import Core
 from bridge.datadir import private_file
@@ -104,6 +105,7 @@ class Service:
         self._server_task: asyncio.Task[None] | None = None
         # One throttle for both doors: a source failing over HTTP is throttled over MQTT too.
         self.limiter = FailureLimiter()
+        self.http_edge = EdgeStats()  # what the HTTP edge refused
 
     @property
     def http_url(self) -> str:
@@ -147,8 +149,8 @@ class Service:
                                    prepare=self.metrics.refresh)  # fmt: skip
         app = create_app(self.core, session_secret=secret, health=self.health, metrics=exposure,
                          limiter=self.limiter)  # fmt: skip
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
-        self._server = uvicorn.Server(config)
+        # uvicorn with the limits it lacks: head size and time, connections (batmon/http_server.py).
+        self._server = build_server(app, max_connections=opts.http_max_connections, stats=self.http_edge)
         # Signals are ours (the CLI stops the whole service), not uvicorn's: from 0.29 uvicorn
         # takes SIGINT/SIGTERM for the whole of serve() unless capture_signals is a no-op.
         self._server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign, assignment]
@@ -204,7 +206,7 @@ class Service:
                 host=opts.host, port=opts.mqtt_port, config_path=opts.broker_config_path,
                 credentials=core, topics=self.topics,
                 bridge_username=bridge_user, bridge_password=bridge_password, updates=door,
-                limiter=self.limiter,
+                limiter=self.limiter, on_homeassistant_status=self._homeassistant_status,
             )  # fmt: skip
             try:
                 await self.broker.start()
@@ -244,6 +246,7 @@ class Service:
             retain_flag_means_replay=self.broker is None,
             ingest_updates=self.broker is None, mqtt5=self.broker is None, door=door,
             publish_direct=self._publish_in_broker if self.broker is not None else None,
+            listen_homeassistant_status=self.broker is None,
         )  # fmt: skip
         try:
             await self.mqtt.start()
@@ -258,6 +261,11 @@ class Service:
         if self.broker is not None:
             self.broker.publish_soon(topic, payload, retain=True)
 
+    def _homeassistant_status(self, user_id: int, payload: bytes) -> None:
+        """A user's publish on Home Assistant's status topic, as the embedded broker saw it."""
+        if self.mqtt is not None:
+            self.mqtt.homeassistant_status(payload, user_id)
+
     def _reply_error_in_broker(self, batmon_id: int, token: str, message: str) -> None:
         if self.broker is not None:
             self.broker.publish_soon(self.topics.error(batmon_id, token), json.dumps({"error": message}))
@@ -270,7 +278,9 @@ class Service:
             # Where devices connect (`batmon simulate --api-url` reads it): no credentials.
             "mqtt_host": self.mqtt_host,
             "mqtt_port": self.mqtt_port,
+            "mqtt_base_topic": self.topics.base,  # the dashboard's "connect this device" card
         }
+        info["http_edge"] = self.http_edge.as_dict()
         if self.mqtt is not None:
             info["mqtt_stats"] = self.mqtt.stats
         if self.broker is not None:

@@ -21,6 +21,7 @@ from bridge.history_answers import Streamed
 from bridge.models import Login, describe_error
 from bridge.ratelimit import FailureLimiter
 from http_api.auth import Sessions, api_key_of, authenticate
+from http_api.cross_site import cross_site
 from http_api.handlers import Call
 from http_api.metrics_access import REJECTION_REASONS, MetricsExposure
 from http_api.openapi import build_openapi
@@ -79,7 +80,8 @@ class Api:
                 response = self.throttled()
             if isinstance(exc, Unavailable):
                 response.headers["Retry-After"] = str(exc.retry_after)
-        if key_user is not None:
+        # Never to another site's page: that would log its visitor in as the key's owner.
+        if key_user is not None and not cross_site(request):
             self.sessions.set_cookie(response, key_user, secure=request.url.scheme == "https")
         if response.status_code >= 400 and self.metrics is not None:
             self.metrics.count_rejection(REJECTION_REASONS.get(response.status_code, "other"))

@@ -242,6 +242,7 @@ class MqttBridge:
         mqtt5: bool = False,
         door: UpdateDoor | None = None,
         publish_direct: RetainedPublish | None = None,
+        listen_homeassistant_status: bool = True,
     ) -> None:
         self.core = core
         self.topics = topics
@@ -267,6 +268,10 @@ class MqttBridge:
         # no loopback round trip per state (the paho client then only listens for
         # Home Assistant's birth message).
         self.publish_direct = publish_direct
+        # False with the embedded broker: it knows which user published Home Assistant's
+        # ``online`` and calls homeassistant_status() itself, so only that user's configs
+        # go out. Here the message carries no user: every config, debounced globally.
+        self.listen_homeassistant_status = listen_homeassistant_status
         # Updates submitted and not yet acknowledged, in arrival order: acks go out
         # in that order, each once its commit is done (the broker's inflight window
         # is used, and a failed commit is never acked).
@@ -307,6 +312,8 @@ class MqttBridge:
                      "disconnects"):  # fmt: skip
             counters[name] = self._counters[name]
         counters["received"] += self._counters["received_dropped"]
+        if self._discovery is not None:
+            counters.update(self._discovery.counters)
         return {"connected": self.connected, "broker": f"{self.host}:{self.port}", **counters}
 
     async def start(self, timeout: float = 10.0) -> None:
@@ -323,9 +330,10 @@ class MqttBridge:
         self._inbox = asyncio.Queue()
         self._ready = self._loop.create_future()
         self._state = StatePublisher(self.core, self.topics, self._publish_retained)
-        if self.discovery:
-            self._discovery = HomeAssistantDiscovery(self.core, self.topics, self._publish_retained)
         self._banks = BankPublisher(self.core, self.topics, self._publish_retained, self.discovery)
+        if self.discovery:
+            self._discovery = HomeAssistantDiscovery(self.core, self.topics, self._publish_retained,
+                                                     also_resend=self._banks.resend_discovery)  # fmt: skip
         if self.mqtt5:
             client = self._client = new_v5_client(self.client_id)
         else:
@@ -434,7 +442,7 @@ class MqttBridge:
         client.drop_out_messages()
         update_filter = self.topics.shared_update_filter() if self.shared else self.topics.update_filter
         subscriptions = [(update_filter, 1)] if self.ingest_updates else []
-        if self._discovery is not None:
+        if self._discovery is not None and self.listen_homeassistant_status:
             subscriptions.append((self.topics.homeassistant_status, 1))
         if subscriptions:
             _, self._subscribe_mid = client.subscribe(subscriptions)
@@ -543,10 +551,13 @@ class MqttBridge:
             self._publish_retained(topic, "")
 
     def _on_homeassistant_status(self, payload: bytes) -> None:
+        self.homeassistant_status(payload, None)
+
+    def homeassistant_status(self, payload: bytes, user_id: int | None) -> None:
+        """Home Assistant's birth message (on the loop): re-send discovery configs, those of
+        ``user_id``'s batmons when the broker knows who sent it (None: every batmon)."""
         if self._discovery is not None:
-            self._discovery.on_homeassistant_status(payload)
-        if self._banks is not None:
-            self._banks.on_homeassistant_status(payload)
+            self._discovery.on_homeassistant_status(payload, user_id)  # banks' configs too
 
     def _publish_retained(self, topic: str, payload: str) -> None:
         """Publish retained with QoS 1 while connected; on reconnect all is re-sent."""

@@ -125,10 +125,13 @@ class BankPublisher:
         for bank in self.core.banks.all():
             self.publish_bank(bank)
 
-    def on_homeassistant_status(self, payload: bytes) -> None:
-        """Home Assistant restarted (``online``): it needs every bank's config again."""
-        if payload.strip() == b"online" and self.discovery:
-            for bank in self.core.banks.all():
+    def resend_discovery(self, user_id: int | None = None) -> None:
+        """Send the configs of ``user_id``'s banks again (None: every bank): Home Assistant
+        restarted. HomeAssistantDiscovery decides when, by its per-user interval."""
+        if not self.discovery:
+            return
+        for bank in self.core.banks.all():
+            if user_id is None or bank.user_id == user_id:
                 self._last.pop(self.topics.bank_discovery(bank.id), None)
                 self.publish_bank(bank)
 
