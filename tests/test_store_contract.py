@@ -177,6 +177,19 @@ def test_history_reader_pages_and_buckets_off_the_calling_thread(store: Store, b
     assert b"".join(buckets) == repr([(T0, 5, 0.0, 2.0, 4.0), (T0 + 5, 5, 5.0, 7.0, 9.0)]).encode()
 
 
+def test_last_reported_is_per_metric_from_readings_then_rollups(store: Store, batmon: int) -> None:
+    store.write([(batmon, T0 + 10, 12.0, 1.0, None, None, None)], [])  # an old hour, pruned below
+    store.prune_batch(batmon, T0 + HOUR, 100)
+    store.write([(batmon, T0 + HOUR + 5, 12.5, None, 3.0, None, None),
+                 (batmon, T0 + HOUR + 9, None, None, 4.0, None, None)], [])  # fmt: skip
+    reader = store.history_reader(workers=1)
+    try:
+        found = asyncio.run(reader.last_reported([batmon]))
+    finally:
+        reader.close()
+    assert found == {batmon: {"power": T0 + HOUR + 9, "voltage": T0 + HOUR + 5, "current": T0 + HOUR - 1}}
+
+
 # -- users ------------------------------------------------------------------------------------
 def test_users_are_found_by_key_email_and_id_and_emails_are_unique(store: Store) -> None:
     first = add_user(store, "a@example.org")

@@ -466,6 +466,24 @@ class MemoryHistoryReader:
             page = [(r[0], *r[2:], r[1]) for r in rows[start:start + self.page_rows]]
             yield await asyncio.to_thread(render, page)
 
+    async def last_reported(self, batmon_ids: list[int]) -> dict[int, dict[str, float]]:
+        return await asyncio.to_thread(lambda: {b: self._last_reported(b) for b in batmon_ids})
+
+    def _last_reported(self, batmon_id: int) -> dict[str, float]:
+        found: dict[str, float] = {}
+        with self._data.lock:
+            for row in reversed(self._data.readings.get(batmon_id, [])):
+                for metric, value in zip(METRICS, row[2:6], strict=True):
+                    if value is not None:
+                        found.setdefault(metric, float(row[0]))
+                if len(found) == len(METRICS):
+                    break
+            for hour, rollup in sorted(self._data.rollups.get(batmon_id, {}).items(), reverse=True):
+                for metric in METRICS:
+                    if metric not in found and rollup[f"{metric}_count"] > 0:
+                        found[metric] = float(hour + HOUR - 1)
+        return found
+
     async def bucket_plan(self, batmon_id: int, lo: float, hi: float, bucket: int
                           ) -> tuple[float, float, bool] | None:  # fmt: skip
         raw = await self.raw_span(batmon_id, lo, hi)
