@@ -204,10 +204,11 @@ def edge_protocol(max_connections: int, stats: EdgeStats) -> type[EdgeProtocol]:
                 {"max_connections": max_connections, "stats": stats, "over_limit": over_limit})  # fmt: skip
 
 
-def build_server(app: Any, *, max_connections: int, stats: EdgeStats) -> uvicorn.Server:
-    """A uvicorn server for ``app`` with the edge limits; it serves sockets bound elsewhere."""
+def build_server(app: Any, *, max_connections: int, stats: EdgeStats, **tls: Any) -> uvicorn.Server:
+    """A uvicorn server for ``app`` with the edge limits; it serves sockets bound elsewhere.
+    ``tls``: uvicorn's ssl_certfile/ssl_keyfile for HTTPS."""
     config = uvicorn.Config(
         app, http=edge_protocol(max_connections, stats), timeout_keep_alive=KEEP_ALIVE_S,
-        log_level="warning", lifespan="off", access_log=False,
+        log_level="warning", lifespan="off", access_log=False, **tls,
     )  # fmt: skip
     return uvicorn.Server(config)

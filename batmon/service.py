@@ -22,12 +22,13 @@ from typing import Any, Protocol
 import uvicorn
 
 from batmon.http_server import EdgeStats, build_server
-from bridge.config import ServeOptions, parse_mqtt_url
+from bridge.config import ServeOptions, parse_mqtt_url, uses_tls
 from bridge.core import Core
 from bridge.datadir import private_file
 from bridge.events import EventBus
 from bridge.ratelimit import FailureLimiter
 from bridge.store.db import Store
+from bridge.tls import TlsSetupError, client_context, server_context
 from bridge.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,8 @@ class Service:
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.options.host}:{self.http_port}"
+        scheme = "https" if self.options.http_tls_cert else "http"
+        return f"{scheme}://{self.options.host}:{self.http_port}"
 
     async def start(self) -> None:
         """Start every part; raises ServiceError (after cleaning up) if one fails."""
@@ -134,6 +136,11 @@ class Service:
             secret = session_secret(opts.data_dir)
         except OSError as exc:
             raise ServiceError(f"cannot use data folder {opts.data_dir}: {exc.strerror}") from None
+        if opts.http_tls_cert and opts.http_tls_key:
+            try:  # checked here: inside uvicorn a bad file is a traceback
+                server_context(opts.http_tls_cert, opts.http_tls_key)
+            except TlsSetupError as exc:
+                raise ServiceError(f"cannot serve HTTPS: {exc}") from None
         # Bind HTTP first: a busy port is then one clear error before anything starts.
         sock = bind_socket(opts.host, opts.http_port, "HTTP")
         self.http_port = sock.getsockname()[1]
@@ -150,7 +157,8 @@ class Service:
         app = create_app(self.core, session_secret=secret, health=self.health, metrics=exposure,
                          limiter=self.limiter)  # fmt: skip
         # uvicorn with the limits it lacks: head size and time, connections (batmon/http_server.py).
-        self._server = build_server(app, max_connections=opts.http_max_connections, stats=self.http_edge)
+        self._server = build_server(app, max_connections=opts.http_max_connections, stats=self.http_edge,
+                                    **https_options(opts))  # fmt: skip
         # Signals are ours (the CLI stops the whole service), not uvicorn's: from 0.29 uvicorn
         # takes SIGINT/SIGTERM for the whole of serve() unless capture_signals is a no-op.
         self._server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign, assignment]
@@ -192,8 +200,14 @@ class Service:
 
         bridge_user, bridge_password = "batmon-bridge", secrets.token_urlsafe(24)
         door: UpdateDoor | None = None
+        broker_tls = None
         if opts.mqtt_url:
             host, port, username, password = parse_mqtt_url(opts.mqtt_url)
+            if uses_tls(opts.mqtt_url):
+                try:
+                    broker_tls = client_context(opts.mqtt_ca, opts.mqtt_client_cert, opts.mqtt_client_key)
+                except TlsSetupError as exc:
+                    raise ServiceError(f"cannot connect to the MQTT broker over TLS: {exc}") from None
             # A stable id keeps the broker's session: readings sent while we were
             # away are delivered when we come back. It names the base topic, so two
             # bridges sharing a broker under different bases do not evict each other.
@@ -207,6 +221,8 @@ class Service:
                 credentials=core, topics=self.topics,
                 bridge_username=bridge_user, bridge_password=bridge_password, updates=door,
                 limiter=self.limiter, on_homeassistant_status=self._homeassistant_status,
+                tls={"port": opts.mqtt_tls_port, "cert": opts.tls_cert, "key": opts.tls_key,
+                     "client_ca": opts.tls_client_ca},
             )  # fmt: skip
             try:
                 await self.broker.start()
@@ -219,7 +235,7 @@ class Service:
                             f" another port with --mqtt-port (0 picks a free one), or use that"
                             f" broker with --mqtt-url mqtt://127.0.0.1:{opts.mqtt_port}")  # fmt: skip
                 raise ServiceError(f"{exc}{hint}") from None
-            host, port, username, password = opts.host, self.broker.port, bridge_user, bridge_password
+            host, port, username, password = self.broker.host, self.broker.port, bridge_user, bridge_password
             # The in-process broker has no session to keep across our restarts, and a
             # fixed id could be taken over by a clean-session CONNECT: a fresh one.
             client_id = f"batmon-bridge-{secrets.token_hex(6)}"
@@ -246,6 +262,7 @@ class Service:
             retain_flag_means_replay=self.broker is None,
             ingest_updates=self.broker is None, mqtt5=self.broker is None, door=door,
             publish_direct=self._publish_in_broker if self.broker is not None else None,
+            tls=broker_tls,
             listen_homeassistant_status=self.broker is None,
         )  # fmt: skip
         try:
@@ -328,6 +345,13 @@ class Service:
         if self.store is not None:
             self.store.close()
             self.store = None
+
+
+def https_options(opts: ServeOptions) -> dict[str, Any]:
+    """uvicorn's own TLS settings for --http-tls-cert/--http-tls-key; none without them."""
+    if opts.http_tls_cert is None or opts.http_tls_key is None:
+        return {}
+    return {"ssl_certfile": str(opts.http_tls_cert), "ssl_keyfile": str(opts.http_tls_key)}
 
 
 async def _start_extension(extension: Any) -> None:

@@ -19,6 +19,7 @@ import json
 import logging
 import random
 import socket
+import ssl
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -242,9 +243,11 @@ class MqttBridge:
         mqtt5: bool = False,
         door: UpdateDoor | None = None,
         publish_direct: RetainedPublish | None = None,
+        tls: ssl.SSLContext | None = None,
         listen_homeassistant_status: bool = True,
     ) -> None:
         self.core = core
+        self.tls = tls  # mqtts:// (bridge/tls.py client_context)
         self.topics = topics
         self.host = host
         self.port = port
@@ -338,6 +341,8 @@ class MqttBridge:
             client = self._client = new_v5_client(self.client_id)
         else:
             client = self._client = new_client(self.client_id, clean_session=False)
+        if self.tls is not None:
+            client.tls_set_context(self.tls)
         if self.username is not None:
             client.username_pw_set(self.username, self.password)
         client.will_set(self.topics.bridge_state, "offline", qos=1, retain=True)

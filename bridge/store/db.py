@@ -26,7 +26,7 @@ from bridge.store.banks import BankStore
 from bridge.store.history import HistoryReader
 from bridge.store.interface import CurrentUpdate, ReadingRow
 from bridge.store.outbox import Outbox
-from bridge.store.schema import migrate
+from bridge.store.schema import SchemaTooNewError, migrate
 from bridge.store.sqlite_errors import translated
 
 DB_FILENAME = "batmon.sqlite3"
@@ -103,7 +103,7 @@ class SqliteStore:
             raise OSError(errno.EIO, f"cannot open database {path.name}: {exc}") from None
         try:
             migrate(Database(conn, execute_plugins=False))
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, SchemaTooNewError) as exc:  # one line for the user, not a traceback
             conn.close()
             raise OSError(errno.EIO, f"cannot open database {path.name}: {exc}") from None
         return cls(conn, path)

@@ -212,7 +212,8 @@ def migrate(db: Database) -> int:
     current = row[0] or 0
     if current > LATEST:
         raise SchemaTooNewError(
-            f"database schema version {current} is newer than this release knows ({LATEST})"
+            f"database schema version {current} is newer than this release knows ({LATEST});"
+            " upgrade batmon to use it"
         )
     for version in range(current + 1, LATEST + 1):
         with db.atomic():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable
@@ -184,9 +185,11 @@ class BatmonBroker(Broker):
         topics: Topics,
         limits: BrokerLimits | None = None,
         updates: UpdateSink | None = None,
+        tls_context: ssl.SSLContext | None = None,
         on_homeassistant_status: Callable[[int, bytes], None] | None = None,
     ) -> None:
         super().__init__(config)
+        self._tls_context = tls_context
         self._topics = topics
         self._updates = updates
         self._on_homeassistant_status = on_homeassistant_status
@@ -618,10 +621,17 @@ class BatmonBroker(Broker):
                 await self._stop_handler(handler)
                 client_session.transitions.disconnect()
 
-    def bound_port(self) -> int:
+    def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:
+        """Our context (bridge/tls.py), checked at start and able to require client
+        certificates; amqtt's own (0.12.1) always makes them optional."""
+        if self._tls_context is None:
+            raise BrokerError("a TLS listener without a TLS context")
+        return self._tls_context
+
+    def bound_port(self, listener: str = "default") -> int:
         """Read the port from the listening socket: the only truth when port 0 was asked."""
         # amqtt has no public accessor for its listeners' servers (0.12).
-        server = self._servers["default"].instance
+        server = self._servers[listener].instance
         return int(server.sockets[0].getsockname()[1])
 
 
