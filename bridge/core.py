@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import logging
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -195,6 +196,8 @@ class Core:
         # Who owned each batmon deleted during this run: the clearing of its retained
         # topics (discovery, state) must still reach that owner's subscribers.
         self._deleted_owners: dict[int, int] = {}
+        # One thread at a time on the core's own handle (read_store's workers, tools).
+        self._own_handle = threading.Lock()
         # Ids of deleted batmons and alarms: a new id is never one of them.
         self._retired_ids: set[int] = set()
         # Every reading and control-plane write is committed by this one writer, off the loop,
@@ -266,10 +269,19 @@ class Core:
         """Run ``fn(store)`` on the writer's thread, after every write queued before it."""
         return await self.writer.call(fn)
 
+    async def read_store(self, fn: Callable[[Store], T]) -> T:
+        """Run a read ``fn(store)`` on a worker thread, on the core's own handle (idle once the
+        loop serves): behind no write and no history page, unlike ``in_store``."""
+
+        def locked() -> T:
+            with self._own_handle:
+                return fn(self.store)
+
+        return await asyncio.to_thread(locked)
+
     async def ping(self) -> bool:
-        """True when the database answers, asked off the loop (on the core's own handle,
-        idle once the loop serves: behind no history page and no write)."""
-        return await asyncio.to_thread(self.store.ping)
+        """True when the database answers, asked off the loop."""
+        return await self.read_store(lambda store: store.ping())
 
     def new_id(self) -> int:
         """A random id below 2^53 that no batmon, alarm or bank has or ever had (the store

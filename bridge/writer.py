@@ -153,6 +153,7 @@ class ReadingWriter:
         self._deliveries: dict[asyncio.AbstractEventLoop, _Deliveries] = {}  # writer's thread only
         self._delay_s = float(os.environ.get(COMMIT_DELAY_ENV, "0") or 0) / 1000
         self._purging: deque[int] = deque()  # deleted batmons whose readings go, writer's thread only
+        self._purge_resume_at = 0.0  # monotonic time of the next purge chunk, writer's thread only
         self.purge_chunk_rows = PURGE_CHUNK_ROWS
 
     # -- doors' side (any event loop) -------------------------------------------
@@ -238,14 +239,20 @@ class ReadingWriter:
         stopping = False
         try:
             while not stopping:
-                if self._purging and self._queue.empty():
-                    sink = self._purge_chunk(sink)  # idle: the next chunk of a delete
-                    continue
+                # While failing, try the disk every second even with no traffic,
+                # so /healthz turns ok again by itself once the fault clears.
+                timeout = PROBE_EVERY_S if self.stats.failing else None
+                if self._purging:
+                    rest = self._purge_resume_at - time.monotonic()
+                    if rest <= 0 and self._queue.empty():
+                        sink = self._purge_chunk(sink)  # idle: the next chunk of a delete
+                        continue
+                    timeout = max(0.0, rest) if timeout is None else min(timeout, max(0.0, rest))
                 try:
-                    # While failing, try the disk every second even with no traffic,
-                    # so /healthz turns ok again by itself once the fault clears.
-                    item = self._queue.get(timeout=PROBE_EVERY_S if self.stats.failing else None)
+                    item = self._queue.get(timeout=timeout)
                 except queue.Empty:
+                    if not self.stats.failing:
+                        continue  # a purge chunk is due
                     sink = self._probe(sink)
                     continue
                 group: list[_Submission] = []
@@ -289,7 +296,7 @@ class ReadingWriter:
                         except queue.Empty:
                             break
                 sink = self._flush(sink, group)
-                if self._purging and not stopping:
+                if self._purging and not stopping and time.monotonic() >= self._purge_resume_at:
                     # Busy: one chunk between two groups, so a delete ends even under load
                     # while a reading waits behind at most one chunk.
                     sink = self._purge_chunk(sink)
@@ -314,11 +321,15 @@ class ReadingWriter:
     def _purge_chunk(self, sink: Store | None) -> Store | None:
         """Delete one chunk of the first deleted batmon's readings; drop it once none is left."""
         batmon_id = self._purging[0]
+        started = time.monotonic()
         try:
             if sink is None:
                 sink = self._open_sink()
             if sink.purge_deleted(batmon_id, self.purge_chunk_rows):
                 self._purging.popleft()
+            # Rest as long as the chunk took: a purge uses at most half a core and half the
+            # database's time, so the loop and other writers keep theirs on a busy machine.
+            self._purge_resume_at = time.monotonic() + (time.monotonic() - started)
         except Exception as exc:
             # The mark stays in the store: the purge resumes at the next start.
             log.error("could not purge the readings of deleted batmon %s: %s", batmon_id, _describe(exc))

@@ -249,7 +249,8 @@ def test_a_value_only_in_pruned_readings_is_known_from_the_hourly_rollups(tmp_pa
         house = add(core, user, "House")
         await ingest(core, house, soc=80, ts=1_700_000_000)  # 22:13:20 UTC; pruned below
         await ingest(core, house, voltage=12.6, ts=1_700_100_000)
-        retention = Store.open(tmp_path / "batmon.sqlite3")  # the pruner's own handle
+        await core.writer.barrier()
+        retention = core.store.another()  # the pruner's own handle, as RetentionPruner has
         assert retention.prune_batch(house.id, 1_700_050_000, 5_000) == 1
         retention.close()
 

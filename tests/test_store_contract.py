@@ -1,8 +1,13 @@
 """What any store must do (bridge/store/interface.py), checked on every implementation.
 
 Every test takes the one ``store`` fixture below, which is parametrised over the
-implementations in ``STORES``: SQLite on a file in tmp_path, and PostgreSQL on this
-test session's database (tests/pg_support.py), its tables emptied for each test.
+from bridge.store.memory import MemoryStore
+from tests import pg_support
+
+STORES: dict[str, Callable[[Path], Store]] = {
+    "sqlite": lambda tmp_path: SqliteStore.open(tmp_path / "contract.sqlite3"),
+    "memory": lambda tmp_path: MemoryStore(),
+    "postgres": lambda tmp_path: pg_support.clean_store(),
 
 How a second implementation joins (the PostgreSQL store of the scale-out issue):
 add ONE entry to ``STORES``, a name and a function ``(tmp_path) -> Store`` that
@@ -28,10 +33,12 @@ import pytest
 from bridge.errors import Conflict
 from bridge.store.db import SqliteStore
 from bridge.store.interface import CHANNELS, ReadingRow, Store
+from bridge.store.memory import MemoryStore
 from tests import pg_support
 
 STORES: dict[str, Callable[[Path], Store]] = {
     "sqlite": lambda tmp_path: SqliteStore.open(tmp_path / "contract.sqlite3"),
+    "memory": lambda tmp_path: MemoryStore(),
     "postgres": lambda tmp_path: pg_support.clean_store(),
 }
 
@@ -199,6 +206,19 @@ def test_history_reader_tells_when_each_metric_was_last_reported(store: Store, b
         reader.close()
     assert found == {batmon: {"voltage": T0 + 20, "current": T0 + 10},
                      other: {"voltage": T0 + 2 * HOUR, "soc": T0 + HOUR - 1}, silent: {}}  # fmt: skip
+
+
+def test_last_reported_is_per_metric_from_readings_then_rollups(store: Store, batmon: int) -> None:
+    store.write([(batmon, T0 + 10, 12.0, 1.0, None, None, None)], [])  # an old hour, pruned below
+    store.prune_batch(batmon, T0 + HOUR, 100)
+    store.write([(batmon, T0 + HOUR + 5, 12.5, None, 3.0, None, None),
+                 (batmon, T0 + HOUR + 9, None, None, 4.0, None, None)], [])  # fmt: skip
+    reader = store.history_reader(workers=1)
+    try:
+        found = asyncio.run(reader.last_reported([batmon]))
+    finally:
+        reader.close()
+    assert found == {batmon: {"power": T0 + HOUR + 9, "voltage": T0 + HOUR + 5, "current": T0 + HOUR - 1}}
 
 
 # -- users ------------------------------------------------------------------------------------

@@ -159,7 +159,8 @@ class Metrics:
     async def refresh(self) -> None:
         """Read the scrape-time figures the store keeps (off the event loop)."""
         try:
-            self._pending = await self.core.in_store(lambda store: store.outbox.pending_by_channel())
+            # A read on the core's own handle: a scrape never waits behind the writer's queue.
+            self._pending = await self.core.read_store(lambda store: store.outbox.pending_by_channel())
         except Exception as exc:  # a scrape must not fail for one figure
             log.warning("metrics could not count notices: %s", exc)
             self._pending = None

@@ -56,13 +56,11 @@ PROBE_BYTES = 256 * 1024
 of 1,000 readings adds to the WAL (78 KB measured), so when the probe finds room, a
 group finds it too."""
 
-# A redelivered reading (same batmon, ts and values) is stored once; a different one
-# with the same ts is kept beside it (the arrival-order trigger of schema 3 numbers them).
+# A redelivered reading (same batmon, ts and values) is stored once, a different one with
+# the same ts beside it in arrival order: the schema's trigger decides (schema.py, 3 and 5).
 INSERT_READING = (
     "INSERT INTO readings (batmon_id, ts, voltage, current, power, soc, details)"
-    " SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7 WHERE NOT EXISTS (SELECT 1 FROM readings"
-    " WHERE batmon_id = ?1 AND ts = ?2 AND voltage IS ?3 AND current IS ?4 AND power IS ?5"
-    " AND soc IS ?6 AND details IS ?7)"
+    " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
 )
 
 class SqliteStore:

@@ -72,6 +72,11 @@ class HistoryReads(Protocol):
         """Rendered pages of the readings with first <= ts <= last, in time then arrival order."""
         ...
 
+    async def last_reported(self, batmon_ids: list[int]) -> dict[int, dict[str, float]]:
+        """When each metric of these batmons was last in a reading (never reported: left out);
+        from the readings, else the end of the latest rollup hour that has it."""
+        ...
+
     async def bucket_plan(self, batmon_id: int, lo: float, hi: float, bucket: int
                           ) -> tuple[float, float, bool] | None:  # fmt: skip
         """(first, last, with_rollups) of the data behind a bucketed answer, else None."""
@@ -84,11 +89,6 @@ class HistoryReads(Protocol):
 
     def raw_rows(self, batmon_id: int, lo: float, hi: float) -> list[Row]:
         """Every reading with lo <= ts < hi, on the calling thread (tools and tests)."""
-        ...
-
-    async def last_reported(self, batmon_ids: list[int]) -> dict[int, dict[str, float]]:
-        """When each metric of these batmons was last in a reading (metrics never reported
-        are left out); from the readings, else the latest rollup hour's end."""
         ...
 
     def close(self) -> None:
