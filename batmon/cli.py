@@ -1,4 +1,5 @@
-"""The `batmon` command: serve, backup, restore, user add/list/notify, simulate, agent vedirect.
+"""The `batmon` command: serve, backup, restore, user add/list/notify/reset-key/token, simulate,
+agent vedirect.
 
 Every failure is one line on stderr: exit 2 for bad usage, 1 at run time.
 """
@@ -83,7 +84,19 @@ def build_parser() -> Parser:
     notify.add_argument("--email", dest="email_url", help="Apprise URL for email notices")
     notify.add_argument("--whatsapp", dest="whatsapp_url", help="Apprise URL for WhatsApp")
     notify.add_argument("--sms", dest="sms_url", help="Apprise URL for SMS")
-    for sub in (add, listing, notify):
+    reset = user_commands.add_parser("reset-key", help="give a user a new api_key; the old one stops working")
+    reset.add_argument("email")
+    token = user_commands.add_parser("token", help="MQTT-only secrets of a user (for Home Assistant)")
+    tokens = token.add_subparsers(dest="token_command", required=True, parser_class=Parser)
+    token_add = tokens.add_parser("add", help="make a token; prints its secret once")
+    token_add.add_argument("email")
+    token_add.add_argument("--name", required=True, help="what it is for, e.g. home-assistant")
+    token_list = tokens.add_parser("list", help="a user's tokens: names and creation dates")
+    token_list.add_argument("email")
+    token_revoke = tokens.add_parser("revoke", help="delete a token; its sessions are closed")
+    token_revoke.add_argument("email")
+    token_revoke.add_argument("name")
+    for sub in (add, listing, notify, reset, token_add, token_list, token_revoke):
         sub.add_argument("--data-dir", help="folder of the SQLite file (default ./batmon-data)")
         sub.add_argument("--database-url", help="the PostgreSQL database serve uses (or BATMON_DATABASE_URL)")
 
@@ -308,7 +321,7 @@ def run_backup_or_restore(args: argparse.Namespace) -> None:
 
 
 def run_user(args: argparse.Namespace) -> None:
-    """`batmon user add|list|notify` on the data folder's database, or on PostgreSQL."""
+    """`batmon user add|list|notify|reset-key|token` on the data folder's database, or on PostgreSQL."""
     from bridge.store.db import Store
 
     database_url = args.database_url or os.environ.get("BATMON_DATABASE_URL")
@@ -353,6 +366,7 @@ def run_user_on(args: argparse.Namespace, store: Any) -> None:
     from bridge.models import NewUser
 
     core = Core(store, EventBus()).load()
+    command = " ".join(filter(None, (args.user_command, getattr(args, "token_command", None))))
     try:
         if args.user_command == "add":
             email = NewUser.model_validate({"email": args.email}).email
@@ -363,12 +377,38 @@ def run_user_on(args: argparse.Namespace, store: Any) -> None:
                 print(row["email"])
         elif args.user_command == "notify":
             set_user_targets(core, args)
+        elif args.user_command == "reset-key":
+            print(core.reset_api_key(NewUser.model_validate({"email": args.email}).email))
+        elif args.user_command == "token":
+            run_user_token(core, args)
     except ValidationError as exc:
-        fail(f"batmon user {args.user_command}: {describe_error(exc)}", code=2)
+        fail(f"batmon user {command}: {describe_error(exc)}", code=2)
     except BatmonError as exc:
-        fail(f"batmon user {args.user_command}: {exc.message}")
+        fail(f"batmon user {command}: {exc.message}")
     finally:
         store.close()
+
+
+def run_user_token(core: Any, args: argparse.Namespace) -> None:
+    """`batmon user token add|list|revoke`: a running server honours each within a second."""
+    from datetime import UTC, datetime
+
+    from bridge.models import NewUser, UserTokenName
+
+    if args.token_command == "list":
+        email = NewUser.model_validate({"email": args.email}).email
+        for token in core.mqtt_tokens(email):
+            created = datetime.fromtimestamp(token["created"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            print(f"{token['name']}  created {created}")
+        return
+    spec = UserTokenName.model_validate({"email": args.email, "name": args.name})
+    if args.token_command == "add":
+        print(core.add_mqtt_token(spec.email, spec.name))
+        print(f"MQTT username {spec.email}, password the line above (shown once); it sees"
+              f" {spec.email}'s batmons and works over MQTT only", file=sys.stderr, flush=True)  # fmt: skip
+    else:
+        core.revoke_mqtt_token(spec.email, spec.name)
+        print(f"revoked token {spec.name} of {spec.email}", file=sys.stderr, flush=True)
 
 
 def set_user_targets(core: Any, args: argparse.Namespace) -> None:

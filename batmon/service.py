@@ -194,6 +194,15 @@ class Service:
         except StorageFailed as exc:  # names user@host:port/db, never the password
             raise ServiceError(exc.message) from None
 
+    def _credential_reader(self) -> Any:
+        """What opens the credential watcher's reader: PostgreSQL's, else None (the SQLite file's)."""
+        if self.options.database_url is None:
+            return None
+        from bridge.store.pg_credentials import PgCredentialReader
+
+        url = self.options.database_url.get_secret_value()
+        return lambda: PgCredentialReader(url)
+
     @property
     def store_description(self) -> str:
         """Where the data is, for the startup lines (no password)."""
@@ -207,7 +216,9 @@ class Service:
         from bridge.doors.broker import EmbeddedBroker
         from bridge.doors.mqtt_client import MqttBridge
         from bridge.doors.update_door import UpdateDoor
+        from bridge.events import CredentialsChanged
         from bridge.extensions.alarms import AlarmEvaluator
+        from bridge.extensions.credential_watcher import CredentialWatcher
         from bridge.extensions.metrics import Metrics
         from bridge.extensions.notifier import Notifier
         from bridge.extensions.watchdog import OfflineWatchdog
@@ -271,7 +282,11 @@ class Service:
         self.notifier = Notifier(core, retry_base_s=opts.notify_retry_s,
                                  give_up_after_s=opts.notify_give_up_s)  # fmt: skip
         self.notifier.on_outcome = self.metrics.count_notice
-        for extension in (AlarmEvaluator(core), self.notifier, OfflineWatchdog(core)):
+        if self.broker is not None:
+            # A key reset or a token revoked by `batmon user ...`: end the sessions it opened.
+            core.bus.subscribe(CredentialsChanged, self._drop_revoked_sessions)
+        watcher = CredentialWatcher(core, opts.database_path, open_reader=self._credential_reader())
+        for extension in (AlarmEvaluator(core), self.notifier, OfflineWatchdog(core), watcher):
             await _start_extension(extension)
             self._extensions.append(extension)
         if opts.retention_days is not None:
@@ -298,6 +313,10 @@ class Service:
                 hint = (". Check that the broker of --mqtt-url is running and reachable from here,"
                         " and its credentials; without --mqtt-url, serve runs its own broker")  # fmt: skip
             raise ServiceError(f"{exc}{hint}") from None
+
+    def _drop_revoked_sessions(self, _: object) -> None:
+        if self.broker is not None:
+            self.broker.drop_revoked_sessions()
 
     def _publish_in_broker(self, topic: str, payload: str) -> None:
         if self.broker is not None:

@@ -72,6 +72,20 @@ def test_serve_on_postgresql_keeps_http_and_mqtt_readings_across_a_restart(tmp_p
             assert r.status_code == 200 and r.json()["success"] == {"batmons": 0}, r.text
             wrong = batmon("user", "list", "--database-url", url.replace("postgresql:", "mysql:"))
             assert wrong.returncode == 2 and PASSWORD not in wrong.stderr, wrong.stderr
+            # A running serve on PostgreSQL honours `batmon user reset-key` and tokens at once.
+            token = batmon("user", "token", "add", "admin@localhost", "--name", "ha", "--database-url", url)
+            assert token.returncode == 0, token.stderr
+
+            def token_accepted() -> bool:
+                ha = Client(mqtt_port(serve), "admin@localhost", token.stdout.strip())
+                ha.close()
+                return ha.accepted
+
+            wait_for(token_accepted, "the new token accepted by the running serve")
+            new_key = batmon("user", "reset-key", "admin@localhost", "--database-url", url).stdout.strip()
+            wait_for(lambda: http.get("/interface/batmon/count", headers=admin).status_code == 401,
+                     "the old key refused by the running serve")  # fmt: skip
+            assert http.get("/interface/batmon/count", headers={"X-API-Key": new_key}).status_code == 200
     finally:
         if serve.proc is not None:
             serve.stop(signal.SIGKILL)

@@ -95,7 +95,8 @@ def test_workers_starting_at_once_on_an_empty_database_migrate_it_once() -> None
     try:
         assert errors == [] and len(opened) == 6
         with psycopg.connect(url) as conn:
-            assert conn.execute("SELECT version FROM schema_version").fetchall() == [(LATEST,)]
+            versions = conn.execute("SELECT version FROM schema_version ORDER BY 1").fetchall()
+            assert versions == [(v,) for v in range(1, LATEST + 1)]  # each step once
     finally:
         for s in opened:
             s.close()
@@ -244,3 +245,27 @@ def test_a_handle_whose_first_write_failed_still_writes(store: PostgresStore) ->
     finally:
         fresh.close()
     assert [r["voltage"] for r in store.history(batmon, 0, 2**40)] == [2.0]
+
+
+# -- credentials (bridge/store/credentials.py's queries) ------------------------------------------
+def test_credentials_on_postgresql_bump_the_counter_a_running_server_polls(store: PostgresStore) -> None:
+    from bridge.store.pg_credentials import PgCredentialReader
+
+    user = store.add_user("a@example.org", "key-hash-1", NOV_2023)
+    reader = PgCredentialReader(store.url)
+    try:
+        before = reader.version()
+        credentials = store.credentials()
+        assert credentials.add_token(user, "home-assistant", "token-hash", NOV_2023 + 1) is True
+        assert credentials.add_token(user, "home-assistant", "other-hash", NOV_2023 + 2) is False  # taken
+        credentials.set_api_key_hash(user, "key-hash-2")
+        assert [t["name"] for t in credentials.tokens_of(user)] == ["home-assistant"]
+        seen = reader.load()
+        assert seen.version == reader.version() > before
+        assert [(u["id"], u["api_key_hash"]) for u in seen.users] == [(user, "key-hash-2")]
+        assert seen.tokens == [{"user_id": user, "secret_hash": "token-hash"}]
+        assert credentials.revoke_token(user, "home-assistant") is True
+        assert credentials.revoke_token(user, "home-assistant") is False
+        assert reader.version() > seen.version and reader.load().tokens == []
+    finally:
+        reader.close()

@@ -57,7 +57,7 @@ of 1,000 readings adds to the WAL (78 KB measured), so when the probe finds room
 group finds it too."""
 
 # A redelivered reading (same batmon, ts and values) is stored once, a different one with
-# the same ts beside it in arrival order: the schema's trigger decides (schema.py, 3 and 5).
+# the same ts beside it in arrival order: the schema's trigger decides (schema.py, 3 and 6).
 INSERT_READING = (
     "INSERT INTO readings (batmon_id, ts, voltage, current, power, soc, details)"
     " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"

@@ -39,6 +39,7 @@ from bridge.store.interface import METRICS, CurrentUpdate, ReadingRow
 from bridge.store.pg_schema import PARTITION_LOCK, VALUES_HASH, migrate
 
 if TYPE_CHECKING:  # both import this module's helpers
+    from bridge.store.pg_credentials import PgCredentials
     from bridge.store.pg_history import PgHistoryReader
     from bridge.store.pg_outbox import PgOutbox
 
@@ -494,6 +495,13 @@ class PostgresStore:
 
         return PgOutbox(self)
 
+    # -- credentials (not behind interface.py yet: bridge/store/credentials.py) -------------
+    def credentials(self) -> PgCredentials:
+        """Api key resets and MQTT tokens on this connection."""
+        from bridge.store.pg_credentials import PgCredentials
+
+        return PgCredentials(self)
+
     # -- retention and rollups -----------------------------------------------------------------
     @translated
     def batmons_with_readings_before(self, cutoff: float) -> list[int]:
@@ -560,7 +568,7 @@ class PostgresStore:
                     " WHERE i.inhparent = 'readings'::regclass").fetchall():  # fmt: skip
                 conn.execute(f"DROP TABLE {name}".encode())
             conn.execute("TRUNCATE users, batmons, readings, alarms, retired_ids, outbox, outbox_attempts,"
-                         " rollups, banks, bank_members, deleted_batmons"
+                         " rollups, banks, bank_members, deleted_batmons, user_tokens"
                          " RESTART IDENTITY CASCADE")  # fmt: skip
 
 

@@ -173,7 +173,37 @@ MIGRATIONS: list[list[str]] = [
         ) WITHOUT ROWID""",
         "CREATE INDEX bank_members_batmon ON bank_members(batmon_id)",
     ],
-    # 5: a deleted batmon's readings and rollups are purged in chunks after its row is gone;
+    # 5: MQTT-only secrets a user makes for Home Assistant (stored hashed, like api keys),
+    # and a counter that every change of a credential bumps, by trigger, whichever process
+    # makes it: a running server polls this one row to notice `batmon user ...` commands.
+    [
+        """CREATE TABLE user_tokens (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id),
+            name TEXT NOT NULL,
+            secret_hash TEXT NOT NULL UNIQUE,
+            created REAL NOT NULL,
+            UNIQUE (user_id, name)
+        )""",
+        """CREATE TABLE credentials_version (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            version INTEGER NOT NULL
+        )""",
+        "INSERT INTO credentials_version (id, version) VALUES (1, 0)",
+        *(
+            f"""CREATE TRIGGER credentials_changed_{name} AFTER {change}
+               BEGIN UPDATE credentials_version SET version = version + 1 WHERE id = 1; END"""
+            for name, change in (
+                ("user_added", "INSERT ON users"),
+                ("user_key", "UPDATE OF email, api_key_hash ON users"),
+                ("user_removed", "DELETE ON users"),
+                ("token_added", "INSERT ON user_tokens"),
+                ("token_changed", "UPDATE ON user_tokens"),
+                ("token_removed", "DELETE ON user_tokens"),
+            )
+        ),
+    ],
+    # 6: a deleted batmon's readings and rollups are purged in chunks after its row is gone;
     # this mark says whose, so a purge cut by a restart resumes (bridge/store/db.py).
     # And a reading written again (same batmon, ts and values: a redelivery after a lost
     # ack) is stored once: the arrival-order trigger, which already looks for rows of the

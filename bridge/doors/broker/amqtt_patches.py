@@ -621,6 +621,23 @@ class BatmonBroker(Broker):
                 await self._stop_handler(handler)
                 client_session.transitions.disconnect()
 
+    async def disconnect_where(self, condition: Callable[[Principal], bool]) -> int:
+        """Close every connected session whose principal meets ``condition``; how many.
+
+        The connection ends as if the network had dropped it: acknowledged messages are
+        still delivered, the vetted will fires, a persistent session is kept (and resumes
+        only with a credential that is valid then).
+        """
+        closed = 0
+        for session, handler in list(self._sessions.values()):
+            principal = session.attributes.get(PRINCIPAL_KEY)
+            if handler is None or not isinstance(principal, Principal):
+                continue
+            if session.transitions.is_connected() and condition(principal):
+                await handler.handle_connection_closed()  # wakes _client_message_loop's disconnect
+                closed += 1
+        return closed
+
     def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:
         """Our context (bridge/tls.py), checked at start and able to require client
         certificates; amqtt's own (0.12.1) always makes them optional."""

@@ -111,6 +111,8 @@ class EmbeddedBroker:
         self._port: int | None = None
         self._outbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue()
         self._publisher: asyncio.Task[None] | None = None
+        self._policy: AccessPolicy | None = None
+        self._sweeps: set[asyncio.Task[None]] = set()
         self.limits = BrokerLimits()
         """The ``limits`` section of the config, once loaded."""
 
@@ -196,6 +198,7 @@ class EmbeddedBroker:
                 "certfile": str(self.tls.cert), "keyfile": str(self.tls.key),
             }  # fmt: skip
         config["plugins"] = {PLUGIN_PATH: {"policy": policy}, **others}
+        self._policy = policy
         return config
 
     async def start(self) -> None:
@@ -261,6 +264,23 @@ class EmbeddedBroker:
             self._outbox.task_done()
             if self._outbox.qsize() and self._outbox.qsize() % PUBLISH_BATCH == 0:
                 await asyncio.sleep(0)
+
+    def drop_revoked_sessions(self) -> None:
+        """Soon close every session logged in with a secret no longer valid (reset or revoked)."""
+        if self._broker is None or self._policy is None:
+            return
+        task = asyncio.create_task(self._drop_revoked(self._broker, self._policy), name="broker-revoke")
+        self._sweeps.add(task)
+        task.add_done_callback(self._sweeps.discard)
+
+    async def _drop_revoked(self, broker: BatmonBroker, policy: AccessPolicy) -> None:
+        try:
+            closed = await broker.disconnect_where(lambda p: not policy.still_valid(p))
+        except Exception:
+            log.exception("closing the sessions of revoked credentials failed")
+            return
+        if closed:
+            log.info("closed %d MQTT session(s) whose credential was reset or revoked", closed)
 
     def stop_listening(self) -> None:
         """Accept no new client (first step of a clean stop)."""

@@ -1,0 +1,94 @@
+"""`CredentialWatcher`: a running server honours `batmon user ...` commands at once.
+
+The CLI changes keys and tokens in the database from another process. Triggers bump one
+counter row on every such change (bridge/store/schema.py, migration 4); this extension
+reads that row once a second on a dedicated read connection, off the event loop, and
+when it moved, reloads every key and token into the core and emits CredentialsChanged
+(the embedded broker then closes sessions whose secret is gone). Why a counter and not
+SQLite's ``data_version``: see docs/DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bridge.core import Core, CredentialMaps
+from bridge.events import CredentialsChanged
+from bridge.store.credentials import CredentialReader
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 1.0
+
+
+class CredentialWatcher:
+    """Polls the credential change counter and reloads the core's keys and tokens."""
+
+    def __init__(self, core: Core, database: Path, interval_s: float = POLL_INTERVAL_S,
+                 open_reader: Callable[[], Any] | None = None) -> None:  # fmt: skip
+        self._core = core
+        self._database = database
+        # Another store's reader (PostgreSQL's), else one on the SQLite file at ``database``.
+        self._open_reader = open_reader or (lambda: CredentialReader(database))
+        self._interval_s = interval_s
+        self._reader: CredentialReader | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+
+    async def start(self) -> None:
+        """Begin polling (the core loaded its credentials at start)."""
+        self._reader = self._open_reader()
+        self._task = asyncio.create_task(self._run(self._reader), name="credential-watcher")
+
+    async def stop(self) -> None:
+        """Stop polling and close the read connection."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await asyncio.to_thread(reader.close)
+
+    async def _run(self, reader: CredentialReader) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self.check_now(reader)
+            except Exception:  # a bug must not end the polling for the rest of the run
+                log.exception("checking for credential changes failed")
+
+    async def check_now(self, reader: CredentialReader | None = None) -> bool:
+        """Poll once; True when the credentials changed and were reloaded."""
+        reader = reader or self._reader
+        if reader is None:
+            return False
+        known = self._core.credentials_version
+        try:
+            maps = await asyncio.to_thread(_changed_since, reader, known)
+        except OSError as exc:
+            if not self._failing:  # once per outage, not once a second
+                log.warning("cannot read credential changes (keys and tokens stay as they were): %s", exc)
+            self._failing = True
+            return False
+        self._failing = False
+        if maps is None or maps.version == self._core.credentials_version:
+            return False
+        self._core.replace_credentials(maps)
+        log.info("credentials changed in the database: reloaded keys and tokens")
+        self._core.bus.emit(CredentialsChanged(maps.version))
+        return True
+
+
+def _changed_since(reader: CredentialReader, known: int) -> CredentialMaps | None:
+    """On a worker thread: every credential, ready to swap in, if the counter moved past
+    ``known``; else None."""
+    if reader.version() == known:
+        return None
+    return CredentialMaps.of(reader.load())
