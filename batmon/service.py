@@ -24,10 +24,11 @@ import uvicorn
 from batmon.http_server import EdgeStats, build_server
 from bridge.config import ServeOptions, parse_mqtt_url, uses_tls
 from bridge.core import Core
-from bridge.datadir import private_file
+from bridge.datadir import prepare_data_dir, private_file
+from bridge.errors import StorageFailed
 from bridge.events import EventBus
 from bridge.ratelimit import FailureLimiter
-from bridge.store.db import Store
+from bridge.store.interface import Store
 from bridge.tls import TlsSetupError, client_context, server_context
 from bridge.topics import Topics
 
@@ -132,8 +133,8 @@ class Service:
 
         opts = self.options
         try:
-            self.store = Store.open(opts.database_path)  # makes the folder 0700
-            secret = session_secret(opts.data_dir)
+            self.store = self._open_store()
+            secret = session_secret(opts.data_dir)  # the data folder holds it on PostgreSQL too
         except OSError as exc:
             raise ServiceError(f"cannot use data folder {opts.data_dir}: {exc.strerror}") from None
         if opts.http_tls_cert and opts.http_tls_key:
@@ -152,7 +153,8 @@ class Service:
         assert self.core is not None
         token = opts.metrics_token.get_secret_value() if opts.metrics_token else None
         exposure = MetricsExposure(render=self.metrics.render, access=opts.metrics, token=token,
-                                   count_rejection=self.metrics.count_http_rejection)  # fmt: skip
+                                   count_rejection=self.metrics.count_http_rejection,
+                                   prepare=self.metrics.refresh)  # fmt: skip
         app = create_app(self.core, session_secret=secret, health=self.health, metrics=exposure,
                          limiter=self.limiter)  # fmt: skip
         # uvicorn with the limits it lacks: head size and time, connections (batmon/http_server.py).
@@ -176,6 +178,39 @@ class Service:
         # Last, so a start that fails does not make an admin whose key nobody saw.
         if not self.core.user_has_data():
             _, self.admin_api_key = self.core.create_user(ADMIN_EMAIL)
+
+    def _open_store(self) -> Store:
+        """PostgreSQL when a database URL is given, else the SQLite file in the data folder."""
+        opts = self.options
+        if opts.database_url is None:
+            from bridge.store.db import SqliteStore
+
+            return SqliteStore.open(opts.database_path)  # makes the folder 0700
+        from bridge.store.pg_store import PostgresStore
+
+        prepare_data_dir(opts.data_dir)  # 0700: the session key stays in it
+        try:
+            return PostgresStore.open(opts.database_url.get_secret_value())
+        except StorageFailed as exc:  # names user@host:port/db, never the password
+            raise ServiceError(exc.message) from None
+
+    def _credential_reader(self) -> Any:
+        """What opens the credential watcher's reader: PostgreSQL's, else None (the SQLite file's)."""
+        if self.options.database_url is None:
+            return None
+        from bridge.store.pg_credentials import PgCredentialReader
+
+        url = self.options.database_url.get_secret_value()
+        return lambda: PgCredentialReader(url)
+
+    @property
+    def store_description(self) -> str:
+        """Where the data is, for the startup lines (no password)."""
+        if self.options.database_url is None:
+            return str(self.options.database_path.resolve())
+        from bridge.store.pg_store import describe_url
+
+        return "postgresql://" + describe_url(self.options.database_url.get_secret_value())
 
     async def _start_parts(self) -> None:
         from bridge.doors.broker import EmbeddedBroker
@@ -250,14 +285,14 @@ class Service:
         if self.broker is not None:
             # A key reset or a token revoked by `batmon user ...`: end the sessions it opened.
             core.bus.subscribe(CredentialsChanged, self._drop_revoked_sessions)
-        watcher = CredentialWatcher(core, opts.database_path)
+        watcher = CredentialWatcher(core, opts.database_path, open_reader=self._credential_reader())
         for extension in (AlarmEvaluator(core), self.notifier, OfflineWatchdog(core), watcher):
             await _start_extension(extension)
             self._extensions.append(extension)
         if opts.retention_days is not None:
             from bridge.extensions.retention_pruner import RetentionPruner
 
-            pruner = RetentionPruner(opts.database_path, opts.retention_days)
+            pruner = RetentionPruner(self.store, opts.retention_days)
             await pruner.start()
             self._extensions.append(pruner)
 

@@ -7,7 +7,7 @@ handed ``health``, and decides only whether the caller may see what it returns.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,6 +39,8 @@ class MetricsExposure:
     access: MetricsAccess = "local"
     token: str | None = None
     count_rejection: Callable[[str], None] = _no_count
+    # Awaited before each render: figures the store keeps are read off the event loop.
+    prepare: Callable[[], Awaitable[None]] | None = None
 
     @property
     def served(self) -> bool:

@@ -3,7 +3,8 @@
 Counters are fed by the core's events (readings, alarms, status changes) and by the
 HTTP facade's error mapping; gauges are read at scrape time from what already keeps
 the figure (the core's registry, the MQTT bridge's counters, the notice outbox), so
-nothing is counted twice. The writer reports its commits through ``observe_commit``.
+nothing is counted twice. The outbox is read off the loop by ``refresh``, which the
+facade awaits before each scrape. The writer reports its commits through ``observe_commit``.
 
 Each ``Metrics`` has its own ``CollectorRegistry``: several services in one process
 (tests) keep their figures apart, and prometheus_client's global registry is unused.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -33,7 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 
 from bridge.events import NO_SUBSCRIPTION, AlarmChanged, ReadingAccepted, StatusChanged, Subscription
-from bridge.store.outbox import CHANNELS, Outbox
+from bridge.store.interface import CHANNELS
 
 if TYPE_CHECKING:
     from bridge.core import Core
@@ -77,7 +77,8 @@ class Metrics:
         self.core = core
         self.mqtt_stats = mqtt_stats
         self.per_batmon = per_batmon
-        self.outbox = Outbox(core.store)
+        # Notices pending by (state, channel), read off the loop by refresh(); None unread.
+        self._pending: dict[tuple[str, str], int] | None = None
         # How many readings wait for a commit: the service points it at the writer.
         self.queue_depth: Callable[[], float] = lambda: 0
         self._subscription: Subscription = NO_SUBSCRIPTION
@@ -155,6 +156,15 @@ class Metrics:
         self.commit_rows.observe(rows)
         self.commit_seconds.observe(seconds)
 
+    async def refresh(self) -> None:
+        """Read the scrape-time figures the store keeps (off the event loop)."""
+        try:
+            # A read on the core's own handle: a scrape never waits behind the writer's queue.
+            self._pending = await self.core.read_store(lambda store: store.outbox.pending_by_channel())
+        except Exception as exc:  # a scrape must not fail for one figure
+            log.warning("metrics could not count notices: %s", exc)
+            self._pending = None
+
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition for a scraper's Accept header: (body, content type).
 
@@ -197,7 +207,7 @@ class _ScrapeTimeCollector:
         yield self._rejections(m, stats)
         yield from self._writer(m.core)
         yield from self._mqtt(stats)
-        notices = self._notices(m.outbox)
+        notices = self._notices(m._pending)
         if notices is not None:
             yield notices
         if m.per_batmon:
@@ -255,11 +265,8 @@ class _ScrapeTimeCollector:
             yield CounterMetricFamily(name, help_text, value=stats.get(key, 0))
 
     @staticmethod
-    def _notices(outbox: Outbox) -> Metric | None:
-        try:
-            counts = outbox.pending_by_channel()
-        except sqlite3.Error as exc:  # a scrape must not fail for one figure
-            log.warning("metrics could not count notices: %s", exc)
+    def _notices(counts: dict[tuple[str, str], int] | None) -> Metric | None:
+        if counts is None:
             return None
         family = GaugeMetricFamily("batmon_notices_pending",
                                    "Notices waiting to be sent (queued) or being sent (sending).",

@@ -19,15 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-Row = tuple[Any, ...]
-Render = Callable[[list[Row]], bytes]
+from bridge.store.interface import ENERGY, METRICS, Render, Row
 
-METRICS = ("voltage", "current", "power", "soc")
+__all__ = ["METRICS", "HistoryReader", "Render", "Row"]
 # A raw row: ts, voltage, current, power, soc, details, seq (seq only for paging).
 RAW_COLUMNS = ("ts", *METRICS, "details")
 # A bucket row: time, count, then min/avg/max of each metric, then the kWh charged and
 # discharged in the bucket (the sums of what each reading added).
-ENERGY = ("charged_kwh", "discharged_kwh")
 BUCKET_COLUMNS = ("time", "count", *(f"{m}_{a}" for m in METRICS for a in ("min", "avg", "max")),
                   *ENERGY)  # fmt: skip
 ROLLUP_SECONDS = 3600  # rollups are hourly; only buckets this large or larger use them
