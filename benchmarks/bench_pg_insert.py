@@ -36,17 +36,20 @@ BATCH = 500
 T0 = 1_700_000_000.0
 
 UNNEST = (
-    "INSERT INTO readings (batmon_id, ts, vhash, voltage, current, power, soc, details)"
-    " SELECT b, t, " + VALUES_HASH.format(v="v", c="c", p="p", s="s", d="d") + ", v, c, p, s, d"
+    "INSERT INTO readings (batmon_id, ts, vhash, voltage, current, power, soc, details,"
+    " charged_kwh, discharged_kwh)"
+    " SELECT b, t, " + VALUES_HASH.format(v="v", c="c", p="p", s="s", d="d") + ", v, c, p, s, d, ck, dk"
     " FROM unnest(%s::bigint[], %s::float8[], %s::float8[], %s::float8[], %s::float8[],"
-    " %s::float8[], %s::text[]) WITH ORDINALITY AS u(b, t, v, c, p, s, d, n)"
+    " %s::float8[], %s::text[], %s::float8[], %s::float8[])"
+    " WITH ORDINALITY AS u(b, t, v, c, p, s, d, ck, dk, n)"
     " ORDER BY n ON CONFLICT DO NOTHING"
 )
 
 
 def rows_for(total: int, batmons: int = 100) -> list[ReadingRow]:
-    return [(1 + k % batmons, T0 + k * 0.01, 12.0 + (k % 50) / 10, -1.5, 18.0, 80.0, None)
-            for k in range(total)]  # fmt: skip
+    # 18 W for 0.01 s: the kWh each reading added, as the writer plans it.
+    return [(1 + k % batmons, T0 + k * 0.01, 12.0 + (k % 50) / 10, -1.5, 18.0, 80.0, None,
+             18 * 0.01 / 3.6e6, 0.0) for k in range(total)]  # fmt: skip
 
 
 def by_unnest(store: PostgresStore, rows: list[ReadingRow]) -> None:
@@ -54,7 +57,7 @@ def by_unnest(store: PostgresStore, rows: list[ReadingRow]) -> None:
     for i in range(0, len(rows), BATCH):
         batch = rows[i:i + BATCH]
         store._ensure_partitions(r[1] for r in batch)
-        columns = [[r[k] if k in (0, 6) or r[k] is None else float(r[k]) for r in batch] for k in range(7)]
+        columns = [[r[k] if k in (0, 6) or r[k] is None else float(r[k]) for r in batch] for k in range(9)]
         with conn.transaction():
             conn.execute(UNNEST, columns)
 
@@ -66,7 +69,8 @@ def by_copy(store: PostgresStore, rows: list[ReadingRow]) -> None:
 
 def by_copy_plain(store: PostgresStore, rows: list[ReadingRow]) -> None:
     conn = store._conn
-    copy_sql = "COPY readings (batmon_id, ts, vhash, voltage, current, power, soc, details) FROM STDIN"
+    copy_sql = ("COPY readings (batmon_id, ts, vhash, voltage, current, power, soc, details, charged_kwh,"
+                " discharged_kwh) FROM STDIN")
     for i in range(0, len(rows), BATCH):
         batch = rows[i:i + BATCH]
         store._ensure_partitions(r[1] for r in batch)

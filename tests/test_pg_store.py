@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from bridge.config import ServeOptions
 from bridge.errors import Conflict, StorageFailed
+from bridge.store.interface import ReadingRow
 from bridge.store.pg_schema import LATEST
 from bridge.store.pg_store import PostgresStore, month_bounds
 from tests import pg_support
@@ -39,6 +40,11 @@ def partitions(store: PostgresStore) -> list[str]:
         return [r[0] for r in conn.execute(
             "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
             " WHERE i.inhparent = 'readings'::regclass ORDER BY 1")]  # fmt: skip
+
+
+def reading(batmon_id: int, ts: float, voltage: float) -> ReadingRow:
+    """A reading with a voltage only (and no energy added)."""
+    return (batmon_id, ts, voltage, None, None, None, None, None, None)
 
 
 def add_batmon(store: PostgresStore, batmon_id: int = 1) -> int:
@@ -108,8 +114,8 @@ def test_readings_go_to_monthly_partitions_made_before_the_write_needs_them(stor
     other = store.another()
     try:
         stamps = [NOV_2023 + 5, NOV_2023 + 40 * DAY, NOV_2023 + 70 * DAY]  # Nov, Dec, Jan
-        store.write([(batmon, ts, 12.0, None, None, None, None, None, None) for ts in stamps], [])
-        other.write([(batmon, NOV_2023 + 10, 12.5, None, None, None, None, None, None)], [])  # a month it did not make
+        store.write([reading(batmon, ts, 12.0) for ts in stamps], [])
+        other.write([reading(batmon, NOV_2023 + 10, 12.5)], [])  # a month it did not make
     finally:
         other.close()
     assert partitions(store) == ["readings_y2023m11", "readings_y2023m12", "readings_y2024m01"]
@@ -119,7 +125,7 @@ def test_readings_go_to_monthly_partitions_made_before_the_write_needs_them(stor
 def test_retention_drops_each_whole_past_month_and_keeps_its_rollups(store: PostgresStore) -> None:
     batmon, neighbour = add_batmon(store, 1), add_batmon(store, 2)
     nov, dec = NOV_2023 + 3600, NOV_2023 + 31 * DAY + 3600
-    store.write([(b, ts + k, 10.0 + k, None, None, None, None, None, None) for b in (batmon, neighbour)
+    store.write([reading(b, ts + k, 10.0 + k) for b in (batmon, neighbour)
                  for ts in (nov, dec) for k in range(3)], [])  # fmt: skip
     cutoff = dec + 2  # all of November, part of December
     pruned = store.prune_batch(batmon, cutoff, 100)
@@ -137,10 +143,10 @@ def test_a_late_reading_for_a_dropped_month_is_stored_in_a_new_partition(store: 
     batmon = add_batmon(store)
     writer = store.another()  # knows November's partition, then another handle drops it
     try:
-        writer.write([(batmon, NOV_2023 + 1, 1.0, None, None, None, None, None, None)], [])
+        writer.write([reading(batmon, NOV_2023 + 1, 1.0)], [])
         store.prune_batch(batmon, month_bounds(NOV_2023)[1], 100)
         assert partitions(store) == []
-        writer.write([(batmon, NOV_2023 + 2, 2.0, None, None, None, None, None, None)], [])
+        writer.write([reading(batmon, NOV_2023 + 2, 2.0)], [])
     finally:
         writer.close()
     assert [r["voltage"] for r in store.history(batmon, 0, 2**40)] == [2.0]
@@ -169,14 +175,14 @@ def test_a_handle_whose_connection_was_cut_fails_once_then_reconnects(store: Pos
     batmon = add_batmon(store)
     writer = store.another()
     try:
-        writer.write([(batmon, NOV_2023 + 1, 1.0, None, None, None, None, None, None)], [])
+        writer.write([reading(batmon, NOV_2023 + 1, 1.0)], [])
         with psycopg.connect(store.url, autocommit=True) as admin:  # the server restarts, say
             pid = writer._conn.info.backend_pid
             admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
         with pytest.raises(StorageFailed):
-            writer.write([(batmon, NOV_2023 + 2, 2.0, None, None, None, None, None, None)], [])  # nothing acked
+            writer.write([reading(batmon, NOV_2023 + 2, 2.0)], [])  # nothing acked
         writer.probe()  # the writer's probe: a new connection, and it writes
-        writer.write([(batmon, NOV_2023 + 2, 2.0, None, None, None, None, None, None)], [])
+        writer.write([reading(batmon, NOV_2023 + 2, 2.0)], [])
     finally:
         writer.close()
     assert [r["voltage"] for r in store.history(batmon, 0, 2**40)] == [1.0, 2.0]
@@ -202,7 +208,7 @@ def test_error_lines_hide_a_password_given_either_way() -> None:
 # -- several handles at once (the next part's workers) ---------------------------------------------
 def test_a_batch_redelivered_to_several_handles_at_once_is_stored_once(store: PostgresStore) -> None:
     batmons = [add_batmon(store, i) for i in (1, 2, 3)]
-    batch = [(b, NOV_2023 + k, 12.0 + k, None, None, None, None, None, None) for k in range(200) for b in batmons]
+    batch = [reading(b, NOV_2023 + k, 12.0 + k) for k in range(200) for b in batmons]
     handles = [store.another() for _ in range(4)]
     start = threading.Barrier(len(handles))
     errors: list[BaseException] = []
@@ -240,8 +246,8 @@ def test_a_handle_whose_first_write_failed_still_writes(store: PostgresStore) ->
     fresh = store.another()
     try:
         with pytest.raises(Conflict):  # status is NOT NULL: the whole group is refused
-            fresh.write([(batmon, NOV_2023 + 1, 1.0, None, None, None, None, None, None)], [(batmon, {"status": None})])
-        fresh.write([(batmon, NOV_2023 + 2, 2.0, None, None, None, None, None, None)], [])
+            fresh.write([reading(batmon, NOV_2023 + 1, 1.0)], [(batmon, {"status": None})])
+        fresh.write([reading(batmon, NOV_2023 + 2, 2.0)], [])
     finally:
         fresh.close()
     assert [r["voltage"] for r in store.history(batmon, 0, 2**40)] == [2.0]

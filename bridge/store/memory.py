@@ -22,23 +22,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.errors import Conflict
-from bridge.store.interface import METRICS, CurrentUpdate, ReadingRow, Render, Row
+from bridge.store.interface import ENERGY, METRICS, CurrentUpdate, ReadingRow, Render, Row
 
 HOUR = 3600
 BATMON_DEFAULTS: dict[str, Any] = {
     "voltage": 0.0, "current": 0.0, "power": 0.0, "soc": 0.0, "details": "{}", "last_reading": None,
     "status": "Offline", "notification_enabled": True, "whatsapp_enabled": False, "sms_enabled": False,
     "voltage_units": "", "current_units": "", "power_units": "", "soc_units": "", "capacity_ah": None,
+    # energy counters and their integration state (bridge/energy.py)
+    "energy_charged_kwh": 0.0, "energy_discharged_kwh": 0.0, "energy_point_ts": None,
+    "energy_point_power": None, "device_charged_kwh": None, "device_discharged_kwh": None,
 }  # fmt: skip
 BATMON_COLUMNS = frozenset(BATMON_DEFAULTS) | {"name", "type", "token", "update_period"}
-ALARM_DEFAULTS: dict[str, Any] = {"triggered": False, "trigger_time": None, "akn": None, "last_notice": None}
+ALARM_DEFAULTS: dict[str, Any] = {"triggered": False, "trigger_time": None, "akn": None, "last_notice": None,
+                                  "clear_value": None}  # fmt: skip
 ALARM_COLUMNS = frozenset(ALARM_DEFAULTS) | {"name", "metric", "condition", "threshold", "repeat_delay",
                                              "enabled", "update_time"}  # fmt: skip
 USER_TARGET_COLUMNS = frozenset({"email_url", "whatsapp_url", "sms_url"})
 MAX_ERROR_CHARS = 500
 
-# A stored reading, in history order: (ts, seq, voltage, current, power, soc, details).
-Stored = tuple[float, int, Any, Any, Any, Any, Any]
+# A stored reading, in history order: (ts, seq, voltage, current, power, soc, details,
+# charged_kwh, discharged_kwh); the measured values are r[2:7], what it added r[7:9].
+Stored = tuple[float, int, Any, Any, Any, Any, Any, Any, Any]
 
 
 @dataclass
@@ -96,8 +101,8 @@ class MemoryStore:
                 history = d.readings.setdefault(batmon_id, [])
                 at = bisect.bisect_left(history, (ts,))
                 same_ts = history[at:bisect.bisect_left(history, (math.nextafter(ts, math.inf),))]
-                if any(list(r[2:]) == values for r in same_ts):
-                    continue  # a redelivery of a stored reading
+                if any(list(r[2:7]) == values[:5] for r in same_ts):
+                    continue  # a redelivery of a stored reading (its measured values)
                 history.insert(at + len(same_ts), (ts, d.take("seq"), *values))  # type: ignore[arg-type]
             for batmon_id, changes in updates:
                 self._update_batmon(batmon_id, changes)
@@ -121,7 +126,7 @@ class MemoryStore:
         with self._data.lock:
             history = self._data.readings.get(batmon_id, [])
             part = history[bisect.bisect_left(history, (lo,)):bisect.bisect_left(history, (hi,))]
-        return [(r[0], *r[2:]) for r in part]
+        return [(r[0], *r[2:7]) for r in part]
 
     # -- users -------------------------------------------------------------------------
     def add_user(self, email: str, api_key_hash: str, created: float) -> int:
@@ -306,6 +311,7 @@ def _empty_rollup(batmon_id: int, hour: int) -> dict[str, Any]:
     row: dict[str, Any] = {"batmon_id": batmon_id, "hour": hour, "count": 0}
     for m in METRICS:
         row.update({f"{m}_min": None, f"{m}_max": None, f"{m}_sum": 0.0, f"{m}_count": 0})
+    row.update({f"{e}_sum": 0.0 for e in ENERGY})
     return row
 
 
@@ -318,6 +324,9 @@ def _fold(rollup: dict[str, Any], row: Stored) -> None:
         rollup[f"{m}_max"] = value if rollup[f"{m}_max"] is None else max(rollup[f"{m}_max"], value)
         rollup[f"{m}_sum"] += value
         rollup[f"{m}_count"] += 1
+    for e, added in zip(ENERGY, row[7:9], strict=True):
+        if added is not None:
+            rollup[f"{e}_sum"] += added
 
 
 class MemoryOutbox:
@@ -449,7 +458,7 @@ class MemoryHistoryReader:
             return history[bisect.bisect_left(history, (lo,)):bisect.bisect_left(history, (hi,))]
 
     def raw_rows(self, batmon_id: int, lo: float, hi: float) -> list[Row]:
-        return [(r[0], *r[2:]) for r in self._rows(batmon_id, lo, hi)]
+        return [(r[0], *r[2:7]) for r in self._rows(batmon_id, lo, hi)]
 
     async def raw_span(self, batmon_id: int, lo: float, hi: float) -> tuple[float, float] | None:
         rows = await asyncio.to_thread(self._rows, batmon_id, lo, hi)
@@ -463,7 +472,7 @@ class MemoryHistoryReader:
         rows = await asyncio.to_thread(self._rows, batmon_id, first, math.nextafter(last, math.inf))
         for start in range(0, len(rows), self.page_rows):
             # The SQLite page's shape: ts, the metrics, details, then seq.
-            page = [(r[0], *r[2:], r[1]) for r in rows[start:start + self.page_rows]]
+            page = [(r[0], *r[2:7], r[1]) for r in rows[start:start + self.page_rows]]
             yield await asyncio.to_thread(render, page)
 
     async def last_reported(self, batmon_ids: list[int]) -> dict[int, dict[str, float]]:
@@ -521,6 +530,7 @@ class MemoryHistoryReader:
             for m in METRICS:
                 count = p[f"{m}_count"]
                 values += [p[f"{m}_min"], p[f"{m}_sum"] / count if count else None, p[f"{m}_max"]]
+            values += [p[f"{e}_sum"] for e in ENERGY]
             out.append(tuple(values))
         return out
 
@@ -534,4 +544,6 @@ def _merge(into: dict[str, Any], rollup: dict[str, Any]) -> None:
             into[key] = pick(values) if values else None
         into[f"{m}_sum"] += rollup[f"{m}_sum"]
         into[f"{m}_count"] += rollup[f"{m}_count"]
+    for e in ENERGY:
+        into[f"{e}_sum"] += rollup[f"{e}_sum"]
 

@@ -18,7 +18,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from bridge.store.history import ROLLUP_SECONDS, rollup_floor
-from bridge.store.interface import METRICS, Render, Row
+from bridge.store.interface import ENERGY, METRICS, Render, Row
 
 _RAW_FIRST = (
     "SELECT ts, voltage, current, power, soc, details, seq FROM readings"
@@ -29,7 +29,9 @@ _RAW_NEXT = (
     " WHERE batmon_id = %s AND (ts, seq) > (%s, %s) AND ts <= %s ORDER BY ts, seq LIMIT %s"
 )
 _T = "(floor(ts / %(bucket)s) * %(bucket)s)::bigint"
-_AGGREGATES = ", ".join(f"min({m}), avg({m}), max({m})" for m in METRICS)
+# Then the kWh charged and discharged in the bucket: 0, not NULL, when nothing was added.
+_AGGREGATES = ", ".join(f"min({m}), avg({m}), max({m})" for m in METRICS) + ", " + ", ".join(
+    f"coalesce(sum({e}), 0)::float8" for e in ENERGY)
 _BUCKETS = (
     f"SELECT {_T} AS t, count(*), {_AGGREGATES} FROM readings"
     " WHERE batmon_id = %(batmon)s AND ts >= %(lo)s AND ts < %(hi)s GROUP BY t ORDER BY t"
@@ -37,10 +39,12 @@ _BUCKETS = (
 _RAW_PARTS = ", ".join(
     f"{'coalesce(sum(' + m + '), 0)' if part == 'sum' else part + '(' + m + ')'} AS {m}_{part}"
     for m in METRICS for part in ("min", "max", "sum", "count")
-)  # fmt: skip
+) + ", " + ", ".join(f"coalesce(sum({e}), 0) AS {e}_sum" for e in ENERGY)  # fmt: skip
 _ROLLUP_PARTS = ", ".join(f"{m}_{part}" for m in METRICS for part in ("min", "max", "sum", "count"))
+_ROLLUP_PARTS += ", " + ", ".join(f"{e}_sum" for e in ENERGY)
 # A sum over no values is 0, and 0 / NULLIF(0, 0) is NULL, as SQLite's 0/0.
 _MERGED = ", ".join(f"min({m}_min), sum({m}_sum) / nullif(sum({m}_count), 0), max({m}_max)" for m in METRICS)
+_MERGED += ", " + ", ".join(f"coalesce(sum({e}_sum), 0)::float8" for e in ENERGY)
 _BUCKETS_WITH_ROLLUPS = (
     f"SELECT t, sum(n)::bigint, {_MERGED} FROM ("
     f" SELECT {_T} AS t, count(*) AS n, {_RAW_PARTS}"

@@ -176,6 +176,23 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TRIGGER credentials_changed_tokens AFTER INSERT OR UPDATE OR DELETE
            ON user_tokens FOR EACH ROW EXECUTE FUNCTION bump_credentials_version()""",
     ],
+    # 3: SQLite's 7: energy counters (docs/BATTERY.md). Each batmon keeps its counters and
+    # what the integration needs next (written with the reading, in one transaction); each
+    # reading keeps the kWh it added, so buckets sum energy per hour or day; rollups keep
+    # those sums past retention; an alarm may have a clear value (hysteresis).
+    [
+        "ALTER TABLE batmons ADD COLUMN energy_charged_kwh DOUBLE PRECISION NOT NULL DEFAULT 0",
+        "ALTER TABLE batmons ADD COLUMN energy_discharged_kwh DOUBLE PRECISION NOT NULL DEFAULT 0",
+        "ALTER TABLE batmons ADD COLUMN energy_point_ts DOUBLE PRECISION",
+        "ALTER TABLE batmons ADD COLUMN energy_point_power DOUBLE PRECISION",
+        "ALTER TABLE batmons ADD COLUMN device_charged_kwh DOUBLE PRECISION",
+        "ALTER TABLE batmons ADD COLUMN device_discharged_kwh DOUBLE PRECISION",
+        "ALTER TABLE readings ADD COLUMN charged_kwh DOUBLE PRECISION",
+        "ALTER TABLE readings ADD COLUMN discharged_kwh DOUBLE PRECISION",
+        "ALTER TABLE rollups ADD COLUMN charged_kwh_sum DOUBLE PRECISION NOT NULL DEFAULT 0",
+        "ALTER TABLE rollups ADD COLUMN discharged_kwh_sum DOUBLE PRECISION NOT NULL DEFAULT 0",
+        "ALTER TABLE alarms ADD COLUMN clear_value DOUBLE PRECISION",
+    ],
 ]
 
 LATEST = len(MIGRATIONS)

@@ -35,7 +35,7 @@ from bridge.store.db import (
     USER_TARGET_COLUMNS,
     check_columns,
 )
-from bridge.store.interface import METRICS, CurrentUpdate, ReadingRow
+from bridge.store.interface import ENERGY, METRICS, CurrentUpdate, ReadingRow
 from bridge.store.pg_schema import PARTITION_LOCK, VALUES_HASH, migrate
 
 if TYPE_CHECKING:  # both import this module's helpers
@@ -57,12 +57,15 @@ SCHEMES = ("postgresql", "postgres")
 # ORDER BY n: seq follows the order the rows were given.
 STAGING = (
     "CREATE TEMP TABLE IF NOT EXISTS readings_in (b bigint, t float8, v float8, c float8, p float8,"
-    " s float8, d text, n int) ON COMMIT DELETE ROWS"
+    " s float8, d text, ck float8, dk float8, n int) ON COMMIT DELETE ROWS"
 )
-COPY_STAGING = "COPY readings_in (b, t, v, c, p, s, d, n) FROM STDIN"
+COPY_STAGING = "COPY readings_in (b, t, v, c, p, s, d, ck, dk, n) FROM STDIN"
+# vhash covers the measured values only, as SQLite's trigger compares them: a redelivered
+# reading is the same reading whatever kWh the writer planned for it.
 INSERT_STAGED = (
-    "INSERT INTO readings (batmon_id, ts, vhash, voltage, current, power, soc, details)"
-    " SELECT b, t, " + VALUES_HASH.format(v="v", c="c", p="p", s="s", d="d") + ", v, c, p, s, d"
+    "INSERT INTO readings (batmon_id, ts, vhash, voltage, current, power, soc, details,"
+    " charged_kwh, discharged_kwh)"
+    " SELECT b, t, " + VALUES_HASH.format(v="v", c="c", p="p", s="s", d="d") + ", v, c, p, s, d, ck, dk"
     " FROM readings_in ORDER BY n ON CONFLICT DO NOTHING"
 )
 _PARTITION = re.compile(r"readings_y(\d{4})m(\d{2})")
@@ -70,13 +73,16 @@ _PARTITION = re.compile(r"readings_y(\d{4})m(\d{2})")
 HOUR = 3600
 _PARTS = ", ".join(f"min({m}), max({m}), coalesce(sum({m}), 0), count({m})" for m in METRICS)
 _COLUMNS = ", ".join(f"{m}_min, {m}_max, {m}_sum, {m}_count" for m in METRICS)
+# The energy each reading added: its sum per hour outlives the readings.
+_PARTS += ", " + ", ".join(f"coalesce(sum({e}), 0)" for e in ENERGY)
+_COLUMNS += ", " + ", ".join(f"{e}_sum" for e in ENERGY)
 _MERGE = ", ".join(
     f"{m}_min = LEAST(rollups.{m}_min, excluded.{m}_min),"  # LEAST/GREATEST skip NULLs
     f" {m}_max = GREATEST(rollups.{m}_max, excluded.{m}_max),"
     f" {m}_sum = rollups.{m}_sum + excluded.{m}_sum,"
     f" {m}_count = rollups.{m}_count + excluded.{m}_count"
     for m in METRICS
-)
+) + ", " + ", ".join(f"{e}_sum = rollups.{e}_sum + excluded.{e}_sum" for e in ENERGY)
 # {source}: readings (with {where}) or one partition; hours as SQLite computes them.
 _FOLD = (
     f"INSERT INTO rollups (batmon_id, hour, count, {_COLUMNS})"
