@@ -195,11 +195,11 @@ def test_history_reader_pages_and_buckets_off_the_calling_thread(store: Store, b
 def test_history_reader_tells_when_each_metric_was_last_reported(store: Store, batmon: int) -> None:
     other = add_batmon(store, add_user(store, "other@example.org"), 202)
     silent = add_batmon(store, add_user(store, "silent@example.org"), 303)
-    store.write([(batmon, T0 + 10, 12.0, 1.0, None, None, None),
-                 (batmon, T0 + 20, 12.1, None, None, None, None),
-                 (other, T0 + 30, None, None, None, 50.0, None)], [])  # fmt: skip
+    store.write([(batmon, T0 + 10, 12.0, 1.0, None, None, None, None, None),
+                 (batmon, T0 + 20, 12.1, None, None, None, None, None, None),
+                 (other, T0 + 30, None, None, None, 50.0, None, None, None)], [])  # fmt: skip
     store.prune_batch(other, T0 + HOUR, 100)  # its soc is in an hourly rollup only
-    store.write([(other, T0 + 2 * HOUR, 12.5, None, None, None, None)], [])
+    store.write([(other, T0 + 2 * HOUR, 12.5, None, None, None, None, None, None)], [])
     reader = store.history_reader(workers=1)
     try:
         found = asyncio.run(reader.last_reported([batmon, other, silent]))
@@ -210,10 +210,10 @@ def test_history_reader_tells_when_each_metric_was_last_reported(store: Store, b
 
 
 def test_last_reported_is_per_metric_from_readings_then_rollups(store: Store, batmon: int) -> None:
-    store.write([(batmon, T0 + 10, 12.0, 1.0, None, None, None)], [])  # an old hour, pruned below
+    store.write([(batmon, T0 + 10, 12.0, 1.0, None, None, None, None, None)], [])  # an old hour, pruned below
     store.prune_batch(batmon, T0 + HOUR, 100)
-    store.write([(batmon, T0 + HOUR + 5, 12.5, None, 3.0, None, None),
-                 (batmon, T0 + HOUR + 9, None, None, 4.0, None, None)], [])  # fmt: skip
+    store.write([(batmon, T0 + HOUR + 5, 12.5, None, 3.0, None, None, None, None),
+                 (batmon, T0 + HOUR + 9, None, None, 4.0, None, None, None, None)], [])  # fmt: skip
     reader = store.history_reader(workers=1)
     try:
         found = asyncio.run(reader.last_reported([batmon]))
@@ -320,7 +320,7 @@ def test_purging_a_batmon_that_is_not_deleted_touches_nothing(store: Store, batm
 
 # -- retention and rollups --------------------------------------------------------------------
 def test_retention_folds_old_readings_into_hourly_rollups_batch_by_batch(store: Store, batmon: int) -> None:
-    rows = [(batmon, T0 + 60 * k, 10.0 + k, None, None, float(k % 101), None) for k in range(150)]
+    rows = [(batmon, T0 + 60 * k, 10.0 + k, None, None, float(k % 101), None, None, None) for k in range(150)]
     store.write(rows, [])  # 2.5 hours at one a minute
     cutoff = T0 + 2 * HOUR
     assert store.batmons_with_readings_before(cutoff) == [batmon]
@@ -349,6 +349,99 @@ def test_a_late_reading_for_a_rolled_up_hour_merges_into_it(store: Store, batmon
     (hour,) = store.rollups(batmon)
     assert (hour["count"], hour["voltage_min"], hour["voltage_max"]) == (2, 5.0, 7.0)
     assert hour["voltage_sum"] == 12.0
+
+
+# -- energy (docs/BATTERY.md): the writer integrates, the store keeps ----------------------------
+DAY = 86_400
+D0 = T0 // DAY * DAY + DAY  # a whole day
+
+
+def energy_buckets(store: Store, batmon_id: int, lo: float, hi: float, bucket: int) -> list[tuple[Any, ...]]:
+    """(time, count, kWh charged, kWh discharged) of each bucket, rollups merged in as the API does."""
+    found: list[tuple[Any, ...]] = []
+
+    def render(rows: list[tuple[Any, ...]]) -> bytes:
+        found.extend((r[0], r[1], round(r[-2], 9), round(r[-1], 9)) for r in rows)
+        return b"page"
+
+    async def read() -> None:
+        plan = await reader.bucket_plan(batmon_id, lo, hi, bucket)
+        if plan is not None:
+            first, last, with_rollups = plan
+            async for _ in reader.bucket_pages(batmon_id, lo, first, last, bucket, with_rollups, render):
+                pass
+
+    reader = store.history_reader(workers=1)
+    try:
+        asyncio.run(read())
+    finally:
+        reader.close()
+    return found
+
+
+def test_a_new_batmon_has_zero_energy_and_no_integration_point(store: Store, batmon: int) -> None:
+    row = batmon_row(store, batmon)
+    assert row is not None
+    assert (row["energy_charged_kwh"], row["energy_discharged_kwh"]) == (0.0, 0.0)
+    assert (row["energy_point_ts"], row["energy_point_power"]) == (None, None)
+    assert (row["device_charged_kwh"], row["device_discharged_kwh"]) == (None, None)
+
+
+def test_energy_counters_are_kept_with_the_reading_that_moved_them(store: Store, batmon: int) -> None:
+    """The counters and the integration point go in the reading's transaction, and another
+    handle (another thread, process or worker) reads back exactly what was written."""
+    counters = {"energy_charged_kwh": 1.25, "energy_discharged_kwh": 0.5, "energy_point_ts": T0 + 60,
+                "energy_point_power": 120.0, "device_charged_kwh": 3010.5, "device_discharged_kwh": 2999.0}
+    store.write([reading(batmon, T0 + 60, 12.0, charged_kwh=0.002, discharged_kwh=0.0)],
+                [(batmon, {"voltage": 12.0, "last_reading": T0 + 60, **counters})])  # fmt: skip
+    with pytest.raises(ValueError):  # a failed group leaves the counters as they were
+        store.write([reading(batmon, T0 + 120, 12.0, charged_kwh=0.002)],
+                    [(batmon, {"energy_charged_kwh": 9.0, "not_a_column": 1})])  # fmt: skip
+    other = store.another()
+    try:
+        row = batmon_row(other, batmon)
+    finally:
+        other.close()
+    assert row is not None
+    assert {k: row[k] for k in counters} == counters
+    assert voltages(store, batmon) == [(T0 + 60, 12.0)]
+
+
+def test_buckets_sum_the_energy_each_reading_added_per_day(store: Store, batmon: int) -> None:
+    # Day 1: 0.1 kWh charged by each of 10 readings, 0.05 discharged by 2; day 2: readings
+    # that added nothing (None, as before energy was counted, or 0) sum to 0, not to None.
+    day1 = [reading(batmon, D0 + 600 * k, 12.0, charged_kwh=0.1, discharged_kwh=0.0) for k in range(10)]
+    day1 += [reading(batmon, D0 + 7 * HOUR + k, 12.0, charged_kwh=0.0, discharged_kwh=0.05) for k in range(2)]
+    day2 = [reading(batmon, D0 + DAY + 60, 12.0), reading(batmon, D0 + DAY + 120, 12.1, charged_kwh=0.0)]
+    store.write(day1 + day2, [])
+    days = energy_buckets(store, batmon, D0, D0 + 2 * DAY, DAY)
+    assert days == [(D0, 12, 1.0, 0.1), (D0 + DAY, 2, 0.0, 0.0)]
+    hours = energy_buckets(store, batmon, D0, D0 + 2 * DAY, HOUR)
+    assert hours[:2] == [(D0, 6, 0.6, 0.0), (D0 + HOUR, 4, 0.4, 0.0)]
+
+
+def test_rolled_up_hours_keep_their_energy_so_days_sum_the_same_after_retention(
+    store: Store, batmon: int
+) -> None:
+    rows = [reading(batmon, D0 + 900 * k, 12.0, charged_kwh=0.25, discharged_kwh=0.125) for k in range(8)]
+    store.write(rows, [])  # two hours, a kWh charged and half a kWh discharged
+    before = energy_buckets(store, batmon, D0, D0 + DAY, DAY)
+    store.prune_batch(batmon, D0 + HOUR, 100)  # the first hour is a rollup now
+    store.write([reading(batmon, D0 + 10, 13.0, charged_kwh=0.5)], [])  # late, for the rolled-up hour
+    store.prune_batch(batmon, D0 + HOUR, 100)
+    (first, *_) = store.rollups(batmon)
+    assert (first["charged_kwh_sum"], first["discharged_kwh_sum"]) == (1.5, 0.5)  # with the late one
+    assert before == [(D0, 8, 2.0, 1.0)]
+    assert energy_buckets(store, batmon, D0, D0 + DAY, DAY) == [(D0, 9, 2.5, 1.0)]
+
+
+def test_an_alarm_keeps_its_clear_value(store: Store, batmon: int) -> None:
+    store.add_alarm({"id": 77, "batmon_id": batmon, "name": "Low", "metric": "soc", "condition": "<",
+                     "threshold": 20.0, "clear_value": 30.0, "repeat_delay": 300, "enabled": True,
+                     "update_time": T0})  # fmt: skip
+    store.update_alarm(77, {"clear_value": 35.0})
+    add_alarm(store, batmon, 78)  # none given: none kept
+    assert {a["id"]: a["clear_value"] for a in store.alarms()} == {77: 35.0, 78: None}
 
 
 # -- the notice outbox --------------------------------------------------------------------------
