@@ -21,7 +21,7 @@ T0 = 1_700_000_000
 
 def fill(api: Api, batmon_id: int, count: int) -> None:
     """History for a batmon, written through the store's own sink (as the writer would)."""
-    rows = [(batmon_id, T0 + k, 12.0, 1.0, 10.0, 50.0, None) for k in range(count)]
+    rows = [(batmon_id, T0 + k, 12.0, 1.0, 10.0, 50.0, None, None, None) for k in range(count)]
     api.core.store.write(rows, [])
 
 

@@ -190,7 +190,6 @@ def test_a_new_batmon_has_counters_at_zero_and_the_seeds_keys_unchanged(api: Api
 
 def test_daily_energy_buckets_survive_retention_and_sum_to_the_counters(api: Api) -> None:
     from bridge.extensions.retention_pruner import DAY, RetentionPruner
-    from bridge.store.history import database_file
 
     batmon_id, token = api.add_batmon(update_period=3600)
     t0 = 1_700_000_000 // DAY * DAY
@@ -217,7 +216,7 @@ def test_daily_energy_buckets_survive_retention_and_sum_to_the_counters(api: Api
     assert before[1]["energy_charged_kwh"] == pytest.approx(1.6, rel=0.05)
     assert before[1]["energy_discharged_kwh"] == pytest.approx(0.8, rel=0.05)
 
-    pruner = RetentionPruner(database_file(api.core.store.db.conn), 1, clock=lambda: t0 + 4 * DAY)
+    pruner = RetentionPruner(api.core.store, 1, clock=lambda: t0 + 4 * DAY)
     assert pruner.prune_pass() > 0
     after = days()
     for b, a in zip(before, after, strict=True):
