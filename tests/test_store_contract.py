@@ -407,6 +407,26 @@ def test_energy_counters_are_kept_with_the_reading_that_moved_them(store: Store,
     assert voltages(store, batmon) == [(T0 + 60, 12.0)]
 
 
+def test_energy_counters_never_go_back_to_an_older_readings_plan(store: Store, batmon: int) -> None:
+    """The writer sends the counters with the reading's last_reading; a plan for an older
+    reading (another worker's, committed later) must not lower them."""
+    store.write([reading(batmon, T0 + 100, 12.0, charged_kwh=0.5)],
+                [(batmon, {"last_reading": T0 + 100, "energy_charged_kwh": 2.0,
+                           "energy_discharged_kwh": 1.0, "energy_point_ts": T0 + 100})])  # fmt: skip
+    other = store.another()
+    try:
+        other.write([reading(batmon, T0 + 50, 11.0, charged_kwh=0.25)],
+                    [(batmon, {"last_reading": T0 + 50, "energy_charged_kwh": 1.5,
+                               "energy_discharged_kwh": 0.75, "energy_point_ts": T0 + 50})])  # fmt: skip
+    finally:
+        other.close()
+    row = batmon_row(store, batmon)
+    assert row is not None
+    assert (row["energy_charged_kwh"], row["energy_discharged_kwh"], row["energy_point_ts"]) == (
+        2.0, 1.0, T0 + 100)  # fmt: skip
+    assert voltages(store, batmon) == [(T0 + 50, 11.0), (T0 + 100, 12.0)]  # the reading itself is kept
+
+
 def test_buckets_sum_the_energy_each_reading_added_per_day(store: Store, batmon: int) -> None:
     # Day 1: 0.1 kWh charged by each of 10 readings, 0.05 discharged by 2; day 2: readings
     # that added nothing (None, as before energy was counted, or 0) sum to 0, not to None.
