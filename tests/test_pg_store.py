@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from bridge.config import ServeOptions
 from bridge.errors import Conflict, StorageFailed
 from bridge.store.interface import ReadingRow
-from bridge.store.pg_schema import LATEST
+from bridge.store.pg_schema import LATEST, MIGRATIONS
 from bridge.store.pg_store import PostgresStore, month_bounds
 from tests import pg_support
 from tests.support import ROOT
@@ -109,6 +109,46 @@ def test_workers_starting_at_once_on_an_empty_database_migrate_it_once() -> None
 
 
 # -- partitions -------------------------------------------------------------------------------------
+def test_a_database_at_schema_2_gains_the_energy_columns_and_keeps_its_data() -> None:
+    """Migration 3 on a database that the release before energy wrote: history, rollups,
+    batmons and alarms stay; counters start at 0 and the old readings added no kWh."""
+    url = pg_support.fresh_database_url()
+    lo, _, name = month_bounds(NOV_2023)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for version, statements in enumerate(MIGRATIONS[:2], start=1):
+            for statement in statements:
+                conn.execute(statement.encode())
+            conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+        conn.execute(f"CREATE TABLE {name} PARTITION OF readings"
+                     f" FOR VALUES FROM ({lo}) TO ({lo + 31 * DAY})".encode())  # fmt: skip
+        conn.execute("INSERT INTO users (id, email, api_key_hash, created)"
+                     " VALUES (1, 'o@example.org', 'h', 0)")  # fmt: skip
+        conn.execute("INSERT INTO batmons (id, user_id, name, type, token, update_period, created)"
+                     " VALUES (7, 1, 'b', 'generic', 't', 300, 0)")  # fmt: skip
+        conn.execute("INSERT INTO alarms (id, batmon_id, name, metric, condition, threshold,"
+                     " repeat_delay, enabled, update_time)"
+                     " VALUES (8, 7, 'Low', 'voltage', '<', 11.5, 300, 1, 0)")  # fmt: skip
+        conn.execute("INSERT INTO readings (batmon_id, ts, vhash, voltage)"
+                     " VALUES (7, %s, gen_random_uuid(), 12.0)", (NOV_2023 + 60,))  # fmt: skip
+        conn.execute("INSERT INTO rollups (batmon_id, hour, count, voltage_sum, voltage_count, current_sum,"
+                     " current_count, power_sum, power_count, soc_sum, soc_count)"
+                     " VALUES (7, %s, 3, 36.0, 3, 0, 0, 0, 0, 0, 0)", (NOV_2023 - 3600,))  # fmt: skip
+    store = PostgresStore.open(url)
+    try:
+        (batmon,) = store.batmons()
+        assert (batmon["energy_charged_kwh"], batmon["energy_discharged_kwh"], batmon["energy_point_ts"]) == (
+            0.0, 0.0, None)  # fmt: skip
+        assert [a["clear_value"] for a in store.alarms()] == [None]
+        assert [r["voltage"] for r in store.history(7, 0, 2**40)] == [12.0]
+        (rollup,) = store.rollups(7)
+        assert (rollup["count"], rollup["charged_kwh_sum"], rollup["discharged_kwh_sum"]) == (3, 0.0, 0.0)
+        store.write([(7, NOV_2023 + 120, 12.1, None, None, None, None, 0.5, None)], [])  # the new shape
+        assert [r["voltage"] for r in store.history(7, 0, 2**40)] == [12.0, 12.1]
+    finally:
+        store.close()
+
+
 def test_readings_go_to_monthly_partitions_made_before_the_write_needs_them(store: PostgresStore) -> None:
     batmon = add_batmon(store)
     other = store.another()
