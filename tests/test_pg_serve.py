@@ -141,3 +141,48 @@ def test_serve_on_postgresql_sends_alarm_notices_and_keeps_banks(tmp_path: Path)
         if serve.proc is not None:
             serve.stop(signal.SIGKILL)
         sink.close()
+
+
+def test_serve_on_postgresql_keeps_energy_counters_and_integrates_on_after_a_restart(tmp_path: Path) -> None:
+    """The counters and the integration point are in PostgreSQL: after a restart the next
+    reading adds its interval to the stored counters, and buckets sum to them."""
+    serve = ServeProcess(tmp_path / "data", args=["--database-url", pg_support.fresh_database_url()])
+    t0 = 1_700_000_000 // 3600 * 3600
+    per_interval = 200.0 * 600 / 3.6e6  # 200 W for 10 minutes, in kWh
+    try:
+        serve.start()
+        admin = {"X-API-Key": serve.admin_key or ""}
+
+        def post(http: httpx.Client, batmon_id: int, token: str, k: int) -> None:
+            reading = {"batmon_id": batmon_id, "batmon_token": token, "batmon_power": 200.0,
+                       "ts": t0 + 600 * k}
+            r = http.post("/interface/update/batmon", json=reading)
+            assert r.status_code == 200, r.text
+
+        def charged(http: httpx.Client, batmon_id: int) -> float:
+            r = http.get("/interface/batmon/status", headers=admin, params={"batmon_id": batmon_id})
+            return float(r.json()["success"]["energy_charged_kwh"])
+
+        with httpx.Client(base_url=serve.http_url, timeout=10) as http:
+            new = {"batmon_name": "Van", "update_period": 3600}
+            r = http.post("/interface/add/batmon", headers=admin, data=new)
+            added = r.json()["success"]
+            batmon_id, token = added["batmon_id"], added["batmon_token"]
+            for k in range(7):
+                post(http, batmon_id, token, k)
+            assert abs(charged(http, batmon_id) - 6 * per_interval) < 1e-9
+        assert serve.stop(signal.SIGTERM) == 0
+
+        serve.admin_key = None
+        serve.start()
+        with httpx.Client(base_url=serve.http_url, timeout=10) as http:
+            assert abs(charged(http, batmon_id) - 6 * per_interval) < 1e-9
+            post(http, batmon_id, token, 7)  # integrates from the stored point, not from nothing
+            assert abs(charged(http, batmon_id) - 7 * per_interval) < 1e-9
+            [bucket] = http.get("/interface/batmon/history", headers=admin, params={
+                "batmon_id": batmon_id, "min_epoch_tm_sec": 0, "bucket": "1d"}).json()["success"][0]["data"]
+            assert bucket["count"] == 8, bucket
+            assert abs(bucket["energy_charged_kwh"] - 7 * per_interval) < 1e-9, bucket
+            assert bucket["energy_discharged_kwh"] == 0.0
+    finally:
+        serve.stop()
