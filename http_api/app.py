@@ -17,11 +17,13 @@ from starlette.routing import Route
 
 from bridge.core import Core, User
 from bridge.errors import BatmonError, NotAuthenticated, Unavailable, WrongToken
+from bridge.events import HttpRejected
 from bridge.history_answers import Streamed
 from bridge.models import EditBatmon, Login, describe_error
 from bridge.ratelimit import FailureLimiter
 from http_api.auth import Sessions, api_key_of, authenticate, key_credential, token_credential
 from http_api.handlers import Call
+from http_api.live import LiveFeed
 from http_api.metrics_access import REJECTION_REASONS, MetricsExposure
 from http_api.openapi import build_openapi
 from http_api.pages import install_dashboard
@@ -88,15 +90,18 @@ class Api:
                 response.headers["Retry-After"] = str(exc.retry_after)
         if key_user is not None:
             self.sessions.set_cookie(response, key_user, secure=request.url.scheme == "https")
-        if response.status_code >= 400 and self.metrics is not None:
-            self.metrics.count_rejection(REJECTION_REASONS.get(response.status_code, "other"))
+        if response.status_code >= 400:
+            self.rejected(REJECTION_REASONS.get(response.status_code, "other"))
         return response
 
     def refuse(self, status: int, message: str, reason: str | None = None) -> JSONResponse:
-        """An error response, counted as a rejection for /metrics."""
-        if self.metrics is not None:
-            self.metrics.count_rejection(reason or REJECTION_REASONS.get(status, "other"))
+        """An error response, told on the bus as a rejection (metrics count it)."""
+        self.rejected(reason or REJECTION_REASONS.get(status, "other"))
         return error_response(status, message)
+
+    def rejected(self, reason: str) -> None:
+        """Tell the bus a request was refused; handlers run on this, the loop's, thread."""
+        self.core.bus.emit(HttpRejected(reason))
 
     def route(self, endpoint: Endpoint) -> Route:
         """A Starlette route for one entry of the route table."""
@@ -204,9 +209,13 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(core: Core, *, session_secret: bytes, health: HealthProbe | None = None,
-               limiter: FailureLimiter | None = None,
-               metrics: MetricsExposure | None = None) -> Starlette:  # fmt: skip
-    """The HTTP facade over ``core``; it never touches SQL or MQTT itself."""
+               limiter: FailureLimiter | None = None, metrics: MetricsExposure | None = None,
+               live: LiveFeed | None = None) -> Starlette:  # fmt: skip
+    """The HTTP facade over ``core``; it never touches SQL or MQTT itself.
+
+    Everything with a lifecycle (``live``) is built and started by the composition
+    root; the app only holds references.
+    """
     api = Api(core, Sessions(session_secret), limiter or FailureLimiter(), health, metrics)
     routes = [api.route(e) for e in ENDPOINTS]
     routes += [
@@ -222,5 +231,5 @@ def create_app(core: Core, *, session_secret: bytes, health: HealthProbe | None 
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
     app.state.api = api
-    install_dashboard(app, core, api.sessions)
+    install_dashboard(app, core, api.sessions, live)
     return app

@@ -130,8 +130,10 @@ class LiveFeed:
         })  # fmt: skip
 
     async def stop(self) -> None:
-        """Unsubscribe and end every open stream (so the HTTP server can stop)."""
+        """Unsubscribe and end every open stream (so the HTTP server can stop); no new
+        stream opens after (``started`` is False again)."""
         self._subscription.cancel()
+        self._loop = None
         for streams in self._streams.values():
             for stream in streams:
                 stream.close()

@@ -27,18 +27,13 @@ LOCAL_ONLY = "/metrics is served to loopback clients only (--metrics local)."
 TOKEN_NEEDED = "/metrics needs the metrics token as Authorization: Bearer."
 
 
-def _no_count(reason: str) -> None:
-    pass
-
-
 @dataclass(frozen=True)
 class MetricsExposure:
-    """What the app needs for /metrics and for counting refused requests."""
+    """What the app needs to serve /metrics (refused requests go on the bus, HttpRejected)."""
 
     render: MetricsRender
     access: MetricsAccess = "local"
     token: str | None = None
-    count_rejection: Callable[[str], None] = _no_count
 
     @property
     def served(self) -> bool:

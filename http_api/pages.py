@@ -45,9 +45,10 @@ class Dashboard:
     """The pages of one app: who is logged in (the session cookie), and the core."""
 
     def __init__(self, core: Core, sessions: Sessions, live: LiveFeed | None = None) -> None:
+        """``live``: the feed the composition root built and starts; None serves no /events."""
         self.core = core
         self.sessions = sessions
-        self.live = live or LiveFeed(core)
+        self.live = live
 
     def user(self, request: Request) -> User | None:
         """The user the session cookie names, if any (pages take no api_key)."""
@@ -113,8 +114,9 @@ class Dashboard:
         if user is None:
             return JSONResponse({"error": "Log in first: live updates need the session cookie."},
                                 status_code=401)  # fmt: skip
-        if not self.live.started:
-            await self.live.start()
+        if self.live is None or not self.live.started:
+            return JSONResponse({"error": "Live updates are not running; reload the page later."},
+                                status_code=503)  # fmt: skip
         try:
             stream = self.live.open(user.id)
         except BatmonError as exc:
@@ -134,15 +136,14 @@ class Dashboard:
         ]
 
 
-def install_dashboard(app: Starlette, core: Core, sessions: Sessions) -> Dashboard:
+def install_dashboard(app: Starlette, core: Core, sessions: Sessions,
+                      live: LiveFeed | None = None) -> Dashboard:  # fmt: skip
     """Add the pages, the live stream and the static files to ``app``, and refuse
     changes that other origins' pages make with the session cookie.
 
-    The live feed is ``app.state.live``: `batmon serve` starts and stops it with its
-    extensions; elsewhere the first stream starts it.
+    ``live`` is built, started and stopped by the composition root (batmon/service.py).
     """
-    dashboard = Dashboard(core, sessions)
+    dashboard = Dashboard(core, sessions, live)
     app.router.routes.extend(dashboard.routes())
     app.add_middleware(CrossSiteGuard)
-    app.state.live = dashboard.live
     return dashboard

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -53,7 +54,7 @@ class Api:
 def api(tmp_path: Path) -> Iterator[Api]:
     store = Store.open(tmp_path / "batmon.sqlite3")
     core = Core(store, EventBus()).load()
-    AlarmEvaluator(core).start()  # alarms react to readings as in `batmon serve`
+    asyncio.run(AlarmEvaluator(core).start())  # alarms react to readings as in `batmon serve`
     user, key = core.create_user("owner@example.org")
     app = create_app(core, session_secret=b"s" * 32)
     with TestClient(app) as client:

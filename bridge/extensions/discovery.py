@@ -3,8 +3,8 @@
 Uses the device-based schema (``dev``, ``o``, ``cmps``) on
 ``<prefix>/device/batmon_{id}/config`` so one message describes a batmon's four
 sensors. :func:`discovery_payload` is pure; :class:`HomeAssistantDiscovery` is the
-glue that republishes it on edits, clears it on delete and answers Home
-Assistant's ``online`` birth message.
+extension that publishes every config after each MQTT (re)connect, republishes one
+on edits, clears it on delete and answers Home Assistant's ``online`` birth message.
 """
 
 from __future__ import annotations
@@ -15,7 +15,14 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
-from bridge.events import NO_SUBSCRIPTION, BatmonChanged, BatmonDeleted, Subscription
+from bridge.events import (
+    NO_SUBSCRIPTION,
+    BatmonChanged,
+    BatmonDeleted,
+    HomeAssistantStatus,
+    MqttConnected,
+    Subscription,
+)
 from bridge.extensions.ha_units import device_class_for_unit
 from bridge.topics import Topics
 
@@ -104,13 +111,16 @@ class HomeAssistantDiscovery:
         self.topics = topics
         self.publish = publish
 
-    def start(self) -> None:
-        """React to created, edited and deleted batmons."""
-        self._subscription = self.core.bus.subscribe_all(
-            {BatmonChanged: self._on_changed, BatmonDeleted: self._on_deleted}
-        )
+    async def start(self) -> None:
+        """React to (re)connects, Home Assistant's birth, created, edited and deleted batmons."""
+        self._subscription = self.core.bus.subscribe_all({
+            MqttConnected: self._on_connected,
+            HomeAssistantStatus: self._on_homeassistant_status,
+            BatmonChanged: self._on_changed,
+            BatmonDeleted: self._on_deleted,
+        })  # fmt: skip
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         """Stop reacting to events."""
         self._subscription.cancel()
 
@@ -132,6 +142,12 @@ class HomeAssistantDiscovery:
         """Home Assistant restarted (``online``): it needs every config again."""
         if payload.strip() == b"online":
             self.publish_all()
+
+    def _on_connected(self, event: MqttConnected) -> None:
+        self.publish_all()  # the broker may have lost them
+
+    def _on_homeassistant_status(self, event: HomeAssistantStatus) -> None:
+        self.on_homeassistant_status(event.payload)
 
     def _on_changed(self, event: BatmonChanged) -> None:
         self.publish_discovery(event.batmon)

@@ -16,9 +16,8 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
 import apprise
@@ -28,6 +27,7 @@ from bridge.errors import InvalidInput, NotFound
 from bridge.events import (
     NO_SUBSCRIPTION,
     AlarmChanged,
+    NoticeOutcome,
     StatusChanged,
     Subscription,
     TestNoticeRequested,
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from bridge.core import Batmon, Core
 
 log = logging.getLogger(__name__)
+
+OutcomeName = Literal["queued", "skipped", "sent", "retry", "failed"]
 
 TARGET_COLUMNS: dict[Channel, str] = {ch: f"{ch}_url" for ch in CHANNELS}
 RETENTION_S = 30 * 86400  # finished notices are kept this long for the user to read
@@ -232,9 +234,6 @@ class Notifier:
         self.core = core
         self._subscription: Subscription = NO_SUBSCRIPTION
         self.outbox = Outbox(core.store)
-        # Told (channel, outcome) for each notice queued/skipped and attempt sent/retry/failed;
-        # the service points it at its metrics.
-        self.on_outcome: Callable[[str, str], None] = lambda channel, outcome: None
         self.retry_base_s = retry_base_s
         self.give_up_after_s = give_up_after_s
         self.max_attempts = max_attempts
@@ -311,9 +310,13 @@ class Notifier:
             })  # fmt: skip
         self.outbox.enqueue(notices)
         for notice in notices:
-            self.on_outcome(notice["channel"], notice["state"])
+            self._tell(notice["channel"], notice["state"])
         if any(n["state"] == "queued" for n in notices):
             self._wake_worker()
+
+    def _tell(self, channel: str, outcome: OutcomeName) -> None:
+        """On the bus (metrics count it): a notice written or an attempt ended."""
+        self.core.bus.emit(NoticeOutcome(channel, outcome))
 
     @staticmethod
     def _channels(batmon: Batmon) -> list[Channel]:
@@ -359,7 +362,7 @@ class Notifier:
             target = self._target(row)
             if not target:
                 self.outbox.mark_skipped(row["id"], now, _no_target(row["channel"]))
-                self.on_outcome(row["channel"], "skipped")
+                self._tell(row["channel"], "skipped")
             elif self.outbox.claim(row["id"]):
                 task = asyncio.create_task(self._deliver(row, target))
                 self._inflight.add(task)
@@ -400,18 +403,18 @@ class Notifier:
         attempts = row["attempts"] + 1  # claim() counted this attempt
         if not error:
             self.outbox.mark_sent(row["id"], now, masked)
-            self.on_outcome(row["channel"], "sent")
+            self._tell(row["channel"], "sent")
             log.info("notice %s (%s) sent to %s", row["id"], row["channel"], masked)
             return
         next_at = now + self.retry_base_s * 2 ** (attempts - 1)
         if attempts >= self.max_attempts or next_at - row["created"] > self.give_up_after_s:
             self.outbox.mark_failed(row["id"], now, error, masked)
-            self.on_outcome(row["channel"], "failed")
+            self._tell(row["channel"], "failed")
             log.warning("notice %s (%s) to %s failed for good after %d attempts: %s",
                         row["id"], row["channel"], masked, attempts, error)  # fmt: skip
         else:
             self.outbox.mark_retry(row["id"], now, next_at, error, masked)
-            self.on_outcome(row["channel"], "retry")
+            self._tell(row["channel"], "retry")
             log.info("notice %s (%s) to %s failed (%s); retry in %.0f s",
                      row["id"], row["channel"], masked, error, next_at - now)  # fmt: skip
 

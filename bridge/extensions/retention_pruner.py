@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bridge.store.retention import HOUR, RetentionStore
+from bridge.threads import run_on_own_thread
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class RetentionPruner:
             try:
                 # Shielded: cancelling this task must not abandon a pass mid-batch;
                 # stop() sets the event and waits for the pass to end instead.
-                self._pass = asyncio.ensure_future(asyncio.to_thread(self.prune_pass))
+                self._pass = asyncio.ensure_future(run_on_own_thread(self.prune_pass, name="retention-pass"))
                 await asyncio.shield(self._pass)
             except asyncio.CancelledError:
                 raise

@@ -67,6 +67,10 @@ class UpdateSink(Protocol):
         """False while the writer's queue is full."""
         ...
 
+    async def settle(self) -> None:
+        """Return once every update handed in so far is committed (or failed)."""
+        ...
+
 
 class UpdateInbox(asyncio.Queue[ApplicationMessage]):
     """A session's inbound queue that hands the device's own updates to the writer.

@@ -176,6 +176,10 @@ class EmbeddedBroker:
         self._publisher = asyncio.create_task(self._publish_loop(broker), name="broker-publisher")
         log.info("embedded MQTT broker listening on %s:%d", self._host, self._port)
 
+    def publish_retained(self, topic: str, payload: str) -> None:
+        """Publish a retained topic as the broker (the state publisher's and discovery's way out)."""
+        self.publish_soon(topic, payload, retain=True)
+
     def publish_soon(self, topic: str, payload: str, *, retain: bool = False) -> None:
         """Publish as the broker itself, from synchronous code (state, discovery, errors).
 
@@ -202,7 +206,12 @@ class EmbeddedBroker:
             self._broker.stop_listening()
 
     async def stop(self) -> None:
-        """Disconnect every client and close the listener; a no-op if not running."""
+        """Take no new client, let the updates handed in commit (so their PUBACKs go
+        out), then disconnect every client and close the listener; a no-op if not running."""
+        if self._broker is not None and self._updates is not None:
+            self._broker.stop_listening()
+            await self._updates.settle()
+            await asyncio.sleep(0)  # let the PUBACKs of what just committed be sent
         broker, self._broker = self._broker, None
         self._port = None
         if self._publisher is not None:
