@@ -28,8 +28,8 @@ from bridge.doors.broker.limits import (
     CONNECT,
     MQTT_311_LEVEL,
     BrokerLimits,
-    GuardedReader,
     MessageRate,
+    PacketLimitReader,
     protocol_level,
 )
 from bridge.doors.broker.plugin import PRINCIPAL_KEY, WILL_KEY
@@ -86,7 +86,7 @@ class UpdateInbox(asyncio.Queue[ApplicationMessage]):
         self._session = session
         self._sink = sink
         self.unacked = 0
-        # Open while this session's connection may be read (see GatedReader).
+        # Open while this session's connection may be read (see CommitPacedReader).
         self.readable = asyncio.Event()
         self.readable.set()
 
@@ -140,8 +140,10 @@ class UpdateInbox(asyncio.Queue[ApplicationMessage]):
             log.debug("dropped a QoS 0 update of client %r: writer full", self._session.client_id)
 
 
-class GatedReader(ReaderAdapter):
-    """A connection's reader that waits while its session's inbox says "enough"."""
+class CommitPacedReader(ReaderAdapter):
+    """A connection's reader paced by commits: it stops reading while the session has
+    PAUSE_READING_AT updates waiting for their commit (limits.py's PacketLimitReader,
+    beneath it, enforces size and rate limits instead)."""
 
     def __init__(self, inner: ReaderAdapter, inbox: UpdateInbox) -> None:
         self._inner = inner
@@ -188,10 +190,10 @@ class BatmonBroker(Broker):
         self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
     ) -> None:
         """Vet a new connection before amqtt reads it: connection limit, CONNECT in time,
-        protocol level; then let amqtt read packets through a GuardedReader."""
+        protocol level; then let amqtt read packets through a PacketLimitReader."""
         peer_info = writer.get_peer_info()
         peer = f"{peer_info[0]}:{peer_info[1]}" if peer_info else "unknown address"
-        guarded = GuardedReader(reader, self._limits, self._rate, self.counters, peer)
+        guarded = PacketLimitReader(reader, self._limits, self._rate, self.counters, peer)
         self._connections += 1
         try:
             try:
@@ -483,7 +485,7 @@ class BatmonBroker(Broker):
         peer = writer.get_peer_info()
         if peer is not None:
             client_session.remote_address, client_session.remote_port = peer
-        if isinstance(reader, GuardedReader):
+        if isinstance(reader, PacketLimitReader):
             reader.session = client_session
         if not client_session.client_id:
             raise BrokerError("Client ID was not correctly created/set.")
@@ -493,7 +495,7 @@ class BatmonBroker(Broker):
             return
         inbox = self._install_inbox(client_session)
         if inbox is not None:
-            reader = GatedReader(reader, inbox)  # stops reading while 100 updates await commit
+            reader = CommitPacedReader(reader, inbox)  # stops reading while 100 updates await commit
         client_session.transitions.connect()
         handler.attach(client_session, reader, writer)
         self._sessions[client_session.client_id] = (client_session, handler)

@@ -1,6 +1,6 @@
 """Abuse limits of the embedded broker: packet size, per-client message rate, connections.
 
-:class:`GuardedReader` sits between the socket and amqtt and hands amqtt whole MQTT
+:class:`PacketLimitReader` sits between the socket and amqtt and hands amqtt whole MQTT
 packets only: it reads each packet's fixed header itself, so a packet over
 ``max_packet_size`` closes the connection before its body is read (amqtt would buffer
 all of it). A PUBLISH over its sender's rate is held back (QoS 1 and 2: the socket is
@@ -82,8 +82,9 @@ class PacketTooLarge(asyncio.IncompleteReadError):
     """A packet over max_packet_size: to amqtt, the end of the stream."""
 
 
-class GuardedReader(ReaderAdapter):
-    """Hands amqtt one whole, vetted MQTT packet at a time (see the module docstring)."""
+class PacketLimitReader(ReaderAdapter):
+    """Hands amqtt one whole MQTT packet at a time within the size and rate limits (see the
+    module docstring); pacing by commits is amqtt_patches.CommitPacedReader's job."""
 
     def __init__(
         self,
