@@ -25,7 +25,7 @@ ENV_PREFIX = "BATMON_"
 SERVE_OPTIONS = ("data_dir", "host", "http_port", "mqtt_port", "mqtt_url", "broker_config",
                  "base_topic", "discovery_prefix", "discovery", "notify_retry_s",
                  "notify_give_up_s", "metrics", "metrics_token", "metrics_per_batmon",
-                 "retention_days")  # fmt: skip
+                 "retention_days", "http_max_connections")  # fmt: skip
 
 
 class Parser(argparse.ArgumentParser):
@@ -59,6 +59,8 @@ def build_parser() -> Parser:
                        help="also export each batmon's values (one series set per batmon)")
     serve.add_argument("--retention-days",
                        help="prune raw readings older than this; hourly rollups stay (keep all)")
+    serve.add_argument("--http-max-connections",
+                       help="open HTTP connections; one more gets a 503 (default 512)")
 
     user = commands.add_parser("user", help="manage users")
     user_commands = user.add_subparsers(dest="user_command", required=True, parser_class=Parser)
@@ -211,7 +213,7 @@ async def run_serve(options: ServeOptions) -> None:
     broker = "embedded broker" if service.broker is not None else "external broker"
     print(f"HTTP  {service.http_url}", flush=True)
     print(f"MQTT  mqtt://{service.mqtt_host}:{service.mqtt_port} ({broker})", flush=True)
-    print(f"data  {options.database_path}", flush=True)
+    print(f"data  {options.database_path.resolve()}", flush=True)
     if service.admin_api_key:
         print(f"created user admin@localhost; api_key (shown once): {service.admin_api_key}",
               flush=True)  # fmt: skip
@@ -228,11 +230,19 @@ def run_user(args: argparse.Namespace) -> None:
     from bridge.models import NewUser
     from bridge.store.db import Store
 
-    data_dir = data_dir_of(args)
+    data_dir = data_dir_of(args).resolve()
+    # Only `user add` (and serve) make a data folder: any other command run from the wrong
+    # folder would otherwise read a new, empty database and print nothing.
+    creating = not data_dir.exists()
+    if creating and args.user_command != "add":
+        fail(f"batmon user {args.user_command}: no data folder at {data_dir}: give the one serve"
+             f" uses with --data-dir (or BATMON_DATA_DIR); `batmon user add` creates one")  # fmt: skip
     try:
         store = Store.open(data_dir / "batmon.sqlite3")
     except OSError as exc:
         fail(f"batmon user: cannot use data folder {data_dir}: {exc.strerror}")
+    if creating:
+        print(f"created data folder {data_dir}", file=sys.stderr, flush=True)
     core = Core(store, EventBus()).load()
     try:
         if args.user_command == "add":
@@ -305,7 +315,8 @@ async def run_simulate(args: argparse.Namespace) -> None:
             print(f"  batmon_id {batmon_id} token {token}", flush=True)
         await simulate(host=host, port=port, devices=devices, interval=args.interval,
                        count=args.readings, base_topic=args.base_topic,
-                       confirm_timeout=args.confirm_timeout)  # fmt: skip
+                       confirm_timeout=args.confirm_timeout,
+                       announce=lambda line: print(line, flush=True))  # fmt: skip
     except (SimulateError, MqttConnectError, OSError) as exc:
         fail(f"batmon simulate: {exc}")
 

@@ -22,10 +22,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from batmon.http_server import EdgeStats
 from bridge.config import ServeOptions, parse_mqtt_url
 from bridge.core import Core
 from bridge.datadir import private_file
-from bridge.events import EventBus
+from bridge.events import EventBus, HomeAssistantStatus
 from bridge.extensions import Extension
 from bridge.ratelimit import FailureLimiter
 from bridge.store.db import Store
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from bridge.doors.external_door import ExternalBrokerDoor
     from bridge.doors.mqtt_link import MqttLink
     from bridge.doors.update_door import UpdateDoor
+    from bridge.extensions.discovery import HomeAssistantDiscovery
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +107,13 @@ class Service:
         self.broker: EmbeddedBroker | None = None
         self.link: MqttLink | None = None
         self.door: ExternalBrokerDoor | UpdateDoor | None = None
+        self.discovery: HomeAssistantDiscovery | None = None
         self._more = list(extensions)
         self._started: list[Extension] = []  # in start order; stopped in reverse
         self._bounds: dict[Extension, float] = {}  # stops that may wait for commits
-        # One throttle for both doors: a credential failing over HTTP is throttled over MQTT too.
+        # One throttle for both doors: a source failing over HTTP is throttled over MQTT too.
         self.limiter = FailureLimiter()
+        self.http_edge = EdgeStats()  # what the HTTP edge refused
 
     @property
     def http_url(self) -> str:
@@ -128,9 +132,9 @@ class Service:
         # 5 ms switch interval the loop waited up to 5 ms at each I/O point, and a
         # /healthz during a 20,000-reading backlog took 120-150 ms at p95.
         sys.setswitchinterval(GIL_SWITCH_S)
+        from batmon.http_server import HttpServerError
         from bridge.doors.broker import BrokerStartError
         from bridge.doors.mqtt_link import MqttConnectError
-        from http_api.server import HttpServerError
 
         opts = self.options
         try:
@@ -177,11 +181,13 @@ class Service:
         """Construct every part (references only: nothing subscribes, runs or connects
         yet) and return them in start order; the reverse is the stop order."""
         # Imported here so `batmon user ...` does not pay for amqtt/paho/apprise/uvicorn.
+        from batmon.http_server import HttpServer
         from bridge.doors.broker import EmbeddedBroker
         from bridge.doors.external_door import ExternalBrokerDoor
         from bridge.doors.mqtt_link import BrokerEndpoint, BrokerMode, MqttLink
         from bridge.doors.update_door import UpdateDoor
         from bridge.extensions.alarms import AlarmEvaluator
+        from bridge.extensions.bank_publisher import BankPublisher
         from bridge.extensions.discovery import HomeAssistantDiscovery
         from bridge.extensions.metrics import Metrics
         from bridge.extensions.notifier import Notifier
@@ -190,7 +196,6 @@ class Service:
         from http_api.app import create_app
         from http_api.live import LiveFeed
         from http_api.metrics_access import MetricsExposure
-        from http_api.server import HttpServer
 
         opts = self.options
         metrics = Metrics(core, mqtt_stats=self.mqtt_stats, per_batmon=opts.metrics_per_batmon)
@@ -233,26 +238,31 @@ class Service:
                 host=opts.host, port=opts.mqtt_port, config_path=opts.broker_config_path,
                 credentials=core, topics=self.topics,
                 bridge_username=bridge_user, bridge_password=bridge_password, updates=update_door,
-                limiter=self.limiter,
+                limiter=self.limiter, on_homeassistant_status=self._homeassistant_status,
             )  # fmt: skip
             self.mqtt_host = opts.host
             # The in-process broker has no session to keep across our restarts, and a
             # fixed id could be taken over by a clean-session CONNECT: a fresh one. Its
             # port is known once it listens, so the link reads it when it starts.
             client_id = f"batmon-bridge-{secrets.token_hex(6)}"
+            # The broker says whose Home Assistant published its status (only that user's
+            # configs go out again), so the link does not listen for it here.
             link = MqttLink(lambda: BrokerEndpoint(opts.host, broker.port, bridge_user,
                                                    bridge_password, client_id),
-                            BrokerMode.EMBEDDED, self.topics, core.bus,
-                            homeassistant=opts.discovery)  # fmt: skip
+                            BrokerMode.EMBEDDED, self.topics, core.bus, homeassistant=False)  # fmt: skip
             retained = broker.publish_retained
             parts.append(broker)
             doors = [link]
             self._bounds[broker] = DRAIN_TIMEOUT_S  # it waits for commits before disconnecting
             self.broker, self.door = broker, update_door
         self.link = link
-        parts.append(StatePublisher(core, self.topics, retained))
+        banks = BankPublisher(core, self.topics, retained, opts.discovery)
+        parts += [StatePublisher(core, self.topics, retained), banks]
         if opts.discovery:
-            parts.append(HomeAssistantDiscovery(core, self.topics, retained))
+            # Home Assistant's birth re-sends the banks' configs too: one rule for when.
+            self.discovery = HomeAssistantDiscovery(core, self.topics, retained,
+                                                    also_resend=banks.resend_discovery)  # fmt: skip
+            parts.append(self.discovery)
         # The link connects after the state publisher and discovery listen for MqttConnected.
         parts += doors
 
@@ -263,7 +273,9 @@ class Service:
                          limiter=self.limiter, live=live)  # fmt: skip
         # The live feed starts after the HTTP server, so it stops before it: open streams
         # never end by themselves, and the server waits for them.
-        parts += [HttpServer(app, sock), live]
+        # uvicorn with the limits it lacks: head size and time, connections (batmon/http_server.py).
+        server = HttpServer(app, sock, max_connections=opts.http_max_connections, stats=self.http_edge)
+        parts += [server, live]
         return parts + self._more
 
     def _broker_hint(self, exc: Exception) -> str:
@@ -282,7 +294,13 @@ class Service:
         from bridge.doors.external_door import COUNTERS
 
         counters = dict.fromkeys(COUNTERS, 0)  # the same keys in both modes
-        return {**self.link.stats, **counters, **self.door.stats}
+        discovery = self.discovery.counters if self.discovery is not None else {}
+        return {**self.link.stats, **counters, **self.door.stats, **discovery}
+
+    def _homeassistant_status(self, user_id: int, payload: bytes) -> None:
+        """A user's publish on Home Assistant's status topic, as the embedded broker saw it."""
+        if self.core is not None:
+            self.core.bus.emit(HomeAssistantStatus(payload, user_id))
 
     def _reply_error_in_broker(self, batmon_id: int, token: str, message: str) -> None:
         if self.broker is not None:
@@ -297,6 +315,7 @@ class Service:
             "mqtt_host": self.mqtt_host,
             "mqtt_port": self.mqtt_port,
         }
+        info["http_edge"] = self.http_edge.as_dict()
         stats = self.mqtt_stats()
         if stats is not None:
             info["mqtt_stats"] = stats
@@ -329,6 +348,7 @@ class Service:
             self.store.close()
             self.store = None
         self.link = self.door = self.broker = None
+        self.discovery = None
 
     @staticmethod
     async def _stop_bounded(part: Extension, bound: float) -> None:

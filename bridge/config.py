@@ -52,6 +52,8 @@ class ServeOptions(BaseModel):
     metrics_per_batmon: bool = False
     # None keeps every reading; N prunes raw readings older than N days (hourly rollups stay).
     retention_days: Annotated[int, Field(ge=1, le=36_500)] | None = None
+    # Open HTTP connections; one more is answered 503 and closed (docs/CHOICES.md, "HTTP limits").
+    http_max_connections: Annotated[int, Field(ge=1, le=65_535)] = 512
 
     @field_validator("base_topic", "discovery_prefix")
     @classmethod

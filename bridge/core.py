@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from bridge.banks import Banks, member_capacity_ah
 from bridge.errors import Conflict, NotFound, WrongToken
 from bridge.events import (
     BatmonChanged,
@@ -112,6 +113,7 @@ class Batmon:
     current_units: str = ""
     power_units: str = ""
     soc_units: str = ""
+    capacity_ah: float | None = None  # the owner's setting; see member_capacity_ah
     alarms: dict[int, Alarm] = field(default_factory=dict)
 
     def status_at(self, now: float) -> Status:
@@ -157,6 +159,7 @@ class Batmon:
             "current_units": self.current_units,
             "power_units": self.power_units,
             "soc_units": self.soc_units,
+            "capacity_ah": member_capacity_ah(self),
         }
 
     @classmethod
@@ -188,6 +191,7 @@ class Core:
         self._deleted_owners: dict[int, int] = {}
         # Every reading is committed by this one writer, off the event loop.
         self.writer = ReadingWriter(lambda: SqliteReadingSink(store.path), self._apply_committed)
+        self.banks = Banks(self)
 
     def close(self) -> None:
         """Stop the writer (after what it holds) and the history workers; close the store."""
@@ -207,6 +211,7 @@ class Core:
             if alarm.batmon_id in self.batmons:
                 self.alarms[alarm.id] = alarm
                 self.batmons[alarm.batmon_id].alarms[alarm.id] = alarm
+        self.banks.load()
         return self
 
     # -- users ---------------------------------------------------------------
@@ -263,6 +268,10 @@ class Core:
         """True when the batmon exists and belongs to the user."""
         batmon = self.batmons.get(batmon_id)
         return batmon is not None and batmon.user_id == user_id
+
+    def owns_bank(self, user_id: int, bank_id: int) -> bool:
+        """True when the user owns the bank, or owned it until it was deleted this run."""
+        return self.banks.visible_to(user_id, bank_id)
 
     def owned_until_deleted(self, user_id: int, batmon_id: int) -> bool:
         """True when the user owned this batmon until it was deleted (during this run)."""
@@ -353,6 +362,7 @@ class Core:
         self.writer.forget(batmon.id)
         for alarm_id in batmon.alarms:
             self.alarms.pop(alarm_id, None)
+        self.banks.batmon_deleted(batmon.id)
         self.bus.emit(BatmonDeleted(batmon))
 
     # -- readings ------------------------------------------------------------

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 if TYPE_CHECKING:
+    from bridge.banks import Bank
     from bridge.core import Alarm, Batmon
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,21 @@ class BatmonDeleted:
 
 
 @dataclass(frozen=True)
+class BankChanged:
+    """A bank was created, renamed, or its members changed (a deleted batmon leaving too)."""
+
+    bank: Bank
+    created: bool = False
+
+
+@dataclass(frozen=True)
+class BankDeleted:
+    """A bank is gone; subscribers clean up what they published for it."""
+
+    bank: Bank
+
+
+@dataclass(frozen=True)
 class TestNoticeRequested:
     """A user asked for a test notice on the channels that have a target."""
 
@@ -112,9 +128,14 @@ class MqttConnected:
 
 @dataclass(frozen=True)
 class HomeAssistantStatus:
-    """Home Assistant announced itself (its birth ``online``, or ``offline``), not retained."""
+    """Home Assistant announced itself (its birth ``online``, or ``offline``), not retained.
+
+    ``user_id``: whose Home Assistant, when the embedded broker saw the login; None on an
+    external broker, where nobody can say.
+    """
 
     payload: bytes
+    user_id: int | None = None
 
 
 E = TypeVar("E")

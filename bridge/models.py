@@ -94,6 +94,7 @@ UpdatePeriod = Annotated[int, Field(ge=1, le=31_536_000)]
 Finite = Annotated[float, Field(allow_inf_nan=False), NotBool]
 Soc = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False), NotBool]
 EpochSeconds = Annotated[float, Field(ge=0, le=MAX_SAFE_ID, allow_inf_nan=False), NotBool]
+CapacityAh = Annotated[float, Field(gt=0, le=1e9, allow_inf_nan=False), NotBool]
 
 
 class InputModel(BaseModel):
@@ -249,6 +250,8 @@ class EditBatmon(InputModel):
     current_units: Units | None = None
     power_units: Units | None = None
     soc_units: Units | None = None
+    capacity_ah: CapacityAh | None = Field(None, description=(
+        "the battery's capacity in Ah (> 0); weighs its SoC in a bank, before details.capacity_ah"))
 
     def changes(self) -> dict[str, Any]:
         """The batmon fields to change, by batmon field name."""
@@ -294,6 +297,58 @@ class Login(InputModel):
 
 class NoFields(InputModel):
     """Endpoints that take nothing but authentication."""
+
+
+# -- banks: several batmons of one owner shown as one battery ----------------------
+MAX_BANK_MEMBERS = 100
+BankId = Annotated[int, Field(ge=1, le=MAX_SAFE_ID), NotBool]
+
+
+def _ids_from_text(value: Any) -> Any:
+    """A form or query field carries ids as text, "1,2,3"; a JSON body may too."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",")] if value.strip() else []
+    return value
+
+
+def _first_of_each(ids: list[int]) -> list[int]:
+    # A repeated id is the same member: kept once, where it first appears.
+    return list(dict.fromkeys(ids))
+
+
+BatmonIds = Annotated[
+    list[BatmonId],
+    BeforeValidator(_ids_from_text),
+    Field(min_length=1, max_length=MAX_BANK_MEMBERS, description=(
+        "ids of your batmons: a JSON array, or text with the ids separated by commas")),
+    AfterValidator(_first_of_each),
+]  # fmt: skip
+
+
+class AddBank(InputModel):
+    """POST /interface/add/bank."""
+
+    bank_name: Name
+    batmon_ids: BatmonIds
+
+
+class BankRef(InputModel):
+    """A bank named by id (status, delete)."""
+
+    bank_id: BankId
+
+
+class EditBank(InputModel):
+    """POST /interface/edit/bank: only the fields given change."""
+
+    bank_id: BankId
+    bank_name: Name | None = None
+    batmon_ids: BatmonIds | None = None
+
+    def changes(self) -> dict[str, Any]:
+        """The bank fields to change."""
+        return {k: getattr(self, k) for k in ("bank_name", "batmon_ids")
+                if getattr(self, k) is not None and k in self.model_fields_set}  # fmt: skip
 
 
 AlarmMetric = Literal["voltage", "current", "power", "soc"]

@@ -1,55 +1,30 @@
-"""Throttle whoever keeps failing authentication, and only them: one set of rules for
-both doors (the HTTP API and the embedded broker's CONNECT).
+"""Throttle the *sources* that keep failing authentication, never a credential: one set
+of rules for both doors (the HTTP API and the embedded broker's CONNECT).
 
-Failures are counted per *presented credential* (a batmon_id, an email, the first
-characters of an api key), so a misconfigured device behind a shared address (NAT,
-proxy) throttles itself and not the household. An address also has a much higher
-ceiling: past it, each credential that already failed from that address is refused
-unchecked until the window passes, so spraying guesses across many credentials from
-one address gets one try per credential. A credential that has not failed from that
-address is still checked, so valid credentials are never refused for their
-neighbours' failures.
+Every credential presented is checked, and a correct one is accepted whatever wrong
+guesses came before, from anywhere: counting failures per credential (as before issue
+15) let anyone who knew a batmon_id keep that device's right token refused. Throttling
+only changes how a *failing* attempt from a source over its limit is answered: 429 with
+Retry-After over HTTP, a refusal held back a moment over MQTT.
+
+The secrets carry 128 to 256 random bits, so no rate a server could answer makes
+guessing one feasible (docs/CHOICES.md, "Credentials and health", has the figures);
+the throttle tells a broken client to back off and bounds what a failing source costs.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import time
-from collections import deque
 from collections.abc import Callable
 
-from bridge.models import parse_batmon_id
-
-API_KEY_PREFIX_CHARS = 8
-"""An api key is counted by its first characters: enough to tell keys apart, and no
-whole secret is kept in memory."""
 MAX_TRACKED = 100_000
-"""Credentials plus addresses remembered at once; beyond, the oldest are forgotten."""
-
-
-def device_credential(batmon_id: int) -> str:
-    """How a device's batmon_id is counted."""
-    return f"batmon:{batmon_id}"
-
-
-def user_credential(email: str) -> str:
-    """How a user logging in by email (MQTT username) is counted."""
-    return f"email:{email.strip().lower()}"
-
-
-def api_key_credential(api_key: str) -> str:
-    """How an api key is counted: by its prefix (a wrong key leaves only that behind)."""
-    return f"key:{api_key[:API_KEY_PREFIX_CHARS]}"
-
-
-def login_credential(username: str) -> str:
-    """The credential an MQTT CONNECT presents: a batmon_id, else an email."""
-    batmon_id = parse_batmon_id(username)
-    return device_credential(batmon_id) if batmon_id is not None else user_credential(username)
+"""Sources remembered at once; beyond, those that failed least recently are forgotten
+(161 bytes each measured: 16 MB at most)."""
 
 
 def address_key(host: str | None) -> str | None:
-    """The address failures are counted under: an IPv6 client by its /64 (one host
+    """The source failures are counted under: an IPv6 client by its /64 (one host
     holds a whole /64), an IPv4-mapped one as IPv4."""
     if not host:
         return None
@@ -65,79 +40,55 @@ def address_key(host: str | None) -> str | None:
 
 
 class FailureLimiter:
-    """Counts failed authentications per credential and per address within a window.
+    """Failed authentications per source, as a leaky bucket of ``max_failures`` per ``window_s``.
 
-    ``max_failures`` per credential (default 30 a minute); ``max_failures_per_address``
-    defaults to ten times that.
+    A source may fail ``max_failures`` times at once (default 30); the bucket then drains
+    at ``max_failures / window_s`` (one every 2 s), and a source that stops failing is
+    forgotten after ``window_s``. Each source costs one float: the time its bucket is
+    empty again (the "theoretical arrival time" of GCRA).
     """
 
     def __init__(self, max_failures: int = 30, window_s: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic,
-                 max_failures_per_address: int | None = None) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
         self.max_failures = max_failures
-        self.max_failures_per_address = max_failures_per_address or 10 * max_failures
         self.window_s = window_s
         self.clock = clock
-        # Only the newest max_failures entries matter: if the oldest of them is still
-        # inside the window, the limit is reached.
-        self._by_credential: dict[str, deque[tuple[float, str | None]]] = {}
-        self._by_address: dict[str, deque[float]] = {}
+        self._interval_s = window_s / max_failures
+        self._empty_at: dict[str, float] = {}  # source -> when its bucket is empty
 
-    def blocked(self, address: str | None, credential: str | None) -> bool:
-        """True if this credential must be refused without checking it.
-
-        A request presenting no credential is never blocked: there is nothing to guess
-        and its cookie, if any, may be valid.
-        """
-        if credential is None:
-            return False
-        horizon = self.clock() - self.window_s
-        failures = self._by_credential.get(credential)
-        if not failures:
-            return False
-        if len(failures) >= self.max_failures and failures[0][0] >= horizon:
-            return True
+    def throttled(self, address: str | None) -> bool:
+        """True while this source is over its limit: its failing attempts are throttled."""
         where = address_key(address)
-        if where is None or not self._address_over_ceiling(where, horizon):
+        if where is None:
             return False
-        return any(at >= horizon and addr == where for at, addr in failures)
+        empty_at = self._empty_at.get(where)
+        return empty_at is not None and empty_at - self.clock() > self.window_s - self._interval_s / 2
 
-    def record_failure(self, address: str | None, credential: str | None) -> None:
-        """Count one failed authentication of ``credential`` (None: none was given)."""
+    def record_failure(self, address: str | None) -> bool:
+        """Count one failed authentication from ``address``; True if that source was
+        already over its limit, so this failure is answered as throttled."""
+        where = address_key(address)
+        if where is None:
+            return False
         now = self.clock()
-        where = address_key(address)
-        if len(self._by_credential) + len(self._by_address) > MAX_TRACKED:
-            self._forget(now - self.window_s)
-        if credential is not None:
-            failures = self._by_credential.get(credential)
-            if failures is None:
-                failures = self._by_credential[credential] = deque(maxlen=self.max_failures)
-            failures.append((now, where))
-        if where is not None:
-            times = self._by_address.get(where)
-            if times is None:
-                times = self._by_address[where] = deque(maxlen=self.max_failures_per_address)
-            times.append(now)
+        was_throttled = self.throttled(address)
+        empty_at = self._empty_at.pop(where, now)  # re-inserted last: the dict is LRU-ordered
+        if len(self._empty_at) >= MAX_TRACKED:
+            self._forget(now)
+        # Capped at a full bucket: a source that keeps failing is throttled until it pauses,
+        # not for as long as it ever failed.
+        self._empty_at[where] = min(max(empty_at, now) + self._interval_s, now + self.window_s)
+        return was_throttled
 
-    def _address_over_ceiling(self, where: str, horizon: float) -> bool:
-        times = self._by_address.get(where)
-        return (
-            times is not None
-            and len(times) >= self.max_failures_per_address
-            and times[0] >= horizon
-        )
+    @property
+    def tracked(self) -> int:
+        """Sources remembered now (not ``__len__``: an empty limiter must stay truthy)."""
+        return len(self._empty_at)
 
-    def _forget(self, horizon: float) -> None:
-        """Drop what has left the window; if still too much, the oldest half."""
-        for table in (self._by_credential, self._by_address):
-            stale = [k for k, v in table.items() if not v or _newest(v) < horizon]
-            for key in stale:
-                del table[key]
-            if len(table) > MAX_TRACKED // 2:
-                for key in list(table)[: len(table) // 2]:
-                    del table[key]
-
-
-def _newest(entries: deque[tuple[float, str | None]] | deque[float]) -> float:
-    last = entries[-1]
-    return last[0] if isinstance(last, tuple) else last
+    def _forget(self, now: float) -> None:
+        """Drop sources whose bucket is empty; if still too many, the least recent half."""
+        for where in [w for w, empty_at in self._empty_at.items() if empty_at <= now]:
+            del self._empty_at[where]
+        if len(self._empty_at) >= MAX_TRACKED // 2:
+            for where in list(self._empty_at)[: len(self._empty_at) // 2]:
+                del self._empty_at[where]

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,12 +37,19 @@ class SimulateError(Exception):
 
 
 class _Landed:
-    """The readings a device sent, and whether the server's state topic shows one of them."""
+    """The readings a device sent, and what the server made of them: landed when its state
+    topic shows one, refused when its error topic says why (MQTT 3.1.1 has no negative
+    PUBACK, so the error topic is where a refusal is told)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, batmon_id: int,
+                 announce: Callable[[str], None]) -> None:  # fmt: skip
         self.sent: set[tuple[Any, ...]] = set()
+        self.landed = 0
+        self.refused = 0
         self.event = asyncio.Event()
         self._loop = loop
+        self._batmon_id = batmon_id
+        self._announce = announce
 
     @staticmethod
     def key(values: dict[str, Any]) -> tuple[Any, ...]:
@@ -56,9 +64,23 @@ class _Landed:
         if isinstance(state, dict):
             self._loop.call_soon_threadsafe(self._check, self.key(state))
 
+    def on_error(self, payload: bytes) -> None:
+        """paho's thread: the server refused a message of this device, and says why."""
+        try:
+            reason = str(json.loads(payload).get("error", ""))
+        except (ValueError, AttributeError):
+            reason = payload.decode(errors="replace")
+        self._loop.call_soon_threadsafe(self._refuse, reason)
+
     def _check(self, key: tuple[Any, ...]) -> None:
         if key in self.sent:
+            self.sent.discard(key)
+            self.landed += 1
             self.event.set()
+
+    def _refuse(self, reason: str) -> None:
+        self.refused += 1
+        self._announce(f"refused: batmon {self._batmon_id}: {reason}")
 
 
 @dataclass
@@ -98,6 +120,7 @@ async def simulate(
     base_topic: str = "batmon",
     username_mode: Literal["device", "none"] = "device",
     confirm_timeout: float = CONFIRM_TIMEOUT_S,
+    announce: Callable[[str], None] = lambda line: None,
 ) -> None:
     """Publish a reading from each (batmon_id, token) every ``interval`` seconds.
 
@@ -106,23 +129,31 @@ async def simulate(
     Raises MqttConnectError when a device cannot connect, and SimulateError when the
     first readings do not show on the devices' state topics within ``confirm_timeout``
     (a broker that acknowledged them is not proof that a bridge took them).
+    ``announce`` gets one line per interval (sent, refused, landed so far) and one per
+    refusal the server reports on a device's error topic.
     """
     topics = Topics(base=base_topic)
     loop = asyncio.get_running_loop()
     clients = []
-    landed = [_Landed(loop) for _ in devices]
+    landed = [_Landed(loop, batmon_id, announce) for batmon_id, _ in devices]
     try:
         for (batmon_id, token), seen in zip(devices, landed, strict=True):
             client = new_client(f"batmon-sim-{batmon_id}", clean_session=True)
             if username_mode == "device":
                 client.username_pw_set(str(batmon_id), token)
-            def on_message(_c: Any, _u: Any, msg: mqtt.MQTTMessage, seen: _Landed = seen) -> None:
-                seen.on_state(bytes(msg.payload))
+            error_topic = topics.error(batmon_id, token)
+
+            def on_message(_c: Any, _u: Any, msg: mqtt.MQTTMessage, seen: _Landed = seen,
+                           error_topic: str = error_topic) -> None:  # fmt: skip
+                if msg.topic == error_topic:
+                    seen.on_error(bytes(msg.payload))
+                else:
+                    seen.on_state(bytes(msg.payload))
 
             client.on_message = on_message
             clients.append(client)
             await _connect(client, host, port, batmon_id)
-            client.subscribe(topics.state(batmon_id), qos=1)
+            client.subscribe([(topics.state(batmon_id), 1), (error_topic, 1)])
         batteries = [SimulatedBattery(soc=random.uniform(40, 95)) for _ in devices]
         pending: list[mqtt.MQTTMessageInfo] = []
         sent = 0
@@ -143,12 +174,31 @@ async def simulate(
             pending = [info for info in pending if not info.is_published()]
             if count is None or sent < count:
                 await asyncio.sleep(interval)
+                announce(_tally(sent, landed))
         for info in pending:
             await asyncio.to_thread(info.wait_for_publish, PUBLISH_TIMEOUT_S)
+        # The last round's answers: wait (bounded) until each reading landed, or until the
+        # refusals could account for the rest (a refusal names no reading: give it a second).
+        start = time.monotonic()
+        while (elapsed := time.monotonic() - start) < confirm_timeout:
+            arrived = sum(s.landed for s in landed)
+            if arrived >= sent * len(devices) or (
+                    elapsed > 1.0 and arrived + sum(s.refused for s in landed) >= sent * len(devices)):
+                break
+            await asyncio.sleep(0.05)
+        announce(_tally(sent, landed))
     finally:
         for client in clients:
             client.disconnect()
             await asyncio.to_thread(client.loop_stop)
+
+
+def _tally(rounds: int, landed: list[_Landed]) -> str:
+    """One interval's line: what was sent, refused and landed so far, over all devices."""
+    sent = rounds * len(landed)
+    refused = sum(s.refused for s in landed)
+    arrived = sum(s.landed for s in landed)
+    return f"round {rounds}: sent {sent}, refused {refused}, landed {arrived}"
 
 
 async def _confirm_landed(
@@ -214,13 +264,22 @@ async def _connect(client: mqtt.Client, host: str, port: int, batmon_id: int) ->
         raise MqttConnectError(f"the MQTT broker at {host}:{port} refused device {batmon_id}: {reason}")
 
 
+SIMULATED_NAME = "Simulated battery {n}"
+
+
 async def create_batmons(api_url: str, api_key: str, count: int) -> list[tuple[int, str]]:
-    """Create ``count`` batmons through the HTTP API; return their (batmon_id, token)."""
+    """``count`` batmons named "Simulated battery 1..count": those made by an earlier run are
+    reused (found by name), only the missing ones are created through the HTTP API."""
+    listed = await asyncio.to_thread(_post, api_url, "/interface/batmon/list", api_key, {})
+    by_name: dict[str, Any] = {b["batmon_name"]: b for b in reversed(listed)}  # the oldest wins
     devices = []
     for n in range(1, count + 1):
-        body = {"batmon_name": f"Simulated battery {n}", "batmon_type": "simulator"}
-        success = await asyncio.to_thread(_post, api_url, "/interface/add/batmon", api_key, body)
-        devices.append((int(success["batmon_id"]), str(success["batmon_token"])))
+        name = SIMULATED_NAME.format(n=n)
+        found: Any = by_name.get(name)
+        if found is None:
+            body = {"batmon_name": name, "batmon_type": "simulator"}
+            found = await asyncio.to_thread(_post, api_url, "/interface/add/batmon", api_key, body)
+        devices.append((int(found["batmon_id"]), str(found["batmon_token"])))
     return devices
 
 

@@ -61,6 +61,31 @@ class Topics:
     def discovery(self, batmon_id: int) -> str:
         return f"{self.discovery_prefix}/device/batmon_{batmon_id}/config"
 
+    # -- banks (several batmons shown as one battery) -----------------------
+    def bank_state(self, bank_id: int) -> str:
+        return f"{self.base}/bank/{bank_id}/state"
+
+    def bank_availability(self, bank_id: int) -> str:
+        return f"{self.base}/bank/{bank_id}/availability"
+
+    def bank_discovery(self, bank_id: int) -> str:
+        return f"{self.discovery_prefix}/device/batmon_bank_{bank_id}/config"
+
+    def bank_of_user_topic(self, topic: str) -> int | None:
+        """The bank id of a bank's state, availability or discovery topic spelled exactly
+        as built here (canonical id), else None."""
+        for head in (f"{self.base}/bank/", f"{self.discovery_prefix}/device/batmon_bank_"):
+            if not topic.startswith(head):
+                continue
+            bank_id = parse_batmon_id(topic[len(head) :].split("/", 1)[0])  # same id rules
+            if bank_id is not None and topic in (
+                self.bank_state(bank_id),
+                self.bank_availability(bank_id),
+                self.bank_discovery(bank_id),
+            ):
+                return bank_id
+        return None
+
     @property
     def homeassistant_status(self) -> str:
         return f"{self.discovery_prefix}/status"

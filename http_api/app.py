@@ -19,9 +19,10 @@ from bridge.core import Core, User
 from bridge.errors import BatmonError, NotAuthenticated, Unavailable, WrongToken
 from bridge.events import HttpRejected
 from bridge.history_answers import Streamed
-from bridge.models import EditBatmon, Login, describe_error
+from bridge.models import Login, describe_error
 from bridge.ratelimit import FailureLimiter
-from http_api.auth import Sessions, api_key_of, authenticate, key_credential, token_credential
+from http_api.auth import Sessions, api_key_of, authenticate
+from http_api.cross_site import cross_site
 from http_api.handlers import Call
 from http_api.live import LiveFeed
 from http_api.metrics_access import REJECTION_REASONS, MetricsExposure
@@ -33,6 +34,7 @@ from http_api.routes import ENDPOINTS, Endpoint
 log = logging.getLogger(__name__)
 
 HealthProbe = Callable[[], dict[str, Any]]
+Work = Callable[[dict[str, Any], User | None], Any]
 
 
 def error_response(status: int, message: str) -> JSONResponse:
@@ -51,27 +53,16 @@ class Api:
         self.health = health
         self.metrics = metrics
 
-    async def run(self, request: Request, work: Callable[[dict[str, Any], User | None], Any],
-                  token_is_credential: bool = True) -> Response:  # fmt: skip
-        """Parse, authenticate, run ``work``, and map any refusal to its error.
-
-        ``token_is_credential`` is False where batmon_token sets a new token (edit).
-        """
+    async def run(self, request: Request, work: Work) -> Response:
+        """Parse, authenticate, run ``work``, and map any refusal to its error."""
         client = request.client.host if request.client else None
         key_user: User | None = None
-        key: str | None = None
-        device: str | None = None
+        api_key_given = False
         try:
             fields = await request_fields(request)
-            key = key_credential(request, fields)
-            device = token_credential(fields) if token_is_credential else None
-            # Only the credentials this request presents: a neighbour's failures never
-            # refuse it (bridge/ratelimit.py, the broker's rules too).
-            if self.limiter.blocked(client, key) or self.limiter.blocked(client, device):
-                response: Response = self.refuse(429, "Too many failed authentications with these"
-                                       " credentials; try again in a minute.")  # fmt: skip
-                response.headers["Retry-After"] = str(int(self.limiter.window_s))
-                return response
+            api_key_given = api_key_of(request, fields) is not None
+            # Every credential is checked: a correct one is served whatever failed before
+            # (bridge/ratelimit.py, the broker's rules too).
             user, by_key = authenticate(self.core, self.sessions, request, fields)
             key_user = user if by_key else None
             result = await work(fields, user)
@@ -81,17 +72,26 @@ class Api:
         except ValidationError as exc:
             response = error_response(400, describe_error(exc))
         except BatmonError as exc:
-            if isinstance(exc, NotAuthenticated):
-                self.limiter.record_failure(client, key)
-            elif isinstance(exc, WrongToken):
-                self.limiter.record_failure(client, device)
             response = error_response(exc.status, exc.message)
+            # A wrong api_key or batmon_token: count its source; a source over its limit is
+            # told to back off. A request without a key guessed nothing.
+            guessed = isinstance(exc, WrongToken) or (isinstance(exc, NotAuthenticated) and api_key_given)
+            if guessed and self.limiter.record_failure(client):
+                response = self.throttled()
             if isinstance(exc, Unavailable):
                 response.headers["Retry-After"] = str(exc.retry_after)
-        if key_user is not None:
+        # Never to another site's page: that would log its visitor in as the key's owner.
+        if key_user is not None and not cross_site(request):
             self.sessions.set_cookie(response, key_user, secure=request.url.scheme == "https")
         if response.status_code >= 400:
             self.rejected(REJECTION_REASONS.get(response.status_code, "other"))
+        return response
+
+    def throttled(self) -> JSONResponse:
+        """The answer to a failing attempt from a source over its limit (429, Retry-After)."""
+        response = error_response(429, "Too many failed authentications from your address;"
+                                       " try again in a minute.")  # fmt: skip
+        response.headers["Retry-After"] = str(int(self.limiter.window_s))
         return response
 
     def refuse(self, status: int, message: str, reason: str | None = None) -> JSONResponse:
@@ -108,10 +108,6 @@ class Api:
         # An endpoint with a `format` field (history) also honours Accept: text/csv.
         negotiates = "format" in endpoint.model.model_fields
 
-        # In edit, batmon_token is the new token, not a credential: an owner must be able
-        # to replace the token of a device whose id is being guessed.
-        token_is_credential = endpoint.model is not EditBatmon
-
         async def handle(request: Request) -> Response:
             async def work(fields: dict[str, Any], user: User | None) -> Any:
                 call = Call(self.core, user)
@@ -121,7 +117,7 @@ class Api:
                     fields["format"] = format_from_accept(request.headers.get("accept", ""))
                 return await endpoint.handler(call, endpoint.model.model_validate(fields))
 
-            return await self.run(request, work, token_is_credential)
+            return await self.run(request, work)
 
         return Route(endpoint.path, handle, methods=list(endpoint.methods),
                      name=endpoint.handler.__name__)  # fmt: skip
@@ -158,16 +154,13 @@ class Api:
         """Prometheus metrics, to loopback clients or a bearer-token holder as configured."""
         assert self.metrics is not None
         client = request.client.host if request.client else None
-        # Counted per presented token, as every credential: a neighbour's failures
-        # never blind the monitoring that shares its address.
-        token = key_credential(request, {})
-        if self.metrics.access == "token" and self.limiter.blocked(client, token):
-            return self.refuse(429, "Too many failed authentications; try again in a minute.")
         refusal = self.metrics.refusal(request)
         if refusal is not None:
             status, message = refusal
-            if status == 401:
-                self.limiter.record_failure(client, token)
+            if status == 401 and self.limiter.record_failure(client):
+                response = self.throttled()
+                self.rejected(REJECTION_REASONS[429])
+                return response
             response = self.refuse(status, message, "forbidden" if status == 403 else None)
             if status == 401:
                 response.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'

@@ -7,14 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
-from pydantic import TypeAdapter, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
 from bridge.core import Core, User
 from bridge.errors import NotAuthenticated
-from bridge.models import BatmonId
-from bridge.ratelimit import api_key_credential, device_credential
 
 COOKIE_NAME = "batmon_session"
 COOKIE_MAX_AGE_S = 30 * 24 * 3600
@@ -81,25 +78,3 @@ def authenticate(core: Core, sessions: Sessions, request: Request, fields: dict[
         return user, True
     uid = sessions.user_id(request)
     return (core.user_by_id(uid) if uid is not None else None), False
-
-
-_BATMON_ID = TypeAdapter(BatmonId)
-
-
-def key_credential(request: Request, fields: dict[str, Any]) -> str | None:
-    """The api-key credential a request presents (for the failure throttle), if any."""
-    api_key = api_key_of(request, fields)
-    return api_key_credential(api_key) if api_key is not None else None
-
-
-def token_credential(fields: dict[str, Any]) -> str | None:
-    """The device credential (batmon_id with a batmon_token) a request presents, if any.
-
-    The id is read as the models read it, so "12", 12 and 12.0 count as one credential.
-    """
-    if fields.get("batmon_token") in (None, ""):
-        return None
-    try:
-        return device_credential(_BATMON_ID.validate_python(fields.get("batmon_id")))
-    except ValidationError:
-        return None

@@ -13,10 +13,13 @@ from bridge.extensions.notifier import notices_view, request_test_notice, set_ta
 from bridge.history_answers import Streamed
 from bridge.models import (
     AddAlarm,
+    AddBank,
     AddBatmon,
     AlarmRef,
+    BankRef,
     DeviceRef,
     EditAlarm,
+    EditBank,
     EditBatmon,
     HistoryQuery,
     NoFields,
@@ -147,3 +150,30 @@ async def send_test_notice(call: Call, data: NoFields) -> dict[str, list[str]]:
 async def batmon_notifications(call: Call, data: DeviceRef) -> list[dict[str, Any]]:
     batmon = call.owned_batmon(data.batmon_id, data.batmon_token)
     return notices_view(call.core, batmon.id)
+
+
+async def add_bank(call: Call, data: AddBank) -> dict[str, Any]:
+    bank = call.core.banks.add(call.owner(), data)
+    return {"bank_id": bank.id}
+
+
+async def list_banks(call: Call, data: NoFields) -> list[dict[str, Any]]:
+    banks = call.core.banks
+    return [banks.status(b) for b in banks.of_user(call.owner())]
+
+
+async def bank_status(call: Call, data: BankRef) -> dict[str, Any]:
+    banks = call.core.banks
+    return banks.status(banks.owned(call.owner(), data.bank_id))
+
+
+async def edit_bank(call: Call, data: EditBank) -> str:
+    banks = call.core.banks
+    banks.edit(banks.owned(call.owner(), data.bank_id), data)
+    return "success"
+
+
+async def delete_bank(call: Call, data: BankRef) -> str:
+    banks = call.core.banks
+    banks.delete(banks.owned(call.owner(), data.bank_id))
+    return "success"

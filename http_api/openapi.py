@@ -46,7 +46,7 @@ def _success(schema: dict[str, Any] | None = None) -> dict[str, Any]:
 
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "invalid input", 401: "not authenticated", 403: "wrong batmon_token",
-            404: "unknown batmon or alarm", 405: "method not allowed",
+            404: "unknown batmon, alarm or bank", 405: "method not allowed",
             413: "body over 64 KiB", 429: "too many failed authentications"}  # fmt: skip
     return {
         str(c): {"description": text[c], "content": {"application/json": {"schema": _ERROR}}}
@@ -54,11 +54,42 @@ def _errors(*codes: int) -> dict[str, Any]:
     }
 
 
+# Swagger UI's sections, in the order a reader meets them; `tag_for` puts each path in one.
+TAGS: list[tuple[str, str]] = [
+    ("Readings", "what devices send, and the history of it"),
+    ("Batmons", "add, list, edit and delete battery monitors"),
+    ("Banks", "batmons grouped into one battery bank"),
+    ("Alarms", "thresholds on a batmon's values"),
+    ("Notices", "where notices go, and what was sent"),
+    ("Account", "log in and out of the dashboard"),
+    ("Service", "health and this document"),
+]
+
+
+def tag_for(path: str) -> str:
+    """The one Swagger section a path belongs to, read from its words (one rule for all)."""
+    words = set(path.strip("/").split("/"))
+    if words & {"update", "history"}:
+        return "Readings"
+    if "alarm" in words:
+        return "Alarms"
+    if words & {"notifications"}:
+        return "Notices"
+    if "bank" in words:
+        return "Banks"
+    if "batmon" in words:
+        return "Batmons"
+    if words & {"login", "logout", "user"}:
+        return "Account"
+    return "Service"
+
+
 def _operation(summary: str, name: str, model_name: str, properties: dict[str, Any],
                required: list[str], method: str, security: list[dict[str, list[str]]],
-               form_model_name: str | None = None) -> dict[str, Any]:  # fmt: skip
+               form_model_name: str | None = None, path: str = "") -> dict[str, Any]:  # fmt: skip
     op: dict[str, Any] = {
         "summary": summary,
+        "tags": [tag_for(path)],
         "operationId": f"{name}_{method}",
         "responses": {"200": _success(), **_errors(400, 401, 403, 404, 405, 413, 429)},
         "security": security,
@@ -119,27 +150,31 @@ def build_openapi() -> dict[str, Any]:
         security = [*_SECURITY, {}] if e.device_access else _SECURITY
         paths.setdefault(e.path, {}).update({
             m.lower(): _operation(e.summary, e.handler.__name__, e.model.__name__, props,
-                                  required, m.lower(), security, form_name)
+                                  required, m.lower(), security, form_name, e.path)
             for m in e.methods
         })  # fmt: skip
     login = schemas["Login"]
     paths["/interface/login"] = {"post": _operation(
         "Log in with an api_key (sets the session cookie)", "login", "Login",
-        login["properties"], login["required"], "post", [{}])}  # fmt: skip
+        login["properties"], login["required"], "post", [{}], path="/interface/login")}  # fmt: skip
     paths["/interface/logout"] = {"post": {"summary": "Log out (clears the session cookie)",
+                                           "tags": ["Account"],
                                            "operationId": "logout",
                                            "responses": {"200": _success()}}}  # fmt: skip
-    paths["/healthz"] = {"get": {"summary": "Health: database and MQTT state",
+    paths["/healthz"] = {"get": {"summary": "Health: database and MQTT state", "tags": ["Service"],
                                  "operationId": "healthz",
                                  "responses": {"200": {"description": "healthy"},
                                                "503": {"description": "unhealthy"}}}}  # fmt: skip
     paths["/openapi.json"] = {"get": {"summary": "This document", "operationId": "openapi",
+                                      "tags": ["Service"],
                                       "responses": {"200": {"description": "OpenAPI 3"}}}}  # fmt: skip
     return {
         # 3.1: pydantic writes JSON Schema 2020-12 ({"type": "null"} in anyOf).
         "openapi": "3.1.0",
         "info": {"title": "batmon bridge API", "version": __version__,
                  "description": "The documented Batmon API, self-hosted."},
+        "tags": [{"name": name, "description": text} for name, text in TAGS
+                 if any(op.get("tags") == [name] for ops in paths.values() for op in ops.values())],
         "paths": paths,
         "components": {
             "schemas": schemas,

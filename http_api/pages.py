@@ -19,7 +19,7 @@ from starlette.templating import Jinja2Templates
 
 from bridge.core import Core, User
 from bridge.errors import BatmonError
-from bridge.models import DeviceRef, NoFields, ShowTargets
+from bridge.models import BankRef, DeviceRef, NoFields, ShowTargets
 from http_api import handlers as h
 from http_api.auth import Sessions
 from http_api.cross_site import CrossSiteGuard
@@ -70,8 +70,11 @@ class Dashboard:
         batmons = await h.list_batmons(call, NoFields())
         now = self.core.clock()
         snapshots = [batmon_snapshot(self.core.batmons[b["batmon_id"]], now) for b in batmons]
+        names = {b["batmon_id"]: b["batmon_name"] for b in batmons}
+        banks = [{**b, "member_names": [names[i] for i in b["batmon_ids"] if i in names]}
+                 for b in await h.list_banks(call, NoFields())]  # fmt: skip
         return self.page(request, "list.html", {
-            "title": "Batmons", "user": user, "batmons": snapshots, "now": int(now),
+            "title": "Batmons", "user": user, "batmons": snapshots, "banks": banks, "now": int(now),
         })  # fmt: skip
 
     async def batmon(self, request: Request) -> Response:
@@ -84,10 +87,30 @@ class Dashboard:
             data = await h.batmon_status(h.Call(self.core, user), DeviceRef(batmon_id=batmon_id))
         except (BatmonError, ValueError):
             return self.not_found(request, user)
-        snapshot = batmon_snapshot(self.core.batmons[data["batmon_id"]], self.core.clock())
+        batmon = self.core.batmons[data["batmon_id"]]
+        snapshot = batmon_snapshot(batmon, self.core.clock())
         return self.page(request, "batmon.html", {
             "title": snapshot["batmon_name"], "user": user, "batmon": snapshot,
-            "metrics": METRICS, "now": int(self.core.clock()),
+            "metrics": METRICS, "now": int(self.core.clock()), "capacity_setting": batmon.capacity_ah,
+        })  # fmt: skip
+
+    async def bank(self, request: Request) -> Response:
+        """One bank: its values, its members (Offline ones marked as left out), its settings."""
+        user = self.user(request)
+        if user is None:
+            return RedirectResponse("/", status_code=303)
+        call = h.Call(self.core, user)
+        try:
+            bank = await h.bank_status(call, BankRef(bank_id=request.path_params["bank_id"]))
+        except (BatmonError, ValueError):
+            return self.not_found(request, user)
+        now = self.core.clock()
+        batmons = [batmon_snapshot(self.core.batmons[b["batmon_id"]], now)
+                   for b in await h.list_batmons(call, NoFields())]  # fmt: skip
+        by_id = {b["batmon_id"]: b for b in batmons}
+        return self.page(request, "bank.html", {
+            "title": bank["bank_name"], "user": user, "bank": bank, "batmons": batmons,
+            "members": [by_id[i] for i in bank["batmon_ids"] if i in by_id], "now": int(now),
         })  # fmt: skip
 
     async def account(self, request: Request) -> Response:
@@ -129,6 +152,7 @@ class Dashboard:
         return [
             Route("/", self.home, methods=["GET"]),
             Route("/batmon/{batmon_id:int}", self.batmon, methods=["GET"]),
+            Route("/bank/{bank_id:int}", self.bank, methods=["GET"]),
             Route("/account", self.account, methods=["GET"]),
             Route("/docs", self.docs, methods=["GET"]),
             Route("/events", self.events, methods=["GET"]),

@@ -15,10 +15,13 @@ from pydantic import BaseModel
 
 from bridge.models import (
     AddAlarm,
+    AddBank,
     AddBatmon,
     AlarmRef,
+    BankRef,
     DeviceRef,
     EditAlarm,
+    EditBank,
     EditBatmon,
     HistoryQuery,
     NoFields,
@@ -76,4 +79,10 @@ ENDPOINTS: list[Endpoint] = [
              "Send a test notice to each of your notification targets"),
     Endpoint("/interface/batmon/notifications", READ, DeviceRef, h.batmon_notifications,
              "A batmon's latest notices and their delivery state"),
+    # Banks (SPEC §7, docs/BANKS.md): several of your batmons shown as one battery.
+    Endpoint("/interface/add/bank", WRITE, AddBank, h.add_bank, "Group some of your batmons as a bank"),
+    Endpoint("/interface/bank/list", READ, NoFields, h.list_banks, "List your banks"),
+    Endpoint("/interface/bank/status", READ, BankRef, h.bank_status, "One bank's status"),
+    Endpoint("/interface/edit/bank", WRITE, EditBank, h.edit_bank, "Rename a bank or change its batmons"),
+    Endpoint("/interface/delete/bank", WRITE, BankRef, h.delete_bank, "Delete a bank (not its batmons)"),
 ]  # fmt: skip

@@ -39,6 +39,7 @@ class FakeCredentials:
     )
     owner: dict[int, int] = field(default_factory=lambda: {5: ALICE_ID, 6: BOB_ID, 7: ALICE_ID})
     deleted_owner: dict[int, int] = field(default_factory=dict)
+    bank_owner: dict[int, int] = field(default_factory=lambda: {9: ALICE_ID})
 
     def check_device(self, batmon_id: int, token: str) -> bool:
         return self.tokens.get(batmon_id) == token
@@ -52,6 +53,9 @@ class FakeCredentials:
 
     def owned_until_deleted(self, user_id: int, batmon_id: int) -> bool:
         return self.deleted_owner.get(batmon_id) == user_id
+
+    def owns_bank(self, user_id: int, bank_id: int) -> bool:
+        return self.bank_owner.get(bank_id) == user_id
 
     def delete(self, batmon_id: int) -> None:
         """What Core.delete_batmon does to ownership."""
@@ -122,6 +126,7 @@ class Client:
         username: str | None,
         password: str | None,
         clean_session: bool = True,
+        source: str = "",
     ) -> None:
         self.received: list[tuple[str, bytes, bool]] = []
         self._messages: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
@@ -129,6 +134,7 @@ class Client:
         self._subacks: queue.Queue[tuple[int, list[Any]]] = queue.Queue()
         self._disconnects: queue.Queue[Any] = queue.Queue()
         self._port = port
+        self._source = source  # a loopback address to connect from ("": the system's choice)
         self.paho = mqtt.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
@@ -145,7 +151,7 @@ class Client:
 
     def connect(self) -> int:
         """Connect and return the CONNACK reason code value (0 = accepted)."""
-        self.paho.connect("127.0.0.1", self._port, keepalive=30)
+        self.paho.connect("127.0.0.1", self._port, keepalive=30, bind_address=self._source)
         self.paho.loop_start()
         return self._connacks.get(timeout=WAIT).value
 

@@ -32,6 +32,7 @@ from bridge.doors.external_door import ExternalBrokerDoor
 from bridge.doors.mqtt_link import BrokerEndpoint, BrokerMode, MqttLink, new_client
 from bridge.events import EventBus
 from bridge.extensions import Extension
+from bridge.extensions.bank_publisher import BankPublisher
 from bridge.extensions.discovery import HomeAssistantDiscovery
 from bridge.extensions.state_publisher import StatePublisher
 from bridge.models import AddBatmon, Reading
@@ -316,16 +317,21 @@ class PrivateMosquitto:
 
 class Bridge:
     """What `batmon serve` runs for an external broker, over a test's core: the MQTT
-    link, its door, the state publisher and discovery, in the service's order."""
+    link, its door, the state and bank publishers and discovery, in the service's order."""
 
     def __init__(self, core: Core, topics: Topics, endpoint: BrokerEndpoint, *, shared: bool = False,
                  discovery: bool = True) -> None:  # fmt: skip
         self.link = MqttLink(endpoint, BrokerMode.EXTERNAL, topics, core.bus, homeassistant=discovery)
         self.door = ExternalBrokerDoor(core, topics, self.link, shared=shared)
         self.link.take_updates(self.door.subscription, self.door.receive)
-        self.parts: list[Extension] = [StatePublisher(core, topics, self.link.publish_retained)]
+        publish = self.link.publish_retained
+        banks = BankPublisher(core, topics, publish, discovery)
+        self.parts: list[Extension] = [StatePublisher(core, topics, publish), banks]
+        self.discovery: HomeAssistantDiscovery | None = None
         if discovery:
-            self.parts.append(HomeAssistantDiscovery(core, topics, self.link.publish_retained))
+            self.discovery = HomeAssistantDiscovery(core, topics, publish,
+                                                    also_resend=banks.resend_discovery)  # fmt: skip
+            self.parts.append(self.discovery)
         self.parts += [self.link, self.door]
         self._started: list[Extension] = []
 
@@ -353,7 +359,8 @@ class Bridge:
 
     @property
     def stats(self) -> dict[str, Any]:
-        return {**self.link.stats, **self.door.stats}
+        discovery = self.discovery.counters if self.discovery is not None else {}
+        return {**self.link.stats, **self.door.stats, **discovery}
 
 
 @dataclass

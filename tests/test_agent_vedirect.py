@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -198,7 +199,7 @@ def test_frames_on_a_serial_port_become_readings_with_units_and_details(
     assert details["XYZ"] == "17" and details["product"] == "BMV-702"
     # Readings carry the block's time, not the arrival's.
     assert abs(epoch(row["update_time"]) - time.time()) < 60
-    assert "bad checksum" in final and " 0 queued" in final, final
+    assert "bad checksum" in final and " 0 waiting" in final, final
 
 
 def test_every_reading_of_a_broker_outage_lands_after_it_in_order_once(
@@ -229,7 +230,7 @@ def test_every_reading_of_a_broker_outage_lands_after_it_in_order_once(
         device.stop.set()
         device.join()
     final = agent.stop()  # publishes what the last interval saw, then drains
-    made = int(final.split("readings ", 1)[1].split(" made")[0])
+    made = int(final.split("this run: ", 1)[1].split(" readings made")[0])
     try:
         rows = wait_until(lambda: (r := history(serve, batmon_id)) and len(r) >= made and r,
                           timeout=30, what=f"all {made} readings in history")  # fmt: skip
@@ -246,7 +247,7 @@ def test_every_reading_of_a_broker_outage_lands_after_it_in_order_once(
     assert len(during) >= (outage_s - 2) / 2, (len(during), final)
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert max(gaps) <= 2, gaps  # no hole anywhere (whole-second update_time)
-    assert " 0 queued" in final and " 0 dropped" in final, final
+    assert " 0 waiting" in final and " 0 dropped" in final, final
     # The backlog (~150 readings of ~700 bytes) went as several messages under 64 KiB.
     assert agent.log().count("backlog: delivered") >= 2, agent.log()
 
@@ -400,3 +401,40 @@ def test_options_come_from_environment_variables_and_flags_win(tmp_path: Path) -
                env={"BATMON_TOKEN": "abcdefgh", "BATMON_BATMON_ID": "5", "BATMON_INTERVAL": "x",
                     "BATMON_DATA_DIR": str(tmp_path)})  # fmt: skip
     assert r.returncode == 2 and "no such serial device" in r.stderr, r.stderr
+
+
+def test_the_agent_says_what_its_counters_count_and_prints_refusals(
+    serve: ServeProcess, tmp_path: Path,
+) -> None:  # fmt: skip
+    """Issue 18: the final line names this run's readings apart from the queue's lifetime, and a
+    refusal the server reports on the device's error topic (MQTT 3.1.1 has no negative PUBACK)
+    is logged by the agent."""
+    import paho.mqtt.client as mqtt
+
+    serve.start()
+    batmon_id, token = add_batmon(serve)
+    args = ["--replay", str(RECORDINGS / "mppt-75-15.vedirect"), "--replay-rate", "20",
+            "--batmon-id", str(batmon_id), "--token", token, "--mqtt-url", serve.mqtt_url,
+            "--data-dir", str(tmp_path / "agent"), "--interval", "0.5"]  # fmt: skip
+    first = AgentProcess(args, tmp_path).start()
+    wait_until(lambda: len(history(serve, batmon_id)) >= 2, timeout=20, what="first readings")
+    host, port = serve.mqtt_url.removeprefix("mqtt://").rsplit(":", 1)
+    device = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"second-{batmon_id}",
+                         protocol=mqtt.MQTTv311)  # fmt: skip
+    device.username_pw_set(str(batmon_id), token)
+    device.connect(host, int(port))
+    device.loop_start()
+    device.publish(f"batmon/{batmon_id}/{token}/update", '{"soc": 150}', qos=1).wait_for_publish(10)
+    device.disconnect()
+    device.loop_stop()
+    wait_until(lambda: "the server refused a message" in first.log(), timeout=10, what="the refusal logged")
+    assert "soc" in first.log().split("the server refused a message", 1)[1].splitlines()[0]
+    final_first = first.stop()
+    made_first = int(re.search(r"this run: (\d+) readings made", final_first).group(1))  # type: ignore[union-attr]
+    second = AgentProcess(args, tmp_path).start()
+    wait_until(lambda: len(history(serve, batmon_id)) >= made_first + 2, timeout=20, what="more readings")
+    final = second.stop()
+    this_run = re.search(r"this run: (\d+) readings made, (\d+) delivered", final)
+    assert this_run is not None, final
+    made, delivered = map(int, this_run.groups())
+    assert 0 < delivered <= made < made_first + made, final  # this run only, not the queue's lifetime

@@ -136,7 +136,9 @@ def test_ids_beyond_the_safe_integer_range_are_refused() -> None:
     assert not policy.may_receive(alice, TOPICS.discovery(big))
 
 
-def test_failed_logins_of_one_credential_are_throttled(loop_thread: LoopThread) -> None:
+def test_failed_logins_throttle_the_source_and_every_secret_is_still_checked(
+    loop_thread: LoopThread,
+) -> None:
     clock = Clock()
     limiter = FailureLimiter(max_failures=3, window_s=60, clock=clock)
     credentials = CountingCredentials()
@@ -154,28 +156,30 @@ def test_failed_logins_of_one_credential_are_throttled(loop_thread: LoopThread) 
         assert login("5", "tok-five") == 0  # successes do not count
         for password in ("guess-1", "guess-2", "guess-3"):
             assert login("5", password) == NOT_AUTHORIZED
+        assert limiter.throttled("127.0.0.1")  # keyed by the source
         asked = credentials.asked
-        # Blocked: the right token is refused unchecked; a neighbour's key is not.
-        assert login("5", "tok-five") == NOT_AUTHORIZED
-        assert credentials.asked == asked
+        # Throttled: the right token is still checked, and accepted; so is a neighbour's key.
+        assert login("5", "tok-five") == 0
+        assert credentials.asked == asked + 1
         assert login(ALICE, ALICE_KEY) == 0
-        assert limiter.blocked("127.0.0.1", "batmon:5")  # keyed by the credential
-        # The in-process bridge shares the address; its random secret is not throttled.
+        # The in-process bridge shares the address; it is never refused either.
         assert login(r.bridge_username, r.bridge_password) == 0
         clock.advance(61)  # the window has passed
-        assert login("5", "tok-five") == 0
+        assert not limiter.throttled("127.0.0.1")
     finally:
         loop_thread.run(r.broker.stop())
 
 
-def test_default_throttle_is_30_failures_a_minute_per_credential() -> None:
-    policy = AccessPolicy(
-        credentials=FakeCredentials(), topics=TOPICS, bridge_username="b", bridge_password="p"
-    )
+def test_default_throttle_is_30_failures_a_minute_per_source_and_never_refuses_a_right_secret(
+) -> None:  # fmt: skip
+    limiter = FailureLimiter()
+    policy = AccessPolicy(credentials=FakeCredentials(), topics=TOPICS, bridge_username="b",
+                          bridge_password="p", limiter=limiter)  # fmt: skip
     for _ in range(30):
         assert policy.authenticate("5", "guess", peer="10.0.0.1") is None
-    assert policy.authenticate("5", "tok-five", peer="10.0.0.1") is None
-    assert policy.authenticate("5", "tok-five", peer="10.0.0.2") is None  # from anywhere
+    assert policy.source_throttled("10.0.0.1") and not policy.source_throttled("10.0.0.2")
+    assert policy.authenticate("5", "tok-five", peer="10.0.0.1") is not None
+    assert policy.authenticate("5", "tok-five", peer="10.0.0.2") is not None  # from anywhere
     assert policy.authenticate("6", "tok-six", peer="10.0.0.1") is not None  # a neighbour
     assert policy.authenticate("b", "p", peer="10.0.0.1") is not None  # the bridge's own client
 

@@ -96,7 +96,7 @@ def test_unsupported_protocol_levels_get_connack_1_at_once_and_one_log_line(
 
 def test_mosquitto_pub_speaking_mqtt5_is_refused_not_left_hanging(running: Running) -> None:
     if shutil.which("mosquitto_pub") is None:
-        pytest.skip("mosquitto_pub is not installed")
+        pytest.fail("mosquitto_pub is not installed (apt-get install -y mosquitto-clients)")
     done = subprocess.run(
         ["mosquitto_pub", "-V", "mqttv5", "-p", str(running.broker.port), "-u", "5", "-P", "tok-five",
          "-t", TOPICS.update(5, "tok-five"), "-m", "{}"],

@@ -164,3 +164,32 @@ def test_a_failed_first_start_does_not_swallow_the_admin_key(tmp_path: Path) -> 
         assert process.admin_key, process.output
     finally:
         process.stop()
+
+
+# -- one data folder: commands that read data never make one (issue 18) ----------------------
+@pytest.mark.parametrize("command", [["user", "list"], ["user", "notify", "a@example.org", "--email",
+                                                         "json://127.0.0.1:9/x"]])  # fmt: skip
+def test_a_command_reading_data_refuses_a_missing_folder_and_creates_nothing(
+    tmp_path: Path, command: list[str],
+) -> None:  # fmt: skip
+    missing = tmp_path / "nonexistent"
+    done = batmon(*command, "--data-dir", str(missing))
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert str(missing.resolve()) in done.stderr and "batmon user add" in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
+    assert not missing.exists()
+
+
+def test_user_add_creates_the_folder_and_says_where_on_stderr(tmp_path: Path) -> None:
+    folder = tmp_path / "new" / "data"
+    added = batmon("user", "add", "ann@example.org", "--data-dir", str(folder))
+    assert added.returncode == 0, added.stderr
+    assert len(added.stdout.split()) == 1  # stdout stays the key alone, for KEY=$(batmon user add ...)
+    assert f"created data folder {folder.resolve()}" in added.stderr
+    again = batmon("user", "add", "bob@example.org", "--data-dir", str(folder))
+    assert "created data folder" not in again.stderr
+
+
+def test_serve_prints_the_absolute_data_path(serve: ServeProcess) -> None:
+    serve.start()
+    assert any(line.startswith(f"data  {serve.data_dir.resolve()}") for line in serve.output), serve.output

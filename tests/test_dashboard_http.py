@@ -155,6 +155,56 @@ def test_the_guard_covers_every_change_even_the_logout(api: Api) -> None:
     assert api.client.get("/interface/batmon/count").status_code == 200
 
 
+# -- login cross-site request forgery, over a real socket ----------------------------------------
+# Another site's page could post its owner's api_key to our login: the victim's browser would
+# then hold a session as the attacker, and what the victim enters would land in that account.
+CROSS_SITE_LOGINS = [
+    {"Sec-Fetch-Site": "cross-site"},
+    {"Sec-Fetch-Site": "same-site"},  # another port of this host
+    {"Origin": "http://evil.example"},
+    {"Origin": "null"},  # a sandboxed or privacy-stripped page
+]
+
+
+def test_a_login_from_another_sites_page_is_403_and_sets_no_cookie(serve: ServeProcess) -> None:
+    serve.start()
+    key = serve.admin_key or ""
+    for headers in CROSS_SITE_LOGINS:
+        with httpx.Client(base_url=serve.http_url, timeout=10) as browser:
+            # A form post, as a forging page sends it.
+            r = browser.post("/interface/login", data={"api_key": key}, headers=headers)
+            assert r.status_code == 403, (headers, r.text)
+            assert "another site" in r.json()["error"]
+            assert "set-cookie" not in r.headers and not browser.cookies
+            assert browser.get("/interface/batmon/count").status_code == 401  # no session
+
+
+def test_an_api_key_request_from_another_sites_page_makes_no_session(serve: ServeProcess) -> None:
+    serve.start()
+    with httpx.Client(base_url=serve.http_url, timeout=10) as browser:
+        r = browser.post("/interface/add/batmon", data={"api_key": serve.admin_key, "batmon_name": "x"},
+                         headers={"Origin": "http://evil.example"})  # fmt: skip
+        assert r.status_code == 200  # the key's owner may use it from anywhere...
+        assert "set-cookie" not in r.headers and not browser.cookies  # ...but it logs no browser in
+
+
+@pytest.mark.parametrize("headers", [
+    {"Sec-Fetch-Site": "same-origin", "Origin": "{url}"},  # the login page's fetch
+    {"Origin": "{url}"},  # a browser without Fetch Metadata
+    {"Sec-Fetch-Site": "none"},  # typed by the user
+    {},  # curl, scripts
+])  # fmt: skip
+def test_a_login_from_our_own_page_sets_the_session_cookie(serve: ServeProcess,
+                                                           headers: dict[str, str]) -> None:  # fmt: skip
+    serve.start()
+    headers = {name: value.format(url=serve.http_url) for name, value in headers.items()}
+    with httpx.Client(base_url=serve.http_url, timeout=10) as browser:
+        r = browser.post("/interface/login", json={"api_key": serve.admin_key}, headers=headers)
+        assert r.status_code == 200, r.text
+        assert "batmon_session" in browser.cookies
+        assert browser.get("/interface/batmon/count").status_code == 200  # by the cookie alone
+
+
 # -- the test notice -------------------------------------------------------------------------
 def test_a_test_notice_without_any_target_is_400(api: Api) -> None:
     r = api.client.post("/interface/user/notifications/test", headers=api.auth)

@@ -104,7 +104,7 @@ def read_only_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Pa
         os.chmod(folder, 0o700)
         return
     if not _mount("-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(folder)):
-        pytest.skip("root, and no tmpfs can be mounted here: no way to make a read-only folder")
+        pytest.fail("root, and no tmpfs can be mounted here: no way to make a read-only folder")
     try:
         if request.param == "with-database":
             store = Store.open(folder / DB_FILENAME)

@@ -191,6 +191,70 @@ def test_disk_full_loses_no_acknowledged_reading_answers_503_and_recovers_withou
     assert not refused & set(http_rows), "readings answered 503 were stored anyway"
 
 
+HEALTH_POLL_S = 0.1
+IDLE_FAULT_S = 5.0  # several of the writer's idle probes (one a second while failing)
+
+
+def _update(http: httpx.Client, device: Device, voltage: float) -> int:
+    return http.post("/interface/update/batmon", json={
+        "batmon_id": device.batmon_id, "batmon_token": device.token, "voltage": voltage},
+    ).status_code  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["embedded", "external"])
+def test_healthz_names_the_failing_writer_from_the_first_refused_update_until_space_returns(
+    serve: ServeProcess, disk: DiskFault, request: pytest.FixtureRequest, mode: str,
+) -> None:
+    """Issue 15, acceptance 4: on a full disk /healthz answers 503 naming the writer within
+    2 s of the first refused update, and keeps answering it while the disk stays full,
+    even when no traffic comes (the writer's idle probe must not find a page that still
+    fits and call the disk fine), then 200 once space returns."""
+    broker_port = request.getfixturevalue("mosquitto_port") if mode == "external" else None
+    serve.start(timeout=WAIT_S)
+    assert serve.proc is not None
+    disk.pid = serve.proc.pid
+    (device,), _ = devices_for(serve, mode, 1, broker_port)
+    with httpx.Client(base_url=serve.http_url, timeout=30) as http:
+        assert _update(http, device, 0.0) == 200
+        assert healthz(http)[0] == 200
+
+        disk.start()
+        # A device updating now and then: the first update the full disk refuses.
+        voltage = 1.0
+        deadline = time.monotonic() + WAIT_S
+        while (code := _update(http, device, voltage)) == 200:
+            assert time.monotonic() < deadline, "no update refused on the full disk"
+            voltage += 1
+            time.sleep(0.05)
+        refused_at = time.monotonic()
+        assert code == 503
+        status, body = healthz(http)
+        while status != 503 and time.monotonic() - refused_at < 2.0:
+            time.sleep(HEALTH_POLL_S)
+            status, body = healthz(http)
+        named_in = time.monotonic() - refused_at
+        assert status == 503, f"/healthz still {status} {body} 2 s after an update got 503"
+        assert body["status"] != "ok" and body["writer"]["state"] == "failing", body
+
+        # No traffic for a while: the writer probes the disk on its own, and must keep failing.
+        idle: list[tuple[int, dict[str, Any]]] = []
+        while time.monotonic() - refused_at < IDLE_FAULT_S:
+            idle.append(healthz(http))
+            time.sleep(HEALTH_POLL_S)
+        still_refused = _update(http, device, voltage + 1)
+        said_ok = [b for code, b in idle if code != 503 or b["writer"]["state"] != "failing"]
+        print(f"disk full ({mode}, {'tmpfs' if disk.mounted else 'fsize limit'}): /healthz 503"
+              f" {named_in:.2f} s after the first refused update; {len(idle) - len(said_ok)} of"
+              f" {len(idle)} idle polls 503; the update after them: {still_refused}")  # fmt: skip
+        assert still_refused == 503, "the disk took updates again: the test did not hold the fault"
+        assert not said_ok, f"/healthz said ok while updates got 503: {said_ok[0]}"
+
+        disk.clear()
+        wait_until(lambda: healthz(http)[0] == 200, 30, "/healthz back to 200 once space returned")
+        assert healthz(http)[1]["writer"]["state"] == "ok"
+        assert _update(http, device, voltage + 2) == 200
+
+
 # -- a backlog is drained without freezing the loop ---------------------------
 
 QUEUED = 20_000

@@ -154,7 +154,7 @@ def test_repeated_auth_failures_are_rate_limited(api: Api) -> None:
                  for _ in range(5)]  # fmt: skip
         assert codes == [401, 401, 401, 429, 429]
         assert "Too many" in c.get("/interface/batmon/count", params={"api_key": "guess"}).json()["error"]
-        # Only that credential: the valid key at the same address is served.
+        # Only failing attempts: the valid key from the same address is served.
         assert c.get("/interface/batmon/count", headers=api.auth).status_code == 200
 
 

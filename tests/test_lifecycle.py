@@ -214,10 +214,12 @@ def test_a_stop_that_hangs_is_bounded_and_logged(tmp_path: Path, loop: LoopThrea
 def test_every_extension_starts_and_stops_as_a_coroutine() -> None:
     """The service awaits each start and stop; a plain method would make that await a
     TypeError (AlarmEvaluator.stop once worked only because the error was swallowed)."""
+    from batmon.http_server import HttpServer
     from bridge.doors.broker import EmbeddedBroker
     from bridge.doors.external_door import ExternalBrokerDoor
     from bridge.doors.mqtt_link import MqttLink
     from bridge.extensions.alarms import AlarmEvaluator
+    from bridge.extensions.bank_publisher import BankPublisher
     from bridge.extensions.discovery import HomeAssistantDiscovery
     from bridge.extensions.metrics import Metrics
     from bridge.extensions.notifier import Notifier
@@ -225,11 +227,10 @@ def test_every_extension_starts_and_stops_as_a_coroutine() -> None:
     from bridge.extensions.state_publisher import StatePublisher
     from bridge.extensions.watchdog import OfflineWatchdog
     from http_api.live import LiveFeed
-    from http_api.server import HttpServer
 
     parts = (Metrics, AlarmEvaluator, Notifier, OfflineWatchdog, RetentionPruner, EmbeddedBroker,
-             StatePublisher, HomeAssistantDiscovery, MqttLink, ExternalBrokerDoor, HttpServer,
-             LiveFeed)  # fmt: skip
+             StatePublisher, BankPublisher, HomeAssistantDiscovery, MqttLink, ExternalBrokerDoor,
+             HttpServer, LiveFeed)  # fmt: skip
     for part in parts:
         for method in (part.start, part.stop):
             assert inspect.iscoroutinefunction(method), f"{part.__name__}.{method.__name__}"

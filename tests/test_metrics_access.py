@@ -75,7 +75,7 @@ def test_local_mode_over_a_real_socket_by_default(serve: ServeProcess) -> None:
 
 def test_local_mode_is_not_blinded_by_a_neighbours_failed_logins(metrics: Metrics) -> None:
     client = app_client(metrics, "local", ("127.0.0.1", 40000))
-    # One wrong key tried 31 times: throttled per credential (bridge/ratelimit.py).
+    # One wrong key tried 31 times: the source is throttled (bridge/ratelimit.py).
     codes = {client.get("/interface/batmon/count", params={"api_key": "bad-key"}).status_code
              for _ in range(31)}  # fmt: skip
     assert codes == {401, 429}
@@ -122,8 +122,8 @@ def test_token_guessing_is_throttled_like_api_keys(metrics: Metrics) -> None:
              for n in range(31)]  # fmt: skip
     assert codes[:30] == [401] * 30
     assert codes[30] == 429
-    # Counted per presented token, like api keys (bridge/ratelimit.py): the guessed one
-    # waits out the minute, the right one (at least 16 characters) is still served.
+    # Counted per source, like api keys (bridge/ratelimit.py): its wrong guesses wait out
+    # the minute, the right token (at least 16 characters) is still served.
     guess = client.get("/metrics", headers={"Authorization": "Bearer guess-00000000000000000000"})
     assert guess.status_code == 429
     assert client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200

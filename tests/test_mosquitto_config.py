@@ -85,7 +85,7 @@ class Device:
 @pytest.fixture
 def shipped(tmp_path: Path) -> Iterator[tuple[ShippedMosquitto, Env]]:
     if not Path(MOSQUITTO).exists():
-        pytest.skip("mosquitto is not installed")
+        pytest.fail("mosquitto is not installed (apt-get install -y mosquitto)")
     broker = ShippedMosquitto(tmp_path, PASSWORDS).start()
     try:
         with make_env(tmp_path, port=broker.port) as env:

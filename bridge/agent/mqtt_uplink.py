@@ -9,6 +9,7 @@ reconnect; the durable queue still holds it until its PUBACK, whatever happens.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import socket
@@ -29,8 +30,13 @@ RECONNECT_MAX_DELAY_S = 5
 class MqttUplink:
     """One MQTT 3.1.1 client (amqtt speaks nothing newer) for one device."""
 
-    def __init__(self, *, host: str, port: int, username: str, password: str, client_id: str) -> None:
+    def __init__(self, *, host: str, port: int, username: str, password: str, client_id: str,
+                 error_topic: str | None = None) -> None:  # fmt: skip
         self.host, self.port = host, port
+        # MQTT 3.1.1 has no negative PUBACK: a payload the server refuses is acknowledged
+        # all the same, and the reason comes on the device's error topic.
+        self.error_topic = error_topic
+        self.refused = 0
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=f"{client_id}-{uuid.uuid4().hex[:8]}",
@@ -42,6 +48,7 @@ class MqttUplink:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish
+        self.client.on_message = self._on_message
         self.acks: queue.Queue[int] = queue.Queue()
         self.connected = threading.Event()
         self._said_down = False
@@ -70,6 +77,8 @@ class MqttUplink:
         if isinstance(sock, socket.socket):
             # Small packets back to back: do not wait ~40 ms for delayed ACKs.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.error_topic is not None:
+            client.subscribe(self.error_topic, qos=1)  # clean session: again on every connect
         self.connected.set()
         self._said_down = False
         log.info("connected to the MQTT broker at %s:%s", self.host, self.port)
@@ -86,3 +95,11 @@ class MqttUplink:
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any,
                     properties: Any) -> None:  # fmt: skip
         self.acks.put(mid)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            reason = str(json.loads(msg.payload).get("error", ""))
+        except (ValueError, AttributeError):
+            reason = bytes(msg.payload).decode(errors="replace")
+        self.refused += 1  # paho's thread only
+        log.warning("the server refused a message of this device: %s", reason)

@@ -114,6 +114,7 @@ class VeDirectAgent:
         self.topic = Topics(base=options.base_topic).update(options.batmon_id, options.token)
         self.in_flight: InFlight | None = None
         self.made = 0
+        self._sent_before = queue.counters()["sent"]
         self.rejected = 0
         self._source_open = True
 
@@ -224,9 +225,12 @@ class VeDirectAgent:
         """Counters for the log: what came in, what went out, what waits."""
         s = self.parser.stats
         q = self.queue.counters()
+        # The queue's totals span every run since it was made; this run's are the difference.
+        delivered = q["sent"] - self._sent_before
         return (f"blocks {s.blocks} ok, {s.bad_checksum} bad checksum, {s.malformed} malformed,"
-                f" {s.hex_frames} hex frames; readings {self.made} made, {q['sent']} sent,"
-                f" {len(self.queue)} queued, {q['dropped']} dropped")  # fmt: skip
+                f" {s.hex_frames} hex frames; this run: {self.made} readings made, {delivered}"
+                f" delivered, {self.uplink.refused} refused by the server; queue: {len(self.queue)}"
+                f" waiting, {q['dropped']} dropped since it was made")  # fmt: skip
 
 
 def run_agent(options: AgentOptions, stop: threading.Event,
@@ -254,7 +258,9 @@ def run_agent(options: AgentOptions, stop: threading.Event,
                          code=2) from None  # fmt: skip
     host, port, username, password = options.mqtt_login()
     uplink = MqttUplink(host=host, port=port, username=username, password=password,
-                        client_id=f"batmon-agent-{options.batmon_id}")  # fmt: skip
+                        client_id=f"batmon-agent-{options.batmon_id}",
+                        error_topic=Topics(base=options.base_topic).error(options.batmon_id,
+                                                                          options.token))  # fmt: skip
     agent = VeDirectAgent(options, source, queue, uplink)
     announce(f"reading VE.Direct from {options.source_name}; batmon {options.batmon_id}"
              f" -> mqtt://{host}:{port}; queue {queue.path}")  # fmt: skip

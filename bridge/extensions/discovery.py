@@ -4,14 +4,25 @@ Uses the device-based schema (``dev``, ``o``, ``cmps``) on
 ``<prefix>/device/batmon_{id}/config`` so one message describes a batmon's four
 sensors. :func:`discovery_payload` is pure; :class:`HomeAssistantDiscovery` is the
 extension that publishes every config after each MQTT (re)connect, republishes one
-on edits, clears it on delete and answers Home Assistant's ``online`` birth message.
+on edits, clears it on delete and answers Home Assistant's ``online`` birth message
+(the ``HomeAssistantStatus`` event: from the embedded broker, which names the user,
+or from the MQTT link on an external broker).
+
+An ``online`` is answered at most once per ``RESEND_INTERVAL_S`` per user (the embedded
+broker says who published it: only that user's configs go out) or, on an external
+broker where nobody can say, once per interval for everyone. An ``online`` inside the
+interval is answered once at its end, so a Home Assistant that restarts twice quickly
+still gets its configs; a flood of them costs one re-send per interval.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
-from collections.abc import Callable
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +42,10 @@ if TYPE_CHECKING:
 
 ORIGIN_NAME = "batmon-bridge"
 MANUFACTURER = "batmon"
+RESEND_INTERVAL_S = 30.0
+"""At most one re-send of a user's configs (external broker: of all configs) this often."""
+RESEND_BATCH = 100
+"""Configs published between yields to the event loop during a re-send."""
 QOS = 1  # state topics are retained and published at QoS 1: Home Assistant reads them so
 # (metric, component name, device_class); the key in ``cmps`` and the unique_id
 # suffix is the metric, so entity ids survive renames and unit edits.
@@ -105,11 +120,32 @@ def discovery_payload(batmon: Batmon, topics: Topics) -> dict[str, Any]:
 class HomeAssistantDiscovery:
     """Publishes, updates and clears the retained discovery configs as batmons change."""
 
-    def __init__(self, core: Core, topics: Topics, publish: Callable[[str, str], None]) -> None:
+    def __init__(
+        self,
+        core: Core,
+        topics: Topics,
+        publish: Callable[[str, str], None],
+        *,
+        resend_interval_s: float = RESEND_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+        also_resend: Callable[[int | None], None] | None = None,
+    ) -> None:
+        """``also_resend(user_id)`` sends other configs of that user (None: everyone's), such
+        as banks', whenever this re-sends the batmons': one rule for when."""
         self.core = core
         self._subscription: Subscription = NO_SUBSCRIPTION
         self.topics = topics
         self.publish = publish
+        self._resend_interval_s = resend_interval_s
+        self._clock = clock
+        self._also_resend = also_resend
+        # Per user id (None: everyone, on an external broker): when its configs last went
+        # out for an ``online``, and the re-send waiting for the end of that interval.
+        self._resent_at: dict[int | None, float] = {}
+        self._deferred: dict[int | None, asyncio.TimerHandle] = {}
+        self._batches: set[asyncio.Task[None]] = set()
+        self.counters: Counter[str] = Counter()
+        """``online`` messages answered at once, deferred, or folded into a deferred re-send."""
 
     async def start(self) -> None:
         """React to (re)connects, Home Assistant's birth, created, edited and deleted batmons."""
@@ -121,11 +157,18 @@ class HomeAssistantDiscovery:
         })  # fmt: skip
 
     async def stop(self) -> None:
-        """Stop reacting to events."""
+        """Stop reacting to events and drop the re-sends not yet done."""
         self._subscription.cancel()
+        for handle in self._deferred.values():
+            handle.cancel()
+        self._deferred.clear()
+        batches = list(self._batches)
+        for task in batches:
+            task.cancel()
+        await asyncio.gather(*batches, return_exceptions=True)
 
     def publish_all(self) -> None:
-        """Send every batmon's config (after a (re)connect or Home Assistant's birth)."""
+        """Send every batmon's config (after a (re)connect)."""
         for batmon in list(self.core.batmons.values()):
             self.publish_discovery(batmon)
 
@@ -138,16 +181,66 @@ class HomeAssistantDiscovery:
         """Clear the retained config: Home Assistant then removes the device."""
         self.publish(self.topics.discovery(batmon_id), "")
 
-    def on_homeassistant_status(self, payload: bytes) -> None:
-        """Home Assistant restarted (``online``): it needs every config again."""
-        if payload.strip() == b"online":
-            self.publish_all()
+    def on_homeassistant_status(self, payload: bytes, user_id: int | None = None) -> None:
+        """Home Assistant (re)started (``online``): send the configs of ``user_id``'s batmons
+        again (None: every batmon), at most once per interval (see the module docstring)."""
+        if payload.strip() != b"online":
+            return
+        now = self._clock()
+        last = self._resent_at.get(user_id)
+        if last is None or now - last >= self._resend_interval_s:
+            self.counters["homeassistant_online_answered"] += 1
+            self._resend(user_id)
+            return
+        if user_id in self._deferred:
+            self.counters["homeassistant_online_folded"] += 1
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop to defer on (a synchronous caller): the retained configs stand
+            return
+        self.counters["homeassistant_online_deferred"] += 1
+        wait = last + self._resend_interval_s - now
+        self._deferred[user_id] = loop.call_later(wait, self._deferred_resend, user_id)
+
+    def _deferred_resend(self, user_id: int | None) -> None:
+        self._deferred.pop(user_id, None)
+        self._resend(user_id)
+
+    def _resend(self, user_id: int | None) -> None:
+        """Send the configs of one user's batmons (None: all), a batch now and the rest in
+        batches that yield to the loop: 10,000 configs do not hold ingest back."""
+        self._resent_at[user_id] = self._clock()
+        batmons = [b for b in list(self.core.batmons.values()) if user_id is None or b.user_id == user_id]
+        first, rest = batmons[:RESEND_BATCH], batmons[RESEND_BATCH:]
+        for batmon in first:
+            self.publish_discovery(batmon)
+        if self._also_resend is not None:
+            self._also_resend(user_id)
+        if not rest:
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(self._publish_in_batches(rest))
+        except RuntimeError:  # no loop: a synchronous caller gets them all now
+            for batmon in rest:
+                self.publish_discovery(batmon)
+            return
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _publish_in_batches(self, batmons: Iterable[Batmon]) -> None:
+        for index, batmon in enumerate(batmons, 1):
+            # Skip a batmon deleted meanwhile: its config was emptied, do not bring it back.
+            if self.core.batmons.get(batmon.id) is batmon:
+                self.publish_discovery(batmon)
+            if index % RESEND_BATCH == 0:
+                await asyncio.sleep(0)
 
     def _on_connected(self, event: MqttConnected) -> None:
         self.publish_all()  # the broker may have lost them
 
     def _on_homeassistant_status(self, event: HomeAssistantStatus) -> None:
-        self.on_homeassistant_status(event.payload)
+        self.on_homeassistant_status(event.payload, event.user_id)
 
     def _on_changed(self, event: BatmonChanged) -> None:
         self.publish_discovery(event.batmon)

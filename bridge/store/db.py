@@ -28,6 +28,7 @@ BATMON_COLUMNS = frozenset(
         "name", "type", "token", "update_period", "voltage", "current", "power", "soc",
         "details", "last_reading", "status", "notification_enabled", "whatsapp_enabled",
         "sms_enabled", "voltage_units", "current_units", "power_units", "soc_units",
+        "capacity_ah",
     }
 )  # fmt: skip
 ALARM_COLUMNS = frozenset(

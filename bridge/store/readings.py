@@ -7,6 +7,7 @@ implementing ``write`` and ``close`` alone.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,11 @@ from bridge.store.db import BATMON_COLUMNS, check_columns
 ReadingRow = tuple[int, float, float | None, float | None, float | None, float | None, str | None]
 # (batmon_id, {column: value}) applied after the rows, in order.
 CurrentUpdate = tuple[int, dict[str, Any]]
+
+PROBE_BYTES = 256 * 1024
+"""Fresh bytes the failing writer's probe takes beside the database: more than a group
+of 1,000 readings adds to the WAL (78 KB measured), so when the probe finds room, a
+group finds it too."""
 
 INSERT_READING = (
     "INSERT INTO readings (batmon_id, ts, voltage, current, power, soc, details)"
@@ -33,7 +39,7 @@ class ReadingSink(Protocol):
         ...
 
     def probe(self) -> None:
-        """A tiny real write; raises while the store cannot be written."""
+        """A real write needing fresh room on disk; raises while a group could not be stored."""
         ...
 
     def close(self) -> None:
@@ -47,6 +53,7 @@ class SqliteReadingSink:
     def __init__(self, path: Path, *, synchronous: str = "NORMAL") -> None:
         # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so the write lock
         # is taken up front and a busy database waits instead of failing mid-group.
+        self._probe_path = path.with_name(path.name + "-probe")
         self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False,
                                      timeout=30)  # fmt: skip
         self._conn.execute("PRAGMA journal_mode=WAL")
@@ -73,7 +80,31 @@ class SqliteReadingSink:
             raise
 
     def probe(self) -> None:
-        """Rewrite one page (the schema version row): fails like a reading would."""
+        """Take fresh blocks on the data disk, then rewrite one page: fails like a group would.
+
+        The page rewrite alone fits in WAL space that the failed commit had already taken,
+        and said "ok" on a full disk (issue 15); fresh blocks need the room a group needs.
+        They are allocated, not written (fallocate): no flash wear, and a full disk, a quota
+        or a file-size limit refuses them all the same (measured on tmpfs).
+        """
+        try:
+            fd = os.open(self._probe_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                if hasattr(os, "posix_fallocate"):
+                    os.posix_fallocate(fd, 0, PROBE_BYTES)
+                else:  # no fallocate (macOS): write the zeros
+                    with open(fd, "wb", closefd=False) as probe_file:
+                        probe_file.write(bytes(PROBE_BYTES))
+                        probe_file.flush()
+                        os.fsync(fd)
+            finally:
+                os.close(fd)
+                self._probe_path.unlink(missing_ok=True)
+        except OSError as exc:
+            # The sink's own error type: the connection is fine, the disk is not. No path.
+            raise sqlite3.OperationalError(
+                f"the data disk refused {PROBE_BYTES // 1024} KiB ({exc.strerror})"
+            ) from None
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:

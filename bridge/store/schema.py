@@ -153,6 +153,26 @@ MIGRATIONS: list[list[str]] = [
             PRIMARY KEY (batmon_id, hour)
         ) WITHOUT ROWID""",
     ],
+    # 4: battery banks (several batmons of one user shown as one battery), and the
+    # capacity a user may set on a batmon (it weighs the batmon's SoC in a bank).
+    # A deleted batmon leaves its banks by the cascade; a bank's members keep their order.
+    [
+        "ALTER TABLE batmons ADD COLUMN capacity_ah REAL",
+        """CREATE TABLE banks (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id),
+            name TEXT NOT NULL,
+            created REAL NOT NULL
+        )""",
+        "CREATE INDEX banks_user ON banks(user_id)",
+        """CREATE TABLE bank_members (
+            bank_id INTEGER NOT NULL REFERENCES banks(id) ON DELETE CASCADE,
+            batmon_id INTEGER NOT NULL REFERENCES batmons(id) ON DELETE CASCADE,
+            position INTEGER NOT NULL,
+            PRIMARY KEY (bank_id, batmon_id)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX bank_members_batmon ON bank_members(batmon_id)",
+    ],
 ]
 
 LATEST = len(MIGRATIONS)

@@ -91,6 +91,26 @@
   Batmon.tickAges();
   Batmon.live({ snapshot, batmon: render, deleted: (d) => remove(d.batmon_id) });
 
+  const bankForm = document.getElementById("bank-form");
+  if (bankForm) {
+    const bankStatus = bankForm.querySelector(".form-status");
+    bankForm.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      const name = bankForm.elements.bank_name.value.trim();
+      const ids = [...bankForm.querySelectorAll('input[name="batmon_ids"]:checked')].map((el) => Number(el.value));
+      if (!name || !ids.length) {
+        Batmon.say(bankStatus, "Give the bank a name and tick at least one batmon.", "error");
+        return;
+      }
+      try {
+        const added = await Batmon.api("/interface/add/bank", { bank_name: name, batmon_ids: ids });
+        window.location.assign(`/bank/${added.bank_id}`);
+      } catch (e) {
+        Batmon.say(bankStatus, e.message, "error");
+      }
+    });
+  }
+
   const form = document.getElementById("add-form");
   const status = form.querySelector(".form-status");
   form.addEventListener("submit", async (event) => {

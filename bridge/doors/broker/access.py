@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 from bridge.models import parse_batmon_id
-from bridge.ratelimit import FailureLimiter, login_credential
+from bridge.ratelimit import FailureLimiter
 from bridge.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,10 @@ class CredentialCheck(Protocol):
 
     def owned_until_deleted(self, user_id: int, batmon_id: int) -> bool:
         """True if the user owned the batmon until it was deleted: its clears still reach it."""
+        ...
+
+    def owns_bank(self, user_id: int, bank_id: int) -> bool:
+        """True if the user owns the bank, or owned it until it was deleted (its clears)."""
         ...
 
 
@@ -70,7 +74,8 @@ class AccessPolicy:
         self._topics = topics
         self._bridge_username = bridge_username.encode()
         self._bridge_password = bridge_password.encode()
-        # Failed logins per client address; the default allows 30 a minute.
+        # Failed logins per source address; past 30 a minute (the default) a source's
+        # failing CONNECTs are held back (BatmonAccessPlugin); a correct one never is.
         self._limiter = limiter if limiter is not None else FailureLimiter()
         # The only wildcard filters a user may hold, besides Home Assistant's discovery
         # filters (Topics.is_ha_discovery_filter): a dashboard following all its batmons.
@@ -86,26 +91,24 @@ class AccessPolicy:
     ) -> Principal | None:
         """The principal for these credentials, or None to refuse the connection.
 
-        Failed logins are throttled per username (a batmon_id or an email) with a higher
-        ceiling per ``peer`` address: the rules of bridge/ratelimit.py, as over HTTP.
+        Every credential is checked, whatever failed before: a failure only counts against
+        its ``peer`` address (bridge/ratelimit.py, as over HTTP).
         """
         if not username or not password:
-            return None  # no secret tried: nothing to throttle
+            return None  # no secret tried: nothing to count
         # Both compares always run: no timing hint about which half was wrong.
         user_ok = hmac.compare_digest(username.encode(), self._bridge_username)
         pass_ok = hmac.compare_digest(password.encode(), self._bridge_password)
         if user_ok and pass_ok:
-            # Checked before the throttle: the in-process bridge connects from the same
-            # address as any local client, and its random secret is not guessable anyway.
             return Principal("bridge")
-        credential = login_credential(username)
-        if self._limiter.blocked(peer, credential):
-            log.debug("refused CONNECT from %s: too many failed logins", peer)
-            return None  # without asking the checker: no guessing through the throttle
         principal = self._check(username, password)
         if principal is None:
-            self._limiter.record_failure(peer, credential)
+            self._limiter.record_failure(peer)
         return principal
+
+    def source_throttled(self, peer: str | None) -> bool:
+        """True while ``peer`` is over its failed-login limit: its refusals are held back."""
+        return self._limiter.throttled(peer)
 
     def _check(self, username: str, password: str) -> Principal | None:
         """A device's or user's principal for these credentials, else None."""
@@ -164,7 +167,8 @@ class AccessPolicy:
             return True
         batmon_id = self._topics.batmon_of_user_topic(topic)
         if batmon_id is None:
-            return False
+            bank_id = self._topics.bank_of_user_topic(topic)
+            return bank_id is not None and self._credentials.owns_bank(principal.ident, bank_id)
         return self._credentials.owns(principal.ident, batmon_id) or (
             self._credentials.owned_until_deleted(principal.ident, batmon_id)
         )

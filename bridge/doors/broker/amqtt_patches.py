@@ -12,6 +12,7 @@ import contextlib
 import logging
 import weakref
 from collections import Counter, deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
@@ -28,12 +29,14 @@ from bridge.doors.broker.limits import (
     CONNECT,
     MQTT_311_LEVEL,
     BrokerLimits,
+    ConnectionRooms,
     MessageRate,
     PacketLimitReader,
     protocol_level,
 )
 from bridge.doors.broker.plugin import PRINCIPAL_KEY, WILL_KEY
 from bridge.errors import Unavailable
+from bridge.ratelimit import address_key
 from bridge.topics import Topics
 from bridge.writer import Overloaded
 
@@ -49,6 +52,20 @@ RESUME_READING_AT = 50
 stops reading that connection's socket (TCP flow control then holds the device back),
 at the second it reads again. A device that waits for its PUBACKs (paho's window is
 20) never meets it; one that floods without waiting costs bounded memory."""
+
+
+SLOW_SUBSCRIBERS_KEPT = 10_000
+"""Client ids remembered as slow (each logged once); past it the memory starts afresh."""
+
+
+class _OwnPubackLog(logging.Filter):
+    """amqtt warns at every PUBACK it waits for in vain; BatmonBroker logs once per client."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timeout waiting for PUBACK")
+
+
+_PUBACK_FILTER = _OwnPubackLog()
 
 
 RETRY_MIN_S = 0.25
@@ -173,28 +190,42 @@ class BatmonBroker(Broker):
         topics: Topics,
         limits: BrokerLimits | None = None,
         updates: UpdateSink | None = None,
+        on_homeassistant_status: Callable[[int, bytes], None] | None = None,
     ) -> None:
         super().__init__(config)
         self._topics = topics
         self._updates = updates
+        self._on_homeassistant_status = on_homeassistant_status
         limits = limits or BrokerLimits()
         self._limits = limits
         self._rate = MessageRate(limits.messages_per_second, limits.message_burst)
-        self._connections = 0
+        self.rooms = ConnectionRooms(limits.max_connections, limits.max_unauthenticated_per_address)
+        """Sockets waiting to log in (per address) and logged-in clients, kept apart."""
         # Handlers whose connection a newer one with the same client id replaced.
         self._taken_over: weakref.WeakSet[BrokerProtocolHandler] = weakref.WeakSet()
         self.counters: Counter[str] = Counter()
         """What the limits refused or dropped, and client-id takeovers (for /healthz)."""
+        self._slow_subscribers: set[str] = set()
+        handler_log = logging.getLogger("amqtt.mqtt.protocol.handler")
+        if _PUBACK_FILTER not in handler_log.filters:
+            handler_log.addFilter(_PUBACK_FILTER)
 
     async def _client_connected(
         self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
     ) -> None:
-        """Vet a new connection before amqtt reads it: connection limit, CONNECT in time,
-        protocol level; then let amqtt read packets through a PacketLimitReader."""
+        """Vet a new connection before amqtt reads it: a waiting place for its address,
+        CONNECT in time, protocol level; then let amqtt read packets through a PacketLimitReader."""
         peer_info = writer.get_peer_info()
         peer = f"{peer_info[0]}:{peer_info[1]}" if peer_info else "unknown address"
+        address = address_key(peer_info[0] if peer_info else None) or "unknown"
+        if not self.rooms.enter(address):
+            # Before reading a byte: one address holds at most a few sockets that have not
+            # logged in, each for connect_timeout_s at most.
+            self.counters["closed_unauthenticated_per_address"] += 1
+            await _close(writer)
+            return
         guarded = PacketLimitReader(reader, self._limits, self._rate, self.counters, peer)
-        self._connections += 1
+        guarded.address = address
         try:
             try:
                 packet_type, body = await asyncio.wait_for(
@@ -203,12 +234,6 @@ class BatmonBroker(Broker):
             except (TimeoutError, asyncio.IncompleteReadError, OSError):
                 log.debug("closed a connection from %s: no CONNECT", peer)
                 await _close(writer)
-                return
-            if self._connections > self._limits.max_connections:
-                self.counters["refused_connection_limit"] += 1
-                log.warning("refused an MQTT client from %s: max_connections (%d) reached",
-                            peer, self._limits.max_connections)  # fmt: skip
-                await _refuse(writer, SERVER_UNAVAILABLE)
                 return
             level = protocol_level(body) if packet_type == CONNECT else None
             if packet_type == CONNECT and level != MQTT_311_LEVEL:
@@ -220,7 +245,23 @@ class BatmonBroker(Broker):
                 return
             await super()._client_connected(listener_name, guarded, writer)
         finally:
-            self._connections -= 1
+            if guarded.logged_in:
+                self.rooms.log_out()
+            else:
+                self.rooms.leave_waiting(address)
+
+    def _log_in(self, reader: ReaderAdapter, peer: tuple[str, int] | None) -> bool:
+        """Move an authenticated connection from the waiting room to the logged-in one."""
+        if not isinstance(reader, PacketLimitReader):
+            return True  # not accepted through _client_connected: nothing to count
+        if not self.rooms.log_in():
+            self.counters["refused_connection_limit"] += 1
+            log.warning("refused an MQTT client from %s: max_connections (%d) reached",
+                        peer[0] if peer else "unknown address", self._limits.max_connections)  # fmt: skip
+            return False
+        self.rooms.leave_waiting(reader.address)
+        reader.logged_in = True
+        return True
 
     def _install_inbox(self, session: Session) -> UpdateInbox | None:
         """Route this session's own updates to the writer (see UpdateInbox)."""
@@ -328,6 +369,26 @@ class BatmonBroker(Broker):
             # The normal path: topic checks, the PUBLISH ACL, broadcast, retain.
             await self._handle_message_delivery(client_session, handler, delivered)
 
+    async def _broadcast_message(
+        self,
+        session: Session | None,
+        topic: str | None,
+        data: bytes | bytearray | None,
+        force_qos: int | None = None,
+    ) -> None:
+        """amqtt's broadcast, telling the bridge which user sent Home Assistant's status."""
+        # Every accepted PUBLISH (and last will) passes here once its ACL check passed; only
+        # here is its sender known, so an ``online`` re-sends only that user's configs.
+        hook = self._on_homeassistant_status
+        if hook is not None and session is not None and topic == self._topics.homeassistant_status:
+            principal = session.attributes.get(PRINCIPAL_KEY)
+            if isinstance(principal, Principal) and principal.kind == "user":
+                try:
+                    hook(principal.ident, bytes(data or b""))
+                except Exception:
+                    log.exception("answering Home Assistant's status failed")
+        await super()._broadcast_message(session, topic, data, force_qos)
+
     async def _run_broadcast(self, running_tasks: deque[asyncio.Task[OutgoingApplicationMessage]]) -> None:
         """Send one broadcast message to every session whose filter matches it, if allowed."""
         # amqtt's own walks the live subscription table across awaits (the RECEIVE check):
@@ -357,7 +418,8 @@ class BatmonBroker(Broker):
                     continue
                 handler = self._get_handler(target_session)
                 if handler:
-                    publish = handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)
+                    data = broadcast["data"]
+                    publish = self._deliver(handler, target_session, topic, data, qos, retain=False)
                     running_tasks.append(asyncio.ensure_future(publish))
 
     async def _delete_session(self, client_id: str) -> None:
@@ -422,11 +484,10 @@ class BatmonBroker(Broker):
                 continue
             if not await self._topic_filtering(session, topic=topic, action=Action.RECEIVE):
                 continue
+            qos_out = min(qos, retained.qos or qos)
             tasks.append(
                 asyncio.ensure_future(
-                    handler.mqtt_publish(
-                        retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
-                    )
+                    self._deliver(handler, session, retained.topic, retained.data, qos_out, retain=True)
                 )
             )
         if tasks:
@@ -438,10 +499,48 @@ class BatmonBroker(Broker):
         queued = []
         while not session.retained_messages.empty():
             queued.append(session.retained_messages.get_nowait())
-        for message in queued:
-            if await self._topic_filtering(session, topic=message.topic, action=Action.RECEIVE):
+        handler = self._get_handler(session)
+        if handler is None:
+            for message in queued:  # amqtt leaves them queued for the next connection
                 session.retained_messages.put_nowait(message)
-        await super()._publish_session_retained_messages(session)
+            return
+        tasks = [
+            asyncio.ensure_future(
+                self._deliver(handler, session, m.topic, m.data, m.qos or QOS_0, retain=True)
+            )
+            for m in queued
+            if await self._topic_filtering(session, topic=m.topic, action=Action.RECEIVE)
+        ]
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def _deliver(
+        self,
+        handler: BrokerProtocolHandler,
+        session: Session,
+        topic: str,
+        data: bytes | bytearray | None,
+        qos: int,
+        *,
+        retain: bool,
+    ) -> OutgoingApplicationMessage | None:
+        """Send one PUBLISH to a subscriber; one that does not acknowledge a QoS 1 delivery
+        in time is logged once, then only counted (amqtt logged a traceback per message)."""
+        try:
+            return await handler.mqtt_publish(topic, data, qos, retain=retain)
+        except TimeoutError:  # amqtt gave up waiting for the PUBACK (5 s) and dropped it
+            self.counters["puback_timeouts"] += 1
+            client_id = session.client_id or ""
+            if client_id not in self._slow_subscribers:
+                if len(self._slow_subscribers) >= SLOW_SUBSCRIBERS_KEPT:
+                    self._slow_subscribers.clear()
+                self._slow_subscribers.add(client_id)
+                self.counters["slow_subscribers"] += 1
+                log.warning("MQTT client %r (%s) does not acknowledge its QoS 1 deliveries (no PUBACK"
+                            " in 5 s): each one it misses is dropped and counted in /healthz"
+                            " (mqtt_broker.puback_timeouts), not logged", client_id,
+                            session.remote_address)  # fmt: skip
+            return None
 
     async def _handle_disconnect(
         self,
@@ -490,6 +589,9 @@ class BatmonBroker(Broker):
         if not client_session.client_id:
             raise BrokerError("Client ID was not correctly created/set.")
         authenticated = await self._authenticate(client_session, self.listeners_config[listener_name])
+        if authenticated and not self._log_in(reader, peer):
+            await _refuse(writer, SERVER_UNAVAILABLE)
+            return
         if not (authenticated and await self._claim_client_id(client_session)):
             await _refuse(writer, NOT_AUTHORIZED)
             return

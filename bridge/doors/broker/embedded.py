@@ -7,6 +7,7 @@ import contextlib
 import errno
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +69,12 @@ class EmbeddedBroker:
         bridge_password: str,
         limiter: FailureLimiter | None = None,
         updates: UpdateSink | None = None,
+        on_homeassistant_status: Callable[[int, bytes], None] | None = None,
     ) -> None:
         """``limiter`` throttles failed logins per client address (default: 30 a minute);
-        ``updates`` takes devices' updates straight from the broker (acked after commit)."""
+        ``updates`` takes devices' updates straight from the broker (acked after commit);
+        ``on_homeassistant_status`` hears (user_id, payload) of each user's publish on
+        Home Assistant's status topic (its birth message asks for discovery again)."""
         self._host = host
         self._requested_port = port
         self._config_path = config_path
@@ -80,6 +84,7 @@ class EmbeddedBroker:
         self._bridge_password = bridge_password
         self._limiter = limiter
         self._updates = updates
+        self._on_homeassistant_status = on_homeassistant_status
         self._broker: BatmonBroker | None = None
         self._port: int | None = None
         self._outbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue()
@@ -96,8 +101,13 @@ class EmbeddedBroker:
 
     @property
     def stats(self) -> dict[str, int]:
-        """What the limits refused or dropped, and client-id takeovers, since start."""
-        return dict(self._broker.counters) if self._broker is not None else {}
+        """What the limits refused or dropped, and client-id takeovers, since start; the
+        sockets waiting to log in and the logged-in clients now."""
+        broker = self._broker
+        if broker is None:
+            return {}
+        rooms = broker.rooms
+        return {**broker.counters, "unauthenticated": rooms.waiting, "logged_in": rooms.logged_in}
 
     def _load_config(self) -> dict[str, Any]:
         """broker.yaml with our bind address and our access plugin as the only ACL."""
@@ -151,7 +161,8 @@ class EmbeddedBroker:
         where = f"{self._host}:{self._requested_port}"
         _quiet_amqtt_logging()
         try:
-            broker = BatmonBroker(config, topics=self._topics, limits=self.limits, updates=self._updates)
+            broker = BatmonBroker(config, topics=self._topics, limits=self.limits, updates=self._updates,
+                                  on_homeassistant_status=self._on_homeassistant_status)  # fmt: skip
         except _CONFIG_ERRORS as exc:
             raise BrokerStartError(f"invalid broker config {self._config_path}: {exc}") from None
         startup_filter = _DropStartupTraceback()

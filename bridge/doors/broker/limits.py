@@ -1,5 +1,11 @@
 """Abuse limits of the embedded broker: packet size, per-client message rate, connections.
 
+:class:`ConnectionRooms` keeps two rooms apart: sockets that have not logged in (at most
+``max_unauthenticated_per_address`` per client address, each with ``connect_timeout_s``
+to send its CONNECT) and logged-in clients (``max_connections``). A socket that has not
+logged in never takes the room of a logged-in one, so one address holding many silent
+sockets locks no device out.
+
 :class:`PacketLimitReader` sits between the socket and amqtt and hands amqtt whole MQTT
 packets only: it reads each packet's fixed header itself, so a packet over
 ``max_packet_size`` closes the connection before its body is read (amqtt would buffer
@@ -7,7 +13,9 @@ all of it). A PUBLISH over its sender's rate is held back (QoS 1 and 2: the sock
 not read until the rate allows, so the device slows down and loses nothing it was
 acknowledged) or dropped (QoS 0, which promises nothing), before amqtt sees it.
 The first packet is the CONNECT, whose protocol level the broker checks before amqtt
-parses the rest (amqtt misreads an MQTT 5 CONNECT and hangs).
+parses the rest (amqtt misreads an MQTT 5 CONNECT and hangs). A PUBLISH, SUBSCRIBE or
+UNSUBSCRIBE naming a topic that is not well-formed UTF-8 (or holds U+0000) closes the
+connection, as MQTT 3.1.1 section 1.5.3 requires (amqtt would take the bytes' repr as the topic).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from bridge.doors.broker.plugin import PRINCIPAL_KEY
 
 log = logging.getLogger(__name__)
 
-CONNECT, PUBLISH = 1, 3  # MQTT 3.1.1 control packet types (section 2.2.1)
+CONNECT, PUBLISH, SUBSCRIBE, UNSUBSCRIBE = 1, 3, 8, 10  # MQTT 3.1.1 control packet types (2.2.1)
 MQTT_311_LEVEL = 4
 MAX_REMAINING_LENGTH = 268_435_455  # four length bytes (section 2.2.3)
 
@@ -41,9 +49,12 @@ class BrokerLimits(BaseModel):
     max_packet_size: Annotated[int, Field(ge=128, le=MAX_REMAINING_LENGTH)] = 66_560
     """Bytes of a whole packet: the 64 KiB payload the HTTP door also takes, plus headers."""
     max_connections: Annotated[int, Field(ge=1)] = 1000
-    """Open connections; past it a client gets CONNACK 3 (server unavailable)."""
-    connect_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
-    """Time a new connection has to send its CONNECT."""
+    """Logged-in clients at once; past it a client gets CONNACK 3 (server unavailable)."""
+    max_unauthenticated_per_address: Annotated[int, Field(ge=1)] = 16
+    """Sockets of one client address (an IPv6 /64) that have not logged in yet; more are
+    closed at once. Room for a household's devices booting together behind one NAT."""
+    connect_timeout_s: Annotated[float, Field(gt=0, le=300)] = 5.0
+    """Time a new connection has to send its whole CONNECT."""
     messages_per_second: Annotated[float, Field(gt=0)] = 50.0
     """Sustained PUBLISH rate of one device or user, across its connections."""
     message_burst: Annotated[int, Field(ge=1)] = 200
@@ -78,8 +89,84 @@ class MessageRate:
         self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < refill}
 
 
+@dataclass
+class ConnectionRooms:
+    """Sockets waiting to log in, per address, and logged-in clients: two rooms, two limits."""
+
+    max_logged_in: int
+    max_waiting_per_address: int
+    logged_in: int = 0
+    _waiting: Counter[str] = field(default_factory=Counter)
+    _warned: set[str] = field(default_factory=set)
+
+    @property
+    def waiting(self) -> int:
+        """Sockets that have not logged in, over all addresses."""
+        return self._waiting.total()
+
+    def enter(self, address: str) -> bool:
+        """Take a waiting place for a new socket from ``address``; False if it has none left."""
+        if self._waiting[address] >= self.max_waiting_per_address:
+            if address not in self._warned:  # one line per address and episode, not per socket
+                self._warned.add(address)
+                log.warning("closing new MQTT sockets from %s at once: %d of its sockets have not"
+                            " logged in yet", address, self.max_waiting_per_address)  # fmt: skip
+            return False
+        self._waiting[address] += 1
+        return True
+
+    def leave_waiting(self, address: str) -> None:
+        """A waiting socket logged in or closed."""
+        self._waiting[address] -= 1
+        if self._waiting[address] <= 0:
+            del self._waiting[address]
+            self._warned.discard(address)
+
+    def log_in(self) -> bool:
+        """Take a logged-in place; False while the room is full."""
+        if self.logged_in >= self.max_logged_in:
+            return False
+        self.logged_in += 1
+        return True
+
+    def log_out(self) -> None:
+        """A logged-in client left."""
+        self.logged_in -= 1
+
+
 class PacketTooLarge(asyncio.IncompleteReadError):
     """A packet over max_packet_size: to amqtt, the end of the stream."""
+
+
+class InvalidUtf8(asyncio.IncompleteReadError):
+    """A topic that is not well-formed UTF-8: to amqtt, the end of the stream."""
+
+
+def topics_are_utf8(packet_type: int, body: bytes) -> bool:
+    """False if a topic (name or filter) of this PUBLISH, SUBSCRIBE or UNSUBSCRIBE body is
+    not well-formed UTF-8 or holds U+0000 (MQTT 3.1.1 section 1.5.3); other packets pass.
+    A length running past the body is left to amqtt, which refuses the packet as malformed."""
+    if packet_type == PUBLISH:
+        position, last = 0, 0  # the topic name comes first
+    elif packet_type in (SUBSCRIBE, UNSUBSCRIBE):
+        position, last = 2, len(body)  # after the packet identifier, topic filters to the end
+    else:
+        return True
+    while True:
+        if position + 2 > len(body):
+            return True
+        end = position + 2 + int.from_bytes(body[position : position + 2], "big")
+        if end > len(body):
+            return True
+        try:
+            topic = body[position + 2 : end].decode("utf-8")  # strict: no surrogates, no overlongs
+        except UnicodeDecodeError:
+            return False
+        if "\0" in topic:
+            return False
+        position = end + (1 if packet_type == SUBSCRIBE else 0)  # a filter's requested QoS
+        if position >= last:
+            return True
 
 
 class PacketLimitReader(ReaderAdapter):
@@ -102,6 +189,10 @@ class PacketLimitReader(ReaderAdapter):
         self._buffer = bytearray()
         self.session: Session | None = None
         """The connection's session, set once amqtt made it: rates are per principal."""
+        self.address = "unknown"
+        """The client address this connection counts under (ratelimit.address_key)."""
+        self.logged_in = False
+        """True once it moved from the waiting room to the logged-in one (ConnectionRooms)."""
 
     async def first_packet(self) -> tuple[int, bytes]:
         """Read the first packet into the buffer; its type and body (without header)."""
@@ -117,6 +208,11 @@ class PacketLimitReader(ReaderAdapter):
             return data
         while len(self._buffer) < n:
             packet_type, header, body = await self._read_packet()
+            if not topics_are_utf8(packet_type, body):
+                self._counters["closed_invalid_utf8"] += 1
+                log.warning("closed MQTT client %s (%s): a topic that is not UTF-8 (MQTT 3.1.1 1.5.3)",
+                            self._client_id(), self._peer)  # fmt: skip
+                raise InvalidUtf8(bytes(header), None)
             if packet_type == PUBLISH and not await self._within_rate(qos=(header[0] >> 1) & 3):
                 continue
             self._buffer += header + body

@@ -6,6 +6,7 @@ through the plugin's ``Config`` dataclass, so two brokers can run in one process
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ log = logging.getLogger(__name__)
 
 PRINCIPAL_KEY = "batmon.principal"
 """Key of the Principal in ``Session.attributes`` (amqtt's slot for plugin data)."""
+THROTTLED_REFUSAL_DELAY_S = 1.0
+"""How long a refused CONNECT from a source over its failed-login limit waits for its CONNACK."""
 WILL_KEY = "batmon.will"
 """Key of the last will vetted at the session's last accepted CONNECT."""
 
@@ -41,6 +44,8 @@ class BatmonAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
 
     async def authenticate(self, *, session: Session) -> bool:
         """Refuse anonymous and wrong credentials; pin the principal on the session."""
+        # Asked before this attempt counts, as over HTTP: the 31st failure is the first held.
+        throttled = self._policy.source_throttled(session.remote_address)
         try:
             principal = self._policy.authenticate(
                 session.username, session.password, peer=session.remote_address
@@ -50,6 +55,10 @@ class BatmonAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
             return False
         if principal is None:
             log.debug("refused CONNECT of client %r", session.client_id)
+            if throttled:
+                # A source that keeps failing waits before each refusal, so each of its
+                # sockets tries at most one guess a second; a correct CONNECT never waits.
+                await asyncio.sleep(THROTTLED_REFUSAL_DELAY_S)
             return False
         previous = session.attributes.get(PRINCIPAL_KEY)
         if previous is not None and (previous.kind, previous.ident) != (
