@@ -26,6 +26,9 @@ from bridge.topics import Topics
 log = logging.getLogger(__name__)
 
 PUBLISH_BATCH = 200  # broker-side publishes between yields to the event loop
+SHUTDOWN_S = 5.0
+"""amqtt's shutdown can stall while clients keep flooding; by then everything acknowledged is
+committed, so a stop gives it this long and goes on."""
 PLUGIN_PATH = "bridge.doors.broker.BatmonAccessPlugin"
 """Dotted path amqtt imports our plugin from (listed in broker.yaml)."""
 
@@ -232,7 +235,10 @@ class EmbeddedBroker:
             await asyncio.gather(self._publisher, return_exceptions=True)
             self._publisher = None
         if broker is not None:
-            await broker.shutdown()
+            try:
+                await asyncio.wait_for(broker.shutdown(), SHUTDOWN_S)
+            except TimeoutError:
+                log.warning("the embedded broker did not shut down within %g s; going on", SHUTDOWN_S)
 
 
 class _DropStartupTraceback(logging.Filter):
