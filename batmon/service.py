@@ -314,6 +314,7 @@ class Service:
             # Where devices connect (`batmon simulate --api-url` reads it): no credentials.
             "mqtt_host": self.mqtt_host,
             "mqtt_port": self.mqtt_port,
+            "mqtt_base_topic": self.topics.base,  # the dashboard's "connect this device" card
         }
         info["http_edge"] = self.http_edge.as_dict()
         stats = self.mqtt_stats()

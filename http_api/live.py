@@ -15,7 +15,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+import math
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 from bridge.core import Batmon, Core
@@ -113,6 +114,10 @@ class LiveFeed:
         self._streams: dict[int, set[LiveStream]] = {}
         self._subscription: Subscription = NO_SUBSCRIPTION
         self._loop: asyncio.AbstractEventLoop | None = None
+        # When each value of a batmon was last in a reading (epoch s): from the readings
+        # accepted while we run, and for a batmon first shown, from its history.
+        self._reported: dict[int, dict[str, float]] = {}
+        self._learned: set[int] = set()
 
     @property
     def started(self) -> bool:
@@ -125,7 +130,7 @@ class LiveFeed:
         self._loop = asyncio.get_running_loop()
         changed = self._on_changed
         self._subscription = self.core.bus.subscribe_all({
-            ReadingAccepted: changed, StatusChanged: changed, BatmonChanged: changed,
+            ReadingAccepted: self._on_reading, StatusChanged: changed, BatmonChanged: changed,
             AlarmChanged: changed, BatmonDeleted: self._on_deleted,
         })  # fmt: skip
 
@@ -143,8 +148,54 @@ class LiveFeed:
     def _on_changed(self, event: Any) -> None:
         self._mark(event.batmon, deleted=False)
 
+    def _on_reading(self, event: ReadingAccepted) -> None:
+        self._on_loop(self._note_reported, event.batmon.id, tuple(event.values), event.ts)
+        self._mark(event.batmon, deleted=False)
+
     def _on_deleted(self, event: BatmonDeleted) -> None:
+        self._on_loop(self._forget_reported, event.batmon.id)
         self._mark(event.batmon, deleted=True)
+
+    def _note_reported(self, batmon_id: int, names: tuple[str, ...], ts: float) -> None:
+        reported = self._reported.setdefault(batmon_id, {})
+        for name in names:
+            if name in METRICS and ts > reported.get(name, -math.inf):
+                reported[name] = ts
+
+    def _forget_reported(self, batmon_id: int) -> None:
+        self._reported.pop(batmon_id, None)
+        self._learned.discard(batmon_id)
+
+    # -- what a page shows -----------------------------------------------------------
+    async def learn_reported(self, batmons: Iterable[Batmon]) -> None:
+        """Ask history, once per batmon, when each of its values was last reported.
+
+        A reading accepted meanwhile is noted too; the later time wins either way. What is
+        learned stays right only while the feed listens to readings: it starts listening.
+        """
+        if not self.started:
+            await self.start()
+        new = [b for b in batmons if b.id not in self._learned]
+        with_readings = [b.id for b in new if b.last_reading is not None]
+        found = await self.core.history_reader.last_reported(with_readings) if with_readings else {}
+        for batmon in new:
+            if self.core.batmons.get(batmon.id) is not batmon:
+                continue  # deleted meanwhile
+            for name, ts in found.get(batmon.id, {}).items():
+                self._note_reported(batmon.id, (name,), ts)
+            self._learned.add(batmon.id)
+
+    def snapshot(self, batmon: Batmon, now: float) -> dict[str, Any]:
+        """``batmon_snapshot`` plus, once learned, when each value was last reported
+        (null: never) and which are ``stale`` (older than the latest reading)."""
+        data = batmon_snapshot(batmon, now)
+        if batmon.id in self._learned:
+            reported = self._reported.get(batmon.id, {})
+            latest = batmon.last_reading
+            data["reported"] = {name: reported.get(name) for name in METRICS}
+            data["stale"] = [name for name in METRICS if latest is not None
+                             and reported.get(name, latest) < latest]  # fmt: skip
+        return data
 
     def _mark(self, batmon: Batmon, deleted: bool) -> None:
         # Events come on the loop today; a writer thread may emit some later.
@@ -193,20 +244,22 @@ class LiveFeed:
             return len(self._streams.get(user_id, ()))
         return sum(len(s) for s in self._streams.values())
 
-    def messages_for(self, stream: LiveStream, changed: dict[int, bool], full: bool
-                     ) -> list[str]:  # fmt: skip
+    async def messages_for(self, stream: LiveStream, changed: dict[int, bool], full: bool
+                           ) -> list[str]:  # fmt: skip
         """The SSE messages for one batch of changes, each batmon's state as of now."""
+        await self.learn_reported([b for b in self.core.batmons.values()
+                                   if b.user_id == stream.user_id and (full or b.id in changed)])
         now = self.core.clock()
         if full:
             mine = [b for b in self.core.batmons.values() if b.user_id == stream.user_id]
-            return [sse("snapshot", [batmon_snapshot(b, now) for b in mine])]
+            return [sse("snapshot", [self.snapshot(b, now) for b in mine])]
         out = []
         for batmon_id, deleted in changed.items():
             batmon = self.core.batmons.get(batmon_id)
             if deleted or batmon is None:
                 out.append(sse("deleted", {"batmon_id": batmon_id}))
             elif batmon.user_id == stream.user_id:
-                out.append(sse("batmon", batmon_snapshot(batmon, now)))
+                out.append(sse("batmon", self.snapshot(batmon, now)))
         return out
 
     async def serve(self, stream: LiveStream) -> AsyncIterator[str]:
@@ -218,7 +271,7 @@ class LiveFeed:
                 batch = await stream.take(self.keepalive_s)
                 if batch is None:
                     return
-                messages = self.messages_for(stream, *batch)
+                messages = await self.messages_for(stream, *batch)
                 # A comment line keeps proxies from timing out an idle stream.
                 yield "".join(messages) if messages else ": keep-alive\n\n"
         finally:

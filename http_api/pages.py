@@ -23,7 +23,7 @@ from bridge.models import BankRef, DeviceRef, NoFields, ShowTargets
 from http_api import handlers as h
 from http_api.auth import Sessions
 from http_api.cross_site import CrossSiteGuard
-from http_api.live import METRICS, LiveFeed, batmon_snapshot
+from http_api.live import METRICS, LiveFeed
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=HERE / "templates")
@@ -61,6 +61,13 @@ class Dashboard:
         response.headers.update({**PAGE_HEADERS, "Content-Security-Policy": csp})
         return response
 
+    async def snapshots(self, batmon_ids: list[int]) -> list[dict[str, Any]]:
+        """What the pages show of these batmons, as the live stream sends it."""
+        batmons = [self.core.batmons[i] for i in batmon_ids]
+        await self.live.learn_reported(batmons)
+        now = self.core.clock()
+        return [self.live.snapshot(b, now) for b in batmons]
+
     async def home(self, request: Request) -> Response:
         """The batmon list, or the login form when nobody is logged in."""
         user = self.user(request)
@@ -68,8 +75,8 @@ class Dashboard:
             return self.page(request, "login.html", {"title": "Log in"})
         call = h.Call(self.core, user)
         batmons = await h.list_batmons(call, NoFields())
+        snapshots = await self.snapshots([b["batmon_id"] for b in batmons])
         now = self.core.clock()
-        snapshots = [batmon_snapshot(self.core.batmons[b["batmon_id"]], now) for b in batmons]
         names = {b["batmon_id"]: b["batmon_name"] for b in batmons}
         banks = [{**b, "member_names": [names[i] for i in b["batmon_ids"] if i in names]}
                  for b in await h.list_banks(call, NoFields())]  # fmt: skip
@@ -88,7 +95,7 @@ class Dashboard:
         except (BatmonError, ValueError):
             return self.not_found(request, user)
         batmon = self.core.batmons[data["batmon_id"]]
-        snapshot = batmon_snapshot(batmon, self.core.clock())
+        [snapshot] = await self.snapshots([batmon.id])
         return self.page(request, "batmon.html", {
             "title": snapshot["batmon_name"], "user": user, "batmon": snapshot,
             "metrics": METRICS, "now": int(self.core.clock()), "capacity_setting": batmon.capacity_ah,
@@ -104,9 +111,8 @@ class Dashboard:
             bank = await h.bank_status(call, BankRef(bank_id=request.path_params["bank_id"]))
         except (BatmonError, ValueError):
             return self.not_found(request, user)
+        batmons = await self.snapshots([b["batmon_id"] for b in await h.list_batmons(call, NoFields())])
         now = self.core.clock()
-        batmons = [batmon_snapshot(self.core.batmons[b["batmon_id"]], now)
-                   for b in await h.list_batmons(call, NoFields())]  # fmt: skip
         by_id = {b["batmon_id"]: b for b in batmons}
         return self.page(request, "bank.html", {
             "title": bank["bank_name"], "user": user, "bank": bank, "batmons": batmons,

@@ -9,11 +9,14 @@ the list and a batmon's page are also written to docs/img/ for the README.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import math
 import os
 import re
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,9 +63,11 @@ class Site:
         self.batmons[name] = self.call("/interface/add/batmon", batmon_name=name, **fields)
         return self.batmons[name]
 
-    def history(self, batmon_id: int, lo: str, hi: str, points: str) -> list[dict[str, Any]]:
+    def history(self, batmon_id: int, lo: str, hi: str, points: str | None = None
+                ) -> list[dict[str, Any]]:  # fmt: skip
+        """History rows of the API: buckets with ``points``, else the raw readings."""
         params = {"batmon_id": batmon_id, "min_epoch_tm_sec": lo, "max_epoch_tm_sec": hi,
-                  "points": points}  # fmt: skip
+                  **({"points": points} if points else {})}  # fmt: skip
         r = self.http.get("/interface/batmon/history", params=params)
         assert r.status_code == 200, r.text
         return r.json()["success"][0]["data"]
@@ -164,9 +169,17 @@ def row(page: Page, site: Site, name: str) -> Any:
     return page.locator(f'tr[data-batmon-id="{site.batmons[name]["batmon_id"]}"]')
 
 
+def visible_names(page: Page) -> list[str]:
+    return page.locator("#batmons tbody tr:visible a.name").all_inner_texts()
+
+
+def number(text: str) -> float | None:
+    return None if text == "" else float(text)
+
+
 # -- the walk-through of issue 10's acceptance ----------------------------------------------
 def test_dashboard_walk_through(site: Site, browser: Browser, artifacts: Path) -> None:
-    context = browser.new_context(base_url=site.url, viewport={"width": 1280, "height": 900})
+    context = browser.new_context(base_url=site.url, viewport={"width": 1280, "height": 800})
     page = context.new_page()
     page.set_default_timeout(10_000)
     step = Steps(page, artifacts)
@@ -204,6 +217,17 @@ def test_dashboard_walk_through(site: Site, browser: Browser, artifacts: Path) -
             assert row(page, site, "Cabin").locator(".age").inner_text() == "never"
             page.wait_for_selector('#live-state[data-state="open"]')
 
+        with step("a batmon that never reported shows — for each value, not 0"):
+            for name in ("Cabin", "Van starter"):
+                for metric in ("voltage", "current", "power", "soc"):
+                    cell = row(page, site, name).locator(f'[data-metric="{metric}"]')
+                    assert cell.get_attribute("data-state") == "never", (name, metric)
+                    assert cell.inner_text().startswith("—"), (name, metric, cell.inner_text())
+            house = row(page, site, "House bank")
+            voltage = house.locator('[data-metric="voltage"]').inner_text()
+            assert re.fullmatch(r"1\d\.\d\d V", voltage), voltage  # two decimals
+            assert re.fullmatch(r"-?\d+ W", house.locator('[data-metric="power"]').inner_text())
+
         with step("a reading sent over MQTT appears live within 2 s, with no reload"):
             page.evaluate("window.__notReloaded = true")
             requests: list[str] = []
@@ -221,8 +245,46 @@ def test_dashboard_walk_through(site: Site, browser: Browser, artifacts: Path) -
             assert van.locator('[data-metric="soc"]').inner_text() == "77%"
             assert page.evaluate("window.__notReloaded === true"), "the page was reloaded"
             assert requests == [], f"the page polled instead of listening: {requests}"
+
+        with step("the overview row adds up every batmon"):
+            listed = site.http.get("/interface/batmon/list").json()["success"]
+            online = [b for b in listed if b["batmon_status"] == "Online"]
+            power = page.locator('#overview [data-overview="power"]').inner_text()
+            assert power == f"{round(sum(b['batmon_power'] for b in online))} W", power
+            lowest = min(online, key=lambda b: b["batmon_soc"])
+            soc = page.locator('#overview [data-overview="soc"]').inner_text()
+            assert soc.endswith(f"({lowest['batmon_name']})"), soc
+            assert page.locator('#overview [data-overview="count"]').inner_text() == "3 · 2 Online"
             if UPDATE_README:
                 page.screenshot(path=README_IMAGES / "dashboard.png")
+
+        with step("search, filter and sort the list"):
+            assert visible_names(page) == ["House bank", "Van starter", "Cabin"]
+            page.get_by_label("Search").fill("VAN")
+            page.locator("#shown-count", has_text="1 of 3 shown").wait_for()
+            assert visible_names(page) == ["Van starter"]
+            assert "q=VAN" in page.url  # a reload or bookmark keeps the choice
+            page.get_by_label("Search").fill("smartshunt")  # the type matches too
+            assert visible_names(page) == ["Cabin"]
+            page.get_by_label("Search").fill("")
+            page.get_by_label("Sort by").select_option(label="SoC (lowest first)")
+            assert visible_names(page) == ["House bank", "Van starter", "Cabin"]  # never reported last
+            page.get_by_label("Sort by").select_option(label="SoC (highest first)")
+            assert visible_names(page) == ["Van starter", "House bank", "Cabin"]
+            page.get_by_label("Sort by").select_option(label="Name")
+            assert visible_names(page) == ["Cabin", "House bank", "Van starter"]
+            page.reload()
+            page.wait_for_selector('#live-state[data-state="open"]')
+            assert visible_names(page) == ["Cabin", "House bank", "Van starter"], "the sort was not kept"
+            page.get_by_label("Show", exact=True).select_option(label="Offline")
+            assert visible_names(page) == ["Cabin"]
+            page.get_by_label("Show", exact=True).select_option(label="All")
+            page.get_by_label("SoC at most (%)").fill("77")
+            assert visible_names(page) == ["House bank", "Van starter"]
+            page.get_by_label("SoC at most (%)").fill("50")
+            page.get_by_role("button", name="Show all").click()  # nothing matches: one click back
+            assert visible_names(page) == ["House bank", "Van starter", "Cabin"]
+            assert "?" not in page.url
 
         with step("open a batmon"):
             row(page, site, "House bank").locator("a.name").click()
@@ -263,6 +325,19 @@ def test_dashboard_walk_through(site: Site, browser: Browser, artifacts: Path) -
                 if range_name == "Last hour" and UPDATE_README:
                     page.screenshot(path=README_IMAGES / "dashboard-batmon.png")
 
+        with step("the CSV button downloads the readings of the shown range"):
+            lo, hi = (charts.get_attribute(a) or "" for a in ("data-min", "data-max"))
+            with page.expect_download() as info:
+                page.get_by_role("link", name="Download CSV of this range").click()
+            text = Path(info.value.path()).read_text(encoding="utf-8")
+            rows = list(csv.DictReader(io.StringIO(text)))
+            expected = site.history(house_id, lo, hi)
+            assert len(rows) == len(expected) > 0, (len(rows), len(expected))
+            for got, want in zip(rows, expected, strict=True):
+                assert got["update_time"] == want["update_time"]
+                for metric in ("voltage", "current", "power", "soc"):
+                    assert number(got[f"batmon_{metric}"]) == want[f"batmon_{metric}"], (metric, got)
+
         with step("add an alarm"):
             form = page.locator("#alarm-form")
             form.get_by_label("Name").fill("High voltage")
@@ -287,6 +362,16 @@ def test_dashboard_walk_through(site: Site, browser: Browser, artifacts: Path) -
             status = site.http.get("/interface/batmon/status", params={"batmon_id": house_id})
             assert status.json()["success"]["alarms"][0]["alarm_akn"] is not None
             page.locator("#log-table tbody tr").first.wait_for()  # the notice it queued
+
+        with step("a voltage-only reading marks the other values stale"):
+            values = page.locator("#now-values")
+            values.locator('[data-metric="voltage"]', has_text="14.20 V").wait_for()
+            assert values.locator('[data-metric="voltage"]').get_attribute("data-state") == "fresh"
+            for metric in ("current", "power", "soc"):
+                cell = values.locator(f'[data-metric="{metric}"]')
+                assert cell.get_attribute("data-state") == "stale", metric
+                assert cell.locator(".stale-mark").inner_text() == "stale"
+                assert "Not in the latest reading" in (cell.get_attribute("title") or "")
 
         with step("set a notification target"):
             page.get_by_role("link", name="Account").click()
@@ -326,16 +411,84 @@ def test_dashboard_on_a_phone_in_dark_mode(site: Site, browser: Browser, artifac
     try:
         assert context.request.post("/interface/login", data={"api_key": site.key}).ok
         house_id = site.batmons["House bank"]["batmon_id"]
+        # A notice with a long target and error in the House bank's log (it used to be clipped).
+        site.call("/interface/user/notifications",
+                  email_url="json://127.0.0.1:9/" + "averylongpathwithoutanyplacetobreak" * 4)  # fmt: skip
+        site.call("/interface/batmon/alarm/add", batmon_id=house_id, alarm_name="Phone check",
+                  alarm_metric="voltage", alarm_condition=">", alarm_threshold_value=0)  # fmt: skip
+        site.publish("House bank", {"voltage": 12.9})
         for name, path in (("list", "/"), ("batmon", f"/batmon/{house_id}"), ("account", "/account")):
             with step(f"the {name} page fits a phone screen in dark colours"):
                 page.goto(path)
                 if name == "batmon":
                     page.locator('#charts[data-state="ready"]').wait_for()
+                    page.locator("#log-table tbody tr").first.wait_for()
                 overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
                 assert overflow <= 0, f"{overflow} px wider than the screen"
+                clipped = page.evaluate(CLIPPED)
+                assert clipped == [], f"content cut off on the right: {clipped}"
                 background = page.evaluate("getComputedStyle(document.body).backgroundColor")
                 rgb = [int(v) for v in re.findall(r"\d+", background)[:3]]
                 assert sum(rgb) < 150, f"background {background} is not dark"
+                if UPDATE_README and name in ("list", "batmon"):
+                    page.locator('#live-state[data-state="open"]').wait_for()
+                    image = "dashboard-phone.png" if name == "list" else "dashboard-batmon-phone.png"
+                    page.screenshot(path=README_IMAGES / image)
+            if name == "list":
+                with step("the list is compact on a phone: a few short lines per batmon"):
+                    heights = page.evaluate("""() => [...document.querySelectorAll('#batmons tbody tr')]
+                        .map(tr => tr.getBoundingClientRect().height)""")
+                    print(f"batmon rows on a 390 px phone: {[round(h) for h in heights]} px")
+                    # Three lines, four when a stale mark wraps (it was 285 px a batmon).
+                    assert heights and max(heights) <= 120, heights
+    finally:
+        context.close()
+
+
+def test_the_connect_cards_mosquitto_pub_line_lands_a_reading_when_run(
+    site: Site, browser: Browser, artifacts: Path
+) -> None:
+    context = browser.new_context(base_url=site.url, viewport={"width": 1280, "height": 800})
+    context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page = context.new_page()
+    page.set_default_timeout(10_000)
+    step = Steps(page, artifacts)
+    van = site.batmons["Van starter"]
+    van_id = van["batmon_id"]
+    try:
+        assert context.request.post("/interface/login", data={"api_key": site.key}).ok
+        with step("the card names this server's MQTT address, and the token only on demand"):
+            page.goto(f"/batmon/{van_id}")
+            card = page.locator("#connect")
+            card.locator("#mqtt-port", has_text=str(site.mqtt_port)).wait_for()
+            assert card.locator("#mqtt-host").inner_text() == "127.0.0.1"
+            assert card.locator("#mqtt-username").inner_text() == str(van_id)
+            assert van["batmon_token"] not in page.content(), "the token is in the page before asked"
+            assert "TOKEN" in card.locator("#pub-line").inner_text()
+
+        with step("copying the mosquitto_pub line shows the token and copies the whole line"):
+            card.get_by_role("button", name="Copy the mosquitto_pub line").click()
+            card.locator("#copy-status", has_text="Copied the mosquitto_pub line.").wait_for()
+            line = card.locator("#pub-line").inner_text()
+            assert page.evaluate("navigator.clipboard.readText()") == line
+            assert card.locator("#token").inner_text() == van["batmon_token"]
+            assert f"-p {site.mqtt_port}" in line and van["batmon_token"] in line, line
+
+        with step("the copied line, run in a shell, lands its reading in history"):
+            before = time.time() - 1
+            done = subprocess.run(["sh", "-c", line], capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0, done.stderr
+            [answer] = site.http.get("/interface/batmon/history", params={
+                "batmon_id": van_id, "min_epoch_tm_sec": int(before)}).json()["success"]
+            landed = [r for r in answer["data"] if r["batmon_voltage"] == 12.8]
+            assert len(landed) == 1 and landed[0]["batmon_soc"] == 86, answer["data"]
+            page.locator('#now-values [data-metric="voltage"]', has_text="12.80 V").wait_for()
+
+        with step("the curl line works too"):
+            line = card.locator("#curl-line").inner_text()
+            assert line.startswith(f"curl -s -X POST {site.url}/interface/update/batmon "), line
+            done = subprocess.run(["sh", "-c", line], capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0 and json.loads(done.stdout) == {"success": "success"}, done
     finally:
         context.close()
 
@@ -367,6 +520,11 @@ def test_api_docs_page_renders_with_nothing_from_outside(site: Site, browser: Br
     finally:
         context.close()
 
+
+# Boxes that hide overflowing content (a table's scroll wrapper, a card) must not have any.
+CLIPPED = """() => [...document.querySelectorAll('.table-wrap, .card, pre')]
+  .filter(el => el.offsetParent !== null && el.scrollWidth > el.clientWidth + 1)
+  .map(el => `${el.className || el.tagName}: ${el.scrollWidth} > ${el.clientWidth}`)"""
 
 UNNAMED_CONTROLS = """() => [...document.querySelectorAll(
     'input:not([type=hidden]), select, textarea, button, a[href]')]

@@ -16,6 +16,7 @@ from bridge.core import Core
 from bridge.events import EventBus, StatusChanged
 from bridge.models import AddBatmon, DeviceRef, EditBatmon, Reading
 from bridge.store.db import Store
+from bridge.store.retention import RetentionStore
 from http_api import handlers as h
 from http_api.live import LiveFeed, LiveStream, TooManyStreams
 
@@ -42,7 +43,7 @@ async def messages(feed: LiveFeed, stream: LiveStream) -> list[tuple[str, dict[s
     batch = await stream.take(timeout=0)
     assert batch is not None, "the stream is closed"
     out = []
-    for text in feed.messages_for(stream, *batch):
+    for text in await feed.messages_for(stream, *batch):
         event, data = text.strip().split("\n")
         out.append((event.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
     return out
@@ -195,3 +196,94 @@ def test_an_event_emitted_on_another_thread_reaches_the_stream_on_the_loop(tmp_p
         assert batch == ({house.id: False}, False)
 
     run(tmp_path, scenario)
+
+
+# -- when each value was last reported (issue 18: "—" and stale marks) ----------------------
+def test_a_value_left_out_of_the_latest_reading_is_stale_and_one_never_sent_is_null(
+    tmp_path: Path,
+) -> None:
+    async def scenario(core: Core, feed: LiveFeed) -> None:
+        user, _ = core.create_user("owner@example.org")
+        house, fresh = add(core, user, "House"), add(core, user, "Fresh")
+        stream = await opened(feed, user.id)
+        await ingest(core, house, voltage=12.5, current=-3.0, ts=1_700_000_000)
+        await ingest(core, house, voltage=12.6, ts=1_700_000_060)  # a voltage-only reading
+        [(event, data)] = await messages(feed, stream)
+        assert event == "batmon"
+        assert data["reported"] == {"voltage": 1_700_000_060, "current": 1_700_000_000,
+                                    "power": None, "soc": None}  # fmt: skip
+        assert data["stale"] == ["current"]
+        # The API keeps the seed's 0.0 for a value never reported; only the page says "—".
+        assert (data["batmon_power"], data["batmon_soc"]) == (0.0, 0.0)
+        snapshot = feed.snapshot(fresh, core.clock())
+        assert set(snapshot["reported"].values()) == {None} and snapshot["stale"] == []
+
+    run(tmp_path, scenario)
+
+
+def test_after_a_restart_the_feed_learns_from_history_when_each_value_was_reported(
+    tmp_path: Path,
+) -> None:
+    async def before(core: Core, feed: LiveFeed) -> None:
+        user, _ = core.create_user("owner@example.org")
+        house = add(core, user, "House")
+        await ingest(core, house, voltage=12.5, soc=80, details={"temperature": 21},
+                     ts=1_700_000_000)  # fmt: skip
+        await ingest(core, house, voltage=12.6, ts=1_700_000_060)
+        await ingest(core, house, current=4.0, ts=1_699_999_000)  # back-filled: history only
+
+    async def after(core: Core, feed: LiveFeed) -> None:
+        [house] = core.batmons.values()
+        await feed.learn_reported([house])
+        snapshot = feed.snapshot(house, core.clock())
+        assert snapshot["reported"] == {"voltage": 1_700_000_060, "current": 1_699_999_000,
+                                        "power": None, "soc": 1_700_000_000}  # fmt: skip
+        assert snapshot["stale"] == ["current", "soc"]
+
+    run(tmp_path, before)
+    run(tmp_path, after)
+
+
+def test_a_value_only_in_pruned_readings_is_known_from_the_hourly_rollups(tmp_path: Path) -> None:
+    async def before(core: Core, feed: LiveFeed) -> None:
+        user, _ = core.create_user("owner@example.org")
+        house = add(core, user, "House")
+        await ingest(core, house, soc=80, ts=1_700_000_000)  # 22:13:20 UTC; pruned below
+        await ingest(core, house, voltage=12.6, ts=1_700_100_000)
+        retention = RetentionStore(tmp_path / "batmon.sqlite3")
+        assert retention.prune_batch(house.id, 1_700_050_000) == 1
+        retention.close()
+
+    async def after(core: Core, feed: LiveFeed) -> None:
+        [house] = core.batmons.values()
+        await feed.learn_reported([house])
+        snapshot = feed.snapshot(house, core.clock())
+        # No later than the end of its hour: 22:00:00 + 3,599 s.
+        assert snapshot["reported"]["soc"] == 1_699_999_200 + 3599
+        assert snapshot["reported"]["current"] is None and snapshot["stale"] == ["soc"]
+
+    run(tmp_path, before)
+    run(tmp_path, after)
+
+
+def test_a_page_shown_before_any_stream_still_sees_later_readings_as_fresh(tmp_path: Path) -> None:
+    async def scenario(core: Core, feed: LiveFeed) -> None:
+        user, _ = core.create_user("owner@example.org")
+        house = add(core, user, "House")
+        await ingest(core, house, voltage=12.5, current=1.0, power=12.5, soc=80, ts=1_700_000_000)
+        await feed.learn_reported([house])  # a page, with no stream open and the feed not started
+        await ingest(core, house, voltage=12.6, current=1.1, power=13.9, soc=81, ts=1_700_000_060)
+        snapshot = feed.snapshot(house, core.clock())
+        assert snapshot["stale"] == [] and snapshot["reported"]["soc"] == 1_700_000_060
+
+    async def main() -> None:
+        store = Store.open(tmp_path / "batmon.sqlite3")
+        core = Core(store, EventBus()).load()
+        feed = LiveFeed(core)  # not started: the first page does it
+        try:
+            await scenario(core, feed)
+        finally:
+            await feed.stop()
+            store.close()
+
+    asyncio.run(main())

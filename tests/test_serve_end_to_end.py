@@ -215,6 +215,7 @@ def test_external_mosquitto_mode_uses_the_same_ingest(serve: ServeProcess) -> No
         assert [row["batmon_soc"] for row in h["data"]] == [55.0]  # the wrong token's never landed
         health = http.get("/healthz").json()
         assert health["mqtt"] == "connected" and health["broker"] == "external"
+        assert health["mqtt_base_topic"] == base  # the dashboard's connect card shows it
         assert health["mqtt_stats"]["dropped_wrong_token"] == 1
         state = Client(1883, "anyone", "")
         state.subscribe(f"{base}/{batmon_id}/state")

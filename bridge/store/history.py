@@ -154,6 +154,11 @@ class HistoryReader:
         finally:
             conn.close()
 
+    async def last_reported(self, batmon_ids: list[int]) -> dict[int, dict[str, float]]:
+        """When each metric of these batmons was last in a reading (metrics never reported
+        are left out); from the readings, else the latest rollup hour's end. One worker call."""
+        return await self.run(lambda conn: {b: _last_reported(conn, b) for b in batmon_ids})
+
     # -- buckets ---------------------------------------------------------------
     async def bucket_plan(self, batmon_id: int, lo: float, hi: float, bucket: int
                           ) -> tuple[float, float, bool] | None:  # fmt: skip
@@ -259,3 +264,27 @@ def _next_value(conn: sqlite3.Connection, batmon_id: int, lo: float, rollup_lo: 
         ).fetchone()[0])  # fmt: skip
     values = [v for v in found if v is not None]
     return min(values) if values else None
+
+
+def _last_reported(conn: sqlite3.Connection, batmon_id: int) -> dict[str, float]:
+    # The latest reading usually carries every metric: one seek at the end of the key.
+    flags = ", ".join(f"{m} IS NOT NULL" for m in METRICS)
+    latest = conn.execute(f"SELECT ts, {flags} FROM readings WHERE batmon_id = ?"
+                          " ORDER BY ts DESC, seq DESC LIMIT 1", (batmon_id,)).fetchone()  # fmt: skip
+    if latest is None:
+        found: dict[str, float] = {}
+    else:
+        found = {m: float(latest[0]) for m, carried in zip(METRICS, latest[1:], strict=True) if carried}
+    for metric in (m for m in METRICS if m not in found):
+        # Backwards along the key to the latest reading that has it; a metric the device
+        # never sends costs one scan of the batmon's rows.
+        row = conn.execute(f"SELECT ts FROM readings WHERE batmon_id = ? AND {metric} IS NOT NULL"
+                           " ORDER BY ts DESC, seq DESC LIMIT 1", (batmon_id,)).fetchone()  # fmt: skip
+        if row is None:
+            # Pruned into hourly rollups: no later than the end of the latest hour that has it.
+            row = conn.execute(f"SELECT max(hour) + {ROLLUP_SECONDS - 1} FROM rollups"
+                               f" WHERE batmon_id = ? AND {metric}_count > 0",
+                               (batmon_id,)).fetchone()  # fmt: skip
+        if row is not None and row[0] is not None:
+            found[metric] = float(row[0])
+    return found

@@ -8,8 +8,9 @@
   let bank = initial;
   const $ = (selector) => document.querySelector(selector);
 
-  function text(value, unit) {
-    return value === null || value === undefined ? "–" : Batmon.withUnit(value, unit);
+  /** A bank value with its metric's decimals (bank_soc as soc...), "—" when there is none. */
+  function text(value, unit, key = "") {
+    return Batmon.formatMetric(value, key.replace(/^bank_/, ""), unit);
   }
 
   function render() {
@@ -18,7 +19,7 @@
     status.textContent = bank.bank_status;
     status.dataset.status = bank.bank_status;
     for (const dd of document.querySelectorAll("#bank-values dd[data-value]")) {
-      dd.textContent = text(bank[dd.dataset.value], dd.dataset.unit);
+      dd.textContent = text(bank[dd.dataset.value], dd.dataset.unit, dd.dataset.value);
     }
     const weighting = $("#weighting");
     weighting.dataset.weighting = bank.bank_soc_weighting;
@@ -39,10 +40,8 @@
       const s = tr.querySelector(".status");
       s.textContent = m.batmon_status;
       s.dataset.status = m.batmon_status;
-      tr.querySelector('[data-metric="soc"]').textContent = text(m.batmon_soc, "%");
+      for (const metric of ["soc", "voltage", "current"]) Batmon.showMetric(tr.querySelector(`[data-metric="${metric}"]`), m, metric);
       tr.querySelector('[data-metric="capacity"]').textContent = text(m.capacity_ah, "Ah");
-      tr.querySelector('[data-metric="voltage"]').textContent = text(m.batmon_voltage, "V");
-      tr.querySelector('[data-metric="current"]').textContent = text(m.batmon_current, "A");
       tr.querySelector(".included").textContent = offline.has(id) ? "left out (Offline)" : "yes";
     }
     $("#no-members").hidden = bank.batmon_ids.length > 0;

@@ -19,7 +19,7 @@
     age.dataset.epoch = b.last_reading === null ? "" : String(b.last_reading);
     age.textContent = Batmon.age(b.last_reading);
     for (const m of METRICS) {
-      $(`#now-values [data-metric="${m}"]`).textContent = Batmon.withUnit(b["batmon_" + m], b.units[m]);
+      Batmon.showMetric($(`#now-values [data-metric="${m}"]`), b, m);
       $(`.chart[data-metric="${m}"] .unit`).textContent = `(${b.units[m]})`;
     }
   }
@@ -29,7 +29,9 @@
     const units = Object.fromEntries(METRICS.map((m) => [m, b[m + "_units"] || DEFAULT_UNITS[m]]));
     const token = b.batmon_token;
     delete b.batmon_token;
-    return { ...b, units, last_reading: previous.last_reading, _token: token };
+    // The status API has no report times: keep the stream's (the next event brings new ones).
+    const { last_reading, reported, stale } = previous;
+    return { ...b, units, last_reading, reported, stale, _token: token };
   }
 
   async function refresh() {
@@ -68,9 +70,9 @@
       },
       series: [
         {},
-        { label: "avg", stroke: c.line, width: 2, spanGaps: true, value: (u, v) => Batmon.withUnit(v, unit) },
-        { label: "min", stroke: c.faint, width: 1, spanGaps: true, value: (u, v) => Batmon.withUnit(v, unit) },
-        { label: "max", stroke: c.faint, width: 1, spanGaps: true, value: (u, v) => Batmon.withUnit(v, unit) },
+        { label: "avg", stroke: c.line, width: 2, spanGaps: true, value: (u, v) => Batmon.formatMetric(v, metric, unit) },
+        { label: "min", stroke: c.faint, width: 1, spanGaps: true, value: (u, v) => Batmon.formatMetric(v, metric, unit) },
+        { label: "max", stroke: c.faint, width: 1, spanGaps: true, value: (u, v) => Batmon.formatMetric(v, metric, unit) },
       ],
       bands: [{ series: [3, 2], fill: c.band }],
       axes: [
@@ -126,6 +128,7 @@
       Object.assign(chartsEl.dataset, { min: String(min), max: String(max), requestedPoints: String(points),
                                         appended: "0" });
       draw();
+      showCsvLink(min, max);
       chartsEl.dataset.state = "ready";
       Batmon.say(chartStatus, rows.length
         ? `${rows.length} points from ${Batmon.timeText(min)} to ${Batmon.timeText(max)}${h.bucket ? `, one per ${h.bucket} s` : ""}.`
@@ -136,6 +139,17 @@
     }
   }
 
+  /** The CSV link asks for the raw readings of the range the charts show (not their buckets). */
+  function showCsvLink(min, max) {
+    const query = new URLSearchParams({ batmon_id: id, min_epoch_tm_sec: min, max_epoch_tm_sec: max, format: "csv" });
+    const link = $("#csv-download");
+    link.href = `/interface/batmon/history?${query}`;
+    link.setAttribute("download", `batmon-${id}-${min}-${max}.csv`);
+    link.dataset.min = String(min);
+    link.dataset.max = String(max);
+    $("#csv-range").textContent = `${Batmon.timeText(min)} to ${Batmon.timeText(max)}`;
+  }
+
   /** A live reading extends a "last …" range by one point, without asking the server. */
   function appendLive(b) {
     if (!shown || range.to !== undefined || b.last_reading === null) return;
@@ -143,7 +157,9 @@
     if (b.last_reading <= last) return;
     shown.x.push(b.last_reading);
     chartsEl.dataset.appended = String(Number(chartsEl.dataset.appended || 0) + 1);
-    for (const m of METRICS) for (const s of shown.series[m]) s.push(b["batmon_" + m]);
+    // A value the reading left out is a gap, not a repeat of the old one.
+    const carried = (m) => !(Array.isArray(b.stale) && b.stale.includes(m));
+    for (const m of METRICS) for (const s of shown.series[m]) s.push(carried(m) ? b["batmon_" + m] : null);
     for (const m of METRICS) {
       plots[m].setData([shown.x, ...shown.series[m]]);
       chartsEl.querySelector(`.chart[data-metric="${m}"]`).dataset.points = String(plots[m].data[0].length);
@@ -340,22 +356,87 @@
       }
     });
   }
-  $("#show-token").addEventListener("click", async () => {
-    const button = $("#show-token");
-    const token = $("#token");
-    if (!token.hidden) {
-      token.hidden = true;
-      token.textContent = "";
-      button.textContent = "Show device token";
-      button.setAttribute("aria-expanded", "false");
-      return;
+  // -- connect this device: where and how it sends readings ----------------------------
+  // The MQTT address and base topic come from /healthz, the same answer `batmon simulate`
+  // reads; a server listening on every address is reached at the host this page came from.
+  const WILDCARDS = new Set(["", "0.0.0.0", "::", "[::]"]);
+  const connect = { host: window.location.hostname, port: null, base: "batmon", token: null };
+  const shell = (text) => (/^[\w@%+=:,./-]+$/.test(text) ? text : `'${text.replaceAll("'", "'\\''")}'`);
+
+  function renderConnect() {
+    const token = connect.token ?? "TOKEN";
+    const host = connect.host.includes(":") ? `[${connect.host}]` : connect.host;
+    const topic = `${connect.base}/${id}/${token}/update`;
+    $("#mqtt-host").textContent = connect.host;
+    $("#mqtt-port").textContent = connect.port === null ? "unknown" : String(connect.port);
+    $("#mqtt-topic").textContent = topic;
+    const reading = '{"voltage": 12.8, "current": -3.0, "power": -38, "soc": 86}';
+    $("#pub-line").textContent = ["mosquitto_pub", "-V", "mqttv311", "-h", shell(connect.host),
+      "-p", String(connect.port ?? 1883), "-u", String(id), "-P", shell(token), "-q", "1",
+      "-t", shell(topic), "-m", shell(reading)].join(" ");
+    const url = `${window.location.protocol}//${host}${window.location.port ? ":" + window.location.port : ""}`;
+    $("#curl-line").textContent = `curl -s -X POST ${shell(url + "/interface/update/batmon")} -d batmon_id=${id}` +
+      ` -d batmon_token=${shell(token)} -d batmon_voltage=12.8 -d batmon_current=-3.0 -d batmon_power=-38 -d batmon_soc=86`;
+  }
+
+  async function loadConnect() {
+    try {
+      const response = await fetch("/healthz", { headers: { Accept: "application/json" } });
+      const health = await response.json();
+      if (health.mqtt_port) connect.port = Number(health.mqtt_port);
+      if (health.mqtt_base_topic) connect.base = health.mqtt_base_topic;
+      if (health.mqtt_host && !WILDCARDS.has(health.mqtt_host)) connect.host = health.mqtt_host;
+      if (health.broker === "external") {
+        $("#connect-note").textContent = "This server uses an external MQTT broker: the device logs in"
+          + " with that broker's own credentials and publishes to the topic below.";
+      }
+    } catch (e) {
+      Batmon.say($("#copy-status"), "The MQTT address is unknown (/healthz did not answer).", "error");
     }
+    renderConnect();
+  }
+
+  /** Fetch the device token (on demand only: it is never in the page or the stream). */
+  async function revealToken() {
     const b = await refresh();
-    token.textContent = b._token;
-    token.hidden = false;
-    button.textContent = "Hide device token";
-    button.setAttribute("aria-expanded", "true");
+    connect.token = b._token;
+    $("#token").textContent = b._token;
+    $("#token").hidden = false;
+    $("#show-token").textContent = "Hide device token";
+    $("#show-token").setAttribute("aria-expanded", "true");
+    renderConnect();
+  }
+
+  $("#show-token").addEventListener("click", async () => {
+    if (connect.token === null) return revealToken();
+    connect.token = null;
+    $("#token").hidden = true;
+    $("#token").textContent = "";
+    $("#show-token").textContent = "Show device token";
+    $("#show-token").setAttribute("aria-expanded", "false");
+    renderConnect();
   });
+
+  /** Copy a command line (with the real token: copying shows it first). The clipboard API
+   * needs a secure context; over plain http on a LAN the text is selected for Ctrl+C instead. */
+  for (const copy of document.querySelectorAll("[data-copy]")) {
+    copy.addEventListener("click", async () => {
+      const status = $("#copy-status");
+      try {
+        if (connect.token === null) await revealToken();
+        const code = document.getElementById(copy.dataset.copy);
+        if (navigator.clipboard && window.isSecureContext) {
+          await navigator.clipboard.writeText(code.textContent);
+          Batmon.say(status, `Copied the ${code.dataset.command} line.`);
+        } else {
+          window.getSelection().selectAllChildren(code);
+          Batmon.say(status, `Selected the ${code.dataset.command} line: press Ctrl+C (⌘C) to copy it.`);
+        }
+      } catch (e) {
+        Batmon.say(status, e.message, "error");
+      }
+    });
+  }
   $("#delete-batmon").addEventListener("click", async () => {
     if (!window.confirm(`Delete ${batmon.batmon_name} with its history and alarms?`)) return;
     try {
@@ -418,6 +499,8 @@
   renderHead(batmon);
   renderAlarms(batmon.alarms);
   Batmon.tickAges();
+  renderConnect();
+  loadConnect();
   load();
   loadLog();
 })();

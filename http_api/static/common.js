@@ -61,6 +61,70 @@ const Batmon = (() => {
     return unit === "%" ? text + "%" : text + " " + unit;
   }
 
+  // Decimals per metric, in its default unit: V 2, A 2 below 10 A else 1, W 0, % 1 only
+  // when not whole. A batmon's own unit (mV, kW...) keeps the general rule above.
+  const DEFAULT_UNITS = { voltage: "V", current: "A", power: "W", soc: "%" };
+  const DECIMALS = {
+    voltage: () => 2,
+    current: (v) => (Math.abs(v) < 10 ? 2 : 1),
+    power: () => 0,
+    soc: (v) => (Math.abs(v - Math.round(v)) < 0.05 ? 0 : 1),
+  };
+
+  /** A metric's value as a person reads it: its decimals and unit; "—" when there is none. */
+  function formatMetric(value, metric, unit) {
+    if (value === null || value === undefined || Number.isNaN(value)) return "—";
+    if (unit !== DEFAULT_UNITS[metric] || !DECIMALS[metric]) return withUnit(value, unit);
+    let text = value.toFixed(DECIMALS[metric](value));
+    if (/^-0(\.0*)?$/.test(text)) text = text.slice(1); // no "-0 W"
+    return unit === "%" ? text + "%" : text + " " + unit;
+  }
+
+  /**
+   * Show one value of a batmon (a live-stream or page snapshot) in ``el``: "—" when it
+   * was never reported, else the value, marked stale when the latest reading left it
+   * out. ``data-state`` says which (never, stale, fresh); ``reported`` is null for a
+   * value never reported, and absent (nothing known, show the value) on an old server.
+   */
+  function showValue(el, b, metric, text) {
+    const reported = b.reported ? b.reported[metric] : undefined;
+    const never = b.last_reading === null || reported === null;
+    const stale = !never && Array.isArray(b.stale) && b.stale.includes(metric);
+    el.dataset.state = never ? "never" : stale ? "stale" : "fresh";
+    el.replaceChildren();
+    if (never) {
+      const dash = document.createElement("span");
+      dash.setAttribute("aria-hidden", "true");
+      dash.textContent = "—";
+      el.append(dash, srText("never reported"));
+      el.title = "Never reported";
+      return;
+    }
+    el.append(text);
+    if (stale) {
+      const mark = document.createElement("span");
+      mark.className = "stale-mark";
+      mark.textContent = "stale";
+      const when = reported ? `last reported ${age(reported)}, ${timeText(reported)}` : "older";
+      mark.title = el.title = `Not in the latest reading: ${when}`;
+      el.append(" ", mark, srText(`(${when})`));
+    } else {
+      el.removeAttribute("title");
+    }
+  }
+
+  function srText(text) {
+    const span = document.createElement("span");
+    span.className = "sr-only";
+    span.textContent = text;
+    return span;
+  }
+
+  /** showValue for voltage, current, power or SoC, with its decimals and unit. */
+  function showMetric(el, b, metric) {
+    showValue(el, b, metric, formatMetric(b["batmon_" + metric], metric, b.units[metric]));
+  }
+
   // Ages are measured on the server's clock: a phone whose clock is off still reads right.
   const serverNow = Number(document.body.dataset.serverNow);
   const clockOffset = serverNow ? serverNow - Date.now() / 1000 : 0;
@@ -147,5 +211,8 @@ const Batmon = (() => {
   }
 
   setupLogout();
-  return { api, ApiError, say, serverTime, formatNumber, withUnit, age, timeText, tickAges, live, initialJson, formFields };
+  return {
+    api, ApiError, say, serverTime, formatNumber, withUnit, formatMetric, showValue, showMetric,
+    age, timeText, tickAges, live, initialJson, formFields,
+  };
 })();
