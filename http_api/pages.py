@@ -23,7 +23,7 @@ from bridge.models import BankRef, DeviceRef, NoFields, ShowTargets
 from http_api import handlers as h
 from http_api.auth import Sessions
 from http_api.cross_site import CrossSiteGuard
-from http_api.live import METRICS, LiveFeed
+from http_api.live import METRICS, LiveFeed, batmon_snapshot
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=HERE / "templates")
@@ -64,8 +64,10 @@ class Dashboard:
     async def snapshots(self, batmon_ids: list[int]) -> list[dict[str, Any]]:
         """What the pages show of these batmons, as the live stream sends it."""
         batmons = [self.core.batmons[i] for i in batmon_ids]
-        await self.live.learn_reported(batmons)
         now = self.core.clock()
+        if self.live is None:  # an app without a live feed: no report times to show
+            return [batmon_snapshot(b, now) for b in batmons]
+        await self.live.learn_reported(batmons)
         return [self.live.snapshot(b, now) for b in batmons]
 
     async def home(self, request: Request) -> Response:
