@@ -1,4 +1,5 @@
-"""The `batmon` command: serve, user add/list/notify, simulate, agent vedirect.
+"""The `batmon` command: serve, backup, restore, user add/list/notify/reset-key/token, simulate,
+agent vedirect.
 
 Every failure is one line on stderr: exit 2 for bad usage, 1 at run time.
 """
@@ -25,7 +26,9 @@ ENV_PREFIX = "BATMON_"
 SERVE_OPTIONS = ("data_dir", "host", "http_port", "mqtt_port", "mqtt_url", "broker_config",
                  "base_topic", "discovery_prefix", "discovery", "notify_retry_s",
                  "notify_give_up_s", "metrics", "metrics_token", "metrics_per_batmon",
-                 "retention_days", "http_max_connections")  # fmt: skip
+                 "retention_days", "http_max_connections", "mqtt_tls_port", "tls_cert", "tls_key",
+                 "tls_client_ca", "http_tls_cert", "http_tls_key", "mqtt_ca", "mqtt_client_cert",
+                 "mqtt_client_key")  # fmt: skip
 
 
 class Parser(argparse.ArgumentParser):
@@ -43,7 +46,7 @@ def build_parser() -> Parser:
     serve.add_argument("--data-dir", help="folder of the SQLite file (default ./batmon-data)")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--http-port", help="HTTP port, 0 picks a free one (default 8080)")
-    serve.add_argument("--mqtt-port", help="embedded broker port, 0 picks one (default 1883)")
+    serve.add_argument("--mqtt-port", help="embedded broker port, 0 picks one, off: TLS only (default 1883)")
     serve.add_argument("--mqtt-url", help="use this broker, e.g. mqtt://user:pass@host:1883")
     serve.add_argument("--broker-config",
                        help="embedded broker config (default ./broker.yaml, else the shipped one)")
@@ -61,6 +64,13 @@ def build_parser() -> Parser:
                        help="prune raw readings older than this; hourly rollups stay (keep all)")
     serve.add_argument("--http-max-connections",
                        help="open HTTP connections; one more gets a 503 (default 512)")
+    serve.add_argument("--mqtt-tls-port", help="embedded broker's TLS port, 0 picks one (none)")
+    serve.add_argument("--tls-cert", help="PEM certificate (chain) of the MQTT TLS listener")
+    serve.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    serve.add_argument("--tls-client-ca", help="require MQTT TLS clients' certificates signed by this CA")
+    serve.add_argument("--http-tls-cert", help="serve HTTPS with this PEM certificate (chain)")
+    serve.add_argument("--http-tls-key", help="PEM private key of --http-tls-cert")
+    add_mqtt_client_tls(serve)
 
     user = commands.add_parser("user", help="manage users")
     user_commands = user.add_subparsers(dest="user_command", required=True, parser_class=Parser)
@@ -72,7 +82,19 @@ def build_parser() -> Parser:
     notify.add_argument("--email", dest="email_url", help="Apprise URL for email notices")
     notify.add_argument("--whatsapp", dest="whatsapp_url", help="Apprise URL for WhatsApp")
     notify.add_argument("--sms", dest="sms_url", help="Apprise URL for SMS")
-    for sub in (add, listing, notify):
+    reset = user_commands.add_parser("reset-key", help="give a user a new api_key; the old one stops working")
+    reset.add_argument("email")
+    token = user_commands.add_parser("token", help="MQTT-only secrets of a user (for Home Assistant)")
+    tokens = token.add_subparsers(dest="token_command", required=True, parser_class=Parser)
+    token_add = tokens.add_parser("add", help="make a token; prints its secret once")
+    token_add.add_argument("email")
+    token_add.add_argument("--name", required=True, help="what it is for, e.g. home-assistant")
+    token_list = tokens.add_parser("list", help="a user's tokens: names and creation dates")
+    token_list.add_argument("email")
+    token_revoke = tokens.add_parser("revoke", help="delete a token; its sessions are closed")
+    token_revoke.add_argument("email")
+    token_revoke.add_argument("name")
+    for sub in (add, listing, notify, reset, token_add, token_list, token_revoke):
         sub.add_argument("--data-dir", help="folder of the SQLite file (default ./batmon-data)")
 
     sim = commands.add_parser("simulate", help="publish plausible readings over MQTT")
@@ -89,6 +111,15 @@ def build_parser() -> Parser:
     sim.add_argument("--count", type=int, default=1, help="batmons to create (with --api-url)")
     sim.add_argument("--interval", type=float, default=5.0, help="seconds between readings")
     sim.add_argument("--readings", type=int, default=None, help="stop after this many rounds")
+
+    backup = commands.add_parser("backup", help="copy the database to FILE, also while serve runs")
+    backup.add_argument("file", type=Path)
+    backup.add_argument("--compact", action="store_true",
+                        help="write a compacted copy (VACUUM INTO): smaller, more CPU")  # fmt: skip
+    restore = commands.add_parser("restore", help="replace the database with backup FILE (serve stopped)")
+    restore.add_argument("file", type=Path)
+    for sub in (backup, restore):
+        sub.add_argument("--data-dir", help="folder of the SQLite file (default ./batmon-data)")
 
     agent = commands.add_parser("agent", help="run beside a device and feed a batmon server")
     agents = agent.add_subparsers(dest="agent_command", required=True, parser_class=Parser)
@@ -108,7 +139,16 @@ def build_parser() -> Parser:
     ve.add_argument("--replay-rate", help="blocks per second of --replay (default 1)")
     ve.add_argument("--replay-loop", action="store_const", const=True,
                     help="start --replay over at its end")  # fmt: skip
+    for client in (ve, sim):
+        add_mqtt_client_tls(client)
     return parser
+
+
+def add_mqtt_client_tls(parser: argparse.ArgumentParser) -> None:
+    """The options of a client of an mqtts:// broker: serve, the agent and simulate alike."""
+    parser.add_argument("--mqtt-ca", help="CA of the mqtts:// broker's certificate (default: the system's)")
+    parser.add_argument("--mqtt-client-cert", help="our PEM certificate, for a broker that asks for one")
+    parser.add_argument("--mqtt-client-key", help="PEM private key of --mqtt-client-cert")
 
 
 def options_from(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
@@ -186,7 +226,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         if args.command == "serve":
-            asyncio.run(run_serve(serve_options(args)))
+            serve_holding_data_dir(serve_options(args))
+        elif args.command in ("backup", "restore"):
+            run_backup_or_restore(args)
         elif args.command == "user":
             run_user(args)
         elif args.command == "simulate":
@@ -212,7 +254,12 @@ async def run_serve(options: ServeOptions) -> None:
         fail(f"batmon serve: {exc}")
     broker = "embedded broker" if service.broker is not None else "external broker"
     print(f"HTTP  {service.http_url}", flush=True)
-    print(f"MQTT  mqtt://{service.mqtt_host}:{service.mqtt_port} ({broker})", flush=True)
+    scheme = "mqtts" if options.mqtt_url and options.mqtt_url.strip().lower().startswith("mqtts") else "mqtt"
+    print(f"MQTT  {scheme}://{service.mqtt_host}:{service.mqtt_port} ({broker}"
+          f"{'; loopback only, for the bridge: --mqtt-port off' if options.mqtt_port is None else ''})",
+          flush=True)  # fmt: skip
+    if service.broker is not None and service.broker.tls_port is not None:
+        print(f"MQTTS mqtts://{options.host}:{service.broker.tls_port} (embedded broker, TLS)", flush=True)
     print(f"data  {options.database_path.resolve()}", flush=True)
     if service.admin_api_key:
         print(f"created user admin@localhost; api_key (shown once): {service.admin_api_key}",
@@ -223,8 +270,55 @@ async def run_serve(options: ServeOptions) -> None:
     await service.stop()
 
 
+def serve_holding_data_dir(options: ServeOptions) -> None:
+    """`serve`, owning the data folder: a second serve (or a restore) on it is refused."""
+    from bridge.data_lock import DataDirInUse, lock_data_dir
+
+    try:
+        lock = lock_data_dir(options.data_dir)
+    except DataDirInUse as exc:
+        fail(f"batmon serve: {exc}")
+    except OSError as exc:
+        fail(f"batmon serve: cannot use data folder {options.data_dir}: {exc.strerror}")
+    try:
+        asyncio.run(run_serve(options))
+    finally:
+        lock.release()
+
+
+def run_backup_or_restore(args: argparse.Namespace) -> None:
+    """`batmon backup FILE` (while serve runs, too) and `batmon restore FILE` (serve stopped)."""
+    from bridge.data_lock import DataDirInUse, lock_data_dir
+    from bridge.store.backup import BackupError, backup_database, restore_database
+    from bridge.store.db import DB_FILENAME
+
+    command = f"batmon {args.command}"
+    data_dir = data_dir_of(args)
+    database = data_dir / DB_FILENAME
+    try:
+        if args.command == "backup":
+            if not data_dir.is_dir():
+                fail(f"{command}: no data folder {data_dir}")
+            done = backup_database(database, args.file, compact=args.compact)
+            print(f"backed up {database} to {done.path} ({done.size_bytes} bytes, schema"
+                  f" {done.schema_version}, {done.seconds:.1f} s)", flush=True)  # fmt: skip
+            return
+        lock = lock_data_dir(data_dir)  # held while the file is swapped: no serve may start
+        try:
+            replaced = restore_database(args.file, database)
+        finally:
+            lock.release()
+        print(f"restored {args.file} into {database}", flush=True)
+        if replaced is not None:
+            print(f"the database it replaced is kept as {replaced}", flush=True)
+    except (BackupError, DataDirInUse) as exc:
+        fail(f"{command}: {exc}")
+    except OSError as exc:
+        fail(f"{command}: {exc.filename or data_dir}: {exc.strerror}")
+
+
 def run_user(args: argparse.Namespace) -> None:
-    """`batmon user add|list|notify` on the data folder's database."""
+    """`batmon user add|list|notify|reset-key|token` on the data folder's database."""
     from bridge.core import Core
     from bridge.events import EventBus
     from bridge.models import NewUser
@@ -244,6 +338,7 @@ def run_user(args: argparse.Namespace) -> None:
     if creating:
         print(f"created data folder {data_dir}", file=sys.stderr, flush=True)
     core = Core(store, EventBus()).load()
+    command = " ".join(filter(None, (args.user_command, getattr(args, "token_command", None))))
     try:
         if args.user_command == "add":
             email = NewUser.model_validate({"email": args.email}).email
@@ -254,12 +349,38 @@ def run_user(args: argparse.Namespace) -> None:
                 print(row["email"])
         elif args.user_command == "notify":
             set_user_targets(core, args)
+        elif args.user_command == "reset-key":
+            print(core.reset_api_key(NewUser.model_validate({"email": args.email}).email))
+        elif args.user_command == "token":
+            run_user_token(core, args)
     except ValidationError as exc:
-        fail(f"batmon user {args.user_command}: {describe_error(exc)}", code=2)
+        fail(f"batmon user {command}: {describe_error(exc)}", code=2)
     except BatmonError as exc:
-        fail(f"batmon user {args.user_command}: {exc.message}")
+        fail(f"batmon user {command}: {exc.message}")
     finally:
         store.close()
+
+
+def run_user_token(core: Any, args: argparse.Namespace) -> None:
+    """`batmon user token add|list|revoke`: a running server honours each within a second."""
+    from datetime import UTC, datetime
+
+    from bridge.models import NewUser, UserTokenName
+
+    if args.token_command == "list":
+        email = NewUser.model_validate({"email": args.email}).email
+        for token in core.mqtt_tokens(email):
+            created = datetime.fromtimestamp(token["created"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            print(f"{token['name']}  created {created}")
+        return
+    spec = UserTokenName.model_validate({"email": args.email, "name": args.name})
+    if args.token_command == "add":
+        print(core.add_mqtt_token(spec.email, spec.name))
+        print(f"MQTT username {spec.email}, password the line above (shown once); it sees"
+              f" {spec.email}'s batmons and works over MQTT only", file=sys.stderr, flush=True)  # fmt: skip
+    else:
+        core.revoke_mqtt_token(spec.email, spec.name)
+        print(f"revoked token {spec.name} of {spec.email}", file=sys.stderr, flush=True)
 
 
 def set_user_targets(core: Any, args: argparse.Namespace) -> None:
@@ -286,6 +407,7 @@ async def run_simulate(args: argparse.Namespace) -> None:
 
     try:
         address = simulate_mqtt_address(args)
+        tls = simulate_tls(args)
     except ValueError as exc:
         fail(f"batmon simulate: {exc}", code=2)
     if args.count < 1 or args.interval <= 0:
@@ -310,15 +432,32 @@ async def run_simulate(args: argparse.Namespace) -> None:
             host, port = address
         if args.api_url:
             devices += await create_batmons(args.api_url, args.api_key, args.count)
-        print(f"simulating {len(devices)} batmon(s) on mqtt://{host}:{port}", flush=True)
+        print(f"simulating {len(devices)} batmon(s) on {'mqtts' if tls else 'mqtt'}://{host}:{port}",
+              flush=True)  # fmt: skip
         for batmon_id, token in devices:
             print(f"  batmon_id {batmon_id} token {token}", flush=True)
         await simulate(host=host, port=port, devices=devices, interval=args.interval,
                        count=args.readings, base_topic=args.base_topic,
-                       confirm_timeout=args.confirm_timeout,
+                       confirm_timeout=args.confirm_timeout, tls=tls,
                        announce=lambda line: print(line, flush=True))  # fmt: skip
     except (SimulateError, MqttConnectError, OSError) as exc:
         fail(f"batmon simulate: {exc}")
+
+
+def simulate_tls(args: argparse.Namespace) -> Any:
+    """The TLS context for an mqtts:// --mqtt-url (flags over BATMON_<NAME>), else None.
+
+    Raises ValueError naming the bad option or file.
+    """
+    from bridge.config import check_client_tls, uses_tls
+    from bridge.tls import client_context
+
+    given = options_from(args, ("mqtt_url", "mqtt_ca", "mqtt_client_cert", "mqtt_client_key"))
+    url = given.get("mqtt_url") or None
+    ca, cert, key = (Path(v) if (v := given.get(k)) else None
+                     for k in ("mqtt_ca", "mqtt_client_cert", "mqtt_client_key"))  # fmt: skip
+    check_client_tls(url, ca, cert, key)
+    return client_context(ca, cert, key) if url and uses_tls(url) else None
 
 
 def simulate_mqtt_address(args: argparse.Namespace) -> tuple[str, int] | None:
@@ -341,12 +480,12 @@ def simulate_mqtt_address(args: argparse.Namespace) -> tuple[str, int] | None:
                 raise ValueError(f"--mqtt-url: {exc}") from None
             return host, port
         try:
-            port = ServeOptions.model_validate({"mqtt_port": value}).mqtt_port
+            plain = ServeOptions.model_validate({"mqtt_port": value}).mqtt_port
         except ValidationError:
             raise ValueError(f"--mqtt-port: {value!r} is not a port number (1-65535)") from None
-        if port == 0:
-            raise ValueError("--mqtt-port: give the port serve printed, not 0")
-        return "127.0.0.1", port
+        if not plain:
+            raise ValueError(f"--mqtt-port: give the port serve printed, not {value}")
+        return "127.0.0.1", plain
     return None
 
 

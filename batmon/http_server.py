@@ -206,11 +206,12 @@ def edge_protocol(max_connections: int, stats: EdgeStats) -> type[EdgeProtocol]:
                 {"max_connections": max_connections, "stats": stats, "over_limit": over_limit})  # fmt: skip
 
 
-def build_server(app: Any, *, max_connections: int, stats: EdgeStats) -> uvicorn.Server:
-    """A uvicorn server for ``app`` with the edge limits; it serves sockets bound elsewhere."""
+def build_server(app: Any, *, max_connections: int, stats: EdgeStats, **tls: Any) -> uvicorn.Server:
+    """A uvicorn server for ``app`` with the edge limits; it serves sockets bound elsewhere.
+    ``tls``: uvicorn's ssl_certfile/ssl_keyfile for HTTPS."""
     config = uvicorn.Config(
         app, http=edge_protocol(max_connections, stats), timeout_keep_alive=KEEP_ALIVE_S,
-        log_level="warning", lifespan="off", access_log=False,
+        log_level="warning", lifespan="off", access_log=False, **tls,
     )  # fmt: skip
     return uvicorn.Server(config)
 
@@ -224,18 +225,21 @@ class HttpServer:
     limits, serving ``app`` on a socket the service already bound (a busy port is then
     one clear error before anything starts)."""
 
-    def __init__(self, app: Any, sock: socket.socket, *, max_connections: int, stats: EdgeStats) -> None:
+    def __init__(self, app: Any, sock: socket.socket, *, max_connections: int, stats: EdgeStats,
+                 tls: dict[str, Any] | None = None) -> None:  # fmt: skip
+        """``tls``: uvicorn's ssl_certfile/ssl_keyfile for HTTPS (none: plain HTTP)."""
         self.app = app
         self.sock = sock
         self.max_connections = max_connections
         self.stats = stats
+        self.tls = tls or {}
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Serve; returns once uvicorn listens (HttpServerError if it ended first)."""
         server = self._server = build_server(self.app, max_connections=self.max_connections,
-                                             stats=self.stats)  # fmt: skip
+                                             stats=self.stats, **self.tls)  # fmt: skip
         # Signals are the service's (the CLI stops the whole service), not uvicorn's: from
         # 0.29 uvicorn takes SIGINT/SIGTERM for the whole of serve() unless this is a no-op.
         server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign, assignment]

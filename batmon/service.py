@@ -23,13 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batmon.http_server import EdgeStats
-from bridge.config import ServeOptions, parse_mqtt_url
+from bridge.config import ServeOptions, parse_mqtt_url, uses_tls
 from bridge.core import Core
 from bridge.datadir import private_file
 from bridge.events import EventBus, HomeAssistantStatus
 from bridge.extensions import Extension
 from bridge.ratelimit import FailureLimiter
 from bridge.store.db import Store
+from bridge.tls import TlsSetupError, client_context, server_context
 from bridge.topics import Topics
 
 if TYPE_CHECKING:
@@ -117,7 +118,8 @@ class Service:
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.options.host}:{self.http_port}"
+        scheme = "https" if self.options.http_tls_cert else "http"
+        return f"{scheme}://{self.options.host}:{self.http_port}"
 
     async def start(self) -> None:
         """Start every part; raises ServiceError (after cleaning up) if one fails."""
@@ -142,6 +144,11 @@ class Service:
             secret = session_secret(opts.data_dir)
         except OSError as exc:
             raise ServiceError(f"cannot use data folder {opts.data_dir}: {exc.strerror}") from None
+        if opts.http_tls_cert and opts.http_tls_key:
+            try:  # checked here: inside uvicorn a bad file is a traceback
+                server_context(opts.http_tls_cert, opts.http_tls_key)
+            except TlsSetupError as exc:
+                raise ServiceError(f"cannot serve HTTPS: {exc}") from None
         self.core = core = Core(self.store, EventBus()).load()
         # Bind HTTP first: a busy port is then one clear error before anything starts.
         sock = bind_socket(opts.host, opts.http_port, "HTTP")
@@ -186,8 +193,10 @@ class Service:
         from bridge.doors.external_door import ExternalBrokerDoor
         from bridge.doors.mqtt_link import BrokerEndpoint, BrokerMode, MqttLink
         from bridge.doors.update_door import UpdateDoor
+        from bridge.events import CredentialsChanged
         from bridge.extensions.alarms import AlarmEvaluator
         from bridge.extensions.bank_publisher import BankPublisher
+        from bridge.extensions.credential_watcher import CredentialWatcher
         from bridge.extensions.discovery import HomeAssistantDiscovery
         from bridge.extensions.metrics import Metrics
         from bridge.extensions.notifier import Notifier
@@ -206,6 +215,8 @@ class Service:
             AlarmEvaluator(core),
             Notifier(core, retry_base_s=opts.notify_retry_s, give_up_after_s=opts.notify_give_up_s),
             OfflineWatchdog(core),
+            # `batmon user ...` from another process: keys and tokens reloaded at once.
+            CredentialWatcher(core, opts.database_path),
         ]
         if opts.retention_days is not None:
             from bridge.extensions.retention_pruner import RetentionPruner
@@ -215,12 +226,18 @@ class Service:
         retained: RetainedPublish
         if opts.mqtt_url:
             host, port, username, password = parse_mqtt_url(opts.mqtt_url)
+            tls = None
+            if uses_tls(opts.mqtt_url):
+                try:
+                    tls = client_context(opts.mqtt_ca, opts.mqtt_client_cert, opts.mqtt_client_key)
+                except TlsSetupError as exc:
+                    raise ServiceError(f"cannot connect to the MQTT broker over TLS: {exc}") from None
             # A stable id keeps the broker's session: readings sent while we were
             # away are delivered when we come back. It names the base topic, so two
             # bridges sharing a broker under different bases do not evict each other.
             client_id = "batmon-bridge-" + opts.base_topic.replace("/", "-")
             self.mqtt_host, self.mqtt_port = host, port
-            link = MqttLink(BrokerEndpoint(host, port, username, password, client_id),
+            link = MqttLink(BrokerEndpoint(host, port, username, password, client_id, tls),
                             BrokerMode.EXTERNAL, self.topics, core.bus,
                             homeassistant=opts.discovery)  # fmt: skip
             door = ExternalBrokerDoor(core, self.topics, link)
@@ -239,7 +256,12 @@ class Service:
                 credentials=core, topics=self.topics,
                 bridge_username=bridge_user, bridge_password=bridge_password, updates=update_door,
                 limiter=self.limiter, on_homeassistant_status=self._homeassistant_status,
+                tls={"port": opts.mqtt_tls_port, "cert": opts.tls_cert, "key": opts.tls_key,
+                     "client_ca": opts.tls_client_ca},
             )  # fmt: skip
+            # A key reset or a token revoked by `batmon user ...`: end the sessions it opened
+            # (the subscription lives as long as this core's bus).
+            core.bus.subscribe(CredentialsChanged, lambda _: broker.drop_revoked_sessions())
             self.mqtt_host = opts.host
             # The in-process broker has no session to keep across our restarts, and a
             # fixed id could be taken over by a clean-session CONNECT: a fresh one. Its
@@ -247,7 +269,7 @@ class Service:
             client_id = f"batmon-bridge-{secrets.token_hex(6)}"
             # The broker says whose Home Assistant published its status (only that user's
             # configs go out again), so the link does not listen for it here.
-            link = MqttLink(lambda: BrokerEndpoint(opts.host, broker.port, bridge_user,
+            link = MqttLink(lambda: BrokerEndpoint(broker.host, broker.port, bridge_user,
                                                    bridge_password, client_id),
                             BrokerMode.EMBEDDED, self.topics, core.bus, homeassistant=False)  # fmt: skip
             retained = broker.publish_retained
@@ -274,7 +296,8 @@ class Service:
         # The live feed starts after the HTTP server, so it stops before it: open streams
         # never end by themselves, and the server waits for them.
         # uvicorn with the limits it lacks: head size and time, connections (batmon/http_server.py).
-        server = HttpServer(app, sock, max_connections=opts.http_max_connections, stats=self.http_edge)
+        server = HttpServer(app, sock, max_connections=opts.http_max_connections, stats=self.http_edge,
+                            tls=https_options(opts))  # fmt: skip
         parts += [server, live]
         return parts + self._more
 
@@ -366,3 +389,10 @@ class Service:
             return
         if not task.cancelled() and task.exception() is not None:
             log.warning("%s failed to stop: %r", name, task.exception())
+
+
+def https_options(opts: ServeOptions) -> dict[str, Any]:
+    """uvicorn's own TLS settings for --http-tls-cert/--http-tls-key; none without them."""
+    if opts.http_tls_cert is None or opts.http_tls_key is None:
+        return {}
+    return {"ssl_certfile": str(opts.http_tls_cert), "ssl_keyfile": str(opts.http_tls_key)}

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from bridge.store.db import DB_FILENAME
 
 DEFAULT_MQTT_PORT = 1883
+DEFAULT_MQTTS_PORT = 8883
 PACKAGED_BROKER_CONFIG = Path(__file__).with_name("broker.yaml")
 Port = Annotated[int, Field(ge=0, le=65535)]
 
@@ -39,7 +40,7 @@ class ServeOptions(BaseModel):
     data_dir: Path = Path("batmon-data")
     host: str = "127.0.0.1"
     http_port: Port = 8080
-    mqtt_port: Port = 1883
+    mqtt_port: Port | None = 1883  # None: `off` (TLS only)
     mqtt_url: str | None = None
     broker_config: Path | None = None
     base_topic: str = "batmon"
@@ -52,6 +53,46 @@ class ServeOptions(BaseModel):
     metrics_per_batmon: bool = False
     # None keeps every reading; N prunes raw readings older than N days (hourly rollups stay).
     retention_days: Annotated[int, Field(ge=1, le=36_500)] | None = None
+    # TLS on the embedded broker (also settable in broker.yaml's `tls` section; these win).
+    mqtt_tls_port: Port | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # given: clients must present a certificate it signed
+    # HTTPS with uvicorn's own TLS.
+    http_tls_cert: Path | None = None
+    http_tls_key: Path | None = None
+    # TLS towards an external broker (mqtts:// in --mqtt-url): its CA (else the system's),
+    # and our client certificate where the broker asks for one.
+    mqtt_ca: Path | None = None
+    mqtt_client_cert: Path | None = None
+    mqtt_client_key: Path | None = None
+
+    @field_validator("mqtt_port", mode="before")
+    @classmethod
+    def _plain_mqtt_off(cls, value: object) -> object:
+        # `off`: no plain listener for devices, only TLS (the bridge keeps a loopback one).
+        return None if value == "off" else value
+
+    @field_validator("mqtt_tls_port", "tls_cert", "tls_key", "tls_client_ca", "http_tls_cert",
+                     "http_tls_key", "mqtt_ca", "mqtt_client_cert", "mqtt_client_key",
+                     mode="before")  # fmt: skip
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> ServeOptions:
+        if (self.http_tls_cert is None) != (self.http_tls_key is None):
+            raise ValueError("--http-tls-cert and --http-tls-key go together.")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together.")
+        if self.mqtt_url and (self.mqtt_tls_port is not None or self.tls_cert or self.tls_client_ca):
+            raise ValueError("--mqtt-tls-port, --tls-cert, --tls-key and --tls-client-ca are for the"
+                             " embedded broker; with --mqtt-url, the broker has its own TLS.")
+        if self.mqtt_port is None and self.mqtt_url:
+            raise ValueError("--mqtt-port off is for the embedded broker, not with --mqtt-url.")
+        check_client_tls(self.mqtt_url, self.mqtt_ca, self.mqtt_client_cert, self.mqtt_client_key)
+        return self
     # Open HTTP connections; one more is answered 503 and closed (docs/CHOICES.md, "HTTP limits").
     http_max_connections: Annotated[int, Field(ge=1, le=65_535)] = 512
 
@@ -112,11 +153,11 @@ def parse_mqtt_url(url: str) -> tuple[str, int, str | None, str | None]:
         raise ValueError(
             "the MQTT URL is malformed or its port is not a number between 1 and 65535"
         ) from None
-    if parts.scheme != "mqtt":
+    if parts.scheme not in ("mqtt", "mqtts"):
         shown = f"{parts.scheme}://" if parts.scheme else "no scheme"
         raise ValueError(
-            f"the MQTT URL must look like mqtt://user:pass@host:1883 (got {shown};"
-            " TLS and websockets are not supported)"
+            f"the MQTT URL must look like mqtt://user:pass@host:1883 or mqtts://...:8883 (got {shown};"
+            " websockets are not supported)"
         )
     if not parts.hostname:
         raise ValueError("the MQTT URL must name a host, like mqtt://user:pass@host:1883")
@@ -128,4 +169,19 @@ def parse_mqtt_url(url: str) -> tuple[str, int, str | None, str | None]:
     password = urllib.parse.unquote(parts.password) if parts.password is not None else None
     if password is not None and username is None:
         raise ValueError("the MQTT URL has a password but no username")
-    return parts.hostname, port or DEFAULT_MQTT_PORT, username, password
+    default_port = DEFAULT_MQTTS_PORT if parts.scheme == "mqtts" else DEFAULT_MQTT_PORT
+    return parts.hostname, port or default_port, username, password
+
+
+def uses_tls(url: str) -> bool:
+    """True for an ``mqtts://`` URL (TLS to the broker)."""
+    return url.strip().lower().startswith("mqtts://")
+
+
+def check_client_tls(url: str | None, ca: Path | None, cert: Path | None, key: Path | None) -> None:
+    """The rule for --mqtt-ca, --mqtt-client-cert and --mqtt-client-key, wherever a client
+    connects to a broker (serve, the agent, simulate): only with mqtts://, cert and key together."""
+    if (cert is None) != (key is None):
+        raise ValueError("--mqtt-client-cert and --mqtt-client-key go together.")
+    if (ca or cert) and not (url and uses_tls(url)):
+        raise ValueError("--mqtt-ca, --mqtt-client-cert and --mqtt-client-key need an mqtts:// --mqtt-url.")

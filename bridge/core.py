@@ -28,6 +28,7 @@ from bridge.history_answers import HistoryPlan, Streamed, check_size, utc_text
 from bridge.history_answers import stream as stream_history
 from bridge.models import AddAlarm, AddBatmon, EditAlarm, EditBatmon, HistoryQuery, Reading
 from bridge.security import hash_api_key, new_api_key, new_device_token, same_secret
+from bridge.store.credentials import CredentialRows, Credentials
 from bridge.store.db import Store
 from bridge.store.history import HistoryReader
 from bridge.store.readings import SqliteReadingSink
@@ -170,6 +171,27 @@ class Batmon:
         return cls(**values)
 
 
+@dataclass(frozen=True)
+class CredentialMaps:
+    """The registry's credential lookups, built from stored rows on any thread."""
+
+    version: int
+    users_by_key: dict[str, User]
+    users_by_id: dict[int, User]
+    token_holders: dict[str, int]
+    """An MQTT token's secret hash -> its user's id."""
+
+    @classmethod
+    def of(cls, rows: CredentialRows) -> CredentialMaps:
+        users = [User(id=r["id"], email=r["email"], api_key_hash=r["api_key_hash"]) for r in rows.users]
+        return cls(
+            version=rows.version,
+            users_by_key={u.api_key_hash: u for u in users},
+            users_by_id={u.id: u for u in users},
+            token_holders={r["secret_hash"]: r["user_id"] for r in rows.tokens},
+        )
+
+
 class Core:
     """Owns every rule about users, batmons, readings and alarms; emits events."""
 
@@ -186,6 +208,10 @@ class Core:
         self.alarms: dict[int, Alarm] = {}
         self._users_by_key: dict[str, User] = {}
         self._users_by_id: dict[int, User] = {}
+        # Users' MQTT-only tokens (Home Assistant): secret hash -> user id.
+        self._token_holders: dict[str, int] = {}
+        self.credentials_version = -1
+        """The store's credential change counter this memory reflects (-1: never loaded)."""
         # Who owned each batmon deleted during this run: the clearing of its retained
         # topics (discovery, state) must still reach that owner's subscribers.
         self._deleted_owners: dict[int, int] = {}
@@ -201,8 +227,7 @@ class Core:
 
     def load(self) -> Core:
         """Fill the registry from the store (at start)."""
-        for row in self.store.users():
-            self._remember_user(row)
+        self.replace_credentials(Credentials(self.store).load())
         for row in self.store.batmons():
             batmon = Batmon.from_row(row)
             self.batmons[batmon.id] = batmon
@@ -224,6 +249,43 @@ class Core:
             raise Conflict(f"a user with email {email} exists already") from None
         user = self._remember_user({"id": user_id, "email": email, "api_key_hash": hash_api_key(api_key)})
         return user, api_key
+
+    def _user_by_email(self, email: str) -> User:
+        row = self.store.user_by_email(email.lower())
+        if row is None:
+            raise NotFound(f"no user with email {email}")
+        return self._remember_user(row)
+
+    def reset_api_key(self, email: str) -> str:
+        """Give the user a new api key (shown once); the old one matches nothing from now on."""
+        user = self._user_by_email(email)
+        api_key = new_api_key()
+        Credentials(self.store).set_api_key_hash(user.id, hash_api_key(api_key))
+        self._users_by_key.pop(user.api_key_hash, None)
+        user.api_key_hash = hash_api_key(api_key)
+        self._users_by_key[user.api_key_hash] = user
+        return api_key
+
+    def add_mqtt_token(self, email: str, name: str) -> str:
+        """Make an MQTT-only secret for the user (Home Assistant), shown once; stored hashed."""
+        user = self._user_by_email(email)
+        secret = new_api_key()
+        if not Credentials(self.store).add_token(user.id, name, hash_api_key(secret), self.clock()):
+            raise Conflict(f"a token named {name} of {user.email} exists already: revoke it,"
+                           " or choose another --name")  # fmt: skip
+        self._token_holders[hash_api_key(secret)] = user.id
+        return secret
+
+    def mqtt_tokens(self, email: str) -> list[dict[str, Any]]:
+        """The user's tokens: name and creation time, never a secret."""
+        return Credentials(self.store).tokens_of(self._user_by_email(email).id)
+
+    def revoke_mqtt_token(self, email: str, name: str) -> None:
+        """Delete the user's token of that name; a running server drops its sessions."""
+        user = self._user_by_email(email)
+        if not Credentials(self.store).revoke_token(user.id, name):
+            raise NotFound(f"{user.email} has no token named {name}")
+        self.replace_credentials(Credentials(self.store).load())
 
     def user_for_api_key(self, api_key: str) -> User | None:
         """The user this api key belongs to, or None."""
@@ -247,6 +309,17 @@ class Core:
         """True once any user exists (``serve`` creates admin@localhost otherwise)."""
         return bool(self._users_by_id) or bool(self.store.users())
 
+    def replace_credentials(self, rows: CredentialRows | CredentialMaps) -> None:
+        """Hold exactly these users' keys and tokens (at start, and when another process
+        changed one: a reset key or a revoked token matches nothing from now on).
+
+        Given maps built beforehand (off the loop), this is a swap of three references.
+        """
+        maps = rows if isinstance(rows, CredentialMaps) else CredentialMaps.of(rows)
+        self._users_by_key, self._users_by_id = maps.users_by_key, maps.users_by_id
+        self._token_holders = maps.token_holders
+        self.credentials_version = maps.version
+
     def _remember_user(self, row: dict[str, Any]) -> User:
         user = User(id=row["id"], email=row["email"], api_key_hash=row["api_key_hash"])
         self._users_by_key[user.api_key_hash] = user
@@ -259,10 +332,19 @@ class Core:
         batmon = self.batmons.get(batmon_id)
         return batmon is not None and same_secret(token, batmon.token)
 
-    def check_user(self, email: str, api_key: str) -> int | None:
-        """The user id for an email + api key pair, else None."""
-        user = self.user_for_api_key(api_key)
+    def check_user(self, email: str, secret: str) -> int | None:
+        """The user id for an email + (api key or MQTT token) pair, else None."""
+        holder = self.credential_holder(hash_api_key(secret))
+        if holder is None:
+            user = self.user_for_api_key(secret)  # made by another process a moment ago?
+            holder = user.id if user is not None else None
+        user = self._users_by_id.get(holder) if holder is not None else None
         return user.id if user is not None and user.email == email.lower() else None
+
+    def credential_holder(self, secret_hash: str) -> int | None:
+        """The user id holding this api key or MQTT token now (memory only), else None."""
+        user = self._users_by_key.get(secret_hash)
+        return user.id if user is not None else self._token_holders.get(secret_hash)
 
     def owns(self, user_id: int, batmon_id: int) -> bool:
         """True when the batmon exists and belongs to the user."""

@@ -88,6 +88,14 @@ class BankDeleted:
 
 
 @dataclass(frozen=True)
+class CredentialsChanged:
+    """Users' keys or MQTT tokens changed (another process, e.g. `batmon user reset-key`):
+    the core holds the new set; sessions logged in with a secret now gone must end."""
+
+    version: int
+
+
+@dataclass(frozen=True)
 class TestNoticeRequested:
     """A user asked for a test notice on the channels that have a target."""
 

@@ -473,6 +473,24 @@ class NewUser(InputModel):
     _check = field_validator("email")(_email_check)
 
 
+class UserTokenName(InputModel):
+    """`batmon user token add|revoke EMAIL NAME`: the user's email and the token's name."""
+
+    email: Annotated[str, Field(min_length=3, max_length=254)]
+    name: str
+
+    _check = field_validator("email")(_email_check)
+
+    @field_validator("name")
+    @classmethod
+    def _name_check(cls, value: str) -> str:
+        # Safe to type in a shell and to print in a list: no spaces, quotes or controls.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+            raise ValueError("must be 1-64 letters, digits, '.', '_' or '-', starting with a"
+                             " letter or digit (e.g. home-assistant)")  # fmt: skip
+        return value
+
+
 def describe_error(exc: ValidationError) -> str:
     """One sentence naming the first bad field and what is wrong with it."""
     err = exc.errors(include_url=False)[0]

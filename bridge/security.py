@@ -29,6 +29,14 @@ def hash_api_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode(errors="surrogatepass")).hexdigest()
 
 
+def key_fingerprint(api_key_hash: str) -> str:
+    """What a session cookie carries of the key it was made with: a new key ends the session.
+
+    Derived, not the stored hash itself, so a cookie never holds what the database holds.
+    """
+    return hashlib.sha256(b"batmon-session:" + api_key_hash.encode()).hexdigest()[:32]
+
+
 def same_secret(given: str, expected: str) -> bool:
     """Compare two secrets in constant time."""
     return hmac.compare_digest(

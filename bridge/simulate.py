@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import random
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -121,6 +122,7 @@ async def simulate(
     username_mode: Literal["device", "none"] = "device",
     confirm_timeout: float = CONFIRM_TIMEOUT_S,
     announce: Callable[[str], None] = lambda line: None,
+    tls: ssl.SSLContext | None = None,
 ) -> None:
     """Publish a reading from each (batmon_id, token) every ``interval`` seconds.
 
@@ -141,6 +143,8 @@ async def simulate(
             client = new_client(f"batmon-sim-{batmon_id}", clean_session=True)
             if username_mode == "device":
                 client.username_pw_set(str(batmon_id), token)
+            if tls is not None:  # mqtts://
+                client.tls_set_context(tls)
             error_topic = topics.error(batmon_id, token)
 
             def on_message(_c: Any, _u: Any, msg: mqtt.MQTTMessage, seen: _Landed = seen,

@@ -12,6 +12,7 @@ from starlette.responses import Response
 
 from bridge.core import Core, User
 from bridge.errors import NotAuthenticated
+from bridge.security import key_fingerprint, same_secret
 
 COOKIE_NAME = "batmon_session"
 COOKIE_MAX_AGE_S = 30 * 24 * 3600
@@ -23,8 +24,9 @@ class Sessions:
     def __init__(self, secret: bytes) -> None:
         self._serializer = URLSafeTimedSerializer(secret, salt="batmon-session")
 
-    def user_id(self, request: Request) -> int | None:
-        """The user id a valid, unexpired cookie names, else None."""
+    def user(self, core: Core, request: Request) -> User | None:
+        """The user a valid, unexpired cookie names, while it still has the api key the
+        cookie was made with (`batmon user reset-key` ends every login made with the old)."""
         cookie = request.cookies.get(COOKIE_NAME)
         if not cookie:
             return None
@@ -33,13 +35,19 @@ class Sessions:
         except BadSignature:
             return None
         uid = data.get("uid") if isinstance(data, dict) else None
-        return uid if isinstance(uid, int) else None
+        key = data.get("key") if isinstance(data, dict) else None
+        if not isinstance(uid, int) or not isinstance(key, str):
+            return None
+        user = core.user_by_id(uid)
+        if user is None or not same_secret(key, key_fingerprint(user.api_key_hash)):
+            return None
+        return user
 
     def set_cookie(self, response: Response, user: User, secure: bool) -> None:
         """Remember the user on this client (signed, HttpOnly, SameSite=Lax)."""
         response.set_cookie(
             COOKIE_NAME,
-            self._serializer.dumps({"uid": user.id}),
+            self._serializer.dumps({"uid": user.id, "key": key_fingerprint(user.api_key_hash)}),
             max_age=COOKIE_MAX_AGE_S,
             httponly=True,
             samesite="lax",
@@ -76,5 +84,4 @@ def authenticate(core: Core, sessions: Sessions, request: Request, fields: dict[
         if user is None:
             raise NotAuthenticated("api_key is not valid.")
         return user, True
-    uid = sessions.user_id(request)
-    return (core.user_by_id(uid) if uid is not None else None), False
+    return sessions.user(core, request), False

@@ -52,8 +52,7 @@ class Dashboard:
 
     def user(self, request: Request) -> User | None:
         """The user the session cookie names, if any (pages take no api_key)."""
-        uid = self.sessions.user_id(request)
-        return self.core.user_by_id(uid) if uid is not None else None
+        return self.sessions.user(self.core, request)
 
     def page(self, request: Request, name: str, context: dict[str, Any], status: int = 200,
              csp: str = _CSP) -> Response:  # fmt: skip

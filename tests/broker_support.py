@@ -16,6 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bridge.doors.broker import EmbeddedBroker
 from bridge.ratelimit import FailureLimiter
+from bridge.security import hash_api_key
 from bridge.topics import Topics
 
 BROKER_YAML = Path(__file__).resolve().parents[1] / "broker.yaml"
@@ -47,6 +48,9 @@ class FakeCredentials:
     def check_user(self, email: str, api_key: str) -> int | None:
         key, user_id = self.users.get(email, ("", 0))
         return user_id if key and key == api_key else None
+
+    def credential_holder(self, secret_hash: str) -> int | None:
+        return next((uid for key, uid in self.users.values() if hash_api_key(key) == secret_hash), None)
 
     def owns(self, user_id: int, batmon_id: int) -> bool:
         return self.owner.get(batmon_id) == user_id
@@ -176,6 +180,14 @@ class Client:
             self.received.append(msg)
             if msg[0] == topic and payload in (None, msg[1]):
                 return msg
+
+    def wait_disconnected(self, timeout: float = WAIT) -> bool:
+        """True once the broker has closed (or the client left) the connection."""
+        try:
+            self._disconnects.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        return True
 
     def topics_received(self) -> list[str]:
         return [t for t, _, _ in self.received]

@@ -697,3 +697,36 @@ def test_busy_port_raises_clear_error(loop_thread: LoopThread, caplog: pytest.Lo
     assert str(err.value) == f"cannot start MQTT broker on 127.0.0.1:{port}: Address already in use"
     assert err.value.__cause__ is None and err.value.__suppress_context__
     assert not [rec for rec in caplog.records if rec.exc_info or rec.levelno >= logging.ERROR]
+
+
+def test_a_reset_key_ends_its_sessions_and_queues_nothing_for_them(
+    running: Running, loop_thread: LoopThread, bridge: Client, connect: Callable[..., Client]
+) -> None:
+    client_id = f"dash-{secrets.token_hex(3)}"
+    away = connect(ALICE, ALICE_KEY, client_id=client_id, clean_session=False)
+    assert away.subscribe(ALL_STATE, qos=1) == 1
+    assert away.subscribe(TOPICS.bridge_state) == 0
+    live = connect(ALICE, ALICE_KEY)
+    assert live.subscribe(ALL_STATE, qos=1) == 1
+    bob = connect(BOB, BOB_KEY)
+    away.close()
+
+    def queued_when_away() -> int | None:
+        async def probe() -> int | None:
+            session = running.broker._broker.sessions[client_id][0]
+            return None if session.transitions.is_connected() else session.retained_messages.qsize()
+
+        return loop_thread.run(probe())
+
+    wait_until(lambda: queued_when_away() == 0, WAIT, "the session away with nothing queued")
+    running.credentials.users[ALICE] = ("key-alice-reset", ALICE_ID)  # `batmon user reset-key`
+    try:
+        loop_thread.call(running.broker.drop_revoked_sessions)
+        assert live.wait_disconnected(WAIT), "a session of the old key stayed connected"
+        assert bob.paho.is_connected()
+        assert bridge.publish(TOPICS.state(5), b"after the reset")
+        connect(ALICE, ALICE_KEY, expect_rc=NOT_AUTHORIZED)
+        assert queued_when_away() == 0
+    finally:
+        running.credentials.users[ALICE] = (ALICE_KEY, ALICE_ID)
+        connect(ALICE, ALICE_KEY, client_id=client_id)  # clean session: drop it

@@ -51,9 +51,13 @@ def test_mqtt_url_port_defaults_to_1883_and_credentials_to_none() -> None:
     assert parse_mqtt_url("mqtt://[::1]:1999/") == ("::1", 1999, None, None)
 
 
+def test_mqtts_url_port_defaults_to_8883() -> None:
+    assert parse_mqtt_url("mqtts://u:p@broker.example.org") == ("broker.example.org", 8883, "u", "p")
+
+
 @pytest.mark.parametrize(
     "url",
-    ["http://user:hunter2@host:1883", "mqtts://user:hunter2@host", "user:hunter2@host:1883",
+    ["http://user:hunter2@host:1883", "ws://user:hunter2@host", "user:hunter2@host:1883",
      "mqtt://user:hunter2@host:99999", "mqtt://user:hunter2@host:port", "mqtt://user:hunter2@:1883",
      "mqtt://user:hunter2@host:1883/topic", "mqtt://:hunter2@host"],
 )  # fmt: skip

@@ -13,6 +13,7 @@ import json
 import logging
 import queue
 import socket
+import ssl
 import threading
 import uuid
 from typing import Any
@@ -31,7 +32,7 @@ class MqttUplink:
     """One MQTT 3.1.1 client (amqtt speaks nothing newer) for one device."""
 
     def __init__(self, *, host: str, port: int, username: str, password: str, client_id: str,
-                 error_topic: str | None = None) -> None:  # fmt: skip
+                 error_topic: str | None = None, tls: ssl.SSLContext | None = None) -> None:  # fmt: skip
         self.host, self.port = host, port
         # MQTT 3.1.1 has no negative PUBACK: a payload the server refuses is acknowledged
         # all the same, and the reason comes on the device's error topic.
@@ -43,6 +44,8 @@ class MqttUplink:
             clean_session=True,
             protocol=mqtt.MQTTv311,
         )
+        if tls is not None:  # mqtts://
+            self.client.tls_set_context(tls)
         self.client.username_pw_set(username, password)
         self.client.reconnect_delay_set(RECONNECT_MIN_DELAY_S, RECONNECT_MAX_DELAY_S)
         self.client.on_connect = self._on_connect

@@ -4,17 +4,19 @@ validated by one pydantic model so a bad value is one clear line.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from bridge.config import parse_mqtt_url, topic_prefix
+from bridge.config import check_client_tls, parse_mqtt_url, topic_prefix, uses_tls
 from bridge.models import BatmonId, Token
+from bridge.tls import client_context
 
 AGENT_OPTIONS = ("port", "replay", "batmon_id", "token", "mqtt_url", "base_topic", "interval",
                  "average", "data_dir", "queue_max", "first_block_timeout", "replay_rate",
-                 "replay_loop")  # fmt: skip
+                 "replay_loop", "mqtt_ca", "mqtt_client_cert", "mqtt_client_key")  # fmt: skip
 
 
 class AgentOptions(BaseModel):
@@ -36,6 +38,9 @@ class AgentOptions(BaseModel):
     first_block_timeout: Annotated[float, Field(gt=0, le=3600)] = 10.0
     replay_rate: Annotated[float, Field(gt=0, le=1000)] = 1.0
     replay_loop: bool = False
+    mqtt_ca: Path | None = None  # an mqtts:// broker's CA (else the system's)
+    mqtt_client_cert: Path | None = None
+    mqtt_client_key: Path | None = None
 
     @field_validator("mqtt_url")
     @classmethod
@@ -53,7 +58,14 @@ class AgentOptions(BaseModel):
     def _one_source(self) -> AgentOptions:
         if (self.port is None) == (self.replay is None):
             raise ValueError("give exactly one of --port (a serial device) or --replay (a recording)")
+        check_client_tls(self.mqtt_url, self.mqtt_ca, self.mqtt_client_cert, self.mqtt_client_key)
         return self
+
+    def mqtt_tls(self) -> ssl.SSLContext | None:
+        """The TLS context for an mqtts:// broker, None for mqtt://; raises TlsSetupError."""
+        if not uses_tls(self.mqtt_url):
+            return None
+        return client_context(self.mqtt_ca, self.mqtt_client_cert, self.mqtt_client_key)
 
     @property
     def source_name(self) -> str:

@@ -27,6 +27,7 @@ from bridge.agent.vedirect_labels import VALUES, reading_fields
 from bridge.agent.vedirect_parser import Block, VeDirectParser
 from bridge.models import MAX_BATCH_READINGS, MAX_PAYLOAD_BYTES, Reading, describe_error
 from bridge.store.agent_queue import ReadingQueue
+from bridge.tls import TlsSetupError
 from bridge.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -257,13 +258,18 @@ def run_agent(options: AgentOptions, stop: threading.Event,
         raise AgentError(f"--data-dir {options.data_dir}: cannot keep the queue there: {exc}",
                          code=2) from None  # fmt: skip
     host, port, username, password = options.mqtt_login()
+    try:
+        tls = options.mqtt_tls()
+    except TlsSetupError as exc:
+        source.close()
+        raise AgentError(str(exc), code=2) from None
     uplink = MqttUplink(host=host, port=port, username=username, password=password,
-                        client_id=f"batmon-agent-{options.batmon_id}",
+                        client_id=f"batmon-agent-{options.batmon_id}", tls=tls,
                         error_topic=Topics(base=options.base_topic).error(options.batmon_id,
                                                                           options.token))  # fmt: skip
     agent = VeDirectAgent(options, source, queue, uplink)
     announce(f"reading VE.Direct from {options.source_name}; batmon {options.batmon_id}"
-             f" -> mqtt://{host}:{port}; queue {queue.path}")  # fmt: skip
+             f" -> {'mqtts' if tls else 'mqtt'}://{host}:{port}; queue {queue.path}")  # fmt: skip
     if len(queue):
         log.info("%d reading(s) from before are queued; they go first", len(queue))
     uplink.start()

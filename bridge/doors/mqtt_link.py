@@ -20,6 +20,7 @@ import enum
 import logging
 import random
 import socket
+import ssl
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ class BrokerEndpoint:
     username: str | None = None
     password: str | None = None
     client_id: str = "batmon-bridge"
+    tls: ssl.SSLContext | None = None  # mqtts:// (bridge/tls.py client_context)
 
     @property
     def address(self) -> str:
@@ -220,6 +222,8 @@ class MqttLink:
             client = self._client = new_v5_client(end.client_id)
         else:
             client = self._client = new_client(end.client_id, clean_session=False)
+        if end.tls is not None:
+            client.tls_set_context(end.tls)
         if end.username is not None:
             client.username_pw_set(end.username, end.password)
         client.will_set(self.topics.bridge_state, "offline", qos=1, retain=True)

@@ -17,7 +17,7 @@ from sqlite_utils import Database
 
 from bridge.datadir import prepare_data_dir, private_database
 from bridge.models import MAX_SAFE_ID
-from bridge.store.schema import migrate
+from bridge.store.schema import SchemaTooNewError, migrate
 
 DB_FILENAME = "batmon.sqlite3"
 
@@ -68,7 +68,7 @@ class Store:
             conn.execute("PRAGMA synchronous=NORMAL")  # survives kill -9; see store/readings.py
             conn.execute("PRAGMA foreign_keys=ON")
             migrate(db)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, SchemaTooNewError) as exc:  # one line for the user, not a traceback
             conn.close()
             raise OSError(errno.EIO, f"cannot open database {path.name}: {exc}") from None
         return cls(db, path)

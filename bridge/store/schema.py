@@ -173,6 +173,36 @@ MIGRATIONS: list[list[str]] = [
         ) WITHOUT ROWID""",
         "CREATE INDEX bank_members_batmon ON bank_members(batmon_id)",
     ],
+    # 5: MQTT-only secrets a user makes for Home Assistant (stored hashed, like api keys),
+    # and a counter that every change of a credential bumps, by trigger, whichever process
+    # makes it: a running server polls this one row to notice `batmon user ...` commands.
+    [
+        """CREATE TABLE user_tokens (
+            id INTEGER PRIMARY KEY,
+            user_id INTEGER NOT NULL REFERENCES users(id),
+            name TEXT NOT NULL,
+            secret_hash TEXT NOT NULL UNIQUE,
+            created REAL NOT NULL,
+            UNIQUE (user_id, name)
+        )""",
+        """CREATE TABLE credentials_version (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            version INTEGER NOT NULL
+        )""",
+        "INSERT INTO credentials_version (id, version) VALUES (1, 0)",
+        *(
+            f"""CREATE TRIGGER credentials_changed_{name} AFTER {change}
+               BEGIN UPDATE credentials_version SET version = version + 1 WHERE id = 1; END"""
+            for name, change in (
+                ("user_added", "INSERT ON users"),
+                ("user_key", "UPDATE OF email, api_key_hash ON users"),
+                ("user_removed", "DELETE ON users"),
+                ("token_added", "INSERT ON user_tokens"),
+                ("token_changed", "UPDATE ON user_tokens"),
+                ("token_removed", "DELETE ON user_tokens"),
+            )
+        ),
+    ],
 ]
 
 LATEST = len(MIGRATIONS)
@@ -190,7 +220,8 @@ def migrate(db: Database) -> int:
     current = row[0] or 0
     if current > LATEST:
         raise SchemaTooNewError(
-            f"database schema version {current} is newer than this release knows ({LATEST})"
+            f"database schema version {current} is newer than this release knows ({LATEST});"
+            " upgrade batmon to use it"
         )
     for version in range(current + 1, LATEST + 1):
         with db.atomic():

@@ -13,6 +13,7 @@ from typing import Literal, Protocol
 
 from bridge.models import parse_batmon_id
 from bridge.ratelimit import FailureLimiter
+from bridge.security import hash_api_key
 from bridge.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,12 @@ class CredentialCheck(Protocol):
         """True if ``token`` is the batmon's token (constant-time, in memory)."""
         ...
 
-    def check_user(self, email: str, api_key: str) -> int | None:
-        """The user's id if ``api_key`` belongs to ``email``, else None."""
+    def check_user(self, email: str, secret: str) -> int | None:
+        """The user's id if ``secret`` (its api_key or an MQTT token) belongs to ``email``."""
+        ...
+
+    def credential_holder(self, secret_hash: str) -> int | None:
+        """The user id holding this secret (by hash) now, else None (reset or revoked)."""
         ...
 
     def owns(self, user_id: int, batmon_id: int) -> bool:
@@ -54,6 +59,9 @@ class Principal:
     of logs)."""
     subscribe: frozenset[str] = field(default=frozenset(), repr=False)
     """Exact topics a device may subscribe to and receive."""
+    credential: str = field(default="", repr=False)
+    """A user's: the hash of the secret it logged in with, so its session can be closed
+    once that secret is reset or revoked."""
 
 
 class AccessPolicy:
@@ -129,7 +137,14 @@ class AccessPolicy:
         if user_id is None:
             return None
         # Home Assistant's birth message and last will: what makes the bridge re-send discovery.
-        return Principal("user", user_id, publish=frozenset({self._topics.homeassistant_status}))
+        return Principal("user", user_id, publish=frozenset({self._topics.homeassistant_status}),
+                         credential=hash_api_key(password))  # fmt: skip
+
+    def still_valid(self, principal: Principal) -> bool:
+        """False for a user whose login secret was reset or revoked since: its session ends."""
+        if principal.kind != "user":
+            return True
+        return self._credentials.credential_holder(principal.credential) == principal.ident
 
     # -- PUBLISH / SUBSCRIBE / delivery ---------------------------------------
     def may_publish(self, principal: Principal, topic: str) -> bool:
@@ -163,6 +178,10 @@ class AccessPolicy:
             return True
         if principal.kind == "device":
             return topic in principal.subscribe
+        if not self.still_valid(principal):
+            # Reset or revoked: nothing more, not even queued for a persistent session,
+            # in the moment before the broker closes the connection.
+            return False
         if topic == self._topics.bridge_state:
             return True
         batmon_id = self._topics.batmon_of_user_topic(topic)

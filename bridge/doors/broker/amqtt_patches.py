@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable
@@ -190,9 +191,11 @@ class BatmonBroker(Broker):
         topics: Topics,
         limits: BrokerLimits | None = None,
         updates: UpdateSink | None = None,
+        tls_context: ssl.SSLContext | None = None,
         on_homeassistant_status: Callable[[int, bytes], None] | None = None,
     ) -> None:
         super().__init__(config)
+        self._tls_context = tls_context
         self._topics = topics
         self._updates = updates
         self._on_homeassistant_status = on_homeassistant_status
@@ -624,10 +627,34 @@ class BatmonBroker(Broker):
                 await self._stop_handler(handler)
                 client_session.transitions.disconnect()
 
-    def bound_port(self) -> int:
+    async def disconnect_where(self, condition: Callable[[Principal], bool]) -> int:
+        """Close every connected session whose principal meets ``condition``; how many.
+
+        The connection ends as if the network had dropped it: acknowledged messages are
+        still delivered, the vetted will fires, a persistent session is kept (and resumes
+        only with a credential that is valid then).
+        """
+        closed = 0
+        for session, handler in list(self._sessions.values()):
+            principal = session.attributes.get(PRINCIPAL_KEY)
+            if handler is None or not isinstance(principal, Principal):
+                continue
+            if session.transitions.is_connected() and condition(principal):
+                await handler.handle_connection_closed()  # wakes _client_message_loop's disconnect
+                closed += 1
+        return closed
+
+    def _create_ssl_context(self, listener: Any) -> ssl.SSLContext:
+        """Our context (bridge/tls.py), checked at start and able to require client
+        certificates; amqtt's own (0.12.1) always makes them optional."""
+        if self._tls_context is None:
+            raise BrokerError("a TLS listener without a TLS context")
+        return self._tls_context
+
+    def bound_port(self, listener: str = "default") -> int:
         """Read the port from the listening socket: the only truth when port 0 was asked."""
         # amqtt has no public accessor for its listeners' servers (0.12).
-        server = self._servers["default"].instance
+        server = self._servers[listener].instance
         return int(server.sockets[0].getsockname()[1])
 
 

@@ -14,13 +14,14 @@ from typing import Any
 import yaml
 from amqtt.errors import BrokerError, PluginError, PluginLoadError
 from dacite import DaciteError
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bridge.doors.broker.access import AccessPolicy, CredentialCheck
 from bridge.doors.broker.amqtt_patches import BatmonBroker, UpdateSink
 from bridge.doors.broker.limits import BrokerLimits
 from bridge.models import describe_error
 from bridge.ratelimit import FailureLimiter
+from bridge.tls import TlsSetupError, server_context
 from bridge.topics import Topics
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,18 @@ _FORBIDDEN_PLUGIN_PREFIXES = (
 )
 
 
+class BrokerTls(BaseModel):
+    """The TLS listener: broker.yaml's `tls` section under serve's --mqtt-tls-port, --tls-cert,
+    --tls-key and --tls-client-ca. Same auth and ACL as the plain listener (one plugin)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    port: int = Field(ge=0, le=65535)  # 0 picks a free one
+    cert: Path
+    key: Path
+    client_ca: Path | None = None  # given: a client without a certificate it signed is refused
+
+
 class BrokerStartError(Exception):
     """The embedded broker could not start (bad config, address in use...)."""
 
@@ -64,7 +77,7 @@ class EmbeddedBroker:
         self,
         *,
         host: str,
-        port: int,
+        port: int | None,
         config_path: Path,
         credentials: CredentialCheck,
         topics: Topics,
@@ -73,13 +86,22 @@ class EmbeddedBroker:
         limiter: FailureLimiter | None = None,
         updates: UpdateSink | None = None,
         on_homeassistant_status: Callable[[int, bytes], None] | None = None,
+        tls: dict[str, Any] | None = None,
     ) -> None:
         """``limiter`` throttles failed logins per client address (default: 30 a minute);
         ``updates`` takes devices' updates straight from the broker (acked after commit);
         ``on_homeassistant_status`` hears (user_id, payload) of each user's publish on
-        Home Assistant's status topic (its birth message asks for discovery again)."""
-        self._host = host
-        self._requested_port = port
+        Home Assistant's status topic (its birth message asks for discovery again);
+        ``tls`` (port, cert, key, client_ca) over broker.yaml's `tls` section adds a TLS
+        listener. ``port`` None: no plain listener for devices, only a loopback one for the
+        bridge's own client."""
+        self._host = host if port is not None else "127.0.0.1"
+        self._tls_host = host
+        self._requested_port = port or 0
+        self._tls_overrides = {k: v for k, v in (tls or {}).items() if v is not None}
+        self.tls: BrokerTls | None = None
+        """The TLS listener's settings, once loaded (None: no TLS listener)."""
+        self._tls_port: int | None = None
         self._config_path = config_path
         self._credentials = credentials
         self._topics = topics
@@ -92,6 +114,8 @@ class EmbeddedBroker:
         self._port: int | None = None
         self._outbox: asyncio.Queue[tuple[str, bytes, bool]] = asyncio.Queue()
         self._publisher: asyncio.Task[None] | None = None
+        self._policy: AccessPolicy | None = None
+        self._sweeps: set[asyncio.Task[None]] = set()
         self.limits = BrokerLimits()
         """The ``limits`` section of the config, once loaded."""
 
@@ -101,6 +125,16 @@ class EmbeddedBroker:
         if self._port is None:
             raise RuntimeError("the embedded broker is not running")
         return self._port
+
+    @property
+    def host(self) -> str:
+        """Where the plain listener is (loopback when there is none for devices)."""
+        return self._host
+
+    @property
+    def tls_port(self) -> int | None:
+        """The TLS listener's port, None without one."""
+        return self._tls_port
 
     @property
     def stats(self) -> dict[str, int]:
@@ -148,12 +182,26 @@ class EmbeddedBroker:
             self.limits = BrokerLimits.model_validate(raw.get("limits") or {})
         except ValidationError as exc:
             raise BrokerStartError(f"broker config {where}: limits.{describe_error(exc)}") from None
-        config = {k: v for k, v in raw.items() if k not in (*_LEGACY_KEYS, "limits")}
+        tls = {**(raw.get("tls") or {}), **self._tls_overrides}
+        if tls:
+            try:
+                self.tls = BrokerTls.model_validate(tls)
+            except ValidationError as exc:
+                raise BrokerStartError(f"broker config {where}: tls.{describe_error(exc)}") from None
+        config = {k: v for k, v in raw.items() if k not in (*_LEGACY_KEYS, "limits", "tls")}
         config["listeners"] = {
             **listeners,
             "default": {"type": "tcp", **default, "bind": f"{self._host}:{self._requested_port}"},
         }
+        if self.tls is not None:
+            # amqtt checks these paths; the context it would build is replaced by ours
+            # (BatmonBroker), which can require client certificates.
+            config["listeners"]["tls"] = {
+                "type": "tcp", "bind": f"{self._tls_host}:{self.tls.port}", "ssl": True,
+                "certfile": str(self.tls.cert), "keyfile": str(self.tls.key),
+            }  # fmt: skip
         config["plugins"] = {PLUGIN_PATH: {"policy": policy}, **others}
+        self._policy = policy
         return config
 
     async def start(self) -> None:
@@ -162,10 +210,19 @@ class EmbeddedBroker:
             raise RuntimeError("the embedded broker is already running")
         config = self._load_config()
         where = f"{self._host}:{self._requested_port}"
+        if self.tls is not None:
+            where += f" and TLS on {self._tls_host}:{self.tls.port}"
+            try:
+                tls_context = server_context(self.tls.cert, self.tls.key, self.tls.client_ca)
+            except TlsSetupError as exc:
+                raise BrokerStartError(f"cannot start the MQTT TLS listener: {exc}") from None
+        else:
+            tls_context = None
         _quiet_amqtt_logging()
         try:
             broker = BatmonBroker(config, topics=self._topics, limits=self.limits, updates=self._updates,
-                                  on_homeassistant_status=self._on_homeassistant_status)  # fmt: skip
+                                  on_homeassistant_status=self._on_homeassistant_status,
+                                  tls_context=tls_context)  # fmt: skip
         except _CONFIG_ERRORS as exc:
             raise BrokerStartError(f"invalid broker config {self._config_path}: {exc}") from None
         startup_filter = _DropStartupTraceback()
@@ -187,6 +244,7 @@ class EmbeddedBroker:
             amqtt_log.removeFilter(startup_filter)
         self._broker = broker
         self._port = broker.bound_port()
+        self._tls_port = broker.bound_port("tls") if self.tls is not None else None
         self._publisher = asyncio.create_task(self._publish_loop(broker), name="broker-publisher")
         log.info("embedded MQTT broker listening on %s:%d", self._host, self._port)
 
@@ -214,6 +272,23 @@ class EmbeddedBroker:
             if self._outbox.qsize() and self._outbox.qsize() % PUBLISH_BATCH == 0:
                 await asyncio.sleep(0)
 
+    def drop_revoked_sessions(self) -> None:
+        """Soon close every session logged in with a secret no longer valid (reset or revoked)."""
+        if self._broker is None or self._policy is None:
+            return
+        task = asyncio.create_task(self._drop_revoked(self._broker, self._policy), name="broker-revoke")
+        self._sweeps.add(task)
+        task.add_done_callback(self._sweeps.discard)
+
+    async def _drop_revoked(self, broker: BatmonBroker, policy: AccessPolicy) -> None:
+        try:
+            closed = await broker.disconnect_where(lambda p: not policy.still_valid(p))
+        except Exception:
+            log.exception("closing the sessions of revoked credentials failed")
+            return
+        if closed:
+            log.info("closed %d MQTT session(s) whose credential was reset or revoked", closed)
+
     def stop_listening(self) -> None:
         """Accept no new client (first step of a clean stop)."""
         if self._broker is not None:
@@ -227,7 +302,7 @@ class EmbeddedBroker:
             await self._updates.settle()
             await asyncio.sleep(0)  # let the PUBACKs of what just committed be sent
         broker, self._broker = self._broker, None
-        self._port = None
+        self._port = self._tls_port = None
         if self._publisher is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._outbox.join(), 5)  # the last states go out first
