@@ -175,8 +175,8 @@ class Service:
                 raise ServiceError(f"{exc}{hint}") from None
             except HttpServerError as exc:
                 raise ServiceError(str(exc)) from None
-        if self.broker is not None:
-            self.mqtt_port = self.broker.port
+        if self.broker is not None:  # where it listens is known once it does
+            self.mqtt_host, self.mqtt_port = self.broker.host, self.broker.port
         # Everything made so far (registry, modules, broker) lives as long as the process:
         # out of the collector's way, so full collections during a backlog stay short.
         gc.freeze()
@@ -262,7 +262,6 @@ class Service:
             # A key reset or a token revoked by `batmon user ...`: end the sessions it opened
             # (the subscription lives as long as this core's bus).
             core.bus.subscribe(CredentialsChanged, lambda _: broker.drop_revoked_sessions())
-            self.mqtt_host = opts.host
             # The in-process broker has no session to keep across our restarts, and a
             # fixed id could be taken over by a clean-session CONNECT: a fresh one. Its
             # port is known once it listens, so the link reads it when it starts.
