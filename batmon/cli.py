@@ -23,7 +23,7 @@ from bridge.errors import BatmonError
 from bridge.models import describe_error
 
 ENV_PREFIX = "BATMON_"
-SERVE_OPTIONS = ("data_dir", "host", "http_port", "mqtt_port", "mqtt_url", "broker_config",
+SERVE_OPTIONS = ("data_dir", "host", "http_port", "mqtt_port", "mqtt_url", "database_url", "broker_config",
                  "base_topic", "discovery_prefix", "discovery", "notify_retry_s",
                  "notify_give_up_s", "metrics", "metrics_token", "metrics_per_batmon",
                  "retention_days", "http_max_connections", "mqtt_tls_port", "tls_cert", "tls_key",
@@ -48,6 +48,8 @@ def build_parser() -> Parser:
     serve.add_argument("--http-port", help="HTTP port, 0 picks a free one (default 8080)")
     serve.add_argument("--mqtt-port", help="embedded broker port, 0 picks one, off: TLS only (default 1883)")
     serve.add_argument("--mqtt-url", help="use this broker, e.g. mqtt://user:pass@host:1883")
+    serve.add_argument("--database-url", help="PostgreSQL instead of the SQLite file, e.g."
+                       " postgresql://user@host:5432/batmon (or BATMON_DATABASE_URL)")
     serve.add_argument("--broker-config",
                        help="embedded broker config (default ./broker.yaml, else the shipped one)")
     serve.add_argument("--base-topic", help="MQTT topic prefix (default batmon)")
@@ -96,6 +98,7 @@ def build_parser() -> Parser:
     token_revoke.add_argument("name")
     for sub in (add, listing, notify, reset, token_add, token_list, token_revoke):
         sub.add_argument("--data-dir", help="folder of the SQLite file (default ./batmon-data)")
+        sub.add_argument("--database-url", help="the PostgreSQL database serve uses (or BATMON_DATABASE_URL)")
 
     sim = commands.add_parser("simulate", help="publish plausible readings over MQTT")
     sim.add_argument("--mqtt-url", help="broker to publish to, e.g. mqtt://127.0.0.1:1883")
@@ -260,7 +263,7 @@ async def run_serve(options: ServeOptions) -> None:
           flush=True)  # fmt: skip
     if service.broker is not None and service.broker.tls_port is not None:
         print(f"MQTTS mqtts://{options.host}:{service.broker.tls_port} (embedded broker, TLS)", flush=True)
-    print(f"data  {options.database_path.resolve()}", flush=True)
+    print(f"data  {service.store_description}", flush=True)
     if service.admin_api_key:
         print(f"created user admin@localhost; api_key (shown once): {service.admin_api_key}",
               flush=True)  # fmt: skip
@@ -318,12 +321,13 @@ def run_backup_or_restore(args: argparse.Namespace) -> None:
 
 
 def run_user(args: argparse.Namespace) -> None:
-    """`batmon user add|list|notify|reset-key|token` on the data folder's database."""
-    from bridge.core import Core
-    from bridge.events import EventBus
-    from bridge.models import NewUser
+    """`batmon user add|list|notify|reset-key|token` on the data folder's database, or on PostgreSQL."""
     from bridge.store.db import Store
 
+    database_url = args.database_url or os.environ.get("BATMON_DATABASE_URL")
+    if database_url:
+        run_user_on(args, open_postgres(args, database_url))
+        return
     data_dir = data_dir_of(args).resolve()
     # Only `user add` (and serve) make a data folder: any other command run from the wrong
     # folder would otherwise read a new, empty database and print nothing.
@@ -337,6 +341,30 @@ def run_user(args: argparse.Namespace) -> None:
         fail(f"batmon user: cannot use data folder {data_dir}: {exc.strerror}")
     if creating:
         print(f"created data folder {data_dir}", file=sys.stderr, flush=True)
+    run_user_on(args, store)
+
+
+def open_postgres(args: argparse.Namespace, url: str) -> Any:
+    """The PostgreSQL store at ``url``, or one line naming what is wrong (never the password)."""
+    from bridge.config import check_database_url
+    from bridge.errors import StorageFailed
+    from bridge.store.pg_store import PostgresStore
+
+    try:
+        check_database_url(url)
+        return PostgresStore.open(url)
+    except ValueError as exc:
+        fail(f"batmon user {args.user_command}: --database-url: {exc}", code=2)
+    except StorageFailed as exc:
+        fail(f"batmon user {args.user_command}: {exc.message}")
+
+
+def run_user_on(args: argparse.Namespace, store: Any) -> None:
+    """`batmon user ...` on an opened store (closed at the end)."""
+    from bridge.core import Core
+    from bridge.events import EventBus
+    from bridge.models import NewUser
+
     core = Core(store, EventBus()).load()
     command = " ".join(filter(None, (args.user_command, getattr(args, "token_command", None))))
     try:
@@ -394,8 +422,8 @@ def set_user_targets(core: Any, args: argparse.Namespace) -> None:
     given = {k: v for k in ("email_url", "whatsapp_url", "sms_url")
              if (v := getattr(args, k)) is not None}  # fmt: skip
     targets = NotificationTargets.model_validate(given)
-    set_targets(core, row["id"], targets)
-    for channel, url in targets_view(core, row["id"]).items():
+    set_targets(core.store, row["id"], targets)
+    for channel, url in targets_view(core.store, row["id"]).items():
         print(f"{channel}: {url or '-'}")
 
 

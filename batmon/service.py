@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING, Any
 from batmon.http_server import EdgeStats
 from bridge.config import ServeOptions, parse_mqtt_url, uses_tls
 from bridge.core import Core
-from bridge.datadir import private_file
+from bridge.datadir import prepare_data_dir, private_file
+from bridge.errors import StorageFailed
 from bridge.events import EventBus, HomeAssistantStatus
 from bridge.extensions import Extension
 from bridge.ratelimit import FailureLimiter
-from bridge.store.db import Store
+from bridge.store.interface import Store
 from bridge.tls import TlsSetupError, client_context, server_context
 from bridge.topics import Topics
 
@@ -140,8 +141,8 @@ class Service:
 
         opts = self.options
         try:
-            self.store = Store.open(opts.database_path)  # makes the folder 0700
-            secret = session_secret(opts.data_dir)
+            self.store = self._open_store()
+            secret = session_secret(opts.data_dir)  # the data folder holds it on PostgreSQL too
         except OSError as exc:
             raise ServiceError(f"cannot use data folder {opts.data_dir}: {exc.strerror}") from None
         if opts.http_tls_cert and opts.http_tls_key:
@@ -184,6 +185,39 @@ class Service:
         if not core.user_has_data():
             _, self.admin_api_key = core.create_user(ADMIN_EMAIL)
 
+    def _open_store(self) -> Store:
+        """PostgreSQL when a database URL is given, else the SQLite file in the data folder."""
+        opts = self.options
+        if opts.database_url is None:
+            from bridge.store.db import SqliteStore
+
+            return SqliteStore.open(opts.database_path)  # makes the folder 0700
+        from bridge.store.pg_store import PostgresStore
+
+        prepare_data_dir(opts.data_dir)  # 0700: the session key stays in it
+        try:
+            return PostgresStore.open(opts.database_url.get_secret_value())
+        except StorageFailed as exc:  # names user@host:port/db, never the password
+            raise ServiceError(exc.message) from None
+
+    def _credential_reader(self) -> Any:
+        """What opens the credential watcher's reader: PostgreSQL's, else None (the SQLite file's)."""
+        if self.options.database_url is None:
+            return None
+        from bridge.store.pg_credentials import PgCredentialReader
+
+        url = self.options.database_url.get_secret_value()
+        return lambda: PgCredentialReader(url)
+
+    @property
+    def store_description(self) -> str:
+        """Where the data is, for the startup lines (no password)."""
+        if self.options.database_url is None:
+            return str(self.options.database_path.resolve())
+        from bridge.store.pg_store import describe_url
+
+        return "postgresql://" + describe_url(self.options.database_url.get_secret_value())
+
     def _build(self, core: Core, secret: bytes, sock: socket.socket) -> list[Extension]:
         """Construct every part (references only: nothing subscribes, runs or connects
         yet) and return them in start order; the reverse is the stop order."""
@@ -216,12 +250,12 @@ class Service:
             Notifier(core, retry_base_s=opts.notify_retry_s, give_up_after_s=opts.notify_give_up_s),
             OfflineWatchdog(core),
             # `batmon user ...` from another process: keys and tokens reloaded at once.
-            CredentialWatcher(core, opts.database_path),
+            CredentialWatcher(core, opts.database_path, open_reader=self._credential_reader()),
         ]
         if opts.retention_days is not None:
             from bridge.extensions.retention_pruner import RetentionPruner
 
-            parts.append(RetentionPruner(opts.database_path, opts.retention_days))
+            parts.append(RetentionPruner(self.store, opts.retention_days))
 
         retained: RetainedPublish
         if opts.mqtt_url:
@@ -289,7 +323,8 @@ class Service:
 
         live = LiveFeed(core)
         token = opts.metrics_token.get_secret_value() if opts.metrics_token else None
-        exposure = MetricsExposure(render=metrics.render, access=opts.metrics, token=token)
+        exposure = MetricsExposure(render=metrics.render, access=opts.metrics, token=token,
+                                   prepare=metrics.refresh)  # fmt: skip
         app = create_app(core, session_secret=secret, health=self.health, metrics=exposure,
                          limiter=self.limiter, live=live)  # fmt: skip
         # The live feed starts after the HTTP server, so it stops before it: open streams

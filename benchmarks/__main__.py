@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import rows_data, rows_http, rows_mqtt
+from benchmarks import rows_data, rows_delete, rows_http, rows_mqtt
 from benchmarks.report import Line, results_markdown, table
 from benchmarks.runner import Context
 
@@ -37,6 +37,7 @@ ROWS: dict[str, Callable[[Context], list[Line]]] = {
     "history": rows_data.history,
     "history-lag": rows_data.history_lag,
     "batmons-10k": rows_data.batmons_10k,
+    "delete": rows_delete.delete,
 }
 
 # How each row is measured, for RESULTS.md (paragraphs; line breaks are joined).
@@ -86,6 +87,13 @@ NOTES = [" ".join(note.split()) for note in (
     the schema and admin user). Each boot is timed from spawn to `ready`; settled is the first moment
     after which the process uses under 10 % of a core for a whole second (its own CPU time, from /proc);
     RSS from /proc at that moment. Anchor: the same on a data folder with no batmon.""",
+    """**Delete.** `batmon serve` makes the admin user and one batmon per repetition plus a neighbour;
+    while it is stopped, each batmon to delete gets 2,000,000 readings at 1 Hz (bulk-inserted through
+    `bridge.store.db.Store.open`, interleaved in time), then it serves that file. Per repetition one
+    delete over HTTP, timed until its answer; /healthz and the neighbour's status (device token) are
+    polled every 20 ms on keep-alive connections from 1 s before the delete until the batmon's last
+    reading is gone from the file (read-only connection, polled every 50 ms). Figures: p99 of the polls
+    under way in that window, against the polls answered before the delete.""",
     """**Backlog.** External mode: with `batmon serve --mqtt-url` stopped (SIGTERM), 20,000 readings are
     published (a `mosquitto_sub` canary confirms the broker has them all), then it is started again and
     /healthz is polled every 20 ms from `ready` until the last queued row is in the database.

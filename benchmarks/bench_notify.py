@@ -66,7 +66,7 @@ def setup(folder: Path, email_url: str, repeat_delay: int = 0) -> tuple[Core, Ba
     """A core on a fresh file with one batmon whose alarm fires on every reading."""
     core = Core(Store.open(folder / "bench.sqlite3"), EventBus()).load()
     user, _ = core.create_user("bench@example.org")
-    set_targets(core, user.id, {"email_url": email_url})
+    set_targets(core.store, user.id, {"email_url": email_url})
     batmon = core.add_batmon(user, AddBatmon(batmon_name="Bench"))
     core.add_alarm(batmon, AddAlarm(
         batmon_id=batmon.id, alarm_name="Always", alarm_metric="voltage",

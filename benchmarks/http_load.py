@@ -135,12 +135,13 @@ def timed_get(port: int, path: str, headers: dict[str, str] | None = None) -> tu
 
 
 class HealthPoller:
-    """GETs /healthz every ``interval`` s on one keep-alive connection, on a thread, and
+    """GETs /healthz (or ``path``) every ``interval`` s on one keep-alive connection, on a thread, and
     keeps (start time, latency ms) per request."""
 
-    def __init__(self, port: int, interval: float = 0.05) -> None:
+    def __init__(self, port: int, interval: float = 0.05, path: str = "/healthz") -> None:
         self.port = port
         self.interval = interval
+        self.path = path  # another GET to poll the same way (a batmon's status...)
         self.samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -155,7 +156,7 @@ class HealthPoller:
 
     def _run(self) -> None:
         client = KeepAlive(self.port)
-        request = build_request("GET", "/healthz")
+        request = build_request("GET", self.path)
         while not self._stop.is_set():
             started = time.monotonic()
             client.call(request)

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from bridge.errors import NotFound
 from bridge.events import BankChanged, BankDeleted
-from bridge.store.banks import BankStore
 
 if TYPE_CHECKING:
     from bridge.core import Batmon, Core, User
@@ -129,7 +128,6 @@ class Banks:
 
     def __init__(self, core: Core) -> None:
         self.core = core
-        self.store = BankStore(core.store.db)
         self._banks: dict[int, Bank] = {}
         self._by_member: dict[int, set[int]] = {}
         # Owners of banks deleted during this run: their clearing messages still reach them.
@@ -137,7 +135,7 @@ class Banks:
 
     def load(self) -> None:
         """Fill memory from the store (at start)."""
-        for row in self.store.banks():
+        for row in self.core.store.banks():
             ids = [i for i in row["batmon_ids"] if i in self.core.batmons]
             self._remember(Bank(row["id"], row["user_id"], row["name"], ids, row["created"]))
 
@@ -179,8 +177,8 @@ class Banks:
     def add(self, user: User, spec: AddBank) -> Bank:
         """Group some of ``user``'s batmons as a bank."""
         ids = self._own_batmons(user, spec.batmon_ids)
-        bank = Bank(self.core.store.new_id("banks"), user.id, spec.bank_name, ids, self.core.clock())
-        self.store.add_bank(bank.id, bank.user_id, bank.name, bank.created, ids)
+        bank = Bank(self.core.new_id(), user.id, spec.bank_name, ids, self.core.clock())
+        self.core.persist(lambda store: store.add_bank(bank.id, bank.user_id, bank.name, bank.created, ids))
         self._remember(bank)
         self.core.bus.emit(BankChanged(bank, created=True))
         return bank
@@ -190,10 +188,12 @@ class Banks:
         changes = spec.changes()
         ids = self._own_batmons(self._owner(bank), changes["batmon_ids"]) if "batmon_ids" in changes else None
         if "bank_name" in changes:
-            self.store.rename_bank(bank.id, changes["bank_name"])
+            name = changes["bank_name"]
+            self.core.persist(lambda store: store.rename_bank(bank.id, name))
             bank.name = changes["bank_name"]
         if ids is not None:
-            self.store.set_members(bank.id, ids)
+            members = list(ids)
+            self.core.persist(lambda store: store.set_bank_members(bank.id, members))
             self._forget_members(bank)
             bank.batmon_ids = ids
             self._index_members(bank)
@@ -202,7 +202,8 @@ class Banks:
 
     def delete(self, bank: Bank) -> None:
         """Delete a bank; its batmons stay as they are."""
-        self.store.delete_bank(bank.id)
+        self.core.persist(lambda store: store.delete_bank(bank.id))
+        self.core.retire_ids(bank.id)
         self._forget_members(bank)
         self._banks.pop(bank.id, None)
         self._deleted_owners[bank.id] = bank.user_id

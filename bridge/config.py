@@ -42,6 +42,8 @@ class ServeOptions(BaseModel):
     http_port: Port = 8080
     mqtt_port: Port | None = 1883  # None: `off` (TLS only)
     mqtt_url: str | None = None
+    # None: the SQLite file in data_dir. A secret: it may hold a password (never in a log line).
+    database_url: SecretStr | None = None
     broker_config: Path | None = None
     base_topic: str = "batmon"
     discovery_prefix: str = "homeassistant"
@@ -109,6 +111,17 @@ class ServeOptions(BaseModel):
         parse_mqtt_url(value)
         return value
 
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _database_url(cls, value: object) -> object:
+        if value in (None, ""):
+            return None
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if not isinstance(text, str):
+            raise ValueError("the database URL must be text like postgresql://user@host:5432/batmon")
+        check_database_url(text)
+        return value
+
     @field_validator("metrics_token", mode="before")
     @classmethod
     def _metrics_token(cls, value: object) -> object:
@@ -139,6 +152,22 @@ class ServeOptions(BaseModel):
     def database_path(self) -> Path:
         """The SQLite file inside the data folder."""
         return self.data_dir / DB_FILENAME
+
+
+def check_database_url(url: str) -> None:
+    """ValueError unless ``url`` looks like a PostgreSQL URL; errors never echo it (a password)."""
+    try:
+        parts = urllib.parse.urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        raise ValueError(
+            "the database URL is malformed or its port is not a number between 1 and 65535"
+        ) from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        shown = f"{parts.scheme}://" if parts.scheme else "no scheme"
+        raise ValueError(f"the database URL must look like postgresql://user@host:5432/batmon (got {shown})")
+    if parts.fragment or port == 0:
+        raise ValueError("the database URL must not have a fragment, and its port must be 1-65535")
 
 
 def parse_mqtt_url(url: str) -> tuple[str, int, str | None, str | None]:

@@ -1,18 +1,26 @@
 """The bridge core: the in-memory registry of users, batmons and alarms, the
 ownership and credential rules, and the one ingest path both doors call.
 
-Memory holds current values and credentials so a reading costs no SELECT;
-the store is the durable copy, written before memory changes.
+Memory holds current values and credentials so a reading costs no SELECT; the
+store (bridge/store/interface.py) is the durable copy. No SQL runs on the event loop:
+readings and every control-plane write go through the writer's thread, in one ordered
+queue (``_persist``); a request that must not answer before its write is on disk runs
+inside ``durable_writes()`` (the facade does). Without a running loop (tools, `batmon
+user`, loading at start) the same writes run at once on the core's own store handle.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
+import contextlib
+import contextvars
+import logging
+import secrets
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from bridge.banks import Banks, member_capacity_ah
 from bridge.errors import Conflict, NotFound, WrongToken
@@ -26,13 +34,17 @@ from bridge.events import (
 )
 from bridge.history_answers import HistoryPlan, Streamed, check_size, utc_text
 from bridge.history_answers import stream as stream_history
-from bridge.models import AddAlarm, AddBatmon, EditAlarm, EditBatmon, HistoryQuery, Reading
+from bridge.models import MAX_SAFE_ID, AddAlarm, AddBatmon, EditAlarm, EditBatmon, HistoryQuery, Reading
 from bridge.security import hash_api_key, new_api_key, new_device_token, same_secret
-from bridge.store.credentials import CredentialRows, Credentials
-from bridge.store.db import Store
-from bridge.store.history import HistoryReader
-from bridge.store.readings import SqliteReadingSink
+from bridge.store.credentials import CredentialRows, credentials_of
+from bridge.store.interface import HistoryReads, Store
 from bridge.writer import Door, Plan, ReadingWriter
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# The writes a request has made, while it runs inside Core.durable_writes().
+_DURABLE: contextvars.ContextVar[list[asyncio.Future[Any]] | None] = contextvars.ContextVar(
+    "durable_writes", default=None)  # fmt: skip
 
 Status = Literal["Online", "Offline"]
 FLAGS = {"alerts": "notification_enabled", "whatsapp": "whatsapp_enabled", "sms": "sms_enabled"}
@@ -196,14 +208,16 @@ class Core:
     """Owns every rule about users, batmons, readings and alarms; emits events."""
 
     def __init__(self, store: Store, bus: EventBus, clock: Callable[[], float] = time.time,
-                 max_history_rows: int | None = None) -> None:  # fmt: skip
+                 max_history_rows: int | None = None,
+                 open_writer_store: Callable[[], Store] | None = None) -> None:  # fmt: skip
+        # The core's own handle: loading at start and tools (no loop running) only.
         self.store = store
         self.bus = bus
         self.clock = clock
         # History answers stream with flat memory, so by default there is no cap; one
         # may be set (a raw answer over it is a 400 asking to narrow the range).
         self.max_history_rows = max_history_rows
-        self._history_reader: HistoryReader | None = None
+        self._history_reader: HistoryReads | None = None
         self.batmons: dict[int, Batmon] = {}
         self.alarms: dict[int, Alarm] = {}
         self._users_by_key: dict[str, User] = {}
@@ -215,8 +229,13 @@ class Core:
         # Who owned each batmon deleted during this run: the clearing of its retained
         # topics (discovery, state) must still reach that owner's subscribers.
         self._deleted_owners: dict[int, int] = {}
-        # Every reading is committed by this one writer, off the event loop.
-        self.writer = ReadingWriter(lambda: SqliteReadingSink(store.path), self._apply_committed)
+        # One thread at a time on the core's own handle (read_store's workers, tools).
+        self._own_handle = threading.Lock()
+        # Ids of deleted batmons and alarms: a new id is never one of them.
+        self._retired_ids: set[int] = set()
+        # Every reading and control-plane write is committed by this one writer, off the loop,
+        # on a store handle of its own.
+        self.writer = ReadingWriter(open_writer_store or store.another, self._apply_committed)
         self.banks = Banks(self)
 
     def close(self) -> None:
@@ -226,8 +245,9 @@ class Core:
         self.store.close()
 
     def load(self) -> Core:
-        """Fill the registry from the store (at start)."""
-        self.replace_credentials(Credentials(self.store).load())
+        """Fill the registry from the store (at start); resume purging deleted batmons."""
+        self._retired_ids = self.store.retired_ids()
+        self.replace_credentials(credentials_of(self.store).load())
         for row in self.store.batmons():
             batmon = Batmon.from_row(row)
             self.batmons[batmon.id] = batmon
@@ -237,15 +257,89 @@ class Core:
                 self.alarms[alarm.id] = alarm
                 self.batmons[alarm.batmon_id].alarms[alarm.id] = alarm
         self.banks.load()
+        # A delete cut short by a stop: its readings go on being purged, off the loop.
+        self.writer.purge(self.store.deleted_with_data())
         return self
+
+    # -- where writes run ------------------------------------------------------
+    def persist(self, write: Callable[[Store], Any]) -> None:
+        """Make a control-plane write durable, in order with the readings.
+
+        On an event loop it goes to the writer's thread: inside durable_writes() the
+        request waits for it, elsewhere (event handlers, the watchdog) a failure is
+        logged and memory stays as changed. With no loop running it runs at once.
+        """
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            write(self.store)
+            return
+        future = self.writer.call(write)
+        waiting = _DURABLE.get()
+        if waiting is not None:
+            waiting.append(future)
+        else:
+            future.add_done_callback(_log_failed_write)
+
+    @contextlib.asynccontextmanager
+    async def durable_writes(self) -> AsyncIterator[None]:
+        """Within the block, writes are only queued; leaving it waits until they are
+        committed and raises the first failure (StorageFailed, Conflict)."""
+        waiting: list[asyncio.Future[Any]] = []
+        token = _DURABLE.set(waiting)
+        try:
+            yield
+        finally:
+            _DURABLE.reset(token)
+            if waiting:
+                results = await asyncio.gather(*waiting, return_exceptions=True)
+                failed = next((r for r in results if isinstance(r, BaseException)), None)
+                if failed is not None:
+                    raise failed
+
+    async def in_store(self, fn: Callable[[Store], T]) -> T:
+        """Run ``fn(store)`` on the writer's thread, after every write queued before it."""
+        return await self.writer.call(fn)
+
+    async def read_store(self, fn: Callable[[Store], T]) -> T:
+        """Run a read ``fn(store)`` on a worker thread, on the core's own handle (idle once the
+        loop serves): behind no write and no history page, unlike ``in_store``."""
+
+        def locked() -> T:
+            with self._own_handle:
+                return fn(self.store)
+
+        return await asyncio.to_thread(locked)
+
+    async def ping(self) -> bool:
+        """True when the database answers, asked off the loop."""
+        return await self.read_store(lambda store: store.ping())
+
+    def new_id(self) -> int:
+        """A random id below 2^53 that no batmon, alarm or bank has or ever had (the store
+        refuses a retired one too: Conflict)."""
+        while True:
+            candidate = secrets.randbelow(MAX_SAFE_ID) + 1
+            if (candidate not in self.batmons and candidate not in self.alarms
+                    and self.banks.get(candidate) is None
+                    and candidate not in self._retired_ids):  # fmt: skip
+                return candidate
+
+    def retire_ids(self, *ids: int) -> None:
+        """Ids deleted now: never handed out again (the store keeps them too)."""
+        self._retired_ids.update(ids)
 
     # -- users ---------------------------------------------------------------
     def create_user(self, email: str) -> tuple[User, str]:
-        """Make a user and return it with its api key (the only time it is shown)."""
+        """Make a user and return it with its api key (the only time it is shown).
+
+        A start-up and tools operation (serve's first admin, `batmon user add`): it needs
+        the store's id at once, so it runs on the core's own handle, before the loop serves.
+        """
         api_key = new_api_key()
         try:
             user_id = self.store.add_user(email, hash_api_key(api_key), self.clock())
-        except sqlite3.IntegrityError:
+        except Conflict:
             raise Conflict(f"a user with email {email} exists already") from None
         user = self._remember_user({"id": user_id, "email": email, "api_key_hash": hash_api_key(api_key)})
         return user, api_key
@@ -260,7 +354,7 @@ class Core:
         """Give the user a new api key (shown once); the old one matches nothing from now on."""
         user = self._user_by_email(email)
         api_key = new_api_key()
-        Credentials(self.store).set_api_key_hash(user.id, hash_api_key(api_key))
+        credentials_of(self.store).set_api_key_hash(user.id, hash_api_key(api_key))
         self._users_by_key.pop(user.api_key_hash, None)
         user.api_key_hash = hash_api_key(api_key)
         self._users_by_key[user.api_key_hash] = user
@@ -270,7 +364,7 @@ class Core:
         """Make an MQTT-only secret for the user (Home Assistant), shown once; stored hashed."""
         user = self._user_by_email(email)
         secret = new_api_key()
-        if not Credentials(self.store).add_token(user.id, name, hash_api_key(secret), self.clock()):
+        if not credentials_of(self.store).add_token(user.id, name, hash_api_key(secret), self.clock()):
             raise Conflict(f"a token named {name} of {user.email} exists already: revoke it,"
                            " or choose another --name")  # fmt: skip
         self._token_holders[hash_api_key(secret)] = user.id
@@ -278,14 +372,14 @@ class Core:
 
     def mqtt_tokens(self, email: str) -> list[dict[str, Any]]:
         """The user's tokens: name and creation time, never a secret."""
-        return Credentials(self.store).tokens_of(self._user_by_email(email).id)
+        return credentials_of(self.store).tokens_of(self._user_by_email(email).id)
 
     def revoke_mqtt_token(self, email: str, name: str) -> None:
         """Delete the user's token of that name; a running server drops its sessions."""
         user = self._user_by_email(email)
-        if not Credentials(self.store).revoke_token(user.id, name):
+        if not credentials_of(self.store).revoke_token(user.id, name):
             raise NotFound(f"{user.email} has no token named {name}")
-        self.replace_credentials(Credentials(self.store).load())
+        self.replace_credentials(credentials_of(self.store).load())
 
     def user_for_api_key(self, api_key: str) -> User | None:
         """The user this api key belongs to, or None."""
@@ -388,7 +482,7 @@ class Core:
     def add_batmon(self, user: User, spec: AddBatmon) -> Batmon:
         """Create a batmon for ``user``; a token is generated when none is given."""
         batmon = Batmon(
-            id=self.store.new_id("batmons"),
+            id=self.new_id(),
             user_id=user.id,
             name=spec.batmon_name,
             type=spec.batmon_type,
@@ -397,7 +491,7 @@ class Core:
             created=self.clock(),
         )
         row = {k: getattr(batmon, k) for k in Batmon.__dataclass_fields__ if k != "alarms"}
-        self.store.add_batmon(row)
+        self.persist(lambda store: store.add_batmon(row))
         self.batmons[batmon.id] = batmon
         self.bus.emit(BatmonChanged(batmon, created=True))
         return batmon
@@ -416,7 +510,7 @@ class Core:
             # one is the watchdog's to notice); announce it like any change.
             online = now - batmon.last_reading < changes["update_period"]
             changes["status"] = "Online" if online else previous
-        self.store.update_batmon(batmon.id, changes)
+        self.persist(lambda store: store.update_batmon(batmon.id, changes))
         for name, value in changes.items():
             setattr(batmon, name, value)
         self.bus.emit(BatmonChanged(batmon, old_token=old_token))
@@ -426,22 +520,28 @@ class Core:
     def set_flag(self, batmon: Batmon, flag: str, enabled: bool) -> None:
         """Enable or disable alerts, WhatsApp or SMS notices for a batmon."""
         column = FLAGS[flag]
-        self.store.update_batmon(batmon.id, {column: int(enabled)})
+        self.persist(lambda store: store.update_batmon(batmon.id, {column: int(enabled)}))
         setattr(batmon, column, enabled)
 
     async def delete_batmon(self, batmon: Batmon) -> None:
-        """Delete a batmon with its history and alarms; its id is never reused."""
-        # Out of memory first, so no door can submit for it; then let what was
-        # submitted commit, so no reading lands after the delete.
+        """Delete a batmon with its alarms at once; its id is never reused.
+
+        Its readings and rollups are purged afterwards by the writer, a chunk per
+        transaction between reading groups (a restart resumes), so the answer does not
+        wait for them and no request waits behind them.
+        """
+        # Out of memory first, so no door can submit for it; the delete is queued
+        # behind what was submitted, so no reading lands after it.
         self.batmons.pop(batmon.id, None)
-        await self.writer.barrier()
         try:
-            self.store.delete_batmon(batmon.id)
+            await self.writer.call(lambda store: store.delete_batmon(batmon.id))
         except BaseException:
             self.batmons[batmon.id] = batmon  # still stored: still there
             raise
         self._deleted_owners[batmon.id] = batmon.user_id
+        self.retire_ids(batmon.id, *batmon.alarms)
         self.writer.forget(batmon.id)
+        self.writer.purge([batmon.id])
         for alarm_id in batmon.alarms:
             self.alarms.pop(alarm_id, None)
         self.banks.batmon_deleted(batmon.id)
@@ -508,16 +608,16 @@ class Core:
         now = self.clock()
         if batmon is None or batmon.status != "Online" or batmon.status_at(now) == "Online":
             return False
-        self.store.update_batmon(batmon.id, {"status": "Offline"})
+        self.persist(lambda store: store.update_batmon(batmon.id, {"status": "Offline"}))
         batmon.status = "Offline"
         self.bus.emit(StatusChanged(batmon, "Offline", "Online", now))
         return True
 
     @property
-    def history_reader(self) -> HistoryReader:
-        """Read-only connections in a thread pool, made on first use."""
+    def history_reader(self) -> HistoryReads:
+        """The store's history workers (a thread pool), made on first use."""
         if self._history_reader is None:
-            self._history_reader = HistoryReader(self.store.path)
+            self._history_reader = self.store.history_reader()
         return self._history_reader
 
     def close_history(self) -> None:
@@ -568,7 +668,7 @@ class Core:
     def add_alarm(self, batmon: Batmon, spec: AddAlarm) -> Alarm:
         """Create an alarm on ``batmon``; it is evaluated from the next reading on."""
         alarm = Alarm(
-            id=self.store.new_id("alarms"),
+            id=self.new_id(),
             batmon_id=batmon.id,
             name=spec.alarm_name,
             metric=spec.alarm_metric,
@@ -578,7 +678,8 @@ class Core:
             enabled=spec.alarm_enabled,
             update_time=self.clock(),
         )
-        self.store.add_alarm({k: getattr(alarm, k) for k in Alarm.__dataclass_fields__})
+        row = {k: getattr(alarm, k) for k in Alarm.__dataclass_fields__}
+        self.persist(lambda store: store.add_alarm(row))
         self.alarms[alarm.id] = alarm
         batmon.alarms[alarm.id] = alarm
         return alarm
@@ -600,8 +701,9 @@ class Core:
         self.update_alarm_state(alarm, changes)
 
     def update_alarm_state(self, alarm: Alarm, changes: dict[str, Any]) -> None:
-        """Persist then apply alarm changes (also used by the alarm evaluator)."""
-        self.store.update_alarm(alarm.id, changes)
+        """Apply alarm changes and make them durable (also used by the alarm evaluator)."""
+        changes = dict(changes)
+        self.persist(lambda store: store.update_alarm(alarm.id, changes))
         for name, value in changes.items():
             setattr(alarm, name, value)
 
@@ -611,11 +713,17 @@ class Core:
 
     def delete_alarm(self, alarm: Alarm) -> None:
         """Delete an alarm; its id is never reused."""
-        self.store.delete_alarm(alarm.id)
+        self.persist(lambda store: store.delete_alarm(alarm.id))
+        self.retire_ids(alarm.id)
         self.alarms.pop(alarm.id, None)
         batmon = self.batmons.get(alarm.batmon_id)
         if batmon is not None:
             batmon.alarms.pop(alarm.id, None)
+
+
+def _log_failed_write(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("a control-plane write failed: %s", future.exception())
 
 
 def _epoch(ts: float | None) -> int | None:

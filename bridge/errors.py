@@ -40,7 +40,7 @@ class NotFound(BatmonError):
 
 
 class Conflict(BatmonError):
-    """The thing to create exists already (409)."""
+    """The thing to create exists already (409); the store raises it for a taken email or id."""
 
     status = 409
 
@@ -59,3 +59,11 @@ class Unavailable(BatmonError):
     def __init__(self, message: str, retry_after: int = 2) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class StorageFailed(Unavailable):
+    """The store could not write or read (disk full, read-only file, I/O error): nothing changed.
+
+    The store raises it in place of its driver's errors, so no caller needs to know
+    which database sits behind the interface (bridge/store/interface.py).
+    """

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from bridge.errors import InvalidInput
-from bridge.store.history import METRICS, HistoryReader, Render, Row
+from bridge.store.interface import METRICS, HistoryReads, Render, Row
 
 if TYPE_CHECKING:
     from bridge.core import Batmon
@@ -138,7 +138,7 @@ class HistoryPlan:
         return cls(lo, hi, bucket, query.format == "csv")
 
 
-async def check_size(reader: HistoryReader, batmons: Sequence[Batmon], plan: HistoryPlan,
+async def check_size(reader: HistoryReads, batmons: Sequence[Batmon], plan: HistoryPlan,
                      limit: int | None) -> None:  # fmt: skip
     """Refuse a raw answer over ``limit`` readings (when a limit is set)."""
     if limit is None or plan.bucket is not None:
@@ -153,7 +153,7 @@ async def check_size(reader: HistoryReader, batmons: Sequence[Batmon], plan: His
         )
 
 
-def stream(reader: HistoryReader, batmons: Sequence[Batmon], plan: HistoryPlan) -> Streamed:
+def stream(reader: HistoryReads, batmons: Sequence[Batmon], plan: HistoryPlan) -> Streamed:
     """The answer to a history request, as a stream of JSON or CSV bytes."""
     batmons = list(batmons)
     if plan.csv:
@@ -162,7 +162,7 @@ def stream(reader: HistoryReader, batmons: Sequence[Batmon], plan: HistoryPlan) 
     return Streamed("application/json", _json_body(reader, batmons, plan))
 
 
-async def _json_body(reader: HistoryReader, batmons: list[Batmon], plan: HistoryPlan
+async def _json_body(reader: HistoryReads, batmons: list[Batmon], plan: HistoryPlan
                      ) -> AsyncIterator[bytes]:  # fmt: skip
     yield b'{"success":['
     for index, batmon in enumerate(batmons):
@@ -195,7 +195,7 @@ async def _json_body(reader: HistoryReader, batmons: list[Batmon], plan: History
     yield b"]}"
 
 
-async def _csv_body(reader: HistoryReader, batmons: list[Batmon], plan: HistoryPlan
+async def _csv_body(reader: HistoryReads, batmons: list[Batmon], plan: HistoryPlan
                     ) -> AsyncIterator[bytes]:  # fmt: skip
     yield _csv_line(RAW_CSV_HEADER if plan.bucket is None else BUCKET_CSV_HEADER)
     for batmon in batmons:

@@ -65,7 +65,9 @@ class Api:
             # (bridge/ratelimit.py, the broker's rules too).
             user, by_key = authenticate(self.core, self.sessions, request, fields)
             key_user = user if by_key else None
-            result = await work(fields, user)
+            # A change is answered only once it is committed (off the loop, in order).
+            async with self.core.durable_writes():
+                result = await work(fields, user)
             response = (
                 _streaming(result) if isinstance(result, Streamed) else JSONResponse({"success": result})
             )
@@ -138,7 +140,7 @@ class Api:
         return response
 
     async def healthz(self, request: Request) -> Response:
-        database = "ok" if self.core.store.ping() else "error"
+        database = "ok" if await self.core.ping() else "error"
         writer = self.core.writer_health()
         extra = self.health() if self.health else {}
         # A database that answers SELECT 1 but cannot store a reading is not healthy.
@@ -165,6 +167,8 @@ class Api:
             if status == 401:
                 response.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'
             return response
+        if self.metrics.prepare is not None:
+            await self.metrics.prepare()
         body, content_type = self.metrics.render(request.headers.get("accept", ""))
         return Response(body, media_type=content_type)
 

@@ -133,23 +133,28 @@ async def ack_alarm(call: Call, data: AlarmRef) -> str:
 
 async def user_notifications(call: Call, data: NotificationTargets) -> dict[str, str]:
     user = call.owner()
-    if data.changes():
-        set_targets(call.core, user.id, data)
-    return targets_view(call.core, user.id)
+
+    def save_and_show(store: Any) -> dict[str, str]:  # the core's store; the facade never imports it
+        if data.changes():
+            set_targets(store, user.id, data)
+        return targets_view(store, user.id)
+
+    return await call.core.in_store(save_and_show)
 
 
 async def show_user_notifications(call: Call, data: ShowTargets) -> dict[str, str]:
     # ShowTargets refuses target fields: a GET must not change anything.
-    return targets_view(call.core, call.owner().id)
+    user_id = call.owner().id
+    return await call.core.in_store(lambda store: targets_view(store, user_id))
 
 
 async def send_test_notice(call: Call, data: NoFields) -> dict[str, list[str]]:
-    return request_test_notice(call.core, call.owner().id)
+    return await request_test_notice(call.core, call.owner().id)
 
 
 async def batmon_notifications(call: Call, data: DeviceRef) -> list[dict[str, Any]]:
     batmon = call.owned_batmon(data.batmon_id, data.batmon_token)
-    return notices_view(call.core, batmon.id)
+    return await call.core.in_store(lambda store: notices_view(store, batmon.id))
 
 
 async def add_bank(call: Call, data: AddBank) -> dict[str, Any]:

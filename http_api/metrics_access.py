@@ -7,7 +7,7 @@ handed ``health``, and decides only whether the caller may see what it returns.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,11 +29,13 @@ TOKEN_NEEDED = "/metrics needs the metrics token as Authorization: Bearer."
 
 @dataclass(frozen=True)
 class MetricsExposure:
-    """What the app needs to serve /metrics (refused requests go on the bus, HttpRejected)."""
+    """What the app needs for /metrics and for counting refused requests."""
 
     render: MetricsRender
     access: MetricsAccess = "local"
     token: str | None = None
+    # Awaited before each render: figures the store keeps are read off the event loop.
+    prepare: Callable[[], Awaitable[None]] | None = None
 
     @property
     def served(self) -> bool:

@@ -162,3 +162,10 @@ def mosquitto_port(serve: ServeProcess, tmp_path: Path) -> Iterator[int]:
                   "--no-discovery"]  # fmt: skip
     yield broker.port
     broker.stop()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Drop the PostgreSQL databases this session made (tests/pg_support.py), if any."""
+    from tests import pg_support
+
+    pg_support.drop_session_databases()

@@ -73,6 +73,8 @@ def test_reading_meeting_the_condition_triggers_the_alarm(core, batmon, changes,
 def test_alarm_state_is_persisted(core, batmon, changes):
     alarm = add_alarm(core, batmon)
     ingest(core, batmon, batmon_voltage=12)
+    # The evaluator's write is queued behind the reading, off the loop: wait for it.
+    asyncio.run(core.writer.barrier())
     reloaded = Core(core.store, EventBus()).load().alarms[alarm.id]
     assert (reloaded.triggered, reloaded.trigger_time, reloaded.last_notice) == (True, T0, T0)
 

@@ -61,3 +61,16 @@ def test_unknown_row_is_a_one_line_usage_error() -> None:
     assert result.returncode == 2
     assert "unknown row(s) no-such-row" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_quick_delete_row_measures_the_polls_during_the_delete_and_before_it(tmp_path: Path) -> None:
+    out = tmp_path / "RESULTS.md"
+    result = run_benchmarks("--quick", "--only", "delete", "--reps", "1", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = out.read_text()
+    for what in ("/healthz p99 while a batmon", "another batmon's status p99 while a batmon"):
+        _, _, product, anchor, anchor_figure, _, goal = cells_of(text, f"| delete | {what}")
+        assert re.fullmatch(r"[\d.,]+ ms", product) and re.fullmatch(r"[\d.,]+ ms", anchor_figure)
+        assert anchor == "p99 before the delete, same run" and goal == "≤ 50 ms"
+    _, _, answered, _, gone, _, goal = cells_of(text, "| delete | the delete request answered")
+    assert re.fullmatch(r"[\d.,]+ ms", answered) and re.fullmatch(r"[\d.,]+ s", gone) and goal == "≤ 1 s"

@@ -77,7 +77,8 @@ def test_buckets_match_brute_force_including_empty_buckets_and_range_edges(
     })  # fmt: skip
     assert r.status_code == 200, r.text
     [entry] = r.json()["success"]
-    want = brute_buckets(rows, low, int(high) + 1, bucket)
+    # A reading written twice (same ts and values) is one reading: the store keeps it once.
+    want = brute_buckets(list(dict.fromkeys(rows)), low, int(high) + 1, bucket)
     assert list(entry) == ["batmon_id", "batmon_name", "batmon_type", "min_time", "max_time",
                            "bucket", "data"]  # fmt: skip
     assert entry["bucket"] == bucket

@@ -53,7 +53,7 @@ def test_hourly_and_longer_buckets_are_the_same_after_pruning(api: Api) -> None:
     first, _ = api.add_batmon()
     second, _ = api.add_batmon()
     insert(api, ten_days(first, 37.0, 1) + ten_days(second, 101.5, 2))
-    pruner = RetentionPruner(database_file(api.core.store.db.conn), 3, batch_rows=700,
+    pruner = RetentionPruner(api.core.store, 3, batch_rows=700,
                              clock=lambda: NOW)  # fmt: skip
     cutoff = pruner.cutoff()
     assert cutoff == (NOW - 3 * DAY) // 3600 * 3600
@@ -82,7 +82,7 @@ def test_a_late_reading_for_a_pruned_hour_merges_into_its_rollup(api: Api) -> No
     batmon_id, _ = api.add_batmon()
     insert(api, [(batmon_id, T0 + 10.0, 12.0, None, None, None, None),
                  (batmon_id, T0 + 20.0, 14.0, None, None, None, None)])  # fmt: skip
-    pruner = RetentionPruner(database_file(api.core.store.db.conn), 3, clock=lambda: NOW)
+    pruner = RetentionPruner(api.core.store, 3, clock=lambda: NOW)
     pruner.prune_pass()
     insert(api, [(batmon_id, T0 + 30.0, 10.0, 1.0, None, None, None)])  # arrives after pruning
     pruner.prune_pass()
@@ -104,7 +104,7 @@ def test_http_updates_keep_succeeding_while_a_big_prune_runs(api: Api) -> None:
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
             ((old, T0 + i * 0.5, 12.0, 1.0, 12.0, 50.0, None) for i in range(100_000)),
         )
-    pruner = RetentionPruner(database_file(conn), 3, batch_rows=1000, clock=lambda: NOW)
+    pruner = RetentionPruner(api.core.store, 3, batch_rows=1000, clock=lambda: NOW)
     worker = threading.Thread(target=pruner.prune_pass)
     worker.start()
     during = 0

@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from bridge.core import Core, CredentialMaps
 from bridge.events import CredentialsChanged
@@ -29,20 +31,23 @@ POLL_INTERVAL_S = 1.0
 class CredentialWatcher:
     """Polls the credential change counter and reloads the core's keys and tokens."""
 
-    def __init__(self, core: Core, database: Path, interval_s: float = POLL_INTERVAL_S) -> None:
+    def __init__(self, core: Core, database: Path, interval_s: float = POLL_INTERVAL_S,
+                 open_reader: Callable[[], Any] | None = None) -> None:  # fmt: skip
         self._core = core
         self._database = database
+        # Another store's reader (PostgreSQL's), else one on the SQLite file at ``database``.
+        self._open_reader = open_reader or (lambda: CredentialReader(database))
         self._interval_s = interval_s
         self._reader: CredentialReader | None = None
         self._task: asyncio.Task[None] | None = None
-        # One thread of its own for the polls, closed at stop (asyncio's default executor
-        # would keep its threads after the service stopped).
         self._pool: ThreadPoolExecutor | None = None
         self._failing = False
 
     async def start(self) -> None:
         """Begin polling (the core loaded its credentials at start)."""
-        self._reader = CredentialReader(self._database)
+        self._reader = self._open_reader()
+        # One thread of its own for the polls, closed at stop (asyncio's default executor
+        # would keep its threads after the service stopped).
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="credential-watcher")
         self._task = asyncio.create_task(self._run(self._reader), name="credential-watcher")
 

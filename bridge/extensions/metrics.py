@@ -3,7 +3,8 @@
 Counters and histograms are fed by events on the bus (readings, alarms, status
 changes, commits, notice outcomes, HTTP refusals); gauges and counters someone else
 already keeps are read at scrape time (the core's registry, the writer's queue and
-stats, the MQTT doors' counters, the notice outbox), so nothing is counted twice.
+stats, the MQTT doors' counters, the notice outbox), so nothing is counted twice. The
+outbox is read off the loop by ``refresh``, which the facade awaits before each scrape.
 
 Each ``Metrics`` has its own ``CollectorRegistry``: several services in one process
 (tests) keep their figures apart, and prometheus_client's global registry is unused.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -42,7 +42,7 @@ from bridge.events import (
     StatusChanged,
     Subscription,
 )
-from bridge.store.outbox import CHANNELS, Outbox
+from bridge.store.interface import CHANNELS
 
 if TYPE_CHECKING:
     from bridge.core import Core
@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 disable_created_metrics()
 
 MqttStats = Callable[[], Mapping[str, Any] | None]
-# The MQTT doors' counters (Service.mqtt_stats) that are refusals of a device's update, by `reason` label.
+# MqttBridge.stats counters that are refusals of a device's update, by `reason` label.
 MQTT_REJECTIONS = {
     "rejected": "invalid",
     "dropped_bad_topic": "bad_topic",
@@ -77,15 +77,16 @@ COMMIT_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 
 
 
 class Metrics:
-    """The service's metrics: an extension that listens to the bus, plus ``render`` for
-    the HTTP facade's /metrics."""
+    """The service's metrics: an extension that listens to the bus, plus ``render`` (and
+    ``refresh``, awaited before it) for the HTTP facade's /metrics."""
 
     def __init__(self, core: Core, *, mqtt_stats: MqttStats = lambda: None,
                  per_batmon: bool = False) -> None:  # fmt: skip
         self.core = core
         self.mqtt_stats = mqtt_stats
         self.per_batmon = per_batmon
-        self.outbox = Outbox(core.store)
+        # Notices pending by (state, channel), read off the loop by refresh(); None unread.
+        self._pending: dict[tuple[str, str], int] | None = None
         self._subscription: Subscription = NO_SUBSCRIPTION
         self._lag_task: asyncio.Task[None] | None = None
         self._http_rejections: Counter[str] = Counter()
@@ -130,7 +131,7 @@ class Metrics:
 
     # -- extension -------------------------------------------------------------------
     async def start(self) -> None:
-        """Subscribe to the bus and start the loop-lag probe."""
+        """Subscribe to the core's events and start the loop-lag probe."""
         self._subscription = self.core.bus.subscribe_all({
             ReadingAccepted: self._on_reading,
             AlarmChanged: self._on_alarm,
@@ -149,6 +150,15 @@ class Metrics:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._lag_task
             self._lag_task = None
+
+    async def refresh(self) -> None:
+        """Read the scrape-time figures the store keeps (off the event loop)."""
+        try:
+            # A read on the core's own handle: a scrape never waits behind the writer's queue.
+            self._pending = await self.core.read_store(lambda store: store.outbox.pending_by_channel())
+        except Exception as exc:  # a scrape must not fail for one figure
+            log.warning("metrics could not count notices: %s", exc)
+            self._pending = None
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition for a scraper's Accept header: (body, content type).
@@ -202,7 +212,7 @@ class _ScrapeTimeCollector:
         yield self._rejections(m, stats)
         yield from self._writer(m.core)
         yield from self._mqtt(stats)
-        notices = self._notices(m.outbox)
+        notices = self._notices(m._pending)
         if notices is not None:
             yield notices
         if m.per_batmon:
@@ -260,11 +270,8 @@ class _ScrapeTimeCollector:
             yield CounterMetricFamily(name, help_text, value=stats.get(key, 0))
 
     @staticmethod
-    def _notices(outbox: Outbox) -> Metric | None:
-        try:
-            counts = outbox.pending_by_channel()
-        except sqlite3.Error as exc:  # a scrape must not fail for one figure
-            log.warning("metrics could not count notices: %s", exc)
+    def _notices(counts: dict[tuple[str, str], int] | None) -> Metric | None:
+        if counts is None:
             return None
         family = GaugeMetricFamily("batmon_notices_pending",
                                    "Notices waiting to be sent (queued) or being sent (sending).",

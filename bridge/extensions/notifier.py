@@ -1,7 +1,8 @@
 """Notices for status changes and alarms, fanned out through Apprise via a durable outbox.
 
-Event handlers only write outbox rows (one fast SQLite insert) and wake the worker,
-so ingestion never waits on the network. The worker sends due rows concurrently
+Event handlers only queue outbox rows (written on the writer's thread, in order with
+everything else, never on the event loop) and wake the worker once they are
+committed, so ingestion never waits on the network or the disk. The worker sends due rows concurrently
 (bounded, each with a timeout), and retries failures with exponential back-off.
 
 Target URLs are read from the user's row when a notice is sent, not copied into the
@@ -16,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, unquote, urlsplit
@@ -33,10 +35,11 @@ from bridge.events import (
     TestNoticeRequested,
 )
 from bridge.models import NotificationTargets, describe_error
-from bridge.store.outbox import CHANNELS, Channel, Outbox
+from bridge.store.interface import CHANNELS, Channel
 
 if TYPE_CHECKING:
     from bridge.core import Batmon, Core
+    from bridge.store.interface import Store
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +104,12 @@ def scrub(text: str, url: str) -> str:
     return text
 
 
-def set_targets(core: Core, user_id: int, targets: NotificationTargets | dict[str, str]) -> None:
+# The target functions take a store handle: tools call them directly, the facade through
+# ``Core.in_store`` (off the event loop).
+def set_targets(store: Store, user_id: int, targets: NotificationTargets | dict[str, str]) -> None:
     """Store a user's target URLs (email_url, whatsapp_url, sms_url); a dict is
     validated by the NotificationTargets model first, naming a bad field."""
-    if core.store.user_by_id(user_id) is None:
+    if store.user_by_id(user_id) is None:
         raise NotFound(f"user {user_id} does not exist.")
     if isinstance(targets, dict):
         unknown = set(targets) - set(TARGET_COLUMNS.values())
@@ -116,23 +121,23 @@ def set_targets(core: Core, user_id: int, targets: NotificationTargets | dict[st
         except ValidationError as exc:
             raise InvalidInput(describe_error(exc)) from None
     cleaned = targets.changes()
-    core.store.set_user_targets(user_id, cleaned)
+    store.set_user_targets(user_id, cleaned)
     log.info("user %s notification targets set: %s", user_id,
              {name: mask_url(url) for name, url in cleaned.items()})  # fmt: skip
 
 
-def targets_view(core: Core, user_id: int) -> dict[str, str]:
+def targets_view(store: Store, user_id: int) -> dict[str, str]:
     """The user's target URLs with secrets masked ("" where none is set)."""
-    row = core.store.user_by_id(user_id)
+    row = store.user_by_id(user_id)
     if row is None:
         raise NotFound(f"user {user_id} does not exist.")
     return {column: mask_url(row[column]) for column in TARGET_COLUMNS.values()}
 
 
-def request_test_notice(core: Core, user_id: int) -> dict[str, list[str]]:
+async def request_test_notice(core: Core, user_id: int) -> dict[str, list[str]]:
     """Ask the notifier for a test notice on every channel that has a target; the
     notice goes through the outbox like any other, so it proves the whole path."""
-    row = core.store.user_by_id(user_id)
+    row = await core.in_store(lambda store: store.user_by_id(user_id))
     if row is None:
         raise NotFound(f"user {user_id} does not exist.")
     channels = tuple(ch for ch, column in TARGET_COLUMNS.items() if row[column])
@@ -143,7 +148,7 @@ def request_test_notice(core: Core, user_id: int) -> dict[str, list[str]]:
     return {"channels": list(channels)}
 
 
-def notices_view(core: Core, batmon_id: int, limit: int = 50) -> list[dict[str, Any]]:
+def notices_view(store: Store, batmon_id: int, limit: int = 50) -> list[dict[str, Any]]:
     """The batmon's latest notices, newest first, times as epoch seconds."""
     return [
         {
@@ -158,7 +163,7 @@ def notices_view(core: Core, batmon_id: int, limit: int = 50) -> list[dict[str, 
             "last_error": row["last_error"],
             "target": row["target"],
         }
-        for row in Outbox(core.store).latest_for_batmon(batmon_id, limit)
+        for row in store.outbox.latest_for_batmon(batmon_id, limit)
     ]
 
 
@@ -233,7 +238,6 @@ class Notifier:
                  send_timeout_s: float = 20.0, concurrency: int = 8) -> None:  # fmt: skip
         self.core = core
         self._subscription: Subscription = NO_SUBSCRIPTION
-        self.outbox = Outbox(core.store)
         self.retry_base_s = retry_base_s
         self.give_up_after_s = give_up_after_s
         self.max_attempts = max_attempts
@@ -243,15 +247,17 @@ class Notifier:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._inflight: set[asyncio.Task[None]] = set()
+        self._pending_writes: set[asyncio.Future[Any]] = set()
 
     async def start(self) -> None:
         """Requeue notices a stopped or killed process left in flight, then serve."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
-        requeued = self.outbox.requeue_interrupted()
+        requeued = await self.core.in_store(lambda store: store.outbox.requeue_interrupted())
         if requeued:
             log.info("requeued %d notices left in flight by the previous run", requeued)
-        self.outbox.prune(self.core.clock() - RETENTION_S)
+        before = self.core.clock() - RETENTION_S
+        await self.core.in_store(lambda store: store.outbox.prune(before))
         self._subscription = self.core.bus.subscribe_all({
             StatusChanged: self.on_status, AlarmChanged: self.on_alarm,
             TestNoticeRequested: self.on_test_notice,
@@ -267,7 +273,7 @@ class Notifier:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._task = None
 
-    # -- event handlers (synchronous: a fast insert, then a wake-up) ------------------
+    # -- event handlers (synchronous: queue the rows, wake the worker once they are in) ----
     def on_status(self, event: StatusChanged) -> None:
         """Queue Offline notices, and Online ones after an Offline spell (not the first reading)."""
         if event.first_reading or event.status == event.previous:
@@ -285,30 +291,64 @@ class Notifier:
         title = "Test notice from your batmon bridge"
         body = (f"This test notice was sent at {_utc(event.at)} from the dashboard."
                 " Notices about your batmons reach this target the same way.")  # fmt: skip
-        self.outbox.enqueue([
+        notices = [
             {"user_id": event.user_id, "batmon_id": TEST_NOTICE_BATMON_ID, "channel": channel,
              "kind": "test", "title": title, "body": body, "created": event.at,
              "state": "queued"}
             for channel in event.channels
-        ])  # fmt: skip
-        self._wake_worker()
+        ]  # fmt: skip
+
+        def write(store: Store) -> list[dict[str, Any]]:
+            store.outbox.enqueue(notices)
+            return notices
+
+        self._queue_rows(write)
 
     def enqueue(self, batmon: Batmon, kind: str, title: str, body: str) -> None:
-        """Write one row per channel the batmon's flags allow; wake the worker."""
+        """Queue one row per channel the batmon's flags allow; wake the worker once written."""
         if not batmon.notification_enabled:
             return
-        user = self.core.store.user_by_id(batmon.user_id) or {}
+        user_id, batmon_id, channels = batmon.user_id, batmon.id, self._channels(batmon)
         now = self.core.clock()
-        notices: list[dict[str, Any]] = []
-        for channel in self._channels(batmon):
-            has_target = bool(user.get(TARGET_COLUMNS[channel]))
-            notices.append({
-                "user_id": batmon.user_id, "batmon_id": batmon.id, "channel": channel,
-                "kind": kind, "title": title, "body": body, "created": now,
-                "state": "queued" if has_target else "skipped",
-                "last_error": "" if has_target else _no_target(channel),
-            })  # fmt: skip
-        self.outbox.enqueue(notices)
+
+        def write(store: Store) -> list[dict[str, Any]]:
+            # The targets are read where the rows are written: the user's latest.
+            user = store.user_by_id(user_id) or {}
+            notices: list[dict[str, Any]] = []
+            for channel in channels:
+                has_target = bool(user.get(TARGET_COLUMNS[channel]))
+                notices.append({
+                    "user_id": user_id, "batmon_id": batmon_id, "channel": channel,
+                    "kind": kind, "title": title, "body": body, "created": now,
+                    "state": "queued" if has_target else "skipped",
+                    "last_error": "" if has_target else _no_target(channel),
+                })  # fmt: skip
+            store.outbox.enqueue(notices)
+            return notices
+
+        self._queue_rows(write)
+
+    def _queue_rows(self, write: Callable[[Store], list[dict[str, Any]]]) -> None:
+        """Write outbox rows off the loop (at once when no loop runs: tools and tests)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self._written(write(self.core.store))
+            return
+        future = self.core.writer.call(write)
+        self._pending_writes.add(future)
+        future.add_done_callback(self._after_write)
+
+    def _after_write(self, future: asyncio.Future[list[dict[str, Any]]]) -> None:
+        self._pending_writes.discard(future)
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            log.error("could not queue notices: %s", future.exception())
+            return
+        self._written(future.result())
+
+    def _written(self, notices: list[dict[str, Any]]) -> None:
         for notice in notices:
             self._tell(notice["channel"], notice["state"])
         if any(n["state"] == "queued" for n in notices):
@@ -346,24 +386,36 @@ class Notifier:
         while True:
             self._wake.clear()
             try:
-                self._dispatch_due()
+                await self._dispatch_due()
             except Exception:
                 log.exception("notifier could not read the outbox; trying again shortly")
                 await asyncio.sleep(1.0)
             await self._wait()
 
-    def _dispatch_due(self) -> None:
+    async def _dispatch_due(self) -> None:
         """Start a send task for each due notice, up to the concurrency bound."""
         free = self.concurrency - len(self._inflight)
         if free <= 0:
             return
         now = self.core.clock()
-        for row in self.outbox.due(now, free):
-            target = self._target(row)
+
+        def claim_due(store: Store) -> list[tuple[dict[str, Any], str]]:
+            """Due rows with their targets, claimed (or skipped) in one visit off the loop."""
+            claimed = []
+            for row in store.outbox.due(now, free):
+                user = store.user_by_id(row["user_id"])
+                target = str(user[TARGET_COLUMNS[row["channel"]]]) if user else ""
+                if not target:
+                    store.outbox.mark_skipped(row["id"], now, _no_target(row["channel"]))
+                    claimed.append((row, ""))
+                elif store.outbox.claim(row["id"]):
+                    claimed.append((row, target))
+            return claimed
+
+        for row, target in await self.core.in_store(claim_due):
             if not target:
-                self.outbox.mark_skipped(row["id"], now, _no_target(row["channel"]))
                 self._tell(row["channel"], "skipped")
-            elif self.outbox.claim(row["id"]):
+            else:
                 task = asyncio.create_task(self._deliver(row, target))
                 self._inflight.add(task)
                 task.add_done_callback(self._delivered)
@@ -381,7 +433,11 @@ class Notifier:
         assert self._wake is not None
         timeout = IDLE_WAIT_S
         if len(self._inflight) < self.concurrency:
-            next_at = self.outbox.next_due_at()
+            try:
+                next_at = await self.core.in_store(lambda store: store.outbox.next_due_at())
+            except Exception as exc:  # the store is failing: look again within a second
+                log.warning("notifier could not read the outbox: %s", exc)
+                next_at = self.core.clock() + 1.0
             if next_at is not None:
                 timeout = min(timeout, max(0.0, next_at - self.core.clock()))
         # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel (stop())
@@ -390,30 +446,27 @@ class Notifier:
             async with asyncio.timeout(timeout):
                 await self._wake.wait()
 
-    def _target(self, row: dict[str, Any]) -> str:
-        """The user's current URL for the notice's channel ("" when none)."""
-        user = self.core.store.user_by_id(row["user_id"])
-        return str(user[TARGET_COLUMNS[row["channel"]]]) if user else ""
-
     async def _deliver(self, row: dict[str, Any], target: str) -> None:
         """One attempt at one notice; records the outcome and schedules any retry."""
         masked = mask_url(target)
         error = await self._attempt(row, target)
         now = self.core.clock()
         attempts = row["attempts"] + 1  # claim() counted this attempt
+        notice_id = row["id"]
         if not error:
-            self.outbox.mark_sent(row["id"], now, masked)
+            await self.core.in_store(lambda store: store.outbox.mark_sent(notice_id, now, masked))
             self._tell(row["channel"], "sent")
             log.info("notice %s (%s) sent to %s", row["id"], row["channel"], masked)
             return
         next_at = now + self.retry_base_s * 2 ** (attempts - 1)
         if attempts >= self.max_attempts or next_at - row["created"] > self.give_up_after_s:
-            self.outbox.mark_failed(row["id"], now, error, masked)
+            await self.core.in_store(lambda store: store.outbox.mark_failed(notice_id, now, error, masked))
             self._tell(row["channel"], "failed")
             log.warning("notice %s (%s) to %s failed for good after %d attempts: %s",
                         row["id"], row["channel"], masked, attempts, error)  # fmt: skip
         else:
-            self.outbox.mark_retry(row["id"], now, next_at, error, masked)
+            await self.core.in_store(
+                lambda store: store.outbox.mark_retry(notice_id, now, next_at, error, masked))
             self._tell(row["channel"], "retry")
             log.info("notice %s (%s) to %s failed (%s); retry in %.0f s",
                      row["id"], row["channel"], masked, error, next_at - now)  # fmt: skip

@@ -1,7 +1,7 @@
 """`--retention-days N`: prune raw readings older than N days, off the hot path.
 
 An extension with start()/stop(): every ``interval_s`` it runs one pass on a worker
-thread with its own write connection. A pass folds old readings into hourly rollups
+thread with a store handle of its own (``Store.another()``). A pass folds old readings into hourly rollups
 and deletes them in small transactions, pausing between them so the ingest writer
 gets the database in between. Long-range bucketed history reads the rollups, so
 charts survive pruning.
@@ -15,23 +15,26 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from bridge.store.retention import HOUR, RetentionStore
 from bridge.threads import run_on_own_thread
+
+if TYPE_CHECKING:
+    from bridge.store.interface import Store
 
 log = logging.getLogger(__name__)
 
 DAY = 86_400
+HOUR = 3_600
 
 
 class RetentionPruner:
     """Keeps raw readings for ``days`` days; older ones live on as hourly rollups."""
 
-    def __init__(self, database_path: Path, days: int, *, interval_s: float = 600.0,
+    def __init__(self, store: Store, days: int, *, interval_s: float = 600.0,
                  batch_rows: int = 5_000, pause_s: float = 0.05,
                  clock: Callable[[], float] = time.time) -> None:  # fmt: skip
-        self.database_path = database_path
+        self.store = store  # opened again on the pruner's thread: never used here
         self.days = days
         self.interval_s = interval_s
         self.batch_rows = batch_rows
@@ -40,7 +43,7 @@ class RetentionPruner:
         self.pruned = 0  # readings pruned since start
         self.batches = 0  # transactions committed since start
         self._stopping = threading.Event()
-        self._store: RetentionStore | None = None
+        self._store: Store | None = None
         self._task: asyncio.Task[None] | None = None
         self._pass: asyncio.Future[int] | None = None
 
@@ -85,14 +88,14 @@ class RetentionPruner:
     def prune_pass(self) -> int:
         """Prune everything older than the cutoff, batch by batch; returns rows pruned."""
         if self._store is None:
-            self._store = RetentionStore(self.database_path, batch_rows=self.batch_rows)
+            self._store = self.store.another()
         store = self._store
         cutoff = self.cutoff()
         pruned = 0
         for batmon_id in store.batmons_with_readings_before(cutoff):
             while not self._stopping.is_set():
                 started = time.monotonic()
-                count = store.prune_batch(batmon_id, cutoff)
+                count = store.prune_batch(batmon_id, cutoff, self.batch_rows)
                 pruned += count
                 self.pruned += count
                 self.batches += 1

@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bridge.store.db import Store
-
 
 @dataclass(frozen=True)
 class CredentialRows:
@@ -29,7 +27,7 @@ class CredentialRows:
 class Credentials:
     """Writes and listings of credentials; every method is one query or transaction."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Any) -> None:  # a SqliteStore: credentials are not behind interface.py yet
         self.db = store.db
 
     def set_api_key_hash(self, user_id: int, api_key_hash: str) -> None:
@@ -64,6 +62,13 @@ class Credentials:
     def load(self) -> CredentialRows:
         """Every credential (at start, on this store's connection)."""
         return load_rows(self.db.conn)
+
+
+def credentials_of(store: Any) -> Any:
+    """The credential queries of ``store``: its own when it has them (PostgreSQL:
+    bridge/store/pg_credentials.py), else these on its SQLite connection."""
+    own = getattr(store, "credentials", None)
+    return own() if callable(own) else Credentials(store)
 
 
 class CredentialReader:

@@ -19,10 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-Row = tuple[Any, ...]
-Render = Callable[[list[Row]], bytes]
+from bridge.store.interface import METRICS, Render, Row
 
-METRICS = ("voltage", "current", "power", "soc")
+__all__ = ["METRICS", "HistoryReader", "Render", "Row"]
 # A raw row: ts, voltage, current, power, soc, details, seq (seq only for paging).
 RAW_COLUMNS = ("ts", *METRICS, "details")
 # A bucket row: time, count, then min/avg/max of each metric.

@@ -13,21 +13,26 @@ on our side but lands later is retried too. Both windows are seconds wide.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from bridge.store.db import Store
+from bridge.store.interface import CHANNELS, Channel
+from bridge.store.sqlite_errors import translated
 
-Channel = Literal["email", "whatsapp", "sms"]
-CHANNELS: tuple[Channel, ...] = ("email", "whatsapp", "sms")
+if TYPE_CHECKING:
+    from bridge.store.db import SqliteStore
+
+__all__ = ["CHANNELS", "Channel", "Outbox"]
 MAX_ERROR_CHARS = 500
 
 
 class Outbox:
-    """The durable queue of notices; every method is one query or transaction."""
+    """The durable queue of notices (``NoticeOutbox``) on one store handle's connection;
+    every method is one query or transaction."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: SqliteStore) -> None:
         self.db = store.db
 
+    @translated
     def enqueue(self, notices: Iterable[dict[str, Any]]) -> list[int]:
         """Insert notices in one transaction; return their ids.
 
@@ -48,6 +53,7 @@ class Outbox:
                 ids.append(int(cur.lastrowid or 0))
         return ids
 
+    @translated
     def due(self, now: float, limit: int) -> list[dict[str, Any]]:
         """Queued notices whose next attempt is due, oldest due first."""
         return list(self.db.query(
@@ -56,6 +62,7 @@ class Outbox:
             [now, limit],
         ))  # fmt: skip
 
+    @translated
     def next_due_at(self) -> float | None:
         """When the earliest queued notice is due, or None when none is queued."""
         row = self.db.execute(
@@ -63,6 +70,7 @@ class Outbox:
         ).fetchone()
         return None if row[0] is None else float(row[0])
 
+    @translated
     def claim(self, notice_id: int) -> bool:
         """Mark a queued notice ``sending`` and count the attempt; False if taken."""
         with self.db.atomic():
@@ -73,30 +81,36 @@ class Outbox:
             )
         return cur.rowcount == 1
 
+    @translated
     def mark_sent(self, notice_id: int, now: float, target: str) -> None:
         """Record a delivery; ``target`` is the masked URL it went to."""
         self._finish(notice_id, now, "sent", "", sent_at=now, target=target)
 
+    @translated
     def mark_retry(self, notice_id: int, now: float, next_attempt_at: float, error: str,
                    target: str = "") -> None:  # fmt: skip
         """Record a failed attempt and put the notice back in the queue."""
         self._finish(notice_id, now, "queued", error, next_attempt_at=next_attempt_at,
                      target=target)  # fmt: skip
 
+    @translated
     def mark_failed(self, notice_id: int, now: float, error: str, target: str = "") -> None:
         """Record a failed attempt after which no more are made."""
         self._finish(notice_id, now, "failed", error, target=target)
 
+    @translated
     def mark_skipped(self, notice_id: int, now: float, reason: str) -> None:
         """Record that the notice had nowhere to go (no target for its channel)."""
         self._finish(notice_id, now, "skipped", reason, attempt=False)
 
+    @translated
     def requeue_interrupted(self) -> int:
         """Put notices left ``sending`` by a stopped or killed process back in the queue."""
         with self.db.atomic():
             cur = self.db.execute("UPDATE outbox SET state = 'queued' WHERE state = 'sending'")
         return cur.rowcount
 
+    @translated
     def latest_for_batmon(self, batmon_id: int, limit: int) -> list[dict[str, Any]]:
         """The batmon's most recent notices, newest first."""
         return list(self.db.query(
@@ -104,6 +118,7 @@ class Outbox:
             [batmon_id, limit],
         ))  # fmt: skip
 
+    @translated
     def attempts(self, notice_id: int) -> list[dict[str, Any]]:
         """Every recorded attempt of one notice, oldest first."""
         return list(self.db.query(
@@ -111,11 +126,13 @@ class Outbox:
             [notice_id],
         ))  # fmt: skip
 
+    @translated
     def count_by_state(self) -> dict[str, int]:
         """How many notices are in each state (health and benchmarks)."""
         rows = self.db.execute("SELECT state, count(*) FROM outbox GROUP BY state").fetchall()
         return {state: int(count) for state, count in rows}
 
+    @translated
     def pending_by_channel(self) -> dict[tuple[str, str], int]:
         """Notices waiting (``queued``) or in flight (``sending``), by (state, channel).
 
@@ -128,6 +145,7 @@ class Outbox:
         ).fetchall()
         return {(state, channel): int(count) for state, channel, count in rows}
 
+    @translated
     def prune(self, before: float) -> int:
         """Delete finished notices created before ``before``; queued ones stay."""
         with self.db.atomic():

@@ -1,6 +1,7 @@
-"""Retention: fold old readings into hourly rollups and delete them, batch by batch.
+"""Retention in SQL: fold old readings into hourly rollups and delete them, batch by batch.
 
-This runs on its own write connection, off the event loop. SQLite has one writer
+The pruner (bridge/extensions/retention_pruner.py) runs this through a store handle of
+its own (``SqliteStore.prune_batch``), off the event loop. SQLite has one writer
 at a time, so each batch is one short transaction (a few thousand rows): the
 ingest writer waits at most that long (busy_timeout on both sides). A batch folds
 its rows into ``rollups`` and deletes them in the same transaction, so a crash
@@ -11,7 +12,6 @@ never loses a reading's aggregate nor counts it twice; rollups are mergeable
 from __future__ import annotations
 
 import sqlite3
-from pathlib import Path
 
 from bridge.store.history import METRICS
 
@@ -44,61 +44,33 @@ _UP_TO_CUTOFF = "ts < :cutoff"
 _UP_TO_ROW = "(ts, seq) <= (:ts, :seq)"
 
 
-class RetentionStore:
-    """Named queries of the pruner, on a write connection of its own."""
+def batmons_with_readings_before(conn: sqlite3.Connection, cutoff: float) -> list[int]:
+    """Ids of batmons that have readings older than ``cutoff`` (one seek per batmon)."""
+    found: list[int] = []
+    after = -1
+    while True:
+        row = conn.execute(
+            "SELECT batmon_id FROM readings WHERE batmon_id > ? ORDER BY batmon_id LIMIT 1", (after,)
+        ).fetchone()
+        if row is None:
+            return found
+        after = row[0]
+        if conn.execute("SELECT 1 FROM readings WHERE batmon_id = ? AND ts < ? LIMIT 1",
+                        (after, cutoff)).fetchone():  # fmt: skip
+            found.append(after)
 
-    def __init__(self, path: Path, *, batch_rows: int = 5_000, busy_timeout_s: float = 10.0) -> None:
-        self.batch_rows = batch_rows
-        # check_same_thread=False: the pruner's passes may run on different pool threads,
-        # one at a time; autocommit mode, transactions are explicit below.
-        self._conn = sqlite3.connect(str(path), timeout=busy_timeout_s, isolation_level=None,
-                                     check_same_thread=False)  # fmt: skip
-        self._conn.execute("PRAGMA synchronous=NORMAL")
 
-    def close(self) -> None:
-        """Close the connection."""
-        self._conn.close()
-
-    def batmons_with_readings_before(self, cutoff: float) -> list[int]:
-        """Ids of batmons that have readings older than ``cutoff`` (one seek per batmon)."""
-        found: list[int] = []
-        after = -1
-        while True:
-            row = self._conn.execute(
-                "SELECT batmon_id FROM readings WHERE batmon_id > ? ORDER BY batmon_id LIMIT 1",
-                (after,),
-            ).fetchone()
-            if row is None:
-                return found
-            after = row[0]
-            if self._conn.execute("SELECT 1 FROM readings WHERE batmon_id = ? AND ts < ? LIMIT 1",
-                                  (after, cutoff)).fetchone():  # fmt: skip
-                found.append(after)
-
-    def prune_batch(self, batmon_id: int, cutoff: float) -> int:
-        """Fold and delete the oldest readings (at most batch_rows) older than ``cutoff``.
-
-        Returns how many were pruned; fewer than batch_rows means the batmon is done.
-        """
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            last = conn.execute(
-                "SELECT ts, seq FROM readings WHERE batmon_id = ? AND ts < ?"
-                " ORDER BY ts, seq LIMIT 1 OFFSET ?",
-                (batmon_id, cutoff, self.batch_rows - 1),
-            ).fetchone()
-            params: dict[str, float | int] = {"batmon": batmon_id, "cutoff": cutoff}
-            where = _UP_TO_CUTOFF
-            if last is not None:
-                params.update(ts=last[0], seq=last[1])
-                where = _UP_TO_ROW
-            conn.execute(_FOLD.format(where=where), params)
-            deleted = conn.execute(
-                f"DELETE FROM readings WHERE batmon_id = :batmon AND {where}", params
-            ).rowcount
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return deleted
+def prune_batch(conn: sqlite3.Connection, batmon_id: int, cutoff: float, batch_rows: int) -> int:
+    """Fold and delete the oldest readings (at most batch_rows) older than ``cutoff``, in the
+    caller's transaction. Returns how many; fewer than batch_rows means the batmon is done."""
+    last = conn.execute(
+        "SELECT ts, seq FROM readings WHERE batmon_id = ? AND ts < ? ORDER BY ts, seq LIMIT 1 OFFSET ?",
+        (batmon_id, cutoff, batch_rows - 1),
+    ).fetchone()
+    params: dict[str, float | int] = {"batmon": batmon_id, "cutoff": cutoff}
+    where = _UP_TO_CUTOFF
+    if last is not None:
+        params.update(ts=last[0], seq=last[1])
+        where = _UP_TO_ROW
+    conn.execute(_FOLD.format(where=where), params)
+    return int(conn.execute(f"DELETE FROM readings WHERE batmon_id = :batmon AND {where}", params).rowcount)

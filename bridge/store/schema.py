@@ -203,6 +203,28 @@ MIGRATIONS: list[list[str]] = [
             )
         ),
     ],
+    # 6: a deleted batmon's readings and rollups are purged in chunks after its row is gone;
+    # this mark says whose, so a purge cut by a restart resumes (bridge/store/db.py).
+    # And a reading written again (same batmon, ts and values: a redelivery after a lost
+    # ack) is stored once: the arrival-order trigger, which already looks for rows of the
+    # same ts, drops the insert when one has the same values (RAISE(IGNORE) ends the
+    # INSERT of that row only), so the common case (a new ts) costs no extra seek.
+    [
+        "CREATE TABLE deleted_batmons (batmon_id INTEGER PRIMARY KEY, deleted_at REAL NOT NULL)",
+        "DROP TRIGGER readings_arrival_order",
+        """CREATE TRIGGER readings_arrival_order BEFORE INSERT ON readings
+           WHEN EXISTS (SELECT 1 FROM readings WHERE batmon_id = NEW.batmon_id AND ts = NEW.ts)
+           BEGIN
+               SELECT RAISE(IGNORE) WHERE EXISTS (SELECT 1 FROM readings
+                   WHERE batmon_id = NEW.batmon_id AND ts = NEW.ts AND voltage IS NEW.voltage
+                   AND current IS NEW.current AND power IS NEW.power AND soc IS NEW.soc
+                   AND details IS NEW.details);
+               UPDATE readings SET seq = seq + 1099511627776
+                   WHERE batmon_id = NEW.batmon_id AND ts = NEW.ts;
+               UPDATE readings SET seq = seq - 1099511627777
+                   WHERE batmon_id = NEW.batmon_id AND ts = NEW.ts;
+           END""",
+    ],
 ]
 
 LATEST = len(MIGRATIONS)

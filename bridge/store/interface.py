@@ -1,0 +1,264 @@
+"""What the core, the writer, the extensions and the facade need from a store.
+
+The SQLite store (bridge/store/db.py and its neighbours) implements it today; a
+PostgreSQL store (the scale-out issue) implements the same protocols and joins the
+contract suite (tests/test_store_contract.py) with one fixture parameter. Nothing
+here names a SQLite feature: rows are addressed by what they mean (batmon id,
+timestamp, notice id), never by a rowid, and failures are the store's own errors:
+
+- ``bridge.errors.StorageFailed``: the database could not do it (disk full, I/O,
+  read-only); nothing changed and the handle is still usable;
+- ``bridge.errors.Conflict``: a unique thing is taken (an email, an id in use or retired);
+- ``ValueError``: a programming error (a column that may not be changed).
+
+Threads: a handle is used by one thread at a time. ``another()`` opens a second
+handle on the same database for another thread (the writer's, the pruner's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from typing import Any, Literal, Protocol
+
+# (batmon_id, ts, voltage, current, power, soc, details)
+ReadingRow = tuple[int, float, float | None, float | None, float | None, float | None, str | None]
+# (batmon_id, {column: value}) applied after the rows, in order.
+CurrentUpdate = tuple[int, dict[str, Any]]
+Row = tuple[Any, ...]
+Render = Callable[[list[Row]], bytes]
+Channel = Literal["email", "whatsapp", "sms"]
+CHANNELS: tuple[Channel, ...] = ("email", "whatsapp", "sms")
+METRICS = ("voltage", "current", "power", "soc")
+"""The metrics a reading carries as columns (history, buckets and rollups)."""
+
+
+class ReadingSink(Protocol):
+    """Where committed readings go: one atomic ``write`` per group (the writer's thread).
+
+    Rules every store keeps (the contract suite checks them):
+    - history is in time order, readings of one ts in the order they were written;
+    - a reading written again with the same batmon, ts and values is stored once
+      (a redelivery after a lost acknowledgement), while two different readings
+      with the same ts are both kept;
+    - an update carrying ``last_reading`` older than the stored one changes nothing:
+      an older reading never replaces the latest.
+    """
+
+    def write(self, rows: Sequence[ReadingRow], updates: Sequence[CurrentUpdate]) -> None:
+        """Append ``rows`` and apply ``updates`` in one transaction, or raise and change nothing."""
+        ...
+
+    def probe(self) -> None:
+        """A tiny real write; raises StorageFailed while the store cannot be written."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection."""
+        ...
+
+
+class HistoryReads(Protocol):
+    """History pages read off the event loop (a worker pool of the store's own)."""
+
+    async def raw_span(self, batmon_id: int, lo: float, hi: float) -> tuple[float, float] | None:
+        """ts of the first and last readings with lo <= ts < hi, else None."""
+        ...
+
+    async def raw_count(self, batmon_id: int, lo: float, hi: float) -> int:
+        """How many readings have lo <= ts < hi."""
+        ...
+
+    def raw_pages(self, batmon_id: int, first: float, last: float, render: Render) -> AsyncIterator[bytes]:
+        """Rendered pages of the readings with first <= ts <= last, in time then arrival order."""
+        ...
+
+    async def last_reported(self, batmon_ids: list[int]) -> dict[int, dict[str, float]]:
+        """When each metric of these batmons was last in a reading (never reported: left out);
+        from the readings, else the end of the latest rollup hour that has it."""
+        ...
+
+    async def bucket_plan(self, batmon_id: int, lo: float, hi: float, bucket: int
+                          ) -> tuple[float, float, bool] | None:  # fmt: skip
+        """(first, last, with_rollups) of the data behind a bucketed answer, else None."""
+        ...
+
+    def bucket_pages(self, batmon_id: int, lo: float, first: float, last: float, bucket: int,
+                     with_rollups: bool, render: Render) -> AsyncIterator[bytes]:  # fmt: skip
+        """Rendered pages of (time, count, min/avg/max per metric) buckets, empty ones left out."""
+        ...
+
+    def raw_rows(self, batmon_id: int, lo: float, hi: float) -> list[Row]:
+        """Every reading with lo <= ts < hi, on the calling thread (tools and tests)."""
+        ...
+
+    def close(self) -> None:
+        """Wait for running pages, then release the workers' connections."""
+        ...
+
+
+class NoticeOutbox(Protocol):
+    """The durable queue of notices: one row per notice and channel, ids never reused.
+
+    Rows move ``queued -> sending -> sent | queued (retry) | failed``, or are written
+    ``skipped``. A claim is exclusive: of two claims of one queued notice, one wins.
+    """
+
+    def enqueue(self, notices: Iterable[dict[str, Any]]) -> list[int]:
+        """Insert notices in one transaction; return their ids in order."""
+        ...
+
+    def due(self, now: float, limit: int) -> list[dict[str, Any]]:
+        """Queued notices whose next attempt is due, oldest due first."""
+        ...
+
+    def next_due_at(self) -> float | None:
+        """When the earliest queued notice is due, or None when none is queued."""
+        ...
+
+    def claim(self, notice_id: int) -> bool:
+        """Mark a queued notice ``sending`` and count the attempt; False if it was not queued."""
+        ...
+
+    def mark_sent(self, notice_id: int, now: float, target: str) -> None: ...
+    def mark_retry(self, notice_id: int, now: float, next_attempt_at: float, error: str,
+                   target: str = "") -> None: ...  # fmt: skip
+    def mark_failed(self, notice_id: int, now: float, error: str, target: str = "") -> None: ...
+    def mark_skipped(self, notice_id: int, now: float, reason: str) -> None: ...
+
+    def requeue_interrupted(self) -> int:
+        """Put notices left ``sending`` by a stopped process back in the queue."""
+        ...
+
+    def latest_for_batmon(self, batmon_id: int, limit: int) -> list[dict[str, Any]]:
+        """The batmon's most recent notices, newest first."""
+        ...
+
+    def attempts(self, notice_id: int) -> list[dict[str, Any]]: ...
+    def count_by_state(self) -> dict[str, int]: ...
+    def pending_by_channel(self) -> dict[tuple[str, str], int]: ...
+
+    def prune(self, before: float) -> int:
+        """Delete finished notices created before ``before``; queued ones stay."""
+        ...
+
+
+class Store(ReadingSink, Protocol):
+    """Everything durable: users, batmons, alarms and their state, readings, history,
+    the notice outbox, retention and rollups. Opened (and migrated) by its module's
+    ``open``; the event loop never calls it (see docs/DESIGN.md, "The store")."""
+
+    def another(self) -> Store:
+        """A second handle on the same database, for another thread."""
+        ...
+
+    def ping(self) -> bool:
+        """True when the database answers a query."""
+        ...
+
+    # -- users ------------------------------------------------------------------
+    def add_user(self, email: str, api_key_hash: str, created: float) -> int:
+        """Insert a user and return its id; Conflict if the email is taken."""
+        ...
+
+    def users(self) -> list[dict[str, Any]]:
+        """Every user (id, email, api_key_hash, email_url, whatsapp_url, sms_url), oldest first."""
+        ...
+
+    def user_by_key_hash(self, api_key_hash: str) -> dict[str, Any] | None: ...
+    def user_by_email(self, email: str) -> dict[str, Any] | None: ...
+    def user_by_id(self, user_id: int) -> dict[str, Any] | None: ...
+
+    def set_user_targets(self, user_id: int, targets: dict[str, str]) -> None:
+        """Set notification target URLs (email_url, whatsapp_url, sms_url)."""
+        ...
+
+    # -- batmons ----------------------------------------------------------------
+    def retired_ids(self) -> set[int]:
+        """Ids of deleted batmons and alarms: never handed out again."""
+        ...
+
+    def add_batmon(self, row: dict[str, Any]) -> None:
+        """Insert a batmon (its id chosen by the caller); Conflict if the id was ever used."""
+        ...
+
+    def batmons(self) -> list[dict[str, Any]]:
+        """Every batmon not deleted, oldest first."""
+        ...
+
+    def update_batmon(self, batmon_id: int, changes: dict[str, Any]) -> None:
+        """Change some columns of one batmon (an older ``last_reading`` changes nothing)."""
+        ...
+
+    def delete_batmon(self, batmon_id: int) -> None:
+        """Delete a batmon and its alarms at once and retire their ids; its readings and
+        rollups stay marked for ``purge_deleted`` (a few rows at a time, resumable)."""
+        ...
+
+    def deleted_with_data(self) -> list[int]:
+        """Deleted batmons whose readings or rollups are not purged yet (resume after restart)."""
+        ...
+
+    def purge_deleted(self, batmon_id: int, max_rows: int) -> bool:
+        """Delete at most about ``max_rows`` readings of a deleted batmon in one transaction;
+        True once nothing of it is left (its rollups go with the last chunk)."""
+        ...
+
+    # -- readings ---------------------------------------------------------------
+    def history(self, batmon_id: int, min_ts: float, max_ts: float) -> Iterator[dict[str, Any]]:
+        """Readings with min_ts <= ts < max_ts, in time then arrival order (tools and tests)."""
+        ...
+
+    def reading_count(self, batmon_id: int) -> int: ...
+
+    def history_reader(self, workers: int = 2) -> HistoryReads:
+        """Read-only workers for history answers (one per thread)."""
+        ...
+
+    # -- alarms -----------------------------------------------------------------
+    def add_alarm(self, row: dict[str, Any]) -> None:
+        """Insert an alarm (its id chosen by the caller); Conflict if the id was ever used."""
+        ...
+
+    def alarms(self) -> list[dict[str, Any]]: ...
+    def update_alarm(self, alarm_id: int, changes: dict[str, Any]) -> None: ...
+
+    def delete_alarm(self, alarm_id: int) -> None:
+        """Delete an alarm; its id is never handed out again."""
+        ...
+
+    # -- banks ------------------------------------------------------------------
+    def banks(self) -> list[dict[str, Any]]:
+        """Every bank (id, user_id, name, created, batmon_ids in their order), oldest first."""
+        ...
+
+    def add_bank(self, bank_id: int, user_id: int, name: str, created: float, batmon_ids: list[int]) -> None:
+        """Insert a bank (its id chosen by the caller) with its members."""
+        ...
+
+    def rename_bank(self, bank_id: int, name: str) -> None: ...
+
+    def set_bank_members(self, bank_id: int, batmon_ids: list[int]) -> None:
+        """Replace a bank's members and their order (a deleted batmon leaves by itself)."""
+        ...
+
+    def delete_bank(self, bank_id: int) -> None:
+        """Delete a bank (not its batmons); its id is never handed out again."""
+        ...
+
+    # -- notices ----------------------------------------------------------------
+    @property
+    def outbox(self) -> NoticeOutbox: ...
+
+    # -- retention and rollups ----------------------------------------------------
+    def batmons_with_readings_before(self, cutoff: float) -> list[int]:
+        """Ids of batmons that have readings older than ``cutoff``."""
+        ...
+
+    def prune_batch(self, batmon_id: int, cutoff: float, batch_rows: int) -> int:
+        """Fold the oldest readings (at most batch_rows) older than ``cutoff`` into hourly
+        rollups and delete them, in one transaction; returns how many."""
+        ...
+
+    def rollups(self, batmon_id: int) -> list[dict[str, Any]]:
+        """The batmon's hourly rollups (hour, count, min/max/sum/count per metric), in hour order."""
+        ...

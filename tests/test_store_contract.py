@@ -1,0 +1,402 @@
+"""What any store must do (bridge/store/interface.py), checked on every implementation.
+
+Every test takes the one ``store`` fixture below, which is parametrised over the
+from bridge.store.memory import MemoryStore
+from tests import pg_support
+
+STORES: dict[str, Callable[[Path], Store]] = {
+    "sqlite": lambda tmp_path: SqliteStore.open(tmp_path / "contract.sqlite3"),
+    "memory": lambda tmp_path: MemoryStore(),
+    "postgres": lambda tmp_path: pg_support.clean_store(),
+
+How a second implementation joins (the PostgreSQL store of the scale-out issue):
+add ONE entry to ``STORES``, a name and a function ``(tmp_path) -> Store`` that
+opens an empty, migrated store of that kind and is closed by the fixture, e.g.
+
+    STORES["postgresql"] = lambda tmp_path: PostgresStore.open(private_database(tmp_path))
+
+and every test here runs on it too. Nothing else changes: the tests use the
+interface only (no SQL, no file paths, no rowids), the store's own errors
+(``Conflict``, ``StorageFailed``) and plain values.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bridge.errors import Conflict
+from bridge.store.db import SqliteStore
+from bridge.store.interface import CHANNELS, ReadingRow, Store
+from bridge.store.memory import MemoryStore
+from tests import pg_support
+
+STORES: dict[str, Callable[[Path], Store]] = {
+    "sqlite": lambda tmp_path: SqliteStore.open(tmp_path / "contract.sqlite3"),
+    "memory": lambda tmp_path: MemoryStore(),
+    "postgres": lambda tmp_path: pg_support.clean_store(),
+}
+
+HOUR = 3600
+T0 = 1_700_000_000 // HOUR * HOUR  # a whole hour
+
+
+@pytest.fixture(params=sorted(STORES))
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """An empty store of each implementation."""
+    opened = STORES[request.param](tmp_path)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+# -- helpers (interface only) --------------------------------------------------------------
+def add_user(store: Store, email: str = "owner@example.org") -> int:
+    return store.add_user(email, f"hash-of-{email}", T0)
+
+
+def add_batmon(store: Store, user_id: int, batmon_id: int, created: float = T0) -> int:
+    store.add_batmon({"id": batmon_id, "user_id": user_id, "name": f"b{batmon_id}", "type": "generic",
+                      "token": f"token-{batmon_id}", "update_period": 300, "created": created})  # fmt: skip
+    return batmon_id
+
+
+def add_alarm(store: Store, batmon_id: int, alarm_id: int) -> int:
+    store.add_alarm({"id": alarm_id, "batmon_id": batmon_id, "name": "High", "metric": "voltage",
+                     "condition": ">", "threshold": 14.0, "repeat_delay": 300, "enabled": True,
+                     "update_time": T0})  # fmt: skip
+    return alarm_id
+
+
+def reading(batmon_id: int, ts: float, voltage: float | None, details: str | None = None) -> ReadingRow:
+    return (batmon_id, ts, voltage, None, None, None, details)
+
+
+def voltages(store: Store, batmon_id: int) -> list[tuple[float, float | None]]:
+    return [(r["ts"], r["voltage"]) for r in store.history(batmon_id, 0, 2**40)]
+
+
+def batmon_row(store: Store, batmon_id: int) -> dict[str, Any] | None:
+    return next((b for b in store.batmons() if b["id"] == batmon_id), None)
+
+
+@pytest.fixture
+def batmon(store: Store) -> int:
+    return add_batmon(store, add_user(store), 101)
+
+
+# -- readings ---------------------------------------------------------------------------------
+def test_history_is_in_time_order_then_write_order(store: Store, batmon: int) -> None:
+    store.write([reading(batmon, T0 + 5, 1.0), reading(batmon, T0 + 1, 2.0)], [])
+    store.write([reading(batmon, T0 + 3, 3.0), reading(batmon, T0 + 5, 4.0)], [])
+    assert voltages(store, batmon) == [(T0 + 1, 2.0), (T0 + 3, 3.0), (T0 + 5, 1.0), (T0 + 5, 4.0)]
+    assert store.reading_count(batmon) == 4
+
+
+def test_history_range_is_min_inclusive_max_exclusive(store: Store, batmon: int) -> None:
+    store.write([reading(batmon, T0 + k, float(k)) for k in range(5)], [])
+    assert [r["voltage"] for r in store.history(batmon, T0 + 1, T0 + 3)] == [1.0, 2.0]
+
+
+def test_a_redelivered_reading_is_stored_once(store: Store, batmon: int) -> None:
+    row = reading(batmon, T0 + 1.25, 12.5, '{"key": 25}')
+    store.write([row], [])
+    store.write([row], [])  # the device resent it after a lost acknowledgement
+    store.write([row, row], [])
+    assert voltages(store, batmon) == [(T0 + 1.25, 12.5)]
+
+
+def test_two_different_readings_with_one_ts_are_both_kept_in_write_order(store: Store, batmon: int) -> None:
+    store.write([reading(batmon, T0, 12.0)], [])
+    store.write([reading(batmon, T0, 13.0)], [])
+    store.write([reading(batmon, T0, 12.0, '{"cell": 1}')], [])  # same voltage, other details
+    assert voltages(store, batmon) == [(T0, 12.0), (T0, 13.0), (T0, 12.0)]
+
+
+def test_details_come_back_as_written_whatever_their_characters(store: Store, batmon: int) -> None:
+    awkward = '{"note": "tab\there\\nnot a newline\\\\ \\N", "raw": "\n\r\\", "ü": "€"}'
+    row = reading(batmon, T0, None, awkward)
+    store.write([row, reading(batmon, T0, None, ""), reading(batmon, T0, None, None)], [])
+    store.write([row, reading(batmon, T0, None, None)], [])  # redelivered: still once each
+    assert [r["details"] for r in store.history(batmon, 0, 2**40)] == [awkward, "", None]
+
+
+def test_readings_of_one_batmon_never_show_in_another(store: Store, batmon: int) -> None:
+    other = add_batmon(store, add_user(store, "other@example.org"), 202)
+    store.write([reading(batmon, T0, 1.0), reading(other, T0, 2.0)], [])
+    assert voltages(store, batmon) == [(T0, 1.0)] and voltages(store, other) == [(T0, 2.0)]
+
+
+def test_latest_values_follow_the_newest_reading_never_an_older_one(store: Store, batmon: int) -> None:
+    store.write([reading(batmon, T0 + 100, 12.0)],
+                [(batmon, {"voltage": 12.0, "last_reading": T0 + 100, "status": "Online"})])  # fmt: skip
+    # An older reading (planned elsewhere, say by another process) goes to history only.
+    store.write([reading(batmon, T0 + 50, 11.0)],
+                [(batmon, {"voltage": 11.0, "last_reading": T0 + 50, "status": "Offline"})])  # fmt: skip
+    row = batmon_row(store, batmon)
+    assert row is not None
+    assert (row["voltage"], row["last_reading"], row["status"]) == (12.0, T0 + 100, "Online")
+    assert voltages(store, batmon) == [(T0 + 50, 11.0), (T0 + 100, 12.0)]
+    store.write([reading(batmon, T0 + 100, 12.5)],
+                [(batmon, {"voltage": 12.5, "last_reading": T0 + 100})])  # same ts: the later wins
+    row = batmon_row(store, batmon)
+    assert row is not None and row["voltage"] == 12.5
+
+
+def test_a_write_that_fails_changes_nothing(store: Store, batmon: int) -> None:
+    with pytest.raises(ValueError):
+        store.write([reading(batmon, T0, 1.0)], [(batmon, {"not_a_column": 1})])
+    assert voltages(store, batmon) == []
+    store.probe()  # and the handle still works
+    assert store.ping()
+
+
+def test_another_handle_sees_what_one_wrote(store: Store, batmon: int) -> None:
+    other = store.another()
+    try:
+        other.write([reading(batmon, T0, 1.0)], [(batmon, {"voltage": 1.0, "last_reading": T0})])
+        assert voltages(store, batmon) == [(T0, 1.0)]
+        row = batmon_row(store, batmon)
+        assert row is not None and row["voltage"] == 1.0
+    finally:
+        other.close()
+
+
+def test_history_reader_pages_and_buckets_off_the_calling_thread(store: Store, batmon: int) -> None:
+    store.write([reading(batmon, T0 + k, float(k)) for k in range(10)], [])
+    reader = store.history_reader(workers=1)
+
+    async def read() -> tuple[Any, list[bytes], Any, list[bytes]]:
+        span = await reader.raw_span(batmon, T0, T0 + 100)
+        pages = [p async for p in reader.raw_pages(batmon, T0 + 2, T0 + 4, lambda rows: repr(
+            [r[1] for r in rows]).encode())]  # fmt: skip
+        plan = await reader.bucket_plan(batmon, T0, T0 + 100, 5)
+        buckets = [p async for p in reader.bucket_pages(batmon, T0, T0, T0 + 9, 5, False, lambda rows: repr(
+            [(r[0], r[1], r[2], r[3], r[4]) for r in rows]).encode())]  # fmt: skip
+        return span, pages, plan, buckets
+
+    try:
+        span, pages, plan, buckets = asyncio.run(read())
+    finally:
+        reader.close()
+    assert span == (T0, T0 + 9)
+    assert b"".join(pages) == b"[2.0, 3.0, 4.0]"
+    assert plan == (T0, T0 + 9, False)
+    assert b"".join(buckets) == repr([(T0, 5, 0.0, 2.0, 4.0), (T0 + 5, 5, 5.0, 7.0, 9.0)]).encode()
+
+
+def test_history_reader_tells_when_each_metric_was_last_reported(store: Store, batmon: int) -> None:
+    other = add_batmon(store, add_user(store, "other@example.org"), 202)
+    silent = add_batmon(store, add_user(store, "silent@example.org"), 303)
+    store.write([(batmon, T0 + 10, 12.0, 1.0, None, None, None),
+                 (batmon, T0 + 20, 12.1, None, None, None, None),
+                 (other, T0 + 30, None, None, None, 50.0, None)], [])  # fmt: skip
+    store.prune_batch(other, T0 + HOUR, 100)  # its soc is in an hourly rollup only
+    store.write([(other, T0 + 2 * HOUR, 12.5, None, None, None, None)], [])
+    reader = store.history_reader(workers=1)
+    try:
+        found = asyncio.run(reader.last_reported([batmon, other, silent]))
+    finally:
+        reader.close()
+    assert found == {batmon: {"voltage": T0 + 20, "current": T0 + 10},
+                     other: {"voltage": T0 + 2 * HOUR, "soc": T0 + HOUR - 1}, silent: {}}  # fmt: skip
+
+
+def test_last_reported_is_per_metric_from_readings_then_rollups(store: Store, batmon: int) -> None:
+    store.write([(batmon, T0 + 10, 12.0, 1.0, None, None, None)], [])  # an old hour, pruned below
+    store.prune_batch(batmon, T0 + HOUR, 100)
+    store.write([(batmon, T0 + HOUR + 5, 12.5, None, 3.0, None, None),
+                 (batmon, T0 + HOUR + 9, None, None, 4.0, None, None)], [])  # fmt: skip
+    reader = store.history_reader(workers=1)
+    try:
+        found = asyncio.run(reader.last_reported([batmon]))
+    finally:
+        reader.close()
+    assert found == {batmon: {"power": T0 + HOUR + 9, "voltage": T0 + HOUR + 5, "current": T0 + HOUR - 1}}
+
+
+# -- users ------------------------------------------------------------------------------------
+def test_users_are_found_by_key_email_and_id_and_emails_are_unique(store: Store) -> None:
+    first = add_user(store, "a@example.org")
+    second = add_user(store, "b@example.org")
+    assert first != second
+    assert [u["email"] for u in store.users()] == ["a@example.org", "b@example.org"]
+    assert store.user_by_key_hash("hash-of-b@example.org")["id"] == second  # type: ignore[index]
+    assert store.user_by_email("a@example.org")["id"] == first  # type: ignore[index]
+    assert store.user_by_id(second)["email"] == "b@example.org"  # type: ignore[index]
+    assert store.user_by_id(second + 1000) is None and store.user_by_email("c@example.org") is None
+    with pytest.raises(Conflict):
+        add_user(store, "a@example.org")
+
+
+def test_user_targets_change_only_the_channels_given(store: Store) -> None:
+    user = add_user(store)
+    store.set_user_targets(user, {"email_url": "mailto://a@example.org", "sms_url": "json://s/"})
+    store.set_user_targets(user, {"sms_url": ""})
+    row = store.user_by_id(user)
+    assert row is not None
+    assert (row["email_url"], row["whatsapp_url"], row["sms_url"]) == ("mailto://a@example.org", "", "")
+    with pytest.raises(ValueError):
+        store.set_user_targets(user, {"api_key_hash": "x"})
+
+
+# -- batmons and alarms -----------------------------------------------------------------------
+def test_batmons_are_listed_oldest_first_and_updated(store: Store) -> None:
+    user = add_user(store)
+    add_batmon(store, user, 7, created=T0 + 2)
+    add_batmon(store, user, 3, created=T0 + 1)
+    store.update_batmon(7, {"name": "Garage", "notification_enabled": False, "soc_units": "pct"})
+    rows = store.batmons()
+    assert [b["id"] for b in rows] == [3, 7]
+    assert (rows[1]["name"], bool(rows[1]["notification_enabled"]), rows[1]["soc_units"]) == (
+        "Garage", False, "pct")  # fmt: skip
+    assert (rows[0]["voltage"], rows[0]["details"], rows[0]["status"]) == (0.0, "{}", "Offline")
+    with pytest.raises(Conflict):
+        add_batmon(store, user, 7)
+    with pytest.raises(ValueError):
+        store.update_batmon(7, {"user_id": user})
+
+
+def test_alarms_are_added_updated_and_deleted(store: Store, batmon: int) -> None:
+    add_alarm(store, batmon, 55)
+    store.update_alarm(55, {"triggered": True, "trigger_time": T0 + 1, "last_notice": T0 + 1})
+    (alarm,) = store.alarms()
+    assert (alarm["id"], alarm["batmon_id"], bool(alarm["triggered"]), alarm["trigger_time"]) == (
+        55, batmon, True, T0 + 1)  # fmt: skip
+    store.delete_alarm(55)
+    assert store.alarms() == []
+    assert 55 in store.retired_ids()
+
+
+def test_ids_are_never_reused_after_a_delete(store: Store, batmon: int) -> None:
+    add_alarm(store, batmon, 66)
+    add_alarm(store, batmon, 67)
+    store.delete_alarm(67)
+    store.delete_batmon(batmon)
+    assert {batmon, 66, 67} <= store.retired_ids()
+    user = add_user(store, "next@example.org")
+    for used in (batmon, 66, 67):
+        with pytest.raises(Conflict):
+            add_batmon(store, user, used)
+    other = add_batmon(store, user, 303)
+    for used in (batmon, 66, 67):
+        with pytest.raises(Conflict):
+            add_alarm(store, other, used)
+
+
+def test_deleting_a_batmon_removes_it_and_its_alarms_at_once_and_its_data_in_chunks(
+        store: Store, batmon: int) -> None:  # fmt: skip
+    other = add_batmon(store, add_user(store, "other@example.org"), 202)
+    add_alarm(store, batmon, 66)
+    store.write([reading(batmon, T0 + k, float(k)) for k in range(25)]
+                + [reading(other, T0 + k, 1.0) for k in range(3)], [])  # fmt: skip
+    store.prune_batch(batmon, T0 + 10, 100)  # some of its history is in rollups
+    assert store.rollups(batmon)
+    store.delete_batmon(batmon)
+    assert batmon_row(store, batmon) is None and store.alarms() == []
+    assert store.deleted_with_data() == [batmon]
+    chunks = 0
+    while not store.purge_deleted(batmon, 4):
+        chunks += 1
+        assert chunks < 100
+    assert chunks >= 3  # 15 raw readings, 4 a chunk
+    assert store.reading_count(batmon) == 0 and store.rollups(batmon) == []
+    assert store.deleted_with_data() == []
+    assert store.reading_count(other) == 3  # a neighbour keeps everything
+
+
+def test_purging_a_batmon_that_is_not_deleted_touches_nothing(store: Store, batmon: int) -> None:
+    store.write([reading(batmon, T0, 1.0)], [])
+    assert store.purge_deleted(batmon, 10) is True
+    assert store.reading_count(batmon) == 1
+
+
+# -- retention and rollups --------------------------------------------------------------------
+def test_retention_folds_old_readings_into_hourly_rollups_batch_by_batch(store: Store, batmon: int) -> None:
+    rows = [(batmon, T0 + 60 * k, 10.0 + k, None, None, float(k % 101), None) for k in range(150)]
+    store.write(rows, [])  # 2.5 hours at one a minute
+    cutoff = T0 + 2 * HOUR
+    assert store.batmons_with_readings_before(cutoff) == [batmon]
+    batches = []
+    while True:
+        batches.append(store.prune_batch(batmon, cutoff, 50))
+        if batches[-1] < 50:
+            break
+    assert sum(batches) == 120 and len(batches) >= 3
+    assert store.batmons_with_readings_before(cutoff) == []
+    assert [ts for ts, _ in voltages(store, batmon)] == [T0 + 60 * k for k in range(120, 150)]
+    hours = store.rollups(batmon)
+    assert [h["hour"] for h in hours] == [T0, T0 + HOUR]
+    first = hours[0]
+    assert (first["count"], first["voltage_min"], first["voltage_max"], first["voltage_count"]) == (
+        60, 10.0, 69.0, 60)  # fmt: skip
+    assert math.isclose(first["voltage_sum"], sum(10.0 + k for k in range(60)))
+    assert (first["current_count"], first["current_min"]) == (0, None)
+
+
+def test_a_late_reading_for_a_rolled_up_hour_merges_into_it(store: Store, batmon: int) -> None:
+    store.write([reading(batmon, T0 + 10, 5.0)], [])
+    store.prune_batch(batmon, T0 + HOUR, 100)
+    store.write([reading(batmon, T0 + 20, 7.0)], [])
+    store.prune_batch(batmon, T0 + HOUR, 100)
+    (hour,) = store.rollups(batmon)
+    assert (hour["count"], hour["voltage_min"], hour["voltage_max"]) == (2, 5.0, 7.0)
+    assert hour["voltage_sum"] == 12.0
+
+
+# -- the notice outbox --------------------------------------------------------------------------
+def notice(batmon_id: int, channel: str, created: float, state: str = "queued") -> dict[str, Any]:
+    return {"user_id": 1, "batmon_id": batmon_id, "channel": channel, "kind": "triggered",
+            "title": "t", "body": "b", "state": state, "created": created}  # fmt: skip
+
+
+def test_outbox_gives_due_notices_oldest_first_and_a_claim_once(store: Store) -> None:
+    outbox = store.outbox
+    first, second, skipped = outbox.enqueue([notice(1, "email", T0 + 2), notice(1, "sms", T0 + 1),
+                                             notice(1, "whatsapp", T0, "skipped")])  # fmt: skip
+    assert len({first, second, skipped}) == 3
+    assert [n["id"] for n in outbox.due(T0 + 5, 10)] == [second, first]
+    assert outbox.due(T0 + 1.5, 10)[0]["id"] == second and len(outbox.due(T0 + 1.5, 10)) == 1
+    assert outbox.next_due_at() == T0 + 1
+    assert outbox.claim(second) is True
+    assert outbox.claim(second) is False  # one claim wins
+    assert outbox.claim(skipped) is False
+    assert [n["id"] for n in outbox.due(T0 + 5, 10)] == [first]
+    assert outbox.count_by_state() == {"queued": 1, "sending": 1, "skipped": 1}
+    assert outbox.pending_by_channel() == {("queued", "email"): 1, ("sending", "sms"): 1}
+
+
+def test_outbox_records_every_attempt_and_retries_when_due(store: Store) -> None:
+    outbox = store.outbox
+    (notice_id,) = outbox.enqueue([notice(1, "email", T0)])
+    assert outbox.claim(notice_id)
+    outbox.mark_retry(notice_id, T0 + 1, T0 + 31, "Connection error", "json://****")
+    assert outbox.due(T0 + 30, 10) == [] and outbox.next_due_at() == T0 + 31
+    assert outbox.claim(notice_id)
+    outbox.mark_sent(notice_id, T0 + 32, "json://****")
+    (row,) = outbox.latest_for_batmon(1, 5)
+    assert (row["state"], row["attempts"], row["sent_at"], row["target"]) == ("sent", 2, T0 + 32, "json://****")
+    assert [a["outcome"] for a in outbox.attempts(notice_id)] == ["error", "sent"]
+    assert outbox.next_due_at() is None
+
+
+def test_outbox_requeues_interrupted_sends_and_prunes_only_finished_notices(store: Store) -> None:
+    outbox = store.outbox
+    sending, failed, queued = outbox.enqueue([notice(1, c, T0) for c in CHANNELS])
+    assert outbox.claim(sending) and outbox.claim(failed)
+    outbox.mark_failed(failed, T0 + 1, "gave up")
+    assert outbox.requeue_interrupted() == 1  # a process stopped mid-send
+    assert outbox.count_by_state() == {"queued": 2, "failed": 1}
+    assert outbox.prune(T0 + 10) == 1
+    assert sorted(n["id"] for n in outbox.due(T0 + 10, 10)) == sorted([sending, queued])
+
+
+def test_outbox_shows_a_batmons_latest_notices_newest_first(store: Store) -> None:
+    ids = store.outbox.enqueue([notice(5, "email", T0 + k) for k in range(4)] + [notice(6, "email", T0)])
+    assert [n["id"] for n in store.outbox.latest_for_batmon(5, 3)] == ids[3:0:-1]
