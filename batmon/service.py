@@ -255,7 +255,7 @@ class Service:
         if opts.retention_days is not None:
             from bridge.extensions.retention_pruner import RetentionPruner
 
-            parts.append(RetentionPruner(self.store, opts.retention_days))
+            parts.append(RetentionPruner(core.store, opts.retention_days))
 
         retained: RetainedPublish
         if opts.mqtt_url:
