@@ -430,7 +430,7 @@ def set_user_targets(core: Any, args: argparse.Namespace) -> None:
 async def run_simulate(args: argparse.Namespace) -> None:
     """Publish readings for given devices, or for new batmons made through the API."""
     from bridge.config import DEFAULT_MQTT_PORT
-    from bridge.doors.mqtt_client import MqttConnectError
+    from bridge.doors.mqtt_link import MqttConnectError
     from bridge.simulate import SimulateError, create_batmons, health_mqtt_address, simulate
 
     try:

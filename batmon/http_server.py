@@ -25,9 +25,11 @@ attributes ``transport``, ``connections`` (the server's set of open protocols) a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -212,3 +214,46 @@ def build_server(app: Any, *, max_connections: int, stats: EdgeStats, **tls: Any
         log_level="warning", lifespan="off", access_log=False, **tls,
     )  # fmt: skip
     return uvicorn.Server(config)
+
+
+class HttpServerError(RuntimeError):
+    """The HTTP server ended while it was starting."""
+
+
+class HttpServer:
+    """The HTTP server as a part the service starts and stops: uvicorn with the edge
+    limits, serving ``app`` on a socket the service already bound (a busy port is then
+    one clear error before anything starts)."""
+
+    def __init__(self, app: Any, sock: socket.socket, *, max_connections: int, stats: EdgeStats,
+                 tls: dict[str, Any] | None = None) -> None:  # fmt: skip
+        """``tls``: uvicorn's ssl_certfile/ssl_keyfile for HTTPS (none: plain HTTP)."""
+        self.app = app
+        self.sock = sock
+        self.max_connections = max_connections
+        self.stats = stats
+        self.tls = tls or {}
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Serve; returns once uvicorn listens (HttpServerError if it ended first)."""
+        server = self._server = build_server(self.app, max_connections=self.max_connections,
+                                             stats=self.stats, **self.tls)  # fmt: skip
+        # Signals are the service's (the CLI stops the whole service), not uvicorn's: from
+        # 0.29 uvicorn takes SIGINT/SIGTERM for the whole of serve() unless this is a no-op.
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign, assignment]
+        self._task = asyncio.create_task(server.serve(sockets=[self.sock]), name="http-server")
+        while not server.started:
+            if self._task.done():
+                raise HttpServerError("the HTTP server stopped while starting")
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        """Answer the requests in flight, then close (open live streams must have ended)."""
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            with contextlib.suppress(Exception):
+                await self._task
+        self._server = self._task = None
+        self.sock.close()

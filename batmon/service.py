@@ -1,13 +1,15 @@
-"""`batmon serve` as an object: store, core, extensions, broker, MQTT bridge and
-HTTP server started in order and stopped in reverse, on one event loop.
+"""`batmon serve` as an object, and the one composition root: it builds the store, the
+core, the doors and every extension, starts them in one declared order and stops them
+in reverse, each stop awaited and bounded, on one event loop.
 
-Tests start a `Service` in-process on free ports; the CLI runs the same thing.
+It lives outside `bridge/` because it composes the core with its facade (`http_api`):
+the core never imports the facade. Tests start a `Service` in-process on free ports;
+the CLI runs the same thing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import gc
 import json
@@ -16,37 +18,40 @@ import os
 import secrets
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-import uvicorn
-
-from batmon.http_server import EdgeStats, build_server
+from batmon.http_server import EdgeStats
 from bridge.config import ServeOptions, parse_mqtt_url, uses_tls
 from bridge.core import Core
 from bridge.datadir import prepare_data_dir, private_file
 from bridge.errors import StorageFailed
-from bridge.events import EventBus
+from bridge.events import EventBus, HomeAssistantStatus
+from bridge.extensions import Extension
 from bridge.ratelimit import FailureLimiter
 from bridge.store.interface import Store
 from bridge.tls import TlsSetupError, client_context, server_context
 from bridge.topics import Topics
 
+if TYPE_CHECKING:
+    from bridge.doors.broker import EmbeddedBroker
+    from bridge.doors.external_door import ExternalBrokerDoor
+    from bridge.doors.mqtt_link import MqttLink
+    from bridge.doors.update_door import UpdateDoor
+    from bridge.extensions.discovery import HomeAssistantDiscovery
+
 log = logging.getLogger(__name__)
 
 ADMIN_EMAIL = "admin@localhost"
 GIL_SWITCH_S = 0.001
-DRAIN_TIMEOUT_S = 30.0  # a stop waits this long at most for queued readings to commit
-STEP_TIMEOUT_S = 5.0  # the other stop steps; nothing acknowledged depends on them
+DRAIN_TIMEOUT_S = 30.0  # stops that wait for queued readings to commit, at most
+STEP_TIMEOUT_S = 5.0  # every other stop; nothing acknowledged depends on them
+CANCEL_GRACE_S = 1.0  # a stop past its bound is cancelled and given this long to end
 
 
 class ServiceError(RuntimeError):
     """A runtime failure to start (busy port, unreadable data folder): one clear line."""
-
-
-class Extension(Protocol):
-    async def start(self) -> None: ...
-    async def stop(self) -> None: ...
 
 
 def session_secret(data_dir: Path) -> bytes:
@@ -88,23 +93,26 @@ def bind_socket(host: str, port: int, what: str) -> socket.socket:
 class Service:
     """Everything `batmon serve` runs, with the addresses it actually bound."""
 
-    def __init__(self, options: ServeOptions) -> None:
+    def __init__(self, options: ServeOptions, *, extensions: Sequence[Extension] = (),
+                 stop_timeout_s: float = STEP_TIMEOUT_S) -> None:  # fmt: skip
+        """``extensions``: more, started after the built-in ones (stopped before them);
+        ``stop_timeout_s``: the bound of each stop that waits for no commit."""
         self.options = options
         self.topics = Topics(options.base_topic, options.discovery_prefix)
+        self.stop_timeout_s = stop_timeout_s
         self.store: Store | None = None
         self.core: Core | None = None
         self.admin_api_key: str | None = None
-        self.live: Any = None  # the dashboard's LiveFeed (http_api/live.py)
         self.http_port: int | None = None
         self.mqtt_host: str | None = None
         self.mqtt_port: int | None = None
-        self.broker: Any = None
-        self.mqtt: Any = None
-        self.notifier: Any = None
-        self.metrics: Any = None
-        self._extensions: list[Any] = []  # Extensions, some with sync start/stop
-        self._server: uvicorn.Server | None = None
-        self._server_task: asyncio.Task[None] | None = None
+        self.broker: EmbeddedBroker | None = None
+        self.link: MqttLink | None = None
+        self.door: ExternalBrokerDoor | UpdateDoor | None = None
+        self.discovery: HomeAssistantDiscovery | None = None
+        self._more = list(extensions)
+        self._started: list[Extension] = []  # in start order; stopped in reverse
+        self._bounds: dict[Extension, float] = {}  # stops that may wait for commits
         # One throttle for both doors: a source failing over HTTP is throttled over MQTT too.
         self.limiter = FailureLimiter()
         self.http_edge = EdgeStats()  # what the HTTP edge refused
@@ -127,9 +135,9 @@ class Service:
         # 5 ms switch interval the loop waited up to 5 ms at each I/O point, and a
         # /healthz during a 20,000-reading backlog took 120-150 ms at p95.
         sys.setswitchinterval(GIL_SWITCH_S)
-        # Imported here so `batmon user ...` does not pay for amqtt/paho/apprise.
-        from http_api.app import create_app
-        from http_api.metrics_access import MetricsExposure
+        from batmon.http_server import HttpServerError
+        from bridge.doors.broker import BrokerStartError
+        from bridge.doors.mqtt_link import MqttConnectError
 
         opts = self.options
         try:
@@ -142,42 +150,40 @@ class Service:
                 server_context(opts.http_tls_cert, opts.http_tls_key)
             except TlsSetupError as exc:
                 raise ServiceError(f"cannot serve HTTPS: {exc}") from None
+        self.core = core = Core(self.store, EventBus()).load()
         # Bind HTTP first: a busy port is then one clear error before anything starts.
         sock = bind_socket(opts.host, opts.http_port, "HTTP")
         self.http_port = sock.getsockname()[1]
         try:
-            await self._start_parts()
+            parts = self._build(core, secret, sock)
         except BaseException:
             sock.close()
             raise
-        assert self.core is not None
-        token = opts.metrics_token.get_secret_value() if opts.metrics_token else None
-        exposure = MetricsExposure(render=self.metrics.render, access=opts.metrics, token=token,
-                                   count_rejection=self.metrics.count_http_rejection,
-                                   prepare=self.metrics.refresh)  # fmt: skip
-        app = create_app(self.core, session_secret=secret, health=self.health, metrics=exposure,
-                         limiter=self.limiter)  # fmt: skip
-        # uvicorn with the limits it lacks: head size and time, connections (batmon/http_server.py).
-        self._server = build_server(app, max_connections=opts.http_max_connections, stats=self.http_edge,
-                                    **https_options(opts))  # fmt: skip
-        # Signals are ours (the CLI stops the whole service), not uvicorn's: from 0.29 uvicorn
-        # takes SIGINT/SIGTERM for the whole of serve() unless capture_signals is a no-op.
-        self._server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign, assignment]
-        self._server_task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        while not self._server.started:
-            if self._server_task.done():
-                raise ServiceError("the HTTP server stopped while starting")
-            await asyncio.sleep(0.01)
-        # The dashboard's live feed is an extension too (a first stream may have started it).
-        self.live = app.state.live
-        await self.live.start()
-        self._extensions.append(self.live)
+        for part in parts:
+            # Recorded first: a part whose start fails is stopped too (stop is safe
+            # on a half-started part), so nothing it opened is left behind.
+            self._started.append(part)
+            try:
+                await part.start()
+            except BrokerStartError as exc:
+                raise ServiceError(f"{exc}{self._broker_hint(exc)}") from None
+            except MqttConnectError as exc:
+                hint = ""
+                if opts.mqtt_url:
+                    hint = (". Check that the broker of --mqtt-url is running and reachable from"
+                            " here, and its credentials; without --mqtt-url, serve runs its own"
+                            " broker")  # fmt: skip
+                raise ServiceError(f"{exc}{hint}") from None
+            except HttpServerError as exc:
+                raise ServiceError(str(exc)) from None
+        if self.broker is not None:  # where it listens is known once it does
+            self.mqtt_host, self.mqtt_port = self.broker.host, self.broker.port
         # Everything made so far (registry, modules, broker) lives as long as the process:
         # out of the collector's way, so full collections during a backlog stay short.
         gc.freeze()
         # Last, so a start that fails does not make an admin whose key nobody saw.
-        if not self.core.user_has_data():
-            _, self.admin_api_key = self.core.create_user(ADMIN_EMAIL)
+        if not core.user_has_data():
+            _, self.admin_api_key = core.create_user(ADMIN_EMAIL)
 
     def _open_store(self) -> Store:
         """PostgreSQL when a database URL is given, else the SQLite file in the data folder."""
@@ -212,120 +218,146 @@ class Service:
 
         return "postgresql://" + describe_url(self.options.database_url.get_secret_value())
 
-    async def _start_parts(self) -> None:
+    def _build(self, core: Core, secret: bytes, sock: socket.socket) -> list[Extension]:
+        """Construct every part (references only: nothing subscribes, runs or connects
+        yet) and return them in start order; the reverse is the stop order."""
+        # Imported here so `batmon user ...` does not pay for amqtt/paho/apprise/uvicorn.
+        from batmon.http_server import HttpServer
         from bridge.doors.broker import EmbeddedBroker
-        from bridge.doors.mqtt_client import MqttBridge
+        from bridge.doors.external_door import ExternalBrokerDoor
+        from bridge.doors.mqtt_link import BrokerEndpoint, BrokerMode, MqttLink
         from bridge.doors.update_door import UpdateDoor
         from bridge.events import CredentialsChanged
         from bridge.extensions.alarms import AlarmEvaluator
+        from bridge.extensions.bank_publisher import BankPublisher
         from bridge.extensions.credential_watcher import CredentialWatcher
+        from bridge.extensions.discovery import HomeAssistantDiscovery
         from bridge.extensions.metrics import Metrics
         from bridge.extensions.notifier import Notifier
+        from bridge.extensions.state_publisher import RetainedPublish, StatePublisher
         from bridge.extensions.watchdog import OfflineWatchdog
+        from http_api.app import create_app
+        from http_api.live import LiveFeed
+        from http_api.metrics_access import MetricsExposure
 
         opts = self.options
-        assert self.store is not None
-        self.core = core = Core(self.store, EventBus()).load()
-        # First, so it counts every event the others cause.
-        self.metrics = Metrics(core, mqtt_stats=lambda: self.mqtt.stats if self.mqtt else None,
-                               per_batmon=opts.metrics_per_batmon)  # fmt: skip
-        await self.metrics.start()
-        self._extensions.append(self.metrics)
-        core.writer.on_commit = self.metrics.observe_commit
-        self.metrics.queue_depth = lambda: core.writer.pending_rows
+        metrics = Metrics(core, mqtt_stats=self.mqtt_stats, per_batmon=opts.metrics_per_batmon)
+        # Metrics first, so it counts every event the others cause; the notifier before
+        # the watchdog, which may announce Offline batmons at once.
+        parts: list[Extension] = [
+            metrics,
+            AlarmEvaluator(core),
+            Notifier(core, retry_base_s=opts.notify_retry_s, give_up_after_s=opts.notify_give_up_s),
+            OfflineWatchdog(core),
+            # `batmon user ...` from another process: keys and tokens reloaded at once.
+            CredentialWatcher(core, opts.database_path, open_reader=self._credential_reader()),
+        ]
+        if opts.retention_days is not None:
+            from bridge.extensions.retention_pruner import RetentionPruner
 
-        bridge_user, bridge_password = "batmon-bridge", secrets.token_urlsafe(24)
-        door: UpdateDoor | None = None
-        broker_tls = None
+            parts.append(RetentionPruner(core.store, opts.retention_days))
+
+        retained: RetainedPublish
         if opts.mqtt_url:
             host, port, username, password = parse_mqtt_url(opts.mqtt_url)
+            tls = None
             if uses_tls(opts.mqtt_url):
                 try:
-                    broker_tls = client_context(opts.mqtt_ca, opts.mqtt_client_cert, opts.mqtt_client_key)
+                    tls = client_context(opts.mqtt_ca, opts.mqtt_client_cert, opts.mqtt_client_key)
                 except TlsSetupError as exc:
                     raise ServiceError(f"cannot connect to the MQTT broker over TLS: {exc}") from None
             # A stable id keeps the broker's session: readings sent while we were
             # away are delivered when we come back. It names the base topic, so two
             # bridges sharing a broker under different bases do not evict each other.
             client_id = "batmon-bridge-" + opts.base_topic.replace("/", "-")
+            self.mqtt_host, self.mqtt_port = host, port
+            link = MqttLink(BrokerEndpoint(host, port, username, password, client_id, tls),
+                            BrokerMode.EXTERNAL, self.topics, core.bus,
+                            homeassistant=opts.discovery)  # fmt: skip
+            door = ExternalBrokerDoor(core, self.topics, link)
+            link.take_updates(door.subscription, door.receive)
+            retained = link.publish_retained
+            doors: list[Extension] = [link, door]  # the door stops (acks) before the link goes
+            self._bounds[door] = DRAIN_TIMEOUT_S
+            self.door = door
         else:
+            bridge_user, bridge_password = "batmon-bridge", secrets.token_urlsafe(24)
             # Devices' updates go from the broker straight to the writer, and the broker
             # acknowledges each only after its commit (bridge/doors/broker/amqtt_patches.py).
-            door = UpdateDoor(core, self.topics, self._reply_error_in_broker)
-            self.broker = EmbeddedBroker(
+            update_door = UpdateDoor(core, self.topics, self._reply_error_in_broker)
+            broker = EmbeddedBroker(
                 host=opts.host, port=opts.mqtt_port, config_path=opts.broker_config_path,
                 credentials=core, topics=self.topics,
-                bridge_username=bridge_user, bridge_password=bridge_password, updates=door,
+                bridge_username=bridge_user, bridge_password=bridge_password, updates=update_door,
                 limiter=self.limiter, on_homeassistant_status=self._homeassistant_status,
                 tls={"port": opts.mqtt_tls_port, "cert": opts.tls_cert, "key": opts.tls_key,
                      "client_ca": opts.tls_client_ca},
             )  # fmt: skip
-            try:
-                await self.broker.start()
-            except Exception as exc:
-                self.broker = None
-                hint = ""
-                if getattr(exc, "address_in_use", False):
-                    # Most often a Mosquitto already running on 1883: use it, or step aside.
-                    hint = (f". Another MQTT broker may be listening there: give the embedded one"
-                            f" another port with --mqtt-port (0 picks a free one), or use that"
-                            f" broker with --mqtt-url mqtt://127.0.0.1:{opts.mqtt_port}")  # fmt: skip
-                raise ServiceError(f"{exc}{hint}") from None
-            host, port, username, password = self.broker.host, self.broker.port, bridge_user, bridge_password
+            # A key reset or a token revoked by `batmon user ...`: end the sessions it opened
+            # (the subscription lives as long as this core's bus).
+            core.bus.subscribe(CredentialsChanged, lambda _: broker.drop_revoked_sessions())
             # The in-process broker has no session to keep across our restarts, and a
-            # fixed id could be taken over by a clean-session CONNECT: a fresh one.
+            # fixed id could be taken over by a clean-session CONNECT: a fresh one. Its
+            # port is known once it listens, so the link reads it when it starts.
             client_id = f"batmon-bridge-{secrets.token_hex(6)}"
-        self.mqtt_host, self.mqtt_port = host, port
+            # The broker says whose Home Assistant published its status (only that user's
+            # configs go out again), so the link does not listen for it here.
+            link = MqttLink(lambda: BrokerEndpoint(broker.host, broker.port, bridge_user,
+                                                   bridge_password, client_id),
+                            BrokerMode.EMBEDDED, self.topics, core.bus, homeassistant=False)  # fmt: skip
+            retained = broker.publish_retained
+            parts.append(broker)
+            doors = [link]
+            self._bounds[broker] = DRAIN_TIMEOUT_S  # it waits for commits before disconnecting
+            self.broker, self.door = broker, update_door
+        self.link = link
+        banks = BankPublisher(core, self.topics, retained, opts.discovery)
+        parts += [StatePublisher(core, self.topics, retained), banks]
+        if opts.discovery:
+            # Home Assistant's birth re-sends the banks' configs too: one rule for when.
+            self.discovery = HomeAssistantDiscovery(core, self.topics, retained,
+                                                    also_resend=banks.resend_discovery)  # fmt: skip
+            parts.append(self.discovery)
+        # The link connects after the state publisher and discovery listen for MqttConnected.
+        parts += doors
 
-        # Extensions subscribe before anything can produce events; the notifier
-        # before the watchdog, which may announce Offline batmons at once.
-        self.notifier = Notifier(core, retry_base_s=opts.notify_retry_s,
-                                 give_up_after_s=opts.notify_give_up_s)  # fmt: skip
-        self.notifier.on_outcome = self.metrics.count_notice
-        if self.broker is not None:
-            # A key reset or a token revoked by `batmon user ...`: end the sessions it opened.
-            core.bus.subscribe(CredentialsChanged, self._drop_revoked_sessions)
-        watcher = CredentialWatcher(core, opts.database_path, open_reader=self._credential_reader())
-        for extension in (AlarmEvaluator(core), self.notifier, OfflineWatchdog(core), watcher):
-            await _start_extension(extension)
-            self._extensions.append(extension)
-        if opts.retention_days is not None:
-            from bridge.extensions.retention_pruner import RetentionPruner
+        live = LiveFeed(core)
+        token = opts.metrics_token.get_secret_value() if opts.metrics_token else None
+        exposure = MetricsExposure(render=metrics.render, access=opts.metrics, token=token,
+                                   prepare=metrics.refresh)  # fmt: skip
+        app = create_app(core, session_secret=secret, health=self.health, metrics=exposure,
+                         limiter=self.limiter, live=live)  # fmt: skip
+        # The live feed starts after the HTTP server, so it stops before it: open streams
+        # never end by themselves, and the server waits for them.
+        # uvicorn with the limits it lacks: head size and time, connections (batmon/http_server.py).
+        server = HttpServer(app, sock, max_connections=opts.http_max_connections, stats=self.http_edge,
+                            tls=https_options(opts))  # fmt: skip
+        parts += [server, live]
+        return parts + self._more
 
-            pruner = RetentionPruner(self.store, opts.retention_days)
-            await pruner.start()
-            self._extensions.append(pruner)
+    def _broker_hint(self, exc: Exception) -> str:
+        if not getattr(exc, "address_in_use", False):
+            return ""
+        # Most often a Mosquitto already running on 1883: use it, or step aside.
+        port = self.options.mqtt_port
+        return (f". Another MQTT broker may be listening there: give the embedded one"
+                f" another port with --mqtt-port (0 picks a free one), or use that"
+                f" broker with --mqtt-url mqtt://127.0.0.1:{port}")  # fmt: skip
 
-        self.mqtt = MqttBridge(
-            core, self.topics, host=host, port=port, username=username, password=password,
-            client_id=client_id, discovery=opts.discovery,
-            retain_flag_means_replay=self.broker is None,
-            ingest_updates=self.broker is None, mqtt5=self.broker is None, door=door,
-            publish_direct=self._publish_in_broker if self.broker is not None else None,
-            tls=broker_tls,
-            listen_homeassistant_status=self.broker is None,
-        )  # fmt: skip
-        try:
-            await self.mqtt.start()
-        except Exception as exc:
-            hint = ""
-            if opts.mqtt_url:
-                hint = (". Check that the broker of --mqtt-url is running and reachable from here,"
-                        " and its credentials; without --mqtt-url, serve runs its own broker")  # fmt: skip
-            raise ServiceError(f"{exc}{hint}") from None
+    def mqtt_stats(self) -> dict[str, Any] | None:
+        """The MQTT link's and door's counters (/healthz, metrics); None before start."""
+        if self.link is None or self.door is None:
+            return None
+        from bridge.doors.external_door import COUNTERS
 
-    def _drop_revoked_sessions(self, _: object) -> None:
-        if self.broker is not None:
-            self.broker.drop_revoked_sessions()
-
-    def _publish_in_broker(self, topic: str, payload: str) -> None:
-        if self.broker is not None:
-            self.broker.publish_soon(topic, payload, retain=True)
+        counters = dict.fromkeys(COUNTERS, 0)  # the same keys in both modes
+        discovery = self.discovery.counters if self.discovery is not None else {}
+        return {**self.link.stats, **counters, **self.door.stats, **discovery}
 
     def _homeassistant_status(self, user_id: int, payload: bytes) -> None:
         """A user's publish on Home Assistant's status topic, as the embedded broker saw it."""
-        if self.mqtt is not None:
-            self.mqtt.homeassistant_status(payload, user_id)
+        if self.core is not None:
+            self.core.bus.emit(HomeAssistantStatus(payload, user_id))
 
     def _reply_error_in_broker(self, batmon_id: int, token: str, message: str) -> None:
         if self.broker is not None:
@@ -334,7 +366,7 @@ class Service:
     def health(self) -> dict[str, Any]:
         """MQTT connection state and counters for /healthz."""
         info: dict[str, Any] = {
-            "mqtt": "connected" if self.mqtt is not None and self.mqtt.connected else "disconnected",
+            "mqtt": "connected" if self.link is not None and self.link.connected else "disconnected",
             "broker": "embedded" if self.broker is not None else "external",
             # Where devices connect (`batmon simulate --api-url` reads it): no credentials.
             "mqtt_host": self.mqtt_host,
@@ -342,53 +374,55 @@ class Service:
             "mqtt_base_topic": self.topics.base,  # the dashboard's "connect this device" card
         }
         info["http_edge"] = self.http_edge.as_dict()
-        if self.mqtt is not None:
-            info["mqtt_stats"] = self.mqtt.stats
+        stats = self.mqtt_stats()
+        if stats is not None:
+            info["mqtt_stats"] = stats
         if self.broker is not None:
             # What the embedded broker's limits refused or dropped (bridge/doors/broker/limits.py).
             info["mqtt_broker"] = self.broker.stats
         return info
 
     async def stop(self) -> None:
-        """Stop in reverse order, losing nothing acknowledged; safe on a half-started service.
+        """Stop every started part in reverse order, each awaited and bounded, then let the
+        writer commit what it took and close the database; safe on a half-started service.
 
-        HTTP stops first (requests in flight still get their answer), then the broker
-        takes no new client, the writer commits what was taken so its PUBACKs go out,
-        and only then are clients disconnected and the database closed.
+        The reverse of the start order means: live streams end, HTTP answers what is in
+        flight, the external door acks what committed, the link says ``offline``, the
+        embedded broker takes no new client and waits for its updates' commits before
+        disconnecting anyone, then the extensions stop. Nothing acknowledged is lost.
         """
-        if self._server is not None and self._server_task is not None:
-            self._server.should_exit = True
-            if self.live is not None:
-                # Open live streams never end by themselves; the HTTP server waits for them.
-                await self.live.stop()
-            with contextlib.suppress(Exception):
-                await self._server_task
-        if self.broker is not None:
-            self.broker.stop_listening()
+        while self._started:
+            part = self._started.pop()
+            await self._stop_bounded(part, self._bounds.get(part, self.stop_timeout_s))
+        self._bounds.clear()
         if self.core is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.core.writer.barrier(), DRAIN_TIMEOUT_S)
-            await asyncio.sleep(0)  # let the PUBACKs of what just committed be sent
-        if self.mqtt is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.mqtt.stop(), STEP_TIMEOUT_S)
-        if self.broker is not None:
-            with contextlib.suppress(Exception):
-                # Everything acknowledged is committed by now: a broker whose clients
-                # keep flooding must not hold the exit (amqtt's shutdown can stall).
-                await asyncio.wait_for(self.broker.stop(), STEP_TIMEOUT_S)
-        for extension in reversed(self._extensions):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(extension.stop(), STEP_TIMEOUT_S)
-        self._extensions.clear()
-        if self.core is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(self.core.writer.drain(), DRAIN_TIMEOUT_S)
+            except Exception as exc:
+                log.warning("the writer did not drain within %g s: %r", DRAIN_TIMEOUT_S, exc)
             self.core.writer.stop()
             self.core.close_history()
         if self.store is not None:
             self.store.close()
             self.store = None
+        self.link = self.door = self.broker = None
+        self.discovery = None
+
+    @staticmethod
+    async def _stop_bounded(part: Extension, bound: float) -> None:
+        """Await ``part.stop()`` for ``bound`` seconds at most; log a stop that overruns
+        or fails, and go on: one stuck part must not keep the rest running."""
+        name = type(part).__name__
+        task = asyncio.ensure_future(part.stop())
+        done, _ = await asyncio.wait({task}, timeout=bound)
+        if not done:
+            log.warning("%s did not stop within %g s; cancelled, going on without it", name, bound)
+            task.cancel()
+            # A stop that honours the cancel ends now; one that ignores it is left behind.
+            await asyncio.wait({task}, timeout=CANCEL_GRACE_S)
+            return
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("%s failed to stop: %r", name, task.exception())
 
 
 def https_options(opts: ServeOptions) -> dict[str, Any]:
@@ -396,9 +430,3 @@ def https_options(opts: ServeOptions) -> dict[str, Any]:
     if opts.http_tls_cert is None or opts.http_tls_key is None:
         return {}
     return {"ssl_certfile": str(opts.http_tls_cert), "ssl_keyfile": str(opts.http_tls_key)}
-
-
-async def _start_extension(extension: Any) -> None:
-    result = extension.start()
-    if asyncio.iscoroutine(result):
-        await result

@@ -80,7 +80,7 @@ async def ingest_rate(email_url: str, readings: int, concurrency: int) -> float:
     with tempfile.TemporaryDirectory() as folder:
         core, batmon = setup(Path(folder), email_url)
         evaluator = AlarmEvaluator(core)
-        evaluator.start()
+        await evaluator.start()
         notifier = Notifier(core, concurrency=concurrency)
         await notifier.start()
         started = time.perf_counter()
@@ -89,7 +89,7 @@ async def ingest_rate(email_url: str, readings: int, concurrency: int) -> float:
             await asyncio.sleep(0)  # let the worker run, as a server would
         elapsed = time.perf_counter() - started
         await notifier.stop()
-        evaluator.stop()
+        await evaluator.stop()
         queued = sum(Outbox(core.store).count_by_state().values())
         assert queued == readings, f"{queued} notices for {readings} readings"
         core.store.close()

@@ -25,7 +25,14 @@ from typing import Any, Literal, TypeVar
 from bridge.banks import Banks
 from bridge.battery_values import VALUE_UNITS, extra_keys
 from bridge.errors import Conflict, NotFound, WrongToken
-from bridge.events import BatmonChanged, BatmonDeleted, EventBus, ReadingAccepted, StatusChanged
+from bridge.events import (
+    BatmonChanged,
+    BatmonDeleted,
+    CommitObserved,
+    EventBus,
+    ReadingAccepted,
+    StatusChanged,
+)
 from bridge.history_answers import HistoryPlan, Streamed, check_size, utc_text
 from bridge.history_answers import stream as stream_history
 from bridge.models import MAX_SAFE_ID, AddAlarm, AddBatmon, EditAlarm, EditBatmon, HistoryQuery, Reading
@@ -574,7 +581,7 @@ class Core:
             "commits": stats.commits,
             "rows": stats.rows,
             "failed_commits": stats.failed_commits,
-            "refused_overloaded": stats.refused_overloaded,
+            "refused_overloaded": self.writer.refused_overloaded,
             "last_error": stats.last_error,
             "last_error_at": None if stats.last_error_at is None else int(stats.last_error_at),
         }
@@ -591,6 +598,8 @@ class Core:
         history only (the writer decided that, against what was pending too).
         """
         for plan in plans:
+            if plan.commit is not None:
+                self.bus.emit(CommitObserved(*plan.commit))
             batmon = plan.batmon
             if self.batmons.get(batmon.id) is not batmon:
                 continue  # deleted meanwhile: nobody to tell

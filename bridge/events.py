@@ -1,9 +1,11 @@
-"""The event bus: the core emits, extensions (watchdog, alarms, notifier, MQTT
-state, discovery) react, so a feature is a new subscriber, not an edit of the core.
+"""The event bus: the core and the doors emit, extensions (watchdog, alarms, notifier,
+MQTT state, discovery, metrics, live feed) react, so a feature is a new subscriber,
+not an edit of the core.
 
-Handlers run synchronously in the emitter's thread (the event loop) and must not
-block; anything slow (network, Apprise) goes on the extension's own task.
-A failing handler is logged and never breaks ingestion or other handlers.
+Events are emitted on the event loop's thread only (docs/DESIGN.md, "Threads"), so
+handlers run there, synchronously, and must not block; anything slow (network,
+Apprise) goes on the extension's own task. A failing handler is logged and never
+breaks ingestion or other handlers.
 """
 
 from __future__ import annotations
@@ -103,6 +105,46 @@ class TestNoticeRequested:
     user_id: int
     channels: tuple[str, ...]
     at: float
+
+
+@dataclass(frozen=True)
+class CommitObserved:
+    """The writer committed a group of ``rows`` readings in ``seconds`` (told on the loop)."""
+
+    rows: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class NoticeOutcome:
+    """A notice was written (queued/skipped) or one attempt ended (sent/retry/failed)."""
+
+    channel: str
+    outcome: Literal["queued", "skipped", "sent", "retry", "failed"]
+
+
+@dataclass(frozen=True)
+class HttpRejected:
+    """The HTTP facade refused a request; ``reason`` is a short fixed label."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class MqttConnected:
+    """The bridge's MQTT client (re)connected: retained topics are to be sent afresh."""
+
+
+@dataclass(frozen=True)
+class HomeAssistantStatus:
+    """Home Assistant announced itself (its birth ``online``, or ``offline``), not retained.
+
+    ``user_id``: whose Home Assistant, when the embedded broker saw the login; None on an
+    external broker, where nobody can say.
+    """
+
+    payload: bytes
+    user_id: int | None = None
 
 
 E = TypeVar("E")

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import paho.mqtt.client as mqtt
 from paho.mqtt.reasoncodes import ReasonCode
 
-from bridge.doors.mqtt_client import MqttConnectError, new_client
+from bridge.doors.mqtt_link import MqttConnectError, new_client
 from bridge.topics import Topics
 
 CONNECT_TIMEOUT_S = 10.0

@@ -75,6 +75,9 @@ class Plan:
     received: float
     door: Door
     energy: list[tuple[float | None, float | None]]  # kWh (charged, discharged) each row added
+    # (rows, seconds) of the group's commit, on the group's first plan only: the loop
+    # that applies it tells the bus (CommitObserved), the writer's thread tells nobody.
+    commit: tuple[int, float] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -127,7 +130,6 @@ class WriterStats:
     commits: int = 0
     rows: int = 0
     failed_commits: int = 0
-    refused_overloaded: int = 0
     last_error: str | None = None
     last_error_at: float | None = None
     failing: bool = False
@@ -140,13 +142,14 @@ class ReadingWriter:
     """Owns the write connection; commits groups of readings from a bounded queue."""
 
     def __init__(self, open_sink: Callable[[], Store], apply: Apply, *,
-                 max_pending_rows: int = MAX_PENDING_ROWS,
-                 on_commit: Callable[[int, float], None] | None = None) -> None:  # fmt: skip
+                 max_pending_rows: int = MAX_PENDING_ROWS) -> None:  # fmt: skip
         self._open_sink = open_sink
         self._apply = apply
         self.max_pending_rows = max_pending_rows
-        self.on_commit = on_commit  # (rows, seconds) after each commit, for metrics
         self.stats = WriterStats()
+        # Submissions refused as Overloaded: counted where they are refused, on the
+        # submitting event loop's thread, never by the writer's (WriterStats is its own).
+        self.refused_overloaded = 0
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()  # guards _pending_rows (doors may live on several loops)
         self._pending_rows = 0
@@ -181,10 +184,12 @@ class ReadingWriter:
         loop = asyncio.get_running_loop()
         limit = min(self.max_pending_rows, HTTP_PENDING_ROWS) if door == "http" else self.max_pending_rows
         with self._lock:
-            if self._pending_rows + len(rows) > limit and self._pending_rows:
-                self.stats.refused_overloaded += 1
-                raise Overloaded("The server is busy storing readings; try again in a moment.")
-            self._pending_rows += len(rows)
+            refused = self._pending_rows + len(rows) > limit and self._pending_rows > 0
+            if not refused:
+                self._pending_rows += len(rows)
+        if refused:
+            self.refused_overloaded += 1
+            raise Overloaded("The server is busy storing readings; try again in a moment.")
         self._ensure_thread()
         future: asyncio.Future[None] = loop.create_future()
         self._queue.put(_Submission(batmon, rows, received, door, loop, future))
@@ -400,9 +405,7 @@ class ReadingWriter:
         stats.last_group_rows = len(rows)
         stats.max_group_rows = max(stats.max_group_rows, len(rows))
         stats.last_commit_s = elapsed
-        if self.on_commit is not None:
-            with contextlib.suppress(Exception):
-                self.on_commit(len(rows), elapsed)
+        plans[0].commit = (len(rows), elapsed)
         self._release(len(rows))
         self._hand_back([(s.loop, plan, s.future, None, None) for s, plan in zip(group, plans, strict=True)])
         return sink

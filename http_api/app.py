@@ -17,12 +17,14 @@ from starlette.routing import Route
 
 from bridge.core import Core, User
 from bridge.errors import BatmonError, NotAuthenticated, Unavailable, WrongToken
+from bridge.events import HttpRejected
 from bridge.history_answers import Streamed
 from bridge.models import Login, describe_error
 from bridge.ratelimit import FailureLimiter
 from http_api.auth import Sessions, api_key_of, authenticate
 from http_api.cross_site import cross_site
 from http_api.handlers import Call
+from http_api.live import LiveFeed
 from http_api.metrics_access import REJECTION_REASONS, MetricsExposure
 from http_api.openapi import build_openapi
 from http_api.pages import install_dashboard
@@ -83,8 +85,8 @@ class Api:
         # Never to another site's page: that would log its visitor in as the key's owner.
         if key_user is not None and not cross_site(request):
             self.sessions.set_cookie(response, key_user, secure=request.url.scheme == "https")
-        if response.status_code >= 400 and self.metrics is not None:
-            self.metrics.count_rejection(REJECTION_REASONS.get(response.status_code, "other"))
+        if response.status_code >= 400:
+            self.rejected(REJECTION_REASONS.get(response.status_code, "other"))
         return response
 
     def throttled(self) -> JSONResponse:
@@ -95,10 +97,13 @@ class Api:
         return response
 
     def refuse(self, status: int, message: str, reason: str | None = None) -> JSONResponse:
-        """An error response, counted as a rejection for /metrics."""
-        if self.metrics is not None:
-            self.metrics.count_rejection(reason or REJECTION_REASONS.get(status, "other"))
+        """An error response, told on the bus as a rejection (metrics count it)."""
+        self.rejected(reason or REJECTION_REASONS.get(status, "other"))
         return error_response(status, message)
+
+    def rejected(self, reason: str) -> None:
+        """Tell the bus a request was refused; handlers run on this, the loop's, thread."""
+        self.core.bus.emit(HttpRejected(reason))
 
     def route(self, endpoint: Endpoint) -> Route:
         """A Starlette route for one entry of the route table."""
@@ -156,7 +161,7 @@ class Api:
             status, message = refusal
             if status == 401 and self.limiter.record_failure(client):
                 response = self.throttled()
-                self.metrics.count_rejection(REJECTION_REASONS[429])
+                self.rejected(REJECTION_REASONS[429])
                 return response
             response = self.refuse(status, message, "forbidden" if status == 403 else None)
             if status == 401:
@@ -201,9 +206,13 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(core: Core, *, session_secret: bytes, health: HealthProbe | None = None,
-               limiter: FailureLimiter | None = None,
-               metrics: MetricsExposure | None = None) -> Starlette:  # fmt: skip
-    """The HTTP facade over ``core``; it never touches SQL or MQTT itself."""
+               limiter: FailureLimiter | None = None, metrics: MetricsExposure | None = None,
+               live: LiveFeed | None = None) -> Starlette:  # fmt: skip
+    """The HTTP facade over ``core``; it never touches SQL or MQTT itself.
+
+    Everything with a lifecycle (``live``) is built and started by the composition
+    root; the app only holds references.
+    """
     api = Api(core, Sessions(session_secret), limiter or FailureLimiter(), health, metrics)
     routes = [api.route(e) for e in ENDPOINTS]
     routes += [
@@ -219,5 +228,5 @@ def create_app(core: Core, *, session_secret: bytes, health: HealthProbe | None 
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
     )
     app.state.api = api
-    install_dashboard(app, core, api.sessions)
+    install_dashboard(app, core, api.sessions, live)
     return app

@@ -114,6 +114,7 @@ class LiveFeed:
         self._streams: dict[int, set[LiveStream]] = {}
         self._subscription: Subscription = NO_SUBSCRIPTION
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped = False  # stopped by its owner: a late page does not start it again
         # When each value of a batmon was last in a reading (epoch s): from the readings
         # accepted while we run, and for a batmon first shown, from its history.
         self._reported: dict[int, dict[str, float]] = {}
@@ -127,6 +128,7 @@ class LiveFeed:
         """Listen to every event that changes what a dashboard shows (once)."""
         if self._loop is not None:
             return
+        self._stopped = False
         self._loop = asyncio.get_running_loop()
         changed = self._on_changed
         self._subscription = self.core.bus.subscribe_all({
@@ -135,8 +137,11 @@ class LiveFeed:
         })  # fmt: skip
 
     async def stop(self) -> None:
-        """Unsubscribe and end every open stream (so the HTTP server can stop)."""
+        """Unsubscribe and end every open stream (so the HTTP server can stop); no new
+        stream opens after (``started`` is False again)."""
         self._subscription.cancel()
+        self._loop = None
+        self._stopped = True
         for streams in self._streams.values():
             for stream in streams:
                 stream.close()
@@ -169,9 +174,12 @@ class LiveFeed:
         """Ask history, once per batmon, when each of its values was last reported.
 
         A reading accepted meanwhile is noted too; the later time wins either way. What is
-        learned stays right only while the feed listens to readings: it starts listening.
+        learned stays right only while the feed listens to readings: it starts listening
+        (the composition root starts it anyway; a feed its owner stopped stays stopped).
         """
         if not self.started:
+            if self._stopped:
+                return
             await self.start()
         new = [b for b in batmons if b.id not in self._learned]
         with_readings = [b.id for b in new if b.last_reading is not None]

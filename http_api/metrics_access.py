@@ -27,10 +27,6 @@ LOCAL_ONLY = "/metrics is served to loopback clients only (--metrics local)."
 TOKEN_NEEDED = "/metrics needs the metrics token as Authorization: Bearer."
 
 
-def _no_count(reason: str) -> None:
-    pass
-
-
 @dataclass(frozen=True)
 class MetricsExposure:
     """What the app needs for /metrics and for counting refused requests."""
@@ -38,7 +34,6 @@ class MetricsExposure:
     render: MetricsRender
     access: MetricsAccess = "local"
     token: str | None = None
-    count_rejection: Callable[[str], None] = _no_count
     # Awaited before each render: figures the store keeps are read off the event loop.
     prepare: Callable[[], Awaitable[None]] | None = None
 

@@ -23,7 +23,7 @@ from bridge.models import BankRef, DeviceRef, NoFields, ShowTargets
 from http_api import handlers as h
 from http_api.auth import Sessions
 from http_api.cross_site import CrossSiteGuard
-from http_api.live import METRICS, LiveFeed
+from http_api.live import METRICS, LiveFeed, batmon_snapshot
 
 HERE = Path(__file__).resolve().parent
 templates = Jinja2Templates(directory=HERE / "templates")
@@ -45,9 +45,10 @@ class Dashboard:
     """The pages of one app: who is logged in (the session cookie), and the core."""
 
     def __init__(self, core: Core, sessions: Sessions, live: LiveFeed | None = None) -> None:
+        """``live``: the feed the composition root built and starts; None serves no /events."""
         self.core = core
         self.sessions = sessions
-        self.live = live or LiveFeed(core)
+        self.live = live
 
     def user(self, request: Request) -> User | None:
         """The user the session cookie names, if any (pages take no api_key)."""
@@ -62,8 +63,10 @@ class Dashboard:
     async def snapshots(self, batmon_ids: list[int]) -> list[dict[str, Any]]:
         """What the pages show of these batmons, as the live stream sends it."""
         batmons = [self.core.batmons[i] for i in batmon_ids]
-        await self.live.learn_reported(batmons)
         now = self.core.clock()
+        if self.live is None:  # an app without a live feed: no report times to show
+            return [batmon_snapshot(b, now) for b in batmons]
+        await self.live.learn_reported(batmons)
         return [self.live.snapshot(b, now) for b in batmons]
 
     async def home(self, request: Request) -> Response:
@@ -141,8 +144,9 @@ class Dashboard:
         if user is None:
             return JSONResponse({"error": "Log in first: live updates need the session cookie."},
                                 status_code=401)  # fmt: skip
-        if not self.live.started:
-            await self.live.start()
+        if self.live is None or not self.live.started:
+            return JSONResponse({"error": "Live updates are not running; reload the page later."},
+                                status_code=503)  # fmt: skip
         try:
             stream = self.live.open(user.id)
         except BatmonError as exc:
@@ -163,15 +167,14 @@ class Dashboard:
         ]
 
 
-def install_dashboard(app: Starlette, core: Core, sessions: Sessions) -> Dashboard:
+def install_dashboard(app: Starlette, core: Core, sessions: Sessions,
+                      live: LiveFeed | None = None) -> Dashboard:  # fmt: skip
     """Add the pages, the live stream and the static files to ``app``, and refuse
     changes that other origins' pages make with the session cookie.
 
-    The live feed is ``app.state.live``: `batmon serve` starts and stops it with its
-    extensions; elsewhere the first stream starts it.
+    ``live`` is built, started and stopped by the composition root (batmon/service.py).
     """
-    dashboard = Dashboard(core, sessions)
+    dashboard = Dashboard(core, sessions, live)
     app.router.routes.extend(dashboard.routes())
     app.add_middleware(CrossSiteGuard)
-    app.state.live = dashboard.live
     return dashboard

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -20,6 +21,7 @@ from bridge.events import EventBus
 from bridge.extensions.alarms import AlarmEvaluator
 from bridge.store.db import Store
 from http_api.app import create_app
+from http_api.live import LiveFeed
 from tests.broker_support import FakeCredentials, Running, make_broker
 from tests.support import ROOT, Env, LoopThread, make_env
 
@@ -53,9 +55,10 @@ class Api:
 def api(tmp_path: Path) -> Iterator[Api]:
     store = Store.open(tmp_path / "batmon.sqlite3")
     core = Core(store, EventBus()).load()
-    AlarmEvaluator(core).start()  # alarms react to readings as in `batmon serve`
+    asyncio.run(AlarmEvaluator(core).start())  # alarms react to readings as in `batmon serve`
     user, key = core.create_user("owner@example.org")
-    app = create_app(core, session_secret=b"s" * 32)
+    # A live feed, as `batmon serve` gives it; its first page starts it (on TestClient's loop).
+    app = create_app(core, session_secret=b"s" * 32, live=LiveFeed(core))
     with TestClient(app) as client:
         yield Api(client, core, key, user)
     core.close_history()

@@ -28,8 +28,13 @@ from typing import Any, TypeVar
 import paho.mqtt.client as mqtt
 
 from bridge.core import Batmon, Core, User
-from bridge.doors.mqtt_client import MqttBridge, new_client
+from bridge.doors.external_door import ExternalBrokerDoor
+from bridge.doors.mqtt_link import BrokerEndpoint, BrokerMode, MqttLink, new_client
 from bridge.events import EventBus
+from bridge.extensions import Extension
+from bridge.extensions.bank_publisher import BankPublisher
+from bridge.extensions.discovery import HomeAssistantDiscovery
+from bridge.extensions.state_publisher import StatePublisher
 from bridge.models import AddBatmon, Reading
 from bridge.store.db import Store
 from bridge.store.readings import SqliteReadingSink
@@ -310,6 +315,54 @@ class PrivateMosquitto:
             self.proc.wait(5)
 
 
+class Bridge:
+    """What `batmon serve` runs for an external broker, over a test's core: the MQTT
+    link, its door, the state and bank publishers and discovery, in the service's order."""
+
+    def __init__(self, core: Core, topics: Topics, endpoint: BrokerEndpoint, *, shared: bool = False,
+                 discovery: bool = True) -> None:  # fmt: skip
+        self.link = MqttLink(endpoint, BrokerMode.EXTERNAL, topics, core.bus, homeassistant=discovery)
+        self.door = ExternalBrokerDoor(core, topics, self.link, shared=shared)
+        self.link.take_updates(self.door.subscription, self.door.receive)
+        publish = self.link.publish_retained
+        banks = BankPublisher(core, topics, publish, discovery)
+        self.parts: list[Extension] = [StatePublisher(core, topics, publish), banks]
+        self.discovery: HomeAssistantDiscovery | None = None
+        if discovery:
+            self.discovery = HomeAssistantDiscovery(core, topics, publish,
+                                                    also_resend=banks.resend_discovery)  # fmt: skip
+            self.parts.append(self.discovery)
+        self.parts += [self.link, self.door]
+        self._started: list[Extension] = []
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Start in order; on failure stop what started and raise."""
+        try:
+            for part in self.parts:
+                self._started.append(part)
+                await (self.link.start(timeout) if part is self.link else part.start())
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        while self._started:
+            await self._started.pop().stop()
+
+    @property
+    def connected(self) -> bool:
+        return self.link.connected
+
+    @property
+    def protocol(self) -> str:
+        return self.link.protocol
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        discovery = self.discovery.counters if self.discovery is not None else {}
+        return {**self.link.stats, **self.door.stats, **discovery}
+
+
 @dataclass
 class Env:
     """A real core on a tmp SQLite file, a loop thread, and a broker to meet devices on."""
@@ -320,7 +373,7 @@ class Env:
     topics: Topics
     port: int
     tag: str
-    bridges: list[MqttBridge] = field(default_factory=list)
+    bridges: list[Bridge] = field(default_factory=list)
     probes: list[Probe] = field(default_factory=list)
     client_ids: set[str] = field(default_factory=set)
 
@@ -328,12 +381,13 @@ class Env:
         spec = AddBatmon.model_validate({"batmon_name": "House bank", "batmon_type": "BMV-712", **fields})
         return self.loop.call(self.core.add_batmon, self.user, spec)
 
-    def bridge(self, *, start: bool = True, **options: Any) -> MqttBridge:
+    def bridge(self, *, start: bool = True, client_id: str | None = None, username: str | None = None,
+               password: str | None = None, **options: Any) -> Bridge:  # fmt: skip
         """A bridge on this env's broker and topics; started unless told otherwise."""
-        options.setdefault("client_id", f"batmon-bridge-{self.tag}")
-        self.client_ids.add(options["client_id"])
-        bridge = MqttBridge(self.core, self.topics, host="127.0.0.1", port=self.port,
-                            username=None, password=None, **options)  # fmt: skip
+        client_id = client_id or f"batmon-bridge-{self.tag}"
+        self.client_ids.add(client_id)
+        endpoint = BrokerEndpoint("127.0.0.1", self.port, username, password, client_id)
+        bridge = Bridge(self.core, self.topics, endpoint, **options)
         if start:
             self.loop.run(bridge.start(timeout=5))
         self.bridges.append(bridge)

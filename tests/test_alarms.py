@@ -41,9 +41,9 @@ def changes(core: Core) -> Iterator[list[AlarmChanged]]:
     seen: list[AlarmChanged] = []
     core.bus.subscribe(AlarmChanged, seen.append)
     evaluator = AlarmEvaluator(core)
-    evaluator.start()
+    asyncio.run(evaluator.start())
     yield seen
-    evaluator.stop()
+    asyncio.run(evaluator.stop())
 
 
 def add_alarm(core: Core, batmon: Batmon, **fields: Any) -> Alarm:
@@ -193,8 +193,8 @@ def test_stop_unsubscribes(core, batmon):
     seen: list[AlarmChanged] = []
     core.bus.subscribe(AlarmChanged, seen.append)
     evaluator = AlarmEvaluator(core)
-    evaluator.start()
-    evaluator.stop()
+    asyncio.run(evaluator.start())
+    asyncio.run(evaluator.stop())
     add_alarm(core, batmon)
     ingest(core, batmon, batmon_voltage=12)
     assert seen == []

@@ -31,7 +31,7 @@ import httpx2 as httpx
 import pytest
 
 from tests.conftest import ServeProcess
-from tests.support import ROOT, free_port, wait_until
+from tests.support import ROOT, batmon, free_port, wait_until
 from tests.test_deploy import INSTALLED_BATMON, directives, systemd_analyze
 
 DEPLOY = ROOT / "deploy"
@@ -186,15 +186,20 @@ def test_nginx_accepts_the_shipped_file(tmp_path: Path) -> None:
 
 @pytest.fixture
 def two_workers(tmp_path: Path) -> Iterator[list[ServeProcess]]:
-    """Two real `batmon serve`, SQLite each, with the one session key workers share (so a
-    login on one is good on the other, as on PostgreSQL with deploy/batmon@.service)."""
+    """Two real `batmon serve`, SQLite each, with the one session key workers share and the same
+    users (a backup of the first), so a login on one is good on the other, as on one PostgreSQL
+    database with deploy/batmon@.service. (A session cookie names its user and a fingerprint of
+    the user's api_key: two folders with different admins would refuse each other's cookies.)"""
     first = ServeProcess(tmp_path / "worker-1" / "data")
     second = ServeProcess(tmp_path / "worker-2" / "data")
     try:
         first.start()
-        second.data_dir.mkdir(parents=True)
+        second.data_dir.mkdir(parents=True, mode=0o700)
+        copied = batmon("backup", str(second.data_dir / "batmon.sqlite3"), "--data-dir", str(first.data_dir))
+        assert copied.returncode == 0, copied.stderr
         shutil.copy(first.data_dir / "session.key", second.data_dir / "session.key")
         second.start()
+        second.admin_key = first.admin_key  # the same users: the second made no admin of its own
         yield [first, second]
     finally:
         for worker in (first, second):

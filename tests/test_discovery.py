@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 
 from bridge.core import Batmon
-from bridge.doors.mqtt_client import state_payload
 from bridge.extensions.discovery import HomeAssistantDiscovery, discovery_payload
+from bridge.extensions.state_publisher import state_payload
 from bridge.models import EditBatmon
 from bridge.topics import Topics
 from tests.home_assistant import discovery_problems

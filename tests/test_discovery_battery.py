@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
-from bridge.doors.mqtt_client import state_payload
 from bridge.extensions.discovery import discovery_payload
+from bridge.extensions.state_publisher import state_payload
 from tests.home_assistant import discovery_problems, energy_source_problems
 from tests.support import Env, payload_json, retained, wait_until
 from tests.test_discovery import TOPICS, a_batmon

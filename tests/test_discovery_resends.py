@@ -48,7 +48,7 @@ def test_a_flood_of_online_is_answered_at_once_and_once_more_when_the_interval_e
         glue.on_homeassistant_status(b"offline", BOB)  # not a birth: nothing to answer
         during = list(sent)
         await asyncio.sleep(0.6)
-        glue.stop()
+        await glue.stop()
         return during, sent
 
     during, after = asyncio.run(flood())
@@ -63,7 +63,7 @@ def test_other_configs_banks_included_follow_the_same_rule() -> None:
         for _ in range(100):
             glue.on_homeassistant_status(b"online", ALICE)
         await asyncio.sleep(0.6)
-        glue.stop()
+        await glue.stop()
         return asked
 
     assert asyncio.run(flood()) == [ALICE, ALICE]

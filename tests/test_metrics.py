@@ -5,6 +5,7 @@ own parser; counters must move when readings, rejections, alarms and notices hap
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -19,8 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from batmon.service import Service
 from bridge.config import ServeOptions
 from bridge.core import Core
-from bridge.doors.mqtt_client import new_client
-from bridge.events import EventBus
+from bridge.doors.mqtt_link import new_client
+from bridge.events import CommitObserved, EventBus, HttpRejected
 from bridge.extensions.metrics import Metrics
 from bridge.store.db import Store
 from bridge.writer import COMMIT_DELAY_ENV
@@ -347,35 +348,44 @@ def test_per_batmon_gauges_only_when_asked(running: Running, running_per_batmon:
     assert value(found, "batmon_last_reading_timestamp_seconds", **labels) > 0
 
 
-# -- the writer's hooks and the registry per Service ---------------------------------
+# -- events on the bus and the registry per Service ---------------------------------
 
-def test_writer_commits_and_queue_depth_are_exposed(tmp_path: Path) -> None:
+def test_writer_commits_told_on_the_bus_are_exposed(tmp_path: Path) -> None:
     store = Store.open(tmp_path / "batmon.sqlite3")
+    loop = asyncio.new_event_loop()
     try:
-        metrics = Metrics(Core(store, EventBus()).load())
-        metrics.observe_commit(rows=8, seconds=0.004)
-        metrics.observe_commit(rows=1, seconds=0.001)
-        metrics.queue_depth = lambda: 17
+        core = Core(store, EventBus()).load()
+        metrics = Metrics(core)
+        loop.run_until_complete(metrics.start())
+        core.bus.emit(CommitObserved(rows=8, seconds=0.004))
+        core.bus.emit(CommitObserved(rows=1, seconds=0.001))
         found = samples(metrics.render("")[0].decode())
         assert value(found, "batmon_commit_rows_count") == 2
         assert value(found, "batmon_commit_rows_sum") == 9
         assert value(found, "batmon_commit_rows_bucket", le="1.0") == 1
         assert value(found, "batmon_commit_seconds_count") == 2
-        assert value(found, "batmon_writer_queue_depth") == 17
+        loop.run_until_complete(metrics.stop())
     finally:
+        loop.close()
         store.close()
 
 
 def test_two_services_in_one_process_keep_their_own_figures(tmp_path: Path) -> None:
     stores = [Store.open(tmp_path / f"{n}.sqlite3") for n in (1, 2)]
+    loop = asyncio.new_event_loop()
     try:
         first, second = (Metrics(Core(s, EventBus()).load()) for s in stores)
-        first.count_http_rejection("wrong_token")
+        for metrics in (first, second):
+            loop.run_until_complete(metrics.start())
+        first.core.bus.emit(HttpRejected("wrong_token"))
         assert value(samples(first.render("")[0].decode()), "batmon_rejections_total",
                      door="http", reason="wrong_token") == 1  # fmt: skip
         assert value(samples(second.render("")[0].decode()), "batmon_rejections_total",
                      door="http", reason="wrong_token") == 0  # fmt: skip
+        for metrics in (first, second):
+            loop.run_until_complete(metrics.stop())
     finally:
+        loop.close()
         for s in stores:
             s.close()
 

@@ -4,6 +4,7 @@ scraper holding the bearer token (token). Real sockets where the address matters
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,15 +27,20 @@ TOKEN = "scrape-me-0123456789abcdef"
 
 @pytest.fixture
 def metrics(tmp_path: Path) -> Iterator[Metrics]:
+    """Started (it counts refusals from the bus) on a loop of its own."""
     store = Store.open(tmp_path / "batmon.sqlite3")
-    yield Metrics(Core(store, EventBus()).load())
+    loop = asyncio.new_event_loop()
+    metrics = Metrics(Core(store, EventBus()).load())
+    loop.run_until_complete(metrics.start())
+    yield metrics
+    loop.run_until_complete(metrics.stop())
+    loop.close()
     store.close()
 
 
 def app_client(metrics: Metrics, access: str, client: tuple[str, int], token: str | None = None,
                ) -> TestClient:  # fmt: skip
-    exposure = MetricsExposure(render=metrics.render, access=access, token=token,  # type: ignore[arg-type]
-                               count_rejection=metrics.count_http_rejection)  # fmt: skip
+    exposure = MetricsExposure(render=metrics.render, access=access, token=token)  # type: ignore[arg-type]
     app = create_app(metrics.core, session_secret=b"s" * 32, metrics=exposure)
     return TestClient(app, client=client)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from bridge.doors.mqtt_client import MqttBridge, new_client
+from bridge.doors.mqtt_link import BrokerEndpoint, new_client
 from bridge.topics import Topics
-from tests.support import MOSQUITTO, ROOT, Env, PrivateMosquitto, free_port, make_env, wait_until
+from tests.support import MOSQUITTO, ROOT, Bridge, Env, PrivateMosquitto, free_port, make_env, wait_until
 
 DEPLOY = ROOT / "deploy"
 TOPICS = Topics()  # the ACL names base topic `batmon` and prefix `homeassistant`
@@ -94,10 +94,9 @@ def shipped(tmp_path: Path) -> Iterator[tuple[ShippedMosquitto, Env]]:
         broker.stop()
 
 
-def _bridge(env: Env, broker: ShippedMosquitto) -> MqttBridge:
-    bridge = MqttBridge(env.core, TOPICS, host="127.0.0.1", port=broker.port,
-                        username="batmon-bridge", password=PASSWORDS["batmon-bridge"],
-                        client_id="batmon-bridge-batmon")  # fmt: skip
+def _bridge(env: Env, broker: ShippedMosquitto) -> Bridge:
+    bridge = Bridge(env.core, TOPICS, BrokerEndpoint("127.0.0.1", broker.port, "batmon-bridge",
+                                                     PASSWORDS["batmon-bridge"], "batmon-bridge-batmon"))
     env.loop.run(bridge.start(timeout=5))
     env.bridges.append(bridge)
     return bridge

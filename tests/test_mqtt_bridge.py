@@ -20,13 +20,15 @@ import pytest
 
 from bridge.config import parse_mqtt_url
 from bridge.core import Batmon
-from bridge.doors import mqtt_client as mqtt_bridge
-from bridge.doors.mqtt_client import MqttBridge, MqttConnectError
+from bridge.doors import external_door, mqtt_link
+from bridge.doors.mqtt_link import BrokerEndpoint, MqttConnectError
+from bridge.extensions import state_publisher
 from bridge.extensions.watchdog import OfflineWatchdog
 from bridge.models import MAX_BATCH_READINGS, Reading
 from bridge.simulate import SimulatedBattery, simulate
 from bridge.writer import ReadingWriter
 from tests.support import (
+    Bridge,
     Env,
     FullDisk,
     PrivateMosquitto,
@@ -323,7 +325,7 @@ def test_bridge_reconnects_after_broker_restart_and_gets_readings_sent_meanwhile
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A 2 s first back-off: the device below publishes while the bridge is still away.
-    monkeypatch.setattr(mqtt_bridge, "RECONNECT_MIN_DELAY_S", 2)
+    monkeypatch.setattr(mqtt_link, "RECONNECT_MIN_DELAY_S", 2)
     broker = PrivateMosquitto(tmp_path).start()
     try:
         with make_env(tmp_path, broker.port) as env:
@@ -356,7 +358,7 @@ def test_bridge_reconnects_after_broker_restart_and_gets_readings_sent_meanwhile
 def test_start_without_a_broker_raises_a_clear_error(tmp_path: Path) -> None:
     port = free_port()
     with make_env(tmp_path, port) as env:
-        bridge = MqttBridge(env.core, env.topics, host="127.0.0.1", port=port, username=None, password=None)
+        bridge = Bridge(env.core, env.topics, BrokerEndpoint("127.0.0.1", port))
         started = time.monotonic()
         with pytest.raises(MqttConnectError, match=f"127.0.0.1:{port}"):
             env.loop.run(bridge.start(timeout=1.5))
@@ -368,8 +370,7 @@ def test_start_fails_at_once_when_the_broker_refuses_the_login(tmp_path: Path) -
     broker = PrivateMosquitto(tmp_path, allow_anonymous=False).start()
     try:
         with make_env(tmp_path, broker.port) as env:
-            bridge = MqttBridge(env.core, env.topics, host="127.0.0.1", port=broker.port,
-                                username="bridge", password="wrong")  # fmt: skip
+            bridge = Bridge(env.core, env.topics, BrokerEndpoint("127.0.0.1", broker.port, "bridge", "wrong"))
             started = time.monotonic()
             with pytest.raises(MqttConnectError, match="refused"):
                 env.loop.run(bridge.start(timeout=10))
@@ -412,7 +413,7 @@ def test_simulate_publishes_readings_that_land_for_every_device(env: Env) -> Non
 def test_a_reading_not_yet_committed_when_the_bridge_stops_is_redelivered(env: Env, monkeypatch) -> None:
     batmon = env.add_batmon()
     received = threading.Event()
-    monkeypatch.setattr(mqtt_bridge, "STOP_DRAIN_S", 0.5)
+    monkeypatch.setattr(external_door, "STOP_DRAIN_S", 0.5)
 
     def stuck_submit(batmon: Batmon, readings: Any, door: str = "mqtt") -> asyncio.Future[None]:
         received.set()
@@ -440,7 +441,7 @@ def test_a_redelivered_committed_update_is_not_stored_twice(env: Env) -> None:
     topic = env.topics.update(batmon.id, batmon.token)
 
     async def deliver(dup: bool) -> None:
-        future = bridge.door.submit(topic, b'{"voltage": 12.5}', dup=dup)
+        future = bridge.door.updates.submit(topic, b'{"voltage": 12.5}', dup=dup)
         if future is not None:
             await future
 
@@ -503,7 +504,7 @@ def test_state_after_a_burst_is_coalesced_and_ends_with_the_latest_values(env: E
     assert last is not None
     states = [m for m in probe.on(env.topics.state(batmon.id)) if m.payload]
     # The last publish may come one period after the last reading was stored.
-    assert len(states) <= (elapsed + 0.5) / mqtt_bridge.COALESCE_S + 3, (len(states), elapsed)
+    assert len(states) <= (elapsed + 0.5) / state_publisher.COALESCE_S + 3, (len(states), elapsed)
     assert len(states) < 100
 
 
@@ -515,14 +516,14 @@ def test_the_bridge_speaks_mqtt5_to_an_external_broker_and_drains_a_backlog(tmp_
     try:
         with make_env(tmp_path, broker.port) as env:
             batmon = env.add_batmon()
-            first = env.bridge(mqtt5=True)
+            first = env.bridge()
             assert first.protocol == "5"
             env.loop.run(first.stop())  # the session stays at the broker
             probe = env.probe()
             for n in range(500):
                 probe.publish(env.topics.update(batmon.id, batmon.token), json.dumps({"soc": n % 100}))
             probe.sync()
-            env.bridge(mqtt5=True)
+            env.bridge()
             env.wait_count(batmon, 500, timeout=30)
             assert [r["batmon_soc"] for r in env.history(batmon)] == [n % 100 for n in range(500)]
     finally:

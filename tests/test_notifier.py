@@ -90,14 +90,14 @@ async def ingest(core: Core, batmon: Batmon, **fields: Any) -> None:
 async def running(core: Core, **options: Any) -> AsyncIterator[Notifier]:
     """The alarm evaluator and a notifier, started on ``core`` for the block."""
     evaluator = AlarmEvaluator(core)
-    evaluator.start()
+    await evaluator.start()
     notifier = Notifier(core, **options)
     await notifier.start()
     try:
         yield notifier
     finally:
         await notifier.stop()
-        evaluator.stop()
+        await evaluator.stop()
 
 
 async def wait_until(predicate: Callable[[], Any], what: str, timeout: float = WAIT_S) -> Any:
@@ -338,7 +338,7 @@ def test_queued_notices_are_sent_by_a_new_notifier_after_restart_once(tmp_path, 
     # The first process queued notices, then died before its worker sent them;
     # it had claimed one of them (in flight) already.
     evaluator, dead = AlarmEvaluator(core), Notifier(core)
-    evaluator.start()
+    asyncio.run(evaluator.start())
     core.bus.subscribe(AlarmChanged, dead.on_alarm)
     for voltage in (12, 12, 5):
         asyncio.run(ingest(core, batmon, batmon_voltage=voltage))
@@ -374,7 +374,7 @@ from bridge.store.db import Store
 
 async def main():
     core = Core(Store.open(Path(sys.argv[1])), EventBus()).load()
-    AlarmEvaluator(core).start()
+    await AlarmEvaluator(core).start()
     await Notifier(core, send_timeout_s=60).start()
     batmon = core.batmons[int(sys.argv[2])]
     await core.ingest_readings(batmon, [Reading(batmon_voltage=12)])
@@ -447,7 +447,7 @@ def test_stop_returns_even_when_a_notice_was_queued_just_before(tmp_path, sink, 
     async def scenario() -> None:
         notifier = Notifier(core)
         await notifier.start()
-        AlarmEvaluator(core).start()
+        await AlarmEvaluator(core).start()
         for _ in range(3):
             await asyncio.sleep(0)  # the worker is now waiting for a wake-up
         await ingest(core, batmon, batmon_voltage=12)  # sets the wake-up...

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from bridge.doors.mqtt_client import RECONNECT_MAX_DELAY_S, RECONNECT_MIN_DELAY_S
+from bridge.doors.mqtt_link import RECONNECT_MAX_DELAY_S, RECONNECT_MIN_DELAY_S
 from tests.support import PrivateMosquitto, make_env
 
 OUTAGE_S = 16  # long enough that the old back-off (doubling to 30 s) waited 15 s more

@@ -126,7 +126,7 @@ def test_a_full_queue_refuses_at_once_instead_of_growing(core: Core, monkeypatch
             core.submit_readings(batmon, [Reading(batmon_voltage=99)])
         await asyncio.gather(*taken)
         await core.ingest_readings(batmon, [Reading(batmon_voltage=100)])  # room again
-        return core.writer.stats.refused_overloaded
+        return core.writer.refused_overloaded
 
     assert asyncio.run(scenario()) == 1
     assert len(stored(core, batmon)) == 11

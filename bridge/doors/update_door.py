@@ -1,9 +1,10 @@
-"""The MQTT door: an update message (topic + payload) becomes a submission to the writer.
+"""The rules of one MQTT update (topic + payload), whichever broker carried it: checked,
+validated with the HTTP door's models and submitted to the writer.
 
-One place for the rules of an MQTT update, whichever transport carried it: the
-bridge's paho client on an external broker, or the embedded broker handing a
-device's publish over directly. Each caller acknowledges only when the returned
-future succeeds.
+Both broker doors use it: the embedded broker hands a device's publish over directly,
+the external broker's door (``external_door.py``) what the MQTT link received. Each
+caller acknowledges only when the returned future succeeds. Runs on the event loop,
+counters included.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ class UpdateDoor:
     def has_room(self) -> bool:
         """False while the writer's queue is full (a door then stops taking messages)."""
         return self.core.writer.has_room
+
+    async def settle(self) -> None:
+        """Return once every update submitted so far is committed (or failed) and applied."""
+        await self.core.writer.barrier()
 
     def submit(self, topic: str, payload: bytes, *, dup: bool = False) -> asyncio.Future[None] | None:
         """Submit one update; None when there is nothing to wait for (dropped or refused,

@@ -55,11 +55,11 @@ class AlarmEvaluator:
         self.core = core
         self._subscription: Subscription = NO_SUBSCRIPTION
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Evaluate alarms on every accepted reading from now on."""
         self._subscription = self.core.bus.subscribe_all({ReadingAccepted: self.on_reading})
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         """Stop evaluating."""
         self._subscription.cancel()
 

@@ -21,6 +21,7 @@ from bridge.events import (
     BankChanged,
     BankDeleted,
     BatmonChanged,
+    MqttConnected,
     ReadingAccepted,
     StatusChanged,
     Subscription,
@@ -102,9 +103,11 @@ class BankPublisher:
         self._sent_at: dict[int, float] = {}
         self._due: dict[int, asyncio.TimerHandle] = {}
 
-    def start(self) -> None:
-        """React to the banks' and their members' events."""
+    async def start(self) -> None:
+        """Publish every bank after each MQTT (re)connect; react to the banks' and their
+        members' events."""
         self._subscription = self.core.bus.subscribe_all({
+            MqttConnected: lambda e: self.publish_all(),
             ReadingAccepted: self._on_reading,
             StatusChanged: lambda e: self._members_changed(e.batmon.id),
             BatmonChanged: lambda e: self._members_changed(e.batmon.id),
@@ -112,7 +115,7 @@ class BankPublisher:
             BankDeleted: self._on_deleted,
         })  # fmt: skip
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         """Stop reacting; pending coalesced publishes are dropped."""
         self._subscription.cancel()
         for handle in self._due.values():

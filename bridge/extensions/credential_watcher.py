@@ -14,12 +14,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from bridge.core import Core, CredentialMaps
 from bridge.events import CredentialsChanged
 from bridge.store.credentials import CredentialReader
+from bridge.threads import run_on_own_thread
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +40,15 @@ class CredentialWatcher:
         self._interval_s = interval_s
         self._reader: CredentialReader | None = None
         self._task: asyncio.Task[None] | None = None
+        self._pool: ThreadPoolExecutor | None = None
         self._failing = False
 
     async def start(self) -> None:
         """Begin polling (the core loaded its credentials at start)."""
         self._reader = self._open_reader()
+        # One thread of its own for the polls, closed at stop (asyncio's default executor
+        # would keep its threads after the service stopped).
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="credential-watcher")
         self._task = asyncio.create_task(self._run(self._reader), name="credential-watcher")
 
     async def stop(self) -> None:
@@ -54,7 +60,10 @@ class CredentialWatcher:
                 await task
         reader, self._reader = self._reader, None
         if reader is not None:
-            await asyncio.to_thread(reader.close)
+            await run_on_own_thread(reader.close, name="credential-watcher-close")
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False)  # idle once the task is cancelled: its thread ends now
 
     async def _run(self, reader: CredentialReader) -> None:
         while True:
@@ -71,7 +80,12 @@ class CredentialWatcher:
             return False
         known = self._core.credentials_version
         try:
-            maps = await asyncio.to_thread(_changed_since, reader, known)
+            if self._pool is not None:
+                maps = await asyncio.get_running_loop().run_in_executor(
+                    self._pool, _changed_since, reader, known)
+            else:  # polled by hand, not started
+                maps = await run_on_own_thread(lambda: _changed_since(reader, known),
+                                               name="credential-watcher-poll")
         except OSError as exc:
             if not self._failing:  # once per outage, not once a second
                 log.warning("cannot read credential changes (keys and tokens stay as they were): %s", exc)

@@ -4,8 +4,12 @@ Uses the device-based schema (``dev``, ``o``, ``cmps``) on
 ``<prefix>/device/batmon_{id}/config`` so one message describes a batmon's
 sensors: the four base metrics, the energy counters, last seen, and temperature,
 time-to-go and cell delta once the batmon has sent them. :func:`discovery_payload`
-is pure; :class:`HomeAssistantDiscovery` is the glue that republishes it on edits and
-on a first value, clears it on delete and answers Home Assistant's ``online`` birth message.
+is pure; :class:`HomeAssistantDiscovery` is the extension that publishes every config
+after each MQTT (re)connect, republishes one on edits and on a first value, clears it
+on delete and answers Home Assistant's ``online`` birth message (the
+``HomeAssistantStatus`` event: from the embedded broker, which names the user, or from
+the MQTT link on an external broker).
+
 An ``online`` is answered at most once per ``RESEND_INTERVAL_S`` per user (the embedded
 broker says who published it: only that user's configs go out) or, on an external
 broker where nobody can say, once per interval for everyone. An ``online`` inside the
@@ -25,7 +29,15 @@ from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from bridge.battery_values import battery_values
-from bridge.events import NO_SUBSCRIPTION, BatmonChanged, BatmonDeleted, ReadingAccepted, Subscription
+from bridge.events import (
+    NO_SUBSCRIPTION,
+    BatmonChanged,
+    BatmonDeleted,
+    HomeAssistantStatus,
+    MqttConnected,
+    ReadingAccepted,
+    Subscription,
+)
 from bridge.extensions.ha_units import device_class_for_unit
 from bridge.topics import Topics
 
@@ -186,21 +198,27 @@ class HomeAssistantDiscovery:
         self.counters: Counter[str] = Counter()
         """``online`` messages answered at once, deferred, or folded into a deferred re-send."""
 
-    def start(self) -> None:
-        """React to created, edited and deleted batmons, and to readings that bring a new value."""
+    async def start(self) -> None:
+        """React to (re)connects, Home Assistant's birth, created, edited and deleted batmons,
+        and to readings that bring a new value."""
         self._subscription = self.core.bus.subscribe_all({
-            BatmonChanged: self._on_changed, BatmonDeleted: self._on_deleted,
+            MqttConnected: self._on_connected,
+            HomeAssistantStatus: self._on_homeassistant_status,
+            BatmonChanged: self._on_changed,
+            BatmonDeleted: self._on_deleted,
             ReadingAccepted: self._on_reading,
         })  # fmt: skip
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         """Stop reacting to events and drop the re-sends not yet done."""
         self._subscription.cancel()
         for handle in self._deferred.values():
             handle.cancel()
         self._deferred.clear()
-        for task in self._batches:
+        batches = list(self._batches)
+        for task in batches:
             task.cancel()
+        await asyncio.gather(*batches, return_exceptions=True)
 
     def publish_all(self) -> None:
         """Send every batmon's config (after a (re)connect)."""
@@ -272,6 +290,12 @@ class HomeAssistantDiscovery:
                 self.publish_discovery(batmon)
             if index % RESEND_BATCH == 0:
                 await asyncio.sleep(0)
+
+    def _on_connected(self, event: MqttConnected) -> None:
+        self.publish_all()  # the broker may have lost them
+
+    def _on_homeassistant_status(self, event: HomeAssistantStatus) -> None:
+        self.on_homeassistant_status(event.payload, event.user_id)
 
     def _on_changed(self, event: BatmonChanged) -> None:
         self.publish_discovery(event.batmon)

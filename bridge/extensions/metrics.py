@@ -1,10 +1,10 @@
 """Prometheus metrics of one running service.
 
-Counters are fed by the core's events (readings, alarms, status changes) and by the
-HTTP facade's error mapping; gauges are read at scrape time from what already keeps
-the figure (the core's registry, the MQTT bridge's counters, the notice outbox), so
-nothing is counted twice. The outbox is read off the loop by ``refresh``, which the
-facade awaits before each scrape. The writer reports its commits through ``observe_commit``.
+Counters and histograms are fed by events on the bus (readings, alarms, status
+changes, commits, notice outcomes, HTTP refusals); gauges and counters someone else
+already keeps are read at scrape time (the core's registry, the writer's queue and
+stats, the MQTT doors' counters, the notice outbox), so nothing is counted twice. The
+outbox is read off the loop by ``refresh``, which the facade awaits before each scrape.
 
 Each ``Metrics`` has its own ``CollectorRegistry``: several services in one process
 (tests) keep their figures apart, and prometheus_client's global registry is unused.
@@ -32,7 +32,16 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
-from bridge.events import NO_SUBSCRIPTION, AlarmChanged, ReadingAccepted, StatusChanged, Subscription
+from bridge.events import (
+    NO_SUBSCRIPTION,
+    AlarmChanged,
+    CommitObserved,
+    HttpRejected,
+    NoticeOutcome,
+    ReadingAccepted,
+    StatusChanged,
+    Subscription,
+)
 from bridge.store.interface import CHANNELS
 
 if TYPE_CHECKING:
@@ -68,9 +77,8 @@ COMMIT_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 
 
 
 class Metrics:
-    """The service's metrics: an extension (start/stop) plus hooks the service wires to
-    the HTTP facade (``count_http_rejection``), the notifier (``count_notice``) and the
-    writer (``observe_commit``, ``queue_depth``)."""
+    """The service's metrics: an extension that listens to the bus, plus ``render`` (and
+    ``refresh``, awaited before it) for the HTTP facade's /metrics."""
 
     def __init__(self, core: Core, *, mqtt_stats: MqttStats = lambda: None,
                  per_batmon: bool = False) -> None:  # fmt: skip
@@ -79,8 +87,6 @@ class Metrics:
         self.per_batmon = per_batmon
         # Notices pending by (state, channel), read off the loop by refresh(); None unread.
         self._pending: dict[tuple[str, str], int] | None = None
-        # How many readings wait for a commit: the service points it at the writer.
-        self.queue_depth: Callable[[], float] = lambda: 0
         self._subscription: Subscription = NO_SUBSCRIPTION
         self._lag_task: asyncio.Task[None] | None = None
         self._http_rejections: Counter[str] = Counter()
@@ -110,7 +116,7 @@ class Metrics:
             ["channel", "outcome"], registry=registry)  # fmt: skip
         writer_queue = Gauge("batmon_writer_queue_depth", "Readings waiting for the writer.",
                              registry=registry)  # fmt: skip
-        writer_queue.set_function(lambda: self.queue_depth())
+        writer_queue.set_function(lambda: self.core.writer.pending_rows)
         # Children made once: labels() costs ~10 us a call, an increment ~1 us.
         self._accepted = {door: self.readings_accepted.labels(door=door) for door in ("http", "mqtt")}
         self._alarms = {kind: self.alarm_changes.labels(kind=kind) for kind in ALARM_KINDS}
@@ -130,6 +136,9 @@ class Metrics:
             ReadingAccepted: self._on_reading,
             AlarmChanged: self._on_alarm,
             StatusChanged: self._on_status,
+            CommitObserved: self._on_commit,
+            NoticeOutcome: self._on_notice,
+            HttpRejected: self._on_http_rejected,
         })  # fmt: skip
         self._lag_task = asyncio.create_task(self._probe_loop_lag(), name="metrics-loop-lag")
 
@@ -141,20 +150,6 @@ class Metrics:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._lag_task
             self._lag_task = None
-
-    # -- hooks -----------------------------------------------------------------------
-    def count_http_rejection(self, reason: str) -> None:
-        """The HTTP facade refused a request; ``reason`` is a short fixed label."""
-        self._http_rejections[reason] += 1
-
-    def count_notice(self, channel: str, outcome: str) -> None:
-        """The notifier wrote a notice (queued/skipped) or finished an attempt (sent/retry/failed)."""
-        self.notices.labels(channel=channel, outcome=outcome).inc()
-
-    def observe_commit(self, rows: int, seconds: float) -> None:
-        """The writer committed ``rows`` readings in ``seconds`` (any thread may call)."""
-        self.commit_rows.observe(rows)
-        self.commit_seconds.observe(seconds)
 
     async def refresh(self) -> None:
         """Read the scrape-time figures the store keeps (off the event loop)."""
@@ -183,6 +178,16 @@ class Metrics:
     def _on_status(self, event: StatusChanged) -> None:
         if event.status != event.previous:
             self._status[event.status].inc()
+
+    def _on_commit(self, event: CommitObserved) -> None:
+        self.commit_rows.observe(event.rows)
+        self.commit_seconds.observe(event.seconds)
+
+    def _on_notice(self, event: NoticeOutcome) -> None:
+        self.notices.labels(channel=event.channel, outcome=event.outcome).inc()
+
+    def _on_http_rejected(self, event: HttpRejected) -> None:
+        self._http_rejections[event.reason] += 1
 
     async def _probe_loop_lag(self) -> None:
         """Sleep a fixed interval and record how much later than asked we woke up:
@@ -245,7 +250,7 @@ class _ScrapeTimeCollector:
                                   value=stats.failed_commits)  # fmt: skip
         yield CounterMetricFamily("batmon_writer_refused",
                                   "Submissions refused because the writer's queue was full.",
-                                  value=stats.refused_overloaded)  # fmt: skip
+                                  value=core.writer.refused_overloaded)  # fmt: skip
         yield GaugeMetricFamily("batmon_writer_failing", "1 while the writer's last commit failed.",
                                 value=int(stats.failing))  # fmt: skip
 

@@ -19,7 +19,7 @@ import logging
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
 import apprise
@@ -29,6 +29,7 @@ from bridge.errors import InvalidInput, NotFound
 from bridge.events import (
     NO_SUBSCRIPTION,
     AlarmChanged,
+    NoticeOutcome,
     StatusChanged,
     Subscription,
     TestNoticeRequested,
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
     from bridge.store.interface import Store
 
 log = logging.getLogger(__name__)
+
+OutcomeName = Literal["queued", "skipped", "sent", "retry", "failed"]
 
 TARGET_COLUMNS: dict[Channel, str] = {ch: f"{ch}_url" for ch in CHANNELS}
 RETENTION_S = 30 * 86400  # finished notices are kept this long for the user to read
@@ -240,9 +243,6 @@ class Notifier:
                  send_timeout_s: float = 20.0, concurrency: int = 8) -> None:  # fmt: skip
         self.core = core
         self._subscription: Subscription = NO_SUBSCRIPTION
-        # Told (channel, outcome) for each notice queued/skipped and attempt sent/retry/failed;
-        # the service points it at its metrics.
-        self.on_outcome: Callable[[str, str], None] = lambda channel, outcome: None
         self.retry_base_s = retry_base_s
         self.give_up_after_s = give_up_after_s
         self.max_attempts = max_attempts
@@ -355,9 +355,13 @@ class Notifier:
 
     def _written(self, notices: list[dict[str, Any]]) -> None:
         for notice in notices:
-            self.on_outcome(notice["channel"], notice["state"])
+            self._tell(notice["channel"], notice["state"])
         if any(n["state"] == "queued" for n in notices):
             self._wake_worker()
+
+    def _tell(self, channel: str, outcome: OutcomeName) -> None:
+        """On the bus (metrics count it): a notice written or an attempt ended."""
+        self.core.bus.emit(NoticeOutcome(channel, outcome))
 
     @staticmethod
     def _channels(batmon: Batmon) -> list[Channel]:
@@ -415,7 +419,7 @@ class Notifier:
 
         for row, target in await self.core.in_store(claim_due):
             if not target:
-                self.on_outcome(row["channel"], "skipped")
+                self._tell(row["channel"], "skipped")
             else:
                 task = asyncio.create_task(self._deliver(row, target))
                 self._inflight.add(task)
@@ -456,19 +460,19 @@ class Notifier:
         notice_id = row["id"]
         if not error:
             await self.core.in_store(lambda store: store.outbox.mark_sent(notice_id, now, masked))
-            self.on_outcome(row["channel"], "sent")
+            self._tell(row["channel"], "sent")
             log.info("notice %s (%s) sent to %s", row["id"], row["channel"], masked)
             return
         next_at = now + self.retry_base_s * 2 ** (attempts - 1)
         if attempts >= self.max_attempts or next_at - row["created"] > self.give_up_after_s:
             await self.core.in_store(lambda store: store.outbox.mark_failed(notice_id, now, error, masked))
-            self.on_outcome(row["channel"], "failed")
+            self._tell(row["channel"], "failed")
             log.warning("notice %s (%s) to %s failed for good after %d attempts: %s",
                         row["id"], row["channel"], masked, attempts, error)  # fmt: skip
         else:
             await self.core.in_store(
                 lambda store: store.outbox.mark_retry(notice_id, now, next_at, error, masked))
-            self.on_outcome(row["channel"], "retry")
+            self._tell(row["channel"], "retry")
             log.info("notice %s (%s) to %s failed (%s); retry in %.0f s",
                      row["id"], row["channel"], masked, error, next_at - now)  # fmt: skip
 

@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from bridge.threads import run_on_own_thread
+
 if TYPE_CHECKING:
     from bridge.store.interface import Store
 
@@ -75,7 +77,7 @@ class RetentionPruner:
             try:
                 # Shielded: cancelling this task must not abandon a pass mid-batch;
                 # stop() sets the event and waits for the pass to end instead.
-                self._pass = asyncio.ensure_future(asyncio.to_thread(self.prune_pass))
+                self._pass = asyncio.ensure_future(run_on_own_thread(self.prune_pass, name="retention-pass"))
                 await asyncio.shield(self._pass)
             except asyncio.CancelledError:
                 raise

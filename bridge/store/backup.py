@@ -82,7 +82,10 @@ def check_database(path: Path) -> int:
     try:
         problems = [row[0] for row in conn.execute("PRAGMA integrity_check")]
         if problems != ["ok"]:
-            raise BackupError(f"{path} fails SQLite's integrity check: {problems[0]}")
+            # SQLite's first problem may span lines ("*** in database main ***\nOn tree page 3..."):
+            # the CLI's answer is one line.
+            first = " ".join(problems[0].split())
+            raise BackupError(f"{path} fails SQLite's integrity check: {first}")
         try:
             version = conn.execute("SELECT max(version) FROM schema_version").fetchone()[0]
         except sqlite3.OperationalError:

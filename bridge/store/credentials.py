@@ -74,7 +74,7 @@ def credentials_of(store: Any) -> Any:
 class CredentialReader:
     """A dedicated read-only connection for the server's poll, used from one thread at a time.
 
-    Never on the event loop: the poll runs it through asyncio.to_thread.
+    Never on the event loop: the poll runs it on the watcher's own thread.
     """
 
     def __init__(self, path: Path) -> None:
@@ -83,7 +83,7 @@ class CredentialReader:
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
-            # check_same_thread off: to_thread may pick another worker each time (never two at once).
+            # check_same_thread off: used on the watcher's thread, closed at stop on another.
             self._conn = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True, timeout=5,
                                          check_same_thread=False, isolation_level=None)  # fmt: skip
         return self._conn

@@ -31,8 +31,8 @@ from bridge.doors.broker.limits import (
     MQTT_311_LEVEL,
     BrokerLimits,
     ConnectionRooms,
-    GuardedReader,
     MessageRate,
+    PacketLimitReader,
     protocol_level,
 )
 from bridge.doors.broker.plugin import PRINCIPAL_KEY, WILL_KEY
@@ -85,6 +85,10 @@ class UpdateSink(Protocol):
         """False while the writer's queue is full."""
         ...
 
+    async def settle(self) -> None:
+        """Return once every update handed in so far is committed (or failed)."""
+        ...
+
 
 class UpdateInbox(asyncio.Queue[ApplicationMessage]):
     """A session's inbound queue that hands the device's own updates to the writer.
@@ -100,7 +104,7 @@ class UpdateInbox(asyncio.Queue[ApplicationMessage]):
         self._session = session
         self._sink = sink
         self.unacked = 0
-        # Open while this session's connection may be read (see GatedReader).
+        # Open while this session's connection may be read (see CommitPacedReader).
         self.readable = asyncio.Event()
         self.readable.set()
 
@@ -154,8 +158,10 @@ class UpdateInbox(asyncio.Queue[ApplicationMessage]):
             log.debug("dropped a QoS 0 update of client %r: writer full", self._session.client_id)
 
 
-class GatedReader(ReaderAdapter):
-    """A connection's reader that waits while its session's inbox says "enough"."""
+class CommitPacedReader(ReaderAdapter):
+    """A connection's reader paced by commits: it stops reading while the session has
+    PAUSE_READING_AT updates waiting for their commit (limits.py's PacketLimitReader,
+    beneath it, enforces size and rate limits instead)."""
 
     def __init__(self, inner: ReaderAdapter, inbox: UpdateInbox) -> None:
         self._inner = inner
@@ -211,7 +217,7 @@ class BatmonBroker(Broker):
         self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
     ) -> None:
         """Vet a new connection before amqtt reads it: a waiting place for its address,
-        CONNECT in time, protocol level; then let amqtt read packets through a GuardedReader."""
+        CONNECT in time, protocol level; then let amqtt read packets through a PacketLimitReader."""
         peer_info = writer.get_peer_info()
         peer = f"{peer_info[0]}:{peer_info[1]}" if peer_info else "unknown address"
         address = address_key(peer_info[0] if peer_info else None) or "unknown"
@@ -221,7 +227,7 @@ class BatmonBroker(Broker):
             self.counters["closed_unauthenticated_per_address"] += 1
             await _close(writer)
             return
-        guarded = GuardedReader(reader, self._limits, self._rate, self.counters, peer)
+        guarded = PacketLimitReader(reader, self._limits, self._rate, self.counters, peer)
         guarded.address = address
         try:
             try:
@@ -249,7 +255,7 @@ class BatmonBroker(Broker):
 
     def _log_in(self, reader: ReaderAdapter, peer: tuple[str, int] | None) -> bool:
         """Move an authenticated connection from the waiting room to the logged-in one."""
-        if not isinstance(reader, GuardedReader):
+        if not isinstance(reader, PacketLimitReader):
             return True  # not accepted through _client_connected: nothing to count
         if not self.rooms.log_in():
             self.counters["refused_connection_limit"] += 1
@@ -581,7 +587,7 @@ class BatmonBroker(Broker):
         peer = writer.get_peer_info()
         if peer is not None:
             client_session.remote_address, client_session.remote_port = peer
-        if isinstance(reader, GuardedReader):
+        if isinstance(reader, PacketLimitReader):
             reader.session = client_session
         if not client_session.client_id:
             raise BrokerError("Client ID was not correctly created/set.")
@@ -594,7 +600,7 @@ class BatmonBroker(Broker):
             return
         inbox = self._install_inbox(client_session)
         if inbox is not None:
-            reader = GatedReader(reader, inbox)  # stops reading while 100 updates await commit
+            reader = CommitPacedReader(reader, inbox)  # stops reading while 100 updates await commit
         client_session.transitions.connect()
         handler.attach(client_session, reader, writer)
         self._sessions[client_session.client_id] = (client_session, handler)

@@ -27,6 +27,9 @@ from bridge.topics import Topics
 log = logging.getLogger(__name__)
 
 PUBLISH_BATCH = 200  # broker-side publishes between yields to the event loop
+SHUTDOWN_S = 5.0
+"""amqtt's shutdown can stall while clients keep flooding; by then everything acknowledged is
+committed, so a stop gives it this long and goes on."""
 PLUGIN_PATH = "bridge.doors.broker.BatmonAccessPlugin"
 """Dotted path amqtt imports our plugin from (listed in broker.yaml)."""
 
@@ -245,6 +248,10 @@ class EmbeddedBroker:
         self._publisher = asyncio.create_task(self._publish_loop(broker), name="broker-publisher")
         log.info("embedded MQTT broker listening on %s:%d", self._host, self._port)
 
+    def publish_retained(self, topic: str, payload: str) -> None:
+        """Publish a retained topic as the broker (the state publisher's and discovery's way out)."""
+        self.publish_soon(topic, payload, retain=True)
+
     def publish_soon(self, topic: str, payload: str, *, retain: bool = False) -> None:
         """Publish as the broker itself, from synchronous code (state, discovery, errors).
 
@@ -288,7 +295,12 @@ class EmbeddedBroker:
             self._broker.stop_listening()
 
     async def stop(self) -> None:
-        """Disconnect every client and close the listener; a no-op if not running."""
+        """Take no new client, let the updates handed in commit (so their PUBACKs go
+        out), then disconnect every client and close the listener; a no-op if not running."""
+        if self._broker is not None and self._updates is not None:
+            self._broker.stop_listening()
+            await self._updates.settle()
+            await asyncio.sleep(0)  # let the PUBACKs of what just committed be sent
         broker, self._broker = self._broker, None
         self._port = self._tls_port = None
         if self._publisher is not None:
@@ -298,7 +310,10 @@ class EmbeddedBroker:
             await asyncio.gather(self._publisher, return_exceptions=True)
             self._publisher = None
         if broker is not None:
-            await broker.shutdown()
+            try:
+                await asyncio.wait_for(broker.shutdown(), SHUTDOWN_S)
+            except TimeoutError:
+                log.warning("the embedded broker did not shut down within %g s; going on", SHUTDOWN_S)
 
 
 class _DropStartupTraceback(logging.Filter):

@@ -6,7 +6,7 @@ to send its CONNECT) and logged-in clients (``max_connections``). A socket that 
 logged in never takes the room of a logged-in one, so one address holding many silent
 sockets locks no device out.
 
-:class:`GuardedReader` sits between the socket and amqtt and hands amqtt whole MQTT
+:class:`PacketLimitReader` sits between the socket and amqtt and hands amqtt whole MQTT
 packets only: it reads each packet's fixed header itself, so a packet over
 ``max_packet_size`` closes the connection before its body is read (amqtt would buffer
 all of it). A PUBLISH over its sender's rate is held back (QoS 1 and 2: the socket is
@@ -169,8 +169,9 @@ def topics_are_utf8(packet_type: int, body: bytes) -> bool:
             return True
 
 
-class GuardedReader(ReaderAdapter):
-    """Hands amqtt one whole, vetted MQTT packet at a time (see the module docstring)."""
+class PacketLimitReader(ReaderAdapter):
+    """Hands amqtt one whole MQTT packet at a time within the size and rate limits (see the
+    module docstring); pacing by commits is amqtt_patches.CommitPacedReader's job."""
 
     def __init__(
         self,
