@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
@@ -51,6 +52,26 @@ class Api:
         return {"X-API-Key": self.api_key}
 
 
+@pytest.fixture(autouse=True)
+def cores_are_closed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every Core a test made in this process has its writer thread and history workers
+    stopped at the end. Many tests build a Core and drop it; each left a writer thread with
+    its SQLite connection, and by 800 tests the process held over 1,024 descriptors, past
+    paho's select() limit: every later MQTT client of the suite then failed to connect."""
+    made: list[Core] = []
+    original = Core.__init__
+
+    def remember(self: Core, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(Core, "__init__", remember)
+    yield
+    for core in made:
+        core.writer.stop()
+        core.close_history()
+
+
 @pytest.fixture
 def api(tmp_path: Path) -> Iterator[Api]:
     store = Store.open(tmp_path / "batmon.sqlite3")
@@ -61,8 +82,9 @@ def api(tmp_path: Path) -> Iterator[Api]:
     app = create_app(core, session_secret=b"s" * 32, live=LiveFeed(core))
     with TestClient(app) as client:
         yield Api(client, core, key, user)
-    core.close_history()
-    store.close()
+    # The writer's thread and connection too: left running, 800 tests held 1,500 descriptors,
+    # past paho's select() limit of 1,024, and every later MQTT test failed to connect.
+    core.close()
 
 
 @dataclass
