@@ -76,8 +76,10 @@ def test_home_assistant_with_the_readme_token_sees_only_its_owners_batmons_until
         port = mqtt_port(serve)
         wait_until(lambda: mqtt_login(port, email, secret) == 0, HONOURED_WITHIN_S,
                    "the new token accepted by the running server")  # fmt: skip
-        # It is no api_key: over HTTP it is refused like a wrong key.
-        assert status_of(serve, secret) == 401
+        # It is no api_key: over HTTP it is refused like a wrong key. (401, or 429 once the
+        # polling above has failed 30 logins from this address: the source throttle answers
+        # a wrong key that way too.)
+        assert status_of(serve, secret) in (401, 429)
         assert mqtt_login(port, "other@example.org", secret) == NOT_AUTHORIZED
 
         ha = HomeAssistant(port, email, secret)
