@@ -329,9 +329,9 @@ class Core:
     async def ping(self) -> bool:
         """True when the database answered, asked off the loop at most once per PING_FRESH_S.
 
-        /healthz is polled often, and each ask crosses to a worker thread and back: during a
-        20,000-reading drain that hop, behind the writer's thread for the GIL, took /healthz's
-        p95 to 147 ms. A fresh answer costs nothing; the writer's own health is never cached.
+        /healthz is polled often, and each ask crosses to a worker thread and back, waiting
+        for the GIL behind the writer's thread. A fresh answer costs nothing; the writer's own
+        health is never cached.
         """
         now = time.monotonic()
         if self._pinged is not None and now - self._pinged[0] < PING_FRESH_S:
