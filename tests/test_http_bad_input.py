@@ -196,3 +196,18 @@ def test_printable_names_with_inner_spaces_and_any_script_are_kept(api: Api) -> 
     for name in (" Haus 1 ", "Ñandú ☀", "家のバッテリー"):
         batmon_id, _ = api.add_batmon(batmon_name=name)
         assert api.core.batmons[batmon_id].name == name
+
+
+def test_a_multipart_field_sent_as_a_file_part_is_read_as_its_text(api: Api) -> None:
+    """`curl -F 'batmon_name=<name.txt'` and requests' `files=` send a field as a part with a
+    filename; it is the same field. Non-UTF-8 content is refused, never dropped silently."""
+    r = api.client.post("/interface/add/batmon", headers=api.auth,
+                        files={"batmon_name": ("batmon_name", b"Van house bank")})  # fmt: skip
+    assert r.status_code == 200, r.text
+    batmon_id = r.json()["success"]["batmon_id"]
+    r = api.client.get("/interface/batmon/list", headers=api.auth)
+    names = {b["batmon_id"]: b["batmon_name"] for b in r.json()["success"]}
+    assert names[batmon_id] == "Van house bank", r.text
+    r = api.client.post("/interface/add/batmon", headers=api.auth,
+                        files={"batmon_name": ("n.bin", b"\xff\xfe\x00")})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"].startswith("batmon_name"), r.text
