@@ -267,14 +267,13 @@ class Service:
                 except TlsSetupError as exc:
                     raise ServiceError(f"cannot connect to the MQTT broker over TLS: {exc}") from None
             # A stable id keeps the broker's session: readings sent while we were
-            # away are delivered when we come back. It names the base topic, so two
-            # bridges sharing a broker under different bases do not evict each other.
-            client_id = "batmon-bridge-" + opts.base_topic.replace("/", "-")
+            # away (and those we held unacked) are delivered when we come back.
+            client_id = opts.bridge_client_id
             self.mqtt_host, self.mqtt_port = host, port
             link = MqttLink(BrokerEndpoint(host, port, username, password, client_id, tls),
                             BrokerMode.EXTERNAL, self.topics, core.bus,
                             homeassistant=opts.discovery)  # fmt: skip
-            door = ExternalBrokerDoor(core, self.topics, link)
+            door = ExternalBrokerDoor(core, self.topics, link, share_group=opts.mqtt_share_group)
             link.take_updates(door.subscription, door.receive)
             retained = link.publish_retained
             doors: list[Extension] = [link, door]  # the door stops (acks) before the link goes

@@ -319,10 +319,10 @@ class Bridge:
     """What `batmon serve` runs for an external broker, over a test's core: the MQTT
     link, its door, the state and bank publishers and discovery, in the service's order."""
 
-    def __init__(self, core: Core, topics: Topics, endpoint: BrokerEndpoint, *, shared: bool = False,
-                 discovery: bool = True) -> None:  # fmt: skip
+    def __init__(self, core: Core, topics: Topics, endpoint: BrokerEndpoint, *,
+                 share_group: str | None = None, discovery: bool = True) -> None:  # fmt: skip
         self.link = MqttLink(endpoint, BrokerMode.EXTERNAL, topics, core.bus, homeassistant=discovery)
-        self.door = ExternalBrokerDoor(core, topics, self.link, shared=shared)
+        self.door = ExternalBrokerDoor(core, topics, self.link, share_group=share_group)
         self.link.take_updates(self.door.subscription, self.door.receive)
         publish = self.link.publish_retained
         banks = BankPublisher(core, topics, publish, discovery)

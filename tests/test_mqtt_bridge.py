@@ -381,7 +381,7 @@ def test_start_fails_at_once_when_the_broker_refuses_the_login(tmp_path: Path) -
 
 def test_shared_subscription_bridge_receives_readings(env: Env) -> None:
     batmon = env.add_batmon()
-    bridge = env.bridge(shared=True)
+    bridge = env.bridge(share_group="batmon")
     env.probe().publish(env.topics.update(batmon.id, batmon.token), b'{"voltage": 12.5}')
     env.wait_count(batmon, 1)
     assert bridge.stats["accepted"] == 1

@@ -39,12 +39,13 @@ class ExternalBrokerDoor:
     Everything here runs on the event loop, counters included.
     """
 
-    def __init__(self, core: Core, topics: Topics, link: MqttLink, *, shared: bool = False) -> None:
-        """``shared``: subscribe as a shared subscription (several bridges, one broker)."""
+    def __init__(self, core: Core, topics: Topics, link: MqttLink, *, share_group: str | None = None) -> None:
+        """``share_group``: subscribe through ``$share/<group>/...``, so each update goes to
+        one of the bridges (workers) in the group; None: a plain subscription (one bridge)."""
         self.core = core
         self.topics = topics
         self.link = link
-        self.shared = shared
+        self.share_group = share_group
         self.updates = UpdateDoor(core, topics, self._reply_error)
         self._inbox: asyncio.Queue[Inbound] = asyncio.Queue()
         # Updates submitted and not yet acknowledged, in arrival order: acks go out
@@ -57,7 +58,9 @@ class ExternalBrokerDoor:
     @property
     def subscription(self) -> str:
         """The filter the link subscribes to for us."""
-        return self.topics.shared_update_filter() if self.shared else self.topics.update_filter
+        if self.share_group is None:
+            return self.topics.update_filter
+        return self.topics.shared_update_filter(self.share_group)
 
     @property
     def stats(self) -> dict[str, int]:
