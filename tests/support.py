@@ -283,7 +283,8 @@ def payload_json(msg: mqtt.MQTTMessage) -> Any:
 class PrivateMosquitto:
     """A Mosquitto process of our own that keeps sessions on disk across restarts."""
 
-    def __init__(self, folder: Path, *, allow_anonymous: bool = True) -> None:
+    def __init__(self, folder: Path, *, allow_anonymous: bool = True, extra: str = "") -> None:
+        """``extra``: more configuration lines (queue and inflight limits, ...)."""
         self.port = free_port()
         self.folder = folder
         self.config = folder / "mosquitto.conf"
@@ -295,6 +296,7 @@ class PrivateMosquitto:
             # Started as root, Mosquitto would drop to user `mosquitto` and could not
             # write its database into our tmp folder.
             f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
+            + extra
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
