@@ -285,7 +285,7 @@ class Service:
                             BrokerMode.EXTERNAL, self.topics, core.bus,
                             homeassistant=opts.discovery)  # fmt: skip
             door = ExternalBrokerDoor(core, self.topics, link, share_group=opts.mqtt_share_group)
-            link.take_updates(door.subscription, door.receive)
+            link.take_updates(door.subscription, door.receive, stale=door.stale_subscription)
             retained = link.publish_retained
             doors: list[Extension] = [link, door]  # the door stops (acks) before the link goes
             self._bounds[door] = DRAIN_TIMEOUT_S

@@ -325,7 +325,8 @@ class Bridge:
                  share_group: str | None = None, discovery: bool = True) -> None:  # fmt: skip
         self.link = MqttLink(endpoint, BrokerMode.EXTERNAL, topics, core.bus, homeassistant=discovery)
         self.door = ExternalBrokerDoor(core, topics, self.link, share_group=share_group)
-        self.link.take_updates(self.door.subscription, self.door.receive)
+        self.link.take_updates(self.door.subscription, self.door.receive,
+                               stale=self.door.stale_subscription)
         publish = self.link.publish_retained
         banks = BankPublisher(core, topics, publish, discovery)
         self.parts: list[Extension] = [StatePublisher(core, topics, publish), banks]

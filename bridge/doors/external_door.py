@@ -64,6 +64,13 @@ class ExternalBrokerDoor:
         return self.topics.shared_update_filter(self.share_group)
 
     @property
+    def stale_subscription(self) -> str | None:
+        """In a group, the plain filter this client id's session may hold from when it ran
+        alone (the link drops it). Not the reverse: which group a session was in is unknown
+        (docs/SCALE-OUT.md says how to end such a session)."""
+        return self.topics.update_filter if self.share_group is not None else None
+
+    @property
     def stats(self) -> dict[str, int]:
         """The update door's counters plus what was dropped before reaching it."""
         counters = self.updates.stats
