@@ -17,7 +17,6 @@ import re
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import pytest
 
 from tests.support import Sink
 from tests.test_metrics import samples, value
+from tests.test_serve_end_to_end import wait_for
 from tests.workers import Workers, workers
 
 PERIOD = 6  # s: the silent batmons' update_period (a burst of readings takes well under it)
@@ -40,15 +40,6 @@ def OPTIONS(i: int) -> list[str]:
     return ["--notify-retry-s", "0.3", "--base-topic", f"batmon-w{i}"]
 
 LEADS = re.compile(r"^(\S+ \S+) .*offline watchdog: this worker leads", re.M)
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def post(url: str, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:
@@ -135,7 +126,7 @@ def test_twenty_silent_batmons_go_offline_once_each_and_another_worker_takes_the
                        for n in range(BATMONS)]  # fmt: skip
             names = [f"Silent {n:02d}" for n in range(BATMONS)]
             group.start(3)  # the others load the batmons the first made
-            wait_for(lambda: len(leader_since(group)) == 1, "one worker leading the watchdog")
+            wait_for(lambda: len(leader_since(group)) == 1, "one worker leading the watchdog", timeout=30)
 
             # First readings (no notice), through all three workers at once; then silence.
             within_period(send_everywhere(group, [(b, {"voltage": 12.5}) for b in batmons]))
@@ -149,7 +140,8 @@ def test_twenty_silent_batmons_go_offline_once_each_and_another_worker_takes_the
 
             # Nothing in flight (a notice a killed worker was sending waits for the outbox's
             # lease, not this test's business): kill -9 the leader, and time the takeover.
-            wait_for(lambda: set(outbox_states(group.database_url)) == {"sent"}, "every notice sent")
+            wait_for(lambda: set(outbox_states(group.database_url)) == {"sent"}, "every notice sent",
+                     timeout=30)  # fmt: skip
             [leader] = leader_since(group)
             killed_at = time.time()
             group.kill(leader, signal.SIGKILL)
@@ -205,7 +197,7 @@ def test_an_alarm_triggers_repeats_and_clears_once_across_three_workers(tmp_path
                     "voltage": voltage})  # fmt: skip
 
             send_everywhere(group, [(batmon, {"voltage": 14.5})])  # three workers race to trigger
-            wait_for(lambda: kinds_by_name(sink)[("Pack", "triggered")], "the triggered notice")
+            wait_for(lambda: kinds_by_name(sink)[("Pack", "triggered")], "the triggered notice", timeout=30)
             # Still high, a reading every 0.25 s round-robin, until two repeats were notified.
             deadline = time.monotonic() + 30
             while kinds_by_name(sink)[("Pack", "repeated")] < 2 and time.monotonic() < deadline:
@@ -215,7 +207,7 @@ def test_an_alarm_triggers_repeats_and_clears_once_across_three_workers(tmp_path
             for _ in range(6):
                 round_robin(12.1)
                 time.sleep(0.1)
-            wait_for(lambda: kinds_by_name(sink)[("Pack", "cleared")], "the cleared notice")
+            wait_for(lambda: kinds_by_name(sink)[("Pack", "cleared")], "the cleared notice", timeout=30)
             time.sleep(1.0)  # room for a duplicate to show
             once = Counter({("Pack", "triggered"): 1, ("Pack", "repeated"): 2, ("Pack", "cleared"): 1})
             assert kinds_by_name(sink) == once, kinds_by_name(sink)
