@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import rows_data, rows_delete, rows_http, rows_mqtt
+from benchmarks import rows_data, rows_delete, rows_http, rows_mqtt, rows_scale
 from benchmarks.report import Line, results_markdown, table
 from benchmarks.runner import Context
 
@@ -38,6 +38,8 @@ ROWS: dict[str, Callable[[Context], list[Line]]] = {
     "history-lag": rows_data.history_lag,
     "batmons-10k": rows_data.batmons_10k,
     "delete": rows_delete.delete,
+    "scale-ingest": rows_scale.scale_ingest,
+    "scale-http": rows_scale.scale_http,
 }
 
 # How each row is measured, for RESULTS.md (paragraphs; line breaks are joined).
