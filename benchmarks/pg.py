@@ -15,11 +15,12 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psycopg
 
 from benchmarks.mqtt_load import Counter
-from benchmarks.procs import BenchError, cpu_seconds
+from benchmarks.procs import CLOCK_TICKS, BenchError, cpu_seconds
 
 ADMIN_URL = os.environ.get("BATMON_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -149,6 +150,13 @@ class CpuMeter:
             if now is not None:
                 total += now - self._start.get(pid, 0.0)
         return total
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores of the machine spent busy since boot (everyone's), from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / CLOCK_TICKS
 
 
 def fixed(*pids: int) -> Callable[[], list[int]]:

@@ -22,7 +22,7 @@ FORMATS = {
     "s": lambda v: f"{v:,.2f} s",
     "MB": lambda v: f"{v:,.0f} MB",
     "µs": lambda v: f"{v:,.1f} µs" if v < 100 else f"{v:,.0f} µs",
-    "cores": lambda v: f"{v:,.1f} cores",
+    "cores": lambda v: f"{v:,.2f} cores",
 }
 
 

@@ -9,12 +9,13 @@ import functools
 import json
 import os
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from benchmarks.http_load import build_request, closed_loop
 from benchmarks.mqtt_load import Counter, DbCounter, Publishers, StreamCounter
-from benchmarks.pg import CpuMeter, PgCounter, ServerPids, fixed, run_database
+from benchmarks.pg import CpuMeter, PgCounter, ServerPids, fixed, machine_busy_seconds, run_database
 from benchmarks.procs import Mosquitto, Serve, Sink
 from benchmarks.report import Figure, Line
 from benchmarks.rows_mqtt import Ingest
@@ -42,6 +43,7 @@ class System:
     meters: dict[str, CpuMeter]
     rates: list[float] = field(default_factory=list)
     cpu_us: dict[str, list[float]] = field(default_factory=dict)  # per group, per run
+    machine_cores: list[float] = field(default_factory=list)  # the machine's busy cores, per run
 
     def prepare(self) -> None:
         self.ingest.prepare()
@@ -49,11 +51,17 @@ class System:
     def run(self) -> float:
         for meter in self.meters.values():
             meter.start()
+        busy, started = machine_busy_seconds(), time.monotonic()
         rate = self.ingest.run()
+        self.machine_cores.append((machine_busy_seconds() - busy) / (time.monotonic() - started))
         for group, meter in self.meters.items():
             self.cpu_us.setdefault(group, []).append(meter.stop() / self.ingest.size * 1e6)
         self.rates.append(rate)
         return rate
+
+    def cores(self) -> list[float]:
+        """Cores its processes kept busy during each run: rate x CPU per reading."""
+        return [r * us / 1e6 for r, us in zip(self.rates, self.total_us(shared=True), strict=True)]
 
     def total_us(self, shared: bool = False) -> list[float]:
         """CPU µs per reading of all its processes, per run (the server's shared ones too?)."""
@@ -176,6 +184,11 @@ def _ingest_lines(n: int, systems: list[System], load: str) -> list[Line]:
         but = " but the server's shared background" if SHARED_GROUP in system.cpu_us else ""
         lines.append(Line("scale-ingest", f"CPU per reading, {system.name}: all of its processes{but}",
                           Figure("sum", "µs", system.total_us())))  # fmt: skip
+    for system in systems:
+        lines.append(Line("scale-ingest", f"cores in use during the runs of {system.name}: its processes"
+                          " (rate x CPU per reading) against the whole machine's busy cores (everyone's)",
+                          Figure(f"{system.name}: its processes", "cores", system.cores()),
+                          Figure("whole machine, same runs (/proc/stat)", "cores", system.machine_cores)))
     rate = PROJECTED_BATMONS / PROJECTED_PERIOD_S
     for system in (sqlite, *pg.values()):
         cores = [us * rate / 1e6 for us in system.total_us()]
