@@ -26,8 +26,10 @@ SHARE_GROUP = "bench"
 # The paper projection: 100,000 batmons at one reading every 10 s.
 PROJECTED_BATMONS = 100_000
 PROJECTED_PERIOD_S = 10
-# CPU groups the projection leaves out: shared with every database of the server.
+# CPU groups the projection leaves out: shared with every database of the server...
 SHARED_GROUP = "PostgreSQL background processes (whole server, shared)"
+# ... and never part of a system's sum: the load generator, on the same 2 cores.
+LOAD_GROUP = "load generator: the mosquitto_pub publishers (not in the sums)"
 
 
 def load_average() -> str:
@@ -65,7 +67,7 @@ class System:
 
     def total_us(self, shared: bool = False) -> list[float]:
         """CPU µs per reading of all its processes, per run (the server's shared ones too?)."""
-        groups = [g for g in self.cpu_us if shared or g != SHARED_GROUP]
+        groups = [g for g in self.cpu_us if g != LOAD_GROUP and (shared or g != SHARED_GROUP)]
         return [sum(run) for run in zip(*(self.cpu_us[g] for g in groups), strict=True)]
 
 
@@ -96,10 +98,13 @@ def _broker(ctx: Context, stack: contextlib.ExitStack, name: str) -> Mosquitto:
     return broker.start()
 
 
-def _side(ctx: Context, stack: contextlib.ExitStack, publishers: Publishers, counter: Counter) -> Ingest:
+def _system(ctx: Context, stack: contextlib.ExitStack, name: str, publishers: Publishers, counter: Counter,
+            meters: dict[str, CpuMeter]) -> System:  # fmt: skip
+    """A system under this load, its publishers' CPU measured too (they share the cores)."""
     side = Ingest(ctx, publishers, counter)
     stack.callback(side.close)
-    return side
+    load = CpuMeter(fixed(*(proc.pid for proc in publishers.procs)))
+    return System(name, side, {**meters, LOAD_GROUP: load})
 
 
 def scale_ingest(ctx: Context) -> list[Line]:
@@ -120,9 +125,9 @@ def scale_ingest(ctx: Context) -> list[Line]:
         product = Product(serve.start())
         product.add_batmons(n)
         devices = product.devices(external=True)
-        side = _side(ctx, stack, Publishers(broker.port, devices), DbCounter(serve.db_path))
         meters = {"worker": CpuMeter(fixed(serve.pid)), "Mosquitto": CpuMeter(fixed(broker.pid))}
-        systems.append(System("1 worker on SQLite", side, meters))
+        systems.append(_system(ctx, stack, "1 worker on SQLite", Publishers(broker.port, devices),
+                               DbCounter(serve.db_path), meters))
 
         # The anchor: paho → psycopg, 500 rows per transaction, one process.
         broker = _broker(ctx, stack, "scale-pg-sink")
@@ -130,11 +135,11 @@ def scale_ingest(ctx: Context) -> list[Line]:
         sink = Sink("pg", broker.port, ctx.folder_for("scale-pg-sink") / "sink", db_url).start()
         stack.callback(sink.stop)
         assert sink.proc is not None
-        side = _side(ctx, stack, Publishers(broker.port, devices), StreamCounter(sink.proc, "report"))
         meters = {"sink": CpuMeter(fixed(sink.proc.pid)), "Mosquitto": CpuMeter(fixed(broker.pid)),
                   "PostgreSQL backends": CpuMeter(server.backends_of(db_url)),
                   SHARED_GROUP: CpuMeter(server.background)}  # fmt: skip
-        systems.append(System("PostgreSQL batched sink", side, meters))
+        systems.append(_system(ctx, stack, "PostgreSQL batched sink", Publishers(broker.port, devices),
+                               StreamCounter(sink.proc, "report"), meters))
 
         for workers in WORKERS:
             name = f"scale-pg{workers}"
@@ -148,7 +153,7 @@ def scale_ingest(ctx: Context) -> list[Line]:
                        SHARED_GROUP: CpuMeter(server.background)}  # fmt: skip
             label = f"{workers} worker{'s' if workers > 1 else ''} on PostgreSQL"
             publishers = Publishers(broker.port, product.devices(external=True))
-            systems.append(System(label, _side(ctx, stack, publishers, counter), meters))
+            systems.append(_system(ctx, stack, label, publishers, counter, meters))
 
         for system in systems:
             system.prepare()
@@ -182,11 +187,15 @@ def _ingest_lines(n: int, systems: list[System], load: str) -> list[Line]:
             lines.append(Line("scale-ingest", f"CPU per reading, {system.name}: {group}",
                               Figure(group, "µs", values)))  # fmt: skip
         but = " but the server's shared background" if SHARED_GROUP in system.cpu_us else ""
+        but += " (the load generator not counted)"
         lines.append(Line("scale-ingest", f"CPU per reading, {system.name}: all of its processes{but}",
                           Figure("sum", "µs", system.total_us())))  # fmt: skip
     for system in systems:
+        load_cores = statistics.median(r * us / 1e6 for r, us in zip(system.rates, system.cpu_us[LOAD_GROUP],
+                                                                      strict=True))  # fmt: skip
         lines.append(Line("scale-ingest", f"cores in use during the runs of {system.name}: its processes"
-                          " (rate x CPU per reading) against the whole machine's busy cores (everyone's)",
+                          " (rate x CPU per reading) against the whole machine's busy cores (everyone's;"
+                          f" the load generator's share: {load_cores:.2f} cores)",
                           Figure(f"{system.name}: its processes", "cores", system.cores()),
                           Figure("whole machine, same runs (/proc/stat)", "cores", system.machine_cores)))
     rate = PROJECTED_BATMONS / PROJECTED_PERIOD_S
