@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 
 from benchmarks.http_load import build_request, closed_loop
 from benchmarks.mqtt_load import Counter, DbCounter, Publishers, StreamCounter
-from benchmarks.pg import CpuMeter, PgCounter, ServerPids, fixed, machine_busy_seconds, run_database
+from benchmarks.pg import (
+    CpuMeter,
+    PgCounter,
+    ServerPids,
+    fixed,
+    machine_busy_seconds,
+    run_database,
+    thread_seconds,
+)
 from benchmarks.procs import Mosquitto, Serve, Sink
 from benchmarks.report import Figure, Line
 from benchmarks.rows_mqtt import Ingest
@@ -103,7 +111,7 @@ def _system(ctx: Context, stack: contextlib.ExitStack, name: str, publishers: Pu
     """A system under this load, its publishers' CPU measured too (they share the cores)."""
     side = Ingest(ctx, publishers, counter)
     stack.callback(side.close)
-    load = CpuMeter(fixed(*(proc.pid for proc in publishers.procs)))
+    load = CpuMeter(fixed(*(proc.pid for proc in publishers.procs)), thread_seconds)
     return System(name, side, {**meters, LOAD_GROUP: load})
 
 
