@@ -4,7 +4,7 @@ Starts what each row needs (`batmon serve` in both modes, private Mosquittos, a 
 amqtt broker, the minimal Starlette app, the SQLite sinks), alternates product and anchor
 runs, and prints a table of medians and ratios; a full run writes benchmarks/RESULTS.md.
 
-    python -m benchmarks                      # every row, ~6-9 minutes on 2 cores
+    python -m benchmarks                      # every row, ~8-11 minutes on 2 cores
     python -m benchmarks --quick              # every row, small sizes: a smoke run
     python -m benchmarks --only http-status   # some rows (comma-separated or repeated)
 """
