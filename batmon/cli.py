@@ -259,7 +259,7 @@ async def run_serve(options: ServeOptions) -> None:
     try:
         await service.start()
     except ServiceError as exc:
-        fail(f"batmon serve: {exc}")
+        fail(f"batmon serve: {exc}", code=exc.code)
     broker = "embedded broker" if service.broker is not None else "external broker"
     print(f"HTTP  {service.http_url}", flush=True)
     scheme = "mqtts" if options.mqtt_url and options.mqtt_url.strip().lower().startswith("mqtts") else "mqtt"

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 MAX_BACKLOG = 10_000
 YIELD_EVERY = 4  # updates submitted between yields to the event loop
 STOP_DRAIN_S = 10.0  # how long a stop waits for submitted updates to commit and be acked
-COUNTERS = ("dropped_backlog", "dropped_retained", "storage_reconnects")
+# "redelivered": updates that came with DUP set (the broker resending one we had not acked).
+COUNTERS = ("dropped_backlog", "dropped_retained", "storage_reconnects", "redelivered")
 
 
 class ExternalBrokerDoor:
@@ -61,6 +62,13 @@ class ExternalBrokerDoor:
         if self.share_group is None:
             return self.topics.update_filter
         return self.topics.shared_update_filter(self.share_group)
+
+    @property
+    def stale_subscription(self) -> str | None:
+        """In a group, the plain filter this client id's session may hold from when it ran
+        alone (the link drops it). Not the reverse: which group a session was in is unknown
+        (docs/SCALE-OUT.md says how to end such a session)."""
+        return self.topics.update_filter if self.share_group is not None else None
 
     @property
     def stats(self) -> dict[str, int]:
@@ -97,6 +105,8 @@ class ExternalBrokerDoor:
 
     def receive(self, message: Inbound) -> None:
         """From the link, on the loop: queue an update, or drop (and ack) one that is none."""
+        if message.dup:
+            self._counters["redelivered"] += 1
         if message.topic is None:
             self._counters["received_dropped"] += 1
             self.updates.counters["dropped_bad_topic"] += 1
