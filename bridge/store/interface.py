@@ -18,6 +18,7 @@ handle on the same database for another thread (the writer's, the pruner's).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 # (batmon_id, ts, voltage, current, power, soc, details, charged_kwh, discharged_kwh);
@@ -150,6 +151,54 @@ class NoticeOutbox(Protocol):
 
     def prune(self, before: float) -> int:
         """Delete finished notices created before ``before``; queued ones stay."""
+        ...
+
+
+@dataclass(frozen=True)
+class CredentialRows:
+    """Every credential at one moment: what a running server replaces its memory with."""
+
+    version: int
+    users: list[dict[str, Any]]
+    """id, email, api_key_hash of every user."""
+    tokens: list[dict[str, Any]]
+    """user_id, secret_hash of every MQTT token."""
+
+
+class CredentialReads(Protocol):
+    """The change counter and the credentials it counts: what a running server polls.
+
+    The counter moves on every change of a user (added, key or email changed, removed)
+    and of an MQTT token, whichever process makes it (`batmon user ...` beside serve).
+    """
+
+    def version(self) -> int:
+        """The change counter (it only grows)."""
+        ...
+
+    def load(self) -> CredentialRows:
+        """Version, users and tokens, consistent with each other (one read transaction)."""
+        ...
+
+
+class Credentials(CredentialReads, Protocol):
+    """Api key resets and users' MQTT tokens (Home Assistant). Secrets are never stored,
+    only their SHA-256 (bridge/security.py); each method is one transaction."""
+
+    def set_api_key_hash(self, user_id: int, api_key_hash: str) -> None:
+        """Replace a user's api key (the old one stops matching anything)."""
+        ...
+
+    def add_token(self, user_id: int, name: str, secret_hash: str, created: float) -> bool:
+        """Insert a token; False (nothing written) if the user has one of that name."""
+        ...
+
+    def tokens_of(self, user_id: int) -> list[dict[str, Any]]:
+        """The user's tokens (name, created), oldest first; never their hashes."""
+        ...
+
+    def revoke_token(self, user_id: int, name: str) -> bool:
+        """Delete the user's token of that name; False if there is none."""
         ...
 
 
@@ -301,6 +350,12 @@ class Store(ReadingSink, Protocol):
 
     def delete_bank(self, bank_id: int) -> None:
         """Delete a bank (not its batmons); its id is never handed out again."""
+        ...
+
+    # -- credentials ------------------------------------------------------------
+    @property
+    def credentials(self) -> Credentials:
+        """Api keys, MQTT tokens and their change counter, on this handle."""
         ...
 
     # -- notices ----------------------------------------------------------------
