@@ -388,6 +388,10 @@ class SqliteStore:
         """The notice outbox on this connection."""
         return Outbox(self)
 
+    def shared(self) -> None:
+        """One process owns the file (serve.lock): its memory decides each change."""
+        return None
+
     @property
     def credentials(self) -> SqliteCredentials:
         """Api keys, MQTT tokens and their change counter on this connection."""
