@@ -464,6 +464,36 @@ def test_an_alarm_keeps_its_clear_value(store: Store, batmon: int) -> None:
     assert {a["id"]: a["clear_value"] for a in store.alarms()} == {77: 35.0, 78: None}
 
 
+def add_bank_alarm(store: Store, bank_id: int, alarm_id: int) -> int:
+    store.add_alarm({"id": alarm_id, "bank_id": bank_id, "name": "Bank low", "metric": "soc",
+                     "condition": "<", "threshold": 30.0, "clear_value": 35.0, "repeat_delay": 300,
+                     "enabled": True, "update_time": T0})  # fmt: skip
+    return alarm_id
+
+
+def test_an_alarm_may_be_on_a_bank_and_goes_with_it(store: Store, batmon: int) -> None:
+    """Bank alarms (docs/BANKS.md): kept with their state like a batmon's, removed and
+    retired with their bank, and left alone when a member batmon is deleted."""
+    user = batmon_row(store, batmon)["user_id"]  # type: ignore[index]
+    store.add_bank(500, user, "House", T0, [batmon])
+    store.add_bank(501, user, "Shed", T0 + 1, [batmon])
+    add_bank_alarm(store, 500, 91)
+    add_bank_alarm(store, 501, 92)
+    add_alarm(store, batmon, 93)
+    store.update_alarm(91, {"triggered": True, "trigger_time": T0 + 1, "last_notice": T0 + 1, "akn": T0 + 2})
+    by_id = {a["id"]: a for a in store.alarms()}
+    assert (by_id[91]["bank_id"], by_id[91]["batmon_id"], bool(by_id[91]["triggered"]), by_id[91]["akn"],
+            by_id[91]["clear_value"]) == (500, None, True, T0 + 2, 35.0)  # fmt: skip
+    assert (by_id[93]["bank_id"], by_id[93]["batmon_id"]) == (None, batmon)
+    store.delete_bank(500)
+    assert {a["id"] for a in store.alarms()} == {92, 93}
+    assert {500, 91} <= store.retired_ids()
+    with pytest.raises(Conflict):
+        add_bank_alarm(store, 501, 91)
+    store.delete_batmon(batmon)  # the bank keeps its alarm, members or not
+    assert {a["id"] for a in store.alarms()} == {92}
+
+
 # -- the notice outbox --------------------------------------------------------------------------
 def notice(batmon_id: int, channel: str, created: float, state: str = "queued") -> dict[str, Any]:
     return {"user_id": 1, "batmon_id": batmon_id, "channel": channel, "kind": "triggered",

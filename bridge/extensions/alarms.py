@@ -1,20 +1,34 @@
 """Threshold alarms: evaluated on every current reading, whichever door it came in by.
 
+A batmon's alarms look at the reading; a bank's (docs/BANKS.md) at the bank's values
+after a member's reading or status change, under the same rules (:meth:`AlarmEvaluator.apply`).
 The evaluator only decides and records alarm state; who is told (and how) is the
-notifier's business, so it reacts to the ``AlarmChanged`` events emitted here.
+notifier's business, so it reacts to the ``AlarmChanged`` / ``BankAlarmChanged`` events
+emitted here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import operator
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from bridge.battery_values import reading_values
-from bridge.events import NO_SUBSCRIPTION, AlarmChanged, ReadingAccepted, Subscription
+from bridge.events import (
+    NO_SUBSCRIPTION,
+    AlarmChanged,
+    BankAlarmChanged,
+    ReadingAccepted,
+    StatusChanged,
+    Subscription,
+)
 
 if TYPE_CHECKING:
+    from bridge.banks import Bank
     from bridge.core import Alarm, Batmon, Core
+
+Change = Literal["triggered", "repeated", "cleared"]
 
 # The one map from an alarm_condition to its comparison (models.AlarmCondition).
 CONDITIONS: dict[str, Callable[[float, float], bool]] = {
@@ -54,10 +68,15 @@ class AlarmEvaluator:
     def __init__(self, core: Core) -> None:
         self.core = core
         self._subscription: Subscription = NO_SUBSCRIPTION
+        self._banks_due: set[int] = set()  # banks whose alarms look at their values soon
 
     async def start(self) -> None:
-        """Evaluate alarms on every accepted reading from now on."""
-        self._subscription = self.core.bus.subscribe_all({ReadingAccepted: self.on_reading})
+        """Evaluate alarms on every accepted reading, and bank alarms on their members'
+        status changes too, from now on."""
+        self._subscription = self.core.bus.subscribe_all({
+            ReadingAccepted: self.on_reading,
+            StatusChanged: lambda e: self.banks_soon(e.batmon.id),
+        })  # fmt: skip
 
     async def stop(self) -> None:
         """Stop evaluating."""
@@ -68,7 +87,10 @@ class AlarmEvaluator:
 
         A back-filled older reading says nothing about now, so it is not evaluated.
         """
-        if not event.current or not event.batmon.alarms:
+        if not event.current:
+            return
+        self.banks_soon(event.batmon.id)
+        if not event.batmon.alarms:
             return
         values = reading_values(event.values)
         for alarm in list(event.batmon.alarms.values()):
@@ -78,10 +100,54 @@ class AlarmEvaluator:
                 self.evaluate(event.batmon, alarm, float(value), None if index is None else int(index))
 
     def evaluate(self, batmon: Batmon, alarm: Alarm, value: float, cell: int | None = None) -> None:
-        """Apply one value to one alarm: trigger, repeat, clear or leave as it is."""
+        """Apply one value to one of the batmon's alarms; announce a change."""
+        change = self.apply(alarm, value)
+        if change is not None:
+            self.core.bus.emit(AlarmChanged(batmon, alarm, change[0], value, change[1], cell))
+
+    # -- banks ---------------------------------------------------------------------------
+    def banks_soon(self, batmon_id: int) -> None:
+        """A member changed: evaluate its banks' alarms once the events of this turn of the
+        loop are out (a batch of readings and the status change it brings look once)."""
+        due = {b.id for b in self.core.banks.containing(batmon_id) if b.alarms}
+        if not due:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # tools and tests without a loop: at once
+            self._banks_due |= due
+            self.evaluate_banks()
+            return
+        if not self._banks_due:
+            loop.call_soon(self.evaluate_banks)
+        self._banks_due |= due
+
+    def evaluate_banks(self) -> None:
+        """Apply each due bank's values to its enabled alarms. A value the bank does not
+        have now (no member Online) says nothing, so it leaves the alarm as it is."""
+        due, self._banks_due = self._banks_due, set()
+        for bank_id in due:
+            bank = self.core.banks.get(bank_id)
+            if bank is None:
+                continue  # deleted meanwhile
+            values = self.core.banks.status(bank)
+            for alarm in list(bank.alarms.values()):
+                value = values.get(f"bank_{alarm.metric}")
+                if alarm.enabled and value is not None:
+                    self.evaluate_bank(bank, alarm, float(value))
+
+    def evaluate_bank(self, bank: Bank, alarm: Alarm, value: float) -> None:
+        """Apply one value to one of the bank's alarms; announce a change."""
+        change = self.apply(alarm, value)
+        if change is not None:
+            self.core.bus.emit(BankAlarmChanged(bank, alarm, change[0], value, change[1]))
+
+    # -- the rules, for either -----------------------------------------------------------
+    def apply(self, alarm: Alarm, value: float) -> tuple[Change, float] | None:
+        """Trigger, repeat, clear or leave as it is; record a change and say which (and when)."""
         now = self.core.clock()
         holds = stays_triggered(alarm, value) if alarm.triggered else condition_holds(alarm, value)
-        kind: Literal["triggered", "repeated", "cleared"]
+        kind: Change
         changes: dict[str, Any]
         if holds and not alarm.triggered:
             kind = "triggered"
@@ -93,9 +159,9 @@ class AlarmEvaluator:
             kind = "cleared"
             changes = {"triggered": False, "last_notice": now}
         else:
-            return
+            return None
         self.core.update_alarm_state(alarm, changes)
-        self.core.bus.emit(AlarmChanged(batmon, alarm, kind, value, now, cell))
+        return kind, now
 
     @staticmethod
     def _repeat_due(alarm: Alarm, now: float) -> bool:

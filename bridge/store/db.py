@@ -51,7 +51,7 @@ ALARM_COLUMNS = frozenset(
         "trigger_time", "akn", "last_notice", "update_time", "clear_value",
     }
 )  # fmt: skip
-ALARM_INSERT_COLUMNS = ALARM_COLUMNS | {"id", "batmon_id"}
+ALARM_INSERT_COLUMNS = ALARM_COLUMNS | {"id", "batmon_id", "bank_id"}  # one of the two is None
 USER_TARGET_COLUMNS = frozenset({"email_url", "whatsapp_url", "sms_url"})
 
 PROBE_BYTES = 256 * 1024

@@ -232,10 +232,11 @@ class MemoryStore:
 
     # -- alarms ------------------------------------------------------------------------
     def add_alarm(self, row: dict[str, Any]) -> None:
-        _checked(row, ALARM_COLUMNS | {"id", "batmon_id"})
+        _checked(row, ALARM_COLUMNS | {"id", "batmon_id", "bank_id"})
         with self._data.lock:
             self._claim_id(row["id"], self._data.alarms)
-            self._data.alarms[row["id"]] = {**ALARM_DEFAULTS, **row}
+            # on one batmon or one bank: the other is None (SQLite's CHECK)
+            self._data.alarms[row["id"]] = {"batmon_id": None, "bank_id": None, **ALARM_DEFAULTS, **row}
 
     def alarms(self) -> list[dict[str, Any]]:
         with self._data.lock:
@@ -276,9 +277,13 @@ class MemoryStore:
                 self._data.banks[bank_id]["batmon_ids"] = list(batmon_ids)
 
     def delete_bank(self, bank_id: int) -> None:
-        with self._data.lock:
-            self._data.retired.add(bank_id)
-            self._data.banks.pop(bank_id, None)
+        d = self._data
+        with d.lock:
+            alarm_ids = [i for i, a in d.alarms.items() if a["bank_id"] == bank_id]
+            d.retired.update([bank_id, *alarm_ids])
+            for alarm_id in alarm_ids:
+                del d.alarms[alarm_id]
+            d.banks.pop(bank_id, None)
 
     # -- notices -----------------------------------------------------------------------
     @property

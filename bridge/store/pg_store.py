@@ -487,9 +487,11 @@ class PostgresStore:
 
     @translated
     def delete_bank(self, bank_id: int) -> None:
-        """Delete a bank (not its batmons); its id is retired."""
+        """Delete a bank (not its batmons) with its alarms; their ids are retired."""
         with self._transaction() as conn:
-            conn.execute("INSERT INTO retired_ids (id) VALUES (%s) ON CONFLICT DO NOTHING", (bank_id,))
+            conn.execute("INSERT INTO retired_ids (id) SELECT %s UNION SELECT id FROM alarms"
+                         " WHERE bank_id = %s ON CONFLICT DO NOTHING", (bank_id, bank_id))  # fmt: skip
+            conn.execute("DELETE FROM alarms WHERE bank_id = %s", (bank_id,))
             conn.execute("DELETE FROM bank_members WHERE bank_id = %s", (bank_id,))
             conn.execute("DELETE FROM banks WHERE id = %s", (bank_id,))
 
