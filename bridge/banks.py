@@ -172,6 +172,11 @@ class Banks:
         owner = bank.user_id if bank is not None else self._deleted_owners.get(bank_id)
         return owner == user_id
 
+    def known_to(self, user_id: int) -> bool:
+        """True when the user has a bank, or had one deleted during this run."""
+        return (any(b.user_id == user_id for b in self._banks.values())
+                or user_id in self._deleted_owners.values())  # fmt: skip
+
     def status(self, bank: Bank) -> dict[str, Any]:
         """The bank object now (its retained MQTT state)."""
         return aggregate(bank, self.core.batmons, self.core.clock())

@@ -443,8 +443,14 @@ def check_bank_alarm_metric(metric: str) -> None:
 
 
 def _one_subject_schema(schema: dict[str, Any]) -> None:
-    """The document says what the validator below says: batmon_id or bank_id, not both."""
-    schema["oneOf"] = [{"required": ["batmon_id"]}, {"required": ["bank_id"]}]
+    """The document says what the validator below says: batmon_id or bank_id, not both;
+    with bank_id, no batmon_token and a metric the bank has."""
+    schema["oneOf"] = [
+        {"required": ["batmon_id"], "not": {"required": ["bank_id"]}},
+        {"required": ["bank_id"],
+         "not": {"anyOf": [{"required": ["batmon_id"]}, {"required": ["batmon_token"]}]},
+         "properties": {"alarm_metric": {"enum": list(BANK_ALARM_METRICS)}}},
+    ]  # fmt: skip
 
 
 class AddAlarm(InputModel):

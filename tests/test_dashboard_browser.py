@@ -670,6 +670,25 @@ def test_a_bank_made_on_the_list_page_shows_its_weighted_soc_and_offline_member(
             )
             assert page.evaluate("window.__notReloaded === true"), "the page was reloaded"
 
+        with step("the list's bank entry follows a member's reading and a bank alarm live"):
+            page.goto("/")
+            page.locator('#live-state[data-state="open"]').wait_for()
+            entry = page.locator(f'#banks li[data-bank-id="{bank_id}"]')
+            assert entry.locator('[data-bank-value="bank_soc"]').inner_text() == "30%"
+            assert entry.locator(".status").inner_text() == "Online"
+            site.call("/interface/batmon/alarm/add", bank_id=bank_id, alarm_name="Bank low",
+                      alarm_metric="soc", alarm_condition="<", alarm_threshold_value=25)  # fmt: skip
+            page.evaluate("window.__notReloaded = true")
+            site.publish("Pack A", {"soc": 80})  # (80x100 + 20x200) / 300 = 40
+            page.wait_for_function(f"""() => document.querySelector(
+                '#banks li[data-bank-id="{bank_id}"] [data-bank-value="bank_soc"]').textContent === "40%" """,
+                timeout=5000)  # fmt: skip
+            assert entry.locator(".alarm-chip").count() == 0
+            site.publish("Pack A", {"soc": 5})  # (5x100 + 20x200) / 300 = 15: the alarm triggers
+            entry.locator(".alarm-chip", has_text="Bank low").wait_for(timeout=5000)
+            assert entry.locator('[data-bank-value="bank_soc"]').inner_text() == "15%"
+            assert page.evaluate("window.__notReloaded === true"), "the page was reloaded"
+
         with step("the list links to the bank"):
             page.goto("/")
             page.locator(f'#banks li[data-bank-id="{bank_id}"] a.bank-name', has_text="Boat bank").click()

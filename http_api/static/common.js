@@ -181,6 +181,11 @@ const Batmon = (() => {
     source.addEventListener("snapshot", (e) => handlers.snapshot(JSON.parse(e.data)));
     source.addEventListener("batmon", (e) => handlers.batmon(JSON.parse(e.data)));
     source.addEventListener("deleted", (e) => handlers.deleted(JSON.parse(e.data)));
+    // Banks: a page that shows them says so with these handlers (the server sends "banks"
+    // after a snapshot, "bank" when a bank's values, members or alarms changed).
+    for (const name of ["banks", "bank", "bank_deleted"]) {
+      if (handlers[name]) source.addEventListener(name, (e) => handlers[name](JSON.parse(e.data)));
+    }
     window.addEventListener("pagehide", () => source.close());
     return source;
   }
