@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from sqlite_utils import Database
 
 from bridge.datadir import prepare_data_dir, private_database
 from bridge.errors import Conflict, StorageFailed
-from bridge.store import retention
+from bridge.store import energy_guard, retention
 from bridge.store.banks import BankStore
 from bridge.store.history import HistoryReader
 from bridge.store.interface import CurrentUpdate, ReadingRow
@@ -155,8 +156,8 @@ class SqliteStore:
         """Append ``rows`` and apply ``updates`` in one transaction."""
         with self._transaction() as conn:
             conn.executemany(INSERT_READING, rows)
-            for batmon_id, changes in updates:
-                self._update_batmon(conn, batmon_id, changes)
+            energy_guard.apply(updates, functools.partial(self._update_batmon, conn),
+                               functools.partial(_state, conn))  # fmt: skip
 
     @translated
     def probe(self) -> None:
@@ -274,14 +275,16 @@ class SqliteStore:
                 self._update_batmon(conn, batmon_id, changes)
 
     @staticmethod
-    def _update_batmon(conn: sqlite3.Connection, batmon_id: int, changes: dict[str, Any]) -> None:
+    def _update_batmon(conn: sqlite3.Connection, batmon_id: int, changes: dict[str, Any],
+                       base: Any = energy_guard.UNGUARDED) -> int:  # fmt: skip
         check_columns(changes, BATMON_COLUMNS)
+        if energy_guard.guarded(base):  # only while nobody else moved it on (energy_guard.py)
+            return _update(conn, "batmons", batmon_id, changes, guard=("last_reading IS ?", base))
         if "last_reading" in changes and changes["last_reading"] is not None:
             # An older reading never replaces the latest, whoever planned it.
-            _update(conn, "batmons", batmon_id, changes,
-                    guard=("last_reading IS NULL OR last_reading <= ?", changes["last_reading"]))  # fmt: skip
-        else:
-            _update(conn, "batmons", batmon_id, changes)
+            guard = ("last_reading IS NULL OR last_reading <= ?", changes["last_reading"])
+            return _update(conn, "batmons", batmon_id, changes, guard=guard)
+        return _update(conn, "batmons", batmon_id, changes)
 
     @translated
     def delete_batmon(self, batmon_id: int) -> None:
@@ -409,12 +412,20 @@ Store = SqliteStore  # the name callers of the SQLite store used before the inte
 
 
 def _update(conn: sqlite3.Connection, table: str, key: int, changes: dict[str, Any],
-            guard: tuple[str, Any] | None = None) -> None:  # fmt: skip
-    """UPDATE one row by id; the column names were checked by the caller (never input)."""
+            guard: tuple[str, Any] | None = None) -> int:  # fmt: skip
+    """UPDATE one row by id; the column names were checked by the caller (never input).
+    Returns how many rows changed."""
     assignments = ", ".join(f"{column} = ?" for column in changes)
     where, params = ("", ()) if guard is None else (f" AND ({guard[0]})", (guard[1],))
-    conn.execute(f"UPDATE {table} SET {assignments} WHERE id = ?{where}",
-                 (*changes.values(), key, *params))  # fmt: skip
+    return conn.execute(f"UPDATE {table} SET {assignments} WHERE id = ?{where}",
+                        (*changes.values(), key, *params)).rowcount  # fmt: skip
+
+
+def _state(conn: sqlite3.Connection, batmon_id: int) -> dict[str, Any] | None:
+    """A batmon's energy_guard.STATE_COLUMNS, or None once it is gone."""
+    columns = ", ".join(energy_guard.STATE_COLUMNS)
+    found = conn.execute(f"SELECT {columns} FROM batmons WHERE id = ?", (batmon_id,)).fetchone()
+    return None if found is None else dict(zip(energy_guard.STATE_COLUMNS, found, strict=True))
 
 
 def _insert_unretired(conn: sqlite3.Connection, table: str, row: dict[str, Any]) -> None:

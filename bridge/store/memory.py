@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.errors import Conflict
+from bridge.store import energy_guard
 from bridge.store.interface import ENERGY, METRICS, CurrentUpdate, ReadingRow, Render, Row
 
 HOUR = 3600
@@ -93,10 +94,16 @@ class MemoryStore:
     # -- readings ---------------------------------------------------------------------
     def write(self, rows: Sequence[ReadingRow], updates: Sequence[CurrentUpdate]) -> None:
         """Append ``rows`` and apply ``updates`` at once, or change nothing."""
-        for _, changes in updates:
-            _checked(changes, BATMON_COLUMNS)  # before anything changes: all or nothing
+        split = [(batmon_id, *energy_guard.split(changes)) for batmon_id, changes in updates]
+        for _, columns, _base in split:
+            _checked(columns, BATMON_COLUMNS)  # before anything changes: all or nothing
         d = self._data
         with d.lock:
+            stale = {i: {k: row[k] for k in energy_guard.STATE_COLUMNS} for i, _, base in split
+                     if (row := d.batmons.get(i)) is not None
+                     and not energy_guard.holds(row["last_reading"], base)}  # fmt: skip
+            if stale:  # planned from a state another writer moved on (energy_guard.py)
+                raise energy_guard.StaleState(stale)
             for batmon_id, ts, *values in rows:
                 history = d.readings.setdefault(batmon_id, [])
                 at = bisect.bisect_left(history, (ts,))
@@ -104,8 +111,8 @@ class MemoryStore:
                 if any(list(r[2:7]) == values[:5] for r in same_ts):
                     continue  # a redelivery of a stored reading (its measured values)
                 history.insert(at + len(same_ts), (ts, d.take("seq"), *values))  # type: ignore[arg-type]
-            for batmon_id, changes in updates:
-                self._update_batmon(batmon_id, changes)
+            for batmon_id, columns, base in split:
+                self._update_batmon(batmon_id, columns, guarded=energy_guard.guarded(base))
 
     def probe(self) -> None:
         """Memory takes every write."""
@@ -190,12 +197,12 @@ class MemoryStore:
         with self._data.lock:
             self._update_batmon(batmon_id, changes)
 
-    def _update_batmon(self, batmon_id: int, changes: dict[str, Any]) -> None:
+    def _update_batmon(self, batmon_id: int, changes: dict[str, Any], guarded: bool = False) -> None:
         row = self._data.batmons.get(batmon_id)
         if row is None:
             return
         new = changes.get("last_reading")
-        if new is not None and row["last_reading"] is not None and row["last_reading"] > new:
+        if not guarded and new is not None and row["last_reading"] is not None and row["last_reading"] > new:
             return  # an older reading never replaces the latest
         row.update(changes)
 

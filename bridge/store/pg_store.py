@@ -27,6 +27,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from bridge.errors import Conflict, StorageFailed
+from bridge.store import energy_guard
 from bridge.store.db import (
     ALARM_COLUMNS,
     ALARM_INSERT_COLUMNS,
@@ -242,7 +243,7 @@ class PostgresStore:
     def write(self, rows: Sequence[ReadingRow], updates: Sequence[CurrentUpdate]) -> None:
         """Append ``rows`` and apply ``updates`` in one transaction."""
         for _, changes in updates:
-            check_columns(changes, BATMON_COLUMNS)
+            check_columns(energy_guard.split(changes)[0], BATMON_COLUMNS)
         rows = list(rows)
         for attempt in (1, 2):
             self._ensure_partitions(row[1] for row in rows)
@@ -257,8 +258,9 @@ class PostgresStore:
                         self._insert_rows(conn, rows)
                     # Row locks in one order (by batmon), so two workers never deadlock;
                     # the sort is stable, so one batmon's updates keep their order.
-                    for batmon_id, changes in sorted(updates, key=lambda u: u[0]):
-                        self._update_batmon(conn, batmon_id, changes)
+                    energy_guard.apply(sorted(updates, key=lambda u: u[0]),
+                                       functools.partial(self._update_batmon, conn),
+                                       functools.partial(_state, conn))  # fmt: skip
                 return
             except psycopg.errors.CheckViolation as exc:
                 # Retention (maybe another worker's) dropped a month we knew: make it again.
@@ -372,14 +374,17 @@ class PostgresStore:
                 self._update_batmon(conn, batmon_id, changes)
 
     @staticmethod
-    def _update_batmon(conn: psycopg.Connection[Any], batmon_id: int, changes: dict[str, Any]) -> None:
+    def _update_batmon(conn: psycopg.Connection[Any], batmon_id: int, changes: dict[str, Any],
+                       base: Any = energy_guard.UNGUARDED) -> int:  # fmt: skip
         check_columns(changes, BATMON_COLUMNS)
+        if energy_guard.guarded(base):  # only while no other worker moved it on (energy_guard.py)
+            return _update(conn, "batmons", batmon_id, changes,
+                           guard=("last_reading IS NOT DISTINCT FROM %s", base))  # fmt: skip
         if "last_reading" in changes and changes["last_reading"] is not None:
             # An older reading never replaces the latest, whichever worker commits last.
             guard = ("last_reading IS NULL OR last_reading <= %s", changes["last_reading"])
-            _update(conn, "batmons", batmon_id, changes, guard=guard)
-        else:
-            _update(conn, "batmons", batmon_id, changes)
+            return _update(conn, "batmons", batmon_id, changes, guard=guard)
+        return _update(conn, "batmons", batmon_id, changes)
 
     @translated
     def delete_batmon(self, batmon_id: int) -> None:
@@ -581,12 +586,20 @@ class PostgresStore:
 
 
 def _update(conn: psycopg.Connection[Any], table: str, key: int, changes: dict[str, Any],
-            guard: tuple[str, Any] | None = None) -> None:  # fmt: skip
-    """UPDATE one row by id; the column names were checked by the caller (never input)."""
+            guard: tuple[str, Any] | None = None) -> int:  # fmt: skip
+    """UPDATE one row by id; the column names were checked by the caller (never input).
+    Returns how many rows changed."""
     assignments = ", ".join(f"{column} = %s" for column in changes)
     where, params = ("", ()) if guard is None else (f" AND ({guard[0]})", (guard[1],))
-    conn.execute(f"UPDATE {table} SET {assignments} WHERE id = %s{where}".encode(),
-                 (*(_plain(v) for v in changes.values()), key, *params))  # fmt: skip
+    return conn.execute(f"UPDATE {table} SET {assignments} WHERE id = %s{where}".encode(),
+                        (*(_plain(v) for v in changes.values()), key, *params)).rowcount  # fmt: skip
+
+
+def _state(conn: psycopg.Connection[Any], batmon_id: int) -> dict[str, Any] | None:
+    """A batmon's energy_guard.STATE_COLUMNS, or None once it is gone."""
+    columns = ", ".join(energy_guard.STATE_COLUMNS)
+    found = conn.execute(f"SELECT {columns} FROM batmons WHERE id = %s".encode(), (batmon_id,)).fetchone()
+    return None if found is None else dict(zip(energy_guard.STATE_COLUMNS, found, strict=True))
 
 
 def _insert_unretired(conn: psycopg.Connection[Any], table: str, row: dict[str, Any]) -> None:
