@@ -24,7 +24,8 @@ from bridge.models import describe_error
 
 ENV_PREFIX = "BATMON_"
 SERVE_OPTIONS = ("data_dir", "host", "http_port", "mqtt_port", "mqtt_url", "database_url", "broker_config",
-                 "base_topic", "discovery_prefix", "discovery", "notify_retry_s",
+                 "mqtt_share_group", "mqtt_client_id", "base_topic", "discovery_prefix", "discovery",
+                 "notify_retry_s",
                  "notify_give_up_s", "metrics", "metrics_token", "metrics_per_batmon",
                  "retention_days", "http_max_connections", "mqtt_tls_port", "tls_cert", "tls_key",
                  "tls_client_ca", "http_tls_cert", "http_tls_key", "mqtt_ca", "mqtt_client_cert",
@@ -48,6 +49,10 @@ def build_parser() -> Parser:
     serve.add_argument("--http-port", help="HTTP port, 0 picks a free one (default 8080)")
     serve.add_argument("--mqtt-port", help="embedded broker port, 0 picks one, off: TLS only (default 1883)")
     serve.add_argument("--mqtt-url", help="use this broker, e.g. mqtt://user:pass@host:1883")
+    serve.add_argument("--mqtt-share-group", help="with --mqtt-url: take updates through"
+                       " $share/NAME/..., one part each for N workers (default: a plain subscription)")
+    serve.add_argument("--mqtt-client-id", help="with --mqtt-url: this worker's MQTT client id, the same"
+                       " across its restarts (default batmon-bridge-<base topic>)")
     serve.add_argument("--database-url", help="PostgreSQL instead of the SQLite file, e.g."
                        " postgresql://user@host:5432/batmon (or BATMON_DATABASE_URL)")
     serve.add_argument("--broker-config",
@@ -254,7 +259,7 @@ async def run_serve(options: ServeOptions) -> None:
     try:
         await service.start()
     except ServiceError as exc:
-        fail(f"batmon serve: {exc}")
+        fail(f"batmon serve: {exc}", code=exc.code)
     broker = "embedded broker" if service.broker is not None else "external broker"
     print(f"HTTP  {service.http_url}", flush=True)
     scheme = "mqtts" if options.mqtt_url and options.mqtt_url.strip().lower().startswith("mqtts") else "mqtt"

@@ -51,7 +51,13 @@ CANCEL_GRACE_S = 1.0  # a stop past its bound is cancelled and given this long t
 
 
 class ServiceError(RuntimeError):
-    """A runtime failure to start (busy port, unreadable data folder): one clear line."""
+    """A runtime failure to start (busy port, unreadable data folder): one clear line.
+
+    ``code``: the exit status, 2 for a way of running that can never work (a usage error)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def session_secret(data_dir: Path) -> bytes:
@@ -138,6 +144,7 @@ class Service:
         from batmon.http_server import HttpServerError
         from bridge.doors.broker import BrokerStartError
         from bridge.doors.mqtt_link import MqttConnectError
+        from bridge.store.pg_lock import LockHeld
 
         opts = self.options
         try:
@@ -176,6 +183,10 @@ class Service:
                 raise ServiceError(f"{exc}{hint}") from None
             except HttpServerError as exc:
                 raise ServiceError(str(exc)) from None
+            except LockHeld as exc:
+                raise ServiceError(str(exc), code=2) from None
+            except StorageFailed as exc:
+                raise ServiceError(exc.message) from None
         if self.broker is not None:  # where it listens is known once it does
             self.mqtt_host, self.mqtt_port = self.broker.host, self.broker.port
         # Everything made so far (registry, modules, broker) lives as long as the process:
@@ -267,15 +278,14 @@ class Service:
                 except TlsSetupError as exc:
                     raise ServiceError(f"cannot connect to the MQTT broker over TLS: {exc}") from None
             # A stable id keeps the broker's session: readings sent while we were
-            # away are delivered when we come back. It names the base topic, so two
-            # bridges sharing a broker under different bases do not evict each other.
-            client_id = "batmon-bridge-" + opts.base_topic.replace("/", "-")
+            # away (and those we held unacked) are delivered when we come back.
+            client_id = opts.bridge_client_id
             self.mqtt_host, self.mqtt_port = host, port
             link = MqttLink(BrokerEndpoint(host, port, username, password, client_id, tls),
                             BrokerMode.EXTERNAL, self.topics, core.bus,
                             homeassistant=opts.discovery)  # fmt: skip
-            door = ExternalBrokerDoor(core, self.topics, link)
-            link.take_updates(door.subscription, door.receive)
+            door = ExternalBrokerDoor(core, self.topics, link, share_group=opts.mqtt_share_group)
+            link.take_updates(door.subscription, door.receive, stale=door.stale_subscription)
             retained = link.publish_retained
             doors: list[Extension] = [link, door]  # the door stops (acks) before the link goes
             self._bounds[door] = DRAIN_TIMEOUT_S
@@ -306,6 +316,8 @@ class Service:
                                                    bridge_password, client_id),
                             BrokerMode.EMBEDDED, self.topics, core.bus, homeassistant=False)  # fmt: skip
             retained = broker.publish_retained
+            if opts.database_url is not None:  # first to start: a second such worker starts nothing
+                parts.insert(0, self._embedded_broker_lock(opts.database_url.get_secret_value()))
             parts.append(broker)
             doors = [link]
             self._bounds[broker] = DRAIN_TIMEOUT_S  # it waits for commits before disconnecting
@@ -334,6 +346,17 @@ class Service:
                             tls=https_options(opts))  # fmt: skip
         parts += [server, live]
         return parts + self._more
+
+    @staticmethod
+    def _embedded_broker_lock(url: str) -> Extension:
+        """The embedded broker serves one worker: held while it runs, refused to a second."""
+        from bridge.store.pg_lock import EMBEDDED_BROKER_LOCK, SessionLock
+        from bridge.store.pg_store import describe_url
+
+        return SessionLock(url, EMBEDDED_BROKER_LOCK, (
+            f"another batmon serve with the embedded broker already uses postgresql://{describe_url(url)};"
+            " the embedded broker serves one worker only: run every worker with --mqtt-url"
+            " (one external broker, e.g. Mosquitto; see docs/SCALE-OUT.md)"))
 
     def _broker_hint(self, exc: Exception) -> str:
         if not getattr(exc, "address_in_use", False):

@@ -626,9 +626,15 @@ class Core:
                 setattr(batmon, name, value)
             for (ts, values), is_current in zip(plan.rows, plan.current_flags, strict=True):
                 self.bus.emit(ReadingAccepted(batmon, values, ts, is_current, plan.door))
-            if batmon.status != previous:
-                self.bus.emit(StatusChanged(batmon, batmon.status, previous, plan.received,
-                                            first_reading=first_reading))  # fmt: skip
+            if plan.status_by_store:  # several workers: the database said who changed it
+                if plan.status_before is None:
+                    continue
+                was, was_reading = plan.status_before
+                previous, first_reading = ("Online" if was == "Online" else "Offline"), was_reading is None
+            elif batmon.status == previous:
+                continue
+            self.bus.emit(StatusChanged(batmon, batmon.status, previous, plan.received,
+                                        first_reading=first_reading))  # fmt: skip
 
     def expire_if_due(self, batmon_id: int) -> bool:
         """Announce Offline if the batmon's deadline has passed; True if it changed."""

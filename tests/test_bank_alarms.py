@@ -24,6 +24,7 @@ from bridge.extensions.alarms import AlarmEvaluator
 from bridge.extensions.notifier import Notifier, notices_view, set_targets
 from bridge.models import AddAlarm, AddBank, AddBatmon, EditBatmon, Reading, describe_error
 from bridge.store.db import Store
+from tests import pg_support
 from tests.support import T0, Clock, Sink
 from tests.test_notifier import wait_until
 
@@ -33,9 +34,10 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture
-def core(tmp_path: Path, clock: Clock) -> Iterator[Core]:
-    store = Store.open(tmp_path / "b.sqlite3")
+@pytest.fixture(params=["sqlite", "postgres"])
+def core(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Iterator[Core]:
+    """SQLite decides in memory; PostgreSQL (several workers may share it) on the alarm's row."""
+    store = Store.open(tmp_path / "b.sqlite3") if request.param == "sqlite" else pg_support.clean_store()
     core = Core(store, EventBus(), clock=clock).load()
     yield core
     core.writer.stop()
@@ -85,10 +87,18 @@ async def evaluating(core: Core, notify: bool = False) -> AsyncIterator[list[Ban
         subscription.cancel()
 
 
+async def settle(core: Core) -> None:
+    """The bank's alarms look once this turn's events are out; on a shared store the writer
+    decides on the alarm's row and the loop announces it after."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+        await core.writer.barrier()
+    await asyncio.sleep(0.01)
+
+
 async def soc(core: Core, batmon: Batmon, value: float) -> None:
     await core.ingest_readings(batmon, [Reading(batmon_soc=value)])
-    await asyncio.sleep(0)  # the bank's alarms look once this turn's events are out
-    await asyncio.sleep(0)
+    await settle(core)
 
 
 def kinds(seen: list[BankAlarmChanged]) -> list[tuple[str, float]]:
@@ -160,11 +170,11 @@ def test_a_member_going_offline_changes_the_bank_value_and_is_evaluated(core: Co
             assert seen == []
             clock.advance(150)  # B's reading is 350 s old, past its 300 s period
             assert core.expire_if_due(b.id)
-            await asyncio.sleep(0)
+            await settle(core)
             assert kinds(seen) == [("triggered", 10.0)]  # A alone, with no reading at all
             clock.advance(200)
             assert core.expire_if_due(a.id)
-            await asyncio.sleep(0)
+            await settle(core)
             assert len(seen) == 1  # no member Online: the bank has no value, the alarm stays
             await soc(core, b, 90)  # Online again, alone: 90 %
             assert [k for k, _ in kinds(seen)] == ["triggered", "cleared"]

@@ -276,15 +276,16 @@ class SqliteStore:
 
     @staticmethod
     def _update_batmon(conn: sqlite3.Connection, batmon_id: int, changes: dict[str, Any],
-                       base: Any = energy_guard.UNGUARDED) -> int:  # fmt: skip
+                       base: Any = energy_guard.UNGUARDED) -> tuple[bool, None]:  # fmt: skip
+        """UPDATE one batmon: whether the row was updated (and nothing more to say)."""
         check_columns(changes, BATMON_COLUMNS)
+        guard = None
         if energy_guard.guarded(base):  # only while nobody else moved it on (energy_guard.py)
-            return _update(conn, "batmons", batmon_id, changes, guard=("last_reading IS ?", base))
-        if "last_reading" in changes and changes["last_reading"] is not None:
+            guard = ("last_reading IS ?", base)
+        elif "last_reading" in changes and changes["last_reading"] is not None:
             # An older reading never replaces the latest, whoever planned it.
             guard = ("last_reading IS NULL OR last_reading <= ?", changes["last_reading"])
-            return _update(conn, "batmons", batmon_id, changes, guard=guard)
-        return _update(conn, "batmons", batmon_id, changes)
+        return _update(conn, "batmons", batmon_id, changes, guard=guard) > 0, None
 
     @translated
     def delete_batmon(self, batmon_id: int) -> None:

@@ -14,7 +14,7 @@ in its own transaction.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from bridge.energy import COLUMNS as ENERGY_COLUMNS
 
@@ -23,6 +23,7 @@ PLANNED_FROM = "planned_from"
 STATE_COLUMNS = ("last_reading", *ENERGY_COLUMNS)
 """What a writer needs to plan again: the row's latest reading time and its energy state."""
 UNGUARDED: Any = object()
+R = TypeVar("R")
 
 
 class StaleState(Exception):
@@ -55,18 +56,23 @@ def holds(row_last_reading: float | None, base: Any) -> bool:
     return base is UNGUARDED or row_last_reading == base
 
 
-def apply(updates: Sequence[tuple[int, dict[str, Any]]], update: Callable[[int, dict[str, Any], Any], int],
-          state: Callable[[int], dict[str, Any] | None]) -> None:  # fmt: skip
-    """Apply each update with ``update(batmon_id, columns, base)`` (rows changed; the store
-    guards on ``last_reading IS base`` when ``guarded(base)``), inside the caller's
-    transaction; raise StaleState, for the caller to roll back, if a guarded one did not
-    hold for a batmon that exists (``state`` reads its row)."""
+def apply(updates: Sequence[tuple[int, dict[str, Any]]],
+          update: Callable[[int, dict[str, Any], Any], tuple[bool, R]],
+          state: Callable[[int], dict[str, Any] | None]) -> dict[int, R]:  # fmt: skip
+    """Apply each update with ``update(batmon_id, columns, base)`` -> (row updated, what the
+    store wants back), guarded on ``last_reading IS base`` when ``guarded(base)``, inside
+    the caller's transaction; raise StaleState, for the caller to roll back, if a guarded
+    one did not hold for a batmon that exists (``state`` reads its row). Returns what each
+    update gave back."""
     stale: dict[int, dict[str, Any]] = {}
+    results: dict[int, R] = {}
     for batmon_id, changes in updates:
         columns, base = split(changes)
-        if update(batmon_id, columns, base) == 0 and guarded(base):
+        applied, results[batmon_id] = update(batmon_id, columns, base)
+        if not applied and guarded(base):
             found = state(batmon_id)
             if found is not None:
                 stale[batmon_id] = found
     if stale:
         raise StaleState(stale)
+    return results

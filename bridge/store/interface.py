@@ -26,6 +26,8 @@ ReadingRow = tuple[int, float, float | None, float | None, float | None, float |
                    float | None, float | None]  # fmt: skip
 # (batmon_id, {column: value}) applied after the rows, in order.
 CurrentUpdate = tuple[int, dict[str, Any]]
+# batmon_id -> (status, last_reading) it had before a write changed its stored status.
+StatusBefore = dict[int, tuple[str, float | None]]
 Row = tuple[Any, ...]
 Render = Callable[[list[Row]], bytes]
 Channel = Literal["email", "whatsapp", "sms"]
@@ -48,8 +50,13 @@ class ReadingSink(Protocol):
       an older reading never replaces the latest.
     """
 
-    def write(self, rows: Sequence[ReadingRow], updates: Sequence[CurrentUpdate]) -> None:
-        """Append ``rows`` and apply ``updates`` in one transaction, or raise and change nothing."""
+    def write(self, rows: Sequence[ReadingRow], updates: Sequence[CurrentUpdate]) -> StatusBefore | None:
+        """Append ``rows`` and apply ``updates`` in one transaction, or raise and change nothing.
+
+        A store several processes share (``shared_of``) returns the batmons whose stored
+        ``status`` this write changed, with what they had: only that process announces the
+        change. A one-process store returns None: the caller's memory is the truth.
+        """
         ...
 
     def probe(self) -> None:
@@ -144,6 +151,53 @@ class NoticeOutbox(Protocol):
     def prune(self, before: float) -> int:
         """Delete finished notices created before ``before``; queued ones stay."""
         ...
+
+
+class Leader(Protocol):
+    """One of several processes elected to do a job (the offline watchdog) while it lives."""
+
+    def start(self, changed: Callable[[bool], None]) -> None:
+        """Try to lead from now on, on a thread of its own; ``changed(leading)`` is called from
+        that thread each time this process gains or loses the lead."""
+        ...
+
+    def stop(self) -> None:
+        """Give the lead up (another process takes it) and stop trying."""
+        ...
+
+
+AlarmDecision = tuple[str, dict[str, Any]]
+"""(kind, alarm columns to change): what bridge/extensions/alarms.py decided for one value."""
+
+
+class SharedState(Protocol):
+    """What workers sharing one database (PostgreSQL) need to do each change once, deciding
+    against the database's rows rather than their own memory (docs/SCALE-OUT.md)."""
+
+    def expire_overdue(self, now: float) -> tuple[list[tuple[int, float | None]], float | None]:
+        """Mark Offline every Online batmon whose last_reading + update_period <= now, in one
+        conditional UPDATE: ((id, last_reading) of each one this call changed, the earliest
+        deadline still pending or None)."""
+        ...
+
+    def decide_alarm(self, alarm_id: int, reading_ts: float,
+                     decide: Callable[[dict[str, Any]], AlarmDecision | None]
+                     ) -> tuple[str, dict[str, Any]] | None:  # fmt: skip
+        """In one transaction: lock the alarm's row, and unless a newer reading than
+        ``reading_ts`` is already its batmon's latest, apply ``decide(row)``'s changes.
+        Returns (kind, the row after) when something changed, else None."""
+        ...
+
+    def leader(self, job: str) -> Leader:
+        """An election among the processes on this database for ``job`` (not started)."""
+        ...
+
+
+def shared_of(store: Any) -> SharedState | None:
+    """The store's shared-state queries when several processes may share its database
+    (PostgreSQL), else None (SQLite: one process, its memory decides)."""
+    shared = getattr(store, "shared", None)
+    return shared() if callable(shared) else None
 
 
 class Store(ReadingSink, Protocol):

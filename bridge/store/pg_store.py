@@ -36,13 +36,14 @@ from bridge.store.db import (
     USER_TARGET_COLUMNS,
     check_columns,
 )
-from bridge.store.interface import ENERGY, METRICS, CurrentUpdate, ReadingRow
+from bridge.store.interface import ENERGY, METRICS, CurrentUpdate, ReadingRow, StatusBefore
 from bridge.store.pg_schema import PARTITION_LOCK, VALUES_HASH, migrate
 
 if TYPE_CHECKING:  # both import this module's helpers
     from bridge.store.pg_credentials import PgCredentials
     from bridge.store.pg_history import PgHistoryReader
     from bridge.store.pg_outbox import PgOutbox
+    from bridge.store.pg_shared import PgShared
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -240,8 +241,9 @@ class PostgresStore:
 
     # -- readings (the writer's sink) ---------------------------------------------------
     @translated
-    def write(self, rows: Sequence[ReadingRow], updates: Sequence[CurrentUpdate]) -> None:
-        """Append ``rows`` and apply ``updates`` in one transaction."""
+    def write(self, rows: Sequence[ReadingRow], updates: Sequence[CurrentUpdate]) -> StatusBefore:
+        """Append ``rows`` and apply ``updates`` in one transaction; the batmons whose stored
+        status changed, with what they had (the writer announces those changes only)."""
         for _, changes in updates:
             check_columns(energy_guard.split(changes)[0], BATMON_COLUMNS)
         rows = list(rows)
@@ -253,20 +255,26 @@ class PostgresStore:
                 conn.execute(STAGING)
                 self._staged_on = conn
             try:
+                changed: StatusBefore = {}
                 with self._transaction() as conn:
                     if rows:
                         self._insert_rows(conn, rows)
                     # Row locks in one order (by batmon), so two workers never deadlock;
                     # the sort is stable, so one batmon's updates keep their order.
-                    energy_guard.apply(sorted(updates, key=lambda u: u[0]),
-                                       functools.partial(self._update_batmon, conn),
-                                       functools.partial(_state, conn))  # fmt: skip
-                return
+                    before = energy_guard.apply(sorted(updates, key=lambda u: u[0]),
+                                                functools.partial(self._update_batmon, conn),
+                                                functools.partial(_state, conn))  # fmt: skip
+                    for batmon_id, changes in updates:
+                        was = before.get(batmon_id)
+                        if was is not None and was[0] != changes.get("status", was[0]):
+                            changed[batmon_id] = was
+                return changed
             except psycopg.errors.CheckViolation as exc:
                 # Retention (maybe another worker's) dropped a month we knew: make it again.
                 if attempt == 2 or "no partition" not in str(exc):
                     raise
                 self._months.clear()
+        raise AssertionError("the second attempt returns or raises")
 
     def _insert_rows(self, conn: psycopg.Connection[Any], rows: Sequence[ReadingRow]) -> None:
         with conn.cursor() as cur:
@@ -375,16 +383,22 @@ class PostgresStore:
 
     @staticmethod
     def _update_batmon(conn: psycopg.Connection[Any], batmon_id: int, changes: dict[str, Any],
-                       base: Any = energy_guard.UNGUARDED) -> int:  # fmt: skip
+                       base: Any = energy_guard.UNGUARDED) -> tuple[bool, tuple[str, float | None] | None]:
+        """UPDATE one batmon: whether the row was updated, and, with ``status`` among the
+        changes, the (status, last_reading) the row had just before."""
         check_columns(changes, BATMON_COLUMNS)
+        guard = None
         if energy_guard.guarded(base):  # only while no other worker moved it on (energy_guard.py)
-            return _update(conn, "batmons", batmon_id, changes,
-                           guard=("last_reading IS NOT DISTINCT FROM %s", base))  # fmt: skip
-        if "last_reading" in changes and changes["last_reading"] is not None:
+            guard = ("last_reading IS NOT DISTINCT FROM %s", base)
+        elif "last_reading" in changes and changes["last_reading"] is not None:
             # An older reading never replaces the latest, whichever worker commits last.
             guard = ("last_reading IS NULL OR last_reading <= %s", changes["last_reading"])
-            return _update(conn, "batmons", batmon_id, changes, guard=guard)
-        return _update(conn, "batmons", batmon_id, changes)
+        if "status" not in changes:
+            return _update(conn, "batmons", batmon_id, changes, guard=guard) > 0, None
+        from bridge.store.pg_shared import update_returning_before
+
+        before = update_returning_before(conn, batmon_id, changes, guard)
+        return before is not None, before
 
     @translated
     def delete_batmon(self, batmon_id: int) -> None:
@@ -507,6 +521,12 @@ class PostgresStore:
         from bridge.store.pg_outbox import PgOutbox
 
         return PgOutbox(self)
+
+    def shared(self) -> PgShared:
+        """Workers on one database do each status change and alarm change once (pg_shared.py)."""
+        from bridge.store.pg_shared import PgShared
+
+        return PgShared(self)
 
     # -- credentials (not behind interface.py yet: bridge/store/credentials.py) -------------
     def credentials(self) -> PgCredentials:
