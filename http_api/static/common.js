@@ -190,6 +190,14 @@ const Batmon = (() => {
     return source;
   }
 
+  /** An alarm's state in words: Disabled, OK, or since when it is triggered (and acknowledged). */
+  function alarmState(a) {
+    if (!a.alarm_enabled) return "Disabled";
+    if (!a.alarm_triggered) return "OK";
+    const since = `Triggered ${timeText(a.alarm_trigger_time)}`;
+    return a.alarm_akn === null ? since : `${since}, acknowledged ${timeText(a.alarm_akn)}`;
+  }
+
   function initialJson(id) {
     const el = document.getElementById(id);
     return el ? JSON.parse(el.textContent) : null;
@@ -218,6 +226,6 @@ const Batmon = (() => {
   setupLogout();
   return {
     api, ApiError, say, serverTime, formatNumber, withUnit, formatMetric, showValue, showMetric,
-    age, timeText, tickAges, live, initialJson, formFields,
+    age, timeText, tickAges, live, initialJson, formFields, alarmState, DEFAULT_UNITS,
   };
 })();
