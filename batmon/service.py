@@ -18,7 +18,7 @@ import os
 import secrets
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ from bridge.events import EventBus, HomeAssistantStatus
 from bridge.extensions import Extension
 from bridge.ratelimit import FailureLimiter
 from bridge.store.interface import Store
+from bridge.threads import run_on_own_thread
 from bridge.tls import TlsSetupError, client_context, server_context
 from bridge.topics import Topics
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from bridge.doors.external_door import ExternalBrokerDoor
     from bridge.doors.mqtt_link import MqttLink
     from bridge.doors.update_door import UpdateDoor
+    from bridge.extensions.credential_watcher import CredentialPoll
     from bridge.extensions.discovery import HomeAssistantDiscovery
 
 log = logging.getLogger(__name__)
@@ -148,7 +150,8 @@ class Service:
 
         opts = self.options
         try:
-            self.store = self._open_store()
+            # Opening (migrations) and loading run off the loop, as every query does.
+            self.store = await run_on_own_thread(self._open_store, name="store-open")
             secret = session_secret(opts.data_dir)  # the data folder holds it on PostgreSQL too
         except OSError as exc:
             raise ServiceError(f"cannot use data folder {opts.data_dir}: {exc.strerror}") from None
@@ -157,7 +160,9 @@ class Service:
                 server_context(opts.http_tls_cert, opts.http_tls_key)
             except TlsSetupError as exc:
                 raise ServiceError(f"cannot serve HTTPS: {exc}") from None
-        self.core = core = Core(self.store, EventBus()).load()
+        core = Core(self.store, EventBus())
+        await run_on_own_thread(core.load, name="store-load")
+        self.core = core
         # Bind HTTP first: a busy port is then one clear error before anything starts.
         sock = bind_socket(opts.host, opts.http_port, "HTTP")
         self.http_port = sock.getsockname()[1]
@@ -194,7 +199,7 @@ class Service:
         gc.freeze()
         # Last, so a start that fails does not make an admin whose key nobody saw.
         if not core.user_has_data():
-            _, self.admin_api_key = core.create_user(ADMIN_EMAIL)
+            _, self.admin_api_key = await core.create_user_off_loop(ADMIN_EMAIL)
 
     def _open_store(self) -> Store:
         """PostgreSQL when a database URL is given, else the SQLite file in the data folder."""
@@ -211,7 +216,7 @@ class Service:
         except StorageFailed as exc:  # names user@host:port/db, never the password
             raise ServiceError(exc.message) from None
 
-    def _credential_reader(self) -> Any:
+    def _credential_reader(self) -> Callable[[], CredentialPoll] | None:
         """What opens the credential watcher's reader: PostgreSQL's, else None (the SQLite file's)."""
         if self.options.database_url is None:
             return None
@@ -423,11 +428,16 @@ class Service:
                 await asyncio.wait_for(self.core.writer.drain(), DRAIN_TIMEOUT_S)
             except Exception as exc:
                 log.warning("the writer did not drain within %g s: %r", DRAIN_TIMEOUT_S, exc)
-            self.core.writer.stop()
-            self.core.close_history()
-        if self.store is not None:
-            self.store.close()
-            self.store = None
+        core, store, self.store = self.core, self.store, None
+
+        def close() -> None:  # joins threads and may checkpoint the WAL: off the loop too
+            if core is not None:
+                core.writer.stop()
+                core.close_history()
+            if store is not None:
+                store.close()
+
+        await run_on_own_thread(close, name="store-close")
         self.link = self.door = self.broker = None
         self.discovery = None
 

@@ -29,7 +29,7 @@ from bridge.events import (
     StatusChanged,
     Subscription,
 )
-from bridge.store.interface import AlarmDecision, SharedState, shared_of
+from bridge.store.interface import AlarmDecision, SharedState
 
 if TYPE_CHECKING:
     from bridge.banks import Bank
@@ -104,7 +104,7 @@ class AlarmEvaluator:
     async def start(self) -> None:
         """Evaluate alarms on every accepted reading, and bank alarms on their members'
         status changes too, from now on."""
-        self._shared = shared_of(self.core.store)
+        self._shared = self.core.store.shared()
         self._subscription = self.core.bus.subscribe_all({
             ReadingAccepted: self.on_reading,
             StatusChanged: lambda e: self.banks_soon(e.batmon.id),
@@ -201,7 +201,7 @@ class AlarmEvaluator:
         clock = self.core.clock
 
         def in_store(store: Store) -> tuple[str, dict[str, Any]] | None:
-            shared = shared_of(store)
+            shared = store.shared()
             assert shared is not None, "the writer's store is the core's kind"
             return shared.decide_alarm(alarm.id, reading_ts,
                                        lambda row: decide(Alarm.from_row(row), value, clock()))

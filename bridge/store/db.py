@@ -24,6 +24,7 @@ from bridge.datadir import prepare_data_dir, private_database
 from bridge.errors import Conflict, StorageFailed
 from bridge.store import energy_guard, retention
 from bridge.store.banks import BankStore
+from bridge.store.credentials import SqliteCredentials
 from bridge.store.history import HistoryReader
 from bridge.store.interface import CurrentUpdate, ReadingRow
 from bridge.store.outbox import Outbox
@@ -390,6 +391,15 @@ class SqliteStore:
     def outbox(self) -> Outbox:
         """The notice outbox on this connection."""
         return Outbox(self)
+
+    def shared(self) -> None:
+        """One process owns the file (serve.lock): its memory decides each change."""
+        return None
+
+    @property
+    def credentials(self) -> SqliteCredentials:
+        """Api keys, MQTT tokens and their change counter on this connection."""
+        return SqliteCredentials(self)
 
     # -- retention and rollups -----------------------------------------------------------
     @translated

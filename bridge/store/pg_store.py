@@ -528,7 +528,8 @@ class PostgresStore:
 
         return PgShared(self)
 
-    # -- credentials (not behind interface.py yet: bridge/store/credentials.py) -------------
+    # -- credentials -----------------------------------------------------------------------
+    @property
     def credentials(self) -> PgCredentials:
         """Api key resets and MQTT tokens on this connection."""
         from bridge.store.pg_credentials import PgCredentials
