@@ -58,6 +58,17 @@ class AlarmChanged:
 
 
 @dataclass(frozen=True)
+class BankAlarmChanged:
+    """An alarm on a bank's values triggered, repeated its notice, or cleared."""
+
+    bank: Bank
+    alarm: Alarm
+    kind: Literal["triggered", "repeated", "cleared"]
+    value: float
+    at: float
+
+
+@dataclass(frozen=True)
 class BatmonChanged:
     """A batmon was created or edited (name, units, update_period, token...)."""
 

@@ -193,6 +193,15 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE rollups ADD COLUMN discharged_kwh_sum DOUBLE PRECISION NOT NULL DEFAULT 0",
         "ALTER TABLE alarms ADD COLUMN clear_value DOUBLE PRECISION",
     ],
+    # 4: SQLite's 8: an alarm is on one batmon or on one bank, never both (docs/BANKS.md);
+    # a bank's alarms go with it.
+    [
+        "ALTER TABLE alarms ALTER COLUMN batmon_id DROP NOT NULL",
+        "ALTER TABLE alarms ADD COLUMN bank_id BIGINT REFERENCES banks(id) ON DELETE CASCADE",
+        """ALTER TABLE alarms ADD CONSTRAINT alarms_one_subject
+           CHECK ((batmon_id IS NULL) <> (bank_id IS NULL))""",
+        "CREATE INDEX alarms_bank ON alarms(bank_id)",
+    ],
 ]
 
 LATEST = len(MIGRATIONS)
