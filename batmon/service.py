@@ -244,13 +244,14 @@ class Service:
         metrics = Metrics(core, mqtt_stats=self.mqtt_stats, per_batmon=opts.metrics_per_batmon)
         # Metrics first, so it counts every event the others cause; the notifier before
         # the watchdog, which may announce Offline batmons at once.
+        credentials = CredentialWatcher(core, opts.database_path, open_reader=self._credential_reader())
         parts: list[Extension] = [
             metrics,
             AlarmEvaluator(core),
             Notifier(core, retry_base_s=opts.notify_retry_s, give_up_after_s=opts.notify_give_up_s),
             OfflineWatchdog(core),
             # `batmon user ...` from another process: keys and tokens reloaded at once.
-            CredentialWatcher(core, opts.database_path, open_reader=self._credential_reader()),
+            credentials,
         ]
         if opts.retention_days is not None:
             from bridge.extensions.retention_pruner import RetentionPruner
@@ -322,6 +323,14 @@ class Service:
         parts += doors
 
         live = LiveFeed(core)
+        if opts.database_url is not None:
+            # Other workers on the database: their changes reach memory before a request is
+            # answered (bridge/extensions/peers.py); started before the HTTP server.
+            from bridge.extensions.peers import PeerSync
+
+            url = opts.database_url.get_secret_value()
+            parts.append(PeerSync(core, url, credentials=credentials.check_now,
+                                  watched=lambda user_id: live.stream_count(user_id) > 0))  # fmt: skip
         token = opts.metrics_token.get_secret_value() if opts.metrics_token else None
         exposure = MetricsExposure(render=metrics.render, access=opts.metrics, token=token,
                                    prepare=metrics.refresh)  # fmt: skip

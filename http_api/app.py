@@ -117,7 +117,10 @@ class Api:
                     call.owner()  # 401 before any validation detail reaches a stranger
                 if negotiates and "format" not in fields:
                     fields["format"] = format_from_accept(request.headers.get("accept", ""))
-                return await endpoint.handler(call, endpoint.model.model_validate(fields))
+                data = endpoint.model.model_validate(fields)
+                if self.core.peers is not None:  # other workers: what they committed first
+                    await self.core.peers.catch_up(_batmons_shown(endpoint, data, call))
+                return await endpoint.handler(call, data)
 
             return await self.run(request, work)
 
@@ -187,6 +190,17 @@ def _streaming(result: Streamed) -> Response:
     if result.filename:
         headers["Content-Disposition"] = f'attachment; filename="{result.filename}"'
     return StreamingResponse(result.chunks, media_type=result.media_type, headers=headers)
+
+
+def _batmons_shown(endpoint: Endpoint, data: Any, call: Call) -> list[int]:
+    """The batmons whose latest values a read answers with (fetched afresh from the store when
+    other workers share it); a change needs none, only the check for their changes."""
+    if "GET" not in endpoint.methods:
+        return []
+    batmon_id = getattr(data, "batmon_id", None)
+    if batmon_id is not None:
+        return [batmon_id]
+    return [b.id for b in call.core.batmons_of(call.user)] if call.user is not None else []
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -1,12 +1,44 @@
-"""The scale-out harness itself (tests/workers.py): two workers on one database and broker."""
+"""Several real `batmon serve` workers on one PostgreSQL database (tests/workers.py): what one
+worker changes, the others answer with at once (issue 16, acceptance 5; docs/SCALE-OUT.md,
+"Caches across workers")."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2 as httpx
+import pytest
 
-from tests.workers import workers
+from tests.test_deploy_scale_out import LiveStream
+from tests.workers import Workers, workers
+
+LIVE_DEADLINE_S = 1.0  # issue 16: a reading on worker A reaches a dashboard on worker B within 1 s
+
+
+@pytest.fixture
+def two(tmp_path: Path) -> Iterator[tuple[Workers, httpx.Client, httpx.Client]]:
+    with workers(tmp_path) as group:
+        a, b = group.start(2)
+        with httpx.Client(base_url=a.http_url, headers=group.auth, timeout=10) as on_a, \
+             httpx.Client(base_url=b.http_url, headers=group.auth, timeout=10) as on_b:  # fmt: skip
+            yield group, on_a, on_b
+
+
+def ok(response: httpx.Response) -> object:
+    assert response.status_code == 200, response.text
+    return response.json()["success"]
+
+
+def add(http: httpx.Client, name: str = "House bank") -> tuple[int, str]:
+    added = ok(http.post("/interface/add/batmon", json={"batmon_name": name}))
+    assert isinstance(added, dict)
+    return added["batmon_id"], added["batmon_token"]
+
+
+def status(http: httpx.Client, batmon_id: int) -> httpx.Response:
+    return http.post("/interface/batmon/status", json={"batmon_id": batmon_id})
 
 
 def test_two_workers_share_one_database_and_one_login(tmp_path: Path) -> None:
@@ -18,3 +50,98 @@ def test_two_workers_share_one_database_and_one_login(tmp_path: Path) -> None:
             assert r.status_code == 200, r.text
         assert httpx.get(f"{b.http_url}/interface/batmon/count", headers={"X-API-Key": "x" * 32}
                          ).status_code in (401, 403)  # fmt: skip
+
+
+@pytest.mark.timeout(180)
+def test_what_one_worker_changes_the_other_answers_with_at_once(two: tuple[Workers, httpx.Client, httpx.Client]
+                                                                ) -> None:  # fmt: skip
+    _, on_a, on_b = two
+    batmon_id, token = add(on_a)
+    # Listed and usable on B right after A's answer (no wait of any kind in between).
+    listed = ok(on_b.get("/interface/batmon/list"))
+    assert isinstance(listed, list) and [b["batmon_id"] for b in listed] == [batmon_id]
+    assert ok(on_b.post("/interface/update/batmon", json={"batmon_id": batmon_id, "batmon_token": token,
+                                                          "voltage": 12.5})) == "success"  # fmt: skip
+    # Settings, notices, alarms and banks changed on A: B answers with them at once.
+    ok(on_a.post("/interface/edit/batmon", json={"batmon_id": batmon_id, "batmon_name": "Boat",
+                                                 "voltage_units": "mV"}))  # fmt: skip
+    seen = ok(status(on_b, batmon_id))
+    assert isinstance(seen, dict) and (seen["batmon_name"], seen["voltage_units"]) == ("Boat", "mV")
+    ok(on_a.post("/interface/batmon/disable/alerts", json={"batmon_id": batmon_id}))
+    seen = ok(status(on_b, batmon_id))
+    assert isinstance(seen, dict) and seen["notification_enabled"] is False
+    alarm = ok(on_a.post("/interface/batmon/alarm/add", json={
+        "batmon_id": batmon_id, "alarm_name": "low", "alarm_metric": "voltage",
+        "alarm_condition": "<", "alarm_threshold_value": 11.5, "alarm_repeat_delay": 60}))  # fmt: skip
+    assert isinstance(alarm, dict)
+    seen = ok(status(on_b, batmon_id))
+    assert isinstance(seen, dict) and [a["alarm_id"] for a in seen["alarms"]] == [alarm["alarm_id"]]
+    ok(on_b.post("/interface/batmon/alarm/edit", json={"alarm_id": alarm["alarm_id"], "alarm_threshold_value": 11}))
+    seen = ok(status(on_a, batmon_id))
+    assert isinstance(seen, dict) and seen["alarms"][0]["alarm_threshold_value"] == 11
+    bank = ok(on_a.post("/interface/add/bank", json={"bank_name": "Both", "batmon_ids": [batmon_id]}))
+    assert isinstance(bank, dict)
+    shown = ok(on_b.post("/interface/bank/status", json={"bank_id": bank["bank_id"]}))
+    assert isinstance(shown, dict) and shown["bank_name"] == "Both"
+    ok(on_a.post("/interface/batmon/alarm/delete", json={"alarm_id": alarm["alarm_id"]}))
+    assert on_b.post("/interface/batmon/alarm/ack", json={"alarm_id": alarm["alarm_id"]}).status_code == 404
+
+
+@pytest.mark.timeout(240)
+def test_a_status_on_b_right_after_an_update_on_a_returns_it_200_times(
+        two: tuple[Workers, httpx.Client, httpx.Client]) -> None:  # fmt: skip
+    _, on_a, on_b = two
+    batmon_id, token = add(on_a)
+    status(on_b, batmon_id)  # B holds the batmon in memory: the reading must not come from its load
+    stale = []
+    for i in range(200):
+        voltage = 10 + i / 100
+        r = on_a.post("/interface/update/batmon", json={"batmon_id": batmon_id, "batmon_token": token,
+                                                        "voltage": voltage})  # fmt: skip
+        assert r.json() == {"success": "success"}, r.text
+        seen = ok(status(on_b, batmon_id))
+        assert isinstance(seen, dict)
+        if seen["batmon_voltage"] < voltage:  # "that reading or a newer one"
+            stale.append((voltage, seen["batmon_voltage"]))
+    assert stale == []
+
+
+@pytest.mark.timeout(240)
+def test_a_batmon_deleted_on_a_is_refused_on_b_right_after(two: tuple[Workers, httpx.Client, httpx.Client]
+                                                           ) -> None:  # fmt: skip
+    _, on_a, on_b = two
+    for round_ in range(20):
+        batmon_id, token = add(on_a, f"bank {round_}")
+        ok(status(on_b, batmon_id))  # B knows it
+        ok(on_a.post("/interface/delete/batmon", json={"batmon_id": batmon_id}))
+        update = on_b.post("/interface/update/batmon", json={"batmon_id": batmon_id, "batmon_token": token,
+                                                             "voltage": 12.0})  # fmt: skip
+        assert update.status_code == 404, update.text
+        assert status(on_b, batmon_id).status_code == 404
+
+
+@pytest.mark.timeout(180)
+def test_a_reading_on_a_reaches_a_live_dashboard_on_b_within_a_second(
+        two: tuple[Workers, httpx.Client, httpx.Client]) -> None:  # fmt: skip
+    group, on_a, on_b = two
+    batmon_id, token = add(on_a)
+    login = httpx.Client(base_url=group.procs[1].http_url, timeout=10)
+    assert login.post("/interface/login", json={"api_key": group.admin_key}).status_code == 200
+    stream = LiveStream(group.procs[1].http_url, login.cookies)  # the dashboard is on B
+    try:
+        stream.next("snapshot", 10)
+        delays = []
+        for voltage in (12.1, 12.2, 12.3, 12.4, 12.5):
+            sent = time.monotonic()
+            ok(on_a.post("/interface/update/batmon", json={"batmon_id": batmon_id, "batmon_token": token,
+                                                           "voltage": voltage}))  # fmt: skip
+            at, _ = stream.next("batmon", 10, batmon_id=batmon_id, batmon_voltage=voltage)
+            delays.append(at - sent)
+        print("reading on A to the live event on B:", ", ".join(f"{d * 1000:.0f} ms" for d in delays))
+        assert max(delays) <= LIVE_DEADLINE_S
+        # A batmon deleted on A disappears from B's dashboard too.
+        ok(on_a.post("/interface/delete/batmon", json={"batmon_id": batmon_id}))
+        stream.next("deleted", 10, batmon_id=batmon_id)
+    finally:
+        stream.close()
+        login.close()

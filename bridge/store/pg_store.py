@@ -36,6 +36,7 @@ from bridge.store.db import (
     check_columns,
 )
 from bridge.store.interface import ENERGY, METRICS, CurrentUpdate, ReadingRow
+from bridge.store.pg_channels import READINGS_CHANNEL, readings_notices
 from bridge.store.pg_schema import PARTITION_LOCK, VALUES_HASH, migrate
 
 if TYPE_CHECKING:  # both import this module's helpers
@@ -259,6 +260,10 @@ class PostgresStore:
                     # the sort is stable, so one batmon's updates keep their order.
                     for batmon_id, changes in sorted(updates, key=lambda u: u[0]):
                         self._update_batmon(conn, batmon_id, changes)
+                    # Other workers' live dashboards: which latest values moved (at commit).
+                    moved = [b for b, c in updates if c.get("last_reading") is not None]
+                    for payload in readings_notices(moved):
+                        conn.execute("SELECT pg_notify(%s, %s)", (READINGS_CHANNEL, payload))
                 return
             except psycopg.errors.CheckViolation as exc:
                 # Retention (maybe another worker's) dropped a month we knew: make it again.
