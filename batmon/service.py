@@ -253,6 +253,14 @@ class Service:
             # `batmon user ...` from another process: keys and tokens reloaded at once.
             credentials,
         ]
+        peers = None
+        if opts.database_url is not None:
+            # Other workers on the database: their changes reach memory before a request is
+            # answered (bridge/extensions/peers.py); started before anything publishes or serves.
+            from bridge.extensions.peers import PeerSync
+
+            peers = PeerSync(core, opts.database_url.get_secret_value(), credentials=credentials.check_now)
+            parts.append(peers)
         if opts.retention_days is not None:
             from bridge.extensions.retention_pruner import RetentionPruner
 
@@ -317,20 +325,15 @@ class Service:
         if opts.discovery:
             # Home Assistant's birth re-sends the banks' configs too: one rule for when.
             self.discovery = HomeAssistantDiscovery(core, self.topics, retained,
-                                                    also_resend=banks.resend_discovery)  # fmt: skip
+                                                    also_resend=banks.resend_discovery,
+                                                    shared=peers)  # fmt: skip
             parts.append(self.discovery)
         # The link connects after the state publisher and discovery listen for MqttConnected.
         parts += doors
 
         live = LiveFeed(core)
-        if opts.database_url is not None:
-            # Other workers on the database: their changes reach memory before a request is
-            # answered (bridge/extensions/peers.py); started before the HTTP server.
-            from bridge.extensions.peers import PeerSync
-
-            url = opts.database_url.get_secret_value()
-            parts.append(PeerSync(core, url, credentials=credentials.check_now,
-                                  watched=lambda user_id: live.stream_count(user_id) > 0))  # fmt: skip
+        if peers is not None:  # readings elsewhere are loaded for the dashboards open here
+            peers.watched = lambda user_id: live.stream_count(user_id) > 0
         token = opts.metrics_token.get_secret_value() if opts.metrics_token else None
         exposure = MetricsExposure(render=metrics.render, access=opts.metrics, token=token,
                                    prepare=metrics.refresh)  # fmt: skip

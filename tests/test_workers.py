@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
+from tests.support import Probe, payload_json, retained
 from tests.test_deploy_scale_out import LiveStream
 from tests.workers import Workers, workers
 
@@ -53,8 +54,8 @@ def test_two_workers_share_one_database_and_one_login(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(180)
-def test_what_one_worker_changes_the_other_answers_with_at_once(two: tuple[Workers, httpx.Client, httpx.Client]
-                                                                ) -> None:  # fmt: skip
+def test_what_one_worker_changes_the_other_answers_with_at_once(
+        two: tuple[Workers, httpx.Client, httpx.Client]) -> None:  # fmt: skip
     _, on_a, on_b = two
     batmon_id, token = add(on_a)
     # Listed and usable on B right after A's answer (no wait of any kind in between).
@@ -76,7 +77,8 @@ def test_what_one_worker_changes_the_other_answers_with_at_once(two: tuple[Worke
     assert isinstance(alarm, dict)
     seen = ok(status(on_b, batmon_id))
     assert isinstance(seen, dict) and [a["alarm_id"] for a in seen["alarms"]] == [alarm["alarm_id"]]
-    ok(on_b.post("/interface/batmon/alarm/edit", json={"alarm_id": alarm["alarm_id"], "alarm_threshold_value": 11}))
+    ok(on_b.post("/interface/batmon/alarm/edit", json={"alarm_id": alarm["alarm_id"],
+                                                        "alarm_threshold_value": 11}))  # fmt: skip
     seen = ok(status(on_a, batmon_id))
     assert isinstance(seen, dict) and seen["alarms"][0]["alarm_threshold_value"] == 11
     bank = ok(on_a.post("/interface/add/bank", json={"bank_name": "Both", "batmon_ids": [batmon_id]}))
@@ -123,7 +125,7 @@ def test_a_batmon_deleted_on_a_is_refused_on_b_right_after(two: tuple[Workers, h
 @pytest.mark.timeout(180)
 def test_a_reading_on_a_reaches_a_live_dashboard_on_b_within_a_second(
         two: tuple[Workers, httpx.Client, httpx.Client]) -> None:  # fmt: skip
-    group, on_a, on_b = two
+    group, on_a, _ = two
     batmon_id, token = add(on_a)
     login = httpx.Client(base_url=group.procs[1].http_url, timeout=10)
     assert login.post("/interface/login", json={"api_key": group.admin_key}).status_code == 200
@@ -145,3 +147,52 @@ def test_a_reading_on_a_reaches_a_live_dashboard_on_b_within_a_second(
     finally:
         stream.close()
         login.close()
+
+
+# -- retained MQTT state and Home Assistant discovery (an external broker, two publishers) --------
+
+
+@pytest.mark.timeout(180)
+def test_an_older_state_from_one_worker_never_replaces_a_newer_one_from_another(
+        two: tuple[Workers, httpx.Client, httpx.Client]) -> None:  # fmt: skip
+    group, on_a, on_b = two
+    batmon_id, token = add(on_a)
+    now = time.time()
+    # The newer reading on A, then an older one (a device's buffered reading) on B.
+    for http, ts, voltage in ((on_a, now - 10, 13.0), (on_b, now - 20, 11.0)):
+        ok(http.post("/interface/update/batmon", json={"batmon_id": batmon_id, "batmon_token": token,
+                                                       "voltage": voltage, "ts": ts}))  # fmt: skip
+    time.sleep(1.5)  # past the coalescing of both publishers, and their second look
+    state = retained(group.broker.port, f"batmon/{batmon_id}/state")
+    assert state is not None and payload_json(state)["batmon_voltage"] == 13.0
+    seen = ok(status(on_b, batmon_id))
+    assert isinstance(seen, dict) and seen["batmon_voltage"] == 13.0
+
+
+@pytest.mark.timeout(180)
+def test_a_discovery_config_goes_out_once_per_change_not_once_per_worker(
+        two: tuple[Workers, httpx.Client, httpx.Client]) -> None:  # fmt: skip
+    group, on_a, on_b = two
+    probe = Probe(group.broker.port)
+    try:
+        probe.subscribe("homeassistant/device/+/config")
+        batmon_id, token = add(on_a)
+        topic = f"homeassistant/device/batmon_{batmon_id}/config"
+        probe.wait_count(topic, 1, timeout=5)  # created
+        ok(on_a.post("/interface/edit/batmon", json={"batmon_id": batmon_id, "batmon_name": "Boat"}))
+        probe.wait_count(topic, 2, timeout=5)  # renamed
+        # The first temperature, reported to both workers: one config with the new sensor.
+        for http, voltage in ((on_a, 12.0), (on_b, 12.1)):
+            ok(http.post("/interface/update/batmon", json={
+                "batmon_id": batmon_id, "batmon_token": token, "voltage": voltage,
+                "details": {"temperature": 21.5}}))  # fmt: skip
+        probe.wait_count(topic, 3, timeout=5)
+        # A worker restarting (connecting again) within the re-send interval sends nothing.
+        group.restart(1)
+        time.sleep(2)
+        probe.sync()
+        configs = [payload_json(m) for m in probe.on(topic)]
+        assert [c["dev"]["name"] for c in configs] == ["House bank", "Boat", "Boat"], configs
+        assert "temperature" in configs[-1]["cmps"]
+    finally:
+        probe.close()

@@ -47,14 +47,13 @@ class PeerSync:
     """Keeps this worker's memory in step with the others' commits (PostgreSQL only)."""
 
     def __init__(self, core: Core, url: str, *,
-                 credentials: Callable[[], Awaitable[bool]] | None = None,
-                 watched: Callable[[int], bool] = lambda user_id: False) -> None:  # fmt: skip
-        """``credentials()`` reloads keys and tokens (the credential watcher's check);
-        ``watched(user_id)``: whether that user has a live dashboard open on this worker."""
+                 credentials: Callable[[], Awaitable[bool]] | None = None) -> None:  # fmt: skip
+        """``credentials()`` reloads keys and tokens (the credential watcher's check)."""
         self.core = core
         self._url = url
         self._credentials = credentials
-        self._watched = watched
+        self.watched: Callable[[int], bool] = lambda user_id: False
+        """Whether a user has a live dashboard open on this worker (the live feed says)."""
         self._reads: PgPeerReads | None = None
         self._listener: PgListener | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -140,6 +139,34 @@ class PeerSync:
             raise StorageFailed(str(exc)) from None
         self._failing = False
         return changes
+
+    # -- who of the workers sends (Home Assistant discovery) ---------------------------------
+    async def first_to_send(self, batmon_id: int, digest: str) -> bool:
+        """True when this worker is the one to send this config (it changed); True as well when
+        the database cannot say (a config sent twice beats one never sent)."""
+        return await self._shared(lambda reads: reads.first_to_send(batmon_id, digest))
+
+    async def take_turn(self, name: str, every_s: float) -> bool:
+        """True when this worker takes the turn ``name`` (at most one worker per ``every_s``)."""
+        return await self._shared(lambda reads: reads.take_turn(name, every_s))
+
+    async def record_sent(self, digests: Sequence[tuple[int, str]]) -> None:
+        """These configs went out in a re-send."""
+        def record(reads: PgPeerReads) -> bool:
+            reads.record_sent(digests)
+            return True
+
+        await self._shared(record)
+
+    async def _shared(self, ask: Callable[[PgPeerReads], bool]) -> bool:
+        reads, pool = self._reads, self._pool
+        if reads is None or pool is None:
+            return True
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, ask, reads)
+        except OSError as exc:
+            log.warning("%s: sending anyway", exc)
+            return True
 
     # -- applying (on the loop) ------------------------------------------------------------
     async def _apply(self, changes: Changes) -> None:
@@ -243,7 +270,7 @@ class PeerSync:
 
     def _readings_changed(self, batmon_ids: list[int]) -> None:
         batmons = self.core.batmons
-        wanted = [i for i in batmon_ids if (b := batmons.get(i)) is not None and self._watched(b.user_id)]
+        wanted = [i for i in batmon_ids if (b := batmons.get(i)) is not None and self.watched(b.user_id)]
         if wanted:
             self.stats["readings_loaded"] += len(wanted)
             self._background(wanted)

@@ -134,6 +134,36 @@ class PgPeerReads:
         """The rows (latest values) of these batmons, those that exist; OSError when unreadable."""
         return self.check(None, batmon_ids).current
 
+    def first_to_send(self, batmon_id: int, digest: str) -> bool:
+        """True for the one worker whose record of this config's digest changes it (it sends)."""
+        return self._claim("INSERT INTO discovery_sent (batmon_id, digest) VALUES (%s, %s)"
+                           " ON CONFLICT (batmon_id) DO UPDATE SET digest = excluded.digest"
+                           " WHERE discovery_sent.digest <> excluded.digest RETURNING 1",
+                           (batmon_id, digest))  # fmt: skip
+
+    def take_turn(self, name: str, every_s: float) -> bool:
+        """True for the one worker taking the turn ``name`` (at most once per ``every_s``, on
+        the database's clock)."""
+        return self._claim("INSERT INTO shared_turns (name, at)"
+                           " VALUES (%s, extract(epoch FROM clock_timestamp()))"
+                           " ON CONFLICT (name) DO UPDATE SET at = excluded.at"
+                           " WHERE shared_turns.at <= excluded.at - %s RETURNING 1",
+                           (name, every_s))  # fmt: skip
+
+    def record_sent(self, digests: Sequence[tuple[int, str]]) -> None:
+        """These configs went out (a re-send): what a later change is compared with."""
+        if digests:
+            self._claim("INSERT INTO discovery_sent (batmon_id, digest)"
+                        " SELECT * FROM unnest(%s::bigint[], %s::text[])"
+                        " ON CONFLICT (batmon_id) DO UPDATE SET digest = excluded.digest RETURNING 1",
+                        ([d[0] for d in digests], [d[1] for d in digests]))  # fmt: skip
+
+    def _claim(self, sql: str, params: Sequence[Any]) -> bool:
+        try:
+            return self._connection().execute(sql.encode(), params).fetchone() is not None
+        except psycopg.Error as exc:
+            raise OSError(f"cannot share the discovery turn: {one_line(exc, self._url)}") from None
+
     def close(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(psycopg.Error):

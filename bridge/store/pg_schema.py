@@ -233,6 +233,11 @@ MIGRATIONS: list[list[str]] = [
            ON users FOR EACH ROW EXECUTE FUNCTION note_config_change('user', 'id')""",
         """CREATE TRIGGER config_user_tokens AFTER INSERT OR DELETE OR UPDATE
            ON user_tokens FOR EACH ROW EXECUTE FUNCTION note_config_change('user', 'user_id')""",
+        # Home Assistant discovery once per change, not once per worker: the digest of each
+        # batmon's config last sent (the worker whose upsert changes it publishes), and when a
+        # re-send of every config (after a connect, Home Assistant's birth) was last taken.
+        "CREATE TABLE discovery_sent (batmon_id BIGINT PRIMARY KEY, digest TEXT NOT NULL)",
+        "CREATE TABLE shared_turns (name TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL)",
     ],
 ]
 
