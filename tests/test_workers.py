@@ -27,6 +27,17 @@ def two(tmp_path: Path) -> Iterator[tuple[Workers, httpx.Client, httpx.Client]]:
             yield group, on_a, on_b
 
 
+@pytest.fixture
+def two_publishers(tmp_path: Path) -> Iterator[tuple[Workers, httpx.Client, httpx.Client]]:
+    """Two workers that both stay connected to the broker: each its own client id (with one
+    id they would take each other's session over, and publishes would be lost meanwhile)."""
+    with workers(tmp_path, extra=lambda i: ["--mqtt-client-id", f"batmon-worker-{i}"]) as group:
+        a, b = group.start(2)
+        with httpx.Client(base_url=a.http_url, headers=group.auth, timeout=10) as on_a, \
+             httpx.Client(base_url=b.http_url, headers=group.auth, timeout=10) as on_b:  # fmt: skip
+            yield group, on_a, on_b
+
+
 def ok(response: httpx.Response) -> object:
     assert response.status_code == 200, response.text
     return response.json()["success"]
@@ -154,8 +165,8 @@ def test_a_reading_on_a_reaches_a_live_dashboard_on_b_within_a_second(
 
 @pytest.mark.timeout(180)
 def test_an_older_state_from_one_worker_never_replaces_a_newer_one_from_another(
-        two: tuple[Workers, httpx.Client, httpx.Client]) -> None:  # fmt: skip
-    group, on_a, on_b = two
+        two_publishers: tuple[Workers, httpx.Client, httpx.Client]) -> None:  # fmt: skip
+    group, on_a, on_b = two_publishers
     batmon_id, token = add(on_a)
     now = time.time()
     # The newer reading on A, then an older one (a device's buffered reading) on B.
@@ -171,8 +182,8 @@ def test_an_older_state_from_one_worker_never_replaces_a_newer_one_from_another(
 
 @pytest.mark.timeout(180)
 def test_a_discovery_config_goes_out_once_per_change_not_once_per_worker(
-        two: tuple[Workers, httpx.Client, httpx.Client]) -> None:  # fmt: skip
-    group, on_a, on_b = two
+        two_publishers: tuple[Workers, httpx.Client, httpx.Client]) -> None:  # fmt: skip
+    group, on_a, on_b = two_publishers
     probe = Probe(group.broker.port)
     try:
         probe.subscribe("homeassistant/device/+/config")
