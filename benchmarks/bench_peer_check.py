@@ -3,7 +3,8 @@ workers"): one real `batmon serve` on PostgreSQL, in this process, its catch-up 
 off between rounds; a client process sends status requests one after another over keep-alive.
 
 Printed per mode: the median time per status request seen by the client, and this (the
-worker's) process's CPU per request; and the check's query alone (one round trip, no loop).
+worker's) process's CPU per request; the check's query alone (one round trip, no loop); and what
+the writer's NOTIFY of a group's batmon ids adds to a commit of 500 readings (100 batmons).
 
     python -m benchmarks.bench_peer_check [--admin-url postgresql://postgres@127.0.0.1/postgres]
 """
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import psycopg
@@ -101,6 +103,42 @@ def query_alone(url: str, n: int) -> None:
     print(f"the check's query alone (one round trip, {n} times): {wall * 1e6:.0f} µs, {cpu * 1e6:.0f} µs CPU")
 
 
+def notify_cost(url: str, groups: int) -> None:
+    """A group of 500 readings for 100 batmons committed by the store's own write, with and
+    without its NOTIFY, alternating (the NOTIFY switched off by emptying the id list)."""
+    from bridge.store import pg_store
+    from bridge.store.pg_channels import readings_notices
+    from bridge.store.pg_store import PostgresStore
+
+    store = PostgresStore.open(url)
+    ids = list(range(1, 101))
+    user = store.add_user("bench@example.com", "k" * 64, 0.0)
+    for batmon_id in ids:
+        store.add_batmon({"id": batmon_id, "user_id": user, "name": "b", "type": "t", "token": "x" * 16,
+                          "update_period": 60, "created": 0.0})  # fmt: skip
+    times: dict[str, list[float]] = {"with NOTIFY": [], "without": []}
+
+    def none(batmon_ids: Sequence[int]) -> list[str]:
+        return []
+
+    ts = time.time() - 86_400
+    for group in range(groups):
+        for mode in times:
+            pg_store.readings_notices = readings_notices if mode == "with NOTIFY" else none
+            ts += 1
+            rows = [(i % 100 + 1, ts + i / 1000, 12.0, 1.0, 12.0, 50.0, "{}", None, None) for i in range(500)]
+            updates = [(b, {"voltage": 12.0, "last_reading": ts + 1}) for b in ids]
+            started = time.perf_counter()
+            store.write(rows, updates)
+            if group:  # the first round makes the partition
+                times[mode].append(time.perf_counter() - started)
+    pg_store.readings_notices = readings_notices
+    store.close()
+    print(f"a commit of 500 readings and 100 latest values, {groups - 1} each (median):")
+    for mode, values in times.items():
+        print(f"  {mode:<12} {statistics.median(values) * 1e3:6.2f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
@@ -114,6 +152,7 @@ def main() -> None:
     try:
         asyncio.run(bench(url, args.requests, args.rounds))
         query_alone(url, args.requests)
+        notify_cost(url, 101)
     finally:
         with psycopg.connect(args.admin_url, autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
