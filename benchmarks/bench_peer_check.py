@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import secrets
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import psycopg
 from pydantic import SecretStr
 
 from batmon.service import Service
+from benchmarks.bench_pg_insert import scratch_database
 from bridge.config import ServeOptions
 from bridge.store.pg_notify import PgPeerReads
 
@@ -145,17 +145,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    name = f"batmon_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(args.admin_url, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    url = args.admin_url.rsplit("/", 1)[0] + "/" + name
-    try:
+    with scratch_database(args.admin_url) as url:
         asyncio.run(bench(url, args.requests, args.rounds))
         query_alone(url, args.requests)
         notify_cost(url, 101)
-    finally:
-        with psycopg.connect(args.admin_url, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from psycopg.rows import dict_row
 
 from bridge.errors import StorageFailed
 from bridge.store.pg_channels import CONFIG_CHANNEL, READINGS_CHANNEL, parse_readings_notice
-from bridge.store.pg_store import PostgresStore, connect, one_line
+from bridge.store.pg_store import OwnConnection, PostgresStore, connect, one_line
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +69,8 @@ _CHECK = (
 )
 
 
-class PgPeerReads:
+class PgPeerReads(OwnConnection):
     """The checks of one worker, on a connection of its own (one thread at a time)."""
-
-    def __init__(self, url: str) -> None:
-        self._url = url
-        self._conn: psycopg.Connection[Any] | None = None
-
-    def _connection(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.broken:
-            self.close()
-            self._conn = connect(self._url)
-        return self._conn
 
     def versions(self) -> tuple[int, int]:
         """(config version, credentials version) now; OSError when the database cannot be read."""
@@ -164,11 +154,6 @@ class PgPeerReads:
         except psycopg.Error as exc:
             raise OSError(f"cannot share the discovery turn: {one_line(exc, self._url)}") from None
 
-    def close(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                self._conn.close()
-            self._conn = None
 
 
 def _rows(conn: psycopg.Connection[Any], sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:

@@ -149,6 +149,27 @@ def connect(url: str) -> psycopg.Connection[Any]:
     return conn
 
 
+class OwnConnection:
+    """A reader's connection of its own, made again on the next call once broken (one thread
+    at a time): the credential watcher's, the other workers' checks."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.broken:
+            self.close()
+            self._conn = connect(self._url)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = None
+
+
 def month_bounds(ts: float) -> tuple[float, float, str]:
     """(start, end, partition name) of the UTC month holding ``ts``."""
     moment = dt.datetime.fromtimestamp(ts, dt.UTC)
