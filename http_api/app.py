@@ -4,6 +4,7 @@ authentication, validation and the one mapping of errors to ``{"error": ...}``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from bridge.core import Core, User
-from bridge.errors import BatmonError, NotAuthenticated, Unavailable, WrongToken
+from bridge.errors import BatmonError, NotAuthenticated, StorageFailed, Unavailable, WrongToken
 from bridge.events import HttpRejected
 from bridge.history_answers import Streamed
 from bridge.models import Login, describe_error
@@ -119,7 +120,9 @@ class Api:
                     fields["format"] = format_from_accept(request.headers.get("accept", ""))
                 data = endpoint.model.model_validate(fields)
                 if self.core.peers is not None:  # other workers: what they committed first
-                    await self.core.peers.catch_up(_batmons_shown(endpoint, data, call))
+                    # The database away: answered from memory (a change fails at its commit).
+                    with contextlib.suppress(StorageFailed):
+                        await self.core.peers.catch_up(_batmons_shown(endpoint, data, call))
                 return await endpoint.handler(call, data)
 
             return await self.run(request, work)
