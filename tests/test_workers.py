@@ -4,6 +4,7 @@ worker changes, the others answer with at once (issue 16, acceptance 5; docs/SCA
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,3 +208,26 @@ def test_a_discovery_config_goes_out_once_per_change_not_once_per_worker(
         assert "temperature" in configs[-1]["cmps"]
     finally:
         probe.close()
+
+
+@pytest.mark.timeout(180)
+def test_an_update_for_a_batmon_made_a_moment_ago_on_the_other_worker_is_stored(tmp_path: Path) -> None:
+    """Updates shared out round-robin ($share): the half that reaches B right after the batmon
+    was made on A is stored, not dropped as unknown (B looks at the change log first)."""
+    args = lambda i: ["--mqtt-share-group", "batmon", "--mqtt-client-id", f"batmon-worker-{i}"]  # noqa: E731
+    with workers(tmp_path, extra=args) as group:
+        a, _ = group.start(2)
+        device = Probe(group.broker.port)
+        try:
+            with httpx.Client(base_url=a.http_url, headers=group.auth, timeout=10) as on_a:
+                for _ in range(10):
+                    batmon_id, token = add(on_a)
+                    t0 = int(time.time()) - 100
+                    topic = f"batmon/{batmon_id}/{token}/update"
+                    for k in range(4):  # acked once stored (or dropped): two of them through B
+                        device.publish(topic, json.dumps({"ts": t0 + k, "voltage": 12}))
+                    asked = {"batmon_id": batmon_id, "min_epoch_tm_sec": t0 - 1}
+                    rows = ok(on_a.post("/interface/batmon/history", json=asked))
+                    assert isinstance(rows, list) and len(rows[0]["data"]) == 4, rows
+        finally:
+            device.close()
