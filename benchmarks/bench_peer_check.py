@@ -1,8 +1,9 @@
-"""What catching up with other workers costs a status request (docs/SCALE-OUT.md, "Caches across
+"""What catching up with other workers costs a request (docs/SCALE-OUT.md, "Caches across
 workers"): one real `batmon serve` on PostgreSQL, in this process, its catch-up switched on and
-off between rounds; a client process sends status requests one after another over keep-alive.
+off between rounds; a client process sends status requests, then updates, one after another over
+keep-alive.
 
-Printed per mode: the median time per status request seen by the client, and this (the
+Printed per kind and mode: the median time per request seen by the client, and this (the
 worker's) process's CPU per request; the check's query alone (one round trip, no loop); and what
 the writer's NOTIFY of a group's batmon ids adds to a commit of 500 readings (100 batmons).
 
@@ -32,9 +33,9 @@ from bridge.store.pg_notify import PgPeerReads
 CLIENT = """
 import json, sys, time
 from benchmarks.http_load import KeepAlive, build_request
-port, key, batmon_id, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-request = build_request("POST", "/interface/batmon/status", json.dumps({"batmon_id": batmon_id}).encode(),
-                        {"X-API-Key": key})
+port, key, batmon_id, n, path = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+body = {"batmon_id": batmon_id, **({"voltage": 12.5} if path.endswith("update/batmon") else {})}
+request = build_request("POST", path, json.dumps(body).encode(), {"X-API-Key": key})
 client = KeepAlive(port)
 for _ in range(200):
     client.call(request)
@@ -46,11 +47,14 @@ print(time.perf_counter() - started)
 """
 
 
-async def client_run(port: int, key: str, batmon_id: int, n: int) -> tuple[float, float]:
+PATHS = {"status": "/interface/batmon/status", "update": "/interface/update/batmon"}
+
+
+async def client_run(port: int, key: str, batmon_id: int, n: int, path: str) -> tuple[float, float]:
     """(seconds per request seen by the client, this process's CPU seconds per request)."""
     cpu = time.process_time()
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", CLIENT, str(port), key, str(batmon_id),
-                                                str(n), stdout=subprocess.PIPE)  # fmt: skip
+                                                str(n), path, stdout=subprocess.PIPE)  # fmt: skip
     out, _ = await proc.communicate()
     cpu = time.process_time() - cpu
     return float(out) / n, cpu / (n + 200)
@@ -72,20 +76,22 @@ async def bench(url: str, requests: int, rounds: int) -> None:
             batmon = core.add_batmon(user, AddBatmon(batmon_name="bench"))
             await asyncio.sleep(0.2)
             await core.ingest_readings(batmon, [Reading.model_validate({"voltage": 12.5})])
-            results: dict[str, list[tuple[float, float]]] = {"catch-up": [], "memory only": []}
+            results: dict[str, list[tuple[float, float]]] = {
+                f"{kind}, {mode}": [] for kind in PATHS for mode in ("catch-up", "memory only")}
             for _ in range(rounds):
-                for mode in results:
+                for name in results:
+                    kind, mode = name.split(", ")
                     core.peers = peers if mode == "catch-up" else None
-                    results[mode].append(await client_run(service.http_port, service.admin_api_key,
-                                                          batmon.id, requests))  # fmt: skip
+                    results[name].append(await client_run(service.http_port, service.admin_api_key,
+                                                          batmon.id, requests, PATHS[kind]))  # fmt: skip
             core.peers = peers
         finally:
             await service.stop()
-    print(f"status requests, one client, {requests} per round, {rounds} rounds (median):")
-    for mode, values in results.items():
+    print(f"one client, requests one after another, {requests} per round, {rounds} rounds (median):")
+    for name, values in results.items():
         wall = statistics.median(v[0] for v in values) * 1e6
         cpu = statistics.median(v[1] for v in values) * 1e6
-        print(f"  {mode:<12} {wall:7.0f} µs per request   {cpu:6.0f} µs CPU of the worker per request"
+        print(f"  {name:<20} {wall:7.0f} µs per request   {cpu:6.0f} µs CPU of the worker per request"
               f"   ({', '.join(f'{v[0] * 1e6:.0f}' for v in values)})")
 
 
