@@ -11,8 +11,10 @@ from pathlib import Path
 
 import httpx2 as httpx
 import pytest
+from playwright.sync_api import sync_playwright
 
 from tests.support import Probe, payload_json, retained, wait_until
+from tests.test_dashboard_browser import CHROMIUM, CHROMIUM_ARGS
 from tests.test_deploy_scale_out import LiveStream
 from tests.workers import Workers, workers
 
@@ -236,3 +238,38 @@ def test_an_update_for_a_batmon_made_a_moment_ago_on_the_other_worker_is_stored(
                     wait_until(lambda: stored() == 4, 5, "all four readings stored")
         finally:
             device.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_dashboard_in_a_browser_on_b_shows_readings_sent_to_a(
+        two: tuple[Workers, httpx.Client, httpx.Client], tmp_path: Path) -> None:  # fmt: skip
+    group, on_a, _ = two
+    batmon_id, token = add(on_a, "Boat")
+    if not CHROMIUM.exists():  # never a silent skip
+        pytest.fail("Debian's chromium is not installed at /usr/bin/chromium (apt-get install -y chromium)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_context(base_url=group.procs[1].http_url).new_page()  # worker B
+        page.set_default_timeout(10_000)
+        try:
+            page.goto("/")
+            page.get_by_label("api_key").fill(group.admin_key or "")
+            page.keyboard.press("Enter")
+            page.wait_for_selector('#live-state[data-state="open"]')
+            delays = []
+            for voltage in (12.34, 12.56, 12.78):
+                sent = time.monotonic()
+                ok(on_a.post("/interface/update/batmon", json={"batmon_id": batmon_id, "batmon_token": token,
+                                                               "voltage": voltage}))  # fmt: skip
+                page.wait_for_function(
+                    """([id, text]) => document.querySelector(
+                         `tr[data-batmon-id="${id}"] [data-metric="voltage"]`)?.textContent === text""",
+                    arg=[batmon_id, f"{voltage:.2f} V"])  # fmt: skip
+                delays.append(time.monotonic() - sent)
+            print("reading on A to the browser on B:", ", ".join(f"{d * 1000:.0f} ms" for d in delays))
+            assert max(delays) <= LIVE_DEADLINE_S
+        except Exception:
+            page.screenshot(path=tmp_path / "FAILED-dashboard-on-b.png", full_page=True)
+            raise
+        finally:
+            browser.close()
