@@ -1,5 +1,5 @@
-"""The `batmon` command: serve, backup, restore, user add/list/notify/reset-key/token, simulate,
-agent vedirect.
+"""The `batmon` command: serve, backup, restore, user add/list/notify/reset-key/token, db copy,
+simulate, agent vedirect.
 
 Every failure is one line on stderr: exit 2 for bad usage, 1 at run time.
 """
@@ -24,7 +24,8 @@ from bridge.models import describe_error
 
 ENV_PREFIX = "BATMON_"
 SERVE_OPTIONS = ("data_dir", "host", "http_port", "mqtt_port", "mqtt_url", "database_url", "broker_config",
-                 "base_topic", "discovery_prefix", "discovery", "notify_retry_s",
+                 "mqtt_share_group", "mqtt_client_id", "base_topic", "discovery_prefix", "discovery",
+                 "notify_retry_s",
                  "notify_give_up_s", "metrics", "metrics_token", "metrics_per_batmon",
                  "retention_days", "http_max_connections", "mqtt_tls_port", "tls_cert", "tls_key",
                  "tls_client_ca", "http_tls_cert", "http_tls_key", "mqtt_ca", "mqtt_client_cert",
@@ -48,6 +49,10 @@ def build_parser() -> Parser:
     serve.add_argument("--http-port", help="HTTP port, 0 picks a free one (default 8080)")
     serve.add_argument("--mqtt-port", help="embedded broker port, 0 picks one, off: TLS only (default 1883)")
     serve.add_argument("--mqtt-url", help="use this broker, e.g. mqtt://user:pass@host:1883")
+    serve.add_argument("--mqtt-share-group", help="with --mqtt-url: take updates through"
+                       " $share/NAME/..., one part each for N workers (default: a plain subscription)")
+    serve.add_argument("--mqtt-client-id", help="with --mqtt-url: this worker's MQTT client id, the same"
+                       " across its restarts (default batmon-bridge-<base topic>)")
     serve.add_argument("--database-url", help="PostgreSQL instead of the SQLite file, e.g."
                        " postgresql://user@host:5432/batmon (or BATMON_DATABASE_URL)")
     serve.add_argument("--broker-config",
@@ -123,6 +128,14 @@ def build_parser() -> Parser:
     restore.add_argument("file", type=Path)
     for sub in (backup, restore):
         sub.add_argument("--data-dir", help="folder of the SQLite file (default ./batmon-data)")
+
+    db = commands.add_parser("db", help="move the database")
+    db_commands = db.add_subparsers(dest="db_command", required=True, parser_class=Parser)
+    db_copy = db_commands.add_parser(
+        "copy", help="copy the data folder's SQLite database into an empty PostgreSQL one (serve stopped)")
+    db_copy.add_argument("--to", required=True, metavar="URL",
+                         help="the empty target, e.g. postgresql://batmon@db-host:5432/batmon")  # fmt: skip
+    db_copy.add_argument("--data-dir", help="folder of the SQLite file (default ./batmon-data)")
 
     agent = commands.add_parser("agent", help="run beside a device and feed a batmon server")
     agents = agent.add_subparsers(dest="agent_command", required=True, parser_class=Parser)
@@ -234,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             run_backup_or_restore(args)
         elif args.command == "user":
             run_user(args)
+        elif args.command == "db":
+            run_db_copy(args)
         elif args.command == "simulate":
             asyncio.run(run_simulate(args))
         elif args.command == "agent":
@@ -254,7 +269,7 @@ async def run_serve(options: ServeOptions) -> None:
     try:
         await service.start()
     except ServiceError as exc:
-        fail(f"batmon serve: {exc}")
+        fail(f"batmon serve: {exc}", code=exc.code)
     broker = "embedded broker" if service.broker is not None else "external broker"
     print(f"HTTP  {service.http_url}", flush=True)
     scheme = "mqtts" if options.mqtt_url and options.mqtt_url.strip().lower().startswith("mqtts") else "mqtt"
@@ -318,6 +333,50 @@ def run_backup_or_restore(args: argparse.Namespace) -> None:
         fail(f"{command}: {exc}")
     except OSError as exc:
         fail(f"{command}: {exc.filename or data_dir}: {exc.strerror}")
+
+
+def run_db_copy(args: argparse.Namespace) -> None:
+    """`batmon db copy --to URL`: the data folder's SQLite database into an empty PostgreSQL
+    database, holding the folder's lock (serve stopped); the URL is never printed."""
+    from bridge.config import check_database_url
+    from bridge.data_lock import DataDirInUse, lock_data_dir
+    from bridge.errors import StorageFailed
+    from bridge.store.copy import CopyError, copy_to_postgres
+    from bridge.store.db import DB_FILENAME
+
+    command = "batmon db copy"
+    try:
+        check_database_url(args.to)
+    except ValueError as exc:
+        fail(f"{command}: --to: {exc}", code=2)
+    data_dir = data_dir_of(args)
+    if not (data_dir / DB_FILENAME).is_file():
+        fail(f"{command}: no database in {data_dir}: give the folder serve uses with --data-dir"
+             " (or BATMON_DATA_DIR)")  # fmt: skip
+    try:
+        lock = lock_data_dir(data_dir)  # no serve may write the file meanwhile
+    except DataDirInUse as exc:
+        fail(f"{command}: {exc}")
+    except OSError as exc:
+        fail(f"{command}: cannot use data folder {data_dir}: {exc.strerror}")
+    try:
+        report = copy_to_postgres(data_dir / DB_FILENAME, args.to,
+                                  progress=lambda line: print(line, flush=True))  # fmt: skip
+    except CopyError as exc:
+        fail(f"{command}: {exc}")
+    except StorageFailed as exc:  # names user@host:port/db, never the password
+        fail(f"{command}: {exc.message}")
+    except OSError as exc:  # the SQLite file could not be opened
+        fail(f"{command}: {exc.strerror or exc}")
+    finally:
+        lock.release()
+    readings = report.counts.get("readings", 0)
+    rate = readings / report.readings_seconds if report.readings_seconds > 0 else 0.0
+    print(f"copied {data_dir / DB_FILENAME} into postgresql://{report.target} in {report.seconds:.1f} s"
+          f" ({readings:,} readings in {report.readings_seconds:.1f} s, {rate:,.0f}/s); counts match:"
+          + ",".join(f" {table} {n:,}" for table, n in report.counts.items()), flush=True)  # fmt: skip
+    print("serve from it with --database-url (or BATMON_DATABASE_URL); the SQLite file is unchanged",
+          flush=True)  # fmt: skip
 
 
 def run_user(args: argparse.Namespace) -> None:

@@ -18,7 +18,7 @@ import os
 import secrets
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ from bridge.events import EventBus, HomeAssistantStatus
 from bridge.extensions import Extension
 from bridge.ratelimit import FailureLimiter
 from bridge.store.interface import Store
+from bridge.threads import run_on_own_thread
 from bridge.tls import TlsSetupError, client_context, server_context
 from bridge.topics import Topics
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from bridge.doors.external_door import ExternalBrokerDoor
     from bridge.doors.mqtt_link import MqttLink
     from bridge.doors.update_door import UpdateDoor
+    from bridge.extensions.credential_watcher import CredentialPoll
     from bridge.extensions.discovery import HomeAssistantDiscovery
 
 log = logging.getLogger(__name__)
@@ -51,7 +53,13 @@ CANCEL_GRACE_S = 1.0  # a stop past its bound is cancelled and given this long t
 
 
 class ServiceError(RuntimeError):
-    """A runtime failure to start (busy port, unreadable data folder): one clear line."""
+    """A runtime failure to start (busy port, unreadable data folder): one clear line.
+
+    ``code``: the exit status, 2 for a way of running that can never work (a usage error)."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def session_secret(data_dir: Path) -> bytes:
@@ -138,10 +146,12 @@ class Service:
         from batmon.http_server import HttpServerError
         from bridge.doors.broker import BrokerStartError
         from bridge.doors.mqtt_link import MqttConnectError
+        from bridge.store.pg_lock import LockHeld
 
         opts = self.options
         try:
-            self.store = self._open_store()
+            # Opening (migrations) and loading run off the loop, as every query does.
+            self.store = await run_on_own_thread(self._open_store, name="store-open")
             secret = session_secret(opts.data_dir)  # the data folder holds it on PostgreSQL too
         except OSError as exc:
             raise ServiceError(f"cannot use data folder {opts.data_dir}: {exc.strerror}") from None
@@ -150,7 +160,9 @@ class Service:
                 server_context(opts.http_tls_cert, opts.http_tls_key)
             except TlsSetupError as exc:
                 raise ServiceError(f"cannot serve HTTPS: {exc}") from None
-        self.core = core = Core(self.store, EventBus()).load()
+        core = Core(self.store, EventBus())
+        await run_on_own_thread(core.load, name="store-load")
+        self.core = core
         # Bind HTTP first: a busy port is then one clear error before anything starts.
         sock = bind_socket(opts.host, opts.http_port, "HTTP")
         self.http_port = sock.getsockname()[1]
@@ -176,6 +188,10 @@ class Service:
                 raise ServiceError(f"{exc}{hint}") from None
             except HttpServerError as exc:
                 raise ServiceError(str(exc)) from None
+            except LockHeld as exc:
+                raise ServiceError(str(exc), code=2) from None
+            except StorageFailed as exc:
+                raise ServiceError(exc.message) from None
         if self.broker is not None:  # where it listens is known once it does
             self.mqtt_host, self.mqtt_port = self.broker.host, self.broker.port
         # Everything made so far (registry, modules, broker) lives as long as the process:
@@ -183,7 +199,7 @@ class Service:
         gc.freeze()
         # Last, so a start that fails does not make an admin whose key nobody saw.
         if not core.user_has_data():
-            _, self.admin_api_key = core.create_user(ADMIN_EMAIL)
+            _, self.admin_api_key = await core.create_user_off_loop(ADMIN_EMAIL)
 
     def _open_store(self) -> Store:
         """PostgreSQL when a database URL is given, else the SQLite file in the data folder."""
@@ -200,7 +216,7 @@ class Service:
         except StorageFailed as exc:  # names user@host:port/db, never the password
             raise ServiceError(exc.message) from None
 
-    def _credential_reader(self) -> Any:
+    def _credential_reader(self) -> Callable[[], CredentialPoll] | None:
         """What opens the credential watcher's reader: PostgreSQL's, else None (the SQLite file's)."""
         if self.options.database_url is None:
             return None
@@ -276,15 +292,14 @@ class Service:
                 except TlsSetupError as exc:
                     raise ServiceError(f"cannot connect to the MQTT broker over TLS: {exc}") from None
             # A stable id keeps the broker's session: readings sent while we were
-            # away are delivered when we come back. It names the base topic, so two
-            # bridges sharing a broker under different bases do not evict each other.
-            client_id = "batmon-bridge-" + opts.base_topic.replace("/", "-")
+            # away (and those we held unacked) are delivered when we come back.
+            client_id = opts.bridge_client_id
             self.mqtt_host, self.mqtt_port = host, port
             link = MqttLink(BrokerEndpoint(host, port, username, password, client_id, tls),
                             BrokerMode.EXTERNAL, self.topics, core.bus,
                             homeassistant=opts.discovery)  # fmt: skip
-            door = ExternalBrokerDoor(core, self.topics, link)
-            link.take_updates(door.subscription, door.receive)
+            door = ExternalBrokerDoor(core, self.topics, link, share_group=opts.mqtt_share_group)
+            link.take_updates(door.subscription, door.receive, stale=door.stale_subscription)
             retained = link.publish_retained
             doors: list[Extension] = [link, door]  # the door stops (acks) before the link goes
             self._bounds[door] = DRAIN_TIMEOUT_S
@@ -315,6 +330,8 @@ class Service:
                                                    bridge_password, client_id),
                             BrokerMode.EMBEDDED, self.topics, core.bus, homeassistant=False)  # fmt: skip
             retained = broker.publish_retained
+            if opts.database_url is not None:  # first to start: a second such worker starts nothing
+                parts.insert(0, self._embedded_broker_lock(opts.database_url.get_secret_value()))
             parts.append(broker)
             doors = [link]
             self._bounds[broker] = DRAIN_TIMEOUT_S  # it waits for commits before disconnecting
@@ -346,6 +363,17 @@ class Service:
                             tls=https_options(opts))  # fmt: skip
         parts += [server, live]
         return parts + self._more
+
+    @staticmethod
+    def _embedded_broker_lock(url: str) -> Extension:
+        """The embedded broker serves one worker: held while it runs, refused to a second."""
+        from bridge.store.pg_lock import EMBEDDED_BROKER_LOCK, SessionLock
+        from bridge.store.pg_store import describe_url
+
+        return SessionLock(url, EMBEDDED_BROKER_LOCK, (
+            f"another batmon serve with the embedded broker already uses postgresql://{describe_url(url)};"
+            " the embedded broker serves one worker only: run every worker with --mqtt-url"
+            " (one external broker, e.g. Mosquitto; see docs/SCALE-OUT.md)"))
 
     def _broker_hint(self, exc: Exception) -> str:
         if not getattr(exc, "address_in_use", False):
@@ -412,11 +440,16 @@ class Service:
                 await asyncio.wait_for(self.core.writer.drain(), DRAIN_TIMEOUT_S)
             except Exception as exc:
                 log.warning("the writer did not drain within %g s: %r", DRAIN_TIMEOUT_S, exc)
-            self.core.writer.stop()
-            self.core.close_history()
-        if self.store is not None:
-            self.store.close()
-            self.store = None
+        core, store, self.store = self.core, self.store, None
+
+        def close() -> None:  # joins threads and may checkpoint the WAL: off the loop too
+            if core is not None:
+                core.writer.stop()
+                core.close_history()
+            if store is not None:
+                store.close()
+
+        await run_on_own_thread(close, name="store-close")
         self.link = self.door = self.broker = None
         self.discovery = None
 

@@ -4,7 +4,7 @@ Starts what each row needs (`batmon serve` in both modes, private Mosquittos, a 
 amqtt broker, the minimal Starlette app, the SQLite sinks), alternates product and anchor
 runs, and prints a table of medians and ratios; a full run writes benchmarks/RESULTS.md.
 
-    python -m benchmarks                      # every row, ~6-9 minutes on 2 cores
+    python -m benchmarks                      # every row, ~8-11 minutes on 2 cores
     python -m benchmarks --quick              # every row, small sizes: a smoke run
     python -m benchmarks --only http-status   # some rows (comma-separated or repeated)
 """
@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks import rows_data, rows_delete, rows_http, rows_mqtt
+from benchmarks import rows_data, rows_delete, rows_http, rows_mqtt, rows_scale
 from benchmarks.report import Line, results_markdown, table
 from benchmarks.runner import Context
 
@@ -38,6 +38,8 @@ ROWS: dict[str, Callable[[Context], list[Line]]] = {
     "history-lag": rows_data.history_lag,
     "batmons-10k": rows_data.batmons_10k,
     "delete": rows_delete.delete,
+    "scale-ingest": rows_scale.scale_ingest,
+    "scale-http": rows_scale.scale_http,
 }
 
 # How each row is measured, for RESULTS.md (paragraphs; line breaks are joined).
@@ -99,6 +101,24 @@ NOTES = [" ".join(note.split()) for note in (
     /healthz is polled every 20 ms from `ready` until the last queued row is in the database.
     Embedded (`backlog-embedded`, one run): 100 batmons push 20,000 readings as fast as PUBACKs allow
     while /healthz is polled every 20 ms until the last row is in the database.""",
+    """**Scale-out (issue 16).** `scale-ingest`: five systems, each with its own private Mosquitto
+    and the same 100 `mosquitto_pub` publishers' load (as MQTT load above), sized and timed the same
+    way, rounds alternating their order: `batmon serve --mqtt-url` on SQLite (1 worker); a PostgreSQL
+    batched sink (`python -m benchmarks.sinks pg`: paho 3.1.1, ack on receipt, 500 rows per
+    transaction by the store's own SQL: COPY into a temporary table, INSERT ... ON CONFLICT DO
+    NOTHING, into the store's readings table); 1, 2 and 3 workers (`--mqtt-url --database-url
+    --mqtt-share-group bench --mqtt-client-id bench-<system>-w<i>`). Each PostgreSQL system has a
+    database of its own on the machine's PostgreSQL, made for the run and dropped after it. Worker 1
+    makes the batmons before the others start (a worker does not see batmons made after it started
+    yet). Rows stored are counted by `count(*)`, polled once `readings_seq` says they may all be
+    there (and every 0.25 s). CPU per reading: user + system time (/proc) of each process over each
+    run, divided by the readings: the workers, the broker, the PostgreSQL backends connected to that
+    database (by pid from `pg_stat_activity`, the harness's counter excluded); the server's
+    background processes serve every database on the machine and are shown apart. Cores in use:
+    rate x CPU per reading, beside the whole machine's busy cores over the same run (/proc/stat,
+    everyone's). The projection multiplies the CPU per reading at full speed by 10,000 readings/s.
+    `scale-http`: 2 workers on one database (a private Mosquitto), keep-alive clients as HTTP load
+    above, client i on worker i mod 2, against the same clients all on worker 1, alternated.""",
     """**Noise.** The machine may be shared; the load average at the end is in the table above, and every
     repetition is listed below.""",
 )]

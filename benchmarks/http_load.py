@@ -79,10 +79,12 @@ class LoadResult:
     errors: list[str] = field(default_factory=list)
 
 
-def closed_loop(port: int, requests: list[bytes], duration: float) -> float:
+def closed_loop(port: int | list[int], requests: list[bytes], duration: float) -> float:
     """Requests/s from ``len(requests)`` keep-alive clients, client i sending requests[i]
-    back to back for ``duration`` seconds. Any non-200 answer fails the run."""
-    clients = [KeepAlive(port) for _ in requests]
+    back to back for ``duration`` seconds. Any non-200 answer fails the run. Several
+    ports (workers): client i talks to ports[i % len(ports)], round robin."""
+    ports = [port] if isinstance(port, int) else port
+    clients = [KeepAlive(ports[i % len(ports)]) for i in range(len(requests))]
     result = LoadResult()
     lock = threading.Lock()
     go = threading.Barrier(len(clients) + 1)

@@ -179,6 +179,11 @@ class Mosquitto:
         wait_port(self.port, self.proc, log)
         return self
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
     def stop(self) -> None:
         stop_process(self.proc)
 
@@ -211,12 +216,13 @@ class PythonServer:
 
 @dataclass
 class Sink:
-    """An MQTT subscriber process writing readings to SQLite (the batched sink or the
-    naive peer); rows are counted in its database file."""
+    """An MQTT subscriber process writing readings to a database (the batched sink or the
+    naive peer on SQLite, the batched sink on PostgreSQL); it reports the rows it committed."""
 
-    kind: str  # "batched" | "naive"
+    kind: str  # "batched" | "naive" | "pg"
     broker_port: int
-    db_path: Path
+    db_path: Path  # the SQLite file; for "pg", where its log goes (next to it)
+    db_url: str | None = None  # "pg": the database
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Sink:
@@ -224,7 +230,7 @@ class Sink:
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "benchmarks.sinks", self.kind, "--port", str(self.broker_port),
-                 "--db", str(self.db_path)],
+                 "--db", self.db_url or str(self.db_path)],
                 cwd=ROOT, stdout=subprocess.PIPE, stderr=out,
             )  # fmt: skip
         assert self.proc.stdout is not None

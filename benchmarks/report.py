@@ -21,6 +21,8 @@ FORMATS = {
     "ms": lambda v: f"{v:,.1f} ms" if v < 100 else f"{v:,.0f} ms",
     "s": lambda v: f"{v:,.2f} s",
     "MB": lambda v: f"{v:,.0f} MB",
+    "µs": lambda v: f"{v:,.1f} µs" if v < 100 else f"{v:,.0f} µs",
+    "cores": lambda v: f"{v:,.2f} cores",
 }
 
 

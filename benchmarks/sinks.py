@@ -1,9 +1,12 @@
-"""MQTT-to-SQLite peers of the external-broker row, each in its own process:
+"""MQTT-to-database peers of the external-broker rows, each in its own process:
 
 - ``batched``: a paho subscriber that commits 500 rows per transaction (WAL,
   synchronous=NORMAL), or what it has when the socket goes quiet;
 - ``naive``: the obvious peer, sqlite-utils ``insert`` (one commit) per message, on
-  sqlite-utils' default database settings.
+  sqlite-utils' default database settings;
+- ``pg``: the batched sink on PostgreSQL (``--db`` is then a URL): 500 rows per
+  transaction into the PostgreSQL store's own readings table, as the store writes them
+  (COPY into a temporary table, then INSERT ... ON CONFLICT DO NOTHING, the store's SQL).
 
 Both subscribe QoS 1 to ``batmon/+/+/update`` as MQTT 3.1.1 clients with paho's
 automatic acks (PUBACK on receipt, before the commit). Each prints ``subscribed`` once,
@@ -11,6 +14,7 @@ then ``<rows> <CLOCK_MONOTONIC>`` whenever its row count changed (at most every 
 and at once when it goes idle), so the harness times the last row exactly.
 
     python -m benchmarks.sinks batched|naive --port P --db FILE
+    python -m benchmarks.sinks pg --port P --db postgresql://...
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import json
 import sqlite3
 import sys
 import time
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -42,19 +46,54 @@ def row_of(msg: mqtt.MQTTMessage) -> dict[str, Any]:
     return row
 
 
-def run(kind: str, port: int, db_path: Path) -> None:
+def sqlite_batched(db_path: str) -> Callable[[list[dict[str, Any]]], None]:
+    """The batched sink's commit of a group into SQLite."""
+    conn = sqlite3.connect(db_path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("CREATE TABLE IF NOT EXISTS readings (id INTEGER PRIMARY KEY, batmon_id INTEGER,"
+                 " ts REAL, voltage REAL, current REAL, power REAL, soc REAL)")  # fmt: skip
+    conn.commit()
+
+    def commit(rows: list[dict[str, Any]]) -> None:
+        with conn:
+            conn.executemany(INSERT, rows)
+
+    return commit
+
+
+def pg_batched(url: str) -> Callable[[list[dict[str, Any]]], None]:
+    """The batched sink's commit of a group into PostgreSQL, by the store's own SQL (its
+    schema, made by migrating; this month's and next month's partitions made up front)."""
+    import psycopg  # only this sink needs it
+
+    from bridge.store.pg_store import COPY_STAGING, INSERT_STAGED, STAGING, PostgresStore
+
+    store = PostgresStore.open(url)
+    store._ensure_partitions([time.time(), time.time() + 31 * 86400])
+    store.close()
+    conn = psycopg.connect(url)
+    conn.execute(STAGING)
+    conn.commit()
+
+    def commit(rows: list[dict[str, Any]]) -> None:
+        with conn.transaction(), conn.cursor() as cur:
+            with cur.copy(COPY_STAGING) as copy:
+                for n, r in enumerate(rows):
+                    copy.write_row((r["batmon_id"], r["ts"], r["voltage"], r["current"], r["power"],
+                                    r["soc"], None, 0.0, 0.0, n))  # fmt: skip
+            cur.execute(INSERT_STAGED)
+
+    return commit
+
+
+def run(kind: str, port: int, db: str) -> None:
     pending: list[dict[str, Any]] = []
-    if kind == "batched":
-        conn = sqlite3.connect(str(db_path))
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("CREATE TABLE IF NOT EXISTS readings (id INTEGER PRIMARY KEY, batmon_id INTEGER,"
-                     " ts REAL, voltage REAL, current REAL, power REAL, soc REAL)")  # fmt: skip
-        conn.commit()
+    if kind in ("batched", "pg"):
+        commit = sqlite_batched(db) if kind == "batched" else pg_batched(db)
 
         def flush() -> int:
-            with conn:
-                conn.executemany(INSERT, pending)
+            commit(pending)
             done = len(pending)
             pending.clear()
             return done
@@ -64,7 +103,7 @@ def run(kind: str, port: int, db_path: Path) -> None:
     else:
         # sqlite-utils' defaults (rollback journal, synchronous=FULL: an fsync per
         # message), as the issue's goal of 15x this peer was set against.
-        table = Database(db_path)["readings"]
+        table = Database(db)["readings"]
 
         def flush() -> int:
             return 0
@@ -101,9 +140,9 @@ def run(kind: str, port: int, db_path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=("batched", "naive"))
+    parser.add_argument("kind", choices=("batched", "naive", "pg"))
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--db", type=Path, required=True)
+    parser.add_argument("--db", required=True, help="a SQLite file, or a PostgreSQL URL for pg")
     args = parser.parse_args()
     try:
         run(args.kind, args.port, args.db)

@@ -24,6 +24,10 @@ _METRICS_TOKEN = re.compile(r"[\x21-\x7e]{16,}")
 # A topic prefix: levels of safe characters, no wildcards, no leading '$' or '/'.
 _TOPIC_PREFIX = re.compile(r"[A-Za-z0-9_\-.]+(/[A-Za-z0-9_\-.]+)*")
 
+# A share group name or an MQTT client id: one topic level of safe characters (MQTT 5
+# §4.8.2 forbids '/', '+' and '#' in a share name; brokers differ on what else an id holds).
+_MQTT_NAME = re.compile(r"[A-Za-z0-9_\-.]{1,64}")
+
 
 def topic_prefix(value: str) -> str:
     """``value`` if it is a usable topic prefix (base topic, discovery prefix), else ValueError."""
@@ -42,6 +46,11 @@ class ServeOptions(BaseModel):
     http_port: Port = 8080
     mqtt_port: Port | None = 1883  # None: `off` (TLS only)
     mqtt_url: str | None = None
+    # With --mqtt-url only. A share group: updates come through `$share/<group>/...`, so N
+    # workers each take a part (None: a plain subscription, one worker). A client id: this
+    # worker's broker session, kept across its restarts (None: batmon-bridge-<base topic>).
+    mqtt_share_group: str | None = None
+    mqtt_client_id: str | None = None
     # None: the SQLite file in data_dir. A secret: it may hold a password (never in a log line).
     database_url: SecretStr | None = None
     broker_config: Path | None = None
@@ -75,6 +84,15 @@ class ServeOptions(BaseModel):
         # `off`: no plain listener for devices, only TLS (the bridge keeps a loopback one).
         return None if value == "off" else value
 
+    @field_validator("mqtt_share_group", "mqtt_client_id", mode="before")
+    @classmethod
+    def _mqtt_name(cls, value: object) -> object:
+        if value in (None, ""):
+            return None
+        if not isinstance(value, str) or not _MQTT_NAME.fullmatch(value):
+            raise ValueError("must be 1-64 letters, digits, '_', '-' or '.'")
+        return value
+
     @field_validator("mqtt_tls_port", "tls_cert", "tls_key", "tls_client_ca", "http_tls_cert",
                      "http_tls_key", "mqtt_ca", "mqtt_client_cert", "mqtt_client_key",
                      mode="before")  # fmt: skip
@@ -93,6 +111,9 @@ class ServeOptions(BaseModel):
                              " embedded broker; with --mqtt-url, the broker has its own TLS.")
         if self.mqtt_port is None and self.mqtt_url:
             raise ValueError("--mqtt-port off is for the embedded broker, not with --mqtt-url.")
+        if not self.mqtt_url and (self.mqtt_share_group or self.mqtt_client_id):
+            raise ValueError("--mqtt-share-group and --mqtt-client-id are for an external broker:"
+                             " give --mqtt-url too.")
         check_client_tls(self.mqtt_url, self.mqtt_ca, self.mqtt_client_cert, self.mqtt_client_key)
         return self
     # Open HTTP connections; one more is answered 503 and closed (docs/CHOICES.md, "HTTP limits").
@@ -147,6 +168,12 @@ class ServeOptions(BaseModel):
             return self.broker_config
         local = Path("broker.yaml")
         return local if local.exists() else PACKAGED_BROKER_CONFIG
+
+    @property
+    def bridge_client_id(self) -> str:
+        """The external broker's session of this worker: the one given, else one named after
+        the base topic, so bridges of different bases on one broker do not evict each other."""
+        return self.mqtt_client_id or "batmon-bridge-" + self.base_topic.replace("/", "-")
 
     @property
     def database_path(self) -> Path:

@@ -31,7 +31,7 @@ class Topics:
         """Subscription filter that matches every device's update topic."""
         return f"{self.base}/+/+/update"
 
-    def shared_update_filter(self, group: str = "batmon") -> str:
+    def shared_update_filter(self, group: str) -> str:
         """Shared subscription so several bridges process each reading once."""
         return f"$share/{group}/{self.update_filter}"
 

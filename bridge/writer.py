@@ -37,7 +37,7 @@ from bridge.errors import StorageFailed, Unavailable
 
 if TYPE_CHECKING:
     from bridge.core import Batmon
-    from bridge.store.interface import CurrentUpdate, ReadingRow, Store
+    from bridge.store.interface import CurrentUpdate, ReadingRow, StatusBefore, Store
 
 __all__ = ["Overloaded", "ReadingWriter", "StorageFailed", "WriterStats"]
 
@@ -78,6 +78,10 @@ class Plan:
     # (rows, seconds) of the group's commit, on the group's first plan only: the loop
     # that applies it tells the bus (CommitObserved), the writer's thread tells nobody.
     commit: tuple[int, float] | None = None
+    # A store shared by several workers decides status changes (Store.write's answer):
+    # then only a plan with ``status_before`` (status, last_reading) announces one.
+    status_by_store: bool = False
+    status_before: tuple[str, float | None] | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -370,7 +374,7 @@ class ReadingWriter:
             if self._delay_s:
                 time.sleep(self._delay_s)
             current_updates: list[CurrentUpdate] = list(updates.items())
-            sink.write(rows, current_updates)
+            status_before = sink.write(rows, current_updates)
         except Exception as exc:
             for batmon_id, latest in saved.items():  # plans after this start from the truth
                 if latest is _UNSET:
@@ -406,6 +410,8 @@ class ReadingWriter:
         stats.max_group_rows = max(stats.max_group_rows, len(rows))
         stats.last_commit_s = elapsed
         plans[0].commit = (len(rows), elapsed)
+        if status_before is not None:
+            _mark_status_changes(plans, status_before)
         self._release(len(rows))
         self._hand_back([(s.loop, plan, s.future, None, None) for s, plan in zip(group, plans, strict=True)])
         return sink
@@ -524,6 +530,19 @@ class _Deliveries:
                 self._scheduled = False
                 return
         self._loop.call_soon(self._run)
+
+
+def _mark_status_changes(plans: list[Plan], before: StatusBefore) -> None:
+    """The store said which batmons' status this commit changed: the last plan of each (its
+    status is the one written) announces it, and no plan judges by memory."""
+    last: dict[int, Plan] = {}
+    for plan in plans:
+        plan.status_by_store = True
+        if plan.current:
+            last[plan.batmon.id] = plan
+    for batmon_id, was in before.items():
+        if batmon_id in last:
+            last[batmon_id].status_before = was
 
 
 class _Unset:

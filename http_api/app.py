@@ -64,7 +64,7 @@ class Api:
             api_key_given = api_key_of(request, fields) is not None
             # Every credential is checked: a correct one is served whatever failed before
             # (bridge/ratelimit.py, the broker's rules too).
-            user, by_key = authenticate(self.core, self.sessions, request, fields)
+            user, by_key = await authenticate(self.core, self.sessions, request, fields)
             key_user = user if by_key else None
             # A change is answered only once it is committed (off the loop, in order).
             async with self.core.durable_writes():

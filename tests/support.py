@@ -283,7 +283,8 @@ def payload_json(msg: mqtt.MQTTMessage) -> Any:
 class PrivateMosquitto:
     """A Mosquitto process of our own that keeps sessions on disk across restarts."""
 
-    def __init__(self, folder: Path, *, allow_anonymous: bool = True) -> None:
+    def __init__(self, folder: Path, *, allow_anonymous: bool = True, extra: str = "") -> None:
+        """``extra``: more configuration lines (queue and inflight limits, ...)."""
         self.port = free_port()
         self.folder = folder
         self.config = folder / "mosquitto.conf"
@@ -295,6 +296,7 @@ class PrivateMosquitto:
             # Started as root, Mosquitto would drop to user `mosquitto` and could not
             # write its database into our tmp folder.
             f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
+            + extra
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -319,11 +321,12 @@ class Bridge:
     """What `batmon serve` runs for an external broker, over a test's core: the MQTT
     link, its door, the state and bank publishers and discovery, in the service's order."""
 
-    def __init__(self, core: Core, topics: Topics, endpoint: BrokerEndpoint, *, shared: bool = False,
-                 discovery: bool = True) -> None:  # fmt: skip
+    def __init__(self, core: Core, topics: Topics, endpoint: BrokerEndpoint, *,
+                 share_group: str | None = None, discovery: bool = True) -> None:  # fmt: skip
         self.link = MqttLink(endpoint, BrokerMode.EXTERNAL, topics, core.bus, homeassistant=discovery)
-        self.door = ExternalBrokerDoor(core, topics, self.link, shared=shared)
-        self.link.take_updates(self.door.subscription, self.door.receive)
+        self.door = ExternalBrokerDoor(core, topics, self.link, share_group=share_group)
+        self.link.take_updates(self.door.subscription, self.door.receive,
+                               stale=self.door.stale_subscription)
         publish = self.link.publish_retained
         banks = BankPublisher(core, topics, publish, discovery)
         self.parts: list[Extension] = [StatePublisher(core, topics, publish), banks]

@@ -17,9 +17,9 @@ from tests.support import ROOT
 RATE = re.compile(r"[\d,]+/s")
 
 
-def run_benchmarks(*args: str) -> subprocess.CompletedProcess[str]:
+def run_benchmarks(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=ROOT, text=True,
-                          capture_output=True, timeout=90)  # fmt: skip
+                          capture_output=True, timeout=timeout)  # fmt: skip
 
 
 def cells_of(text: str, prefix: str) -> list[str]:
@@ -74,3 +74,70 @@ def test_quick_delete_row_measures_the_polls_during_the_delete_and_before_it(tmp
         assert anchor == "p99 before the delete, same run" and goal == "≤ 50 ms"
     _, _, answered, _, gone, _, goal = cells_of(text, "| delete | the delete request answered")
     assert re.fullmatch(r"[\d.,]+ ms", answered) and re.fullmatch(r"[\d.,]+ s", gone) and goal == "≤ 1 s"
+
+
+def cells_matching(text: str, row: str, pattern: str) -> list[str]:
+    """The cells of the one table line of ``row`` whose 'what' cell matches ``pattern``."""
+    found = [line for line in text.splitlines()
+             if line.startswith(f"| {row} | ") and re.search(pattern, line.split("|")[2])]  # fmt: skip
+    assert len(found) == 1, f"{len(found)} lines of {row} match {pattern!r} in:\n{text}"
+    return [cell.strip() for cell in found[0].strip().strip("|").split("|")]
+
+
+def rate_of(cell: str) -> float:
+    assert RATE.fullmatch(cell), cell
+    return float(cell[:-2].replace(",", ""))
+
+
+def test_quick_scale_rows_measure_workers_against_sqlite_and_the_sink_with_cpu_per_process(
+    tmp_path: Path,
+) -> None:
+    """Issue 16's rows: 1-3 workers on PostgreSQL, 1 on SQLite, the PostgreSQL batched sink,
+    the CPU per reading of every process, the projection, and HTTP over 2 workers."""
+    out = tmp_path / "RESULTS.md"
+    result = run_benchmarks("--quick", "--only", "scale-ingest,scale-http", "--reps", "1", "--out", str(out),
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = out.read_text()
+    load = r"\(load average [\d.]+ → [\d.]+\)"
+    for ratio_of, anchor_label, goal in (
+        ("1 PostgreSQL worker / 1 SQLite worker", "1 worker on SQLite", "≥ 0.9"),
+        ("1 PostgreSQL worker / batched sink", "PostgreSQL batched sink", ""),
+        ("2 workers / 1 worker", "1 worker on PostgreSQL", "≥ 1.5"),
+        ("2 workers / batched sink", "PostgreSQL batched sink", "≥ 0.8"),
+        ("3 workers / 1 worker", "1 worker on PostgreSQL", ""),
+    ):
+        _, _, product, anchor, anchor_figure, ratio, got_goal = cells_matching(
+            text, "scale-ingest", rf"^ MQTT ingest, private Mosquitto, .*{load}: {ratio_of} $")
+        assert anchor.startswith(anchor_label) and got_goal == goal
+        expected = rate_of(product) / rate_of(anchor_figure)
+        assert abs(float(ratio) - expected) < 0.02 + 0.01 * expected
+    processes = {
+        "1 worker on SQLite": ["worker", "Mosquitto"],
+        "PostgreSQL batched sink": ["sink", "Mosquitto", "PostgreSQL backends"],
+        "1 worker on PostgreSQL": ["worker 1", "Mosquitto", "PostgreSQL backends"],
+        "2 workers on PostgreSQL": ["worker 1", "worker 2", "Mosquitto", "PostgreSQL backends"],
+        "3 workers on PostgreSQL": ["worker 1", "worker 2", "worker 3", "Mosquitto", "PostgreSQL backends"],
+    }
+    for system, groups in processes.items():
+        for group in groups:
+            cpu = cells_matching(text, "scale-ingest", rf"^ CPU per reading, {system}: {group} $")[2]
+            assert re.fullmatch(r"[\d.,]+ µs", cpu), (system, group, cpu)
+        # A Python process spends some µs per reading whatever the load: a 0 is a wrong pid.
+        first = cells_matching(text, "scale-ingest", rf"^ CPU per reading, {system}: {groups[0]} $")[2]
+        assert float(first.split()[0].replace(",", "")) > 0, (system, first)
+        total = cells_matching(text, "scale-ingest", rf"^ CPU per reading, {system}: all of its processes")[2]
+        assert re.fullmatch(r"[\d.,]+ µs", total)
+        _, _, own, _, machine, share, _ = cells_matching(text, "scale-ingest",
+                                                         rf"^ cores in use during the runs of {system}: ")
+        assert re.fullmatch(r"[\d.]+ cores", own) and re.fullmatch(r"[\d.]+ cores", machine), (own, machine)
+        assert 0 < float(share) <= 1.2, share  # its processes are part of the machine's busy CPU
+    for system in ("1 worker on SQLite", "1 worker on PostgreSQL", "2 workers on PostgreSQL"):
+        cores = cells_matching(text, "scale-ingest", rf"^ paper projection: cores for 100,000 batmons .*"
+                               rf"of {system}")[2]  # fmt: skip
+        assert re.fullmatch(r"[\d.,]+ cores", cores) and float(cores.split()[0]) > 0
+    for kind in ("status GET", "update POST"):
+        _, _, product, anchor, anchor_figure, ratio, _ = cells_matching(
+            text, "scale-http", rf"^ HTTP {kind}, 4 keep-alive clients on PostgreSQL {load}: 2 workers")
+        assert anchor == "1 worker, all clients" and rate_of(product) > 0 and rate_of(anchor_figure) > 0
+        assert re.fullmatch(r"\d+\.\d\d", ratio)

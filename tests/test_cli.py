@@ -44,6 +44,9 @@ def test_user_add_bad_email_is_usage_error(tmp_path: Path) -> None:
     (["--base-topic", "a/#"], "--base-topic"),
     (["--mqtt-url", "http://x"], "--mqtt-url"),
     (["--frobnicate"], "unrecognized"),
+    (["--mqtt-url", "mqtt://127.0.0.1:1", "--mqtt-share-group", "a/#"], "--mqtt-share-group"),
+    (["--mqtt-url", "mqtt://127.0.0.1:1", "--mqtt-client-id", "a b"], "--mqtt-client-id"),
+    (["--mqtt-share-group", "batmon"], "--mqtt-url"),
 ])  # fmt: skip
 def test_serve_bad_option_is_one_line_and_exit_2(tmp_path: Path, args: list[str], word: str) -> None:
     r = batmon("serve", "--data-dir", str(tmp_path), *args)

@@ -309,6 +309,9 @@ def test_serve_runs_from_the_units_environment_alone_and_keeps_the_shared_key(tm
     data_dir = tmp_path / "var-lib" / "batmon-worker-1"
     unit_env["BATMON_DATA_DIR"] = str(data_dir)  # %S/batmon-worker-1, moved into tmp_path
     assert unit_env["BATMON_HTTP_PORT"] == "8081"
+    # The unit makes every instance a member of one share group under an id of its own.
+    assert (unit_env["BATMON_MQTT_SHARE_GROUP"], unit_env["BATMON_MQTT_CLIENT_ID"]) == (
+        "batmon", "batmon-worker-1")
     port = free_port()
     shared = {"BATMON_MQTT_URL": f"mqtt://127.0.0.1:{broker.port}", "BATMON_HOST": "127.0.0.1"}
     own = {"BATMON_HTTP_PORT": str(port)}  # worker-1.env overrides the unit's 8081

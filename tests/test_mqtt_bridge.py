@@ -381,10 +381,23 @@ def test_start_fails_at_once_when_the_broker_refuses_the_login(tmp_path: Path) -
 
 def test_shared_subscription_bridge_receives_readings(env: Env) -> None:
     batmon = env.add_batmon()
-    bridge = env.bridge(shared=True)
+    bridge = env.bridge(share_group="batmon")
     env.probe().publish(env.topics.update(batmon.id, batmon.token), b'{"voltage": 12.5}')
     env.wait_count(batmon, 1)
     assert bridge.stats["accepted"] == 1
+
+
+def test_a_bridge_joining_a_share_group_leaves_its_sessions_plain_subscription(env: Env) -> None:
+    """A persistent session keeps its subscriptions: a worker that was alone (plain filter)
+    and is started again in a share group, under the same client id, must not get each
+    update twice, once through each filter."""
+    batmon = env.add_batmon()
+    env.loop.run(env.bridge().stop())  # a session subscribed the plain way, kept by the broker
+    bridge = env.bridge(share_group="batmon")  # the same client id, now a member of a group
+    env.probe().publish(env.topics.update(batmon.id, batmon.token), b'{"voltage": 12.5}')
+    env.wait_count(batmon, 1)
+    time.sleep(0.5)  # a second copy would have come by now
+    assert (bridge.stats["received"], env.count(batmon)) == (1, 1)
 
 
 # -- simulate -------------------------------------------------------------------

@@ -247,6 +247,50 @@ def test_user_targets_change_only_the_channels_given(store: Store) -> None:
         store.set_user_targets(user, {"api_key_hash": "x"})
 
 
+# -- credentials ------------------------------------------------------------------------------
+def test_every_credential_change_moves_the_counter_another_handle_polls(store: Store) -> None:
+    poll = store.another()  # what a running server's watcher reads, beside `batmon user ...`
+    try:
+        start = poll.credentials.version()
+        user = add_user(store, "a@example.org")
+        seen = [poll.credentials.version()]
+        credentials = store.credentials
+        credentials.set_api_key_hash(user, "key-hash-2")
+        seen.append(poll.credentials.version())
+        assert credentials.add_token(user, "home-assistant", "token-hash", T0 + 1) is True
+        seen.append(poll.credentials.version())
+        assert credentials.revoke_token(user, "home-assistant") is True
+        seen.append(poll.credentials.version())
+        assert start < seen[0] < seen[1] < seen[2] < seen[3]
+        # A refused change is no change.
+        assert credentials.revoke_token(user, "home-assistant") is False
+        assert poll.credentials.version() == seen[3]
+    finally:
+        poll.close()
+
+
+def test_credentials_load_with_their_version_and_never_show_a_token_hash(store: Store) -> None:
+    first = add_user(store, "a@example.org")
+    second = add_user(store, "b@example.org")
+    credentials = store.credentials
+    assert credentials.add_token(first, "home-assistant", "hash-1", T0 + 2) is True
+    assert credentials.add_token(first, "garage", "hash-2", T0 + 1) is True
+    assert credentials.add_token(first, "garage", "hash-3", T0 + 3) is False  # the name is taken
+    assert credentials.add_token(second, "garage", "hash-4", T0 + 3) is True  # another user's name
+    assert credentials.tokens_of(first) == [{"name": "garage", "created": T0 + 1},
+                                            {"name": "home-assistant", "created": T0 + 2}]  # fmt: skip
+    assert credentials.tokens_of(second + 1000) == []
+    loaded = credentials.load()
+    assert loaded.version == credentials.version()
+    assert sorted((u["id"], u["email"], u["api_key_hash"]) for u in loaded.users) == [
+        (first, "a@example.org", "hash-of-a@example.org"), (second, "b@example.org", "hash-of-b@example.org")]
+    assert sorted((t["user_id"], t["secret_hash"]) for t in loaded.tokens) == [
+        (first, "hash-1"), (first, "hash-2"), (second, "hash-4")]  # fmt: skip
+    credentials.set_api_key_hash(second, "new-key-hash")
+    assert store.user_by_key_hash("new-key-hash")["id"] == second  # type: ignore[index]
+    assert store.user_by_key_hash("hash-of-b@example.org") is None
+
+
 # -- batmons and alarms -----------------------------------------------------------------------
 def test_batmons_are_listed_oldest_first_and_updated(store: Store) -> None:
     user = add_user(store)

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 
 from bridge.core import Batmon, Core
+from bridge.doors.update_door import UpdateDoor
 from bridge.errors import Unavailable
 from bridge.events import EventBus, ReadingAccepted
 from bridge.models import AddBatmon, Reading
 from bridge.store.db import Store
 from bridge.store.readings import SqliteReadingSink
+from bridge.topics import Topics
 from bridge.writer import Overloaded, ReadingWriter, StorageFailed
 from tests.support import FullDisk, wait_until
 
@@ -130,6 +132,31 @@ def test_a_full_queue_refuses_at_once_instead_of_growing(core: Core, monkeypatch
 
     assert asyncio.run(scenario()) == 1
     assert len(stored(core, batmon)) == 11
+
+
+def test_an_update_refused_as_overloaded_is_not_counted_received_until_taken(core: Core, monkeypatch) -> None:
+    """The external door submits a refused update again once there is room: counting each try
+    made `received` (and batmon_mqtt_messages_received) run ahead of what came from the broker."""
+    monkeypatch.setenv("BATMON_TEST_COMMIT_DELAY_MS", "200")
+    batmon = add(core)
+    core.writer = ReadingWriter(lambda: SqliteReadingSink(core.store.path), core._apply_committed,
+                                max_pending_rows=10)  # fmt: skip
+    topics = Topics()
+    door = UpdateDoor(core, topics, lambda *args: None)
+    topic = topics.update(batmon.id, batmon.token)
+
+    async def scenario() -> None:
+        taken = [door.submit(topic, b'{"voltage": %d}' % n) for n in range(10)]
+        for _ in range(3):  # three tries while the writer is full
+            with pytest.raises(Overloaded):
+                door.submit(topic, b'{"voltage": 99}')
+        await asyncio.gather(*[f for f in taken if f is not None])
+        future = door.submit(topic, b'{"voltage": 99}')  # taken at last
+        assert future is not None
+        await future
+
+    asyncio.run(scenario())
+    assert (door.stats["received"], door.stats["accepted"]) == (11, 11)
 
 
 def test_delete_waits_for_pending_readings_so_none_lands_after_it(core: Core) -> None:

@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 MAX_BACKLOG = 10_000
 YIELD_EVERY = 4  # updates submitted between yields to the event loop
 STOP_DRAIN_S = 10.0  # how long a stop waits for submitted updates to commit and be acked
-COUNTERS = ("dropped_backlog", "dropped_retained", "storage_reconnects")
+# "redelivered": updates that came with DUP set (the broker resending one we had not acked).
+COUNTERS = ("dropped_backlog", "dropped_retained", "storage_reconnects", "redelivered")
 
 
 class ExternalBrokerDoor:
@@ -40,12 +41,13 @@ class ExternalBrokerDoor:
     Everything here runs on the event loop, counters included.
     """
 
-    def __init__(self, core: Core, topics: Topics, link: MqttLink, *, shared: bool = False) -> None:
-        """``shared``: subscribe as a shared subscription (several bridges, one broker)."""
+    def __init__(self, core: Core, topics: Topics, link: MqttLink, *, share_group: str | None = None) -> None:
+        """``share_group``: subscribe through ``$share/<group>/...``, so each update goes to
+        one of the bridges (workers) in the group; None: a plain subscription (one bridge)."""
         self.core = core
         self.topics = topics
         self.link = link
-        self.shared = shared
+        self.share_group = share_group
         self.updates = UpdateDoor(core, topics, self._reply_error)
         self._inbox: asyncio.Queue[Inbound] = asyncio.Queue()
         # Updates submitted and not yet acknowledged, in arrival order: acks go out
@@ -58,7 +60,16 @@ class ExternalBrokerDoor:
     @property
     def subscription(self) -> str:
         """The filter the link subscribes to for us."""
-        return self.topics.shared_update_filter() if self.shared else self.topics.update_filter
+        if self.share_group is None:
+            return self.topics.update_filter
+        return self.topics.shared_update_filter(self.share_group)
+
+    @property
+    def stale_subscription(self) -> str | None:
+        """In a group, the plain filter this client id's session may hold from when it ran
+        alone (the link drops it). Not the reverse: which group a session was in is unknown
+        (docs/SCALE-OUT.md says how to end such a session)."""
+        return self.topics.update_filter if self.share_group is not None else None
 
     @property
     def stats(self) -> dict[str, int]:
@@ -95,6 +106,8 @@ class ExternalBrokerDoor:
 
     def receive(self, message: Inbound) -> None:
         """From the link, on the loop: queue an update, or drop (and ack) one that is none."""
+        if message.dup:
+            self._counters["redelivered"] += 1
         if message.topic is None:
             self._counters["received_dropped"] += 1
             self.updates.counters["dropped_bad_topic"] += 1

@@ -146,6 +146,7 @@ class MqttLink:
         self.homeassistant = homeassistant
         self._mqtt5 = mode.tries_mqtt5
         self._updates: tuple[str, UpdateHandler] | None = None
+        self._stale: str | None = None  # a filter our persistent session may hold from before
         self._client: mqtt.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready: asyncio.Future[None] | None = None
@@ -165,10 +166,15 @@ class MqttLink:
         self._pending_clears: set[str] = set()
 
     # -- wiring (before start) -----------------------------------------------------
-    def take_updates(self, subscription: str, handler: UpdateHandler) -> None:
+    def take_updates(self, subscription: str, handler: UpdateHandler, *, stale: str | None = None) -> None:
         """Subscribe to ``subscription`` on every connect and pass its messages to
-        ``handler`` on the loop; the handler acks each (``ack``) when it may."""
+        ``handler`` on the loop; the handler acks each (``ack``) when it may.
+
+        ``stale``: a filter to unsubscribe on every connect. A persistent session keeps
+        its subscriptions, so a bridge that took updates another way under the same client
+        id would otherwise get each of them twice."""
         self._updates = (subscription, handler)
+        self._stale = stale
 
     # -- state -----------------------------------------------------------------------
     @property
@@ -332,6 +338,8 @@ class MqttLink:
             subscriptions.append((self.topics.homeassistant_status, 1))
         # Before the SUBSCRIBE: on the loop, _connected runs before any message of it.
         self._call_in_loop(self._connected)
+        if self._stale is not None:
+            client.unsubscribe(self._stale)  # before the SUBSCRIBE: no update comes twice after it
         if subscriptions:
             _, self._subscribe_mid = client.subscribe(subscriptions)
         else:

@@ -20,6 +20,7 @@ from bridge.core import Core
 from bridge.errors import BatmonError, NotFound, WrongToken
 from bridge.models import parse_batmon_id, readings_from_payload
 from bridge.topics import Topics
+from bridge.writer import Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,11 @@ class UpdateDoor:
             log.debug("rejected update from batmon %s: %s", batmon_id, exc.message)
             self.reply_error(batmon_id, token, exc.message)
             return None
-        future = self.core.submit_readings(batmon, readings, "mqtt")
+        try:
+            future = self.core.submit_readings(batmon, readings, "mqtt")
+        except Overloaded:
+            self.counters["received"] -= 1  # not taken: the caller submits it again
+            raise
         future.add_done_callback(lambda f: self._settled(f, digest, len(readings)))
         return future
 

@@ -2,19 +2,33 @@
 
 The evaluator only decides and records alarm state; who is told (and how) is the
 notifier's business, so it reacts to the ``AlarmChanged`` events emitted here.
+
+One rule (``decide``), two places it runs: against the alarm in memory (SQLite: one
+process), or, when several workers share the database (PostgreSQL), against the alarm's
+row, locked in the transaction that writes the change (``SharedState.decide_alarm``), so a
+trigger, a repeat or a clear happens once whichever worker got the reading.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import operator
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from bridge.battery_values import reading_values
+from bridge.core import Alarm
 from bridge.events import NO_SUBSCRIPTION, AlarmChanged, ReadingAccepted, Subscription
+from bridge.store.interface import AlarmDecision, SharedState, shared_of
 
 if TYPE_CHECKING:
-    from bridge.core import Alarm, Batmon, Core
+    from bridge.core import Batmon, Core
+    from bridge.store.interface import Store
+
+log = logging.getLogger(__name__)
+Kind = Literal["triggered", "repeated", "cleared"]
+STATE = ("triggered", "trigger_time", "akn", "last_notice")
 
 # The one map from an alarm_condition to its comparison (models.AlarmCondition).
 CONDITIONS: dict[str, Callable[[float, float], bool]] = {
@@ -48,15 +62,37 @@ def stays_triggered(alarm: Alarm, value: float) -> bool:
     return alarm.clear_value is not None and CONDITIONS[alarm.condition](value, alarm.clear_value)
 
 
+def decide(alarm: Alarm, value: float, now: float) -> AlarmDecision | None:
+    """Apply one value to one alarm's state: (kind, columns to change) for a trigger, a
+    repeat or a clear, None to leave it as it is."""
+    holds = stays_triggered(alarm, value) if alarm.triggered else condition_holds(alarm, value)
+    if holds and not alarm.triggered:
+        return "triggered", {"triggered": True, "trigger_time": now, "akn": None, "last_notice": now}
+    if holds and repeat_due(alarm, now):
+        return "repeated", {"last_notice": now}
+    if not holds and alarm.triggered:
+        return "cleared", {"triggered": False, "last_notice": now}
+    return None
+
+
+def repeat_due(alarm: Alarm, now: float) -> bool:
+    """Unacknowledged, and repeat_delay has passed since the last notice."""
+    if alarm.akn is not None:
+        return False
+    return alarm.last_notice is None or now - alarm.last_notice >= alarm.repeat_delay
+
+
 class AlarmEvaluator:
     """Turns current readings into alarm state changes and ``AlarmChanged`` events."""
 
     def __init__(self, core: Core) -> None:
         self.core = core
         self._subscription: Subscription = NO_SUBSCRIPTION
+        self._shared: SharedState | None = None
 
     async def start(self) -> None:
         """Evaluate alarms on every accepted reading from now on."""
+        self._shared = shared_of(self.core.store)
         self._subscription = self.core.bus.subscribe_all({ReadingAccepted: self.on_reading})
 
     async def stop(self) -> None:
@@ -75,31 +111,46 @@ class AlarmEvaluator:
             value = values.get(alarm.metric)
             if alarm.enabled and value is not None:
                 index = values.get(CELL_INDEX.get(alarm.metric, ""))
-                self.evaluate(event.batmon, alarm, float(value), None if index is None else int(index))
+                cell = None if index is None else int(index)
+                if self._shared is not None:
+                    self._evaluate_in_store(event.batmon, alarm, float(value), cell, event.ts)
+                else:
+                    self.evaluate(event.batmon, alarm, float(value), cell)
 
     def evaluate(self, batmon: Batmon, alarm: Alarm, value: float, cell: int | None = None) -> None:
-        """Apply one value to one alarm: trigger, repeat, clear or leave as it is."""
+        """Apply one value to one alarm in memory: trigger, repeat, clear or leave as it is."""
         now = self.core.clock()
-        holds = stays_triggered(alarm, value) if alarm.triggered else condition_holds(alarm, value)
-        kind: Literal["triggered", "repeated", "cleared"]
-        changes: dict[str, Any]
-        if holds and not alarm.triggered:
-            kind = "triggered"
-            changes = {"triggered": True, "trigger_time": now, "akn": None, "last_notice": now}
-        elif holds and self._repeat_due(alarm, now):
-            kind = "repeated"
-            changes = {"last_notice": now}
-        elif not holds and alarm.triggered:
-            kind = "cleared"
-            changes = {"triggered": False, "last_notice": now}
-        else:
+        decision = decide(alarm, value, now)
+        if decision is None:
             return
+        kind, changes = decision
         self.core.update_alarm_state(alarm, changes)
-        self.core.bus.emit(AlarmChanged(batmon, alarm, kind, value, now, cell))
+        self.core.bus.emit(AlarmChanged(batmon, alarm, cast(Kind, kind), value, now, cell))
 
-    @staticmethod
-    def _repeat_due(alarm: Alarm, now: float) -> bool:
-        """Unacknowledged, and repeat_delay has passed since the last notice."""
-        if alarm.akn is not None:
-            return False
-        return alarm.last_notice is None or now - alarm.last_notice >= alarm.repeat_delay
+    def _evaluate_in_store(self, batmon: Batmon, alarm: Alarm, value: float, cell: int | None,
+                           reading_ts: float) -> None:  # fmt: skip
+        """Decide against the alarm's row on the writer's thread (in order with the readings);
+        announce on the loop what this worker changed."""
+        clock = self.core.clock
+
+        def in_store(store: Store) -> tuple[str, dict[str, Any]] | None:
+            shared = shared_of(store)
+            assert shared is not None, "the writer's store is the core's kind"
+            return shared.decide_alarm(alarm.id, reading_ts,
+                                       lambda row: decide(Alarm.from_row(row), value, clock()))
+
+        def decided(future: asyncio.Future[tuple[str, dict[str, Any]] | None]) -> None:
+            if future.cancelled():
+                return
+            if future.exception() is not None:
+                log.error("could not evaluate alarm %s: %s", alarm.id, future.exception())
+                return
+            result = future.result()
+            if result is None:
+                return
+            kind, row = result
+            for name in STATE:  # this worker's memory follows the row (the API shows it)
+                setattr(alarm, name, bool(row[name]) if name == "triggered" else row[name])
+            self.core.bus.emit(AlarmChanged(batmon, alarm, cast(Kind, kind), value, row["last_notice"], cell))
+
+        self.core.writer.call(in_store).add_done_callback(decided)

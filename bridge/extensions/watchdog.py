@@ -4,6 +4,9 @@ passes without a new reading, whether or not any request arrives.
 It keeps a heap of (deadline, batmon_id) and sleeps until the earliest deadline, so
 its cost follows the readings, not the number of batmons. The rule itself (is the
 batmon due?) stays in ``Core.expire_if_due``, which also emits StatusChanged.
+
+On a database several workers share (PostgreSQL), no worker's memory sees every reading:
+there the watchdog is bridge/extensions/shared_watchdog.py, run by one elected worker.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Any
 
 from bridge.core import Core
 from bridge.events import NO_SUBSCRIPTION, BatmonChanged, ReadingAccepted, Subscription
+from bridge.extensions.shared_watchdog import SharedWatchdog
+from bridge.store.interface import shared_of
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +44,15 @@ class OfflineWatchdog:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self.shared: SharedWatchdog | None = None
 
     async def start(self) -> None:
         """Arm every Online batmon (expiring the overdue at once) and start watching."""
+        shared = shared_of(self.core.store)
+        if shared is not None:  # several workers: the database's rows decide, on one leader
+            self.shared = SharedWatchdog(self.core, shared)
+            await self.shared.start()
+            return
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         self._heap.clear()
@@ -57,6 +68,8 @@ class OfflineWatchdog:
 
     async def stop(self) -> None:
         """Stop watching; statuses stay as they are."""
+        if self.shared is not None:
+            await self.shared.stop()
         self._subscription.cancel()
         if self._task is not None:
             self._task.cancel()

@@ -23,6 +23,7 @@ from bridge.datadir import prepare_data_dir, private_database
 from bridge.errors import Conflict, StorageFailed
 from bridge.store import retention
 from bridge.store.banks import BankStore
+from bridge.store.credentials import SqliteCredentials
 from bridge.store.history import HistoryReader
 from bridge.store.interface import CurrentUpdate, ReadingRow
 from bridge.store.outbox import Outbox
@@ -386,6 +387,11 @@ class SqliteStore:
     def outbox(self) -> Outbox:
         """The notice outbox on this connection."""
         return Outbox(self)
+
+    @property
+    def credentials(self) -> SqliteCredentials:
+        """Api keys, MQTT tokens and their change counter on this connection."""
+        return SqliteCredentials(self)
 
     # -- retention and rollups -----------------------------------------------------------
     @translated

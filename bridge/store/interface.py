@@ -18,6 +18,7 @@ handle on the same database for another thread (the writer's, the pruner's).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 # (batmon_id, ts, voltage, current, power, soc, details, charged_kwh, discharged_kwh);
@@ -26,6 +27,8 @@ ReadingRow = tuple[int, float, float | None, float | None, float | None, float |
                    float | None, float | None]  # fmt: skip
 # (batmon_id, {column: value}) applied after the rows, in order.
 CurrentUpdate = tuple[int, dict[str, Any]]
+# batmon_id -> (status, last_reading) it had before a write changed its stored status.
+StatusBefore = dict[int, tuple[str, float | None]]
 Row = tuple[Any, ...]
 Render = Callable[[list[Row]], bytes]
 Channel = Literal["email", "whatsapp", "sms"]
@@ -48,8 +51,13 @@ class ReadingSink(Protocol):
       an older reading never replaces the latest.
     """
 
-    def write(self, rows: Sequence[ReadingRow], updates: Sequence[CurrentUpdate]) -> None:
-        """Append ``rows`` and apply ``updates`` in one transaction, or raise and change nothing."""
+    def write(self, rows: Sequence[ReadingRow], updates: Sequence[CurrentUpdate]) -> StatusBefore | None:
+        """Append ``rows`` and apply ``updates`` in one transaction, or raise and change nothing.
+
+        A store several processes share (``shared_of``) returns the batmons whose stored
+        ``status`` this write changed, with what they had: only that process announces the
+        change. A one-process store returns None: the caller's memory is the truth.
+        """
         ...
 
     def probe(self) -> None:
@@ -144,6 +152,101 @@ class NoticeOutbox(Protocol):
     def prune(self, before: float) -> int:
         """Delete finished notices created before ``before``; queued ones stay."""
         ...
+
+
+@dataclass(frozen=True)
+class CredentialRows:
+    """Every credential at one moment: what a running server replaces its memory with."""
+
+    version: int
+    users: list[dict[str, Any]]
+    """id, email, api_key_hash of every user."""
+    tokens: list[dict[str, Any]]
+    """user_id, secret_hash of every MQTT token."""
+
+
+class CredentialReads(Protocol):
+    """The change counter and the credentials it counts: what a running server polls.
+
+    The counter moves on every change of a user (added, key or email changed, removed)
+    and of an MQTT token, whichever process makes it (`batmon user ...` beside serve).
+    """
+
+    def version(self) -> int:
+        """The change counter (it only grows)."""
+        ...
+
+    def load(self) -> CredentialRows:
+        """Version, users and tokens, consistent with each other (one read transaction)."""
+        ...
+
+
+class Credentials(CredentialReads, Protocol):
+    """Api key resets and users' MQTT tokens (Home Assistant). Secrets are never stored,
+    only their SHA-256 (bridge/security.py); each method is one transaction."""
+
+    def set_api_key_hash(self, user_id: int, api_key_hash: str) -> None:
+        """Replace a user's api key (the old one stops matching anything)."""
+        ...
+
+    def add_token(self, user_id: int, name: str, secret_hash: str, created: float) -> bool:
+        """Insert a token; False (nothing written) if the user has one of that name."""
+        ...
+
+    def tokens_of(self, user_id: int) -> list[dict[str, Any]]:
+        """The user's tokens (name, created), oldest first; never their hashes."""
+        ...
+
+    def revoke_token(self, user_id: int, name: str) -> bool:
+        """Delete the user's token of that name; False if there is none."""
+        ...
+
+
+class Leader(Protocol):
+    """One of several processes elected to do a job (the offline watchdog) while it lives."""
+
+    def start(self, changed: Callable[[bool], None]) -> None:
+        """Try to lead from now on, on a thread of its own; ``changed(leading)`` is called from
+        that thread each time this process gains or loses the lead."""
+        ...
+
+    def stop(self) -> None:
+        """Give the lead up (another process takes it) and stop trying."""
+        ...
+
+
+AlarmDecision = tuple[str, dict[str, Any]]
+"""(kind, alarm columns to change): what bridge/extensions/alarms.py decided for one value."""
+
+
+class SharedState(Protocol):
+    """What workers sharing one database (PostgreSQL) need to do each change once, deciding
+    against the database's rows rather than their own memory (docs/SCALE-OUT.md)."""
+
+    def expire_overdue(self, now: float) -> tuple[list[tuple[int, float | None]], float | None]:
+        """Mark Offline every Online batmon whose last_reading + update_period <= now, in one
+        conditional UPDATE: ((id, last_reading) of each one this call changed, the earliest
+        deadline still pending or None)."""
+        ...
+
+    def decide_alarm(self, alarm_id: int, reading_ts: float,
+                     decide: Callable[[dict[str, Any]], AlarmDecision | None]
+                     ) -> tuple[str, dict[str, Any]] | None:  # fmt: skip
+        """In one transaction: lock the alarm's row, and unless a newer reading than
+        ``reading_ts`` is already its batmon's latest, apply ``decide(row)``'s changes.
+        Returns (kind, the row after) when something changed, else None."""
+        ...
+
+    def leader(self, job: str) -> Leader:
+        """An election among the processes on this database for ``job`` (not started)."""
+        ...
+
+
+def shared_of(store: Any) -> SharedState | None:
+    """The store's shared-state queries when several processes may share its database
+    (PostgreSQL), else None (SQLite: one process, its memory decides)."""
+    shared = getattr(store, "shared", None)
+    return shared() if callable(shared) else None
 
 
 class Store(ReadingSink, Protocol):
@@ -247,6 +350,12 @@ class Store(ReadingSink, Protocol):
 
     def delete_bank(self, bank_id: int) -> None:
         """Delete a bank (not its batmons); its id is never handed out again."""
+        ...
+
+    # -- credentials ------------------------------------------------------------
+    @property
+    def credentials(self) -> Credentials:
+        """Api keys, MQTT tokens and their change counter, on this handle."""
         ...
 
     # -- notices ----------------------------------------------------------------

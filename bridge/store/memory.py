@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.errors import Conflict
-from bridge.store.interface import ENERGY, METRICS, CurrentUpdate, ReadingRow, Render, Row
+from bridge.store.interface import ENERGY, METRICS, CredentialRows, CurrentUpdate, ReadingRow, Render, Row
 
 HOUR = 3600
 BATMON_DEFAULTS: dict[str, Any] = {
@@ -58,8 +58,11 @@ class _Data:
     readings: dict[int, list[Stored]] = field(default_factory=dict)
     rollups: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)  # batmon -> hour -> row
     outbox: dict[int, dict[str, Any]] = field(default_factory=dict)
+    tokens: dict[int, dict[str, Any]] = field(default_factory=dict)  # token id -> row
+    credentials_version: int = 0  # moves on every change of a user or a token
     attempts: list[dict[str, Any]] = field(default_factory=list)
-    next_id: dict[str, int] = field(default_factory=lambda: {"user": 1, "notice": 1, "seq": 1})
+    next_id: dict[str, int] = field(default_factory=lambda: {"user": 1, "notice": 1, "seq": 1,
+                                                                    "token": 1})  # fmt: skip
 
     def take(self, kind: str) -> int:
         value = self.next_id[kind]
@@ -138,6 +141,7 @@ class MemoryStore:
             d.users[user_id] = {"id": user_id, "email": email, "api_key_hash": api_key_hash,
                                 "created": created, "email_url": "", "whatsapp_url": "",
                                 "sms_url": ""}  # fmt: skip
+            d.credentials_version += 1
             return user_id
 
     def users(self) -> list[dict[str, Any]]:
@@ -285,6 +289,10 @@ class MemoryStore:
     def outbox(self) -> MemoryOutbox:
         return MemoryOutbox(self._data)
 
+    @property
+    def credentials(self) -> MemoryCredentials:
+        return MemoryCredentials(self._data)
+
     # -- retention and rollups -----------------------------------------------------------
     def batmons_with_readings_before(self, cutoff: float) -> list[int]:
         with self._data.lock:
@@ -327,6 +335,60 @@ def _fold(rollup: dict[str, Any], row: Stored) -> None:
     for e, added in zip(ENERGY, row[7:9], strict=True):
         if added is not None:
             rollup[f"{e}_sum"] += added
+
+
+class MemoryCredentials:
+    """``Credentials`` over the shared data: every change moves the counter, as the
+    SQL stores' triggers do."""
+
+    def __init__(self, data: _Data) -> None:
+        self._data = data
+
+    def set_api_key_hash(self, user_id: int, api_key_hash: str) -> None:
+        d = self._data
+        with d.lock:
+            if user_id in d.users:
+                d.users[user_id]["api_key_hash"] = api_key_hash
+                d.credentials_version += 1
+
+    def add_token(self, user_id: int, name: str, secret_hash: str, created: float) -> bool:
+        d = self._data
+        with d.lock:
+            if any((t["user_id"] == user_id and t["name"] == name) or t["secret_hash"] == secret_hash
+                   for t in d.tokens.values()):  # fmt: skip
+                return False
+            d.tokens[d.take("token")] = {"user_id": user_id, "name": name, "secret_hash": secret_hash,
+                                         "created": created}  # fmt: skip
+            d.credentials_version += 1
+            return True
+
+    def tokens_of(self, user_id: int) -> list[dict[str, Any]]:
+        with self._data.lock:
+            mine = sorted((t["created"], token_id, t["name"]) for token_id, t in self._data.tokens.items()
+                          if t["user_id"] == user_id)  # fmt: skip
+        return [{"name": name, "created": created} for created, _, name in mine]
+
+    def revoke_token(self, user_id: int, name: str) -> bool:
+        d = self._data
+        with d.lock:
+            found = [i for i, t in d.tokens.items() if t["user_id"] == user_id and t["name"] == name]
+            for token_id in found:
+                del d.tokens[token_id]
+            if found:
+                d.credentials_version += 1
+            return bool(found)
+
+    def version(self) -> int:
+        with self._data.lock:
+            return self._data.credentials_version
+
+    def load(self) -> CredentialRows:
+        d = self._data
+        with d.lock:
+            users = [{"id": u["id"], "email": u["email"], "api_key_hash": u["api_key_hash"]}
+                     for u in d.users.values()]  # fmt: skip
+            tokens = [{"user_id": t["user_id"], "secret_hash": t["secret_hash"]} for t in d.tokens.values()]
+            return CredentialRows(d.credentials_version, users, tokens)
 
 
 class MemoryOutbox:

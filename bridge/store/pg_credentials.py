@@ -1,4 +1,4 @@
-"""Credentials on PostgreSQL: bridge/store/credentials.py's queries (api key resets, users'
+"""Credentials on PostgreSQL: interface.py's ``Credentials`` (api key resets, users'
 MQTT tokens, the change counter a running server polls), on a ``PostgresStore``.
 
 Same tables and rule as on SQLite (its migration 5, ours 2): every change of a user's key or
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from bridge.store.credentials import CredentialRows
+from bridge.store.interface import CredentialRows
 from bridge.store.pg_store import OwnConnection, one_line, translated
 
 if TYPE_CHECKING:
@@ -53,6 +53,11 @@ class PgCredentials:
                                 (user_id, name)).rowcount > 0  # fmt: skip
 
     @translated
+    def version(self) -> int:
+        """The change counter."""
+        return _version(self.store._conn)
+
+    @translated
     def load(self) -> CredentialRows:
         """Every credential (at start, on this store's connection)."""
         return load_rows(self.store._conn)
@@ -64,11 +69,9 @@ class PgCredentialReader(OwnConnection):
     def version(self) -> int:
         """The change counter; OSError when the database cannot be read."""
         try:
-            conn = self._connection()
-            row = conn.execute("SELECT version FROM credentials_version WHERE id = 1").fetchone()
+            return _version(self._connection())
         except psycopg.Error as exc:
             raise OSError(f"cannot read credentials: {one_line(exc, self._url)}") from None
-        return int(row[0]) if row else 0
 
     def load(self) -> CredentialRows:
         """Every credential, consistent with its version; OSError when the database cannot be read."""
@@ -78,14 +81,18 @@ class PgCredentialReader(OwnConnection):
             raise OSError(f"cannot read credentials: {one_line(exc, self._url)}") from None
 
 
+def _version(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT version FROM credentials_version WHERE id = 1").fetchone()
+    return int(row[0]) if row else 0
+
 
 def load_rows(conn: psycopg.Connection[Any]) -> CredentialRows:
     """Version, users and tokens from one snapshot (REPEATABLE READ)."""
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        row = conn.execute("SELECT version FROM credentials_version WHERE id = 1").fetchone()
+        version = _version(conn)
         users = [dict(zip(("id", "email", "api_key_hash"), r, strict=True))
                  for r in conn.execute("SELECT id, email, api_key_hash FROM users")]  # fmt: skip
         tokens = [dict(zip(("user_id", "secret_hash"), r, strict=True))
                   for r in conn.execute("SELECT user_id, secret_hash FROM user_tokens")]  # fmt: skip
-    return CredentialRows(int(row[0]) if row else 0, users, tokens)
+    return CredentialRows(version, users, tokens)

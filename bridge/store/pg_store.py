@@ -35,7 +35,7 @@ from bridge.store.db import (
     USER_TARGET_COLUMNS,
     check_columns,
 )
-from bridge.store.interface import ENERGY, METRICS, CurrentUpdate, ReadingRow
+from bridge.store.interface import ENERGY, METRICS, CurrentUpdate, ReadingRow, StatusBefore
 from bridge.store.pg_channels import READINGS_CHANNEL, readings_notices
 from bridge.store.pg_schema import PARTITION_LOCK, VALUES_HASH, migrate
 
@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # both import this module's helpers
     from bridge.store.pg_credentials import PgCredentials
     from bridge.store.pg_history import PgHistoryReader
     from bridge.store.pg_outbox import PgOutbox
+    from bridge.store.pg_shared import PgShared
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -261,8 +262,9 @@ class PostgresStore:
 
     # -- readings (the writer's sink) ---------------------------------------------------
     @translated
-    def write(self, rows: Sequence[ReadingRow], updates: Sequence[CurrentUpdate]) -> None:
-        """Append ``rows`` and apply ``updates`` in one transaction."""
+    def write(self, rows: Sequence[ReadingRow], updates: Sequence[CurrentUpdate]) -> StatusBefore:
+        """Append ``rows`` and apply ``updates`` in one transaction; the batmons whose stored
+        status changed, with what they had (the writer announces those changes only)."""
         for _, changes in updates:
             check_columns(changes, BATMON_COLUMNS)
         rows = list(rows)
@@ -274,23 +276,27 @@ class PostgresStore:
                 conn.execute(STAGING)
                 self._staged_on = conn
             try:
+                changed: StatusBefore = {}
                 with self._transaction() as conn:
                     if rows:
                         self._insert_rows(conn, rows)
                     # Row locks in one order (by batmon), so two workers never deadlock;
                     # the sort is stable, so one batmon's updates keep their order.
                     for batmon_id, changes in sorted(updates, key=lambda u: u[0]):
-                        self._update_batmon(conn, batmon_id, changes)
+                        before = self._update_batmon(conn, batmon_id, changes)
+                        if before is not None and before[0] != changes.get("status", before[0]):
+                            changed[batmon_id] = before
                     # Other workers' live dashboards: which latest values moved (at commit).
                     moved = [b for b, c in updates if c.get("last_reading") is not None]
                     for payload in readings_notices(moved):
                         conn.execute("SELECT pg_notify(%s, %s)", (READINGS_CHANNEL, payload))
-                return
+                return changed
             except psycopg.errors.CheckViolation as exc:
                 # Retention (maybe another worker's) dropped a month we knew: make it again.
                 if attempt == 2 or "no partition" not in str(exc):
                     raise
                 self._months.clear()
+        raise AssertionError("the second attempt returns or raises")
 
     def _insert_rows(self, conn: psycopg.Connection[Any], rows: Sequence[ReadingRow]) -> None:
         with conn.cursor() as cur:
@@ -398,14 +404,21 @@ class PostgresStore:
                 self._update_batmon(conn, batmon_id, changes)
 
     @staticmethod
-    def _update_batmon(conn: psycopg.Connection[Any], batmon_id: int, changes: dict[str, Any]) -> None:
+    def _update_batmon(conn: psycopg.Connection[Any], batmon_id: int, changes: dict[str, Any]
+                       ) -> tuple[str, float | None] | None:  # fmt: skip
+        """UPDATE one batmon; with ``status`` among the changes, the (status, last_reading) the
+        row had just before (None when nothing was updated)."""
         check_columns(changes, BATMON_COLUMNS)
+        guard = None
         if "last_reading" in changes and changes["last_reading"] is not None:
             # An older reading never replaces the latest, whichever worker commits last.
             guard = ("last_reading IS NULL OR last_reading <= %s", changes["last_reading"])
+        if "status" not in changes:
             _update(conn, "batmons", batmon_id, changes, guard=guard)
-        else:
-            _update(conn, "batmons", batmon_id, changes)
+            return None
+        from bridge.store.pg_shared import update_returning_before
+
+        return update_returning_before(conn, batmon_id, changes, guard)
 
     @translated
     def delete_batmon(self, batmon_id: int) -> None:
@@ -527,7 +540,14 @@ class PostgresStore:
 
         return PgOutbox(self)
 
-    # -- credentials (not behind interface.py yet: bridge/store/credentials.py) -------------
+    def shared(self) -> PgShared:
+        """Workers on one database do each status change and alarm change once (pg_shared.py)."""
+        from bridge.store.pg_shared import PgShared
+
+        return PgShared(self)
+
+    # -- credentials -----------------------------------------------------------------------
+    @property
     def credentials(self) -> PgCredentials:
         """Api key resets and MQTT tokens on this connection."""
         from bridge.store.pg_credentials import PgCredentials

@@ -1,0 +1,97 @@
+"""Each change once, whichever worker sees it: status transitions and alarm state decided
+against PostgreSQL's rows (``SharedState`` of bridge/store/interface.py).
+
+Several workers share one database, and each has its own memory of the batmons, so memory
+cannot say whether a change is new: three workers seeing a batmon's readings would each
+announce it back Online. The row decides instead, in the transaction that changes it:
+
+- a reading's status goes in with ``UPDATE ... FROM (SELECT ... FOR UPDATE) old ... RETURNING
+  old.status``: the statuses before and after say whether *this* update changed it, and only
+  that worker announces it (the row lock orders concurrent updates; each sees the last one's);
+- Offline is one conditional ``UPDATE ... WHERE status = 'Online' AND deadline <= now
+  RETURNING id``, run by the watchdog's leader (bridge/store/pg_leader.py). Under READ
+  COMMITTED a concurrent reading's update makes it re-check the row and skip it;
+- an alarm's row is read ``FOR UPDATE`` in the transaction that changes it, so a change made by
+  another worker is seen before deciding, and two workers never both trigger it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from bridge.store.db import ALARM_COLUMNS, check_columns
+from bridge.store.interface import AlarmDecision
+from bridge.store.pg_leader import PgLeader
+from bridge.store.pg_store import _plain, _update, translated
+
+if TYPE_CHECKING:
+    from bridge.store.pg_store import PostgresStore
+
+
+def update_returning_before(conn: psycopg.Connection[Any], batmon_id: int, changes: dict[str, Any],
+                            guard: tuple[str, Any] | None) -> tuple[str, float | None] | None:  # fmt: skip
+    """UPDATE one batmon (the caller checked the columns) and return the (status, last_reading)
+    its row had just before, or None when the guard left it alone.
+
+    The sub-select locks the row first, so ``old`` is the latest committed version even when
+    another worker updated it meanwhile (a plain self-join would read this statement's snapshot).
+    Its columns are renamed so the guard's bare names mean the row being updated.
+    """
+    assignments = ", ".join(f"{column} = %s" for column in changes)
+    where, params = ("", ()) if guard is None else (f" AND ({guard[0]})", (guard[1],))
+    row = conn.execute(
+        f"UPDATE batmons SET {assignments} FROM (SELECT id AS old_id, status AS old_status,"
+        " last_reading AS old_last_reading FROM batmons WHERE id = %s FOR UPDATE) old"
+        f" WHERE batmons.id = old.old_id{where} RETURNING old.old_status, old.old_last_reading".encode(),
+        (*(_plain(v) for v in changes.values()), batmon_id, *params),
+    ).fetchone()  # fmt: skip
+    return None if row is None else (str(row[0]), row[1])
+
+
+class PgShared:
+    """The shared-state queries on one store handle's connection (the writer's, in serve)."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self.store = store
+        self.url = store.url  # for the error translation's redaction
+
+    @translated
+    def expire_overdue(self, now: float) -> tuple[list[tuple[int, float | None]], float | None]:
+        """Mark Offline each Online batmon past its deadline; the ones this call changed, and
+        the earliest deadline left (for the leader's next look)."""
+        with self.store._transaction() as conn:
+            expired = conn.execute(
+                "UPDATE batmons SET status = 'Offline' WHERE status = 'Online'"
+                " AND last_reading + update_period <= %s RETURNING id, last_reading", (now,)).fetchall()
+            upcoming = conn.execute(
+                "SELECT min(last_reading + update_period) FROM batmons WHERE status = 'Online'").fetchone()
+        return [(int(i), ts) for i, ts in expired], None if upcoming is None else upcoming[0]
+
+    @translated
+    def decide_alarm(self, alarm_id: int, reading_ts: float,
+                     decide: Callable[[dict[str, Any]], AlarmDecision | None]
+                     ) -> tuple[str, dict[str, Any]] | None:  # fmt: skip
+        """Lock the alarm's row, decide on it, write the change: one transaction."""
+        with self.store._transaction() as conn:
+            row = self.store._row(
+                "SELECT a.*, b.last_reading AS batmon_latest FROM alarms a JOIN batmons b"
+                " ON b.id = a.batmon_id WHERE a.id = %s FOR UPDATE OF a", (alarm_id,))  # fmt: skip
+            if row is None:
+                return None  # deleted meanwhile
+            latest = row.pop("batmon_latest")
+            if latest is not None and reading_ts < latest:
+                return None  # a newer reading is the batmon's latest: its evaluation decides
+            decision = decide(row)
+            if decision is None:
+                return None
+            kind, changes = decision
+            check_columns(changes, ALARM_COLUMNS)
+            _update(conn, "alarms", alarm_id, changes)
+        return kind, {**row, **changes}
+
+    def leader(self, job: str) -> PgLeader:
+        """An advisory-lock election for ``job`` on a connection of its own (not started)."""
+        return PgLeader(self.url, job)
