@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     from bridge.extensions.discovery import HomeAssistantDiscovery
 
 log = logging.getLogger(__name__)
+GC_YOUNG_THRESHOLD = 50_000
+"""Allocations between two young-generation collections (Python's default is 700)."""
 
 ADMIN_EMAIL = "admin@localhost"
 GIL_SWITCH_S = 0.001
@@ -197,6 +199,10 @@ class Service:
         # Everything made so far (registry, modules, broker) lives as long as the process:
         # out of the collector's way, so full collections during a backlog stay short.
         gc.freeze()
+        # And collect the young generation less often: at 700 allocations, every reading in
+        # flight (tasks, packets, futures) was promoted to the old generations, whose full
+        # collections then took 150-1,200 ms at full ingest (docs/PERFORMANCE.md).
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         # Last, so a start that fails does not make an admin whose key nobody saw.
         if not core.user_has_data():
             _, self.admin_api_key = await core.create_user_off_loop(ADMIN_EMAIL)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from bridge.battery_values import reading_values
 from bridge.core import Alarm
 from bridge.events import NO_SUBSCRIPTION, AlarmChanged, ReadingAccepted, Subscription
-from bridge.store.interface import AlarmDecision, SharedState, shared_of
+from bridge.store.interface import AlarmDecision, SharedState
 
 if TYPE_CHECKING:
     from bridge.core import Batmon, Core
@@ -92,7 +92,7 @@ class AlarmEvaluator:
 
     async def start(self) -> None:
         """Evaluate alarms on every accepted reading from now on."""
-        self._shared = shared_of(self.core.store)
+        self._shared = self.core.store.shared()
         self._subscription = self.core.bus.subscribe_all({ReadingAccepted: self.on_reading})
 
     async def stop(self) -> None:
@@ -134,7 +134,7 @@ class AlarmEvaluator:
         clock = self.core.clock
 
         def in_store(store: Store) -> tuple[str, dict[str, Any]] | None:
-            shared = shared_of(store)
+            shared = store.shared()
             assert shared is not None, "the writer's store is the core's kind"
             return shared.decide_alarm(alarm.id, reading_ts,
                                        lambda row: decide(Alarm.from_row(row), value, clock()))

@@ -265,8 +265,11 @@ class _ScrapeTimeCollector:
             ("connects", "Connections of the bridge's MQTT client to the broker."),
             ("disconnects", "Connections of the bridge's MQTT client that were lost or closed."),
             ("received", "Update messages the bridge received from the broker."),
+            ("redelivered", "Update messages the broker sent again (DUP set): ones a worker took"
+                            " and never acked, such as a killed worker's, redelivered after its restart."),
         ):
-            name = "batmon_mqtt_messages_received" if key == "received" else f"batmon_mqtt_{key}"
+            messages = key in ("received", "redelivered")
+            name = f"batmon_mqtt_messages_{key}" if messages else f"batmon_mqtt_{key}"
             yield CounterMetricFamily(name, help_text, value=stats.get(key, 0))
 
     @staticmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -388,6 +389,10 @@ class SqliteStore:
         """The notice outbox on this connection."""
         return Outbox(self)
 
+    def shared(self) -> None:
+        """One process owns the file (serve.lock): its memory decides each change."""
+        return None
+
     @property
     def credentials(self) -> SqliteCredentials:
         """Api keys, MQTT tokens and their change counter on this connection."""
@@ -417,10 +422,15 @@ Store = SqliteStore  # the name callers of the SQLite store used before the inte
 def _update(conn: sqlite3.Connection, table: str, key: int, changes: dict[str, Any],
             guard: tuple[str, Any] | None = None) -> None:  # fmt: skip
     """UPDATE one row by id; the column names were checked by the caller (never input)."""
-    assignments = ", ".join(f"{column} = ?" for column in changes)
-    where, params = ("", ()) if guard is None else (f" AND ({guard[0]})", (guard[1],))
-    conn.execute(f"UPDATE {table} SET {assignments} WHERE id = ?{where}",
-                 (*changes.values(), key, *params))  # fmt: skip
+    params = (*changes.values(), key) if guard is None else (*changes.values(), key, guard[1])
+    conn.execute(_update_sql(table, tuple(changes), None if guard is None else guard[0]), params)
+
+
+@functools.lru_cache(maxsize=256)
+def _update_sql(table: str, columns: tuple[str, ...], guard: str | None) -> str:
+    """The UPDATE for these columns, made once: the writer updates a batmon per reading."""
+    assignments = ", ".join(f"{column} = ?" for column in columns)
+    return f"UPDATE {table} SET {assignments} WHERE id = ?" + ("" if guard is None else f" AND ({guard})")
 
 
 def _insert_unretired(conn: sqlite3.Connection, table: str, row: dict[str, Any]) -> None:
@@ -434,6 +444,5 @@ def _insert_unretired(conn: sqlite3.Connection, table: str, row: dict[str, Any])
 
 def check_columns(changes: dict[str, Any], allowed: frozenset[str]) -> None:
     """A column name outside ``allowed`` is a programming error, never input."""
-    unknown = set(changes) - allowed
-    if unknown:
-        raise ValueError(f"not a changeable column: {sorted(unknown)}")
+    if not allowed.issuperset(changes):
+        raise ValueError(f"not a changeable column: {sorted(set(changes) - allowed)}")

@@ -54,7 +54,7 @@ class ReadingSink(Protocol):
     def write(self, rows: Sequence[ReadingRow], updates: Sequence[CurrentUpdate]) -> StatusBefore | None:
         """Append ``rows`` and apply ``updates`` in one transaction, or raise and change nothing.
 
-        A store several processes share (``shared_of``) returns the batmons whose stored
+        A store several processes share (``Store.shared()`` not None) returns the batmons whose stored
         ``status`` this write changed, with what they had: only that process announces the
         change. A one-process store returns None: the caller's memory is the truth.
         """
@@ -242,12 +242,6 @@ class SharedState(Protocol):
         ...
 
 
-def shared_of(store: Any) -> SharedState | None:
-    """The store's shared-state queries when several processes may share its database
-    (PostgreSQL), else None (SQLite: one process, its memory decides)."""
-    shared = getattr(store, "shared", None)
-    return shared() if callable(shared) else None
-
 
 class Store(ReadingSink, Protocol):
     """Everything durable: users, batmons, alarms and their state, readings, history,
@@ -361,6 +355,12 @@ class Store(ReadingSink, Protocol):
     # -- notices ----------------------------------------------------------------
     @property
     def outbox(self) -> NoticeOutbox: ...
+
+    # -- several processes ---------------------------------------------------------
+    def shared(self) -> SharedState | None:
+        """The queries that decide each change once when several processes share this
+        database (PostgreSQL), or None: one process, whose memory decides (SQLite, memory)."""
+        ...
 
     # -- retention and rollups ----------------------------------------------------
     def batmons_with_readings_before(self, cutoff: float) -> list[int]:

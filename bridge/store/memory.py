@@ -289,6 +289,10 @@ class MemoryStore:
     def outbox(self) -> MemoryOutbox:
         return MemoryOutbox(self._data)
 
+    def shared(self) -> None:
+        """Never shared between processes."""
+        return None
+
     @property
     def credentials(self) -> MemoryCredentials:
         return MemoryCredentials(self._data)
