@@ -138,9 +138,17 @@ class Banks:
 
     def load(self) -> None:
         """Fill memory from the store (at start)."""
-        for row in self.core.store.banks():
+        self.reload(self.core.store.banks())
+
+    def reload(self, rows: list[dict[str, Any]]) -> None:
+        """Hold exactly these stored banks (another worker changed one): memory only, no event."""
+        self._banks.clear()
+        self._by_member.clear()
+        for row in rows:
             ids = [i for i in row["batmon_ids"] if i in self.core.batmons]
-            self._remember(Bank(row["id"], row["user_id"], row["name"], ids, row["created"]))
+            bank = Bank(row["id"], row["user_id"], row["name"], ids, row["created"])
+            bank.alarms = {a.id: a for a in self.core.alarms.values() if a.bank_id == bank.id}
+            self._remember(bank)
 
     # -- reading --------------------------------------------------------------------
     def get(self, bank_id: int) -> Bank | None:

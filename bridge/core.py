@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from bridge.banks import Bank, Banks
 from bridge.battery_values import VALUE_UNITS, extra_keys
@@ -200,6 +200,13 @@ class Batmon:
         return cls(**values)
 
 
+class Peers(Protocol):
+    """Other workers on the same database (bridge/extensions/peers.py)."""
+
+    async def catch_up(self, batmon_ids: Sequence[int] = ()) -> None:
+        """Take in every change committed elsewhere before now, and these batmons' latest values."""
+
+
 @dataclass(frozen=True)
 class CredentialMaps:
     """The registry's credential lookups, built from stored rows on any thread."""
@@ -256,6 +263,9 @@ class Core:
         # on a store handle of its own.
         self.writer = ReadingWriter(open_writer_store or store.another, self._apply_committed)
         self.banks = Banks(self)
+        # Set while other workers share the database (PostgreSQL): a request is answered
+        # after catching up with them. None alone (SQLite): no query added anywhere.
+        self.peers: Peers | None = None
 
     def close(self) -> None:
         """Stop the writer (after what it holds) and the history workers; close the store."""
@@ -592,14 +602,20 @@ class Core:
         except BaseException:
             self.batmons[batmon.id] = batmon  # still stored: still there
             raise
+        self.forget_deleted(batmon)
+        self.writer.purge([batmon.id])
+        self.banks.batmon_deleted(batmon.id)
+        self.bus.emit(BatmonDeleted(batmon))
+
+    def forget_deleted(self, batmon: Batmon) -> None:
+        """Memory only: the batmon and its alarms are gone from the store (here or on another
+        worker); its ids are never handed out again."""
+        self.batmons.pop(batmon.id, None)
         self._deleted_owners[batmon.id] = batmon.user_id
         self.retire_ids(batmon.id, *batmon.alarms)
         self.writer.forget(batmon.id)
-        self.writer.purge([batmon.id])
         for alarm_id in batmon.alarms:
             self.alarms.pop(alarm_id, None)
-        self.banks.batmon_deleted(batmon.id)
-        self.bus.emit(BatmonDeleted(batmon))
 
     # -- readings ------------------------------------------------------------
     def submit_readings(self, batmon: Batmon, readings: Iterable[Reading], door: Door = "http"

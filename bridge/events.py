@@ -85,6 +85,16 @@ class BatmonDeleted:
 
 
 @dataclass(frozen=True)
+class ChangedElsewhere:
+    """Another worker on the same database changed this batmon (a reading, its settings, an
+    alarm) or deleted it, and this worker's memory now holds that. Only views react (the live
+    feed): the worker that made the change published, notified and counted it."""
+
+    batmon: Batmon
+    deleted: bool = False
+
+
+@dataclass(frozen=True)
 class BankChanged:
     """A bank was created, renamed, or its members changed (a deleted batmon leaving too)."""
 

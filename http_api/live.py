@@ -25,7 +25,7 @@ from typing import Any
 
 from bridge.banks import Bank
 from bridge.core import Batmon, Core
-from bridge.errors import BatmonError
+from bridge.errors import BatmonError, StorageFailed
 from bridge.events import (
     NO_SUBSCRIPTION,
     AlarmChanged,
@@ -34,6 +34,7 @@ from bridge.events import (
     BankDeleted,
     BatmonChanged,
     BatmonDeleted,
+    ChangedElsewhere,
     ReadingAccepted,
     StatusChanged,
     Subscription,
@@ -162,6 +163,7 @@ class LiveFeed:
             BankChanged: lambda e: self._mark_bank(e.bank, deleted=False),
             BankAlarmChanged: lambda e: self._mark_bank(e.bank, deleted=False),
             BankDeleted: lambda e: self._mark_bank(e.bank, deleted=True),
+            ChangedElsewhere: self._on_elsewhere,
         })  # fmt: skip
 
     async def stop(self) -> None:
@@ -182,6 +184,12 @@ class LiveFeed:
     def _on_reading(self, event: ReadingAccepted) -> None:
         self._on_loop(self._note_reported, event.batmon.id, tuple(event.values), event.ts)
         self._mark(event.batmon, deleted=False)
+
+    def _on_elsewhere(self, event: ChangedElsewhere) -> None:
+        """Another worker's change (bridge/extensions/peers.py): a reading there moved the
+        latest values; when each value was last reported is asked of history again."""
+        self._on_loop(self._forget_reported, event.batmon.id)
+        self._mark(event.batmon, deleted=event.deleted)
 
     def _on_deleted(self, event: BatmonDeleted) -> None:
         self._on_loop(self._forget_reported, event.batmon.id)
@@ -293,6 +301,10 @@ class LiveFeed:
     async def messages_for(self, stream: LiveStream, changed: dict[int, bool], full: bool
                            ) -> list[str]:  # fmt: skip
         """The SSE messages for one batch of changes, each batmon's state as of now."""
+        if full and self.core.peers is not None:  # other workers' readings since this worker's
+            with contextlib.suppress(StorageFailed):  # the database away: memory's snapshot
+                await self.core.peers.catch_up([b.id for b in self.core.batmons.values()
+                                                if b.user_id == stream.user_id])  # fmt: skip
         await self.learn_reported([b for b in self.core.batmons.values()
                                    if b.user_id == stream.user_id and (full or b.id in changed)])
         now = self.core.clock()

@@ -37,6 +37,7 @@ from bridge.store.db import (
     check_columns,
 )
 from bridge.store.interface import ENERGY, METRICS, CurrentUpdate, ReadingRow, StatusBefore
+from bridge.store.pg_channels import READINGS_CHANNEL, readings_notices
 from bridge.store.pg_schema import PARTITION_LOCK, VALUES_HASH, migrate
 
 if TYPE_CHECKING:  # both import this module's helpers
@@ -148,6 +149,27 @@ def connect(url: str) -> psycopg.Connection[Any]:
     conn = psycopg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
     conn.execute("SET extra_float_digits = 1")
     return conn
+
+
+class OwnConnection:
+    """A reader's connection of its own, made again on the next call once broken (one thread
+    at a time): the credential watcher's, the other workers' checks."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.broken:
+            self.close()
+            self._conn = connect(self._url)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = None
 
 
 def month_bounds(ts: float) -> tuple[float, float, str]:
@@ -268,6 +290,10 @@ class PostgresStore:
                         was = before.get(batmon_id)
                         if was is not None and was[0] != changes.get("status", was[0]):
                             changed[batmon_id] = was
+                    # Other workers' live dashboards: which latest values moved (at commit).
+                    moved = [b for b, c in updates if c.get("last_reading") is not None]
+                    for payload in readings_notices(moved):
+                        conn.execute("SELECT pg_notify(%s, %s)", (READINGS_CHANNEL, payload))
                 return changed
             except psycopg.errors.CheckViolation as exc:
                 # Retention (maybe another worker's) dropped a month we knew: make it again.
