@@ -193,6 +193,13 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE rollups ADD COLUMN discharged_kwh_sum DOUBLE PRECISION NOT NULL DEFAULT 0",
         "ALTER TABLE alarms ADD COLUMN clear_value DOUBLE PRECISION",
     ],
+    # 4: the outbox's lease (issue 16, several workers): which worker holds a notice in flight
+    # and until when. A notice an older release left ``sending`` has no holder: due at once.
+    [
+        "ALTER TABLE outbox ADD COLUMN claimed_by TEXT",
+        "ALTER TABLE outbox ADD COLUMN lease_until DOUBLE PRECISION",
+        "UPDATE outbox SET lease_until = 0 WHERE state = 'sending'",
+    ],
 ]
 
 LATEST = len(MIGRATIONS)
