@@ -465,7 +465,9 @@ class Notifier:
     async def _wait(self) -> None:
         """Sleep until the next notice is due, a new one is queued, or a slot frees."""
         assert self._wake is not None
-        timeout = IDLE_WAIT_S
+        # At least once a lease: nothing wakes this worker for notices another one queued
+        # and died before claiming, or whose lease runs out.
+        timeout = min(IDLE_WAIT_S, self.lease_s)
         if len(self._inflight) < self.concurrency:
             try:
                 next_at = await self.core.in_store(lambda store: store.outbox.next_due_at())
