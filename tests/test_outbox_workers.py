@@ -42,7 +42,8 @@ def queue_held_notices(group: Workers, sink: Sink) -> list[int]:
             batmon_id, token = added["batmon_id"], added["batmon_token"]
             r = http.post("/interface/batmon/alarm/add", json={
                 "batmon_id": batmon_id, "alarm_name": "High", "alarm_metric": "voltage",
-                "alarm_condition": ">=", "alarm_threshold_value": 10, "alarm_repeat_delay": 60})  # fmt: skip
+                "alarm_condition": ">=", "alarm_threshold_value": 10,
+                "alarm_repeat_delay": 3600})  # fmt: skip
             assert r.status_code == 200, r.text
             r = http.post("/interface/update/batmon",
                           json={"batmon_id": batmon_id, "batmon_token": token, "voltage": 12})  # fmt: skip
