@@ -114,6 +114,30 @@ class DeviceClient:
         self.client.loop_stop()
 
 
+class TimedDevice(DeviceClient):
+    """A device that notes when each message left and when its PUBACK came."""
+
+    def __init__(self, port: int, device: Device, *, auth: bool = True) -> None:
+        self.published_at: dict[int, float] = {}
+        self.acked_at: dict[int, float] = {}
+        super().__init__(port, device, auth=auth)
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        self.acked_at[mid] = time.monotonic()
+        super()._on_publish(client, userdata, mid, reason, props)
+
+    def publish(self, readings: list[dict[str, Any]], key: str = "voltage") -> Any:
+        at = time.monotonic()
+        sent = super().publish(readings, key)
+        self.published_at[sent.info.mid] = at
+        return sent
+
+    def latencies(self, start: float, end: float) -> list[float]:
+        """Seconds from publish to PUBACK of the messages published in [start, end)."""
+        return [self.acked_at.get(mid, float("inf")) - at
+                for mid, at in self.published_at.items() if start <= at < end]  # fmt: skip
+
+
 class Load:
     """Publishes ``total`` readings round-robin over devices at ``rate`` per second, on a thread.
 
@@ -277,6 +301,7 @@ class Answer:
     status: int
     retry_after: str | None
     at: float  # time.monotonic() when the answer came
+    sent: float  # time.monotonic() when the request left
 
 
 class HttpSender:
@@ -303,12 +328,13 @@ class HttpSender:
         i = 0
         with httpx.Client(base_url=self.serve.http_url, timeout=30) as http:
             while not self.stopped.is_set():
+                sent = time.monotonic()
                 try:
                     r = http.post("/interface/update/batmon", json={
                         "batmon_id": self.device.batmon_id, "batmon_token": self.device.token,
                         "voltage": float(i)})  # fmt: skip
                     self.answers.append(Answer(float(i), r.status_code, r.headers.get("Retry-After"),
-                                               time.monotonic()))  # fmt: skip
+                                               time.monotonic(), sent))  # fmt: skip
                 except httpx.HTTPError as exc:  # counted: a timeout is an answer too
                     self.errors.append(f"{float(i)}: {type(exc).__name__}")
                 i += 1

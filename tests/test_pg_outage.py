@@ -1,0 +1,120 @@
+"""PostgreSQL stopped for 10 s under load (issue 16, acceptance 2): nothing is acknowledged
+while it is down, /healthz answers 503 naming the database, ingest resumes by itself once it
+is back, and every acknowledged reading is stored.
+
+Black-box: a private PostgreSQL (tests/pg_support.py, `pg_ctl stop -m fast` and `start`), a
+real `batmon serve --database-url` with its embedded broker (a PUBACK follows the commit), a
+device publishing QoS 1 over MQTT and another updating over HTTP, both all along.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+
+from tests.conftest import ServeProcess
+from tests.load import (
+    WAIT_S,
+    HttpSender,
+    Landing,
+    Load,
+    TimedDevice,
+    add_batmons,
+    healthz,
+    history_values,
+    wait_history,
+)
+from tests.pg_support import private_postgres
+from tests.support import wait_until
+from tests.test_serve_end_to_end import mqtt_port
+
+pytestmark = pytest.mark.timeout(300)
+
+DOWN_S = 10.0
+PING_FRESH_S = 1.0  # /healthz asks the database at most this often (bridge/core.py)
+
+
+def test_postgresql_stopped_for_10_s_under_load_acknowledges_nothing_and_ingest_resumes_by_itself(
+    tmp_path: Path,
+) -> None:
+    with private_postgres() as pg:
+        serve = ServeProcess(tmp_path / "data", args=["--database-url", pg.create_database()])
+        try:
+            serve.start(timeout=WAIT_S)
+            mqtt_device, http_device = add_batmons(serve, 2)
+            publisher = TimedDevice(mqtt_port(serve), mqtt_device)
+            load = Load([publisher], total=1_000_000, rate=100).start()
+            sender = HttpSender(serve, http_device, pause_s=0.02).start()
+            health: list[tuple[float, int, dict[str, Any]]] = []
+            with httpx.Client(base_url=serve.http_url, timeout=30) as http:
+                try:
+                    wait_until(lambda: load.acked() >= 100 and len(sender.with_status(200)) >= 20, WAIT_S,
+                               "ingest before the fault")  # fmt: skip
+                    assert healthz(http)[0] == 200
+
+                    pg.stop("fast")
+                    down = time.monotonic()  # from here no commit can succeed
+                    while time.monotonic() - down < DOWN_S:
+                        code, body = healthz(http)
+                        health.append((time.monotonic(), code, body))
+                        time.sleep(0.2)
+                    restarting = time.monotonic()
+                    pg.start()
+                    up = time.monotonic()
+                    wait_until(lambda: healthz(http)[0] == 200, WAIT_S, "/healthz 200 again, no restart")
+                    healthy_in = time.monotonic() - up
+                    wait_until(lambda: [a for a in sender.with_status(200) if a.sent > up], WAIT_S,
+                               "an HTTP update sent after the start accepted")  # fmt: skip
+                    wait_until(lambda: [m for m, at in publisher.published_at.items()
+                                        if at > up and m in publisher.acked_at], WAIT_S,
+                               "a reading published after the start PUBACKed")  # fmt: skip
+                finally:
+                    load.stop()
+                    sender.stop()
+                assert load.wait_acked(), f"{publisher.unacked()} publishes never acknowledged after it"
+                found = wait_history(serve, [publisher], want=len(publisher.sent_values()), timeout=60)[
+                    mqtt_device.batmon_id]
+                http_rows = history_values(http, serve, http_device.batmon_id)
+            publisher.close()
+        finally:
+            if serve.proc is not None:
+                serve.stop()
+
+    # Nothing acknowledged while it was down: no success for an HTTP update sent after the stop
+    # before the start, and no PUBACK for a reading published then before the start.
+    in_outage = [a for a in sender.answers if down < a.sent < restarting]
+    assert in_outage and not [a for a in in_outage if a.status == 200 and a.at < up], "acked while down"
+    assert {a.status for a in in_outage} <= {200, 503}, Counter(a.status for a in in_outage)
+    early_acks = [m for m, at in publisher.published_at.items()
+                  if down < at < restarting and publisher.acked_at.get(m, up) < up]  # fmt: skip
+    published_down = sum(1 for at in publisher.published_at.values() if down < at < restarting)
+    assert published_down and not early_acks, f"{len(early_acks)} PUBACKs for readings published while down"
+    # /healthz answered 503 naming the database (once its one-second ping cache had expired).
+    settled = [(code, body) for at, code, body in health if at > down + PING_FRESH_S + 0.5]
+    assert settled and all(code == 503 and body["database"] == "error" for code, body in settled), settled[-1]
+    # Every acknowledged reading is stored, once.
+    assert not found.missing, f"{len(found.missing)} PUBACKed readings lost"
+    assert found.duplicates == 0 and found.unknown == 0
+    http_landing = Landing.of([a.value for a in sender.answers], [a.value for a in sender.with_status(200)],
+                              http_rows)  # fmt: skip
+    assert not http_landing.missing, f"{len(http_landing.missing)} HTTP `success` readings lost"
+    assert http_landing.duplicates == 0
+    assert not {a.value for a in sender.with_status(503)} & set(http_rows), "a 503 reading was stored"
+
+    http_back = min(a.at for a in sender.with_status(200) if a.sent > up) - up
+    mqtt_back = min(at for m, at in publisher.acked_at.items() if publisher.published_at.get(m, 0) > down)
+    mqtt_back -= up
+    print(f"\nPostgreSQL down {restarting - down:.1f} s, start took {up - restarting:.1f} s; after it:"
+          f" /healthz 200 in {healthy_in:.2f} s, first HTTP success in {http_back:.2f} s, first PUBACK"
+          f" of a reading published during the outage in {mqtt_back:.2f} s; /healthz during the outage"
+          f" {dict(Counter(code for _, code, _ in health))}; HTTP during the outage"
+          f" {dict(Counter(a.status for a in in_outage))}; MQTT published {len(found.sent)}"
+          f" ({published_down} during the outage), acked {len(found.acked)}, stored"
+          f" {len(set(found.history))}, missing {len(found.missing)}, duplicates {found.duplicates};"
+          f" HTTP sent {len(sender.answers)}, acked {len(sender.with_status(200))}, stored {len(http_rows)},"
+          f" missing {len(http_landing.missing)}")
