@@ -78,13 +78,16 @@ class Outbox:
     @translated
     def claim(self, notice_id: int, worker: str, now: float, lease_until: float) -> Claim | None:
         """Mark a queued notice ``sending`` and count the attempt; None if taken."""
-        with self.db.atomic():
-            row = self.db.execute(
+        with self.db.atomic():  # no RETURNING: SQLite before 3.35 has none
+            cur = self.db.execute(
                 "UPDATE outbox SET state = 'sending', attempts = attempts + 1"
-                " WHERE id = ? AND state = 'queued' RETURNING attempts",
+                " WHERE id = ? AND state = 'queued'",
                 (notice_id,),
-            ).fetchone()
-        return None if row is None else Claim(notice_id, worker, int(row[0]))
+            )
+            if cur.rowcount != 1:
+                return None
+            row = self.db.execute("SELECT attempts FROM outbox WHERE id = ?", (notice_id,)).fetchone()
+        return Claim(notice_id, worker, int(row[0]))
 
     @translated
     def renew(self, claims: Sequence[Claim], lease_until: float) -> int:
