@@ -259,6 +259,27 @@ def add_batmons(serve: ServeProcess, count: int, base_topic: str = "batmon") -> 
     return devices
 
 
+def alarm_notices(http: httpx.Client, target: str, count: int) -> list[int]:
+    """Make ``count`` alarm notices for the caller (``http`` carries its key): its email target
+    set to ``target``, and per notice a batmon whose alarm (voltage >= 10 V, repeated hourly)
+    a 12 V update triggers. Returns the batmons' ids."""
+    r = http.post("/interface/user/notifications", json={"email_url": target})
+    assert r.status_code == 200, r.text
+    ids = []
+    for k in range(count):
+        added = http.post("/interface/add/batmon", json={"batmon_name": f"Pack {k}"}).json()["success"]
+        batmon_id, token = added["batmon_id"], added["batmon_token"]
+        r = http.post("/interface/batmon/alarm/add", json={
+            "batmon_id": batmon_id, "alarm_name": "High", "alarm_metric": "voltage", "alarm_condition": ">=",
+            "alarm_threshold_value": 10, "alarm_repeat_delay": 3600})  # fmt: skip
+        assert r.status_code == 200, r.text
+        r = http.post("/interface/update/batmon", json={"batmon_id": batmon_id, "batmon_token": token,
+                                                        "voltage": 12})  # fmt: skip
+        assert r.status_code == 200, r.text
+        ids.append(batmon_id)
+    return ids
+
+
 def history_values(http: httpx.Client, serve: ServeProcess, batmon_id: int, key: str = "batmon_voltage",
                    ) -> list[float]:  # fmt: skip
     """One batmon's whole history, in the order the API returns it, as ``key`` values."""

@@ -16,6 +16,7 @@ import httpx2 as httpx
 import psycopg
 
 from tests.conftest import ServeProcess
+from tests.load import alarm_notices
 from tests.support import Sink
 from tests.test_serve_end_to_end import wait_for
 from tests.workers import Workers, workers
@@ -34,21 +35,7 @@ def queue_held_notices(group: Workers, sink: Sink) -> list[int]:
     sink.hang = True
     with httpx.Client(base_url=first.http_url, timeout=10, headers=group.auth) as http:
         # rto: Apprise waits for the held answer (its own read timeout is 4 s)
-        r = http.post("/interface/user/notifications", json={"email_url": sink.url("?rto=30")})
-        assert r.status_code == 200, r.text
-        ids = []
-        for k in range(NOTICES):
-            added = http.post("/interface/add/batmon", json={"batmon_name": f"Pack {k}"}).json()["success"]
-            batmon_id, token = added["batmon_id"], added["batmon_token"]
-            r = http.post("/interface/batmon/alarm/add", json={
-                "batmon_id": batmon_id, "alarm_name": "High", "alarm_metric": "voltage",
-                "alarm_condition": ">=", "alarm_threshold_value": 10,
-                "alarm_repeat_delay": 3600})  # fmt: skip
-            assert r.status_code == 200, r.text
-            r = http.post("/interface/update/batmon",
-                          json={"batmon_id": batmon_id, "batmon_token": token, "voltage": 12})  # fmt: skip
-            assert r.status_code == 200, r.text
-            ids.append(batmon_id)
+        ids = alarm_notices(http, sink.url("?rto=30"), NOTICES)
     wait_for(lambda: len(sink.hung) == NOTICES, "every notice's first send held at the sink")
     return ids
 

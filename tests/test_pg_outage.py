@@ -1,6 +1,7 @@
 """PostgreSQL stopped for 10 s under load (issue 16, acceptance 2): nothing is acknowledged
 while it is down, /healthz answers 503 naming the database, ingest resumes by itself once it
-is back, and every acknowledged reading is stored.
+is back, and every acknowledged reading is stored. And a notice delivered while it is down
+is recorded once it is back, not sent again.
 
 Black-box: a private PostgreSQL (tests/pg_support.py, `pg_ctl stop -m fast` and `start`), a
 real `batmon serve --database-url` with its embedded broker (a PUBACK follows the commit), a
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
+import psycopg
 import pytest
 
 from tests.conftest import ServeProcess
@@ -25,12 +27,14 @@ from tests.load import (
     Load,
     TimedDevice,
     add_batmons,
+    admin_headers,
+    alarm_notices,
     healthz,
     history_values,
     wait_history,
 )
 from tests.pg_support import private_postgres
-from tests.support import wait_until
+from tests.support import Sink, wait_until
 from tests.test_serve_end_to_end import mqtt_port
 
 pytestmark = pytest.mark.timeout(300)
@@ -40,6 +44,7 @@ DEVICES = 4
 RATE = 80.0  # messages/s over the devices: 20/s each, within the embedded broker's 50/s per device,
 # so the backlog of the outage drains at once after it instead of at the broker's abuse limit
 PING_FRESH_S = 1.0  # /healthz asks the database at most this often (bridge/core.py)
+LEASE_S = 2  # --notify-lease-s of the notice test
 
 
 def test_postgresql_stopped_for_10_s_under_load_acknowledges_nothing_and_ingest_resumes_by_itself(
@@ -129,3 +134,42 @@ def test_postgresql_stopped_for_10_s_under_load_acknowledges_nothing_and_ingest_
           f" {sum(f.duplicates for f in landings)};"
           f" HTTP sent {len(sender.answers)}, acked {len(sender.with_status(200))}, stored {len(http_rows)},"
           f" missing {len(http_landing.missing)}")
+
+
+def test_a_notice_delivered_while_postgresql_is_down_is_recorded_once_it_is_back_not_sent_again(
+    tmp_path: Path,
+) -> None:
+    """The notifier writes a delivery's outcome again until the database takes it: a lost
+    outcome would leave the notice `sending`, and once its lease ran out it would go twice."""
+    sink = Sink()
+    sink.hang = True
+    try:
+        with private_postgres() as pg:
+            url = pg.create_database()
+            lease = ["--notify-lease-s", str(LEASE_S)]
+            serve = ServeProcess(tmp_path / "data", args=["--database-url", url, *lease])
+            try:
+                serve.start(timeout=WAIT_S)
+                with httpx.Client(base_url=serve.http_url, timeout=10, headers=admin_headers(serve)) as http:
+                    alarm_notices(http, sink.url("?rto=30"), 1)
+                wait_until(lambda: sink.hung, WAIT_S, "the notice's send held at the sink")
+                pg.stop("fast")
+                sink.late_status = 200
+                sink.release.set()  # delivered, while its outcome cannot be written
+                wait_until(lambda: sink.posts(), WAIT_S, "the held send answered")
+                time.sleep(3 * LEASE_S)  # the claim's lease runs out meanwhile
+                pg.start()
+                with psycopg.connect(url, autocommit=True) as conn:
+
+                    def row() -> tuple[str, int] | None:
+                        return conn.execute("SELECT state, attempts FROM outbox").fetchone()
+
+                    wait_until(lambda: row() == ("sent", 1), WAIT_S, "the delivery recorded")
+                    time.sleep(3 * LEASE_S)  # a resend would have been claimed by now
+                    assert row() == ("sent", 1)
+                assert len(sink.hung) == 1 and len(sink.posts()) == 1  # sent once, never again
+            finally:
+                if serve.proc is not None:
+                    serve.stop()
+    finally:
+        sink.close()
