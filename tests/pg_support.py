@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import secrets
 import shutil
+import socket
 import subprocess
 import tempfile
 import threading
@@ -23,7 +25,6 @@ import psycopg
 import pytest
 
 from bridge.store.pg_store import PostgresStore
-from tests.support import free_port
 
 ADMIN_URL = os.environ.get("BATMON_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -101,7 +102,7 @@ class PrivatePostgres:
 
     def __init__(self) -> None:
         self.bindir = _bindir()
-        self.port = free_port()
+        self.port = _lasting_port()
         self.folder = Path(tempfile.mkdtemp(prefix="batmon-pg-"))
         self.data = self.folder / "data"
         self.log = self.folder / "server.log"
@@ -172,6 +173,21 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         yield server.init().start()
     finally:
         server.close()
+
+
+def _lasting_port() -> int:
+    """A free port below the kernel's ephemeral range: while the server is stopped, no outgoing
+    connection (nor another test's bind to port 0) takes it, so it can start there again."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(100):
+        port = random.randrange(10_000, low)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port between 10000 and {low}")
 
 
 def _bindir() -> Path:

@@ -427,11 +427,13 @@ class Notifier:
             return
         now = self.core.clock()
         worker, lease_until = self.worker, now + self.lease_s
+        # Ours still: its lease may have run out while the outcome waits for the database.
+        busy = {claim.notice_id for claim in self._inflight.values()}
 
         def claim_due(store: Store) -> list[tuple[dict[str, Any], str, Claim | None]]:
             """Due rows with their targets, claimed (or skipped) in one visit off the loop."""
             claimed: list[tuple[dict[str, Any], str, Claim | None]] = []
-            for row in store.outbox.due(now, free):
+            for row in [r for r in store.outbox.due(now, free + len(busy)) if r["id"] not in busy][:free]:
                 user = store.user_by_id(row["user_id"])
                 target = str(user[TARGET_COLUMNS[row["channel"]]]) if user else ""
                 if not target:
