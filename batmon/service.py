@@ -266,14 +266,23 @@ class Service:
         metrics = Metrics(core, mqtt_stats=self.mqtt_stats, per_batmon=opts.metrics_per_batmon)
         # Metrics first, so it counts every event the others cause; the notifier before
         # the watchdog, which may announce Offline batmons at once.
+        credentials = CredentialWatcher(core, opts.database_path, open_reader=self._credential_reader())
         parts: list[Extension] = [
             metrics,
             AlarmEvaluator(core),
             Notifier(core, retry_base_s=opts.notify_retry_s, give_up_after_s=opts.notify_give_up_s),
             OfflineWatchdog(core),
             # `batmon user ...` from another process: keys and tokens reloaded at once.
-            CredentialWatcher(core, opts.database_path, open_reader=self._credential_reader()),
+            credentials,
         ]
+        peers = None
+        if opts.database_url is not None:
+            # Other workers on the database: their changes reach memory before a request is
+            # answered (bridge/extensions/peers.py); started before anything publishes or serves.
+            from bridge.extensions.peers import PeerSync
+
+            peers = PeerSync(core, opts.database_url.get_secret_value(), credentials=credentials.check_now)
+            parts.append(peers)
         if opts.retention_days is not None:
             from bridge.extensions.retention_pruner import RetentionPruner
 
@@ -339,12 +348,15 @@ class Service:
         if opts.discovery:
             # Home Assistant's birth re-sends the banks' configs too: one rule for when.
             self.discovery = HomeAssistantDiscovery(core, self.topics, retained,
-                                                    also_resend=banks.resend_discovery)  # fmt: skip
+                                                    also_resend=banks.resend_discovery,
+                                                    shared=peers)  # fmt: skip
             parts.append(self.discovery)
         # The link connects after the state publisher and discovery listen for MqttConnected.
         parts += doors
 
         live = LiveFeed(core)
+        if peers is not None:  # readings elsewhere are loaded for the dashboards open here
+            peers.watched = lambda user_id: live.stream_count(user_id) > 0
         token = opts.metrics_token.get_secret_value() if opts.metrics_token else None
         exposure = MetricsExposure(render=metrics.render, access=opts.metrics, token=token,
                                    prepare=metrics.refresh)  # fmt: skip

@@ -20,9 +20,9 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
-from bridge.banks import Banks
+from bridge.banks import Bank, Banks
 from bridge.battery_values import VALUE_UNITS, extra_keys
 from bridge.errors import Conflict, NotFound, WrongToken
 from bridge.events import (
@@ -66,10 +66,10 @@ class User:
 
 @dataclass
 class Alarm:
-    """A threshold on one metric of one batmon, with its trigger state."""
+    """A threshold on one metric of one batmon, or of one bank, with its trigger state."""
 
     id: int
-    batmon_id: int
+    batmon_id: int | None  # None for a bank's alarm (bank_id), docs/BANKS.md
     name: str
     metric: str
     condition: str
@@ -82,12 +82,15 @@ class Alarm:
     last_notice: float | None = None
     update_time: float = 0.0
     clear_value: float | None = None  # hysteresis (bridge/extensions/alarms.py)
+    bank_id: int | None = None
 
     def to_api(self) -> dict[str, Any]:
-        """The seed's alarm object plus alarm_metric and alarm_clear_value."""
+        """The seed's alarm object plus alarm_metric and alarm_clear_value; a bank's
+        alarm has bank_id where a batmon's has device_id."""
+        subject = {"device_id": self.batmon_id} if self.bank_id is None else {"bank_id": self.bank_id}
         return {
             "alarm_id": self.id,
-            "device_id": self.batmon_id,
+            **subject,
             "alarm_name": self.name,
             "alarm_enabled": self.enabled,
             "alarm_threshold_value": self.threshold,
@@ -197,6 +200,13 @@ class Batmon:
         return cls(**values)
 
 
+class Peers(Protocol):
+    """Other workers on the same database (bridge/extensions/peers.py)."""
+
+    async def catch_up(self, batmon_ids: Sequence[int] = ()) -> None:
+        """Take in every change committed elsewhere before now, and these batmons' latest values."""
+
+
 @dataclass(frozen=True)
 class CredentialMaps:
     """The registry's credential lookups, built from stored rows on any thread."""
@@ -253,6 +263,9 @@ class Core:
         # on a store handle of its own.
         self.writer = ReadingWriter(open_writer_store or store.another, self._apply_committed)
         self.banks = Banks(self)
+        # Set while other workers share the database (PostgreSQL): a request is answered
+        # after catching up with them. None alone (SQLite): no query added anywhere.
+        self.peers: Peers | None = None
 
     def close(self) -> None:
         """Stop the writer (after what it holds) and the history workers; close the store."""
@@ -267,12 +280,12 @@ class Core:
         for row in self.store.batmons():
             batmon = Batmon.from_row(row)
             self.batmons[batmon.id] = batmon
+        self.banks.load()
         for row in self.store.alarms():
             alarm = Alarm.from_row(row)
-            if alarm.batmon_id in self.batmons:
+            if (subject := self.alarm_subject(alarm)) is not None:
                 self.alarms[alarm.id] = alarm
-                self.batmons[alarm.batmon_id].alarms[alarm.id] = alarm
-        self.banks.load()
+                subject.alarms[alarm.id] = alarm
         # A delete cut short by a stop: its readings go on being purged, off the loop.
         self.writer.purge(self.store.deleted_with_data())
         return self
@@ -589,14 +602,20 @@ class Core:
         except BaseException:
             self.batmons[batmon.id] = batmon  # still stored: still there
             raise
+        self.forget_deleted(batmon)
+        self.writer.purge([batmon.id])
+        self.banks.batmon_deleted(batmon.id)
+        self.bus.emit(BatmonDeleted(batmon))
+
+    def forget_deleted(self, batmon: Batmon) -> None:
+        """Memory only: the batmon and its alarms are gone from the store (here or on another
+        worker); its ids are never handed out again."""
+        self.batmons.pop(batmon.id, None)
         self._deleted_owners[batmon.id] = batmon.user_id
         self.retire_ids(batmon.id, *batmon.alarms)
         self.writer.forget(batmon.id)
-        self.writer.purge([batmon.id])
         for alarm_id in batmon.alarms:
             self.alarms.pop(alarm_id, None)
-        self.banks.batmon_deleted(batmon.id)
-        self.bus.emit(BatmonDeleted(batmon))
 
     # -- readings ------------------------------------------------------------
     def submit_readings(self, batmon: Batmon, readings: Iterable[Reading], door: Door = "http"
@@ -715,18 +734,27 @@ class Core:
         return result
 
     # -- alarms --------------------------------------------------------------
+    def alarm_subject(self, alarm: Alarm) -> Batmon | Bank | None:
+        """The batmon or bank the alarm is on (None once that is gone)."""
+        if alarm.bank_id is not None:
+            return self.banks.get(alarm.bank_id)
+        return self.batmons.get(alarm.batmon_id) if alarm.batmon_id is not None else None
+
     def owned_alarm(self, user: User, alarm_id: int) -> Alarm:
-        """An alarm on one of ``user``'s batmons, else 404."""
+        """An alarm on one of ``user``'s batmons or banks, else 404."""
         alarm = self.alarms.get(alarm_id)
-        if alarm is None or not self.owns(user.id, alarm.batmon_id):
+        subject = self.alarm_subject(alarm) if alarm is not None else None
+        if alarm is None or subject is None or subject.user_id != user.id:
             raise NotFound(f"alarm_id {alarm_id} does not exist.")
         return alarm
 
-    def add_alarm(self, batmon: Batmon, spec: AddAlarm) -> Alarm:
-        """Create an alarm on ``batmon``; it is evaluated from the next reading on."""
+    def add_alarm(self, subject: Batmon | Bank, spec: AddAlarm) -> Alarm:
+        """Create an alarm on a batmon or a bank; it is evaluated from the next reading on."""
+        on_bank = isinstance(subject, Bank)
         alarm = Alarm(
             id=self.new_id(),
-            batmon_id=batmon.id,
+            batmon_id=None if on_bank else subject.id,
+            bank_id=subject.id if on_bank else None,
             name=spec.alarm_name,
             metric=spec.alarm_metric,
             condition=spec.alarm_condition,
@@ -739,7 +767,7 @@ class Core:
         row = {k: getattr(alarm, k) for k in Alarm.__dataclass_fields__}
         self.persist(lambda store: store.add_alarm(row))
         self.alarms[alarm.id] = alarm
-        batmon.alarms[alarm.id] = alarm
+        subject.alarms[alarm.id] = alarm
         return alarm
 
     def edit_alarm(self, alarm: Alarm, edit: EditAlarm) -> None:
@@ -775,9 +803,9 @@ class Core:
         self.persist(lambda store: store.delete_alarm(alarm.id))
         self.retire_ids(alarm.id)
         self.alarms.pop(alarm.id, None)
-        batmon = self.batmons.get(alarm.batmon_id)
-        if batmon is not None:
-            batmon.alarms.pop(alarm.id, None)
+        subject = self.alarm_subject(alarm)
+        if subject is not None:
+            subject.alarms.pop(alarm.id, None)
 
 
 def changed_credentials(reads: CredentialReads, known: int) -> CredentialMaps | None:

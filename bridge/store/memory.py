@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.errors import Conflict
+from bridge.store import energy_guard
 from bridge.store.interface import ENERGY, METRICS, CredentialRows, CurrentUpdate, ReadingRow, Render, Row
 
 HOUR = 3600
@@ -96,10 +97,16 @@ class MemoryStore:
     # -- readings ---------------------------------------------------------------------
     def write(self, rows: Sequence[ReadingRow], updates: Sequence[CurrentUpdate]) -> None:
         """Append ``rows`` and apply ``updates`` at once, or change nothing."""
-        for _, changes in updates:
-            _checked(changes, BATMON_COLUMNS)  # before anything changes: all or nothing
+        split = [(batmon_id, *energy_guard.split(changes)) for batmon_id, changes in updates]
+        for _, columns, _base in split:
+            _checked(columns, BATMON_COLUMNS)  # before anything changes: all or nothing
         d = self._data
         with d.lock:
+            stale = {i: {k: row[k] for k in energy_guard.STATE_COLUMNS} for i, _, base in split
+                     if (row := d.batmons.get(i)) is not None
+                     and not energy_guard.holds(row["last_reading"], base)}  # fmt: skip
+            if stale:  # planned from a state another writer moved on (energy_guard.py)
+                raise energy_guard.StaleState(stale)
             for batmon_id, ts, *values in rows:
                 history = d.readings.setdefault(batmon_id, [])
                 at = bisect.bisect_left(history, (ts,))
@@ -107,8 +114,8 @@ class MemoryStore:
                 if any(list(r[2:7]) == values[:5] for r in same_ts):
                     continue  # a redelivery of a stored reading (its measured values)
                 history.insert(at + len(same_ts), (ts, d.take("seq"), *values))  # type: ignore[arg-type]
-            for batmon_id, changes in updates:
-                self._update_batmon(batmon_id, changes)
+            for batmon_id, columns, base in split:
+                self._update_batmon(batmon_id, columns, guarded=energy_guard.guarded(base))
 
     def probe(self) -> None:
         """Memory takes every write."""
@@ -194,12 +201,12 @@ class MemoryStore:
         with self._data.lock:
             self._update_batmon(batmon_id, changes)
 
-    def _update_batmon(self, batmon_id: int, changes: dict[str, Any]) -> None:
+    def _update_batmon(self, batmon_id: int, changes: dict[str, Any], guarded: bool = False) -> None:
         row = self._data.batmons.get(batmon_id)
         if row is None:
             return
         new = changes.get("last_reading")
-        if new is not None and row["last_reading"] is not None and row["last_reading"] > new:
+        if not guarded and new is not None and row["last_reading"] is not None and row["last_reading"] > new:
             return  # an older reading never replaces the latest
         row.update(changes)
 
@@ -236,10 +243,11 @@ class MemoryStore:
 
     # -- alarms ------------------------------------------------------------------------
     def add_alarm(self, row: dict[str, Any]) -> None:
-        _checked(row, ALARM_COLUMNS | {"id", "batmon_id"})
+        _checked(row, ALARM_COLUMNS | {"id", "batmon_id", "bank_id"})
         with self._data.lock:
             self._claim_id(row["id"], self._data.alarms)
-            self._data.alarms[row["id"]] = {**ALARM_DEFAULTS, **row}
+            # on one batmon or one bank: the other is None (SQLite's CHECK)
+            self._data.alarms[row["id"]] = {"batmon_id": None, "bank_id": None, **ALARM_DEFAULTS, **row}
 
     def alarms(self) -> list[dict[str, Any]]:
         with self._data.lock:
@@ -280,9 +288,13 @@ class MemoryStore:
                 self._data.banks[bank_id]["batmon_ids"] = list(batmon_ids)
 
     def delete_bank(self, bank_id: int) -> None:
-        with self._data.lock:
-            self._data.retired.add(bank_id)
-            self._data.banks.pop(bank_id, None)
+        d = self._data
+        with d.lock:
+            alarm_ids = [i for i, a in d.alarms.items() if a["bank_id"] == bank_id]
+            d.retired.update([bank_id, *alarm_ids])
+            for alarm_id in alarm_ids:
+                del d.alarms[alarm_id]
+            d.banks.pop(bank_id, None)
 
     # -- notices -----------------------------------------------------------------------
     @property

@@ -7,13 +7,12 @@ of a token bumps ``credentials_version`` by trigger, whichever process makes it.
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from bridge.store.interface import CredentialRows
-from bridge.store.pg_store import connect, one_line, translated
+from bridge.store.pg_store import OwnConnection, one_line, translated
 
 if TYPE_CHECKING:
     from bridge.store.pg_store import PostgresStore
@@ -64,18 +63,8 @@ class PgCredentials:
         return load_rows(self.store._conn)
 
 
-class PgCredentialReader:
+class PgCredentialReader(OwnConnection):
     """The server's poll of the change counter, on a connection of its own (one thread at a time)."""
-
-    def __init__(self, url: str) -> None:
-        self._url = url
-        self._conn: psycopg.Connection[Any] | None = None
-
-    def _connection(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.broken:
-            self.close()
-            self._conn = connect(self._url)
-        return self._conn
 
     def version(self) -> int:
         """The change counter; OSError when the database cannot be read."""
@@ -90,12 +79,6 @@ class PgCredentialReader:
             return load_rows(self._connection())
         except psycopg.Error as exc:
             raise OSError(f"cannot read credentials: {one_line(exc, self._url)}") from None
-
-    def close(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                self._conn.close()
-            self._conn = None
 
 
 def _version(conn: psycopg.Connection[Any]) -> int:

@@ -77,11 +77,11 @@ class PgShared:
         """Lock the alarm's row, decide on it, write the change: one transaction."""
         with self.store._transaction() as conn:
             row = self.store._row(
-                "SELECT a.*, b.last_reading AS batmon_latest FROM alarms a JOIN batmons b"
+                "SELECT a.*, b.last_reading AS batmon_latest FROM alarms a LEFT JOIN batmons b"
                 " ON b.id = a.batmon_id WHERE a.id = %s FOR UPDATE OF a", (alarm_id,))  # fmt: skip
             if row is None:
                 return None  # deleted meanwhile
-            latest = row.pop("batmon_latest")
+            latest = row.pop("batmon_latest")  # None for a bank's alarm: no one batmon's latest
             if latest is not None and reading_ts < latest:
                 return None  # a newer reading is the batmon's latest: its evaluation decides
             decision = decide(row)
