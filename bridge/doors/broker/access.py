@@ -99,12 +99,14 @@ class AccessPolicy:
 
     # -- CONNECT ------------------------------------------------------------
     def authenticate(
-        self, username: str | None, password: str | None, peer: str | None = None
+        self, username: str | None, password: str | None, peer: str | None = None, *,
+        count: bool = True,
     ) -> Principal | None:
         """The principal for these credentials, or None to refuse the connection.
 
         Every credential is checked, whatever failed before: a failure only counts against
-        its ``peer`` address (bridge/ratelimit.py, as over HTTP).
+        its ``peer`` address (bridge/ratelimit.py, as over HTTP). ``count=False`` for a second
+        look at the same attempt (after a credentials refresh): one attempt, one failure.
         """
         if not username or not password:
             return None  # no secret tried: nothing to count
@@ -114,7 +116,7 @@ class AccessPolicy:
         if user_ok and pass_ok:
             return Principal("bridge")
         principal = self._check(username, password)
-        if principal is None:
+        if principal is None and count:
             self._limiter.record_failure(peer)
         return principal
 

@@ -54,7 +54,7 @@ class BatmonAccessPlugin(BaseAuthPlugin, BaseTopicPlugin):
                 # A secret made by another process a moment ago: asked again (the memory
                 # only changes off the loop, so the check itself never queries).
                 principal = self._policy.authenticate(
-                    session.username, session.password, peer=session.remote_address
+                    session.username, session.password, peer=session.remote_address, count=False
                 )
         except Exception:  # a bug in the checker must not let anyone in nor kill the broker
             log.exception("credential check failed for client %r", session.client_id)
