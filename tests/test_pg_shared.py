@@ -16,7 +16,7 @@ import pytest
 from bridge.core import Alarm
 from bridge.extensions.alarms import decide
 from bridge.store.pg_leader import PgLeader
-from bridge.store.pg_shared import PgShared
+from bridge.store.pg_shared import PgShared, update_group_returning_before, update_returning_before
 from bridge.store.pg_store import PostgresStore
 from tests import pg_support
 from tests.test_pg_store import NOV_2023, add_batmon, reading
@@ -185,3 +185,33 @@ def test_one_leader_at_a_time_and_another_once_its_session_ends() -> None:
     finally:
         for leader in leaders:
             leader.stop()
+
+
+def test_a_group_of_alike_updates_in_one_statement_answers_as_one_by_one(
+        handles: list[PostgresStore]) -> None:
+    """The writer's group goes in as one UPDATE (update_group_returning_before): the same rows
+    and the same changed statuses as the per-batmon statements, the guard included."""
+    store = handles[0]
+    one_by_one = [add_batmon(store, n) for n in range(1, 6)]
+    grouped = [add_batmon(store, n) for n in range(11, 16)]
+    t = NOV_2023 + 100
+    for first in (one_by_one, grouped):  # batmons 2 and 12 already hold a newer reading
+        store.update_batmon(first[1], {"last_reading": t + 50, "status": "Online", "voltage": 9.5})
+    def changes(k: int) -> dict[str, Any]:
+        return {"last_reading": t + k, "status": "Online", "voltage": 12.0 + k, "details": f'{{"k": {k}}}'}
+    with store._transaction() as conn:
+        guard = "last_reading IS NULL OR last_reading <= %s"
+        expected = {b: update_returning_before(conn, b, changes(k), (guard, t + k))
+                    for k, b in enumerate(one_by_one)}  # fmt: skip
+        got = update_group_returning_before(conn, [(b, changes(k)) for k, b in enumerate(grouped)])
+    assert got == {b + 10: was for b, was in expected.items() if was is not None and was[0] == "Offline"}
+    assert got == {11: ("Offline", None), 13: ("Offline", None), 14: ("Offline", None), 15: ("Offline", None)}
+    columns = "id, last_reading, status, voltage, details"
+    rows = {r["id"]: r for r in store._rows(f"SELECT {columns} FROM batmons ORDER BY id")}
+    for b in one_by_one:
+        assert {**rows[b], "id": b + 10} == rows[b + 10]
+    assert rows[12]["last_reading"] == t + 50 and rows[12]["voltage"] == 9.5  # the guard kept the newer one
+    # Not alike (a batmon twice, other columns): left to the one-by-one statements.
+    with store._transaction() as conn:
+        assert update_group_returning_before(conn, [(11, changes(9)), (11, changes(10))]) is None
+        assert update_group_returning_before(conn, [(11, changes(9)), (12, {"status": "Online"})]) is None

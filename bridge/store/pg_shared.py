@@ -17,13 +17,14 @@ announce it back Online. The row decides instead, in the transaction that change
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from bridge.store.db import ALARM_COLUMNS, check_columns
-from bridge.store.interface import AlarmDecision
+from bridge.store.interface import AlarmDecision, CurrentUpdate, StatusBefore
 from bridge.store.pg_leader import PgLeader
 from bridge.store.pg_store import _plain, _update, translated
 
@@ -49,6 +50,42 @@ def update_returning_before(conn: psycopg.Connection[Any], batmon_id: int, chang
         (*(_plain(v) for v in changes.values()), batmon_id, *params),
     ).fetchone()  # fmt: skip
     return None if row is None else (str(row[0]), row[1])
+
+
+def update_group_returning_before(conn: psycopg.Connection[Any], updates: Sequence[CurrentUpdate]
+                                  ) -> StatusBefore | None:  # fmt: skip
+    """A group's batmon updates in one statement, when they are alike (distinct batmons, the
+    same columns, the same guard): the statuses changed, with what their rows had just before,
+    as the per-batmon ``update_returning_before`` would say. None when they are not alike (or
+    a value is not JSON): the caller then updates them one by one.
+
+    Why: one statement per batmon cost a round trip and ~50-100 µs of the worker's CPU each, for
+    every batmon of every group (docs/SCALE-OUT.md, "CPU per reading"). The values go in as one
+    JSON array read by ``json_populate_recordset(NULL::batmons, ...)``, so each takes its
+    column's type from the table itself. The rows are locked in id order, as one by one.
+    """
+    columns = tuple(updates[0][1]) if updates else ()
+    guarded = "last_reading" in columns
+    ids = {batmon_id for batmon_id, _ in updates}
+    if (not updates or len(ids) != len(updates) or "status" not in columns
+            or any(tuple(c) != columns or (guarded and c["last_reading"] is None) for _, c in updates)):
+        return None
+    try:
+        values = json.dumps([{"id": i, **{k: _plain(v) for k, v in c.items()}} for i, c in updates],
+                            allow_nan=False)  # fmt: skip
+    except (TypeError, ValueError):
+        return None
+    assignments = ", ".join(f"{column} = v.{column}" for column in columns)
+    guard = " AND (batmons.last_reading IS NULL OR batmons.last_reading <= v.last_reading)" if guarded else ""
+    rows = conn.execute(
+        f"UPDATE batmons SET {assignments} FROM json_populate_recordset(NULL::batmons, %s) v,"
+        " (SELECT id AS old_id, status AS old_status, last_reading AS old_last_reading FROM batmons"
+        " WHERE id = ANY(%s) ORDER BY id FOR UPDATE) old"
+        f" WHERE batmons.id = v.id AND batmons.id = old.old_id{guard}"
+        " RETURNING batmons.id, batmons.status, old.old_status, old.old_last_reading".encode(),
+        (values, sorted(ids)),
+    ).fetchall()  # fmt: skip
+    return {int(i): (str(was), ts) for i, now, was, ts in rows if now != was}
 
 
 class PgShared:

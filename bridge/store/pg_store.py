@@ -260,6 +260,11 @@ class PostgresStore:
                         self._insert_rows(conn, rows)
                     # Row locks in one order (by batmon), so two workers never deadlock;
                     # the sort is stable, so one batmon's updates keep their order.
+                    from bridge.store.pg_shared import update_group_returning_before
+
+                    grouped = update_group_returning_before(conn, updates)
+                    if grouped is not None:
+                        return grouped
                     for batmon_id, changes in sorted(updates, key=lambda u: u[0]):
                         before = self._update_batmon(conn, batmon_id, changes)
                         if before is not None and before[0] != changes.get("status", before[0]):
