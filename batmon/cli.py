@@ -1,5 +1,5 @@
-"""The `batmon` command: serve, backup, restore, user add/list/notify/reset-key/token, simulate,
-agent vedirect.
+"""The `batmon` command: serve, backup, restore, user add/list/notify/reset-key/token, db copy,
+simulate, agent vedirect.
 
 Every failure is one line on stderr: exit 2 for bad usage, 1 at run time.
 """
@@ -129,6 +129,14 @@ def build_parser() -> Parser:
     for sub in (backup, restore):
         sub.add_argument("--data-dir", help="folder of the SQLite file (default ./batmon-data)")
 
+    db = commands.add_parser("db", help="move the database")
+    db_commands = db.add_subparsers(dest="db_command", required=True, parser_class=Parser)
+    db_copy = db_commands.add_parser(
+        "copy", help="copy the data folder's SQLite database into an empty PostgreSQL one (serve stopped)")
+    db_copy.add_argument("--to", required=True, metavar="URL",
+                         help="the empty target, e.g. postgresql://batmon@db-host:5432/batmon")  # fmt: skip
+    db_copy.add_argument("--data-dir", help="folder of the SQLite file (default ./batmon-data)")
+
     agent = commands.add_parser("agent", help="run beside a device and feed a batmon server")
     agents = agent.add_subparsers(dest="agent_command", required=True, parser_class=Parser)
     ve = agents.add_parser("vedirect", help="a Victron BMV/SmartShunt/MPPT on a serial port")
@@ -239,6 +247,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             run_backup_or_restore(args)
         elif args.command == "user":
             run_user(args)
+        elif args.command == "db":
+            run_db_copy(args)
         elif args.command == "simulate":
             asyncio.run(run_simulate(args))
         elif args.command == "agent":
@@ -323,6 +333,50 @@ def run_backup_or_restore(args: argparse.Namespace) -> None:
         fail(f"{command}: {exc}")
     except OSError as exc:
         fail(f"{command}: {exc.filename or data_dir}: {exc.strerror}")
+
+
+def run_db_copy(args: argparse.Namespace) -> None:
+    """`batmon db copy --to URL`: the data folder's SQLite database into an empty PostgreSQL
+    database, holding the folder's lock (serve stopped); the URL is never printed."""
+    from bridge.config import check_database_url
+    from bridge.data_lock import DataDirInUse, lock_data_dir
+    from bridge.errors import StorageFailed
+    from bridge.store.copy import CopyError, copy_to_postgres
+    from bridge.store.db import DB_FILENAME
+
+    command = "batmon db copy"
+    try:
+        check_database_url(args.to)
+    except ValueError as exc:
+        fail(f"{command}: --to: {exc}", code=2)
+    data_dir = data_dir_of(args)
+    if not (data_dir / DB_FILENAME).is_file():
+        fail(f"{command}: no database in {data_dir}: give the folder serve uses with --data-dir"
+             " (or BATMON_DATA_DIR)")  # fmt: skip
+    try:
+        lock = lock_data_dir(data_dir)  # no serve may write the file meanwhile
+    except DataDirInUse as exc:
+        fail(f"{command}: {exc}")
+    except OSError as exc:
+        fail(f"{command}: cannot use data folder {data_dir}: {exc.strerror}")
+    try:
+        report = copy_to_postgres(data_dir / DB_FILENAME, args.to,
+                                  progress=lambda line: print(line, flush=True))  # fmt: skip
+    except CopyError as exc:
+        fail(f"{command}: {exc}")
+    except StorageFailed as exc:  # names user@host:port/db, never the password
+        fail(f"{command}: {exc.message}")
+    except OSError as exc:  # the SQLite file could not be opened
+        fail(f"{command}: {exc.strerror or exc}")
+    finally:
+        lock.release()
+    readings = report.counts.get("readings", 0)
+    rate = readings / report.readings_seconds if report.readings_seconds > 0 else 0.0
+    print(f"copied {data_dir / DB_FILENAME} into postgresql://{report.target} in {report.seconds:.1f} s"
+          f" ({readings:,} readings in {report.readings_seconds:.1f} s, {rate:,.0f}/s); counts match:"
+          + ",".join(f" {table} {n:,}" for table, n in report.counts.items()), flush=True)  # fmt: skip
+    print("serve from it with --database-url (or BATMON_DATABASE_URL); the SQLite file is unchanged",
+          flush=True)  # fmt: skip
 
 
 def run_user(args: argparse.Namespace) -> None:

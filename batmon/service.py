@@ -18,7 +18,7 @@ import os
 import secrets
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,7 @@ from bridge.events import EventBus, HomeAssistantStatus
 from bridge.extensions import Extension
 from bridge.ratelimit import FailureLimiter
 from bridge.store.interface import Store
+from bridge.threads import run_on_own_thread
 from bridge.tls import TlsSetupError, client_context, server_context
 from bridge.topics import Topics
 
@@ -39,9 +40,12 @@ if TYPE_CHECKING:
     from bridge.doors.external_door import ExternalBrokerDoor
     from bridge.doors.mqtt_link import MqttLink
     from bridge.doors.update_door import UpdateDoor
+    from bridge.extensions.credential_watcher import CredentialPoll
     from bridge.extensions.discovery import HomeAssistantDiscovery
 
 log = logging.getLogger(__name__)
+GC_YOUNG_THRESHOLD = 50_000
+"""Allocations between two young-generation collections (Python's default is 700)."""
 
 ADMIN_EMAIL = "admin@localhost"
 GIL_SWITCH_S = 0.001
@@ -148,7 +152,8 @@ class Service:
 
         opts = self.options
         try:
-            self.store = self._open_store()
+            # Opening (migrations) and loading run off the loop, as every query does.
+            self.store = await run_on_own_thread(self._open_store, name="store-open")
             secret = session_secret(opts.data_dir)  # the data folder holds it on PostgreSQL too
         except OSError as exc:
             raise ServiceError(f"cannot use data folder {opts.data_dir}: {exc.strerror}") from None
@@ -157,7 +162,9 @@ class Service:
                 server_context(opts.http_tls_cert, opts.http_tls_key)
             except TlsSetupError as exc:
                 raise ServiceError(f"cannot serve HTTPS: {exc}") from None
-        self.core = core = Core(self.store, EventBus()).load()
+        core = Core(self.store, EventBus())
+        await run_on_own_thread(core.load, name="store-load")
+        self.core = core
         # Bind HTTP first: a busy port is then one clear error before anything starts.
         sock = bind_socket(opts.host, opts.http_port, "HTTP")
         self.http_port = sock.getsockname()[1]
@@ -192,9 +199,13 @@ class Service:
         # Everything made so far (registry, modules, broker) lives as long as the process:
         # out of the collector's way, so full collections during a backlog stay short.
         gc.freeze()
+        # And collect the young generation less often: at 700 allocations, every reading in
+        # flight (tasks, packets, futures) was promoted to the old generations, whose full
+        # collections then took 150-1,200 ms at full ingest (docs/PERFORMANCE.md).
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         # Last, so a start that fails does not make an admin whose key nobody saw.
         if not core.user_has_data():
-            _, self.admin_api_key = core.create_user(ADMIN_EMAIL)
+            _, self.admin_api_key = await core.create_user_off_loop(ADMIN_EMAIL)
 
     def _open_store(self) -> Store:
         """PostgreSQL when a database URL is given, else the SQLite file in the data folder."""
@@ -211,7 +222,7 @@ class Service:
         except StorageFailed as exc:  # names user@host:port/db, never the password
             raise ServiceError(exc.message) from None
 
-    def _credential_reader(self) -> Any:
+    def _credential_reader(self) -> Callable[[], CredentialPoll] | None:
         """What opens the credential watcher's reader: PostgreSQL's, else None (the SQLite file's)."""
         if self.options.database_url is None:
             return None
@@ -255,14 +266,23 @@ class Service:
         metrics = Metrics(core, mqtt_stats=self.mqtt_stats, per_batmon=opts.metrics_per_batmon)
         # Metrics first, so it counts every event the others cause; the notifier before
         # the watchdog, which may announce Offline batmons at once.
+        credentials = CredentialWatcher(core, opts.database_path, open_reader=self._credential_reader())
         parts: list[Extension] = [
             metrics,
             AlarmEvaluator(core),
             Notifier(core, retry_base_s=opts.notify_retry_s, give_up_after_s=opts.notify_give_up_s),
             OfflineWatchdog(core),
             # `batmon user ...` from another process: keys and tokens reloaded at once.
-            CredentialWatcher(core, opts.database_path, open_reader=self._credential_reader()),
+            credentials,
         ]
+        peers = None
+        if opts.database_url is not None:
+            # Other workers on the database: their changes reach memory before a request is
+            # answered (bridge/extensions/peers.py); started before anything publishes or serves.
+            from bridge.extensions.peers import PeerSync
+
+            peers = PeerSync(core, opts.database_url.get_secret_value(), credentials=credentials.check_now)
+            parts.append(peers)
         if opts.retention_days is not None:
             from bridge.extensions.retention_pruner import RetentionPruner
 
@@ -328,12 +348,15 @@ class Service:
         if opts.discovery:
             # Home Assistant's birth re-sends the banks' configs too: one rule for when.
             self.discovery = HomeAssistantDiscovery(core, self.topics, retained,
-                                                    also_resend=banks.resend_discovery)  # fmt: skip
+                                                    also_resend=banks.resend_discovery,
+                                                    shared=peers)  # fmt: skip
             parts.append(self.discovery)
         # The link connects after the state publisher and discovery listen for MqttConnected.
         parts += doors
 
         live = LiveFeed(core)
+        if peers is not None:  # readings elsewhere are loaded for the dashboards open here
+            peers.watched = lambda user_id: live.stream_count(user_id) > 0
         token = opts.metrics_token.get_secret_value() if opts.metrics_token else None
         exposure = MetricsExposure(render=metrics.render, access=opts.metrics, token=token,
                                    prepare=metrics.refresh)  # fmt: skip
@@ -423,11 +446,16 @@ class Service:
                 await asyncio.wait_for(self.core.writer.drain(), DRAIN_TIMEOUT_S)
             except Exception as exc:
                 log.warning("the writer did not drain within %g s: %r", DRAIN_TIMEOUT_S, exc)
-            self.core.writer.stop()
-            self.core.close_history()
-        if self.store is not None:
-            self.store.close()
-            self.store = None
+        core, store, self.store = self.core, self.store, None
+
+        def close() -> None:  # joins threads and may checkpoint the WAL: off the loop too
+            if core is not None:
+                core.writer.stop()
+                core.close_history()
+            if store is not None:
+                store.close()
+
+        await run_on_own_thread(close, name="store-close")
         self.link = self.door = self.broker = None
         self.discovery = None
 

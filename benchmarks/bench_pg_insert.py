@@ -20,10 +20,11 @@ CPU time this (the worker's) process spends per row: the ceiling of one worker i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import secrets
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
@@ -83,17 +84,27 @@ METHODS: dict[str, Callable[[PostgresStore, list[ReadingRow]], None]] = {
     "unnest": by_unnest, "copy": by_copy, "copy-plain": by_copy_plain}  # fmt: skip
 
 
+@contextlib.contextmanager
+def scratch_database(admin_url: str) -> Iterator[str]:
+    """The URL of a database made for one run, dropped after it."""
+    name = f"batmon_bench_{secrets.token_hex(4)}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}".encode())
+    try:
+        yield admin_url.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)".encode())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--admin-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    name = f"batmon_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(args.admin_url, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        store = PostgresStore.open(args.admin_url.rsplit("/", 1)[0] + "/" + name)
+    with scratch_database(args.admin_url) as url:
+        store = PostgresStore.open(url)
         rows = rows_for(args.rows)
         rates: dict[str, list[float]] = {m: [] for m in METHODS}
         cpu: dict[str, list[float]] = {m: [] for m in METHODS}  # this process's CPU s per row
@@ -113,9 +124,6 @@ def main() -> None:
             by_copy(store, rows[:2 * BATCH])
         assert store._value("SELECT count(*) FROM readings") == 2 * BATCH
         store.close()
-    finally:
-        with psycopg.connect(args.admin_url, autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     print(f"{args.rows:,} rows, {BATCH} rows per transaction, {args.rounds} rounds,"
           " median rows/s and this process's CPU per row:")
     for method, values in rates.items():

@@ -20,10 +20,12 @@ from bridge.errors import NotFound
 from bridge.events import BankChanged, BankDeleted
 
 if TYPE_CHECKING:
-    from bridge.core import Batmon, Core, User
+    from bridge.core import Alarm, Batmon, Core, User
     from bridge.models import AddBank, EditBank
 
 ENERGY_KEYS = ("energy_charged_kwh", "energy_discharged_kwh")
+# A bank's values are sums and means of its members' numbers, shown in these units.
+BANK_UNITS = {"soc": "%", "voltage": "V", "current": "A", "power": "W"}
 Weighting = Literal["capacity", "equal"]
 
 
@@ -36,6 +38,7 @@ class Bank:
     name: str
     batmon_ids: list[int] = field(default_factory=list)
     created: float = 0.0
+    alarms: dict[int, Alarm] = field(default_factory=dict)  # on the bank's values (docs/BANKS.md)
 
 
 # -- what a bank reads from its members ----------------------------------------------
@@ -135,9 +138,17 @@ class Banks:
 
     def load(self) -> None:
         """Fill memory from the store (at start)."""
-        for row in self.core.store.banks():
+        self.reload(self.core.store.banks())
+
+    def reload(self, rows: list[dict[str, Any]]) -> None:
+        """Hold exactly these stored banks (another worker changed one): memory only, no event."""
+        self._banks.clear()
+        self._by_member.clear()
+        for row in rows:
             ids = [i for i in row["batmon_ids"] if i in self.core.batmons]
-            self._remember(Bank(row["id"], row["user_id"], row["name"], ids, row["created"]))
+            bank = Bank(row["id"], row["user_id"], row["name"], ids, row["created"])
+            bank.alarms = {a.id: a for a in self.core.alarms.values() if a.bank_id == bank.id}
+            self._remember(bank)
 
     # -- reading --------------------------------------------------------------------
     def get(self, bank_id: int) -> Bank | None:
@@ -169,9 +180,19 @@ class Banks:
         owner = bank.user_id if bank is not None else self._deleted_owners.get(bank_id)
         return owner == user_id
 
+    def known_to(self, user_id: int) -> bool:
+        """True when the user has a bank, or had one deleted during this run."""
+        return (any(b.user_id == user_id for b in self._banks.values())
+                or user_id in self._deleted_owners.values())  # fmt: skip
+
     def status(self, bank: Bank) -> dict[str, Any]:
-        """The bank object now."""
+        """The bank object now (its retained MQTT state)."""
         return aggregate(bank, self.core.batmons, self.core.clock())
+
+    def view(self, bank: Bank) -> dict[str, Any]:
+        """The bank object with its alarms, as the API and the dashboard show it (the
+        retained state leaves the alarms out, as a batmon's does)."""
+        return {**self.status(bank), "alarms": [a.to_api() for a in bank.alarms.values()]}
 
     # -- changing ------------------------------------------------------------------
     def add(self, user: User, spec: AddBank) -> Bank:
@@ -201,9 +222,11 @@ class Banks:
             self.core.bus.emit(BankChanged(bank))
 
     def delete(self, bank: Bank) -> None:
-        """Delete a bank; its batmons stay as they are."""
+        """Delete a bank with its alarms; its batmons stay as they are."""
         self.core.persist(lambda store: store.delete_bank(bank.id))
-        self.core.retire_ids(bank.id)
+        self.core.retire_ids(bank.id, *bank.alarms)
+        for alarm_id in bank.alarms:
+            self.core.alarms.pop(alarm_id, None)
         self._forget_members(bank)
         self._banks.pop(bank.id, None)
         self._deleted_owners[bank.id] = bank.user_id

@@ -20,15 +20,16 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
-from bridge.banks import Banks
+from bridge.banks import Bank, Banks
 from bridge.battery_values import VALUE_UNITS, extra_keys
 from bridge.errors import Conflict, NotFound, WrongToken
 from bridge.events import (
     BatmonChanged,
     BatmonDeleted,
     CommitObserved,
+    CredentialsChanged,
     EventBus,
     ReadingAccepted,
     StatusChanged,
@@ -37,8 +38,7 @@ from bridge.history_answers import HistoryPlan, Streamed, check_size, utc_text
 from bridge.history_answers import stream as stream_history
 from bridge.models import MAX_SAFE_ID, AddAlarm, AddBatmon, EditAlarm, EditBatmon, HistoryQuery, Reading
 from bridge.security import hash_api_key, new_api_key, new_device_token, same_secret
-from bridge.store.credentials import CredentialRows, credentials_of
-from bridge.store.interface import HistoryReads, Store
+from bridge.store.interface import CredentialReads, CredentialRows, HistoryReads, Store
 from bridge.writer import Door, Plan, ReadingWriter
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,10 @@ class User:
 
 @dataclass
 class Alarm:
-    """A threshold on one metric of one batmon, with its trigger state."""
+    """A threshold on one metric of one batmon, or of one bank, with its trigger state."""
 
     id: int
-    batmon_id: int
+    batmon_id: int | None  # None for a bank's alarm (bank_id), docs/BANKS.md
     name: str
     metric: str
     condition: str
@@ -82,12 +82,15 @@ class Alarm:
     last_notice: float | None = None
     update_time: float = 0.0
     clear_value: float | None = None  # hysteresis (bridge/extensions/alarms.py)
+    bank_id: int | None = None
 
     def to_api(self) -> dict[str, Any]:
-        """The seed's alarm object plus alarm_metric and alarm_clear_value."""
+        """The seed's alarm object plus alarm_metric and alarm_clear_value; a bank's
+        alarm has bank_id where a batmon's has device_id."""
+        subject = {"device_id": self.batmon_id} if self.bank_id is None else {"bank_id": self.bank_id}
         return {
             "alarm_id": self.id,
-            "device_id": self.batmon_id,
+            **subject,
             "alarm_name": self.name,
             "alarm_enabled": self.enabled,
             "alarm_threshold_value": self.threshold,
@@ -197,6 +200,13 @@ class Batmon:
         return cls(**values)
 
 
+class Peers(Protocol):
+    """Other workers on the same database (bridge/extensions/peers.py)."""
+
+    async def catch_up(self, batmon_ids: Sequence[int] = ()) -> None:
+        """Take in every change committed elsewhere before now, and these batmons' latest values."""
+
+
 @dataclass(frozen=True)
 class CredentialMaps:
     """The registry's credential lookups, built from stored rows on any thread."""
@@ -240,6 +250,7 @@ class Core:
         self._token_holders: dict[str, int] = {}
         self.credentials_version = -1
         """The store's credential change counter this memory reflects (-1: never loaded)."""
+        self._refreshing: asyncio.Future[None] | None = None  # the refresh_credentials() under way
         # Who owned each batmon deleted during this run: the clearing of its retained
         # topics (discovery, state) must still reach that owner's subscribers.
         self._deleted_owners: dict[int, int] = {}
@@ -252,6 +263,9 @@ class Core:
         # on a store handle of its own.
         self.writer = ReadingWriter(open_writer_store or store.another, self._apply_committed)
         self.banks = Banks(self)
+        # Set while other workers share the database (PostgreSQL): a request is answered
+        # after catching up with them. None alone (SQLite): no query added anywhere.
+        self.peers: Peers | None = None
 
     def close(self) -> None:
         """Stop the writer (after what it holds) and the history workers; close the store."""
@@ -262,16 +276,16 @@ class Core:
     def load(self) -> Core:
         """Fill the registry from the store (at start); resume purging deleted batmons."""
         self._retired_ids = self.store.retired_ids()
-        self.replace_credentials(credentials_of(self.store).load())
+        self.replace_credentials(self.store.credentials.load())
         for row in self.store.batmons():
             batmon = Batmon.from_row(row)
             self.batmons[batmon.id] = batmon
+        self.banks.load()
         for row in self.store.alarms():
             alarm = Alarm.from_row(row)
-            if alarm.batmon_id in self.batmons:
+            if (subject := self.alarm_subject(alarm)) is not None:
                 self.alarms[alarm.id] = alarm
-                self.batmons[alarm.batmon_id].alarms[alarm.id] = alarm
-        self.banks.load()
+                subject.alarms[alarm.id] = alarm
         # A delete cut short by a stop: its readings go on being purged, off the loop.
         self.writer.purge(self.store.deleted_with_data())
         return self
@@ -358,16 +372,18 @@ class Core:
     def create_user(self, email: str) -> tuple[User, str]:
         """Make a user and return it with its api key (the only time it is shown).
 
-        A start-up and tools operation (serve's first admin, `batmon user add`): it needs
-        the store's id at once, so it runs on the core's own handle, before the loop serves.
+        For tools (`batmon user add`) and tests, with no loop running: on the core's own
+        handle. While the loop serves, ``create_user_off_loop``.
         """
-        api_key = new_api_key()
-        try:
-            user_id = self.store.add_user(email, hash_api_key(api_key), self.clock())
-        except Conflict:
-            raise Conflict(f"a user with email {email} exists already") from None
-        user = self._remember_user({"id": user_id, "email": email, "api_key_hash": hash_api_key(api_key)})
-        return user, api_key
+        row, api_key = _insert_user(self.store, email, self.clock())
+        return self._remember_user(row), api_key
+
+    async def create_user_off_loop(self, email: str) -> tuple[User, str]:
+        """``create_user`` while the loop serves (serve's first admin): the insert runs on
+        the writer's lane, memory is updated back on the loop."""
+        created = self.clock()
+        row, api_key = await self.in_store(lambda store: _insert_user(store, email, created))
+        return self._remember_user(row), api_key
 
     def _user_by_email(self, email: str) -> User:
         row = self.store.user_by_email(email.lower())
@@ -379,7 +395,7 @@ class Core:
         """Give the user a new api key (shown once); the old one matches nothing from now on."""
         user = self._user_by_email(email)
         api_key = new_api_key()
-        credentials_of(self.store).set_api_key_hash(user.id, hash_api_key(api_key))
+        self.store.credentials.set_api_key_hash(user.id, hash_api_key(api_key))
         self._users_by_key.pop(user.api_key_hash, None)
         user.api_key_hash = hash_api_key(api_key)
         self._users_by_key[user.api_key_hash] = user
@@ -389,7 +405,7 @@ class Core:
         """Make an MQTT-only secret for the user (Home Assistant), shown once; stored hashed."""
         user = self._user_by_email(email)
         secret = new_api_key()
-        if not credentials_of(self.store).add_token(user.id, name, hash_api_key(secret), self.clock()):
+        if not self.store.credentials.add_token(user.id, name, hash_api_key(secret), self.clock()):
             raise Conflict(f"a token named {name} of {user.email} exists already: revoke it,"
                            " or choose another --name")  # fmt: skip
         self._token_holders[hash_api_key(secret)] = user.id
@@ -397,36 +413,62 @@ class Core:
 
     def mqtt_tokens(self, email: str) -> list[dict[str, Any]]:
         """The user's tokens: name and creation time, never a secret."""
-        return credentials_of(self.store).tokens_of(self._user_by_email(email).id)
+        return self.store.credentials.tokens_of(self._user_by_email(email).id)
 
     def revoke_mqtt_token(self, email: str, name: str) -> None:
         """Delete the user's token of that name; a running server drops its sessions."""
         user = self._user_by_email(email)
-        if not credentials_of(self.store).revoke_token(user.id, name):
+        if not self.store.credentials.revoke_token(user.id, name):
             raise NotFound(f"{user.email} has no token named {name}")
-        self.replace_credentials(credentials_of(self.store).load())
+        self.replace_credentials(self.store.credentials.load())
 
+    # Lookups answer from memory only: never a query on the event loop. A user made or
+    # changed by another process (`batmon user ...` beside serve, another worker) arrives
+    # with the credential watcher's next poll (once a second), or at once when a door that
+    # met an unknown secret awaits refresh_credentials() and asks again.
     def user_for_api_key(self, api_key: str) -> User | None:
-        """The user this api key belongs to, or None."""
-        key_hash = hash_api_key(api_key)
-        user = self._users_by_key.get(key_hash)
-        if user is None:
-            # Made by another process (`batmon user add` while serving)?
-            row = self.store.user_by_key_hash(key_hash)
-            user = self._remember_user(row) if row else None
-        return user
+        """The user this api key belongs to, or None (memory only)."""
+        return self._users_by_key.get(hash_api_key(api_key))
 
     def user_by_id(self, user_id: int) -> User | None:
-        """A user by id (session cookies carry the id)."""
-        user = self._users_by_id.get(user_id)
-        if user is None:
-            row = self.store.user_by_id(user_id)
-            user = self._remember_user(row) if row else None
-        return user
+        """A user by id (session cookies carry the id; memory only)."""
+        return self._users_by_id.get(user_id)
 
     def user_has_data(self) -> bool:
-        """True once any user exists (``serve`` creates admin@localhost otherwise)."""
-        return bool(self._users_by_id) or bool(self.store.users())
+        """True once any user exists (``serve`` creates admin@localhost otherwise); load()
+        read every user."""
+        return bool(self._users_by_id)
+
+    async def refresh_credentials(self) -> bool:
+        """Reload keys and tokens now if the store's change counter moved (read off the loop,
+        on the core's own handle); True when they changed. Callers at the same moment share
+        one read, so a burst of unknown secrets costs one query, not one each. True too when
+        the watcher's poll swapped them in meanwhile."""
+        before = self.credentials_version
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.ensure_future(self._refresh_credentials())
+        await asyncio.shield(self._refreshing)
+        return self.credentials_version != before
+
+    async def _refresh_credentials(self) -> None:
+        known = self.credentials_version
+        try:
+            maps = await self.read_store(lambda store: changed_credentials(store.credentials, known))
+        except Exception as exc:  # the watcher reports outages; here the secret stays unknown
+            log.debug("cannot refresh credentials: %s", exc)
+            return
+        self.adopt_credentials(maps)
+
+    def adopt_credentials(self, maps: CredentialMaps | None) -> bool:
+        """Swap in credentials read off the loop (None: unchanged), unless memory is already
+        at their version; announce CredentialsChanged (the broker ends sessions whose secret
+        is gone). True when they changed."""
+        if maps is None or maps.version == self.credentials_version:
+            return False
+        self.replace_credentials(maps)
+        log.info("credentials changed in the database: reloaded keys and tokens")
+        self.bus.emit(CredentialsChanged(maps.version))
+        return True
 
     def replace_credentials(self, rows: CredentialRows | CredentialMaps) -> None:
         """Hold exactly these users' keys and tokens (at start, and when another process
@@ -454,9 +496,6 @@ class Core:
     def check_user(self, email: str, secret: str) -> int | None:
         """The user id for an email + (api key or MQTT token) pair, else None."""
         holder = self.credential_holder(hash_api_key(secret))
-        if holder is None:
-            user = self.user_for_api_key(secret)  # made by another process a moment ago?
-            holder = user.id if user is not None else None
         user = self._users_by_id.get(holder) if holder is not None else None
         return user.id if user is not None and user.email == email.lower() else None
 
@@ -563,14 +602,20 @@ class Core:
         except BaseException:
             self.batmons[batmon.id] = batmon  # still stored: still there
             raise
+        self.forget_deleted(batmon)
+        self.writer.purge([batmon.id])
+        self.banks.batmon_deleted(batmon.id)
+        self.bus.emit(BatmonDeleted(batmon))
+
+    def forget_deleted(self, batmon: Batmon) -> None:
+        """Memory only: the batmon and its alarms are gone from the store (here or on another
+        worker); its ids are never handed out again."""
+        self.batmons.pop(batmon.id, None)
         self._deleted_owners[batmon.id] = batmon.user_id
         self.retire_ids(batmon.id, *batmon.alarms)
         self.writer.forget(batmon.id)
-        self.writer.purge([batmon.id])
         for alarm_id in batmon.alarms:
             self.alarms.pop(alarm_id, None)
-        self.banks.batmon_deleted(batmon.id)
-        self.bus.emit(BatmonDeleted(batmon))
 
     # -- readings ------------------------------------------------------------
     def submit_readings(self, batmon: Batmon, readings: Iterable[Reading], door: Door = "http"
@@ -689,18 +734,27 @@ class Core:
         return result
 
     # -- alarms --------------------------------------------------------------
+    def alarm_subject(self, alarm: Alarm) -> Batmon | Bank | None:
+        """The batmon or bank the alarm is on (None once that is gone)."""
+        if alarm.bank_id is not None:
+            return self.banks.get(alarm.bank_id)
+        return self.batmons.get(alarm.batmon_id) if alarm.batmon_id is not None else None
+
     def owned_alarm(self, user: User, alarm_id: int) -> Alarm:
-        """An alarm on one of ``user``'s batmons, else 404."""
+        """An alarm on one of ``user``'s batmons or banks, else 404."""
         alarm = self.alarms.get(alarm_id)
-        if alarm is None or not self.owns(user.id, alarm.batmon_id):
+        subject = self.alarm_subject(alarm) if alarm is not None else None
+        if alarm is None or subject is None or subject.user_id != user.id:
             raise NotFound(f"alarm_id {alarm_id} does not exist.")
         return alarm
 
-    def add_alarm(self, batmon: Batmon, spec: AddAlarm) -> Alarm:
-        """Create an alarm on ``batmon``; it is evaluated from the next reading on."""
+    def add_alarm(self, subject: Batmon | Bank, spec: AddAlarm) -> Alarm:
+        """Create an alarm on a batmon or a bank; it is evaluated from the next reading on."""
+        on_bank = isinstance(subject, Bank)
         alarm = Alarm(
             id=self.new_id(),
-            batmon_id=batmon.id,
+            batmon_id=None if on_bank else subject.id,
+            bank_id=subject.id if on_bank else None,
             name=spec.alarm_name,
             metric=spec.alarm_metric,
             condition=spec.alarm_condition,
@@ -713,7 +767,7 @@ class Core:
         row = {k: getattr(alarm, k) for k in Alarm.__dataclass_fields__}
         self.persist(lambda store: store.add_alarm(row))
         self.alarms[alarm.id] = alarm
-        batmon.alarms[alarm.id] = alarm
+        subject.alarms[alarm.id] = alarm
         return alarm
 
     def edit_alarm(self, alarm: Alarm, edit: EditAlarm) -> None:
@@ -749,9 +803,27 @@ class Core:
         self.persist(lambda store: store.delete_alarm(alarm.id))
         self.retire_ids(alarm.id)
         self.alarms.pop(alarm.id, None)
-        batmon = self.batmons.get(alarm.batmon_id)
-        if batmon is not None:
-            batmon.alarms.pop(alarm.id, None)
+        subject = self.alarm_subject(alarm)
+        if subject is not None:
+            subject.alarms.pop(alarm.id, None)
+
+
+def changed_credentials(reads: CredentialReads, known: int) -> CredentialMaps | None:
+    """On a worker thread: every credential, ready to swap in, if the change counter moved
+    past ``known``; else None (one small query)."""
+    if reads.version() == known:
+        return None
+    return CredentialMaps.of(reads.load())
+
+
+def _insert_user(store: Store, email: str, created: float) -> tuple[dict[str, Any], str]:
+    """Insert a user with a new api key, on any thread: (its row, the key in clear)."""
+    api_key = new_api_key()
+    try:
+        user_id = store.add_user(email, hash_api_key(api_key), created)
+    except Conflict:
+        raise Conflict(f"a user with email {email} exists already") from None
+    return {"id": user_id, "email": email, "api_key_hash": hash_api_key(api_key)}, api_key
 
 
 def _log_failed_write(future: asyncio.Future[Any]) -> None:

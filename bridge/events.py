@@ -58,6 +58,17 @@ class AlarmChanged:
 
 
 @dataclass(frozen=True)
+class BankAlarmChanged:
+    """An alarm on a bank's values triggered, repeated its notice, or cleared."""
+
+    bank: Bank
+    alarm: Alarm
+    kind: Literal["triggered", "repeated", "cleared"]
+    value: float
+    at: float
+
+
+@dataclass(frozen=True)
 class BatmonChanged:
     """A batmon was created or edited (name, units, update_period, token...)."""
 
@@ -71,6 +82,16 @@ class BatmonDeleted:
     """A batmon is gone; subscribers clean up what they published for it."""
 
     batmon: Batmon
+
+
+@dataclass(frozen=True)
+class ChangedElsewhere:
+    """Another worker on the same database changed this batmon (a reading, its settings, an
+    alarm) or deleted it, and this worker's memory now holds that. Only views react (the live
+    feed): the worker that made the change published, notified and counted it."""
+
+    batmon: Batmon
+    deleted: bool = False
 
 
 @dataclass(frozen=True)

@@ -442,10 +442,36 @@ AlarmCondition = Literal[">", ">=", "<", "<=", "==", "!="]
 RepeatDelay = Annotated[int, Field(ge=0, le=86_400)]
 
 
-class AddAlarm(InputModel):
-    """POST /interface/batmon/alarm/add."""
+# A bank's alarm may be on the values a bank has (bridge/banks.py aggregate, docs/BANKS.md).
+BANK_ALARM_METRICS = ("soc", "voltage", "current", "power")
 
-    batmon_id: BatmonId
+
+def check_bank_alarm_metric(metric: str) -> None:
+    """Refuse (ValueError) a metric a bank has no value for: cells, temperature... are a
+    member's, and a bank's energy counters are lifetime sums that would trigger once."""
+    if metric not in BANK_ALARM_METRICS:
+        raise ValueError(f"alarm_metric of a bank's alarm must be one of {', '.join(BANK_ALARM_METRICS)}")
+
+
+def _one_subject_schema(schema: dict[str, Any]) -> None:
+    """The document says what the validator below says: batmon_id or bank_id, not both;
+    with bank_id, no batmon_token and a metric the bank has."""
+    schema["oneOf"] = [
+        {"required": ["batmon_id"], "not": {"required": ["bank_id"]}},
+        {"required": ["bank_id"],
+         "not": {"anyOf": [{"required": ["batmon_id"]}, {"required": ["batmon_token"]}]},
+         "properties": {"alarm_metric": {"enum": list(BANK_ALARM_METRICS)}}},
+    ]  # fmt: skip
+
+
+class AddAlarm(InputModel):
+    """POST /interface/batmon/alarm/add: an alarm on one batmon (batmon_id) or on one bank
+    (bank_id), exactly one of them."""
+
+    model_config = ConfigDict(json_schema_extra=_one_subject_schema)
+
+    batmon_id: BatmonId | None = None
+    bank_id: BankId | None = None
     batmon_token: Token | None = None
     alarm_name: Name
     alarm_metric: AlarmMetric
@@ -454,6 +480,25 @@ class AddAlarm(InputModel):
     alarm_clear_value: Finite | None = _CLEAR_VALUE
     alarm_repeat_delay: RepeatDelay = 300
     alarm_enabled: bool = True
+
+    @model_validator(mode="after")
+    def _one_subject(self) -> AddAlarm:
+        if self.batmon_id is None and self.bank_id is None:
+            raise ValueError("batmon_id is required (or bank_id, for a bank's alarm)")
+        if self.bank_id is not None:
+            if self.batmon_id is not None:
+                raise ValueError("give batmon_id or bank_id, not both: an alarm is on one batmon or one bank")
+            if self.batmon_token is not None:
+                raise ValueError("batmon_token goes with batmon_id; a bank's alarm is its owner's only")
+            check_bank_alarm_metric(self.alarm_metric)
+        return self
+
+    def subject(self) -> tuple[Literal["batmon", "bank"], int]:
+        """What the alarm is on: ("bank", bank_id) or ("batmon", batmon_id)."""
+        if self.bank_id is not None:
+            return "bank", self.bank_id
+        assert self.batmon_id is not None  # _one_subject made sure
+        return "batmon", self.batmon_id
 
 
 class EditAlarm(InputModel):

@@ -32,8 +32,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from bridge.energy import COLUMNS as ENERGY_COLUMNS
 from bridge.energy import EnergyState, advance
 from bridge.errors import StorageFailed, Unavailable
+from bridge.store.energy_guard import PLANNED_FROM, StaleState
+
+MAX_REPLANS = 3  # a batmon whose readings race on more workers than this is refused (503), not lost
 
 if TYPE_CHECKING:
     from bridge.core import Batmon
@@ -134,6 +138,7 @@ class WriterStats:
     commits: int = 0
     rows: int = 0
     failed_commits: int = 0
+    replans: int = 0  # groups planned again: another worker had moved a batmon on
     last_error: str | None = None
     last_error_at: float | None = None
     failing: bool = False
@@ -355,47 +360,40 @@ class ReadingWriter:
             return sink
         saved = {s.batmon.id: self._latest.get(s.batmon.id, _UNSET) for s in group}
         saved_energy = {s.batmon.id: self._energy.get(s.batmon.id, _UNSET) for s in group}
-        plans = [self._plan(s) for s in group]
-        rows: list[ReadingRow] = []
-        updates: dict[int, dict[str, Any]] = {}
-        for plan in plans:
-            batmon_id = plan.batmon.id
-            rows.extend(
-                (batmon_id, ts, v.get("voltage"), v.get("current"), v.get("power"), v.get("soc"),
-                 v.get("details"), charged, discharged)
-                for (ts, v), (charged, discharged) in zip(plan.rows, plan.energy, strict=True)
-            )  # fmt: skip
-            if plan.current:
-                updates.setdefault(batmon_id, {}).update(plan.current)
+        submitted = sum(len(s.rows) for s in group)  # every row of the group becomes one ReadingRow
         started = time.perf_counter()
         try:
             if sink is None:
                 sink = self._open_sink()
             if self._delay_s:
                 time.sleep(self._delay_s)
-            current_updates: list[CurrentUpdate] = list(updates.items())
-            status_before = sink.write(rows, current_updates)
+            for replans in range(MAX_REPLANS + 1):
+                plans, rows, current_updates = self._planned(group)
+                try:
+                    status_before = sink.write(rows, current_updates)
+                    break
+                except StaleState as stale:
+                    # Another worker wrote newer readings of these batmons: plan again from
+                    # the state it left (bridge/store/energy_guard.py); nothing was written.
+                    self._restore(saved, saved_energy)
+                    if replans == MAX_REPLANS:
+                        raise
+                    for batmon_id, state in stale.states.items():
+                        self._latest[batmon_id] = state["last_reading"]
+                        self._energy[batmon_id] = EnergyState(**{k: state[k] for k in ENERGY_COLUMNS})
+                    self.stats.replans += 1
         except Exception as exc:
-            for batmon_id, latest in saved.items():  # plans after this start from the truth
-                if latest is _UNSET:
-                    self._latest.pop(batmon_id, None)
-                else:
-                    self._latest[batmon_id] = latest
-            for batmon_id, energy in saved_energy.items():
-                if energy is _UNSET:
-                    self._energy.pop(batmon_id, None)
-                else:
-                    self._energy[batmon_id] = energy
+            self._restore(saved, saved_energy)  # plans after this start from the truth
             self.stats.failed_commits += 1
             self.stats.failing = True
             self.stats.last_error = _describe(exc)
             self.stats.last_error_at = time.time()
-            log.error("could not store %d reading(s): %s", len(rows), self.stats.last_error)
+            log.error("could not store %d reading(s): %s", submitted, self.stats.last_error)
             error = StorageFailed(f"The reading could not be stored ({self.stats.last_error}); "
                                   "try again later.")  # fmt: skip
-            self._release(len(rows))
+            self._release(submitted)
             self._hand_back([(sub.loop, None, sub.future, error, None) for sub in group])
-            if isinstance(exc, StorageFailed):
+            if isinstance(exc, StorageFailed | StaleState):
                 return sink  # the store said no, the connection is fine; the next group may succeed
             with contextlib.suppress(Exception):
                 if sink is not None:
@@ -429,11 +427,45 @@ class ReadingWriter:
         log.info("storage works again")
         return sink
 
+    def _planned(self, group: list[_Submission]) -> tuple[list[Plan], list[ReadingRow], list[CurrentUpdate]]:
+        """Plan a group: its plans, the rows to write, and one update per batmon that says
+        which last_reading its plan started from (the store's guard, energy_guard.py)."""
+        starts = {s.batmon.id: self._start(s.batmon) for s in group}
+        plans = [self._plan(s) for s in group]
+        rows: list[ReadingRow] = []
+        updates: dict[int, dict[str, Any]] = {}
+        for plan in plans:
+            batmon_id = plan.batmon.id
+            rows.extend(
+                (batmon_id, ts, v.get("voltage"), v.get("current"), v.get("power"), v.get("soc"),
+                 v.get("details"), charged, discharged)
+                for (ts, v), (charged, discharged) in zip(plan.rows, plan.energy, strict=True)
+            )  # fmt: skip
+            if plan.current:
+                updates.setdefault(batmon_id, {PLANNED_FROM: starts[batmon_id]}).update(plan.current)
+        return plans, rows, list(updates.items())
+
+    def _start(self, batmon: Batmon) -> float | None:
+        """The last_reading the next plan of ``batmon`` starts from."""
+        latest = self._latest.get(batmon.id, _UNSET)
+        return batmon.last_reading if latest is _UNSET else latest
+
+    def _restore(self, saved: dict[int, Any], saved_energy: dict[int, Any]) -> None:
+        """Back to the planning state from before a group that was not written."""
+        for batmon_id, latest in saved.items():
+            if latest is _UNSET:
+                self._latest.pop(batmon_id, None)
+            else:
+                self._latest[batmon_id] = latest
+        for batmon_id, energy in saved_energy.items():
+            if energy is _UNSET:
+                self._energy.pop(batmon_id, None)
+            else:
+                self._energy[batmon_id] = energy
+
     def _plan(self, submission: _Submission) -> Plan:
         batmon = submission.batmon
-        latest = self._latest.get(batmon.id, _UNSET)
-        if latest is _UNSET:
-            latest = batmon.last_reading
+        latest = self._start(batmon)
         # A copy: the state before this plan stays as it was, for a commit that fails.
         energy = (self._energy.get(batmon.id) or EnergyState.of(batmon)).copy()
         current: dict[str, Any] = {}

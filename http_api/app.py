@@ -4,6 +4,7 @@ authentication, validation and the one mapping of errors to ``{"error": ...}``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from bridge.core import Core, User
-from bridge.errors import BatmonError, NotAuthenticated, Unavailable, WrongToken
+from bridge.errors import BatmonError, NotAuthenticated, StorageFailed, Unavailable, WrongToken
 from bridge.events import HttpRejected
 from bridge.history_answers import Streamed
 from bridge.models import Login, describe_error
@@ -63,7 +64,7 @@ class Api:
             api_key_given = api_key_of(request, fields) is not None
             # Every credential is checked: a correct one is served whatever failed before
             # (bridge/ratelimit.py, the broker's rules too).
-            user, by_key = authenticate(self.core, self.sessions, request, fields)
+            user, by_key = await authenticate(self.core, self.sessions, request, fields)
             key_user = user if by_key else None
             # A change is answered only once it is committed (off the loop, in order).
             async with self.core.durable_writes():
@@ -117,7 +118,12 @@ class Api:
                     call.owner()  # 401 before any validation detail reaches a stranger
                 if negotiates and "format" not in fields:
                     fields["format"] = format_from_accept(request.headers.get("accept", ""))
-                return await endpoint.handler(call, endpoint.model.model_validate(fields))
+                data = endpoint.model.model_validate(fields)
+                if self.core.peers is not None:  # other workers: what they committed first
+                    # The database away: answered from memory (a change fails at its commit).
+                    with contextlib.suppress(StorageFailed):
+                        await self.core.peers.catch_up(_batmons_shown(endpoint, data, call))
+                return await endpoint.handler(call, data)
 
             return await self.run(request, work)
 
@@ -187,6 +193,17 @@ def _streaming(result: Streamed) -> Response:
     if result.filename:
         headers["Content-Disposition"] = f'attachment; filename="{result.filename}"'
     return StreamingResponse(result.chunks, media_type=result.media_type, headers=headers)
+
+
+def _batmons_shown(endpoint: Endpoint, data: Any, call: Call) -> list[int]:
+    """The batmons whose latest values a read answers with (fetched afresh from the store when
+    other workers share it); a change needs none, only the check for their changes."""
+    if "GET" not in endpoint.methods:
+        return []
+    batmon_id = getattr(data, "batmon_id", None)
+    if batmon_id is not None:
+        return [batmon_id]
+    return [b.id for b in call.core.batmons_of(call.user)] if call.user is not None else []
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -75,12 +75,18 @@ def api_key_of(request: Request, fields: dict[str, Any]) -> str | None:
     return value if isinstance(value, str) else repr(value)
 
 
-def authenticate(core: Core, sessions: Sessions, request: Request, fields: dict[str, Any]
-                 ) -> tuple[User | None, bool]:  # fmt: skip
-    """(user or None, whether an api_key did it); a wrong api_key is a 401."""
+async def authenticate(core: Core, sessions: Sessions, request: Request, fields: dict[str, Any]
+                       ) -> tuple[User | None, bool]:  # fmt: skip
+    """(user or None, whether an api_key did it); a wrong api_key is a 401.
+
+    A key not in memory may be one another process made a moment ago (`batmon user add`):
+    the core re-reads the credentials off the loop if they changed, and the key is asked again.
+    """
     api_key = api_key_of(request, fields)
     if api_key is not None:
         user = core.user_for_api_key(api_key)
+        if user is None and await core.refresh_credentials():
+            user = core.user_for_api_key(api_key)
         if user is None:
             raise NotAuthenticated("api_key is not valid.")
         return user, True

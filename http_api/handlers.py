@@ -7,8 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from bridge.banks import Bank
 from bridge.core import Batmon, Core, User
-from bridge.errors import NotAuthenticated
+from bridge.errors import InvalidInput, NotAuthenticated
 from bridge.extensions.notifier import notices_view, request_test_notice, set_targets, targets_view
 from bridge.history_answers import Streamed
 from bridge.models import (
@@ -26,6 +27,7 @@ from bridge.models import (
     NotificationTargets,
     ShowTargets,
     UpdateRequest,
+    check_bank_alarm_metric,
 )
 
 
@@ -112,12 +114,21 @@ def flag_setter(flag: str, enabled: bool):
 
 
 async def add_alarm(call: Call, data: AddAlarm) -> dict[str, Any]:
-    alarm = call.core.add_alarm(call.owned_batmon(data.batmon_id, data.batmon_token), data)
+    kind, subject_id = data.subject()
+    subject: Batmon | Bank = (call.core.banks.owned(call.owner(), subject_id) if kind == "bank"
+                              else call.owned_batmon(subject_id, data.batmon_token))  # fmt: skip
+    alarm = call.core.add_alarm(subject, data)
     return {"alarm_id": alarm.id}
 
 
 async def edit_alarm(call: Call, data: EditAlarm) -> str:
-    call.core.edit_alarm(call.core.owned_alarm(call.owner(), data.alarm_id), data)
+    alarm = call.core.owned_alarm(call.owner(), data.alarm_id)
+    if alarm.bank_id is not None and data.alarm_metric is not None:
+        try:
+            check_bank_alarm_metric(data.alarm_metric)
+        except ValueError as exc:
+            raise InvalidInput(f"{exc}.") from None
+    call.core.edit_alarm(alarm, data)
     return "success"
 
 
@@ -164,12 +175,12 @@ async def add_bank(call: Call, data: AddBank) -> dict[str, Any]:
 
 async def list_banks(call: Call, data: NoFields) -> list[dict[str, Any]]:
     banks = call.core.banks
-    return [banks.status(b) for b in banks.of_user(call.owner())]
+    return [banks.view(b) for b in banks.of_user(call.owner())]
 
 
 async def bank_status(call: Call, data: BankRef) -> dict[str, Any]:
     banks = call.core.banks
-    return banks.status(banks.owned(call.owner(), data.bank_id))
+    return banks.view(banks.owned(call.owner(), data.bank_id))
 
 
 async def edit_bank(call: Call, data: EditBank) -> str:

@@ -7,6 +7,10 @@ browser catches up). Then it remembers *which* batmons changed, not every event,
 and sends each one's state as it is when the browser is ready: a slow browser gets
 the latest values instead of a growing backlog. Past ``max_pending`` distinct
 batmons it forgets them and sends a fresh snapshot instead.
+
+Banks ride on the same stream: a snapshot is followed by a ``banks`` message (every bank
+of the user, as /interface/bank/list shows them), and a bank whose member, membership or
+alarm changed is sent again as a ``bank`` message (``bank_deleted`` once it is gone).
 """
 
 from __future__ import annotations
@@ -19,13 +23,18 @@ import math
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
+from bridge.banks import Bank
 from bridge.core import Batmon, Core
-from bridge.errors import BatmonError
+from bridge.errors import BatmonError, StorageFailed
 from bridge.events import (
     NO_SUBSCRIPTION,
     AlarmChanged,
+    BankAlarmChanged,
+    BankChanged,
+    BankDeleted,
     BatmonChanged,
     BatmonDeleted,
+    ChangedElsewhere,
     ReadingAccepted,
     StatusChanged,
     Subscription,
@@ -59,6 +68,7 @@ class LiveStream:
         self.user_id = user_id
         self.max_pending = max_pending
         self._changed: dict[int, bool] = {}  # batmon_id -> deleted; insertion-ordered
+        self._banks: dict[int, bool] = {}  # bank_id -> deleted, the same way
         self._full = True  # a snapshot of every batmon is due (first, and after overflow)
         self._closed = False
         self._wake = asyncio.Event()
@@ -74,6 +84,22 @@ class LiveStream:
             self._full = True
         self._wake.set()
 
+    def mark_bank(self, bank_id: int, deleted: bool = False) -> None:
+        """Note a change of a bank, coalesced like a batmon's (and bounded the same way)."""
+        if self._full:
+            pass
+        elif bank_id in self._banks or len(self._banks) < self.max_pending:
+            self._banks[bank_id] = deleted or self._banks.get(bank_id, False)
+        else:
+            self._banks.clear()
+            self._full = True
+        self._wake.set()
+
+    def take_banks(self) -> dict[int, bool]:
+        """The banks changed since the last call (after ``take``)."""
+        banks, self._banks = self._banks, {}
+        return banks
+
     def close(self) -> None:
         """End the stream at its next wake-up."""
         self._closed = True
@@ -85,7 +111,7 @@ class LiveStream:
 
     async def take(self, timeout: float) -> tuple[dict[int, bool], bool] | None:
         """Wait up to ``timeout`` for changes; (changed, full snapshot due), or None once closed."""
-        if not (self._changed or self._full or self._closed):
+        if not (self._changed or self._banks or self._full or self._closed):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
@@ -134,6 +160,10 @@ class LiveFeed:
         self._subscription = self.core.bus.subscribe_all({
             ReadingAccepted: self._on_reading, StatusChanged: changed, BatmonChanged: changed,
             AlarmChanged: changed, BatmonDeleted: self._on_deleted,
+            BankChanged: lambda e: self._mark_bank(e.bank, deleted=False),
+            BankAlarmChanged: lambda e: self._mark_bank(e.bank, deleted=False),
+            BankDeleted: lambda e: self._mark_bank(e.bank, deleted=True),
+            ChangedElsewhere: self._on_elsewhere,
         })  # fmt: skip
 
     async def stop(self) -> None:
@@ -154,6 +184,12 @@ class LiveFeed:
     def _on_reading(self, event: ReadingAccepted) -> None:
         self._on_loop(self._note_reported, event.batmon.id, tuple(event.values), event.ts)
         self._mark(event.batmon, deleted=False)
+
+    def _on_elsewhere(self, event: ChangedElsewhere) -> None:
+        """Another worker's change (bridge/extensions/peers.py): a reading there moved the
+        latest values; when each value was last reported is asked of history again."""
+        self._on_loop(self._forget_reported, event.batmon.id)
+        self._mark(event.batmon, deleted=event.deleted)
 
     def _on_deleted(self, event: BatmonDeleted) -> None:
         self._on_loop(self._forget_reported, event.batmon.id)
@@ -209,9 +245,21 @@ class LiveFeed:
         # Events come on the loop today; a writer thread may emit some later.
         self._on_loop(self._mark_streams, batmon.user_id, batmon.id, deleted)
 
+    def _mark_bank(self, bank: Bank, deleted: bool) -> None:
+        self._on_loop(self._mark_bank_streams, bank.user_id, bank.id, deleted)
+
     def _mark_streams(self, user_id: int, batmon_id: int, deleted: bool) -> None:
-        for stream in self._streams.get(user_id, ()):
+        streams = self._streams.get(user_id, ())
+        for stream in streams:
             stream.mark(batmon_id, deleted)
+        if streams and not deleted:  # a member's change is its banks' (a delete edits them)
+            for bank in self.core.banks.containing(batmon_id):
+                for stream in streams:
+                    stream.mark_bank(bank.id)
+
+    def _mark_bank_streams(self, user_id: int, bank_id: int, deleted: bool) -> None:
+        for stream in self._streams.get(user_id, ()):
+            stream.mark_bank(bank_id, deleted)
 
     def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
         loop = self._loop
@@ -255,12 +303,21 @@ class LiveFeed:
     async def messages_for(self, stream: LiveStream, changed: dict[int, bool], full: bool
                            ) -> list[str]:  # fmt: skip
         """The SSE messages for one batch of changes, each batmon's state as of now."""
+        if full and self.core.peers is not None:  # other workers' readings since this worker's
+            with contextlib.suppress(StorageFailed):  # the database away: memory's snapshot
+                await self.core.peers.catch_up([b.id for b in self.core.batmons.values()
+                                                if b.user_id == stream.user_id])  # fmt: skip
         await self.learn_reported([b for b in self.core.batmons.values()
                                    if b.user_id == stream.user_id and (full or b.id in changed)])
         now = self.core.clock()
+        banks = self.core.banks
+        changed_banks = stream.take_banks()
         if full:
             mine = [b for b in self.core.batmons.values() if b.user_id == stream.user_id]
-            return [sse("snapshot", [self.snapshot(b, now) for b in mine])]
+            out = [sse("snapshot", [self.snapshot(b, now) for b in mine])]
+            if banks.known_to(stream.user_id):  # a user who never had a bank gets no banks message
+                out.append(sse("banks", [banks.view(k) for k in banks.all() if k.user_id == stream.user_id]))
+            return out
         out = []
         for batmon_id, deleted in changed.items():
             batmon = self.core.batmons.get(batmon_id)
@@ -268,6 +325,12 @@ class LiveFeed:
                 out.append(sse("deleted", {"batmon_id": batmon_id}))
             elif batmon.user_id == stream.user_id:
                 out.append(sse("batmon", self.snapshot(batmon, now)))
+        for bank_id, deleted in changed_banks.items():
+            bank = banks.get(bank_id)
+            if deleted or bank is None:
+                out.append(sse("bank_deleted", {"bank_id": bank_id}))
+            elif bank.user_id == stream.user_id:
+                out.append(sse("bank", banks.view(bank)))
         return out
 
     async def serve(self, stream: LiveStream) -> AsyncIterator[str]:

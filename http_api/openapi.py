@@ -59,7 +59,7 @@ TAGS: list[tuple[str, str]] = [
     ("Readings", "what devices send, and the history of it"),
     ("Batmons", "add, list, edit and delete battery monitors"),
     ("Banks", "batmons grouped into one battery bank"),
-    ("Alarms", "thresholds on a batmon's values"),
+    ("Alarms", "thresholds on a batmon's or a bank's values"),
     ("Notices", "where notices go, and what was sent"),
     ("Account", "log in and out of the dashboard"),
     ("Service", "health and this document"),

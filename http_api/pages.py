@@ -19,7 +19,7 @@ from starlette.templating import Jinja2Templates
 
 from bridge.core import Core, User
 from bridge.errors import BatmonError
-from bridge.models import BankRef, DeviceRef, NoFields, ShowTargets
+from bridge.models import BANK_ALARM_METRICS, BankRef, DeviceRef, NoFields, ShowTargets
 from http_api import handlers as h
 from http_api.auth import Sessions
 from http_api.cross_site import CrossSiteGuard
@@ -118,6 +118,7 @@ class Dashboard:
         return self.page(request, "bank.html", {
             "title": bank["bank_name"], "user": user, "bank": bank, "batmons": batmons,
             "members": [by_id[i] for i in bank["batmon_ids"] if i in by_id], "now": int(now),
+            "alarm_metrics": BANK_ALARM_METRICS,
         })  # fmt: skip
 
     async def account(self, request: Request) -> Response:

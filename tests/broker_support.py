@@ -52,6 +52,9 @@ class FakeCredentials:
     def credential_holder(self, secret_hash: str) -> int | None:
         return next((uid for key, uid in self.users.values() if hash_api_key(key) == secret_hash), None)
 
+    async def refresh_credentials(self) -> bool:
+        return False  # nothing else changes these
+
     def owns(self, user_id: int, batmon_id: int) -> bool:
         return self.owner.get(batmon_id) == user_id
 

@@ -670,6 +670,25 @@ def test_a_bank_made_on_the_list_page_shows_its_weighted_soc_and_offline_member(
             )
             assert page.evaluate("window.__notReloaded === true"), "the page was reloaded"
 
+        with step("the list's bank entry follows a member's reading and a bank alarm live"):
+            page.goto("/")
+            page.locator('#live-state[data-state="open"]').wait_for()
+            entry = page.locator(f'#banks li[data-bank-id="{bank_id}"]')
+            assert entry.locator('[data-bank-value="bank_soc"]').inner_text() == "30%"
+            assert entry.locator(".status").inner_text() == "Online"
+            site.call("/interface/batmon/alarm/add", bank_id=bank_id, alarm_name="Bank low",
+                      alarm_metric="soc", alarm_condition="<", alarm_threshold_value=25)  # fmt: skip
+            page.evaluate("window.__notReloaded = true")
+            site.publish("Pack A", {"soc": 80})  # (80x100 + 20x200) / 300 = 40
+            page.wait_for_function(f"""() => document.querySelector(
+                '#banks li[data-bank-id="{bank_id}"] [data-bank-value="bank_soc"]').textContent === "40%" """,
+                timeout=5000)  # fmt: skip
+            assert entry.locator(".alarm-chip").count() == 0
+            site.publish("Pack A", {"soc": 5})  # (5x100 + 20x200) / 300 = 15: the alarm triggers
+            entry.locator(".alarm-chip", has_text="Bank low").wait_for(timeout=5000)
+            assert entry.locator('[data-bank-value="bank_soc"]').inner_text() == "15%"
+            assert page.evaluate("window.__notReloaded === true"), "the page was reloaded"
+
         with step("the list links to the bank"):
             page.goto("/")
             page.locator(f'#banks li[data-bank-id="{bank_id}"] a.bank-name', has_text="Boat bank").click()
@@ -683,6 +702,30 @@ def test_a_bank_made_on_the_list_page_shows_its_weighted_soc_and_offline_member(
                 page.keyboard.press("Tab")
                 rings.append(page.evaluate(FOCUS_RING))
             assert [r for r in rings if r not in ("", "body")] == []
+
+        with step("the bank page adds an alarm on the bank, shows it triggered live, acknowledges it"):
+            low = page.locator("#bank-alarms li", has_text="Bank low")  # added over the API above
+            assert low.locator(".alarm-state").get_attribute("data-state") == "triggered"  # at 15 %
+            form = page.locator("#bank-alarm-form")
+            form.get_by_label("Alarm name", exact=True).fill("Bank high")
+            form.get_by_label("Value", exact=True).select_option("soc")
+            form.get_by_label("Condition", exact=True).select_option(">")
+            form.get_by_label("Threshold", exact=True).fill("50")
+            form.get_by_role("button", name="Add alarm").click()
+            form.locator(".form-status", has_text="Alarm Bank high added.").wait_for()
+            high = page.locator("#bank-alarms li", has_text="Bank high")
+            assert high.locator(".alarm-state").get_attribute("data-state") == "ok"
+            assert "soc > 50%" in high.inner_text()
+            page.evaluate("window.__notReloaded = true")
+            site.publish("Pack B", {"soc": 80})  # (5x100 + 80x200) / 300 = 55 %
+            high.locator('.alarm-state[data-state="triggered"]').wait_for(timeout=5000)
+            low.locator('.alarm-state[data-state="ok"]').wait_for(timeout=5000)
+            high.get_by_role("button", name="Acknowledge alarm Bank high").click()
+            high.locator('.alarm-state[data-state="acknowledged"]').wait_for()
+            assert page.evaluate("window.__notReloaded === true"), "the page was reloaded"
+            shown = site.http.get("/interface/bank/status", params={"bank_id": bank_id}).json()["success"]
+            (alarm,) = [a for a in shown["alarms"] if a["alarm_name"] == "Bank high"]
+            assert alarm["alarm_akn"] is not None and alarm["bank_id"] == bank_id
 
         with step("rename it and drop the Offline pack"):
             form = page.locator("#bank-form")

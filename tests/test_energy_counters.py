@@ -239,3 +239,17 @@ def test_a_bad_duration_bucket_is_a_400_naming_it(api: Api, text: str) -> None:
     r = api.client.get("/interface/batmon/history", headers=api.auth,
                        params={"min_epoch_tm_sec": 0, "bucket": text})  # fmt: skip
     assert r.status_code == 400 and "bucket" in r.json()["error"], r.text
+
+
+def test_the_state_columns_name_every_field_with_its_value() -> None:
+    """columns() is spelled out for speed (docs/PERFORMANCE.md); a field added to EnergyState
+    and not to columns() would silently not be stored."""
+    from dataclasses import fields
+
+    from bridge.energy import COLUMNS, EnergyState
+
+    values = [1.5, 2.5, 1_700_000_000.0, -42.0, 10.0, 20.0]
+    state = EnergyState(*values)
+    assert state.columns() == dict(zip([f.name for f in fields(EnergyState)], values, strict=True))
+    assert tuple(state.columns()) == COLUMNS
+    assert EnergyState.of(state) == state

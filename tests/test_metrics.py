@@ -133,6 +133,7 @@ def test_metrics_is_prometheus_text_with_every_documented_family(running: Runnin
         "batmon_readings_accepted", "batmon_rejections", "batmon_alarm_changes",
         "batmon_alarms_active", "batmon_status_changes", "batmon_batmons", "batmon_mqtt_connected",
         "batmon_mqtt_connects", "batmon_mqtt_disconnects", "batmon_mqtt_messages_received",
+        "batmon_mqtt_messages_redelivered",
         "batmon_notices", "batmon_notices_pending", "batmon_event_loop_lag_seconds", "batmon_commit_rows",
         "batmon_commit_seconds", "batmon_writer_queue_depth", "batmon_commit_failures",
         "batmon_writer_refused", "batmon_writer_failing", "process_cpu_seconds",
@@ -309,6 +310,7 @@ def test_external_broker_counts_wrong_tokens_and_a_lost_connection(tmp_path: Pat
         )  # fmt: skip
         assert value(found, "batmon_rejections_total", door="mqtt", reason="wrong_token") == 1
         assert value(found, "batmon_mqtt_messages_received_total") == 2
+        assert value(found, "batmon_mqtt_messages_redelivered_total") == 0  # DUP unset: first sends
         assert value(found, "batmon_mqtt_connected") == 1
 
         broker.stop()

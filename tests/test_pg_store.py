@@ -301,7 +301,7 @@ def test_credentials_on_postgresql_bump_the_counter_a_running_server_polls(store
     reader = PgCredentialReader(store.url)
     try:
         before = reader.version()
-        credentials = store.credentials()
+        credentials = store.credentials
         assert credentials.add_token(user, "home-assistant", "token-hash", NOV_2023 + 1) is True
         assert credentials.add_token(user, "home-assistant", "other-hash", NOV_2023 + 2) is False  # taken
         credentials.set_api_key_hash(user, "key-hash-2")

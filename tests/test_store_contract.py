@@ -32,6 +32,7 @@ import pytest
 
 from bridge.errors import Conflict
 from bridge.store.db import SqliteStore
+from bridge.store.energy_guard import PLANNED_FROM, StaleState
 from bridge.store.interface import CHANNELS, ReadingRow, Store
 from bridge.store.memory import MemoryStore
 from tests import pg_support
@@ -245,6 +246,50 @@ def test_user_targets_change_only_the_channels_given(store: Store) -> None:
     assert (row["email_url"], row["whatsapp_url"], row["sms_url"]) == ("mailto://a@example.org", "", "")
     with pytest.raises(ValueError):
         store.set_user_targets(user, {"api_key_hash": "x"})
+
+
+# -- credentials ------------------------------------------------------------------------------
+def test_every_credential_change_moves_the_counter_another_handle_polls(store: Store) -> None:
+    poll = store.another()  # what a running server's watcher reads, beside `batmon user ...`
+    try:
+        start = poll.credentials.version()
+        user = add_user(store, "a@example.org")
+        seen = [poll.credentials.version()]
+        credentials = store.credentials
+        credentials.set_api_key_hash(user, "key-hash-2")
+        seen.append(poll.credentials.version())
+        assert credentials.add_token(user, "home-assistant", "token-hash", T0 + 1) is True
+        seen.append(poll.credentials.version())
+        assert credentials.revoke_token(user, "home-assistant") is True
+        seen.append(poll.credentials.version())
+        assert start < seen[0] < seen[1] < seen[2] < seen[3]
+        # A refused change is no change.
+        assert credentials.revoke_token(user, "home-assistant") is False
+        assert poll.credentials.version() == seen[3]
+    finally:
+        poll.close()
+
+
+def test_credentials_load_with_their_version_and_never_show_a_token_hash(store: Store) -> None:
+    first = add_user(store, "a@example.org")
+    second = add_user(store, "b@example.org")
+    credentials = store.credentials
+    assert credentials.add_token(first, "home-assistant", "hash-1", T0 + 2) is True
+    assert credentials.add_token(first, "garage", "hash-2", T0 + 1) is True
+    assert credentials.add_token(first, "garage", "hash-3", T0 + 3) is False  # the name is taken
+    assert credentials.add_token(second, "garage", "hash-4", T0 + 3) is True  # another user's name
+    assert credentials.tokens_of(first) == [{"name": "garage", "created": T0 + 1},
+                                            {"name": "home-assistant", "created": T0 + 2}]  # fmt: skip
+    assert credentials.tokens_of(second + 1000) == []
+    loaded = credentials.load()
+    assert loaded.version == credentials.version()
+    assert sorted((u["id"], u["email"], u["api_key_hash"]) for u in loaded.users) == [
+        (first, "a@example.org", "hash-of-a@example.org"), (second, "b@example.org", "hash-of-b@example.org")]
+    assert sorted((t["user_id"], t["secret_hash"]) for t in loaded.tokens) == [
+        (first, "hash-1"), (first, "hash-2"), (second, "hash-4")]  # fmt: skip
+    credentials.set_api_key_hash(second, "new-key-hash")
+    assert store.user_by_key_hash("new-key-hash")["id"] == second  # type: ignore[index]
+    assert store.user_by_key_hash("hash-of-b@example.org") is None
 
 
 # -- batmons and alarms -----------------------------------------------------------------------
@@ -462,6 +507,69 @@ def test_an_alarm_keeps_its_clear_value(store: Store, batmon: int) -> None:
     store.update_alarm(77, {"clear_value": 35.0})
     add_alarm(store, batmon, 78)  # none given: none kept
     assert {a["id"]: a["clear_value"] for a in store.alarms()} == {77: 35.0, 78: None}
+
+
+def test_an_energy_update_planned_from_a_stale_state_changes_nothing_and_says_the_state(
+        store: Store, batmon: int) -> None:  # fmt: skip
+    """Several workers (docs/BATTERY.md): an update that says which last_reading it was planned
+    from holds only while the row still has it; otherwise the whole write (rows too) is
+    refused with StaleState carrying the row's state, so the writer plans again from it."""
+    other = store.another()
+    try:
+        first = {"last_reading": T0 + 10, "energy_charged_kwh": 0.5, "energy_point_ts": T0 + 10,
+                 "energy_point_power": 100.0, PLANNED_FROM: None}  # fmt: skip
+        store.write([reading(batmon, T0 + 10, 13.0, charged_kwh=0.5)], [(batmon, first)])
+        # Another handle planned from before that reading: refused, nothing written.
+        stale = {"last_reading": T0 + 20, "energy_charged_kwh": 0.25, "energy_point_ts": T0 + 20,
+                 "energy_point_power": 100.0, PLANNED_FROM: None}  # fmt: skip
+        with pytest.raises(StaleState) as refused:
+            other.write([reading(batmon, T0 + 20, 13.1, charged_kwh=0.25)], [(batmon, stale)])
+        state = refused.value.states[batmon]
+        assert {k: state[k] for k in ("last_reading", "energy_charged_kwh", "energy_point_ts",
+                                      "energy_point_power", "device_charged_kwh")} == {
+            "last_reading": T0 + 10, "energy_charged_kwh": 0.5, "energy_point_ts": T0 + 10,
+            "energy_point_power": 100.0, "device_charged_kwh": None}  # fmt: skip
+        assert [r["ts"] for r in store.history(batmon, T0, T0 + 60)] == [T0 + 10]
+        # Planned again from that state: it holds.
+        again = {**stale, "energy_charged_kwh": 0.75, PLANNED_FROM: T0 + 10}
+        other.write([reading(batmon, T0 + 20, 13.1, charged_kwh=0.25)], [(batmon, again)])
+        row = batmon_row(store, batmon)
+        assert (row["last_reading"], row["energy_charged_kwh"]) == (T0 + 20, 0.75)  # type: ignore[index]
+        # An update without PLANNED_FROM is as before (an older reading's plan is guarded as ever).
+        store.write([], [(batmon, {"last_reading": T0 + 30, "energy_charged_kwh": 0.8})])
+        assert batmon_row(store, batmon)["energy_charged_kwh"] == 0.8  # type: ignore[index]
+    finally:
+        other.close()
+
+
+def add_bank_alarm(store: Store, bank_id: int, alarm_id: int) -> int:
+    store.add_alarm({"id": alarm_id, "bank_id": bank_id, "name": "Bank low", "metric": "soc",
+                     "condition": "<", "threshold": 30.0, "clear_value": 35.0, "repeat_delay": 300,
+                     "enabled": True, "update_time": T0})  # fmt: skip
+    return alarm_id
+
+
+def test_an_alarm_may_be_on_a_bank_and_goes_with_it(store: Store, batmon: int) -> None:
+    """Bank alarms (docs/BANKS.md): kept with their state like a batmon's, removed and
+    retired with their bank, and left alone when a member batmon is deleted."""
+    user = batmon_row(store, batmon)["user_id"]  # type: ignore[index]
+    store.add_bank(500, user, "House", T0, [batmon])
+    store.add_bank(501, user, "Shed", T0 + 1, [batmon])
+    add_bank_alarm(store, 500, 91)
+    add_bank_alarm(store, 501, 92)
+    add_alarm(store, batmon, 93)
+    store.update_alarm(91, {"triggered": True, "trigger_time": T0 + 1, "last_notice": T0 + 1, "akn": T0 + 2})
+    by_id = {a["id"]: a for a in store.alarms()}
+    assert (by_id[91]["bank_id"], by_id[91]["batmon_id"], bool(by_id[91]["triggered"]), by_id[91]["akn"],
+            by_id[91]["clear_value"]) == (500, None, True, T0 + 2, 35.0)  # fmt: skip
+    assert (by_id[93]["bank_id"], by_id[93]["batmon_id"]) == (None, batmon)
+    store.delete_bank(500)
+    assert {a["id"] for a in store.alarms()} == {92, 93}
+    assert {500, 91} <= store.retired_ids()
+    with pytest.raises(Conflict):
+        add_bank_alarm(store, 501, 91)
+    store.delete_batmon(batmon)  # the bank keeps its alarm, members or not
+    assert {a["id"] for a in store.alarms()} == {92}
 
 
 # -- the notice outbox --------------------------------------------------------------------------

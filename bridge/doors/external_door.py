@@ -20,6 +20,7 @@ from typing import Any
 from bridge.core import Core
 from bridge.doors.mqtt_link import Inbound, MqttLink
 from bridge.doors.update_door import UpdateDoor
+from bridge.errors import StorageFailed
 from bridge.topics import Topics
 from bridge.writer import Overloaded
 
@@ -141,20 +142,38 @@ class ExternalBrokerDoor:
                 # get() on a non-empty queue never yields: a backlog of 20,000 would
                 # hold the loop (HTTP, the broker, the watchdog) until drained.
                 await asyncio.sleep(0)
-            while True:
-                try:
-                    future = self.updates.submit(item.topic, item.payload, dup=item.dup)
-                    break
-                except Overloaded:
-                    # The writer is full: stop taking messages. The broker stops
-                    # sending once our unacked window is used: its flow control.
-                    while not self.core.writer.has_room:
-                        await asyncio.sleep(0.005)
+            future: asyncio.Future[None] | None
+            if self.core.peers is not None and not self.updates.knows(item.topic):
+                # Made on another worker a moment ago? Look first (off this loop's queue: the
+                # ack keeps its place), then submit.
+                future = asyncio.ensure_future(self._after_catch_up(item))
+            else:
+                future = await self._submit(item)
             self._unacked.append((item, future))
             if future is None:
                 self._send_acks()
             else:
                 future.add_done_callback(lambda _: self._send_acks())
+
+    async def _submit(self, item: Inbound) -> asyncio.Future[None] | None:
+        assert item.topic is not None
+        while True:
+            try:
+                return self.updates.submit(item.topic, item.payload, dup=item.dup)
+            except Overloaded:
+                # The writer is full: stop taking messages. The broker stops
+                # sending once our unacked window is used: its flow control.
+                while not self.core.writer.has_room:
+                    await asyncio.sleep(0.005)
+
+    async def _after_catch_up(self, item: Inbound) -> None:
+        """An update for a batmon this worker does not know: other workers' changes first."""
+        if self.core.peers is not None:
+            with contextlib.suppress(StorageFailed):
+                await self.core.peers.catch_up()
+        future = await self._submit(item)
+        if future is not None:
+            await future
 
     def _send_acks(self) -> None:
         """Ack every leading update that is done; a failed commit is never acked."""

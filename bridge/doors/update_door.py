@@ -59,6 +59,12 @@ class UpdateDoor:
         """Return once every update submitted so far is committed (or failed) and applied."""
         await self.core.writer.barrier()
 
+    def knows(self, topic: str) -> bool:
+        """True when the topic names a batmon this worker holds (whatever its token)."""
+        ids = self.topics.parse_update(topic)
+        batmon_id = parse_batmon_id(ids[0]) if ids is not None else None
+        return batmon_id is not None and batmon_id in self.core.batmons
+
     def submit(self, topic: str, payload: bytes, *, dup: bool = False) -> asyncio.Future[None] | None:
         """Submit one update; None when there is nothing to wait for (dropped or refused,
         counted, and acknowledged at once: sending it again would not help).

@@ -16,11 +16,11 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
-from bridge.core import Core, CredentialMaps
-from bridge.events import CredentialsChanged
+from bridge.core import Core, changed_credentials
 from bridge.store.credentials import CredentialReader
+from bridge.store.interface import CredentialReads
 from bridge.threads import run_on_own_thread
 
 log = logging.getLogger(__name__)
@@ -28,17 +28,24 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL_S = 1.0
 
 
+class CredentialPoll(CredentialReads, Protocol):
+    """A dedicated read connection for the poll (SQLite's CredentialReader, PostgreSQL's
+    PgCredentialReader): it raises OSError while the database cannot be read."""
+
+    def close(self) -> None: ...
+
+
 class CredentialWatcher:
     """Polls the credential change counter and reloads the core's keys and tokens."""
 
     def __init__(self, core: Core, database: Path, interval_s: float = POLL_INTERVAL_S,
-                 open_reader: Callable[[], Any] | None = None) -> None:  # fmt: skip
+                 open_reader: Callable[[], CredentialPoll] | None = None) -> None:  # fmt: skip
         self._core = core
         self._database = database
         # Another store's reader (PostgreSQL's), else one on the SQLite file at ``database``.
         self._open_reader = open_reader or (lambda: CredentialReader(database))
         self._interval_s = interval_s
-        self._reader: CredentialReader | None = None
+        self._reader: CredentialPoll | None = None
         self._task: asyncio.Task[None] | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._failing = False
@@ -65,7 +72,7 @@ class CredentialWatcher:
         if pool is not None:
             pool.shutdown(wait=False)  # idle once the task is cancelled: its thread ends now
 
-    async def _run(self, reader: CredentialReader) -> None:
+    async def _run(self, reader: CredentialPoll) -> None:
         while True:
             await asyncio.sleep(self._interval_s)
             try:
@@ -73,7 +80,7 @@ class CredentialWatcher:
             except Exception:  # a bug must not end the polling for the rest of the run
                 log.exception("checking for credential changes failed")
 
-    async def check_now(self, reader: CredentialReader | None = None) -> bool:
+    async def check_now(self, reader: CredentialPoll | None = None) -> bool:
         """Poll once; True when the credentials changed and were reloaded."""
         reader = reader or self._reader
         if reader is None:
@@ -82,9 +89,9 @@ class CredentialWatcher:
         try:
             if self._pool is not None:
                 maps = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, _changed_since, reader, known)
+                    self._pool, changed_credentials, reader, known)
             else:  # polled by hand, not started
-                maps = await run_on_own_thread(lambda: _changed_since(reader, known),
+                maps = await run_on_own_thread(lambda: changed_credentials(reader, known),
                                                name="credential-watcher-poll")
         except OSError as exc:
             if not self._failing:  # once per outage, not once a second
@@ -92,17 +99,4 @@ class CredentialWatcher:
             self._failing = True
             return False
         self._failing = False
-        if maps is None or maps.version == self._core.credentials_version:
-            return False
-        self._core.replace_credentials(maps)
-        log.info("credentials changed in the database: reloaded keys and tokens")
-        self._core.bus.emit(CredentialsChanged(maps.version))
-        return True
-
-
-def _changed_since(reader: CredentialReader, known: int) -> CredentialMaps | None:
-    """On a worker thread: every credential, ready to swap in, if the counter moved past
-    ``known``; else None."""
-    if reader.version() == known:
-        return None
-    return CredentialMaps.of(reader.load())
+        return self._core.adopt_credentials(maps)

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import json
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from bridge.battery_values import battery_values
 from bridge.events import (
@@ -165,8 +166,31 @@ def discovery_payload(batmon: Batmon, topics: Topics, optional: Iterable[str] | 
     }
 
 
+class SharedTurns(Protocol):
+    """Several workers on one database (bridge/extensions/peers.py): which one sends."""
+
+    async def first_to_send(self, batmon_id: int, digest: str) -> bool:
+        """True for the one worker whose send records this new config."""
+
+    async def take_turn(self, name: str, every_s: float) -> bool:
+        """True for the one worker taking the turn ``name`` in ``every_s``."""
+
+    async def record_sent(self, digests: Sequence[tuple[int, str]]) -> None:
+        """These configs went out in a re-send."""
+
+
+def digest(payload: str) -> str:
+    """What tells one config from another, across workers."""
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
 class HomeAssistantDiscovery:
-    """Publishes, updates and clears the retained discovery configs as batmons change."""
+    """Publishes, updates and clears the retained discovery configs as batmons change.
+
+    With ``shared`` (several workers on one database) a config is sent once per change, by the
+    worker whose record of it in the database changes it, and a re-send of every config (after
+    a connect, Home Assistant's birth) by one worker per interval: not once per worker.
+    """
 
     def __init__(
         self,
@@ -177,6 +201,7 @@ class HomeAssistantDiscovery:
         resend_interval_s: float = RESEND_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
         also_resend: Callable[[int | None], None] | None = None,
+        shared: SharedTurns | None = None,
     ) -> None:
         """``also_resend(user_id)`` sends other configs of that user (None: everyone's), such
         as banks', whenever this re-sends the batmons': one rule for when."""
@@ -195,6 +220,7 @@ class HomeAssistantDiscovery:
         self._resent_at: dict[int | None, float] = {}
         self._deferred: dict[int | None, asyncio.TimerHandle] = {}
         self._batches: set[asyncio.Task[None]] = set()
+        self._shared = shared
         self.counters: Counter[str] = Counter()
         """``online`` messages answered at once, deferred, or folded into a deferred re-send."""
 
@@ -221,16 +247,40 @@ class HomeAssistantDiscovery:
         await asyncio.gather(*batches, return_exceptions=True)
 
     def publish_all(self) -> None:
-        """Send every batmon's config (after a (re)connect)."""
-        for batmon in list(self.core.batmons.values()):
-            self.publish_discovery(batmon)
+        """Send every batmon's config (after a (re)connect); shared: if this worker's turn."""
+        if self._shared is None:
+            for batmon in list(self.core.batmons.values()):
+                self.publish_discovery(batmon)
+        else:
+            self._spawn(self._publish_all_if_turn(self._shared))
 
-    def publish_discovery(self, batmon: Batmon) -> None:
-        """Send one batmon's config, retained."""
+    async def _publish_all_if_turn(self, shared: SharedTurns) -> None:
+        if await shared.take_turn("discovery:connect", self._resend_interval_s):
+            sent = [(b.id, self.publish_discovery(b, resend=True)) for b in list(self.core.batmons.values())]
+            await shared.record_sent(sent)
+
+    def publish_discovery(self, batmon: Batmon, *, resend: bool = False) -> str:
+        """Send one batmon's config, retained (shared and not a re-send: if this worker's send
+        is the one that records it); its digest."""
         optional = self._announced.get(batmon.id, frozenset()) | present_optional(batmon)
         self._announced[batmon.id] = optional
         payload = json.dumps(discovery_payload(batmon, self.topics, optional))
-        self.publish(self.topics.discovery(batmon.id), payload)
+        topic, mark = self.topics.discovery(batmon.id), digest(payload)
+        if self._shared is None or resend:
+            self.publish(topic, payload)
+        else:
+            self._spawn(self._publish_if_first(self._shared, batmon.id, topic, payload, mark))
+        return mark
+
+    async def _publish_if_first(self, shared: SharedTurns, batmon_id: int, topic: str, payload: str,
+                                mark: str) -> None:  # fmt: skip
+        if await shared.first_to_send(batmon_id, mark) and batmon_id in self.core.batmons:
+            self.publish(topic, payload)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
 
     def remove(self, batmon_id: int) -> None:
         """Clear the retained config: Home Assistant then removes the device."""
@@ -264,12 +314,23 @@ class HomeAssistantDiscovery:
 
     def _resend(self, user_id: int | None) -> None:
         """Send the configs of one user's batmons (None: all), a batch now and the rest in
-        batches that yield to the loop: 10,000 configs do not hold ingest back."""
+        batches that yield to the loop: 10,000 configs do not hold ingest back. Shared: only
+        if this worker takes the turn (one worker per interval and user)."""
         self._resent_at[user_id] = self._clock()
+        if self._shared is not None:
+            self._spawn(self._resend_if_turn(self._shared, user_id))
+            return
+        self._resend_now(user_id)
+
+    async def _resend_if_turn(self, shared: SharedTurns, user_id: int | None) -> None:
+        if await shared.take_turn(f"discovery:birth:{user_id}", self._resend_interval_s):
+            self._resend_now(user_id)
+
+    def _resend_now(self, user_id: int | None) -> None:
         batmons = [b for b in list(self.core.batmons.values()) if user_id is None or b.user_id == user_id]
         first, rest = batmons[:RESEND_BATCH], batmons[RESEND_BATCH:]
         for batmon in first:
-            self.publish_discovery(batmon)
+            self.publish_discovery(batmon, resend=True)
         if self._also_resend is not None:
             self._also_resend(user_id)
         if not rest:
@@ -278,7 +339,7 @@ class HomeAssistantDiscovery:
             task = asyncio.get_running_loop().create_task(self._publish_in_batches(rest))
         except RuntimeError:  # no loop: a synchronous caller gets them all now
             for batmon in rest:
-                self.publish_discovery(batmon)
+                self.publish_discovery(batmon, resend=True)
             return
         self._batches.add(task)
         task.add_done_callback(self._batches.discard)
@@ -287,7 +348,7 @@ class HomeAssistantDiscovery:
         for index, batmon in enumerate(batmons, 1):
             # Skip a batmon deleted meanwhile: its config was emptied, do not bring it back.
             if self.core.batmons.get(batmon.id) is batmon:
-                self.publish_discovery(batmon)
+                self.publish_discovery(batmon, resend=True)
             if index % RESEND_BATCH == 0:
                 await asyncio.sleep(0)
 

@@ -35,6 +35,7 @@ from prometheus_client.exposition import choose_encoder
 from bridge.events import (
     NO_SUBSCRIPTION,
     AlarmChanged,
+    BankAlarmChanged,
     CommitObserved,
     HttpRejected,
     NoticeOutcome,
@@ -135,6 +136,7 @@ class Metrics:
         self._subscription = self.core.bus.subscribe_all({
             ReadingAccepted: self._on_reading,
             AlarmChanged: self._on_alarm,
+            BankAlarmChanged: self._on_alarm,  # a bank's alarms count with the batmons'
             StatusChanged: self._on_status,
             CommitObserved: self._on_commit,
             NoticeOutcome: self._on_notice,
@@ -172,7 +174,7 @@ class Metrics:
     def _on_reading(self, event: ReadingAccepted) -> None:
         self._accepted[event.door].inc()
 
-    def _on_alarm(self, event: AlarmChanged) -> None:
+    def _on_alarm(self, event: AlarmChanged | BankAlarmChanged) -> None:
         self._alarms[event.kind].inc()
 
     def _on_status(self, event: StatusChanged) -> None:
@@ -226,7 +228,7 @@ class _ScrapeTimeCollector:
         for status in ("Online", "Offline"):
             batmons.add_metric([status.lower()], by_status[status])
         yield batmons
-        active = sum(a.triggered for b in core.batmons.values() for a in b.alarms.values())
+        active = sum(a.triggered for a in list(core.alarms.values()))  # batmons' and banks'
         yield GaugeMetricFamily("batmon_alarms_active", "Alarms triggered now (acknowledged or not).",
                                 value=active)  # fmt: skip
 
@@ -265,8 +267,11 @@ class _ScrapeTimeCollector:
             ("connects", "Connections of the bridge's MQTT client to the broker."),
             ("disconnects", "Connections of the bridge's MQTT client that were lost or closed."),
             ("received", "Update messages the bridge received from the broker."),
+            ("redelivered", "Update messages the broker sent again (DUP set): ones a worker took"
+                            " and never acked, such as a killed worker's, redelivered after its restart."),
         ):
-            name = "batmon_mqtt_messages_received" if key == "received" else f"batmon_mqtt_{key}"
+            messages = key in ("received", "redelivered")
+            name = f"batmon_mqtt_messages_{key}" if messages else f"batmon_mqtt_{key}"
             yield CounterMetricFamily(name, help_text, value=stats.get(key, 0))
 
     @staticmethod

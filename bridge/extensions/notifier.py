@@ -25,10 +25,12 @@ from urllib.parse import quote, unquote, urlsplit
 import apprise
 from pydantic import ValidationError
 
+from bridge.banks import BANK_UNITS
 from bridge.errors import InvalidInput, NotFound
 from bridge.events import (
     NO_SUBSCRIPTION,
     AlarmChanged,
+    BankAlarmChanged,
     NoticeOutcome,
     StatusChanged,
     Subscription,
@@ -38,7 +40,7 @@ from bridge.models import NotificationTargets, describe_error
 from bridge.store.interface import CHANNELS, Channel
 
 if TYPE_CHECKING:
-    from bridge.core import Batmon, Core
+    from bridge.core import Alarm, Batmon, Core
     from bridge.store.interface import Store
 
 log = logging.getLogger(__name__)
@@ -180,8 +182,8 @@ def _upper_first(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-def _quantity(batmon: Batmon, metric: str, value: float) -> str:
-    unit = batmon.unit(metric)
+def _quantity(unit_of: Callable[[str], str], metric: str, value: float) -> str:
+    unit = unit_of(metric)
     return f"{value:g}{'' if unit in ('', '%') else ' '}{unit}"
 
 
@@ -205,30 +207,42 @@ def status_text(event: StatusChanged) -> tuple[str, str]:
 
 def alarm_text(event: AlarmChanged) -> tuple[str, str]:
     """Title and body of an alarm triggered/repeated/cleared notice."""
-    b, a = event.batmon, event.alarm
-    value = _quantity(b, a.metric, event.value)
-    condition = f"{a.metric} {a.condition} {_quantity(b, a.metric, a.threshold)}"
-    subject = f"Alarm '{a.name}' (id {a.id}) on {_who(b)}"
+    b = event.batmon
+    return _alarm_text(event.alarm, event.kind, event.value, event.at, _who(b), b.unit, event.cell)
+
+
+def bank_alarm_text(event: BankAlarmChanged) -> tuple[str, str]:
+    """The same notice for an alarm on a bank's values; it names the bank."""
+    who = f"bank '{event.bank.name}' (id {event.bank.id})"
+    return _alarm_text(event.alarm, event.kind, event.value, event.at, who,
+                       lambda metric: BANK_UNITS.get(metric, ""))  # fmt: skip
+
+
+def _alarm_text(a: Alarm, kind: str, value_now: float, at: float, who: str,
+                unit_of: Callable[[str], str], cell: int | None = None) -> tuple[str, str]:  # fmt: skip
+    value = _quantity(unit_of, a.metric, value_now)
+    condition = f"{a.metric} {a.condition} {_quantity(unit_of, a.metric, a.threshold)}"
+    subject = f"Alarm '{a.name}' (id {a.id}) on {who}"
     reading = f"{a.metric} {value}"
-    if event.cell is not None:  # "cell 3 at 2.95 V": which cell, not only how low
-        reading = f"cell {event.cell} at {value}"
-        value = f"{value} (cell {event.cell})"
+    if cell is not None:  # "cell 3 at 2.95 V": which cell, not only how low
+        reading = f"cell {cell} at {value}"
+        value = f"{value} (cell {cell})"
     if a.clear_value is not None:
-        condition += f", clears past {_quantity(b, a.metric, a.clear_value)}"
-    if event.kind == "triggered":
-        title = f"Alarm '{a.name}' triggered on {_who(b)}: {reading}"
-        body = f"{subject} triggered at {_utc(event.at)}: {reading} ({condition})."
-    elif event.kind == "repeated":
+        condition += f", clears past {_quantity(unit_of, a.metric, a.clear_value)}"
+    if kind == "triggered":
+        title = f"Alarm '{a.name}' triggered on {who}: {reading}"
+        body = f"{subject} triggered at {_utc(at)}: {reading} ({condition})."
+    elif kind == "repeated":
         since = _utc(a.trigger_time) if a.trigger_time is not None else "earlier"
-        title = f"Alarm '{a.name}' still active on {_who(b)}: {reading}"
+        title = f"Alarm '{a.name}' still active on {who}: {reading}"
         body = (
-            f"{subject} is still active at {_utc(event.at)} (triggered at {since}): {a.metric}"
+            f"{subject} is still active at {_utc(at)} (triggered at {since}): {a.metric}"
             f" is {value} ({condition}). Acknowledge the alarm to stop these reminders."
         )
     else:
-        title = f"Alarm '{a.name}' cleared on {_who(b)}: {reading}"
+        title = f"Alarm '{a.name}' cleared on {who}: {reading}"
         body = (
-            f"{subject} cleared at {_utc(event.at)}: {a.metric} is {value}, so {condition}"
+            f"{subject} cleared at {_utc(at)}: {a.metric} is {value}, so {condition}"
             " no longer holds."
         )
     return title, body
@@ -265,6 +279,7 @@ class Notifier:
         await self.core.in_store(lambda store: store.outbox.prune(before))
         self._subscription = self.core.bus.subscribe_all({
             StatusChanged: self.on_status, AlarmChanged: self.on_alarm,
+            BankAlarmChanged: self.on_bank_alarm,
             TestNoticeRequested: self.on_test_notice,
         })  # fmt: skip
         self._task = asyncio.create_task(self._run(), name="notifier")
@@ -291,6 +306,18 @@ class Notifier:
         title, body = alarm_text(event)
         self.enqueue(event.batmon, event.kind, title, body)
 
+    def on_bank_alarm(self, event: BankAlarmChanged) -> None:
+        """Queue a bank alarm's notice: on each channel that at least one member with
+        notices enabled has (a bank has no flags of its own), none if no member has
+        notices enabled. The outbox row's batmon_id is the bank's id (ids never clash)."""
+        bank = event.bank
+        members = [m for i in bank.batmon_ids if (m := self.core.batmons.get(i)) and m.notification_enabled]
+        if not members:
+            return
+        channels = [ch for ch in CHANNELS if any(ch in self._channels(m) for m in members)]
+        title, body = bank_alarm_text(event)
+        self._enqueue(bank.user_id, bank.id, channels, event.kind, title, body)
+
     def on_test_notice(self, event: TestNoticeRequested) -> None:
         """Queue a test notice on the channels asked for (no batmon: batmon_id 0)."""
         title = "Test notice from your batmon bridge"
@@ -313,7 +340,11 @@ class Notifier:
         """Queue one row per channel the batmon's flags allow; wake the worker once written."""
         if not batmon.notification_enabled:
             return
-        user_id, batmon_id, channels = batmon.user_id, batmon.id, self._channels(batmon)
+        self._enqueue(batmon.user_id, batmon.id, self._channels(batmon), kind, title, body)
+
+    def _enqueue(self, user_id: int, batmon_id: int, channels: list[Channel], kind: str, title: str,
+                 body: str) -> None:  # fmt: skip
+        """One row per channel, for the batmon (or bank) ``batmon_id`` of ``user_id``."""
         now = self.core.clock()
 
         def write(store: Store) -> list[dict[str, Any]]:

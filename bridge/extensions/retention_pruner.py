@@ -68,9 +68,9 @@ class RetentionPruner:
             with contextlib.suppress(Exception):
                 await self._pass
             self._pass = None
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        store, self._store = self._store, None
+        if store is not None:  # off the loop, as every store call (docs/DESIGN.md, "Threads")
+            await run_on_own_thread(store.close, name="retention-close")
 
     async def _run(self) -> None:
         while True:

@@ -16,7 +16,7 @@ import logging
 
 from bridge.core import Core
 from bridge.events import StatusChanged
-from bridge.store.interface import Leader, SharedState, shared_of
+from bridge.store.interface import Leader, SharedState, Store
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,8 @@ class SharedWatchdog:
         """Flip the overdue in the database, announce them; seconds until the next look."""
         now = self.core.clock()
 
-        def expire(store: object) -> tuple[list[tuple[int, float | None]], float | None]:
-            shared = shared_of(store)
+        def expire(store: Store) -> tuple[list[tuple[int, float | None]], float | None]:
+            shared = store.shared()
             assert shared is not None, "the writer's store is the core's kind"
             return shared.expire_overdue(now)
 

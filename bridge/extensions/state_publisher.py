@@ -9,6 +9,7 @@ no transport.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from bridge.battery_values import extra_keys
+from bridge.errors import StorageFailed
 from bridge.events import (
     NO_SUBSCRIPTION,
     BatmonChanged,
@@ -28,7 +30,7 @@ from bridge.events import (
 from bridge.topics import Topics
 
 if TYPE_CHECKING:
-    from bridge.core import Batmon, Core
+    from bridge.core import Batmon, Core, Peers
 
 COALESCE_S = 0.25  # at most one retained state per batmon this often, after readings
 
@@ -66,6 +68,12 @@ class StatePublisher:
     State after a reading is coalesced: at most one publish per batmon every
     ``COALESCE_S``, carrying the latest values, so a device sending 100 readings a
     second costs 4 publishes, not 100. Status changes and edits go out at once.
+
+    Several workers on one database (``core.peers``): a state goes out only after the
+    database's latest values were taken in, so a worker never sends values older than what
+    another worker committed (and sent) before; one more check ``COALESCE_S`` after a
+    reading's publish sends the newest again if another worker committed a newer one while
+    this one was sending (docs/SCALE-OUT.md, "Retained state").
     """
 
     def __init__(self, core: Core, topics: Topics, publish: RetainedPublish) -> None:
@@ -78,6 +86,7 @@ class StatePublisher:
         self._last: dict[int, int] = {}
         self._sent_at: dict[int, float] = {}
         self._due: dict[int, asyncio.TimerHandle] = {}
+        self._checks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Publish everything after each MQTT (re)connect and follow the core's events."""
@@ -95,13 +104,46 @@ class StatePublisher:
         for handle in self._due.values():
             handle.cancel()
         self._due.clear()
+        checks = list(self._checks)
+        for task in checks:
+            task.cancel()
+        await asyncio.gather(*checks, return_exceptions=True)
 
     def publish_all(self) -> None:
         """Send every batmon's state and availability (after each (re)connect)."""
         self._last.clear()
-        for batmon in list(self.core.batmons.values()):
-            self.publish_state(batmon)
+        batmons = list(self.core.batmons.values())
+        for batmon in batmons:
             self.publish_availability(batmon)
+        self._states(batmons)
+
+    def _states(self, batmons: list[Batmon], settle: bool = False) -> None:
+        """Send these batmons' states: at once alone, after taking in the database's latest
+        values when other workers share it (``settle``: and once more a moment later)."""
+        peers = self.core.peers
+        if peers is None:
+            for batmon in batmons:
+                self.publish_state(batmon)
+            return
+        task = asyncio.get_running_loop().create_task(self._fresh_states(peers, batmons, settle))
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    async def _fresh_states(self, peers: Peers, batmons: list[Batmon], settle: bool) -> None:
+        try:
+            await peers.catch_up([b.id for b in batmons])
+        except StorageFailed:
+            return  # cannot tell what is newest: send nothing (the next reading tries again)
+        for batmon in batmons:
+            if self.core.batmons.get(batmon.id) is batmon:
+                self.publish_state(batmon)
+        if settle:
+            await asyncio.sleep(COALESCE_S)
+            with contextlib.suppress(StorageFailed):
+                await peers.catch_up([b.id for b in batmons])
+                for batmon in batmons:
+                    if self.core.batmons.get(batmon.id) is batmon:
+                        self.publish_state(batmon)  # the same as sent: nothing goes out
 
     def publish_state(self, batmon: Batmon) -> None:
         """Send the batmon's state unless it is what was sent last."""
@@ -122,7 +164,7 @@ class StatePublisher:
             return  # the publish already scheduled will carry these values
         wait = self._sent_at.get(batmon.id, -COALESCE_S) + COALESCE_S - time.monotonic()
         if wait <= 0:
-            self.publish_state(batmon)
+            self._states([batmon], settle=True)
             return
         loop = asyncio.get_running_loop()
         self._due[batmon.id] = loop.call_later(wait, self._flush, batmon)
@@ -130,7 +172,7 @@ class StatePublisher:
     def _flush(self, batmon: Batmon) -> None:
         self._due.pop(batmon.id, None)
         if self.core.batmons.get(batmon.id) is batmon:
-            self.publish_state(batmon)
+            self._states([batmon], settle=True)
 
     def _on_connected(self, event: MqttConnected) -> None:
         self.publish_all()  # the broker may have lost them
@@ -141,10 +183,10 @@ class StatePublisher:
 
     def _on_status(self, event: StatusChanged) -> None:
         self.publish_availability(event.batmon)
-        self.publish_state(event.batmon)
+        self._states([event.batmon])
 
     def _on_changed(self, event: BatmonChanged) -> None:
-        self.publish_state(event.batmon)
+        self._states([event.batmon])
         if event.created:
             self.publish_availability(event.batmon)
 

@@ -21,7 +21,6 @@ from typing import Any
 from bridge.core import Core
 from bridge.events import NO_SUBSCRIPTION, BatmonChanged, ReadingAccepted, Subscription
 from bridge.extensions.shared_watchdog import SharedWatchdog
-from bridge.store.interface import shared_of
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ class OfflineWatchdog:
 
     async def start(self) -> None:
         """Arm every Online batmon (expiring the overdue at once) and start watching."""
-        shared = shared_of(self.core.store)
+        shared = self.core.store.shared()
         if shared is not None:  # several workers: the database's rows decide, on one leader
             self.shared = SharedWatchdog(self.core, shared)
             await self.shared.start()

@@ -52,9 +52,11 @@ class BankStore:
             self._insert_members(bank_id, batmon_ids)
 
     def delete_bank(self, bank_id: int) -> None:
-        """Delete a bank (not its batmons); its id is never handed out again."""
+        """Delete a bank (not its batmons) with its alarms; their ids are never handed out again."""
         with self.db.atomic():
-            self.db.execute("INSERT OR IGNORE INTO retired_ids (id) VALUES (?)", (bank_id,))
+            self.db.execute("INSERT OR IGNORE INTO retired_ids (id) SELECT ? UNION SELECT id FROM alarms"
+                            " WHERE bank_id = ?", (bank_id, bank_id))  # fmt: skip
+            self.db.execute("DELETE FROM alarms WHERE bank_id = ?", (bank_id,))
             self.db.execute("DELETE FROM bank_members WHERE bank_id = ?", (bank_id,))
             self.db.execute("DELETE FROM banks WHERE id = ?", (bank_id,))
 

@@ -1,40 +1,39 @@
 """Named queries over credentials: api key resets, users' MQTT tokens, and the change
 counter a running server polls to honour `batmon user ...` commands at once.
 
-Self-contained (its own tables, migration 4 in schema.py): a second store implements
-the same few queries. Secrets are never stored, only their SHA-256 (bridge/security.py).
+Self-contained (its own tables, migration 4 in schema.py): ``SqliteStore.credentials``
+is interface.py's ``Credentials``; the PostgreSQL store's are in pg_credentials.py.
+Secrets are never stored, only their SHA-256 (bridge/security.py).
 """
 
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from bridge.store.interface import CredentialRows
+from bridge.store.sqlite_errors import translated
+
+if TYPE_CHECKING:
+    from bridge.store.db import SqliteStore
+
+__all__ = ["CredentialReader", "CredentialRows", "SqliteCredentials", "load_rows"]
 
 
-@dataclass(frozen=True)
-class CredentialRows:
-    """Every credential at one moment: what a running server replaces its memory with."""
+class SqliteCredentials:
+    """interface.py's ``Credentials`` on one SQLite handle; every method is one query or transaction."""
 
-    version: int
-    users: list[dict[str, Any]]
-    """id, email, api_key_hash of every user."""
-    tokens: list[dict[str, Any]]
-    """user_id, secret_hash of every MQTT token."""
-
-
-class Credentials:
-    """Writes and listings of credentials; every method is one query or transaction."""
-
-    def __init__(self, store: Any) -> None:  # a SqliteStore: credentials are not behind interface.py yet
+    def __init__(self, store: SqliteStore) -> None:
         self.db = store.db
 
+    @translated
     def set_api_key_hash(self, user_id: int, api_key_hash: str) -> None:
         """Replace a user's api key (the old one stops matching anything)."""
         with self.db.atomic():
             self.db.execute("UPDATE users SET api_key_hash = ? WHERE id = ?", (api_key_hash, user_id))
 
+    @translated
     def add_token(self, user_id: int, name: str, secret_hash: str, created: float) -> bool:
         """Insert a token; False (nothing written) if the user has one of that name."""
         with self.db.atomic():
@@ -45,12 +44,14 @@ class Credentials:
             )
         return cur.rowcount > 0
 
+    @translated
     def tokens_of(self, user_id: int) -> list[dict[str, Any]]:
         """The user's tokens (name, created), oldest first; never their hashes."""
         return list(self.db.query(
             "SELECT name, created FROM user_tokens WHERE user_id = ? ORDER BY created, id", [user_id]
         ))  # fmt: skip
 
+    @translated
     def revoke_token(self, user_id: int, name: str) -> bool:
         """Delete the user's token of that name; False if there is none."""
         with self.db.atomic():
@@ -59,16 +60,15 @@ class Credentials:
             )
         return cur.rowcount > 0
 
+    @translated
+    def version(self) -> int:
+        """The change counter."""
+        return _version(self.db.conn)
+
+    @translated
     def load(self) -> CredentialRows:
-        """Every credential (at start, on this store's connection)."""
+        """Every credential, on this store's connection."""
         return load_rows(self.db.conn)
-
-
-def credentials_of(store: Any) -> Any:
-    """The credential queries of ``store``: its own when it has them (PostgreSQL:
-    bridge/store/pg_credentials.py), else these on its SQLite connection."""
-    own = getattr(store, "credentials", None)
-    return own() if callable(own) else Credentials(store)
 
 
 class CredentialReader:

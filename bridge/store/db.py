@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -21,8 +22,9 @@ from sqlite_utils import Database
 
 from bridge.datadir import prepare_data_dir, private_database
 from bridge.errors import Conflict, StorageFailed
-from bridge.store import retention
+from bridge.store import energy_guard, retention
 from bridge.store.banks import BankStore
+from bridge.store.credentials import SqliteCredentials
 from bridge.store.history import HistoryReader
 from bridge.store.interface import CurrentUpdate, ReadingRow
 from bridge.store.outbox import Outbox
@@ -51,7 +53,7 @@ ALARM_COLUMNS = frozenset(
         "trigger_time", "akn", "last_notice", "update_time", "clear_value",
     }
 )  # fmt: skip
-ALARM_INSERT_COLUMNS = ALARM_COLUMNS | {"id", "batmon_id"}
+ALARM_INSERT_COLUMNS = ALARM_COLUMNS | {"id", "batmon_id", "bank_id"}  # one of the two is None
 USER_TARGET_COLUMNS = frozenset({"email_url", "whatsapp_url", "sms_url"})
 
 PROBE_BYTES = 256 * 1024
@@ -155,8 +157,8 @@ class SqliteStore:
         """Append ``rows`` and apply ``updates`` in one transaction."""
         with self._transaction() as conn:
             conn.executemany(INSERT_READING, rows)
-            for batmon_id, changes in updates:
-                self._update_batmon(conn, batmon_id, changes)
+            energy_guard.apply(updates, functools.partial(self._update_batmon, conn),
+                               functools.partial(_state, conn))  # fmt: skip
 
     @translated
     def probe(self) -> None:
@@ -274,14 +276,17 @@ class SqliteStore:
                 self._update_batmon(conn, batmon_id, changes)
 
     @staticmethod
-    def _update_batmon(conn: sqlite3.Connection, batmon_id: int, changes: dict[str, Any]) -> None:
+    def _update_batmon(conn: sqlite3.Connection, batmon_id: int, changes: dict[str, Any],
+                       base: Any = energy_guard.UNGUARDED) -> tuple[bool, None]:  # fmt: skip
+        """UPDATE one batmon: whether the row was updated (and nothing more to say)."""
         check_columns(changes, BATMON_COLUMNS)
-        if "last_reading" in changes and changes["last_reading"] is not None:
+        guard = None
+        if energy_guard.guarded(base):  # only while nobody else moved it on (energy_guard.py)
+            guard = ("last_reading IS ?", base)
+        elif "last_reading" in changes and changes["last_reading"] is not None:
             # An older reading never replaces the latest, whoever planned it.
-            _update(conn, "batmons", batmon_id, changes,
-                    guard=("last_reading IS NULL OR last_reading <= ?", changes["last_reading"]))  # fmt: skip
-        else:
-            _update(conn, "batmons", batmon_id, changes)
+            guard = ("last_reading IS NULL OR last_reading <= ?", changes["last_reading"])
+        return _update(conn, "batmons", batmon_id, changes, guard=guard) > 0, None
 
     @translated
     def delete_batmon(self, batmon_id: int) -> None:
@@ -387,6 +392,15 @@ class SqliteStore:
         """The notice outbox on this connection."""
         return Outbox(self)
 
+    def shared(self) -> None:
+        """One process owns the file (serve.lock): its memory decides each change."""
+        return None
+
+    @property
+    def credentials(self) -> SqliteCredentials:
+        """Api keys, MQTT tokens and their change counter on this connection."""
+        return SqliteCredentials(self)
+
     # -- retention and rollups -----------------------------------------------------------
     @translated
     def batmons_with_readings_before(self, cutoff: float) -> list[int]:
@@ -409,12 +423,26 @@ Store = SqliteStore  # the name callers of the SQLite store used before the inte
 
 
 def _update(conn: sqlite3.Connection, table: str, key: int, changes: dict[str, Any],
-            guard: tuple[str, Any] | None = None) -> None:  # fmt: skip
-    """UPDATE one row by id; the column names were checked by the caller (never input)."""
-    assignments = ", ".join(f"{column} = ?" for column in changes)
-    where, params = ("", ()) if guard is None else (f" AND ({guard[0]})", (guard[1],))
-    conn.execute(f"UPDATE {table} SET {assignments} WHERE id = ?{where}",
-                 (*changes.values(), key, *params))  # fmt: skip
+            guard: tuple[str, Any] | None = None) -> int:  # fmt: skip
+    """UPDATE one row by id; the column names were checked by the caller (never input).
+    Returns how many rows changed."""
+    params = (*changes.values(), key) if guard is None else (*changes.values(), key, guard[1])
+    sql = _update_sql(table, tuple(changes), None if guard is None else guard[0])
+    return conn.execute(sql, params).rowcount
+
+
+@functools.lru_cache(maxsize=256)
+def _update_sql(table: str, columns: tuple[str, ...], guard: str | None) -> str:
+    """The UPDATE for these columns, made once: the writer updates a batmon per reading."""
+    assignments = ", ".join(f"{column} = ?" for column in columns)
+    return f"UPDATE {table} SET {assignments} WHERE id = ?" + ("" if guard is None else f" AND ({guard})")
+
+
+def _state(conn: sqlite3.Connection, batmon_id: int) -> dict[str, Any] | None:
+    """A batmon's energy_guard.STATE_COLUMNS, or None once it is gone."""
+    columns = ", ".join(energy_guard.STATE_COLUMNS)
+    found = conn.execute(f"SELECT {columns} FROM batmons WHERE id = ?", (batmon_id,)).fetchone()
+    return None if found is None else dict(zip(energy_guard.STATE_COLUMNS, found, strict=True))
 
 
 def _insert_unretired(conn: sqlite3.Connection, table: str, row: dict[str, Any]) -> None:
@@ -428,6 +456,5 @@ def _insert_unretired(conn: sqlite3.Connection, table: str, row: dict[str, Any])
 
 def check_columns(changes: dict[str, Any], allowed: frozenset[str]) -> None:
     """A column name outside ``allowed`` is a programming error, never input."""
-    unknown = set(changes) - allowed
-    if unknown:
-        raise ValueError(f"not a changeable column: {sorted(unknown)}")
+    if not allowed.issuperset(changes):
+        raise ValueError(f"not a changeable column: {sorted(set(changes) - allowed)}")

@@ -18,6 +18,7 @@ handle on the same database for another thread (the writer's, the pruner's).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 # (batmon_id, ts, voltage, current, power, soc, details, charged_kwh, discharged_kwh);
@@ -53,7 +54,7 @@ class ReadingSink(Protocol):
     def write(self, rows: Sequence[ReadingRow], updates: Sequence[CurrentUpdate]) -> StatusBefore | None:
         """Append ``rows`` and apply ``updates`` in one transaction, or raise and change nothing.
 
-        A store several processes share (``shared_of``) returns the batmons whose stored
+        A store several processes share (``Store.shared()`` not None) returns the batmons whose stored
         ``status`` this write changed, with what they had: only that process announces the
         change. A one-process store returns None: the caller's memory is the truth.
         """
@@ -153,6 +154,54 @@ class NoticeOutbox(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class CredentialRows:
+    """Every credential at one moment: what a running server replaces its memory with."""
+
+    version: int
+    users: list[dict[str, Any]]
+    """id, email, api_key_hash of every user."""
+    tokens: list[dict[str, Any]]
+    """user_id, secret_hash of every MQTT token."""
+
+
+class CredentialReads(Protocol):
+    """The change counter and the credentials it counts: what a running server polls.
+
+    The counter moves on every change of a user (added, key or email changed, removed)
+    and of an MQTT token, whichever process makes it (`batmon user ...` beside serve).
+    """
+
+    def version(self) -> int:
+        """The change counter (it only grows)."""
+        ...
+
+    def load(self) -> CredentialRows:
+        """Version, users and tokens, consistent with each other (one read transaction)."""
+        ...
+
+
+class Credentials(CredentialReads, Protocol):
+    """Api key resets and users' MQTT tokens (Home Assistant). Secrets are never stored,
+    only their SHA-256 (bridge/security.py); each method is one transaction."""
+
+    def set_api_key_hash(self, user_id: int, api_key_hash: str) -> None:
+        """Replace a user's api key (the old one stops matching anything)."""
+        ...
+
+    def add_token(self, user_id: int, name: str, secret_hash: str, created: float) -> bool:
+        """Insert a token; False (nothing written) if the user has one of that name."""
+        ...
+
+    def tokens_of(self, user_id: int) -> list[dict[str, Any]]:
+        """The user's tokens (name, created), oldest first; never their hashes."""
+        ...
+
+    def revoke_token(self, user_id: int, name: str) -> bool:
+        """Delete the user's token of that name; False if there is none."""
+        ...
+
+
 class Leader(Protocol):
     """One of several processes elected to do a job (the offline watchdog) while it lives."""
 
@@ -192,12 +241,6 @@ class SharedState(Protocol):
         """An election among the processes on this database for ``job`` (not started)."""
         ...
 
-
-def shared_of(store: Any) -> SharedState | None:
-    """The store's shared-state queries when several processes may share its database
-    (PostgreSQL), else None (SQLite: one process, its memory decides)."""
-    shared = getattr(store, "shared", None)
-    return shared() if callable(shared) else None
 
 
 class Store(ReadingSink, Protocol):
@@ -303,9 +346,21 @@ class Store(ReadingSink, Protocol):
         """Delete a bank (not its batmons); its id is never handed out again."""
         ...
 
+    # -- credentials ------------------------------------------------------------
+    @property
+    def credentials(self) -> Credentials:
+        """Api keys, MQTT tokens and their change counter, on this handle."""
+        ...
+
     # -- notices ----------------------------------------------------------------
     @property
     def outbox(self) -> NoticeOutbox: ...
+
+    # -- several processes ---------------------------------------------------------
+    def shared(self) -> SharedState | None:
+        """The queries that decide each change once when several processes share this
+        database (PostgreSQL), or None: one process, whose memory decides (SQLite, memory)."""
+        ...
 
     # -- retention and rollups ----------------------------------------------------
     def batmons_with_readings_before(self, cutoff: float) -> list[int]:

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bridge.errors import Conflict
-from bridge.store.interface import ENERGY, METRICS, CurrentUpdate, ReadingRow, Render, Row
+from bridge.store import energy_guard
+from bridge.store.interface import ENERGY, METRICS, CredentialRows, CurrentUpdate, ReadingRow, Render, Row
 
 HOUR = 3600
 BATMON_DEFAULTS: dict[str, Any] = {
@@ -58,8 +59,11 @@ class _Data:
     readings: dict[int, list[Stored]] = field(default_factory=dict)
     rollups: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)  # batmon -> hour -> row
     outbox: dict[int, dict[str, Any]] = field(default_factory=dict)
+    tokens: dict[int, dict[str, Any]] = field(default_factory=dict)  # token id -> row
+    credentials_version: int = 0  # moves on every change of a user or a token
     attempts: list[dict[str, Any]] = field(default_factory=list)
-    next_id: dict[str, int] = field(default_factory=lambda: {"user": 1, "notice": 1, "seq": 1})
+    next_id: dict[str, int] = field(default_factory=lambda: {"user": 1, "notice": 1, "seq": 1,
+                                                                    "token": 1})  # fmt: skip
 
     def take(self, kind: str) -> int:
         value = self.next_id[kind]
@@ -93,10 +97,16 @@ class MemoryStore:
     # -- readings ---------------------------------------------------------------------
     def write(self, rows: Sequence[ReadingRow], updates: Sequence[CurrentUpdate]) -> None:
         """Append ``rows`` and apply ``updates`` at once, or change nothing."""
-        for _, changes in updates:
-            _checked(changes, BATMON_COLUMNS)  # before anything changes: all or nothing
+        split = [(batmon_id, *energy_guard.split(changes)) for batmon_id, changes in updates]
+        for _, columns, _base in split:
+            _checked(columns, BATMON_COLUMNS)  # before anything changes: all or nothing
         d = self._data
         with d.lock:
+            stale = {i: {k: row[k] for k in energy_guard.STATE_COLUMNS} for i, _, base in split
+                     if (row := d.batmons.get(i)) is not None
+                     and not energy_guard.holds(row["last_reading"], base)}  # fmt: skip
+            if stale:  # planned from a state another writer moved on (energy_guard.py)
+                raise energy_guard.StaleState(stale)
             for batmon_id, ts, *values in rows:
                 history = d.readings.setdefault(batmon_id, [])
                 at = bisect.bisect_left(history, (ts,))
@@ -104,8 +114,8 @@ class MemoryStore:
                 if any(list(r[2:7]) == values[:5] for r in same_ts):
                     continue  # a redelivery of a stored reading (its measured values)
                 history.insert(at + len(same_ts), (ts, d.take("seq"), *values))  # type: ignore[arg-type]
-            for batmon_id, changes in updates:
-                self._update_batmon(batmon_id, changes)
+            for batmon_id, columns, base in split:
+                self._update_batmon(batmon_id, columns, guarded=energy_guard.guarded(base))
 
     def probe(self) -> None:
         """Memory takes every write."""
@@ -138,6 +148,7 @@ class MemoryStore:
             d.users[user_id] = {"id": user_id, "email": email, "api_key_hash": api_key_hash,
                                 "created": created, "email_url": "", "whatsapp_url": "",
                                 "sms_url": ""}  # fmt: skip
+            d.credentials_version += 1
             return user_id
 
     def users(self) -> list[dict[str, Any]]:
@@ -190,12 +201,12 @@ class MemoryStore:
         with self._data.lock:
             self._update_batmon(batmon_id, changes)
 
-    def _update_batmon(self, batmon_id: int, changes: dict[str, Any]) -> None:
+    def _update_batmon(self, batmon_id: int, changes: dict[str, Any], guarded: bool = False) -> None:
         row = self._data.batmons.get(batmon_id)
         if row is None:
             return
         new = changes.get("last_reading")
-        if new is not None and row["last_reading"] is not None and row["last_reading"] > new:
+        if not guarded and new is not None and row["last_reading"] is not None and row["last_reading"] > new:
             return  # an older reading never replaces the latest
         row.update(changes)
 
@@ -232,10 +243,11 @@ class MemoryStore:
 
     # -- alarms ------------------------------------------------------------------------
     def add_alarm(self, row: dict[str, Any]) -> None:
-        _checked(row, ALARM_COLUMNS | {"id", "batmon_id"})
+        _checked(row, ALARM_COLUMNS | {"id", "batmon_id", "bank_id"})
         with self._data.lock:
             self._claim_id(row["id"], self._data.alarms)
-            self._data.alarms[row["id"]] = {**ALARM_DEFAULTS, **row}
+            # on one batmon or one bank: the other is None (SQLite's CHECK)
+            self._data.alarms[row["id"]] = {"batmon_id": None, "bank_id": None, **ALARM_DEFAULTS, **row}
 
     def alarms(self) -> list[dict[str, Any]]:
         with self._data.lock:
@@ -276,14 +288,26 @@ class MemoryStore:
                 self._data.banks[bank_id]["batmon_ids"] = list(batmon_ids)
 
     def delete_bank(self, bank_id: int) -> None:
-        with self._data.lock:
-            self._data.retired.add(bank_id)
-            self._data.banks.pop(bank_id, None)
+        d = self._data
+        with d.lock:
+            alarm_ids = [i for i, a in d.alarms.items() if a["bank_id"] == bank_id]
+            d.retired.update([bank_id, *alarm_ids])
+            for alarm_id in alarm_ids:
+                del d.alarms[alarm_id]
+            d.banks.pop(bank_id, None)
 
     # -- notices -----------------------------------------------------------------------
     @property
     def outbox(self) -> MemoryOutbox:
         return MemoryOutbox(self._data)
+
+    def shared(self) -> None:
+        """Never shared between processes."""
+        return None
+
+    @property
+    def credentials(self) -> MemoryCredentials:
+        return MemoryCredentials(self._data)
 
     # -- retention and rollups -----------------------------------------------------------
     def batmons_with_readings_before(self, cutoff: float) -> list[int]:
@@ -327,6 +351,60 @@ def _fold(rollup: dict[str, Any], row: Stored) -> None:
     for e, added in zip(ENERGY, row[7:9], strict=True):
         if added is not None:
             rollup[f"{e}_sum"] += added
+
+
+class MemoryCredentials:
+    """``Credentials`` over the shared data: every change moves the counter, as the
+    SQL stores' triggers do."""
+
+    def __init__(self, data: _Data) -> None:
+        self._data = data
+
+    def set_api_key_hash(self, user_id: int, api_key_hash: str) -> None:
+        d = self._data
+        with d.lock:
+            if user_id in d.users:
+                d.users[user_id]["api_key_hash"] = api_key_hash
+                d.credentials_version += 1
+
+    def add_token(self, user_id: int, name: str, secret_hash: str, created: float) -> bool:
+        d = self._data
+        with d.lock:
+            if any((t["user_id"] == user_id and t["name"] == name) or t["secret_hash"] == secret_hash
+                   for t in d.tokens.values()):  # fmt: skip
+                return False
+            d.tokens[d.take("token")] = {"user_id": user_id, "name": name, "secret_hash": secret_hash,
+                                         "created": created}  # fmt: skip
+            d.credentials_version += 1
+            return True
+
+    def tokens_of(self, user_id: int) -> list[dict[str, Any]]:
+        with self._data.lock:
+            mine = sorted((t["created"], token_id, t["name"]) for token_id, t in self._data.tokens.items()
+                          if t["user_id"] == user_id)  # fmt: skip
+        return [{"name": name, "created": created} for created, _, name in mine]
+
+    def revoke_token(self, user_id: int, name: str) -> bool:
+        d = self._data
+        with d.lock:
+            found = [i for i, t in d.tokens.items() if t["user_id"] == user_id and t["name"] == name]
+            for token_id in found:
+                del d.tokens[token_id]
+            if found:
+                d.credentials_version += 1
+            return bool(found)
+
+    def version(self) -> int:
+        with self._data.lock:
+            return self._data.credentials_version
+
+    def load(self) -> CredentialRows:
+        d = self._data
+        with d.lock:
+            users = [{"id": u["id"], "email": u["email"], "api_key_hash": u["api_key_hash"]}
+                     for u in d.users.values()]  # fmt: skip
+            tokens = [{"user_id": t["user_id"], "secret_hash": t["secret_hash"]} for t in d.tokens.values()]
+            return CredentialRows(d.credentials_version, users, tokens)
 
 
 class MemoryOutbox:

@@ -1,4 +1,4 @@
-"""Credentials on PostgreSQL: bridge/store/credentials.py's queries (api key resets, users'
+"""Credentials on PostgreSQL: interface.py's ``Credentials`` (api key resets, users'
 MQTT tokens, the change counter a running server polls), on a ``PostgresStore``.
 
 Same tables and rule as on SQLite (its migration 5, ours 2): every change of a user's key or
@@ -7,13 +7,12 @@ of a token bumps ``credentials_version`` by trigger, whichever process makes it.
 
 from __future__ import annotations
 
-import contextlib
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from bridge.store.credentials import CredentialRows
-from bridge.store.pg_store import connect, one_line, translated
+from bridge.store.interface import CredentialRows
+from bridge.store.pg_store import OwnConnection, one_line, translated
 
 if TYPE_CHECKING:
     from bridge.store.pg_store import PostgresStore
@@ -54,32 +53,25 @@ class PgCredentials:
                                 (user_id, name)).rowcount > 0  # fmt: skip
 
     @translated
+    def version(self) -> int:
+        """The change counter."""
+        return _version(self.store._conn)
+
+    @translated
     def load(self) -> CredentialRows:
         """Every credential (at start, on this store's connection)."""
         return load_rows(self.store._conn)
 
 
-class PgCredentialReader:
+class PgCredentialReader(OwnConnection):
     """The server's poll of the change counter, on a connection of its own (one thread at a time)."""
-
-    def __init__(self, url: str) -> None:
-        self._url = url
-        self._conn: psycopg.Connection[Any] | None = None
-
-    def _connection(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.broken:
-            self.close()
-            self._conn = connect(self._url)
-        return self._conn
 
     def version(self) -> int:
         """The change counter; OSError when the database cannot be read."""
         try:
-            conn = self._connection()
-            row = conn.execute("SELECT version FROM credentials_version WHERE id = 1").fetchone()
+            return _version(self._connection())
         except psycopg.Error as exc:
             raise OSError(f"cannot read credentials: {one_line(exc, self._url)}") from None
-        return int(row[0]) if row else 0
 
     def load(self) -> CredentialRows:
         """Every credential, consistent with its version; OSError when the database cannot be read."""
@@ -88,20 +80,19 @@ class PgCredentialReader:
         except psycopg.Error as exc:
             raise OSError(f"cannot read credentials: {one_line(exc, self._url)}") from None
 
-    def close(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                self._conn.close()
-            self._conn = None
+
+def _version(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT version FROM credentials_version WHERE id = 1").fetchone()
+    return int(row[0]) if row else 0
 
 
 def load_rows(conn: psycopg.Connection[Any]) -> CredentialRows:
     """Version, users and tokens from one snapshot (REPEATABLE READ)."""
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        row = conn.execute("SELECT version FROM credentials_version WHERE id = 1").fetchone()
+        version = _version(conn)
         users = [dict(zip(("id", "email", "api_key_hash"), r, strict=True))
                  for r in conn.execute("SELECT id, email, api_key_hash FROM users")]  # fmt: skip
         tokens = [dict(zip(("user_id", "secret_hash"), r, strict=True))
                   for r in conn.execute("SELECT user_id, secret_hash FROM user_tokens")]  # fmt: skip
-    return CredentialRows(int(row[0]) if row else 0, users, tokens)
+    return CredentialRows(version, users, tokens)

@@ -193,6 +193,61 @@ MIGRATIONS: list[list[str]] = [
         "ALTER TABLE rollups ADD COLUMN discharged_kwh_sum DOUBLE PRECISION NOT NULL DEFAULT 0",
         "ALTER TABLE alarms ADD COLUMN clear_value DOUBLE PRECISION",
     ],
+    # 4: SQLite's 8: an alarm is on one batmon or on one bank, never both (docs/BANKS.md);
+    # a bank's alarms go with it.
+    [
+        "ALTER TABLE alarms ALTER COLUMN batmon_id DROP NOT NULL",
+        "ALTER TABLE alarms ADD COLUMN bank_id BIGINT REFERENCES banks(id) ON DELETE CASCADE",
+        """ALTER TABLE alarms ADD CONSTRAINT alarms_one_subject
+           CHECK ((batmon_id IS NULL) <> (bank_id IS NULL))""",
+        "CREATE INDEX alarms_bank ON alarms(bank_id)",
+    ],
+    # 5: several workers (docs/SCALE-OUT.md, "Caches across workers"). Every change of a
+    # batmon's settings, an alarm, a bank or a user is logged under a version number, in the
+    # same transaction as the change (by trigger, whichever process makes it), and announced
+    # by NOTIFY; the counter row's lock makes versions commit in order, so "every change after
+    # version v" is one query. Readings do not fire these (their columns are not listed).
+    [
+        """CREATE TABLE config_version (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            version BIGINT NOT NULL
+        )""",
+        "INSERT INTO config_version (id, version) VALUES (1, 0)",
+        """CREATE TABLE config_changes (
+            version BIGINT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            id BIGINT NOT NULL
+        )""",
+        """CREATE FUNCTION note_config_change() RETURNS trigger LANGUAGE plpgsql AS $$
+           DECLARE changed BIGINT; v BIGINT;
+           BEGIN
+             IF TG_OP = 'DELETE' THEN changed := (to_jsonb(OLD) ->> TG_ARGV[1])::bigint;
+             ELSE changed := (to_jsonb(NEW) ->> TG_ARGV[1])::bigint; END IF;
+             UPDATE config_version SET version = version + 1 WHERE id = 1 RETURNING version INTO v;
+             INSERT INTO config_changes (version, kind, id) VALUES (v, TG_ARGV[0], changed);
+             PERFORM pg_notify('batmon_config', v::text);
+             RETURN NULL;
+           END $$""",
+        """CREATE TRIGGER config_batmons AFTER INSERT OR DELETE OR UPDATE OF user_id, name, type,
+           token, update_period, notification_enabled, whatsapp_enabled, sms_enabled,
+           voltage_units, current_units, power_units, soc_units, capacity_ah
+           ON batmons FOR EACH ROW EXECUTE FUNCTION note_config_change('batmon', 'id')""",
+        """CREATE TRIGGER config_alarms AFTER INSERT OR DELETE OR UPDATE
+           ON alarms FOR EACH ROW EXECUTE FUNCTION note_config_change('alarm', 'id')""",
+        """CREATE TRIGGER config_banks AFTER INSERT OR DELETE OR UPDATE
+           ON banks FOR EACH ROW EXECUTE FUNCTION note_config_change('bank', 'id')""",
+        """CREATE TRIGGER config_bank_members AFTER INSERT OR DELETE OR UPDATE
+           ON bank_members FOR EACH ROW EXECUTE FUNCTION note_config_change('bank', 'bank_id')""",
+        """CREATE TRIGGER config_users AFTER INSERT OR DELETE OR UPDATE
+           ON users FOR EACH ROW EXECUTE FUNCTION note_config_change('user', 'id')""",
+        """CREATE TRIGGER config_user_tokens AFTER INSERT OR DELETE OR UPDATE
+           ON user_tokens FOR EACH ROW EXECUTE FUNCTION note_config_change('user', 'user_id')""",
+        # Home Assistant discovery once per change, not once per worker: the digest of each
+        # batmon's config last sent (the worker whose upsert changes it publishes), and when a
+        # re-send of every config (after a connect, Home Assistant's birth) was last taken.
+        "CREATE TABLE discovery_sent (batmon_id BIGINT PRIMARY KEY, digest TEXT NOT NULL)",
+        "CREATE TABLE shared_turns (name TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL)",
+    ],
 ]
 
 LATEST = len(MIGRATIONS)

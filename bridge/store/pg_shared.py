@@ -23,13 +23,17 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from bridge.store import energy_guard
 from bridge.store.db import ALARM_COLUMNS, check_columns
-from bridge.store.interface import AlarmDecision, CurrentUpdate, StatusBefore
+from bridge.store.interface import AlarmDecision, CurrentUpdate
 from bridge.store.pg_leader import PgLeader
 from bridge.store.pg_store import _plain, _update, translated
 
 if TYPE_CHECKING:
     from bridge.store.pg_store import PostgresStore
+
+GroupAnswers = Callable[[int, dict[str, Any], Any], tuple[bool, tuple[str, float | None] | None]]
+"""Per batmon of a group updated at once: (row updated, status and last_reading before)."""
 
 
 def update_returning_before(conn: psycopg.Connection[Any], batmon_id: int, changes: dict[str, Any],
@@ -52,40 +56,55 @@ def update_returning_before(conn: psycopg.Connection[Any], batmon_id: int, chang
     return None if row is None else (str(row[0]), row[1])
 
 
-def update_group_returning_before(conn: psycopg.Connection[Any], updates: Sequence[CurrentUpdate]
-                                  ) -> StatusBefore | None:  # fmt: skip
+def update_group(conn: psycopg.Connection[Any], updates: Sequence[CurrentUpdate]) -> GroupAnswers | None:
     """A group's batmon updates in one statement, when they are alike (distinct batmons, the
-    same columns, the same guard): the statuses changed, with what their rows had just before,
-    as the per-batmon ``update_returning_before`` would say. None when they are not alike (or
-    a value is not JSON): the caller then updates them one by one.
+    same columns, the same kind of guard); what ``PostgresStore._update_batmon`` would have
+    answered for each, one by one (whether its row was updated and, with ``status`` among the
+    columns, the (status, last_reading) the row had just before), for energy_guard.apply.
+    None when they are not alike (or a value is not JSON): the caller updates them one by one.
 
-    Why: one statement per batmon cost a round trip and ~50-100 µs of the worker's CPU each, for
+    Why: one statement per batmon cost a round trip and 50-90 µs of the worker's CPU each, for
     every batmon of every group (docs/SCALE-OUT.md, "CPU per reading"). The values go in as one
     JSON array read by ``json_populate_recordset(NULL::batmons, ...)``, so each takes its
-    column's type from the table itself. The rows are locked in id order, as one by one.
+    column's type from the table itself; the plans' starting points (energy_guard.py) beside
+    them by ``unnest``. The rows are locked in id order, as one by one.
     """
-    columns = tuple(updates[0][1]) if updates else ()
-    guarded = "last_reading" in columns
-    ids = {batmon_id for batmon_id, _ in updates}
-    if (not updates or len(ids) != len(updates) or "status" not in columns
-            or any(tuple(c) != columns or (guarded and c["last_reading"] is None) for _, c in updates)):
+    if not updates:
+        return None
+    split = [(batmon_id, *energy_guard.split(changes)) for batmon_id, changes in updates]
+    columns = tuple(split[0][1])
+    guarded = energy_guard.guarded(split[0][2])
+    newest = not guarded and split[0][1].get("last_reading") is not None
+    if (len({batmon_id for batmon_id, _, _ in split}) != len(split) or not columns
+            or any(tuple(c) != columns or energy_guard.guarded(base) != guarded
+                   or (not guarded and (c.get("last_reading") is not None) != newest)
+                   for _, c, base in split)):  # fmt: skip
         return None
     try:
-        values = json.dumps([{"id": i, **{k: _plain(v) for k, v in c.items()}} for i, c in updates],
+        values = json.dumps([{"id": i, **{k: _plain(v) for k, v in c.items()}} for i, c, _ in split],
                             allow_nan=False)  # fmt: skip
     except (TypeError, ValueError):
         return None
     assignments = ", ".join(f"{column} = v.{column}" for column in columns)
-    guard = " AND (batmons.last_reading IS NULL OR batmons.last_reading <= v.last_reading)" if guarded else ""
+    guard = ""
+    if guarded:  # only while no other worker moved it on (energy_guard.py)
+        guard = " AND batmons.last_reading IS NOT DISTINCT FROM g.base"
+    elif newest:  # an older reading never replaces the latest, whichever worker commits last
+        guard = " AND (batmons.last_reading IS NULL OR batmons.last_reading <= v.last_reading)"
+    ids = [batmon_id for batmon_id, _, _ in split]
+    bases = [base if guarded else None for _, _, base in split]
     rows = conn.execute(
         f"UPDATE batmons SET {assignments} FROM json_populate_recordset(NULL::batmons, %s) v,"
+        " unnest(%s::bigint[], %s::float8[]) g(id, base),"
         " (SELECT id AS old_id, status AS old_status, last_reading AS old_last_reading FROM batmons"
         " WHERE id = ANY(%s) ORDER BY id FOR UPDATE) old"
-        f" WHERE batmons.id = v.id AND batmons.id = old.old_id{guard}"
-        " RETURNING batmons.id, batmons.status, old.old_status, old.old_last_reading".encode(),
-        (values, sorted(ids)),
+        f" WHERE batmons.id = v.id AND g.id = v.id AND batmons.id = old.old_id{guard}"
+        " RETURNING batmons.id, old.old_status, old.old_last_reading".encode(),
+        (values, ids, bases, sorted(ids)),
     ).fetchall()  # fmt: skip
-    return {int(i): (str(was), ts) for i, now, was, ts in rows if now != was}
+    updated = {int(i): (str(was), ts) for i, was, ts in rows}
+    answers = {i: (i in updated, updated.get(i) if "status" in columns else None) for i in ids}
+    return lambda batmon_id, _columns, _base: answers[batmon_id]
 
 
 class PgShared:
@@ -114,11 +133,11 @@ class PgShared:
         """Lock the alarm's row, decide on it, write the change: one transaction."""
         with self.store._transaction() as conn:
             row = self.store._row(
-                "SELECT a.*, b.last_reading AS batmon_latest FROM alarms a JOIN batmons b"
+                "SELECT a.*, b.last_reading AS batmon_latest FROM alarms a LEFT JOIN batmons b"
                 " ON b.id = a.batmon_id WHERE a.id = %s FOR UPDATE OF a", (alarm_id,))  # fmt: skip
             if row is None:
                 return None  # deleted meanwhile
-            latest = row.pop("batmon_latest")
+            latest = row.pop("batmon_latest")  # None for a bank's alarm: no one batmon's latest
             if latest is not None and reading_ts < latest:
                 return None  # a newer reading is the batmon's latest: its evaluation decides
             decision = decide(row)

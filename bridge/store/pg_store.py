@@ -27,6 +27,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from bridge.errors import Conflict, StorageFailed
+from bridge.store import energy_guard
 from bridge.store.db import (
     ALARM_COLUMNS,
     ALARM_INSERT_COLUMNS,
@@ -36,6 +37,7 @@ from bridge.store.db import (
     check_columns,
 )
 from bridge.store.interface import ENERGY, METRICS, CurrentUpdate, ReadingRow, StatusBefore
+from bridge.store.pg_channels import READINGS_CHANNEL, readings_notices
 from bridge.store.pg_schema import PARTITION_LOCK, VALUES_HASH, migrate
 
 if TYPE_CHECKING:  # both import this module's helpers
@@ -149,6 +151,27 @@ def connect(url: str) -> psycopg.Connection[Any]:
     return conn
 
 
+class OwnConnection:
+    """A reader's connection of its own, made again on the next call once broken (one thread
+    at a time): the credential watcher's, the other workers' checks."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._conn: psycopg.Connection[Any] | None = None
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.broken:
+            self.close()
+            self._conn = connect(self._url)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = None
+
+
 def month_bounds(ts: float) -> tuple[float, float, str]:
     """(start, end, partition name) of the UTC month holding ``ts``."""
     moment = dt.datetime.fromtimestamp(ts, dt.UTC)
@@ -244,7 +267,7 @@ class PostgresStore:
         """Append ``rows`` and apply ``updates`` in one transaction; the batmons whose stored
         status changed, with what they had (the writer announces those changes only)."""
         for _, changes in updates:
-            check_columns(changes, BATMON_COLUMNS)
+            check_columns(energy_guard.split(changes)[0], BATMON_COLUMNS)
         rows = list(rows)
         for attempt in (1, 2):
             self._ensure_partitions(row[1] for row in rows)
@@ -260,15 +283,20 @@ class PostgresStore:
                         self._insert_rows(conn, rows)
                     # Row locks in one order (by batmon), so two workers never deadlock;
                     # the sort is stable, so one batmon's updates keep their order.
-                    from bridge.store.pg_shared import update_group_returning_before
+                    from bridge.store.pg_shared import update_group
 
-                    grouped = update_group_returning_before(conn, updates)
-                    if grouped is not None:
-                        return grouped
-                    for batmon_id, changes in sorted(updates, key=lambda u: u[0]):
-                        before = self._update_batmon(conn, batmon_id, changes)
-                        if before is not None and before[0] != changes.get("status", before[0]):
-                            changed[batmon_id] = before
+                    grouped = update_group(conn, updates)  # one statement when they are alike
+                    update = grouped or functools.partial(self._update_batmon, conn)
+                    before = energy_guard.apply(sorted(updates, key=lambda u: u[0]), update,
+                                                functools.partial(_state, conn))  # fmt: skip
+                    for batmon_id, changes in updates:
+                        was = before.get(batmon_id)
+                        if was is not None and was[0] != changes.get("status", was[0]):
+                            changed[batmon_id] = was
+                    # Other workers' live dashboards: which latest values moved (at commit).
+                    moved = [b for b, c in updates if c.get("last_reading") is not None]
+                    for payload in readings_notices(moved):
+                        conn.execute("SELECT pg_notify(%s, %s)", (READINGS_CHANNEL, payload))
                 return changed
             except psycopg.errors.CheckViolation as exc:
                 # Retention (maybe another worker's) dropped a month we knew: make it again.
@@ -383,21 +411,23 @@ class PostgresStore:
                 self._update_batmon(conn, batmon_id, changes)
 
     @staticmethod
-    def _update_batmon(conn: psycopg.Connection[Any], batmon_id: int, changes: dict[str, Any]
-                       ) -> tuple[str, float | None] | None:  # fmt: skip
-        """UPDATE one batmon; with ``status`` among the changes, the (status, last_reading) the
-        row had just before (None when nothing was updated)."""
+    def _update_batmon(conn: psycopg.Connection[Any], batmon_id: int, changes: dict[str, Any],
+                       base: Any = energy_guard.UNGUARDED) -> tuple[bool, tuple[str, float | None] | None]:
+        """UPDATE one batmon: whether the row was updated, and, with ``status`` among the
+        changes, the (status, last_reading) the row had just before."""
         check_columns(changes, BATMON_COLUMNS)
         guard = None
-        if "last_reading" in changes and changes["last_reading"] is not None:
+        if energy_guard.guarded(base):  # only while no other worker moved it on (energy_guard.py)
+            guard = ("last_reading IS NOT DISTINCT FROM %s", base)
+        elif "last_reading" in changes and changes["last_reading"] is not None:
             # An older reading never replaces the latest, whichever worker commits last.
             guard = ("last_reading IS NULL OR last_reading <= %s", changes["last_reading"])
         if "status" not in changes:
-            _update(conn, "batmons", batmon_id, changes, guard=guard)
-            return None
+            return _update(conn, "batmons", batmon_id, changes, guard=guard) > 0, None
         from bridge.store.pg_shared import update_returning_before
 
-        return update_returning_before(conn, batmon_id, changes, guard)
+        before = update_returning_before(conn, batmon_id, changes, guard)
+        return before is not None, before
 
     @translated
     def delete_batmon(self, batmon_id: int) -> None:
@@ -505,9 +535,11 @@ class PostgresStore:
 
     @translated
     def delete_bank(self, bank_id: int) -> None:
-        """Delete a bank (not its batmons); its id is retired."""
+        """Delete a bank (not its batmons) with its alarms; their ids are retired."""
         with self._transaction() as conn:
-            conn.execute("INSERT INTO retired_ids (id) VALUES (%s) ON CONFLICT DO NOTHING", (bank_id,))
+            conn.execute("INSERT INTO retired_ids (id) SELECT %s UNION SELECT id FROM alarms"
+                         " WHERE bank_id = %s ON CONFLICT DO NOTHING", (bank_id, bank_id))  # fmt: skip
+            conn.execute("DELETE FROM alarms WHERE bank_id = %s", (bank_id,))
             conn.execute("DELETE FROM bank_members WHERE bank_id = %s", (bank_id,))
             conn.execute("DELETE FROM banks WHERE id = %s", (bank_id,))
 
@@ -525,7 +557,8 @@ class PostgresStore:
 
         return PgShared(self)
 
-    # -- credentials (not behind interface.py yet: bridge/store/credentials.py) -------------
+    # -- credentials -----------------------------------------------------------------------
+    @property
     def credentials(self) -> PgCredentials:
         """Api key resets and MQTT tokens on this connection."""
         from bridge.store.pg_credentials import PgCredentials
@@ -603,12 +636,20 @@ class PostgresStore:
 
 
 def _update(conn: psycopg.Connection[Any], table: str, key: int, changes: dict[str, Any],
-            guard: tuple[str, Any] | None = None) -> None:  # fmt: skip
-    """UPDATE one row by id; the column names were checked by the caller (never input)."""
+            guard: tuple[str, Any] | None = None) -> int:  # fmt: skip
+    """UPDATE one row by id; the column names were checked by the caller (never input).
+    Returns how many rows changed."""
     assignments = ", ".join(f"{column} = %s" for column in changes)
     where, params = ("", ()) if guard is None else (f" AND ({guard[0]})", (guard[1],))
-    conn.execute(f"UPDATE {table} SET {assignments} WHERE id = %s{where}".encode(),
-                 (*(_plain(v) for v in changes.values()), key, *params))  # fmt: skip
+    return conn.execute(f"UPDATE {table} SET {assignments} WHERE id = %s{where}".encode(),
+                        (*(_plain(v) for v in changes.values()), key, *params)).rowcount  # fmt: skip
+
+
+def _state(conn: psycopg.Connection[Any], batmon_id: int) -> dict[str, Any] | None:
+    """A batmon's energy_guard.STATE_COLUMNS, or None once it is gone."""
+    columns = ", ".join(energy_guard.STATE_COLUMNS)
+    found = conn.execute(f"SELECT {columns} FROM batmons WHERE id = %s".encode(), (batmon_id,)).fetchone()
+    return None if found is None else dict(zip(energy_guard.STATE_COLUMNS, found, strict=True))
 
 
 def _insert_unretired(conn: psycopg.Connection[Any], table: str, row: dict[str, Any]) -> None:

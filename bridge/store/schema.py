@@ -243,6 +243,37 @@ MIGRATIONS: list[list[str]] = [
         # alarms on battery values may have hysteresis: the value that clears them
         "ALTER TABLE alarms ADD COLUMN clear_value REAL",
     ],
+    # 8: an alarm is on one batmon or on one bank (docs/BANKS.md), never both: batmon_id
+    # becomes nullable beside a new bank_id, which needs the table made again (SQLite
+    # cannot drop a NOT NULL). A bank's alarms go with it (the cascade, and delete_bank).
+    [
+        """CREATE TABLE alarms_v8 (
+            id INTEGER PRIMARY KEY,
+            batmon_id INTEGER,
+            bank_id INTEGER REFERENCES banks(id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            metric TEXT NOT NULL,
+            condition TEXT NOT NULL,
+            threshold REAL NOT NULL,
+            repeat_delay INTEGER NOT NULL,
+            enabled INTEGER NOT NULL,
+            triggered INTEGER NOT NULL DEFAULT 0,
+            trigger_time REAL,
+            akn REAL,
+            last_notice REAL,
+            update_time REAL NOT NULL,
+            clear_value REAL,
+            CHECK ((batmon_id IS NULL) <> (bank_id IS NULL))
+        )""",
+        """INSERT INTO alarms_v8 (id, batmon_id, name, metric, condition, threshold, repeat_delay,
+               enabled, triggered, trigger_time, akn, last_notice, update_time, clear_value)
+           SELECT id, batmon_id, name, metric, condition, threshold, repeat_delay, enabled,
+               triggered, trigger_time, akn, last_notice, update_time, clear_value FROM alarms""",
+        "DROP TABLE alarms",
+        "ALTER TABLE alarms_v8 RENAME TO alarms",
+        "CREATE INDEX alarms_batmon ON alarms(batmon_id)",
+        "CREATE INDEX alarms_bank ON alarms(bank_id)",
+    ],
 ]
 
 LATEST = len(MIGRATIONS)

@@ -48,8 +48,76 @@
     const names = bank.offline_batmon_ids.map((id) => (members.get(id) || { batmon_name: `batmon ${id}` }).batmon_name);
     $("#offline-names").textContent = names.join(", ");
     $("#offline").hidden = names.length === 0;
+    renderAlarms(bank.alarms || []);
     $("#bank-values").dataset.updated = String(Date.now());
   }
+
+  // -- the bank's alarms (on its SoC, voltage, current or power; docs/BANKS.md) ---------
+  const alarmForm = $("#bank-alarm-form");
+  const alarmStatus = alarmForm.querySelector(".form-status");
+
+  function alarmButton(text, label, onClick) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "secondary small";
+    b.textContent = text;
+    b.setAttribute("aria-label", label);
+    b.addEventListener("click", onClick);
+    return b;
+  }
+
+  async function alarmAction(path, fields, done) {
+    try {
+      await Batmon.api(path, fields);
+      bank = await Batmon.api("/interface/bank/status", { bank_id: bankId }, "GET");
+      render();
+      Batmon.say(alarmStatus, done);
+    } catch (e) {
+      Batmon.say(alarmStatus, e.message, "error");
+    }
+  }
+
+  function renderAlarms(alarms) {
+    const list = $("#bank-alarms");
+    list.replaceChildren();
+    $("#no-bank-alarms").hidden = alarms.length > 0;
+    for (const a of alarms) {
+      const li = document.createElement("li");
+      li.dataset.alarmId = a.alarm_id;
+      const unit = Batmon.DEFAULT_UNITS[a.alarm_metric] || "";
+      const name = document.createElement("strong");
+      name.textContent = a.alarm_name;
+      const rule = document.createElement("span");
+      rule.textContent = `${a.alarm_metric} ${a.alarm_condition} ${Batmon.withUnit(a.alarm_threshold_value, unit)}` +
+        (a.alarm_clear_value == null ? "" : `, clears past ${Batmon.withUnit(a.alarm_clear_value, unit)}`);
+      const state = document.createElement("span");
+      state.className = "alarm-state";
+      state.dataset.state = !a.alarm_enabled ? "disabled" : a.alarm_triggered ? (a.alarm_akn === null ? "triggered" : "acknowledged") : "ok";
+      state.textContent = Batmon.alarmState(a);
+      li.append(name, " ", rule, " ", state);
+      if (a.alarm_triggered && a.alarm_akn === null) {
+        li.append(" ", alarmButton("Acknowledge", `Acknowledge alarm ${a.alarm_name}`, () => alarmAction(
+          "/interface/batmon/alarm/ack", { alarm_id: a.alarm_id }, `Alarm ${a.alarm_name} acknowledged.`)));
+      }
+      li.append(" ", alarmButton("Delete", `Delete alarm ${a.alarm_name}`, () => {
+        if (window.confirm(`Delete alarm ${a.alarm_name}?`)) {
+          alarmAction("/interface/batmon/alarm/delete", { alarm_id: a.alarm_id }, `Alarm ${a.alarm_name} deleted.`);
+        }
+      }));
+      list.append(li);
+    }
+  }
+
+  alarmForm.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const fields = Batmon.formFields(alarmForm);
+    if (!fields.alarm_name || fields.alarm_threshold_value === undefined) {
+      Batmon.say(alarmStatus, "An alarm needs a name and a threshold.", "error");
+      return;
+    }
+    await alarmAction("/interface/batmon/alarm/add", { ...fields, bank_id: bankId }, `Alarm ${fields.alarm_name} added.`);
+    if (alarmStatus.dataset.kind !== "error") alarmForm.reset();
+  });
 
   function newRow(id) {
     const tr = document.createElement("tr");
@@ -111,6 +179,15 @@
     batmon: memberChanged,
     deleted: (d) => {
       if (bank.batmon_ids.includes(d.batmon_id)) refreshSoon();
+    },
+    // The bank itself, as the server sends it when its values, members or alarms change.
+    bank: (k) => {
+      if (k.bank_id !== bankId) return;
+      bank = k;
+      render();
+    },
+    bank_deleted: (d) => {
+      if (d.bank_id === bankId) window.location.assign("/");
     },
   });
 

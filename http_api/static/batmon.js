@@ -298,13 +298,6 @@
   const alarmForm = $("#alarm-form");
   const alarmStatus = alarmForm.querySelector(".form-status");
 
-  function alarmState(a) {
-    if (!a.alarm_enabled) return "Disabled";
-    if (!a.alarm_triggered) return "OK";
-    const since = `Triggered ${Batmon.timeText(a.alarm_trigger_time)}`;
-    return a.alarm_akn === null ? since : `${since}, acknowledged ${Batmon.timeText(a.alarm_akn)}`;
-  }
-
   function button(text, label, onClick, disabled = false) {
     const b = document.createElement("button");
     b.type = "button";
@@ -357,7 +350,7 @@
       const state = document.createElement("td");
       state.className = "alarm-state";
       state.dataset.state = !a.alarm_enabled ? "disabled" : a.alarm_triggered ? (a.alarm_akn === null ? "triggered" : "acknowledged") : "ok";
-      state.textContent = alarmState(a);
+      state.textContent = Batmon.alarmState(a);
       const actions = document.createElement("td");
       actions.className = "row-actions";
       actions.append(

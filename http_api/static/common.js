@@ -181,8 +181,21 @@ const Batmon = (() => {
     source.addEventListener("snapshot", (e) => handlers.snapshot(JSON.parse(e.data)));
     source.addEventListener("batmon", (e) => handlers.batmon(JSON.parse(e.data)));
     source.addEventListener("deleted", (e) => handlers.deleted(JSON.parse(e.data)));
+    // Banks: a page that shows them says so with these handlers (the server sends "banks"
+    // after a snapshot, "bank" when a bank's values, members or alarms changed).
+    for (const name of ["banks", "bank", "bank_deleted"]) {
+      if (handlers[name]) source.addEventListener(name, (e) => handlers[name](JSON.parse(e.data)));
+    }
     window.addEventListener("pagehide", () => source.close());
     return source;
+  }
+
+  /** An alarm's state in words: Disabled, OK, or since when it is triggered (and acknowledged). */
+  function alarmState(a) {
+    if (!a.alarm_enabled) return "Disabled";
+    if (!a.alarm_triggered) return "OK";
+    const since = `Triggered ${timeText(a.alarm_trigger_time)}`;
+    return a.alarm_akn === null ? since : `${since}, acknowledged ${timeText(a.alarm_akn)}`;
   }
 
   function initialJson(id) {
@@ -213,6 +226,6 @@ const Batmon = (() => {
   setupLogout();
   return {
     api, ApiError, say, serverTime, formatNumber, withUnit, formatMetric, showValue, showMetric,
-    age, timeText, tickAges, live, initialJson, formFields,
+    age, timeText, tickAges, live, initialJson, formFields, alarmState, DEFAULT_UNITS,
   };
 })();

@@ -41,6 +41,20 @@
     return tr;
   }
 
+  /** The triggered ones of ``list`` as chips in ``el`` (a batmon's or a bank's); how many. */
+  function showAlarms(el, list) {
+    el.replaceChildren();
+    const active = list.filter((a) => a.alarm_triggered);
+    for (const a of active) {
+      const chip = document.createElement("span");
+      chip.className = "alarm-chip";
+      chip.dataset.acknowledged = a.alarm_akn === null ? "no" : "yes";
+      chip.textContent = a.alarm_name + (a.alarm_akn === null ? "" : " (acknowledged)");
+      el.append(chip);
+    }
+    return active.length;
+  }
+
   function render(b) {
     const tr = tbody.querySelector(`tr[data-batmon-id="${b.batmon_id}"]`) || newRow(b);
     tr.querySelector("a.name").textContent = b.batmon_name;
@@ -53,20 +67,11 @@
     ageCell.dataset.epoch = b.last_reading === null ? "" : String(b.last_reading);
     ageCell.textContent = Batmon.age(b.last_reading);
     const alarms = tr.querySelector(".alarms");
-    alarms.replaceChildren();
-    const active = b.alarms.filter((a) => a.alarm_triggered);
-    if (!active.length) {
+    if (!showAlarms(alarms, b.alarms)) {
       const none = document.createElement("span");
       none.className = "muted";
       none.textContent = "none";
       alarms.append(none);
-    }
-    for (const a of active) {
-      const chip = document.createElement("span");
-      chip.className = "alarm-chip";
-      chip.dataset.acknowledged = a.alarm_akn === null ? "no" : "yes";
-      chip.textContent = a.alarm_name + (a.alarm_akn === null ? "" : " (acknowledged)");
-      alarms.append(chip);
     }
     tr.dataset.updated = String(Date.now());
     known.set(b.batmon_id, b);
@@ -199,7 +204,36 @@
     snapshot,
     batmon: (b) => { render(b); refresh(); },
     deleted: (d) => { remove(d.batmon_id); refresh(); },
+    banks: (all) => {
+      const seen = new Set(all.map((k) => String(k.bank_id)));
+      for (const li of document.querySelectorAll("#banks li[data-bank-id]")) if (!seen.has(li.dataset.bankId)) li.remove();
+      for (const k of all) renderBank(k);
+    },
+    bank: renderBank,
+    bank_deleted: (d) => {
+      const li = document.querySelector(`#banks li[data-bank-id="${d.bank_id}"]`);
+      if (li) li.remove();
+    },
   });
+
+  // -- banks: each entry's status, SoC, power and active alarms, kept current by the stream --
+  /** Update a bank's entry from a bank object (/interface/bank/list, or the stream); a bank
+   * added in another tab shows after a reload, with its members' names. */
+  function renderBank(k) {
+    const li = document.querySelector(`#banks li[data-bank-id="${k.bank_id}"]`);
+    if (!li) return;
+    li.querySelector(".bank-name").textContent = k.bank_name;
+    const status = li.querySelector(".status");
+    status.textContent = k.bank_status;
+    status.dataset.status = k.bank_status;
+    for (const el of li.querySelectorAll("[data-bank-value]")) {
+      const key = el.dataset.bankValue;
+      el.textContent = Batmon.formatMetric(k[key], key.replace(/^bank_/, ""), el.dataset.unit);
+    }
+    showAlarms(li.querySelector(".bank-alarms"), k.alarms || []);
+    li.dataset.updated = String(Date.now());
+  }
+  for (const k of Batmon.initialJson("initial-banks") || []) renderBank(k);
 
   const bankForm = document.getElementById("bank-form");
   if (bankForm) {

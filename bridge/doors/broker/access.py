@@ -34,6 +34,10 @@ class CredentialCheck(Protocol):
         """The user id holding this secret (by hash) now, else None (reset or revoked)."""
         ...
 
+    async def refresh_credentials(self) -> bool:
+        """Re-read users' secrets if another process changed them; True when they changed."""
+        ...
+
     def owns(self, user_id: int, batmon_id: int) -> bool:
         """True if the user owns the batmon (asked at subscribe and delivery time)."""
         ...
@@ -113,6 +117,11 @@ class AccessPolicy:
         if principal is None:
             self._limiter.record_failure(peer)
         return principal
+
+    async def credentials_refreshed(self) -> bool:
+        """True when the core re-read the users' secrets because another process changed
+        them (`batmon user add` a moment ago): a refused CONNECT is worth checking again."""
+        return await self._credentials.refresh_credentials()
 
     def source_throttled(self, peer: str | None) -> bool:
         """True while ``peer`` is over its failed-login limit: its refusals are held back."""
