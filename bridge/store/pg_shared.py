@@ -92,7 +92,7 @@ def update_group(conn: psycopg.Connection[Any], updates: Sequence[CurrentUpdate]
     elif newest:  # an older reading never replaces the latest, whichever worker commits last
         guard = " AND (batmons.last_reading IS NULL OR batmons.last_reading <= v.last_reading)"
     ids = [batmon_id for batmon_id, _, _ in split]
-    bases = [base if guarded else None for _, _, base in split]
+    bases = [float(base) if guarded and base is not None else None for _, _, base in split]  # one type
     rows = conn.execute(
         f"UPDATE batmons SET {assignments} FROM json_populate_recordset(NULL::batmons, %s) v,"
         " unnest(%s::bigint[], %s::float8[]) g(id, base),"
