@@ -230,8 +230,18 @@ def test_a_group_of_alike_updates_in_one_statement_answers_as_one_by_one(
 
     assert compare(planned) == {11: (True, ("Online", t)), 12: (True, ("Online", t + 50)), 13: (False, None),
                                 14: (True, ("Online", t + 3)), 15: (True, ("Online", t + 4))}  # fmt: skip
-    # Not alike (a batmon twice, other columns, guards of two kinds): one by one.
+    # Updates of several kinds in one group (columns, guards): a statement per kind, same answers.
+    now = {r["id"]: r["last_reading"] for r in store._rows("SELECT id, last_reading FROM batmons")}
+    mixed: list[Callable[[int], dict[str, Any]]] = [
+        lambda k: changes(200 + k, planned_from=now[one_by_one[k]]),
+        lambda k: {"voltage": 3.0 + k},  # no status: no status before in the answer
+        lambda k: {"soc": 40.0, "status": "Offline"},  # no reading time: no guard
+        lambda k: changes(50 + k),  # older than the latest: the newest-reading guard refuses it
+        lambda k: {"status": "Online", "voltage": 1.0, "last_reading": t + 300},
+    ]
+    assert compare(lambda k: mixed[k](k)) == {11: (True, ("Online", t + 100)), 12: (True, None),
+                                              13: (True, ("Online", t + 2)), 14: (False, None),
+                                              15: (True, ("Online", t + 104))}  # fmt: skip
+    # A batmon twice: left to the one-by-one statements (they keep its updates' order).
     with store._transaction() as conn:
         assert update_group(conn, [(11, changes(9)), (11, changes(10))]) is None
-        assert update_group(conn, [(11, changes(9)), (12, {"status": "Online"})]) is None
-        assert update_group(conn, [(11, changes(9)), (12, changes(9, planned_from=None))]) is None

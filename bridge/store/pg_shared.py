@@ -57,53 +57,56 @@ def update_returning_before(conn: psycopg.Connection[Any], batmon_id: int, chang
 
 
 def update_group(conn: psycopg.Connection[Any], updates: Sequence[CurrentUpdate]) -> GroupAnswers | None:
-    """A group's batmon updates in one statement, when they are alike (distinct batmons, the
-    same columns, the same kind of guard); what ``PostgresStore._update_batmon`` would have
-    answered for each, one by one (whether its row was updated and, with ``status`` among the
-    columns, the (status, last_reading) the row had just before), for energy_guard.apply.
-    None when they are not alike (or a value is not JSON): the caller updates them one by one.
+    """A group's batmon updates in a few statements instead of one per batmon: what
+    ``PostgresStore._update_batmon`` would have answered for each, one by one (whether its row
+    was updated and, with ``status`` among the columns, the (status, last_reading) the row had
+    just before), for energy_guard.apply. None when a batmon comes twice or a value is not
+    JSON: the caller then updates them one by one.
 
     Why: one statement per batmon cost a round trip and 50-90 µs of the worker's CPU each, for
-    every batmon of every group (docs/SCALE-OUT.md, "CPU per reading"). The values go in as one
-    JSON array read by ``json_populate_recordset(NULL::batmons, ...)``, so each takes its
-    column's type from the table itself; the plans' starting points (energy_guard.py) beside
-    them by ``unnest``. The rows are locked in id order, as one by one.
+    every batmon of every group (docs/SCALE-OUT.md, "CPU per reading"). First one SELECT ...
+    FOR UPDATE locks every row in id order (as one by one: two workers never deadlock) and
+    reads what each had; then one UPDATE per kind of update (the same columns and guard). The
+    values go in as one JSON array read by ``json_populate_recordset(NULL::batmons, ...)``, so
+    each takes its column's type from the table; the plans' starting points (energy_guard.py)
+    beside them by ``unnest``.
     """
-    if not updates:
+    ids = [batmon_id for batmon_id, _ in updates]
+    if not updates or len(set(ids)) != len(ids):
         return None
-    split = [(batmon_id, *energy_guard.split(changes)) for batmon_id, changes in updates]
-    columns = tuple(split[0][1])
-    guarded = energy_guard.guarded(split[0][2])
-    newest = not guarded and split[0][1].get("last_reading") is not None
-    if (len({batmon_id for batmon_id, _, _ in split}) != len(split) or not columns
-            or any(tuple(c) != columns or energy_guard.guarded(base) != guarded
-                   or (not guarded and (c.get("last_reading") is not None) != newest)
-                   for _, c, base in split)):  # fmt: skip
-        return None
+    kinds: dict[tuple[tuple[str, ...], str], list[tuple[int, dict[str, Any], Any]]] = {}
+    for batmon_id, changes in updates:
+        named, base = energy_guard.split(changes)
+        if energy_guard.guarded(base):  # only while no other worker moved it on (energy_guard.py)
+            guard = " AND batmons.last_reading IS NOT DISTINCT FROM g.base"
+        elif named.get("last_reading") is not None:  # an older reading never replaces the latest
+            guard = " AND (batmons.last_reading IS NULL OR batmons.last_reading <= v.last_reading)"
+        else:
+            guard = ""
+        kinds.setdefault((tuple(sorted(named)), guard), []).append((batmon_id, named, base))
     try:
-        values = json.dumps([{"id": i, **{k: _plain(v) for k, v in c.items()}} for i, c, _ in split],
-                            allow_nan=False)  # fmt: skip
+        values = {kind: json.dumps([{"id": i, **{k: _plain(v) for k, v in c.items()}} for i, c, _ in group],
+                                   allow_nan=False) for kind, group in kinds.items()}  # fmt: skip
     except (TypeError, ValueError):
         return None
-    assignments = ", ".join(f"{column} = v.{column}" for column in columns)
-    guard = ""
-    if guarded:  # only while no other worker moved it on (energy_guard.py)
-        guard = " AND batmons.last_reading IS NOT DISTINCT FROM g.base"
-    elif newest:  # an older reading never replaces the latest, whichever worker commits last
-        guard = " AND (batmons.last_reading IS NULL OR batmons.last_reading <= v.last_reading)"
-    ids = [batmon_id for batmon_id, _, _ in split]
-    bases = [float(base) if guarded and base is not None else None for _, _, base in split]  # one type
-    rows = conn.execute(
-        f"UPDATE batmons SET {assignments} FROM json_populate_recordset(NULL::batmons, %s) v,"
-        " unnest(%s::bigint[], %s::float8[]) g(id, base),"
-        " (SELECT id AS old_id, status AS old_status, last_reading AS old_last_reading FROM batmons"
-        " WHERE id = ANY(%s) ORDER BY id FOR UPDATE) old"
-        f" WHERE batmons.id = v.id AND g.id = v.id AND batmons.id = old.old_id{guard}"
-        " RETURNING batmons.id, old.old_status, old.old_last_reading".encode(),
-        (values, ids, bases, sorted(ids)),
-    ).fetchall()  # fmt: skip
-    updated = {int(i): (str(was), ts) for i, was, ts in rows}
-    answers = {i: (i in updated, updated.get(i) if "status" in columns else None) for i in ids}
+    before = {int(i): (str(status), ts) for i, status, ts in conn.execute(
+        "SELECT id, status, last_reading FROM batmons WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+        (sorted(ids),))}  # fmt: skip
+    answers: dict[int, tuple[bool, tuple[str, float | None] | None]] = {i: (False, None) for i in ids}
+    for (columns, guard), group in kinds.items():
+        if not columns:
+            continue  # nothing to set: not updated, as one by one
+        assignments = ", ".join(f"{column} = v.{column}" for column in columns)
+        bases = [float(base) if energy_guard.guarded(base) and base is not None else None
+                 for _, _, base in group]  # fmt: skip  # floats only: psycopg dumps one type a list
+        updated = conn.execute(
+            f"UPDATE batmons SET {assignments} FROM json_populate_recordset(NULL::batmons, %s) v,"
+            f" unnest(%s::bigint[], %s::float8[]) g(id, base) WHERE batmons.id = v.id AND g.id = v.id{guard}"
+            " RETURNING batmons.id".encode(),
+            (values[(columns, guard)], [i for i, _, _ in group], bases),
+        ).fetchall()  # fmt: skip
+        for (i,) in updated:
+            answers[int(i)] = (True, before.get(int(i)) if "status" in columns else None)
     return lambda batmon_id, _columns, _base: answers[batmon_id]
 
 
