@@ -25,8 +25,8 @@ from bridge.models import describe_error
 ENV_PREFIX = "BATMON_"
 SERVE_OPTIONS = ("data_dir", "host", "http_port", "mqtt_port", "mqtt_url", "database_url", "broker_config",
                  "mqtt_share_group", "mqtt_client_id", "base_topic", "discovery_prefix", "discovery",
-                 "notify_retry_s",
-                 "notify_give_up_s", "metrics", "metrics_token", "metrics_per_batmon",
+                 "notify_retry_s", "notify_give_up_s", "notify_lease_s", "metrics", "metrics_token",
+                 "metrics_per_batmon",
                  "retention_days", "http_max_connections", "mqtt_tls_port", "tls_cert", "tls_key",
                  "tls_client_ca", "http_tls_cert", "http_tls_key", "mqtt_ca", "mqtt_client_cert",
                  "mqtt_client_key")  # fmt: skip
@@ -63,6 +63,8 @@ def build_parser() -> Parser:
                        help="do not publish Home Assistant discovery")  # fmt: skip
     serve.add_argument("--notify-retry-s", help="first retry delay of a failed notice, doubling (30)")
     serve.add_argument("--notify-give-up-s", help="stop retrying a notice after this long (86400)")
+    serve.add_argument("--notify-lease-s", help="a notice in flight on a worker that died is sent by"
+                       " another after this long (30; several workers on PostgreSQL)")
     serve.add_argument("--metrics", help="who may read /metrics: off, local (loopback, default) or token")
     serve.add_argument("--metrics-token", help="bearer token for --metrics token (or BATMON_METRICS_TOKEN)")
     serve.add_argument("--metrics-per-batmon", action="store_const", const=True,

@@ -270,7 +270,8 @@ class Service:
         parts: list[Extension] = [
             metrics,
             AlarmEvaluator(core),
-            Notifier(core, retry_base_s=opts.notify_retry_s, give_up_after_s=opts.notify_give_up_s),
+            Notifier(core, retry_base_s=opts.notify_retry_s, give_up_after_s=opts.notify_give_up_s,
+                     lease_s=opts.notify_lease_s),
             OfflineWatchdog(core),
             # `batmon user ...` from another process: keys and tokens reloaded at once.
             credentials,

@@ -59,6 +59,8 @@ class ServeOptions(BaseModel):
     discovery: bool = True
     notify_retry_s: Annotated[float, Field(gt=0, le=86_400)] = 30.0
     notify_give_up_s: Annotated[float, Field(gt=0, le=30 * 86_400)] = 86_400.0
+    # Several workers: another takes over a dead worker's notice in flight after this long.
+    notify_lease_s: Annotated[float, Field(ge=1, le=3_600)] = 30.0
     metrics: Literal["off", "local", "token"] = "local"
     metrics_token: SecretStr | None = None
     metrics_per_batmon: bool = False

@@ -138,10 +138,12 @@ class CommitObserved:
 
 @dataclass(frozen=True)
 class NoticeOutcome:
-    """A notice was written (queued/skipped) or one attempt ended (sent/retry/failed)."""
+    """A notice was written (queued/skipped) or one attempt ended (sent/retry/failed); or,
+    with several workers, one was claimed again after its lease ran out (reclaimed), or an
+    attempt delivered one recorded sent already (duplicate)."""
 
     channel: str
-    outcome: Literal["queued", "skipped", "sent", "retry", "failed"]
+    outcome: Literal["queued", "skipped", "sent", "retry", "failed", "duplicate", "reclaimed"]
 
 
 @dataclass(frozen=True)

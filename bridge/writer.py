@@ -303,10 +303,13 @@ class ReadingWriter:
                     try:
                         item = self._queue.get_nowait()
                     except queue.Empty:
-                        if lingered or self.stats.last_group_rows <= 1:
+                        if lingered or self.stats.last_group_rows <= 1 or _http_only(group):
                             break
                         # Busy (the last group held several readings): wait a moment
                         # for more, so one commit and one wake-up serve many readings.
+                        # Not for HTTP alone: its clients wait for their answers, those in
+                        # this group send nothing more until it commits, so the wait mostly
+                        # delays them (docs/PERFORMANCE.md, "HTTP update").
                         lingered = True
                         time.sleep(LINGER_S)
                         try:
@@ -562,6 +565,12 @@ class _Deliveries:
                 self._scheduled = False
                 return
         self._loop.call_soon(self._run)
+
+
+def _http_only(group: list[_Submission]) -> bool:
+    """True when no submission in the group came through MQTT: a group worth lingering
+    for is fed by a stream (a broker's flood), not by clients waiting for their answers."""
+    return all(submission.door == "http" for submission in group)
 
 
 def _mark_status_changes(plans: list[Plan], before: StatusBefore) -> None:

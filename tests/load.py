@@ -114,6 +114,30 @@ class DeviceClient:
         self.client.loop_stop()
 
 
+class TimedDevice(DeviceClient):
+    """A device that notes when each message left and when its PUBACK came."""
+
+    def __init__(self, port: int, device: Device, *, auth: bool = True) -> None:
+        self.published_at: dict[int, float] = {}
+        self.acked_at: dict[int, float] = {}
+        super().__init__(port, device, auth=auth)
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        self.acked_at[mid] = time.monotonic()
+        super()._on_publish(client, userdata, mid, reason, props)
+
+    def publish(self, readings: list[dict[str, Any]], key: str = "voltage") -> Any:
+        at = time.monotonic()
+        sent = super().publish(readings, key)
+        self.published_at[sent.info.mid] = at
+        return sent
+
+    def latencies(self, start: float, end: float) -> list[float]:
+        """Seconds from publish to PUBACK of the messages published in [start, end)."""
+        return [self.acked_at.get(mid, float("inf")) - at
+                for mid, at in self.published_at.items() if start <= at < end]  # fmt: skip
+
+
 class Load:
     """Publishes ``total`` readings round-robin over devices at ``rate`` per second, on a thread.
 
@@ -235,6 +259,27 @@ def add_batmons(serve: ServeProcess, count: int, base_topic: str = "batmon") -> 
     return devices
 
 
+def alarm_notices(http: httpx.Client, target: str, count: int) -> list[int]:
+    """Make ``count`` alarm notices for the caller (``http`` carries its key): its email target
+    set to ``target``, and per notice a batmon whose alarm (voltage >= 10 V, repeated hourly)
+    a 12 V update triggers. Returns the batmons' ids."""
+    r = http.post("/interface/user/notifications", json={"email_url": target})
+    assert r.status_code == 200, r.text
+    ids = []
+    for k in range(count):
+        added = http.post("/interface/add/batmon", json={"batmon_name": f"Pack {k}"}).json()["success"]
+        batmon_id, token = added["batmon_id"], added["batmon_token"]
+        r = http.post("/interface/batmon/alarm/add", json={
+            "batmon_id": batmon_id, "alarm_name": "High", "alarm_metric": "voltage", "alarm_condition": ">=",
+            "alarm_threshold_value": 10, "alarm_repeat_delay": 3600})  # fmt: skip
+        assert r.status_code == 200, r.text
+        r = http.post("/interface/update/batmon", json={"batmon_id": batmon_id, "batmon_token": token,
+                                                        "voltage": 12})  # fmt: skip
+        assert r.status_code == 200, r.text
+        ids.append(batmon_id)
+    return ids
+
+
 def history_values(http: httpx.Client, serve: ServeProcess, batmon_id: int, key: str = "batmon_voltage",
                    ) -> list[float]:  # fmt: skip
     """One batmon's whole history, in the order the API returns it, as ``key`` values."""
@@ -277,6 +322,7 @@ class Answer:
     status: int
     retry_after: str | None
     at: float  # time.monotonic() when the answer came
+    sent: float  # time.monotonic() when the request left
 
 
 class HttpSender:
@@ -303,12 +349,13 @@ class HttpSender:
         i = 0
         with httpx.Client(base_url=self.serve.http_url, timeout=30) as http:
             while not self.stopped.is_set():
+                sent = time.monotonic()
                 try:
                     r = http.post("/interface/update/batmon", json={
                         "batmon_id": self.device.batmon_id, "batmon_token": self.device.token,
                         "voltage": float(i)})  # fmt: skip
                     self.answers.append(Answer(float(i), r.status_code, r.headers.get("Retry-After"),
-                                               time.monotonic()))  # fmt: skip
+                                               time.monotonic(), sent))  # fmt: skip
                 except httpx.HTTPError as exc:  # counted: a timeout is an answer too
                     self.errors.append(f"{float(i)}: {type(exc).__name__}")
                 i += 1

@@ -123,7 +123,9 @@ class LoopThread:
 class Sink:
     """A local HTTP endpoint for Apprise's json:// service; records what it is sent.
 
-    In ``hang`` mode it holds each request without answering (a stuck provider).
+    In ``hang`` mode it holds each request without answering (a stuck provider) until
+    ``release`` is set; then it closes the connection, or answers ``late_status`` if set
+    (a provider that did deliver, late).
     """
 
     def __init__(self, port: int = 0, hang: bool = False) -> None:
@@ -131,6 +133,7 @@ class Sink:
         self.received: list[dict[str, Any]] = []
         self.hung: list[dict[str, Any]] = []
         self.release = threading.Event()
+        self.late_status: int | None = None
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self.port = self.server.server_address[1]
@@ -155,6 +158,10 @@ class Sink:
             (self.hung if self.hang else self.received).append(body)
         return not self.hang
 
+    def _record_late(self, body: dict[str, Any]) -> None:
+        with self._lock:
+            self.received.append(body)
+
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         sink = self
 
@@ -164,6 +171,12 @@ class Sink:
                 body = {**json.loads(self.rfile.read(length)), "path": self.path}
                 if not sink._record(body):
                     sink.release.wait(30)
+                    if sink.late_status is None:
+                        return
+                    sink._record_late(body)
+                    self.send_response(sink.late_status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
                 self.send_response(200)
                 self.send_header("Content-Length", "0")

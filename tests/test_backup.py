@@ -20,7 +20,7 @@ import httpx2 as httpx
 import pytest
 
 from tests.conftest import ServeProcess
-from tests.load import WAIT_S, Device, DeviceClient, Load, add_batmons, admin_headers
+from tests.load import WAIT_S, Load, TimedDevice, add_batmons, admin_headers
 from tests.support import batmon, wait_until
 from tests.test_serve_end_to_end import mqtt_port
 
@@ -30,30 +30,6 @@ DEVICES = 100
 RATE = 500.0  # readings/s over all devices together (the issue's load)
 PREFILL_ROWS = 1_000_000  # a long-running installation: the copy takes long enough to measure
 PREFILL_TS = 1_577_836_800.0  # 2020-01-01: far below the load's `ts`, so history can skip them
-
-
-class TimedDevice(DeviceClient):
-    """A device that notes when each message left and when its PUBACK came."""
-
-    def __init__(self, port: int, device: Device) -> None:
-        self.published_at: dict[int, float] = {}
-        self.acked_at: dict[int, float] = {}
-        super().__init__(port, device, auth=True)
-
-    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-        self.acked_at[mid] = time.monotonic()
-        super()._on_publish(client, userdata, mid, reason, props)
-
-    def publish(self, readings: list[dict[str, Any]], key: str = "voltage") -> Any:
-        at = time.monotonic()
-        sent = super().publish(readings, key)
-        self.published_at[sent.info.mid] = at
-        return sent
-
-    def latencies(self, start: float, end: float) -> list[float]:
-        """Seconds from publish to PUBACK of the messages published in [start, end)."""
-        return [self.acked_at.get(mid, float("inf")) - at
-                for mid, at in self.published_at.items() if start <= at < end]  # fmt: skip
 
 
 def p99_ms(samples: list[float]) -> float:

@@ -344,7 +344,7 @@ def test_queued_notices_are_sent_by_a_new_notifier_after_restart_once(tmp_path, 
         asyncio.run(ingest(core, batmon, batmon_voltage=voltage))
     asyncio.run(core.writer.barrier())  # the notices are written off the loop, after the readings
     outbox = Outbox(core.store)
-    assert outbox.claim(outbox.latest_for_batmon(batmon.id, 1)[0]["id"])
+    assert outbox.claim(outbox.latest_for_batmon(batmon.id, 1)[0]["id"], "dead", T0, T0 + 30)
     assert outbox.count_by_state() == {"queued": 2, "sending": 1}
     core.store.close()
     assert sink.posts() == []

@@ -1,5 +1,5 @@
 """What only the PostgreSQL store has: its URL option, migrations under a lock, monthly
-partitions made on demand and dropped by retention, SKIP LOCKED claims, and errors that
+partitions made on demand and dropped by retention, SKIP LOCKED claims with a lease, and errors that
 never show the URL's password. (Everything both stores do is tests/test_store_contract.py.)"""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from bridge.config import ServeOptions
 from bridge.errors import Conflict, StorageFailed
-from bridge.store.interface import ReadingRow
+from bridge.store.interface import Claim, ReadingRow
 from bridge.store.pg_schema import LATEST, MIGRATIONS
 from bridge.store.pg_store import PostgresStore, month_bounds
 from tests import pg_support
@@ -192,22 +192,79 @@ def test_a_late_reading_for_a_dropped_month_is_stored_in_a_new_partition(store: 
     assert [r["voltage"] for r in store.history(batmon, 0, 2**40)] == [2.0]
 
 
-# -- the outbox --------------------------------------------------------------------------------------
-def test_a_claim_skips_a_notice_another_worker_holds_instead_of_waiting(store: PostgresStore) -> None:
+# -- the outbox ---------------------------------------------------------------------------------------
+def a_notice(store: PostgresStore, created: float = NOV_2023) -> int:
     (notice_id,) = store.outbox.enqueue([{"user_id": 1, "batmon_id": 1, "channel": "email", "kind": "k",
                                           "title": "t", "body": "b", "state": "queued",
-                                          "created": NOV_2023}])  # fmt: skip
+                                          "created": created}])  # fmt: skip
+    return notice_id
+
+
+def test_a_claim_skips_a_notice_another_worker_holds_instead_of_waiting(store: PostgresStore) -> None:
+    notice_id = a_notice(store)
     with psycopg.connect(store.url) as holder:  # another worker mid-claim
         holder.execute("SELECT 1 FROM outbox WHERE id = %s FOR UPDATE", (notice_id,))
         holder.execute("SET statement_timeout = 0")
         claimer = store.another()
         try:
             claimer._conn.execute("SET lock_timeout = '5s'")
-            assert claimer.outbox.claim(notice_id) is False  # at once, not after the holder
+            # at once, not after the holder
+            assert claimer.outbox.claim(notice_id, "w2", NOV_2023, NOV_2023 + 30) is None
         finally:
             claimer.close()
         holder.rollback()
-    assert store.outbox.claim(notice_id) is True
+    assert store.outbox.claim(notice_id, "w1", NOV_2023, NOV_2023 + 30) is not None
+
+
+def test_a_send_whose_lease_ran_out_is_claimed_by_another_worker_and_a_renewed_one_is_not(
+    store: PostgresStore,
+) -> None:
+    dead, live = a_notice(store), a_notice(store)
+    t = NOV_2023
+    dead_claim = store.outbox.claim(dead, "worker-a", t, t + 30)
+    live_claim = store.outbox.claim(live, "worker-a", t, t + 30)
+    assert dead_claim and live_claim
+    claimed_by = {r["id"]: (r["claimed_by"], r["lease_until"]) for r in store.outbox.latest_for_batmon(1, 2)}
+    assert claimed_by == {dead: ("worker-a", t + 30), live: ("worker-a", t + 30)}
+    assert store.outbox.renew([live_claim], t + 50) == 1  # worker a renews the send it still runs
+    assert store.outbox.next_due_at() == t + 30  # when the other lease runs out
+    assert store.outbox.due(t + 29, 10) == []
+    assert [n["id"] for n in store.outbox.due(t + 30, 10)] == [dead]
+    assert store.outbox.claim(live, "worker-b", t + 30, t + 60) is None  # renewed: still a's
+    taken = store.outbox.claim(dead, "worker-b", t + 30, t + 60)
+    assert taken == Claim(dead, "worker-b", 2)
+    assert store.outbox.renew([dead_claim], t + 70) == 0  # a's claim is gone
+    assert store.outbox.mark_retry(dead_claim, t + 31, t + 40, "late") is False
+    assert store.outbox.mark_sent(taken, t + 32, "json://****") is True
+    assert store.outbox.mark_sent(dead_claim, t + 33, "json://****") is False  # a's late send: a duplicate
+
+
+def test_nothing_is_requeued_at_a_workers_start_on_postgresql(store: PostgresStore) -> None:
+    notice_id = a_notice(store)
+    assert store.outbox.claim(notice_id, "live-worker", NOV_2023, NOV_2023 + 30)
+    assert store.outbox.requeue_interrupted() == 0  # a worker starting: the live one keeps its send
+    assert store.outbox.count_by_state() == {"sending": 1}
+
+
+def test_a_notice_an_older_release_left_sending_is_due_at_once_after_the_lease_migration() -> None:
+    url = pg_support.fresh_database_url()
+    lease = next(i for i, step in enumerate(MIGRATIONS) if any("lease_until" in s for s in step))
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        for version, statements in enumerate(MIGRATIONS[:lease], start=1):
+            for statement in statements:
+                conn.execute(statement.encode())
+            conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+        conn.execute("INSERT INTO outbox (user_id, batmon_id, channel, kind, title, body, state, attempts,"
+                     " next_attempt_at, created) VALUES (1, 1, 'email', 'k', 't', 'b', 'sending', 1,"
+                     " %s, %s)", (NOV_2023, NOV_2023))  # fmt: skip
+    store = PostgresStore.open(url)
+    try:
+        (row,) = store.outbox.due(NOV_2023, 10)
+        assert (row["state"], row["claimed_by"], row["lease_until"]) == ("sending", None, 0)
+        assert store.outbox.claim(row["id"], "w", NOV_2023, NOV_2023 + 30) == Claim(row["id"], "w", 2)
+    finally:
+        store.close()
 
 
 # -- a lost connection ------------------------------------------------------------------------------

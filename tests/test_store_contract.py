@@ -33,7 +33,7 @@ import pytest
 from bridge.errors import Conflict
 from bridge.store.db import SqliteStore
 from bridge.store.energy_guard import PLANNED_FROM, StaleState
-from bridge.store.interface import CHANNELS, ReadingRow, Store
+from bridge.store.interface import CHANNELS, Claim, ReadingRow, Store
 from bridge.store.memory import MemoryStore
 from tests import pg_support
 
@@ -43,6 +43,7 @@ STORES: dict[str, Callable[[Path], Store]] = {
     "postgres": lambda tmp_path: pg_support.clean_store(),
 }
 
+SHARED = {"postgres"}  # stores several workers share: claims have a lease, nothing is requeued at start
 HOUR = 3600
 T0 = 1_700_000_000 // HOUR * HOUR  # a whole hour
 
@@ -586,9 +587,9 @@ def test_outbox_gives_due_notices_oldest_first_and_a_claim_once(store: Store) ->
     assert [n["id"] for n in outbox.due(T0 + 5, 10)] == [second, first]
     assert outbox.due(T0 + 1.5, 10)[0]["id"] == second and len(outbox.due(T0 + 1.5, 10)) == 1
     assert outbox.next_due_at() == T0 + 1
-    assert outbox.claim(second) is True
-    assert outbox.claim(second) is False  # one claim wins
-    assert outbox.claim(skipped) is False
+    assert outbox.claim(second, "w1", T0 + 5, T0 + 35) == Claim(second, "w1", 1)
+    assert outbox.claim(second, "w2", T0 + 5, T0 + 35) is None  # one claim wins
+    assert outbox.claim(skipped, "w1", T0 + 5, T0 + 35) is None
     assert [n["id"] for n in outbox.due(T0 + 5, 10)] == [first]
     assert outbox.count_by_state() == {"queued": 1, "sending": 1, "skipped": 1}
     assert outbox.pending_by_channel() == {("queued", "email"): 1, ("sending", "sms"): 1}
@@ -597,26 +598,59 @@ def test_outbox_gives_due_notices_oldest_first_and_a_claim_once(store: Store) ->
 def test_outbox_records_every_attempt_and_retries_when_due(store: Store) -> None:
     outbox = store.outbox
     (notice_id,) = outbox.enqueue([notice(1, "email", T0)])
-    assert outbox.claim(notice_id)
-    outbox.mark_retry(notice_id, T0 + 1, T0 + 31, "Connection error", "json://****")
+    claim = outbox.claim(notice_id, "w1", T0, T0 + 30)
+    assert claim is not None and outbox.renew([claim], T0 + 40) == 1
+    assert outbox.mark_retry(claim, T0 + 1, T0 + 31, "Connection error", "json://****") is True
     assert outbox.due(T0 + 30, 10) == [] and outbox.next_due_at() == T0 + 31
-    assert outbox.claim(notice_id)
-    outbox.mark_sent(notice_id, T0 + 32, "json://****")
+    claim = outbox.claim(notice_id, "w1", T0 + 31, T0 + 61)
+    assert claim is not None and claim.attempt == 2
+    assert outbox.mark_sent(claim, T0 + 32, "json://****") is True
     (row,) = outbox.latest_for_batmon(1, 5)
     assert (row["state"], row["attempts"], row["sent_at"], row["target"]) == ("sent", 2, T0 + 32, "json://****")
     assert [a["outcome"] for a in outbox.attempts(notice_id)] == ["error", "sent"]
     assert outbox.next_due_at() is None
 
 
-def test_outbox_requeues_interrupted_sends_and_prunes_only_finished_notices(store: Store) -> None:
+def test_outbox_applies_an_outcome_only_while_its_claim_holds_and_tells_a_second_delivery(
+    store: Store,
+) -> None:
+    outbox = store.outbox
+    (notice_id,) = outbox.enqueue([notice(1, "email", T0)])
+    stale = outbox.claim(notice_id, "w1", T0, T0 + 30)
+    assert stale is not None and outbox.mark_retry(stale, T0 + 1, T0 + 2, "timeout") is True
+    current = outbox.claim(notice_id, "w1", T0 + 2, T0 + 32)
+    assert current is not None
+    assert outbox.mark_retry(stale, T0 + 3, T0 + 4, "late") is False  # the first attempt's, again
+    assert outbox.mark_failed(stale, T0 + 3, "late") is False
+    assert outbox.renew([stale], T0 + 50) == 0 and outbox.renew([stale, current], T0 + 50) == 1
+    assert outbox.count_by_state() == {"sending": 1}  # untouched by the stale claim
+    assert outbox.mark_sent(stale, T0 + 5, "json://a") is True  # a delivery is a fact, held or not
+    assert outbox.mark_sent(current, T0 + 6, "json://b") is False  # delivered already: a duplicate
+    assert outbox.mark_retry(current, T0 + 7, T0 + 8, "x") is False
+    (row,) = outbox.latest_for_batmon(1, 1)
+    assert (row["state"], row["sent_at"], row["target"]) == ("sent", T0 + 5, "json://a")
+    assert [a["outcome"] for a in outbox.attempts(notice_id)] == ["error", "error", "error", "sent",
+                                                                  "sent", "error"]  # fmt: skip
+
+
+def test_outbox_requeues_interrupted_sends_only_where_one_process_has_it_and_prunes_finished(
+    store: Store, request: pytest.FixtureRequest
+) -> None:
     outbox = store.outbox
     sending, failed, queued = outbox.enqueue([notice(1, c, T0) for c in CHANNELS])
-    assert outbox.claim(sending) and outbox.claim(failed)
-    outbox.mark_failed(failed, T0 + 1, "gave up")
-    assert outbox.requeue_interrupted() == 1  # a process stopped mid-send
-    assert outbox.count_by_state() == {"queued": 2, "failed": 1}
+    claim = outbox.claim(failed, "w1", T0, T0 + 30)
+    assert outbox.claim(sending, "w1", T0, T0 + 30) and claim
+    assert outbox.mark_failed(claim, T0 + 1, "gave up") is True
+    if request.node.callspec.params["store"] in SHARED:  # live workers' sends: left to their lease
+        assert outbox.requeue_interrupted() == 0
+        assert outbox.count_by_state() == {"queued": 1, "sending": 1, "failed": 1}
+        assert [n["id"] for n in outbox.due(T0 + 29, 10)] == [queued]
+        assert sorted(n["id"] for n in outbox.due(T0 + 30, 10)) == sorted([sending, queued])  # lease out
+    else:
+        assert outbox.requeue_interrupted() == 1  # a process stopped mid-send
+        assert outbox.count_by_state() == {"queued": 2, "failed": 1}
+        assert sorted(n["id"] for n in outbox.due(T0 + 10, 10)) == sorted([sending, queued])
     assert outbox.prune(T0 + 10) == 1
-    assert sorted(n["id"] for n in outbox.due(T0 + 10, 10)) == sorted([sending, queued])
 
 
 def test_outbox_shows_a_batmons_latest_notices_newest_first(store: Store) -> None:

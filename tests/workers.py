@@ -60,7 +60,10 @@ class Workers:
         if i > 0:  # the shared session key, as the unit hands one to every instance
             data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             shutil.copy(self.root / "worker-0" / "session.key", data_dir / "session.key")
-        args = ["--mqtt-url", self.mqtt_url, "--database-url", self.database_url, *self.extra(i)]
+        extra = self.extra(i)
+        if "--mqtt-client-id" not in extra:  # one session per worker, as the unit's %i gives
+            extra = [*extra, "--mqtt-client-id", f"batmon-worker-{i}"]
+        args = ["--mqtt-url", self.mqtt_url, "--database-url", self.database_url, *extra]
         return ServeProcess(data_dir, args=args)
 
     def start(self, n: int) -> list[ServeProcess]:

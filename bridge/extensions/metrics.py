@@ -115,6 +115,16 @@ class Metrics:
         self.notices = PromCounter(
             "batmon_notices", "Notices written to the outbox and the outcome of each attempt.",
             ["channel", "outcome"], registry=registry)  # fmt: skip
+        notice_duplicates = PromCounter(
+            "batmon_notice_duplicates",
+            "Deliveries of a notice another worker had delivered already (its send outlived its lease).",
+            ["channel"], registry=registry)  # fmt: skip
+        notices_reclaimed = PromCounter(
+            "batmon_notices_reclaimed",
+            "Notices claimed again after their worker's lease ran out mid-send (may arrive twice).",
+            ["channel"], registry=registry)  # fmt: skip
+        # Outcomes across workers (docs/SCALE-OUT.md, "Notices"): not an attempt's end, counted apart.
+        self._lease_counters = {"duplicate": notice_duplicates, "reclaimed": notices_reclaimed}
         writer_queue = Gauge("batmon_writer_queue_depth", "Readings waiting for the writer.",
                              registry=registry)  # fmt: skip
         writer_queue.set_function(lambda: self.core.writer.pending_rows)
@@ -125,6 +135,8 @@ class Metrics:
         for channel in CHANNELS:
             for outcome in NOTICE_OUTCOMES:
                 self.notices.labels(channel=channel, outcome=outcome)
+            for counter in self._lease_counters.values():
+                counter.labels(channel=channel)
         registry.register(_ScrapeTimeCollector(self))
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
@@ -186,7 +198,11 @@ class Metrics:
         self.commit_seconds.observe(event.seconds)
 
     def _on_notice(self, event: NoticeOutcome) -> None:
-        self.notices.labels(channel=event.channel, outcome=event.outcome).inc()
+        counter = self._lease_counters.get(event.outcome)
+        if counter is not None:
+            counter.labels(channel=event.channel).inc()
+        else:
+            self.notices.labels(channel=event.channel, outcome=event.outcome).inc()
 
     def _on_http_rejected(self, event: HttpRejected) -> None:
         self._http_rejections[event.reason] += 1

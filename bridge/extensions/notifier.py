@@ -9,6 +9,13 @@ Target URLs are read from the user's row when a notice is sent, not copied into 
 outbox: a user who fixes or removes a target while notices wait in the queue is
 obeyed at once, and the secrets in the URLs live in one table only. The outbox keeps
 the masked URL a notice went to.
+
+Several workers may share one outbox (PostgreSQL). Each claims a notice under its own id
+with a lease, renews the leases of its sends in flight, and records an outcome only while
+its claim holds; a notice whose worker died mid-send is claimed again by any worker once
+the lease ran out (counted ``reclaimed``), and a delivery that finds the notice recorded
+sent already is counted ``duplicate`` (docs/SCALE-OUT.md, "Notices"). On SQLite (one
+process) the same calls hold without a lease. Delivery is at least once either way.
 """
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
+import secrets
+import socket
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -26,7 +36,7 @@ import apprise
 from pydantic import ValidationError
 
 from bridge.banks import BANK_UNITS
-from bridge.errors import InvalidInput, NotFound
+from bridge.errors import InvalidInput, NotFound, StorageFailed
 from bridge.events import (
     NO_SUBSCRIPTION,
     AlarmChanged,
@@ -41,16 +51,20 @@ from bridge.store.interface import CHANNELS, Channel
 
 if TYPE_CHECKING:
     from bridge.core import Alarm, Batmon, Core
-    from bridge.store.interface import Store
+    from bridge.store.interface import Claim, Store
 
 log = logging.getLogger(__name__)
 
-OutcomeName = Literal["queued", "skipped", "sent", "retry", "failed"]
+OutcomeName = Literal["queued", "skipped", "sent", "retry", "failed", "duplicate", "reclaimed"]
 
 TARGET_COLUMNS: dict[Channel, str] = {ch: f"{ch}_url" for ch in CHANNELS}
 RETENTION_S = 30 * 86400  # finished notices are kept this long for the user to read
 TEST_NOTICE_BATMON_ID = 0  # outbox rows need a batmon; ids start at 1, so 0 is none
 IDLE_WAIT_S = 60.0  # a safety net: the worker looks at the queue at least this often
+LEASE_S = 30.0
+"""How long a claim holds without renewal (renewed every third of it while the send runs):
+a worker that died mid-send has its notice sent by another within about this long."""
+RECORD_RETRY_S = 1.0  # an outcome the store could not take is written again this often
 NOTIFY_TYPES = {
     "offline": apprise.NotifyType.WARNING,
     "online": apprise.NotifyType.SUCCESS,
@@ -254,8 +268,13 @@ class Notifier:
 
     def __init__(self, core: Core, *, retry_base_s: float = 30.0,
                  give_up_after_s: float = 86400.0, max_attempts: int = 12,
-                 send_timeout_s: float = 20.0, concurrency: int = 8) -> None:  # fmt: skip
+                 send_timeout_s: float = 20.0, concurrency: int = 8, lease_s: float = LEASE_S,
+                 worker: str | None = None) -> None:  # fmt: skip
         self.core = core
+        # Who claims: unique per process (a restarted worker is another claimer), and
+        # readable in the outbox's claimed_by column.
+        self.worker = worker or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.lease_s = lease_s
         self._subscription: Subscription = NO_SUBSCRIPTION
         self.retry_base_s = retry_base_s
         self.give_up_after_s = give_up_after_s
@@ -265,11 +284,13 @@ class Notifier:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._renewer: asyncio.Task[None] | None = None
+        self._inflight: dict[asyncio.Task[None], Claim] = {}
         self._pending_writes: set[asyncio.Future[Any]] = set()
 
     async def start(self) -> None:
-        """Requeue notices a stopped or killed process left in flight, then serve."""
+        """Requeue notices a stopped or killed process left in flight (where the store can
+        tell: SQLite; on PostgreSQL their leases run out), then serve."""
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         requeued = await self.core.in_store(lambda store: store.outbox.requeue_interrupted())
@@ -283,15 +304,17 @@ class Notifier:
             TestNoticeRequested: self.on_test_notice,
         })  # fmt: skip
         self._task = asyncio.create_task(self._run(), name="notifier")
+        self._renewer = asyncio.create_task(self._renew_leases(), name="notifier-leases")
 
     async def stop(self) -> None:
-        """Stop sending; notices in flight stay 'sending' and are resent on next start."""
+        """Stop sending; notices in flight stay 'sending' and are resent on next start
+        (SQLite) or by any worker once their lease has run out (PostgreSQL)."""
         self._subscription.cancel()
-        tasks = [t for t in (self._task, *self._inflight) if t is not None]
+        tasks = [t for t in (self._task, self._renewer, *self._inflight) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._task = None
+        self._task = self._renewer = None
 
     # -- event handlers (synchronous: queue the rows, wake the worker once they are in) ----
     def on_status(self, event: StatusChanged) -> None:
@@ -434,32 +457,40 @@ class Notifier:
         if free <= 0:
             return
         now = self.core.clock()
+        worker, lease_until = self.worker, now + self.lease_s
+        # Ours still: its lease may have run out while the outcome waits for the database.
+        busy = {claim.notice_id for claim in self._inflight.values()}
 
-        def claim_due(store: Store) -> list[tuple[dict[str, Any], str]]:
+        def claim_due(store: Store) -> list[tuple[dict[str, Any], str, Claim | None]]:
             """Due rows with their targets, claimed (or skipped) in one visit off the loop."""
-            claimed = []
-            for row in store.outbox.due(now, free):
+            claimed: list[tuple[dict[str, Any], str, Claim | None]] = []
+            for row in [r for r in store.outbox.due(now, free + len(busy)) if r["id"] not in busy][:free]:
                 user = store.user_by_id(row["user_id"])
                 target = str(user[TARGET_COLUMNS[row["channel"]]]) if user else ""
                 if not target:
                     store.outbox.mark_skipped(row["id"], now, _no_target(row["channel"]))
-                    claimed.append((row, ""))
-                elif store.outbox.claim(row["id"]):
-                    claimed.append((row, target))
+                    claimed.append((row, "", None))
+                elif claim := store.outbox.claim(row["id"], worker, now, lease_until):
+                    claimed.append((row, target, claim))
             return claimed
 
-        for row, target in await self.core.in_store(claim_due):
-            if not target:
+        for row, target, claim in await self.core.in_store(claim_due):
+            if claim is None:
                 self._tell(row["channel"], "skipped")
-            else:
-                task = asyncio.create_task(self._deliver(row, target))
-                self._inflight.add(task)
-                task.add_done_callback(self._delivered)
+                continue
+            if row["state"] == "sending":  # its worker's lease ran out: died or stalled mid-send
+                self._tell(row["channel"], "reclaimed")
+                log.warning("notice %s (%s): the lease of %s ran out mid-send; sending it again"
+                            " (at least once: it may arrive twice)", row["id"], row["channel"],
+                            row.get("claimed_by") or "another worker")  # fmt: skip
+            task = asyncio.create_task(self._deliver(row, target, claim))
+            self._inflight[task] = claim
+            task.add_done_callback(self._delivered)
 
     def _delivered(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
+        self._inflight.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
-            # The row stays 'sending' and is requeued at the next start.
+            # The row stays 'sending' until it is requeued or its lease runs out.
             log.error("recording a notice's outcome failed: %r", task.exception())
         if self._wake is not None:
             self._wake.set()  # a slot is free
@@ -467,7 +498,9 @@ class Notifier:
     async def _wait(self) -> None:
         """Sleep until the next notice is due, a new one is queued, or a slot frees."""
         assert self._wake is not None
-        timeout = IDLE_WAIT_S
+        # At least once a lease: nothing wakes this worker for notices another one queued
+        # and died before claiming, or whose lease runs out.
+        timeout = min(IDLE_WAIT_S, self.lease_s)
         if len(self._inflight) < self.concurrency:
             try:
                 next_at = await self.core.in_store(lambda store: store.outbox.next_due_at())
@@ -482,30 +515,69 @@ class Notifier:
             async with asyncio.timeout(timeout):
                 await self._wake.wait()
 
-    async def _deliver(self, row: dict[str, Any], target: str) -> None:
+    async def _deliver(self, row: dict[str, Any], target: str, claim: Claim) -> None:
         """One attempt at one notice; records the outcome and schedules any retry."""
         masked = mask_url(target)
         error = await self._attempt(row, target)
         now = self.core.clock()
-        attempts = row["attempts"] + 1  # claim() counted this attempt
-        notice_id = row["id"]
+        attempts = claim.attempt  # the claim counted this attempt
+        channel = row["channel"]
         if not error:
-            await self.core.in_store(lambda store: store.outbox.mark_sent(notice_id, now, masked))
-            self._tell(row["channel"], "sent")
-            log.info("notice %s (%s) sent to %s", row["id"], row["channel"], masked)
+            if await self._record(lambda store: store.outbox.mark_sent(claim, now, masked)):
+                self._tell(channel, "sent")
+                log.info("notice %s (%s) sent to %s", row["id"], channel, masked)
+            else:  # another worker delivered it while this send ran past its lease
+                self._tell(channel, "duplicate")
+                log.warning("notice %s (%s) sent to %s again: another worker had sent it after this"
+                            " send's lease ran out (a duplicate)", row["id"], channel, masked)  # fmt: skip
             return
         next_at = now + self.retry_base_s * 2 ** (attempts - 1)
         if attempts >= self.max_attempts or next_at - row["created"] > self.give_up_after_s:
-            await self.core.in_store(lambda store: store.outbox.mark_failed(notice_id, now, error, masked))
-            self._tell(row["channel"], "failed")
-            log.warning("notice %s (%s) to %s failed for good after %d attempts: %s",
-                        row["id"], row["channel"], masked, attempts, error)  # fmt: skip
+            outcome: OutcomeName = "failed"
+            held = await self._record(lambda store: store.outbox.mark_failed(claim, now, error, masked))
         else:
-            await self.core.in_store(
-                lambda store: store.outbox.mark_retry(notice_id, now, next_at, error, masked))
-            self._tell(row["channel"], "retry")
+            outcome = "retry"
+            held = await self._record(
+                lambda store: store.outbox.mark_retry(claim, now, next_at, error, masked))
+        if not held:
+            log.info("notice %s (%s) to %s failed (%s), but another worker has it since this"
+                     " attempt's lease ran out", row["id"], channel, masked, error)  # fmt: skip
+        elif outcome == "failed":
+            self._tell(channel, "failed")
+            log.warning("notice %s (%s) to %s failed for good after %d attempts: %s",
+                        row["id"], channel, masked, attempts, error)  # fmt: skip
+        else:
+            self._tell(channel, "retry")
             log.info("notice %s (%s) to %s failed (%s); retry in %.0f s",
-                     row["id"], row["channel"], masked, error, next_at - now)  # fmt: skip
+                     row["id"], channel, masked, error, next_at - now)  # fmt: skip
+
+    async def _record(self, write: Callable[[Store], bool]) -> bool:
+        """Write an attempt's outcome, again each RECORD_RETRY_S while the store is failing:
+        an outcome lost to an outage would send the notice again (on PostgreSQL, uncounted)."""
+        while True:
+            try:
+                return await self.core.in_store(write)
+            except StorageFailed as exc:
+                log.warning("could not record a notice's outcome (%s); trying again", exc)
+                await asyncio.sleep(RECORD_RETRY_S)
+
+    async def _renew_leases(self) -> None:
+        """Every third of a lease, extend the leases of this worker's sends in flight."""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            claims = list(self._inflight.values())
+            if claims:
+                await self._renew(claims, self.core.clock() + self.lease_s)
+
+    async def _renew(self, claims: list[Claim], until: float) -> None:
+        try:
+            held = await self.core.in_store(lambda store: store.outbox.renew(claims, until))
+        except StorageFailed as exc:
+            log.warning("could not renew the leases of %d notices in flight: %s", len(claims), exc)
+            return
+        if held < len(claims):
+            log.warning("%d of %d notices in flight were claimed by another worker (their lease"
+                        " ran out)", len(claims) - held, len(claims))  # fmt: skip
 
     async def _attempt(self, row: dict[str, Any], target: str) -> str:
         """Send once within send_timeout_s; "" on success, else a secret-free reason."""

@@ -108,11 +108,28 @@ class HistoryReads(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """One worker's hold on one notice for one attempt (``attempt``: the count the claim made).
+
+    An outcome is applied only while the claim holds: another worker that took the notice
+    over after the lease ran out makes the first one's late outcome a logged attempt only.
+    """
+
+    notice_id: int
+    worker: str
+    attempt: int
+
+
 class NoticeOutbox(Protocol):
     """The durable queue of notices: one row per notice and channel, ids never reused.
 
     Rows move ``queued -> sending -> sent | queued (retry) | failed``, or are written
     ``skipped``. A claim is exclusive: of two claims of one queued notice, one wins.
+    Delivery is at least once. A store shared by several workers (PostgreSQL) gives a
+    claim a lease, renewed while the send runs: once it runs out (the worker died or
+    stalls) another worker may claim the notice again. A single-process store (SQLite,
+    memory: the data folder's lock) needs none and requeues a stopped run's sends at start.
     """
 
     def enqueue(self, notices: Iterable[dict[str, Any]]) -> list[int]:
@@ -120,25 +137,44 @@ class NoticeOutbox(Protocol):
         ...
 
     def due(self, now: float, limit: int) -> list[dict[str, Any]]:
-        """Queued notices whose next attempt is due, oldest due first."""
+        """Notices to claim now, oldest due first: queued ones whose next attempt is due, and
+        ones ``sending`` whose lease ran out (shared stores)."""
         ...
 
     def next_due_at(self) -> float | None:
-        """When the earliest queued notice is due, or None when none is queued."""
+        """When the earliest notice is due (or a lease runs out), or None when none waits."""
         ...
 
-    def claim(self, notice_id: int) -> bool:
-        """Mark a queued notice ``sending`` and count the attempt; False if it was not queued."""
+    def claim(self, notice_id: int, worker: str, now: float, lease_until: float) -> Claim | None:
+        """Mark a notice ``sending`` for ``worker`` until ``lease_until`` and count the
+        attempt; None if it was not queued (nor its lease run out by ``now``): another has it."""
         ...
 
-    def mark_sent(self, notice_id: int, now: float, target: str) -> None: ...
-    def mark_retry(self, notice_id: int, now: float, next_attempt_at: float, error: str,
-                   target: str = "") -> None: ...  # fmt: skip
-    def mark_failed(self, notice_id: int, now: float, error: str, target: str = "") -> None: ...
+    def renew(self, claims: Sequence[Claim], lease_until: float) -> int:
+        """Extend the leases of these claims that still hold; how many did."""
+        ...
+
+    def mark_sent(self, claim: Claim, now: float, target: str) -> bool:
+        """Record a delivery to ``target`` (the masked URL), held or not: it happened. False
+        when the notice was recorded sent already: this delivery was a duplicate."""
+        ...
+
+    def mark_retry(self, claim: Claim, now: float, next_attempt_at: float, error: str,
+                   target: str = "") -> bool:  # fmt: skip
+        """Record a failed attempt and queue the notice again; False (attempt logged only)
+        when the claim no longer holds."""
+        ...
+
+    def mark_failed(self, claim: Claim, now: float, error: str, target: str = "") -> bool:
+        """Record a failed attempt after which no more are made; False as mark_retry."""
+        ...
+
     def mark_skipped(self, notice_id: int, now: float, reason: str) -> None: ...
 
     def requeue_interrupted(self) -> int:
-        """Put notices left ``sending`` by a stopped process back in the queue."""
+        """Put back in the queue the sends of a stopped process, where the store can know it
+        stopped: a single-process store, every ``sending`` row; a shared one, none (leases
+        run out instead: a live worker's sends are never taken from it)."""
         ...
 
     def latest_for_batmon(self, batmon_id: int, limit: int) -> list[dict[str, Any]]:

@@ -23,7 +23,16 @@ from typing import Any
 
 from bridge.errors import Conflict
 from bridge.store import energy_guard
-from bridge.store.interface import ENERGY, METRICS, CredentialRows, CurrentUpdate, ReadingRow, Render, Row
+from bridge.store.interface import (
+    ENERGY,
+    METRICS,
+    Claim,
+    CredentialRows,
+    CurrentUpdate,
+    ReadingRow,
+    Render,
+    Row,
+)
 
 HOUR = 3600
 BATMON_DEFAULTS: dict[str, Any] = {
@@ -442,39 +451,48 @@ class MemoryOutbox:
             queued = self._queued()
             return float(queued[0]["next_attempt_at"]) if queued else None
 
-    def claim(self, notice_id: int) -> bool:
-        with self._data.lock:
+    def claim(self, notice_id: int, worker: str, now: float, lease_until: float) -> Claim | None:
+        with self._data.lock:  # one process, as SQLite: no lease
             notice = self._data.outbox.get(notice_id)
             if notice is None or notice["state"] != "queued":
-                return False
+                return None
             notice.update(state="sending", attempts=notice["attempts"] + 1)
-            return True
+            return Claim(notice_id, worker, notice["attempts"])
 
-    def mark_sent(self, notice_id: int, now: float, target: str) -> None:
-        self._finish(notice_id, now, "sent", "", sent_at=now, target=target)
+    def renew(self, claims: Sequence[Claim], lease_until: float) -> int:
+        with self._data.lock:  # no lease to extend: how many still hold
+            rows = [(c, self._data.outbox.get(c.notice_id)) for c in claims]
+            return sum(1 for c, n in rows if n and n["state"] == "sending" and n["attempts"] == c.attempt)
 
-    def mark_retry(self, notice_id: int, now: float, next_attempt_at: float, error: str,
-                   target: str = "") -> None:  # fmt: skip
-        self._finish(notice_id, now, "queued", error, next_attempt_at=next_attempt_at, target=target)
+    def mark_sent(self, claim: Claim, now: float, target: str) -> bool:
+        return self._finish(claim, now, "sent", "", sent_at=now, target=target)
 
-    def mark_failed(self, notice_id: int, now: float, error: str, target: str = "") -> None:
-        self._finish(notice_id, now, "failed", error, target=target)
+    def mark_retry(self, claim: Claim, now: float, next_attempt_at: float, error: str,
+                   target: str = "") -> bool:  # fmt: skip
+        return self._finish(claim, now, "queued", error, next_attempt_at=next_attempt_at, target=target)
+
+    def mark_failed(self, claim: Claim, now: float, error: str, target: str = "") -> bool:
+        return self._finish(claim, now, "failed", error, target=target)
 
     def mark_skipped(self, notice_id: int, now: float, reason: str) -> None:
-        self._finish(notice_id, now, "skipped", reason, attempt=False)
-
-    def _finish(self, notice_id: int, now: float, state: str, error: str, *, attempt: bool = True,
-                **columns: Any) -> None:  # fmt: skip
-        error = error[:MAX_ERROR_CHARS]
         with self._data.lock:
             notice = self._data.outbox.get(notice_id)
+            if notice is not None:
+                notice.update(state="skipped", last_error=reason[:MAX_ERROR_CHARS])
+
+    def _finish(self, claim: Claim, now: float, state: str, error: str, **columns: Any) -> bool:
+        error = error[:MAX_ERROR_CHARS]
+        with self._data.lock:
+            notice = self._data.outbox.get(claim.notice_id)
             if notice is None:
-                return
-            notice.update(state=state, last_error=error, **columns)
-            if attempt:
-                outcome = "sent" if state == "sent" else "error"
-                self._data.attempts.append({"outbox_id": notice_id, "at": now, "outcome": outcome,
-                                            "error": error})  # fmt: skip
+                return False
+            self._data.attempts.append({"outbox_id": claim.notice_id, "at": now, "error": error,
+                                        "outcome": "sent" if state == "sent" else "error"})  # fmt: skip
+            holds = (notice["state"] != "sent" if state == "sent"
+                     else notice["state"] == "sending" and notice["attempts"] == claim.attempt)  # fmt: skip
+            if holds:
+                notice.update(state=state, last_error=error, **columns)
+            return holds
 
     def requeue_interrupted(self) -> int:
         with self._data.lock:

@@ -8,14 +8,19 @@ Delivery is at-least-once: a row is claimed (``sending``) before the send and
 marked ``sent`` after it, so a process killed between the service accepting
 the notice and that commit sends it again after restart. A send that times out
 on our side but lands later is retried too. Both windows are seconds wide.
+
+One process has the file (the data folder's lock), so a claim needs no lease: the
+worker and lease arguments of the interface are not stored, a claim's attempt count
+is its token, and ``requeue_interrupted`` at start takes back every ``sending`` row.
+(PostgreSQL, shared by workers, leases its claims: bridge/store/pg_outbox.py.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from bridge.store.interface import CHANNELS, Channel
+from bridge.store.interface import CHANNELS, Channel, Claim
 from bridge.store.sqlite_errors import translated
 
 if TYPE_CHECKING:
@@ -71,37 +76,53 @@ class Outbox:
         return None if row[0] is None else float(row[0])
 
     @translated
-    def claim(self, notice_id: int) -> bool:
-        """Mark a queued notice ``sending`` and count the attempt; False if taken."""
-        with self.db.atomic():
+    def claim(self, notice_id: int, worker: str, now: float, lease_until: float) -> Claim | None:
+        """Mark a queued notice ``sending`` and count the attempt; None if taken."""
+        with self.db.atomic():  # no RETURNING: SQLite before 3.35 has none
             cur = self.db.execute(
                 "UPDATE outbox SET state = 'sending', attempts = attempts + 1"
                 " WHERE id = ? AND state = 'queued'",
                 (notice_id,),
             )
-        return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return None
+            row = self.db.execute("SELECT attempts FROM outbox WHERE id = ?", (notice_id,)).fetchone()
+        return Claim(notice_id, worker, int(row[0]))
 
     @translated
-    def mark_sent(self, notice_id: int, now: float, target: str) -> None:
+    def renew(self, claims: Sequence[Claim], lease_until: float) -> int:
+        """Nothing to extend (one process, no lease): how many of the claims still hold."""
+        if not claims:
+            return 0
+        pairs = ", ".join("(?, ?)" for _ in claims)
+        row = self.db.execute(f"SELECT count(*) FROM outbox WHERE state = 'sending' AND (id, attempts)"
+                              f" IN (VALUES {pairs})",  # placeholders only
+                              [v for c in claims for v in (c.notice_id, c.attempt)]).fetchone()  # fmt: skip
+        return int(row[0])
+
+    @translated
+    def mark_sent(self, claim: Claim, now: float, target: str) -> bool:
         """Record a delivery; ``target`` is the masked URL it went to."""
-        self._finish(notice_id, now, "sent", "", sent_at=now, target=target)
+        return self._finish(claim, now, "sent", "", sent_at=now, target=target)
 
     @translated
-    def mark_retry(self, notice_id: int, now: float, next_attempt_at: float, error: str,
-                   target: str = "") -> None:  # fmt: skip
+    def mark_retry(self, claim: Claim, now: float, next_attempt_at: float, error: str,
+                   target: str = "") -> bool:  # fmt: skip
         """Record a failed attempt and put the notice back in the queue."""
-        self._finish(notice_id, now, "queued", error, next_attempt_at=next_attempt_at,
-                     target=target)  # fmt: skip
+        return self._finish(claim, now, "queued", error, next_attempt_at=next_attempt_at,
+                            target=target)  # fmt: skip
 
     @translated
-    def mark_failed(self, notice_id: int, now: float, error: str, target: str = "") -> None:
+    def mark_failed(self, claim: Claim, now: float, error: str, target: str = "") -> bool:
         """Record a failed attempt after which no more are made."""
-        self._finish(notice_id, now, "failed", error, target=target)
+        return self._finish(claim, now, "failed", error, target=target)
 
     @translated
     def mark_skipped(self, notice_id: int, now: float, reason: str) -> None:
         """Record that the notice had nowhere to go (no target for its channel)."""
-        self._finish(notice_id, now, "skipped", reason, attempt=False)
+        with self.db.atomic():
+            self.db.execute("UPDATE outbox SET state = 'skipped', last_error = ? WHERE id = ?",
+                            (reason[:MAX_ERROR_CHARS], notice_id))  # fmt: skip
 
     @translated
     def requeue_interrupted(self) -> int:
@@ -160,20 +181,25 @@ class Outbox:
             )
         return cur.rowcount
 
-    def _finish(self, notice_id: int, now: float, state: str, error: str, *,
-                attempt: bool = True, **columns: Any) -> None:  # fmt: skip
-        """Set the outcome columns and log the attempt in one transaction."""
+    def _finish(self, claim: Claim, now: float, state: str, error: str, **columns: Any) -> bool:
+        """Log the attempt and, if the claim holds (a delivery: unless recorded already), set
+        the outcome columns, in one transaction; True when they were set."""
         error = error[:MAX_ERROR_CHARS]
         assignments = "".join(f", {name} = ?" for name in columns)
+        holds, held = (_NOT_SENT, ()) if state == "sent" else (_HELD, (claim.attempt,))
         with self.db.atomic():
-            self.db.execute(
+            cur = self.db.execute(
                 f"UPDATE outbox SET state = ?, last_error = ?{assignments}"  # columns: ours
-                " WHERE id = ?",
-                (state, error, *columns.values(), notice_id),
+                f" WHERE id = ? AND {holds}",
+                (state, error, *columns.values(), claim.notice_id, *held),
             )
-            if attempt:
-                self.db.execute(
-                    "INSERT INTO outbox_attempts (outbox_id, at, outcome, error)"
-                    " VALUES (?, ?, ?, ?)",
-                    (notice_id, now, "sent" if state == "sent" else "error", error),
-                )
+            self.db.execute(
+                "INSERT INTO outbox_attempts (outbox_id, at, outcome, error) VALUES (?, ?, ?, ?)",
+                (claim.notice_id, now, "sent" if state == "sent" else "error", error),
+            )
+        return cur.rowcount == 1
+
+
+# An outcome applies while its claim holds; a delivery is recorded unless it was already.
+_NOT_SENT = "state <> 'sent'"
+_HELD = "state = 'sending' AND attempts = ?"

@@ -248,6 +248,13 @@ MIGRATIONS: list[list[str]] = [
         "CREATE TABLE discovery_sent (batmon_id BIGINT PRIMARY KEY, digest TEXT NOT NULL)",
         "CREATE TABLE shared_turns (name TEXT PRIMARY KEY, at DOUBLE PRECISION NOT NULL)",
     ],
+    # 6: the outbox's lease (issue 16, several workers): which worker holds a notice in flight
+    # and until when. A notice an older release left ``sending`` has no holder: due at once.
+    [
+        "ALTER TABLE outbox ADD COLUMN claimed_by TEXT",
+        "ALTER TABLE outbox ADD COLUMN lease_until DOUBLE PRECISION",
+        "UPDATE outbox SET lease_until = 0 WHERE state = 'sending'",
+    ],
 ]
 
 LATEST = len(MIGRATIONS)
