@@ -240,6 +240,8 @@ class LiveFeed:
         return data
 
     def _mark(self, batmon: Batmon, deleted: bool) -> None:
+        if not self._streams.get(batmon.user_id):
+            return  # no open stream of its owner to mark (most readings); a later one starts fresh
         # Events come on the loop today; a writer thread may emit some later.
         self._on_loop(self._mark_streams, batmon.user_id, batmon.id, deleted)
 

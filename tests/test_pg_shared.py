@@ -15,8 +15,9 @@ import pytest
 
 from bridge.core import Alarm
 from bridge.extensions.alarms import decide
+from bridge.store import energy_guard
 from bridge.store.pg_leader import PgLeader
-from bridge.store.pg_shared import PgShared
+from bridge.store.pg_shared import PgShared, update_group
 from bridge.store.pg_store import PostgresStore
 from tests import pg_support
 from tests.test_pg_store import NOV_2023, add_batmon, reading
@@ -185,3 +186,62 @@ def test_one_leader_at_a_time_and_another_once_its_session_ends() -> None:
     finally:
         for leader in leaders:
             leader.stop()
+
+
+def test_a_group_of_alike_updates_in_one_statement_answers_as_one_by_one(
+        handles: list[PostgresStore]) -> None:
+    """The writer's group goes in as one UPDATE (update_group): the same rows and the same
+    answers as the per-batmon statements, with either guard (the newest reading's, and the
+    energy guard's planned-from); groups that are not alike are left to one by one."""
+    store = handles[0]
+    one_by_one = [add_batmon(store, n) for n in range(1, 6)]
+    grouped = [add_batmon(store, n) for n in range(11, 16)]
+    t = NOV_2023 + 100
+    for first in (one_by_one, grouped):  # batmons 2 and 12 already hold a newer reading
+        store.update_batmon(first[1], {"last_reading": t + 50, "status": "Online", "voltage": 9.5})
+
+    def changes(k: int, **more: Any) -> dict[str, Any]:
+        return {"last_reading": t + k, "status": "Online", "voltage": 12.0 + k, "details": f'{{"k": {k}}}',
+                "energy_charged_kwh": 0.5 * k, "device_charged_kwh": None, **more}  # fmt: skip
+
+    def compare(made: Callable[[int], dict[str, Any]]) -> dict[int, Any]:
+        with store._transaction() as conn:
+            expected = {b: store._update_batmon(conn, b, *energy_guard.split(made(k)))
+                        for k, b in enumerate(one_by_one)}  # fmt: skip
+            update = update_group(conn, [(b, made(k)) for k, b in enumerate(grouped)])
+            assert update is not None
+            got = {b: update(b, *energy_guard.split(made(k))) for k, b in enumerate(grouped)}
+        assert got == {b + 10: answer for b, answer in expected.items()}
+        columns = ", ".join(["id", *made(0).keys() - {energy_guard.PLANNED_FROM}])
+        rows = {r["id"]: r for r in store._rows(f"SELECT {columns} FROM batmons ORDER BY id")}
+        for b in one_by_one:
+            assert {**rows[b], "id": b + 10} == rows[b + 10]
+        return got
+
+    # The newest-reading guard: batmon 12 keeps its newer reading.
+    offline = (True, ("Offline", None))
+    assert compare(changes) == {11: offline, 12: (False, None), 13: offline, 14: offline, 15: offline}
+    # The energy guard: planned from what each row holds now, but for batmon 13 (stale).
+    now = {r["id"]: r["last_reading"] for r in store._rows("SELECT id, last_reading FROM batmons")}
+    # (batmon 11's given as an int: a JSON number may be one; the statement takes both)
+    def planned(k: int) -> dict[str, Any]:
+        start = now[one_by_one[k]] - (k == 2)
+        return changes(100 + k, planned_from=int(start) if k == 0 else start)
+
+    assert compare(planned) == {11: (True, ("Online", t)), 12: (True, ("Online", t + 50)), 13: (False, None),
+                                14: (True, ("Online", t + 3)), 15: (True, ("Online", t + 4))}  # fmt: skip
+    # Updates of several kinds in one group (columns, guards): a statement per kind, same answers.
+    now = {r["id"]: r["last_reading"] for r in store._rows("SELECT id, last_reading FROM batmons")}
+    mixed: list[Callable[[int], dict[str, Any]]] = [
+        lambda k: changes(200 + k, planned_from=now[one_by_one[k]]),
+        lambda k: {"voltage": 3.0 + k},  # no status: no status before in the answer
+        lambda k: {"soc": 40.0, "status": "Offline"},  # no reading time: no guard
+        lambda k: changes(50 + k),  # older than the latest: the newest-reading guard refuses it
+        lambda k: {"status": "Online", "voltage": 1.0, "last_reading": t + 300},
+    ]
+    assert compare(lambda k: mixed[k](k)) == {11: (True, ("Online", t + 100)), 12: (True, None),
+                                              13: (True, ("Online", t + 2)), 14: (False, None),
+                                              15: (True, ("Online", t + 104))}  # fmt: skip
+    # A batmon twice: left to the one-by-one statements (they keep its updates' order).
+    with store._transaction() as conn:
+        assert update_group(conn, [(11, changes(9)), (11, changes(10))]) is None

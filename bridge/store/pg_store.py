@@ -283,8 +283,11 @@ class PostgresStore:
                         self._insert_rows(conn, rows)
                     # Row locks in one order (by batmon), so two workers never deadlock;
                     # the sort is stable, so one batmon's updates keep their order.
-                    before = energy_guard.apply(sorted(updates, key=lambda u: u[0]),
-                                                functools.partial(self._update_batmon, conn),
+                    from bridge.store.pg_shared import update_group
+
+                    grouped = update_group(conn, updates)  # one statement when they are alike
+                    update = grouped or functools.partial(self._update_batmon, conn)
+                    before = energy_guard.apply(sorted(updates, key=lambda u: u[0]), update,
                                                 functools.partial(_state, conn))  # fmt: skip
                     for batmon_id, changes in updates:
                         was = before.get(batmon_id)
