@@ -370,21 +370,29 @@ class ReadingWriter:
                 sink = self._open_sink()
             if self._delay_s:
                 time.sleep(self._delay_s)
+            replanned: list[list[Plan]] = []
+
+            def replan(states: dict[int, dict[str, Any]]) -> tuple[list[ReadingRow], list[CurrentUpdate]]:
+                # Called by a shared store under the rows' locks (energy_guard.py).
+                self._adopt(saved, saved_energy, states)
+                again, again_rows, again_updates = self._planned(group)
+                replanned.append(again)
+                return again_rows, again_updates
+
             for replans in range(MAX_REPLANS + 1):
+                replanned.clear()
                 plans, rows, current_updates = self._planned(group)
                 try:
-                    status_before = sink.write(rows, current_updates)
+                    status_before = sink.write(rows, current_updates, replan=replan)
+                    if replanned:
+                        plans = replanned[-1]
                     break
                 except StaleState as stale:
                     # Another worker wrote newer readings of these batmons: plan again from
                     # the state it left (bridge/store/energy_guard.py); nothing was written.
-                    self._restore(saved, saved_energy)
                     if replans == MAX_REPLANS:
                         raise
-                    for batmon_id, state in stale.states.items():
-                        self._latest[batmon_id] = state["last_reading"]
-                        self._energy[batmon_id] = EnergyState(**{k: state[k] for k in ENERGY_COLUMNS})
-                    self.stats.replans += 1
+                    self._adopt(saved, saved_energy, stale.states)
         except Exception as exc:
             self._restore(saved, saved_energy)  # plans after this start from the truth
             self.stats.failed_commits += 1
@@ -452,6 +460,15 @@ class ReadingWriter:
         """The last_reading the next plan of ``batmon`` starts from."""
         latest = self._latest.get(batmon.id, _UNSET)
         return batmon.last_reading if latest is _UNSET else latest
+
+    def _adopt(self, saved: dict[int, Any], saved_energy: dict[int, Any],
+               states: dict[int, dict[str, Any]]) -> None:  # fmt: skip
+        """Plan from these stored states (another worker moved the batmons on) from now on."""
+        self._restore(saved, saved_energy)
+        for batmon_id, state in states.items():
+            self._latest[batmon_id] = state["last_reading"]
+            self._energy[batmon_id] = EnergyState(**{k: state[k] for k in ENERGY_COLUMNS})
+        self.stats.replans += 1
 
     def _restore(self, saved: dict[int, Any], saved_energy: dict[int, Any]) -> None:
         """Back to the planning state from before a group that was not written."""

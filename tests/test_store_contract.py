@@ -543,6 +543,43 @@ def test_an_energy_update_planned_from_a_stale_state_changes_nothing_and_says_th
         other.close()
 
 
+def test_a_shared_store_plans_an_overtaken_write_again_under_the_rows_locks(
+        store: Store, batmon: int) -> None:  # fmt: skip
+    """With ``replan`` a store several workers share locks the rows, sees the plan was
+    overtaken and asks for it again from the rows' state: one write, no StaleState (a worker
+    that lost the race used to fail its group, drop its MQTT connection and wait for the
+    broker's redelivery: 2 workers ran at 0.24x one in the scale-ingest row)."""
+    first = {"last_reading": T0 + 10, "energy_charged_kwh": 0.5, "energy_point_ts": T0 + 10,
+             "energy_point_power": 100.0, PLANNED_FROM: None}  # fmt: skip
+    store.write([reading(batmon, T0 + 10, 13.0, charged_kwh=0.5)], [(batmon, first)])
+    asked: list[dict[int, Any]] = []
+
+    def replan(states: dict[int, dict[str, Any]]) -> tuple[list[ReadingRow], list[Any]]:
+        asked.append(states)
+        state = states[batmon]
+        again = {"last_reading": T0 + 20, "energy_charged_kwh": state["energy_charged_kwh"] + 0.25,
+                 "energy_point_ts": T0 + 20, "energy_point_power": 100.0, PLANNED_FROM: state["last_reading"]}
+        return [reading(batmon, T0 + 20, 13.1, charged_kwh=0.25)], [(batmon, again)]
+
+    stale = {"last_reading": T0 + 20, "energy_charged_kwh": 0.25, "energy_point_ts": T0 + 20,
+             "energy_point_power": 100.0, PLANNED_FROM: None}  # fmt: skip
+    other = store.another()
+    try:
+        if store.shared() is None:  # one process: a stale plan is refused as before
+            with pytest.raises(StaleState):
+                other.write([reading(batmon, T0 + 20, 13.1, charged_kwh=0.25)], [(batmon, stale)],
+                            replan=replan)  # fmt: skip
+            assert asked == []
+            return
+        other.write([reading(batmon, T0 + 20, 13.1, charged_kwh=0.25)], [(batmon, stale)], replan=replan)
+    finally:
+        other.close()
+    assert [s[batmon]["last_reading"] for s in asked] == [T0 + 10]
+    row = batmon_row(store, batmon)
+    assert (row["last_reading"], row["energy_charged_kwh"]) == (T0 + 20, 0.75)  # type: ignore[index]
+    assert [r["ts"] for r in store.history(batmon, T0, T0 + 60)] == [T0 + 10, T0 + 20]
+
+
 def add_bank_alarm(store: Store, bank_id: int, alarm_id: int) -> int:
     store.add_alarm({"id": alarm_id, "bank_id": bank_id, "name": "Bank low", "metric": "soc",
                      "condition": "<", "threshold": 30.0, "clear_value": 35.0, "repeat_delay": 300,

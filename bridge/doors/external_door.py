@@ -159,7 +159,7 @@ class ExternalBrokerDoor:
         assert item.topic is not None
         while True:
             try:
-                return self.updates.submit(item.topic, item.payload, dup=item.dup)
+                return self.updates.submit(item.topic, item.payload, dup=item.dup, mid=item.mid)
             except Overloaded:
                 # The writer is full: stop taking messages. The broker stops
                 # sending once our unacked window is used: its flow control.

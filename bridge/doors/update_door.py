@@ -24,7 +24,11 @@ from bridge.writer import Overloaded
 
 log = logging.getLogger(__name__)
 
-DEDUP_WINDOW = 4096  # committed updates remembered to recognise retransmissions
+# Committed updates remembered to recognise retransmissions, by packet id and content: a
+# resend keeps its packet id (MQTT 3.1.1 4.4, 5.0 4.4), so equal values sent again as a new
+# message (another id) are a new reading, and a message whose commit failed is not mistaken
+# for an earlier equal one when it comes back.
+DEDUP_WINDOW = 4096
 COUNTERS = (
     "received", "accepted", "readings", "rejected", "dropped_bad_topic", "dropped_unknown_batmon",
     "dropped_wrong_token", "dropped_duplicate", "not_stored",
@@ -65,7 +69,8 @@ class UpdateDoor:
         batmon_id = parse_batmon_id(ids[0]) if ids is not None else None
         return batmon_id is not None and batmon_id in self.core.batmons
 
-    def submit(self, topic: str, payload: bytes, *, dup: bool = False) -> asyncio.Future[None] | None:
+    def submit(self, topic: str, payload: bytes, *, dup: bool = False,
+               mid: int | None = None) -> asyncio.Future[None] | None:  # fmt: skip
         """Submit one update; None when there is nothing to wait for (dropped or refused,
         counted, and acknowledged at once: sending it again would not help).
 
@@ -73,7 +78,8 @@ class UpdateDoor:
         message must not be acknowledged. Raises Overloaded when the writer is full.
         """
         self.counters["received"] += 1
-        digest = hashlib.blake2b(topic.encode() + b"\0" + payload, digest_size=16).digest()
+        packet = b"" if mid is None else mid.to_bytes(4, "big")
+        digest = hashlib.blake2b(packet + topic.encode() + b"\0" + payload, digest_size=16).digest()
         if dup and digest in self._committed:
             self.counters["dropped_duplicate"] += 1
             return None

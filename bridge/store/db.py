@@ -26,7 +26,7 @@ from bridge.store import energy_guard, retention
 from bridge.store.banks import BankStore
 from bridge.store.credentials import SqliteCredentials
 from bridge.store.history import HistoryReader
-from bridge.store.interface import CurrentUpdate, ReadingRow
+from bridge.store.interface import CurrentUpdate, ReadingRow, Replan
 from bridge.store.outbox import Outbox
 from bridge.store.schema import SchemaTooNewError, migrate
 from bridge.store.sqlite_errors import translated
@@ -153,8 +153,10 @@ class SqliteStore:
 
     # -- readings (the writer's sink) --------------------------------------------------
     @translated
-    def write(self, rows: list[ReadingRow] | Any, updates: list[CurrentUpdate] | Any) -> None:
-        """Append ``rows`` and apply ``updates`` in one transaction."""
+    def write(self, rows: list[ReadingRow] | Any, updates: list[CurrentUpdate] | Any,
+              replan: Replan | None = None) -> None:  # fmt: skip
+        """Append ``rows`` and apply ``updates`` in one transaction. One process owns the file,
+        so a stale plan (StaleState) is a bug's sign, not a race: ``replan`` is not used."""
         with self._transaction() as conn:
             conn.executemany(INSERT_READING, rows)
             energy_guard.apply(updates, functools.partial(self._update_batmon, conn),

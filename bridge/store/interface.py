@@ -27,6 +27,9 @@ ReadingRow = tuple[int, float, float | None, float | None, float | None, float |
                    float | None, float | None]  # fmt: skip
 # (batmon_id, {column: value}) applied after the rows, in order.
 CurrentUpdate = tuple[int, dict[str, Any]]
+# The rows and updates of a group planned again from these batmons' stored states
+# (energy_guard.STATE_COLUMNS by batmon id): Store.write's ``replan``.
+Replan = Callable[[dict[int, dict[str, Any]]], tuple[list[ReadingRow], list[CurrentUpdate]]]
 # batmon_id -> (status, last_reading) it had before a write changed its stored status.
 StatusBefore = dict[int, tuple[str, float | None]]
 Row = tuple[Any, ...]
@@ -51,8 +54,15 @@ class ReadingSink(Protocol):
       an older reading never replaces the latest.
     """
 
-    def write(self, rows: Sequence[ReadingRow], updates: Sequence[CurrentUpdate]) -> StatusBefore | None:
+    def write(self, rows: Sequence[ReadingRow], updates: Sequence[CurrentUpdate],
+              replan: Replan | None = None) -> StatusBefore | None:  # fmt: skip
         """Append ``rows`` and apply ``updates`` in one transaction, or raise and change nothing.
+
+        ``replan``: a store several processes share locks the updated batmons' rows first and,
+        where another process moved one on since the plan (energy_guard.py), asks
+        ``replan(states)`` for the rows and updates planned from the rows' state, under those
+        locks: a race costs a second plan, not a failed write. Without it, or on a
+        one-process store, a stale plan raises StaleState.
 
         A store several processes share (``Store.shared()`` not None) returns the batmons whose stored
         ``status`` this write changed, with what they had: only that process announces the

@@ -31,6 +31,7 @@ from bridge.store.interface import (
     CurrentUpdate,
     ReadingRow,
     Render,
+    Replan,
     Row,
 )
 
@@ -104,8 +105,10 @@ class MemoryStore:
         return True
 
     # -- readings ---------------------------------------------------------------------
-    def write(self, rows: Sequence[ReadingRow], updates: Sequence[CurrentUpdate]) -> None:
-        """Append ``rows`` and apply ``updates`` at once, or change nothing."""
+    def write(self, rows: Sequence[ReadingRow], updates: Sequence[CurrentUpdate],
+              replan: Replan | None = None) -> None:  # fmt: skip
+        """Append ``rows`` and apply ``updates`` at once, or change nothing (``replan`` unused:
+        never shared between processes)."""
         split = [(batmon_id, *energy_guard.split(changes)) for batmon_id, changes in updates]
         for _, columns, _base in split:
             _checked(columns, BATMON_COLUMNS)  # before anything changes: all or nothing

@@ -36,7 +36,7 @@ from bridge.store.db import (
     USER_TARGET_COLUMNS,
     check_columns,
 )
-from bridge.store.interface import ENERGY, METRICS, CurrentUpdate, ReadingRow, StatusBefore
+from bridge.store.interface import ENERGY, METRICS, CurrentUpdate, ReadingRow, Replan, StatusBefore
 from bridge.store.pg_channels import READINGS_CHANNEL, readings_notices
 from bridge.store.pg_schema import PARTITION_LOCK, VALUES_HASH, migrate
 
@@ -263,9 +263,11 @@ class PostgresStore:
 
     # -- readings (the writer's sink) ---------------------------------------------------
     @translated
-    def write(self, rows: Sequence[ReadingRow], updates: Sequence[CurrentUpdate]) -> StatusBefore:
+    def write(self, rows: Sequence[ReadingRow], updates: Sequence[CurrentUpdate],
+              replan: Replan | None = None) -> StatusBefore:  # fmt: skip
         """Append ``rows`` and apply ``updates`` in one transaction; the batmons whose stored
-        status changed, with what they had (the writer announces those changes only)."""
+        status changed, with what they had (the writer announces those changes only).
+        With ``replan``, a plan another worker overtook is made again under the rows' locks."""
         for _, changes in updates:
             check_columns(energy_guard.split(changes)[0], BATMON_COLUMNS)
         rows = list(rows)
@@ -279,6 +281,10 @@ class PostgresStore:
             try:
                 changed: StatusBefore = {}
                 with self._transaction() as conn:
+                    if replan is not None and (stale := _overtaken(conn, updates)):
+                        # Locked now (id order, as below): planned again from the rows, nobody
+                        # can move them on before this commit.
+                        rows, updates = replan(stale)  # the same readings (same months)
                     if rows:
                         self._insert_rows(conn, rows)
                     # Row locks in one order (by batmon), so two workers never deadlock;
@@ -643,6 +649,27 @@ def _update(conn: psycopg.Connection[Any], table: str, key: int, changes: dict[s
     where, params = ("", ()) if guard is None else (f" AND ({guard[0]})", (guard[1],))
     return conn.execute(f"UPDATE {table} SET {assignments} WHERE id = %s{where}".encode(),
                         (*(_plain(v) for v in changes.values()), key, *params)).rowcount  # fmt: skip
+
+
+def _overtaken(conn: psycopg.Connection[Any], updates: Sequence[CurrentUpdate]) -> dict[int, dict[str, Any]]:
+    """Lock the guarded updates' batmon rows (in id order) and return the state of each one
+    another writer moved on since its plan started (energy_guard.py); {} when none was."""
+    bases = {}
+    for batmon_id, changes in updates:
+        base = energy_guard.split(changes)[1]
+        if energy_guard.guarded(base):
+            bases[batmon_id] = base
+    if not bases:
+        return {}
+    columns = ", ".join(energy_guard.STATE_COLUMNS)
+    sql = f"SELECT id, {columns} FROM batmons WHERE id = ANY(%s) ORDER BY id FOR UPDATE"
+    found = conn.execute(sql.encode(), (sorted(bases),)).fetchall()
+    stale = {}
+    for row in found:
+        state = dict(zip(energy_guard.STATE_COLUMNS, row[1:], strict=True))
+        if not energy_guard.holds(state["last_reading"], bases[row[0]]):
+            stale[row[0]] = state
+    return stale
 
 
 def _state(conn: psycopg.Connection[Any], batmon_id: int) -> dict[str, Any] | None:

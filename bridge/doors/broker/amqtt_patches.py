@@ -77,7 +77,8 @@ RETRY_MAX_S = 5.0
 class UpdateSink(Protocol):
     """Where the broker hands a device's update: the MQTT door (bridge/doors/update_door.py)."""
 
-    def submit(self, topic: str, payload: bytes, *, dup: bool = False) -> asyncio.Future[None] | None:
+    def submit(self, topic: str, payload: bytes, *, dup: bool = False,
+               mid: int | None = None) -> asyncio.Future[None] | None:  # fmt: skip
         """The commit's future, or None when there is nothing to wait for."""
         ...
 
@@ -129,7 +130,7 @@ class UpdateInbox(asyncio.Queue[ApplicationMessage]):
             delay = RETRY_MIN_S
             while True:
                 try:
-                    future = self._sink.submit(item.topic, payload, dup=dup)
+                    future = self._sink.submit(item.topic, payload, dup=dup, mid=item.packet_id)
                     if future is not None:
                         await future
                     return
