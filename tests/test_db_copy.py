@@ -84,8 +84,9 @@ def build(data_dir: Path) -> Installation:
         {"user_id": owner.id, "batmon_id": ids[0], "channel": "sms", "kind": "alarm", "title": "Low",
          "body": "voltage low", "created": T0 + 50, "state": "queued"},
     ])  # fmt: skip
-    assert store.outbox.claim(sent)
-    store.outbox.mark_failed(sent, T0 + 51, "no route to host", "mailto://***")
+    claim = store.outbox.claim(sent, "copy-test", T0 + 50, T0 + 80)
+    assert claim is not None
+    store.outbox.mark_failed(claim, T0 + 51, "no route to host", "mailto://***")
     store.outbox.mark_skipped(skipped, T0 + 51, "no sms target")
     # The readings: most batmons 20,000 at 10 s; a few share a ts with a different reading.
     per = (READINGS_TOTAL - 200) // BATMONS  # the first batmon 100 more; the deleted one has 100
