@@ -724,7 +724,8 @@ def test_a_bank_made_on_the_list_page_shows_its_weighted_soc_and_offline_member(
             high.locator('.alarm-state[data-state="acknowledged"]').wait_for()
             assert page.evaluate("window.__notReloaded === true"), "the page was reloaded"
             shown = site.http.get("/interface/bank/status", params={"bank_id": bank_id}).json()["success"]
-            (alarm,) = [a for a in shown["alarms"] if a["alarm_name"] == "Bank high"]
+            matching = [a for a in shown["alarms"] if a["alarm_name"] == "Bank high"]
+            (alarm,) = matching
             assert alarm["alarm_akn"] is not None and alarm["bank_id"] == bank_id
 
         with step("rename it and drop the Offline pack"):

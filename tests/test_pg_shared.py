@@ -215,7 +215,7 @@ def test_a_group_of_alike_updates_in_one_statement_answers_as_one_by_one(
         columns = ", ".join(["id", *made(0).keys() - {energy_guard.PLANNED_FROM}])
         rows = {r["id"]: r for r in store._rows(f"SELECT {columns} FROM batmons ORDER BY id")}
         for b in one_by_one:
-            assert {**rows[b], "id": b + 10} == rows[b + 10]
+            assert rows[b + 10] == {**rows[b], "id": b + 10}
         return got
 
     # The newest-reading guard: batmon 12 keeps its newer reading.
